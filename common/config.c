@@ -1,0 +1,310 @@
+#include "common/config.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const char *const scoring_names[] = {"sqrtsoftplus", "sigmoid", NULL};
+static const char *const swiglu_names[] = {"dsv4", "step", NULL};
+static const char *const weight_format_names[] = {"nvfp4", "mxfp4", NULL};
+static const char *const act_quant_names[] = {"nvfp4", "high", NULL};
+static const char *const act_scale_names[] = {"per_row", "static", NULL};
+
+#define OFF(field) offsetof(epmoe_config, field)
+#define M EPMOE_CFG_MODEL
+#define R EPMOE_CFG_RUNTIME
+
+/* The one declaration of every setting. Defaults are the "tiny" preset. */
+static const epmoe_cfg_entry table[] = {
+    {"preset", EPMOE_CFG_STRING, M, OFF(preset), 0, 0, "tiny", NULL,
+     "model preset the other model settings started from"},
+    {"hidden_size", EPMOE_CFG_INT, M, OFF(hidden_size), 32, 65536, "256", NULL,
+     "model width H (multiple of 32)"},
+    {"moe_inter_size", EPMOE_CFG_INT, M, OFF(moe_inter_size), 32, 65536, "128", NULL,
+     "routed expert intermediate size I (multiple of 32)"},
+    {"n_routed_experts", EPMOE_CFG_INT, M, OFF(n_routed_experts), 1, 4096, "256", NULL,
+     "routed experts per layer E"},
+    {"top_k", EPMOE_CFG_INT, M, OFF(top_k), 1, 32, "6", NULL, "experts per token"},
+    {"n_shared_experts", EPMOE_CFG_INT, M, OFF(n_shared_experts), 0, 8, "1", NULL,
+     "shared experts (their intermediate size is n * moe_inter_size)"},
+    {"routed_scaling_factor", EPMOE_CFG_DOUBLE, M, OFF(routed_scaling_factor), 0.0, 1000.0,
+     "1.5", NULL, "multiplies the renormalized routing weights"},
+    {"scoring", EPMOE_CFG_ENUM, M, OFF(scoring), 0, 0, "sqrtsoftplus", scoring_names,
+     "sqrtsoftplus (DeepSeek-V4) or sigmoid (DeepSeek-V3)"},
+    {"n_groups", EPMOE_CFG_INT, M, OFF(n_groups), 1, 64, "1", NULL,
+     "expert groups for group-limited routing (1 = off)"},
+    {"topk_groups", EPMOE_CFG_INT, M, OFF(topk_groups), 1, 64, "1", NULL,
+     "groups kept per token when n_groups > 1"},
+    {"swiglu_limit", EPMOE_CFG_DOUBLE, M, OFF(swiglu_limit), 0.0, 1e6, "10.0", NULL,
+     "SwiGLU clamp L (0 = no clamp)"},
+    {"swiglu_variant", EPMOE_CFG_ENUM, M, OFF(swiglu_variant), 0, 0, "dsv4", swiglu_names,
+     "dsv4: silu(min(g,L))*clamp(u,-L,L); step: min(silu(g),L)*clamp(u,-L,L)"},
+    {"n_layers", EPMOE_CFG_INT, M, OFF(n_layers), 1, 1024, "4", NULL, "MoE layers"},
+    {"n_hash_layers", EPMOE_CFG_INT, M, OFF(n_hash_layers), 0, 1024, "1", NULL,
+     "the first n layers route by tid2eid[token_id]"},
+    {"vocab_size", EPMOE_CFG_INT, M, OFF(vocab_size), 1, 1 << 24, "1024", NULL,
+     "token id range of the hash-routing table"},
+    {"weight_format", EPMOE_CFG_ENUM, M, OFF(weight_format), 0, 0, "nvfp4", weight_format_names,
+     "expert weight format in the checkpoint"},
+    {"expert_pad_rows", EPMOE_CFG_INT, R, OFF(expert_pad_rows), 1, 1024, "128", NULL,
+     "each expert's block in the padded layout starts at a multiple of this many rows"},
+    {"act_quant", EPMOE_CFG_ENUM, R, OFF(act_quant), 0, 0, "nvfp4", act_quant_names,
+     "nvfp4 (W4A4) or high (W4A16: activations stay fp32/bf16)"},
+    {"act_scale", EPMOE_CFG_ENUM, R, OFF(act_scale), 0, 0, "per_row", act_scale_names,
+     "activation tensor scale: per_row amax, or the checkpoint's static input_scale"},
+    {"max_tokens_per_rank", EPMOE_CFG_INT, R, OFF(max_tokens_per_rank), 1, 1 << 20, "4096", NULL,
+     "tokens one rank holds at most per forward; sizes the worst-case buffers"},
+    {"seed", EPMOE_CFG_INT, R, OFF(seed), 0, 1e15, "1234", NULL,
+     "seed for synthetic weights and inputs"},
+    {"threads", EPMOE_CFG_INT, R, OFF(threads), 0, 1024, "0", NULL,
+     "BLAS threads per rank (0 = library default)"},
+};
+
+#undef M
+#undef R
+
+typedef struct {
+    const char *name;
+    const char *overrides; /* "name=value;name=value" */
+    const char *help;
+} preset_row;
+
+static const preset_row presets[] = {
+    {"tiny", "", "256 experts on a laptop-sized model (slicing, skew and padding exercised)"},
+    {"dsv4-flash",
+     "hidden_size=4096;moe_inter_size=2048;n_routed_experts=256;top_k=6;n_shared_experts=1;"
+     "routed_scaling_factor=1.5;scoring=sqrtsoftplus;n_groups=1;topk_groups=1;swiglu_limit=10;"
+     "swiglu_variant=dsv4;n_layers=43;n_hash_layers=3;vocab_size=129280",
+     "DeepSeek-V4-Flash"},
+    {"dsv4-pro",
+     "hidden_size=7168;moe_inter_size=3072;n_routed_experts=384;top_k=6;n_shared_experts=1;"
+     "routed_scaling_factor=2.5;scoring=sqrtsoftplus;n_groups=1;topk_groups=1;swiglu_limit=10;"
+     "swiglu_variant=dsv4;n_layers=61;n_hash_layers=3;vocab_size=129280",
+     "DeepSeek-V4-Pro"},
+    {"dsv3",
+     "hidden_size=7168;moe_inter_size=2048;n_routed_experts=256;top_k=8;n_shared_experts=1;"
+     "routed_scaling_factor=2.5;scoring=sigmoid;n_groups=8;topk_groups=4;swiglu_limit=0;"
+     "n_layers=58;n_hash_layers=0;vocab_size=129280",
+     "DeepSeek-V3 (the 58 MoE layers)"},
+};
+
+const epmoe_cfg_entry *epmoe_config_table(int *count) {
+    *count = (int)(sizeof table / sizeof table[0]);
+    return table;
+}
+
+static const epmoe_cfg_entry *find_entry(const char *name) {
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
+        if (strcmp(table[i].name, name) == 0) return &table[i];
+    return NULL;
+}
+
+static epmoe_status set_entry(epmoe_config *cfg, const epmoe_cfg_entry *e, const char *value) {
+    char *field = (char *)cfg + e->offset;
+    switch (e->type) {
+    case EPMOE_CFG_STRING: {
+        size_t n = strlen(value);
+        EPMOE_REQUIRE(n < sizeof cfg->preset, EPMOE_ERR_INVALID_ARG,
+                      "setting %s: value '%s' longer than %zu characters", e->name, value,
+                      sizeof cfg->preset - 1);
+        memcpy(field, value, n + 1);
+        return EPMOE_OK;
+    }
+    case EPMOE_CFG_INT: {
+        char *end = NULL;
+        errno = 0;
+        long long v = strtoll(value, &end, 10);
+        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0', EPMOE_ERR_INVALID_ARG,
+                      "setting %s: '%s' is not an integer", e->name, value);
+        EPMOE_REQUIRE((double)v >= e->min && (double)v <= e->max, EPMOE_ERR_INVALID_ARG,
+                      "setting %s: %lld outside [%.0f, %.0f]", e->name, v, e->min, e->max);
+        *(int64_t *)field = v;
+        return EPMOE_OK;
+    }
+    case EPMOE_CFG_DOUBLE: {
+        char *end = NULL;
+        errno = 0;
+        double v = strtod(value, &end);
+        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0' && isfinite(v),
+                      EPMOE_ERR_INVALID_ARG, "setting %s: '%s' is not a finite number", e->name,
+                      value);
+        EPMOE_REQUIRE(v >= e->min && v <= e->max, EPMOE_ERR_INVALID_ARG,
+                      "setting %s: %g outside [%g, %g]", e->name, v, e->min, e->max);
+        *(double *)field = v;
+        return EPMOE_OK;
+    }
+    case EPMOE_CFG_ENUM: {
+        for (int i = 0; e->enum_names[i]; i++) {
+            if (strcmp(e->enum_names[i], value) == 0) {
+                *(int64_t *)field = i;
+                return EPMOE_OK;
+            }
+        }
+        char choices[256] = "";
+        for (int i = 0; e->enum_names[i]; i++) {
+            strncat(choices, i ? "|" : "", sizeof choices - strlen(choices) - 1);
+            strncat(choices, e->enum_names[i], sizeof choices - strlen(choices) - 1);
+        }
+        EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "setting %s: '%s' is not one of %s", e->name, value,
+                   choices);
+    }
+    }
+    EPMOE_FAIL(EPMOE_ERR_INTERNAL, "setting %s has an unknown type", e->name);
+}
+
+epmoe_status epmoe_config_set(epmoe_config *cfg, const char *name, const char *value) {
+    const epmoe_cfg_entry *e = find_entry(name);
+    EPMOE_REQUIRE(e != NULL, EPMOE_ERR_NOT_FOUND, "unknown setting '%s' (see --print-config)",
+                  name);
+    return set_entry(cfg, e, value);
+}
+
+epmoe_status epmoe_config_get(const epmoe_config *cfg, const char *name, char *buf, size_t cap) {
+    const epmoe_cfg_entry *e = find_entry(name);
+    EPMOE_REQUIRE(e != NULL, EPMOE_ERR_NOT_FOUND, "unknown setting '%s'", name);
+    const char *field = (const char *)cfg + e->offset;
+    switch (e->type) {
+    case EPMOE_CFG_STRING: snprintf(buf, cap, "%s", field); break;
+    case EPMOE_CFG_INT: snprintf(buf, cap, "%lld", (long long)*(const int64_t *)field); break;
+    case EPMOE_CFG_DOUBLE: snprintf(buf, cap, "%.17g", *(const double *)field); break;
+    case EPMOE_CFG_ENUM: snprintf(buf, cap, "%s", e->enum_names[*(const int64_t *)field]); break;
+    }
+    return EPMOE_OK;
+}
+
+void epmoe_config_defaults(epmoe_config *cfg) {
+    memset(cfg, 0, sizeof *cfg);
+    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
+        epmoe_status st = set_entry(cfg, &table[i], table[i].def);
+        (void)st; /* defaults are checked by the config unit test */
+    }
+}
+
+static epmoe_status apply_overrides(epmoe_config *cfg, const char *overrides) {
+    char buf[1024];
+    EPMOE_REQUIRE(strlen(overrides) < sizeof buf, EPMOE_ERR_INTERNAL, "preset row too long");
+    strcpy(buf, overrides);
+    char *save = NULL;
+    for (char *kv = strtok_r(buf, ";", &save); kv; kv = strtok_r(NULL, ";", &save)) {
+        char *eq = strchr(kv, '=');
+        EPMOE_REQUIRE(eq != NULL, EPMOE_ERR_INTERNAL, "preset override '%s' has no '='", kv);
+        *eq = '\0';
+        EPMOE_TRY(epmoe_config_set(cfg, kv, eq + 1));
+    }
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_config_preset(epmoe_config *cfg, const char *preset) {
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        if (strcmp(presets[i].name, preset) == 0) {
+            epmoe_config_defaults(cfg);
+            EPMOE_TRY(apply_overrides(cfg, presets[i].overrides));
+            return epmoe_config_set(cfg, "preset", preset);
+        }
+    }
+    EPMOE_FAIL(EPMOE_ERR_NOT_FOUND, "unknown preset '%s' (tiny, dsv4-flash, dsv4-pro, dsv3)",
+               preset);
+}
+
+epmoe_status epmoe_config_validate(const epmoe_config *c) {
+    EPMOE_REQUIRE(c->hidden_size % 32 == 0, EPMOE_ERR_INVALID_ARG,
+                  "hidden_size %lld is not a multiple of 32 (NVFP4 and MXFP4 blocks)",
+                  (long long)c->hidden_size);
+    EPMOE_REQUIRE(c->moe_inter_size % 32 == 0, EPMOE_ERR_INVALID_ARG,
+                  "moe_inter_size %lld is not a multiple of 32 (NVFP4 and MXFP4 blocks)",
+                  (long long)c->moe_inter_size);
+    EPMOE_REQUIRE(c->top_k <= c->n_routed_experts, EPMOE_ERR_INVALID_ARG,
+                  "top_k %lld exceeds n_routed_experts %lld", (long long)c->top_k,
+                  (long long)c->n_routed_experts);
+    EPMOE_REQUIRE(c->n_routed_experts % c->n_groups == 0, EPMOE_ERR_INVALID_ARG,
+                  "n_groups %lld does not divide n_routed_experts %lld", (long long)c->n_groups,
+                  (long long)c->n_routed_experts);
+    EPMOE_REQUIRE(c->topk_groups <= c->n_groups, EPMOE_ERR_INVALID_ARG,
+                  "topk_groups %lld exceeds n_groups %lld", (long long)c->topk_groups,
+                  (long long)c->n_groups);
+    if (c->n_groups > 1) {
+        int64_t per_group = c->n_routed_experts / c->n_groups;
+        EPMOE_REQUIRE(per_group >= 2, EPMOE_ERR_INVALID_ARG,
+                      "group-limited routing needs >= 2 experts per group (has %lld)",
+                      (long long)per_group);
+        EPMOE_REQUIRE(c->topk_groups * per_group >= c->top_k, EPMOE_ERR_INVALID_ARG,
+                      "topk_groups * experts per group (%lld) < top_k %lld",
+                      (long long)(c->topk_groups * per_group), (long long)c->top_k);
+    }
+    EPMOE_REQUIRE(c->n_hash_layers <= c->n_layers, EPMOE_ERR_INVALID_ARG,
+                  "n_hash_layers %lld exceeds n_layers %lld", (long long)c->n_hash_layers,
+                  (long long)c->n_layers);
+    return EPMOE_OK;
+}
+
+void epmoe_config_print(const epmoe_config *cfg, FILE *out) {
+    const epmoe_cfg_scope scopes[2] = {EPMOE_CFG_MODEL, EPMOE_CFG_RUNTIME};
+    for (int s = 0; s < 2; s++) {
+        fprintf(out, "# %s settings\n", s == 0 ? "model" : "runtime");
+        for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
+            if (table[i].scope != scopes[s]) continue;
+            char value[64];
+            epmoe_config_get(cfg, table[i].name, value, sizeof value);
+            char bounds[96] = "";
+            if (table[i].type == EPMOE_CFG_INT || table[i].type == EPMOE_CFG_DOUBLE)
+                snprintf(bounds, sizeof bounds, " [%g..%g]", table[i].min, table[i].max);
+            fprintf(out, "%-22s = %-14s # %s%s (default %s)\n", table[i].name, value,
+                    table[i].help, bounds, table[i].def);
+        }
+    }
+}
+
+epmoe_status epmoe_config_parse_args(epmoe_config *cfg, int *argc, char **argv,
+                                     int *print_config) {
+    if (print_config) *print_config = 0;
+    /* --preset first, wherever it appears, so that later settings override it. */
+    for (int i = 1; i < *argc; i++) {
+        if (strncmp(argv[i], "--preset=", 9) == 0) {
+            EPMOE_TRY(epmoe_config_preset(cfg, argv[i] + 9));
+        } else if (strcmp(argv[i], "--preset") == 0) {
+            EPMOE_REQUIRE(i + 1 < *argc, EPMOE_ERR_INVALID_ARG, "--preset needs a value");
+            EPMOE_TRY(epmoe_config_preset(cfg, argv[i + 1]));
+        }
+    }
+    int out = 1;
+    for (int i = 1; i < *argc; i++) {
+        const char *a = argv[i];
+        if (strcmp(a, "--print-config") == 0) {
+            if (print_config) *print_config = 1;
+            continue;
+        }
+        if (strncmp(a, "--", 2) == 0) {
+            char name[64];
+            const char *value = NULL;
+            const char *eq = strchr(a + 2, '=');
+            size_t n = eq ? (size_t)(eq - (a + 2)) : strlen(a + 2);
+            if (n < sizeof name) {
+                memcpy(name, a + 2, n);
+                name[n] = '\0';
+                for (char *p = name; *p; p++)
+                    if (*p == '-') *p = '_';
+                if (strcmp(name, "preset") == 0) {
+                    if (!eq) i++;
+                    continue;
+                }
+                if (find_entry(name)) {
+                    if (eq) {
+                        value = eq + 1;
+                    } else {
+                        EPMOE_REQUIRE(i + 1 < *argc, EPMOE_ERR_INVALID_ARG, "--%s needs a value",
+                                      name);
+                        value = argv[++i];
+                    }
+                    EPMOE_TRY(epmoe_config_set(cfg, name, value));
+                    continue;
+                }
+            }
+        }
+        argv[out++] = argv[i];
+    }
+    *argc = out;
+    argv[out] = NULL;
+    return EPMOE_OK;
+}

@@ -1,0 +1,105 @@
+/* Configuration: one table declares every setting once, with its type, bounds, default and
+ * help (common/config.c). Presets (DESIGN §2) are rows of overrides on top of the defaults; a
+ * checkpoint's metadata carries the model settings it was written with, and command-line
+ * `--name value` pairs come last. Every program prints the effective values with
+ * --print-config.
+ *
+ * Model shape settings are data: nothing in the code assumes 256 experts or a hidden size.
+ */
+#ifndef EPMOE_CONFIG_H
+#define EPMOE_CONFIG_H
+
+#include <stdint.h>
+#include <stdio.h>
+
+#include "common/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum { EPMOE_SCORING_SQRTSOFTPLUS = 0, EPMOE_SCORING_SIGMOID = 1 } epmoe_scoring;
+
+/* DeepSeek-V4 clamps the gate before the activation; "step" (SwigluStep) clamps after it. */
+typedef enum { EPMOE_SWIGLU_DSV4 = 0, EPMOE_SWIGLU_STEP = 1 } epmoe_swiglu_variant;
+
+typedef enum { EPMOE_WEIGHTS_NVFP4 = 0, EPMOE_WEIGHTS_MXFP4 = 1 } epmoe_weight_format;
+
+/* Activations before each expert GEMM: NVFP4 (W4A4, the production path) or kept in
+ * higher precision (W4A16: fp32 on the CPU, bf16 on GPUs). */
+typedef enum { EPMOE_ACT_NVFP4 = 0, EPMOE_ACT_HIGH = 1 } epmoe_act_quant;
+
+/* How the activation tensor scale is chosen: per row from that row's amax (default: results
+ * do not depend on which other tokens share the batch or the rank), or the checkpoint's
+ * calibrated input_scale (block scales saturate and are counted, never Inf). */
+typedef enum { EPMOE_ACT_SCALE_PER_ROW = 0, EPMOE_ACT_SCALE_STATIC = 1 } epmoe_act_scale;
+
+typedef struct {
+    /* model */
+    char preset[32];
+    int64_t hidden_size;
+    int64_t moe_inter_size;
+    int64_t n_routed_experts;
+    int64_t top_k;
+    int64_t n_shared_experts;
+    double routed_scaling_factor;
+    int64_t scoring;           /* epmoe_scoring */
+    int64_t n_groups;          /* group-limited routing (dsv3); 1 = off */
+    int64_t topk_groups;
+    double swiglu_limit;       /* 0 = no clamp */
+    int64_t swiglu_variant;    /* epmoe_swiglu_variant */
+    int64_t n_layers;
+    int64_t n_hash_layers;     /* the first n layers route by tid2eid[token_id] */
+    int64_t vocab_size;
+    int64_t weight_format;     /* epmoe_weight_format */
+    /* runtime */
+    int64_t expert_pad_rows;   /* each expert's block in the padded layout is a multiple */
+    int64_t act_quant;         /* epmoe_act_quant */
+    int64_t act_scale;         /* epmoe_act_scale */
+    int64_t max_tokens_per_rank; /* sizes the worst-case buffers (dropless) */
+    int64_t seed;
+    int64_t threads;           /* CPU threads per rank for BLAS; 0 = leave as is */
+} epmoe_config;
+
+typedef enum { EPMOE_CFG_INT, EPMOE_CFG_DOUBLE, EPMOE_CFG_ENUM, EPMOE_CFG_STRING } epmoe_cfg_type;
+
+/* Which settings a checkpoint fixes (model) and which a run may choose (runtime). */
+typedef enum { EPMOE_CFG_MODEL, EPMOE_CFG_RUNTIME } epmoe_cfg_scope;
+
+typedef struct {
+    const char *name;
+    epmoe_cfg_type type;
+    epmoe_cfg_scope scope;
+    size_t offset;          /* into epmoe_config */
+    double min, max;        /* inclusive bounds for INT / DOUBLE */
+    const char *def;        /* default, as text */
+    const char *const *enum_names; /* NULL-terminated, for ENUM */
+    const char *help;
+} epmoe_cfg_entry;
+
+const epmoe_cfg_entry *epmoe_config_table(int *count);
+
+/* Defaults of every entry (the "tiny" preset). */
+void epmoe_config_defaults(epmoe_config *cfg);
+/* Defaults, then the preset's overrides. Unknown name: EPMOE_ERR_NOT_FOUND listing presets. */
+epmoe_status epmoe_config_preset(epmoe_config *cfg, const char *preset);
+/* Sets one entry from text, checking type, enum names and bounds. */
+epmoe_status epmoe_config_set(epmoe_config *cfg, const char *name, const char *value);
+/* Formats one entry's value as text (for printing and checkpoint metadata). */
+epmoe_status epmoe_config_get(const epmoe_config *cfg, const char *name, char *buf, size_t cap);
+/* Cross-field rules (top_k <= experts, K multiples of 16/32, groups divide experts, ...). */
+epmoe_status epmoe_config_validate(const epmoe_config *cfg);
+/* "name = value   # help" for every entry, model settings first. */
+void epmoe_config_print(const epmoe_config *cfg, FILE *out);
+
+/* Command-line helper shared by the programs: consumes every `--name value` (or
+ * `--name=value`) whose name is a config entry, plus `--preset NAME` (applied first wherever it
+ * appears) and leaves other arguments in argv (argc updated). Sets *print_config when
+ * --print-config was given. */
+epmoe_status epmoe_config_parse_args(epmoe_config *cfg, int *argc, char **argv,
+                                     int *print_config);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

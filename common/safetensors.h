@@ -1,0 +1,78 @@
+/* safetensors files: 8-byte little-endian header length, a JSON header mapping tensor names to
+ * {dtype, shape, data_offsets:[begin,end)} (offsets relative to the end of the header), an
+ * optional "__metadata__" object of string->string, then the raw bytes.
+ *
+ * The reader mmaps the file and validates everything before any tensor is returned: header
+ * length within the file, JSON well-formed, known dtypes, shape products matching the byte
+ * ranges, ranges inside the data section and not overlapping. Errors name the file and tensor.
+ *
+ * A checkpoint may be one file or a directory of *.safetensors files; epmoe_st_set opens all
+ * of them and looks tensors up by name across the set.
+ */
+#ifndef EPMOE_SAFETENSORS_H
+#define EPMOE_SAFETENSORS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/status.h"
+#include "common/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct epmoe_st_file epmoe_st_file;
+
+typedef struct {
+    const char *name;
+    epmoe_dtype dtype;
+    int ndim;
+    int64_t shape[EPMOE_MAX_DIMS];
+    const void *data;   /* points into the mapping; valid until the file is closed */
+    size_t nbytes;
+} epmoe_st_tensor;
+
+epmoe_status epmoe_st_open(const char *path, epmoe_st_file **out);
+void epmoe_st_close(epmoe_st_file *f);
+const char *epmoe_st_path(const epmoe_st_file *f);
+
+int epmoe_st_count(const epmoe_st_file *f);
+const epmoe_st_tensor *epmoe_st_at(const epmoe_st_file *f, int i);
+/* NULL when absent (not an error by itself: callers decide whether a tensor is required). */
+const epmoe_st_tensor *epmoe_st_find(const epmoe_st_file *f, const char *name);
+/* __metadata__ value, or NULL. */
+const char *epmoe_st_metadata(const epmoe_st_file *f, const char *key);
+
+/* A checkpoint: one file, or every *.safetensors in a directory. */
+typedef struct epmoe_st_set epmoe_st_set;
+epmoe_status epmoe_st_set_open(const char *path, epmoe_st_set **out);
+void epmoe_st_set_close(epmoe_st_set *s);
+/* Finds a tensor by name across the files; *file_out (optional) says which file holds it. */
+const epmoe_st_tensor *epmoe_st_set_find(const epmoe_st_set *s, const char *name,
+                                         const epmoe_st_file **file_out);
+/* Metadata of the first file that has the key. */
+const char *epmoe_st_set_metadata(const epmoe_st_set *s, const char *key);
+const char *epmoe_st_set_path(const epmoe_st_set *s);
+
+/* Looks up `name`, requiring the dtype and the exact shape; errors name the file and tensor
+ * ("ckpt.safetensors: layers.0.ffn.experts.3.w1.weight: shape [128, 64], expected [128, 128]").
+ * shape may be NULL to skip the shape check; ndim 0 is a scalar. */
+epmoe_status epmoe_st_set_require(const epmoe_st_set *s, const char *name, epmoe_dtype dtype,
+                                  int ndim, const int64_t *shape, const epmoe_st_tensor **out);
+
+/* Writer: add tensors (data copied by reference: must stay valid until finish), metadata,
+ * then finish writes the file (to path.tmp, then renamed, so readers never see a partial
+ * file). Tensors are written in insertion order, 8-byte aligned. */
+typedef struct epmoe_st_writer epmoe_st_writer;
+epmoe_status epmoe_st_writer_create(epmoe_st_writer **out);
+epmoe_status epmoe_st_writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype dtype,
+                                 int ndim, const int64_t *shape, const void *data);
+epmoe_status epmoe_st_writer_metadata(epmoe_st_writer *w, const char *key, const char *value);
+epmoe_status epmoe_st_writer_finish(epmoe_st_writer *w, const char *path);
+void epmoe_st_writer_free(epmoe_st_writer *w);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,66 @@
+/* The operations of one MoE layer, CPU implementations (kernels/cpu/). The CUDA versions in
+ * kernels/cuda/ops_cuda.h take the same arguments in the same layouts (device pointers plus a
+ * stream) and are tested bit-for-bit (routing, quantization) or to a stated tolerance (GEMMs)
+ * against these.
+ *
+ * Exact definitions that both backends follow:
+ *  - gate logits: logits[t,e] = sum_h x[t,h]*Wg[e,h] in fp32, accumulated with fmaf in
+ *    increasing h, so that both backends produce the same bits and the same expert ids.
+ *  - scores: sqrtsoftplus s = sqrtf(softplus(l)), softplus(l) = l > 20 ? l : log1pf(expf(l));
+ *    sigmoid s = 1/(1+expf(-l)).
+ *  - top-k: by (s + bias) descending, ties to the lower expert id; slots are filled in that
+ *    order, so slot 0 holds the best expert. Summations over slots go in slot order.
+ *  - weights: w_i = s[id_i] / (sum over slots of s[id]) * routed_scaling_factor, in fp32.
+ */
+#ifndef EPMOE_OPS_H
+#define EPMOE_OPS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/config.h"
+#include "common/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int64_t n_experts;
+    int64_t top_k;
+    int64_t scoring;       /* epmoe_scoring */
+    int64_t n_groups;      /* 1 = no group limit */
+    int64_t topk_groups;
+    float routed_scaling_factor;
+} epmoe_route_params;
+
+epmoe_route_params epmoe_route_params_from_config(const epmoe_config *cfg);
+
+/* logits[T,E] = x[T,H] . Wg[E,H]^T (fmaf in increasing h). */
+void epmoe_cpu_gate_logits(const float *x, const float *gate_weight, int64_t T, int64_t H,
+                           int64_t E, float *logits);
+
+/* Score-based routing (DeepSeek-V4 sqrtsoftplus+bias, or DeepSeek-V3 sigmoid+bias with group
+ * limit). bias may be NULL (zero). ids[T,k] (global expert ids), weights[T,k]. Non-finite
+ * logits are EPMOE_ERR_NUMERIC naming the token. */
+epmoe_status epmoe_cpu_route(const epmoe_route_params *p, const float *logits,
+                             const float *bias, int64_t T, int32_t *ids, float *weights);
+
+/* Hash routing (DeepSeek-V4 layers 0-2): ids[t] = tid2eid[token_ids[t], :] (no bias, no
+ * search), weights from the scores at those ids as above. token ids outside [0, vocab) and
+ * table entries outside [0, E) are EPMOE_ERR_RANGE. */
+epmoe_status epmoe_cpu_route_hash(const epmoe_route_params *p, const float *logits,
+                                  const int32_t *tid2eid, int64_t vocab_size,
+                                  const int32_t *token_ids, int64_t T, int32_t *ids,
+                                  float *weights);
+
+/* Clamped SwiGLU on h[rows, 2I] (gate in columns [0, I), up in [I, 2I)) -> out[rows, I].
+ * limit <= 0 disables the clamp. dsv4: silu(min(g,L)) * clamp(u,-L,L);
+ * step: min(silu(g),L) * clamp(u,-L,L). silu(g) = g / (1 + expf(-g)). */
+void epmoe_cpu_swiglu(const float *h, int64_t rows, int64_t I, float limit, int variant,
+                      float *out);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,71 @@
+/* The weights of one layer as a rank holds them: its slice of routed experts in NVFP4 (an
+ * MXFP4 checkpoint is converted exactly at load), plus the replicated gate and shared expert.
+ *
+ * Layouts (row-major, K contiguous; NVFP4 vocabulary in common/nvfp4.h):
+ *   w13_codes [n_local, 2I, H/2]   rows [0, I) are w1 (gate), rows [I, 2I) are w3 (up)
+ *   w13_sf    [n_local, 2I, H/16]  UE4M3, linear layout
+ *   w13_scale_2 [n_local, 2]       weight_scale_2 of w1 and of w3 (they may differ)
+ *   w2_codes  [n_local, H, I/2], w2_sf [n_local, H, I/16], w2_scale_2 [n_local]
+ *   w13_input_scale / w2_input_scale [n_local]: checkpoint calibration (amax/2688 convention),
+ *   used only with act_scale=static.
+ * Shared expert (dense, fp32 on the host): shared_w13 [2*Is, H] (gate rows then up rows),
+ * shared_w2 [H, Is], Is = n_shared_experts * moe_inter_size.
+ */
+#ifndef EPMOE_EXPERT_WEIGHTS_H
+#define EPMOE_EXPERT_WEIGHTS_H
+
+#include <stdint.h>
+
+#include "common/config.h"
+#include "common/layout.h"
+#include "common/safetensors.h"
+#include "common/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct {
+    int64_t layer;
+    int64_t hidden_size;     /* H */
+    int64_t inter_size;      /* I */
+    epmoe_expert_slice slice;
+    int64_t n_local;         /* slice.end - slice.start */
+
+    uint8_t *w13_codes;
+    uint8_t *w13_sf;
+    float *w13_scale_2;
+    float *w13_input_scale;
+    uint8_t *w2_codes;
+    uint8_t *w2_sf;
+    float *w2_scale_2;
+    float *w2_input_scale;
+
+    /* replicated on every rank */
+    int64_t n_experts;       /* E */
+    float *gate_weight;      /* [E, H] fp32 */
+    float *gate_bias;        /* [E] or NULL (no bias) */
+    int32_t *tid2eid;        /* [vocab, top_k] for hash layers, else NULL */
+    int64_t vocab_size;
+    int64_t shared_inter;    /* Is; 0 = no shared expert */
+    float *shared_w13;       /* [2*Is, H] */
+    float *shared_w2;        /* [H, Is] */
+} epmoe_layer_weights;
+
+/* Reads layer `layer`'s gate, shared expert and the experts of `slice` from a checkpoint
+ * (only those tensors: a rank never touches other ranks' experts). Every tensor's dtype and
+ * shape are checked against cfg; NaN/Inf in scales or dense weights is EPMOE_ERR_NUMERIC.
+ * Errors name the file and the tensor. */
+epmoe_status epmoe_layer_weights_load(const epmoe_st_set *ckpt, const epmoe_config *cfg,
+                                      int64_t layer, const epmoe_expert_slice *slice,
+                                      epmoe_layer_weights *out);
+void epmoe_layer_weights_free(epmoe_layer_weights *w);
+
+/* Reads the model settings stored in a checkpoint's metadata into cfg (model-scope entries
+ * only) and checks them against any the user set explicitly. */
+epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
