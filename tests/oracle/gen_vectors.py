@@ -198,6 +198,35 @@ def nvfp4_quantize(x, global_sf):
     return codes.reshape(-1), sf_codes, saturated
 
 
+def near_tie_row(rng, n_blocks, calib_amax=F32(1000.3)):
+    """Blocks whose (gs * amax16) / 6 falls within a few ulps of an E4M3 rounding tie and whose
+    elements' (x * gs) / sf fall within a few ulps of E2M1 ties, so that evaluating the
+    formula in any other order (or with a reciprocal) changes some code."""
+    gs = nvfp4_global_sf(calib_amax)
+    e4m3_grid = np.sort(np.unique(np.abs(
+        np.arange(0, 0x7f, dtype=np.uint8).view(E4M3).astype(F32))))
+    e4m3_ties = ((e4m3_grid[:-1] + e4m3_grid[1:]) / F32(2.0))[8:]  # normal-range ties
+    e2m1_ties = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.5, 3.0], dtype=F32)
+    blocks = []
+    for _ in range(n_blocks):
+        tie = e4m3_ties[rng.integers(0, e4m3_ties.size)]
+        amax16 = F32(tie * F32(6.0) / gs)
+        for _ in range(rng.integers(-3, 4)):
+            amax16 = np.nextafter(amax16, F32(np.inf))
+        sf = to_e4m3_satfinite((gs * amax16) / F32(6.0)).view(E4M3).astype(F32)
+        block = [amax16]
+        for _ in range(15):
+            t = e2m1_ties[rng.integers(0, e2m1_ties.size)]
+            v = F32(t * sf / gs)
+            steps = rng.integers(-3, 4)
+            for _ in range(abs(steps)):
+                v = np.nextafter(v, F32(np.inf) if steps > 0 else F32(0))
+            block.append(v if v < amax16 else amax16)
+        block = np.array(block, dtype=F32) * np.where(rng.random(16) < 0.5, -1, 1).astype(F32)
+        blocks.append(rng.permutation(block))
+    return np.concatenate(blocks).astype(F32)
+
+
 def write_nvfp4_rows(out_dir):
     rng = np.random.default_rng(99)
     rows = []  # (name, x, amax used for the global scale)
@@ -236,6 +265,8 @@ def write_nvfp4_rows(out_dir):
 
     x = random_f32(rng, 256, -6, 6)
     rows.append(("wide_random", x, np.max(np.abs(x))))
+
+    rows.append(("near_ties", near_tie_row(rng, 128), F32(1000.3)))
 
     header = ["NVFP4 rows quantized by numpy (DESIGN §3, float32 arithmetic, ml_dtypes casts)",
               "row NAME K AMAX_F32 GLOBAL_SF_F32 SATURATED",
