@@ -60,6 +60,24 @@ epmoe_status epmoe_cpu_route_hash(const epmoe_route_params *p, const float *logi
 void epmoe_cpu_swiglu(const float *h, int64_t rows, int64_t I, float limit, int variant,
                       float *out);
 
+/* ---- ordered fp32 products -------------------------------------------------------------
+ * C[M,N] = A[M,K] . B[N,K]^T where every output element is ONE fmaf chain over k in increasing
+ * order, starting from 0. A row's result therefore does not depend on M or on the other rows in
+ * the call: outputs are bit-identical whatever the batch composition or the rank count (a BLAS
+ * sgemm is not: OpenBLAS gave different bits for the same row at different M on this machine).
+ * B is pre-packed into column panels [ceil(N/16)][K][16] (zero-padded) so that the 16 chains of
+ * a panel vectorize. The gate logits of the spec above are this product. */
+#define EPMOE_PANEL_COLS 16
+size_t epmoe_cpu_panels_floats(int64_t N, int64_t K);
+void epmoe_cpu_pack_panels(const float *B, int64_t N, int64_t K, float *panels);
+/* Writes column n of row k of the logical B (used when B is produced row by row). */
+static inline size_t epmoe_cpu_panel_index(int64_t n, int64_t k, int64_t K) {
+    return (size_t)(n / EPMOE_PANEL_COLS) * (size_t)K * EPMOE_PANEL_COLS +
+           (size_t)k * EPMOE_PANEL_COLS + (size_t)(n % EPMOE_PANEL_COLS);
+}
+void epmoe_cpu_gemm_panels(const float *A, int64_t M, int64_t K, const float *panels, int64_t N,
+                           float *C);
+
 #ifdef __cplusplus
 }
 #endif

@@ -50,6 +50,12 @@ typedef struct {
     int64_t shared_inter;    /* Is; 0 = no shared expert */
     float *shared_w13;       /* [2*Is, H] */
     float *shared_w2;        /* [H, Is] */
+
+    /* CPU compute forms, packed by epmoe_layer_weights_prepare_cpu (kernels/ops.h panels);
+     * NULL until then. */
+    float *gate_panels;      /* Wg as panels, N = E, K = H */
+    float *shared_w13_panels;/* N = 2*Is, K = H */
+    float *shared_w2_panels; /* N = H, K = Is */
 } epmoe_layer_weights;
 
 /* Reads layer `layer`'s gate, shared expert and the experts of `slice` from a checkpoint
@@ -60,6 +66,11 @@ epmoe_status epmoe_layer_weights_load(const epmoe_st_set *ckpt, const epmoe_conf
                                       int64_t layer, const epmoe_expert_slice *slice,
                                       epmoe_layer_weights *out);
 void epmoe_layer_weights_free(epmoe_layer_weights *w);
+
+/* Packs the dense weights (gate, shared expert) into the CPU panel layout; idempotent.
+ * epmoe_layer_weights_free releases them too. */
+epmoe_status epmoe_layer_weights_prepare_cpu(epmoe_layer_weights *w);
+void epmoe_layer_weights_release_cpu(epmoe_layer_weights *w);
 
 /* Reads the model settings stored in a checkpoint's metadata into cfg (model-scope entries
  * only) and checks them against any the user set explicitly. */

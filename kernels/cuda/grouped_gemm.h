@@ -1,0 +1,114 @@
+/* Grouped NVFP4 GEMMs for the routed experts (W13 and W2), DESIGN §1 step 4, §3, §7.
+ *
+ * One call computes, for every local expert e and every real row r of that expert
+ * (rows [padded_offsets[e], padded_offsets[e] + tokens_per_expert[e])):
+ *
+ *   out[r, n] = (sum_k deqA[r, k] * deqW[e, n, k]) * a_scale[r] * w_scale[e, group(n)]
+ *
+ *   deqA = e2m1(a_codes) * float(ue4m3 a_sf)   (NVFP4 A; exact in bf16)
+ *        = a_bf16                              (bf16 A; a_scale may then be NULL = 1.0)
+ *   deqW = e2m1(w_codes) * float(ue4m3 w_sf)   (exact in bf16)
+ *   group(n) = n < w_scale_split ? 0 : 1
+ *
+ * The products are exact (bf16 x bf16 of exactly representable values); the sum accumulates
+ * in fp32 on the tensor cores; the two tensor scales are applied in the fp32 epilogue.
+ *
+ * Capture safety: the launch shape depends only on cap_rows, N, K and n_experts. The kernels
+ * read padded_offsets / tokens_per_expert on the device, skip padding rows and empty experts,
+ * and write nothing else: rows beyond each expert's count (padding) are left untouched. No
+ * host synchronization, no allocation.
+ *
+ * Layouts (row-major, K contiguous):
+ *   a_codes   [cap_rows, K/2]        packed E2M1, even element in the low nibble
+ *   a_sf      [cap_rows, K/16]       UE4M3, linear layout
+ *   a_scale   [cap_rows] fp32        1/gs of the row's activation quantization
+ *   a_bf16    [cap_rows, K]          bf16 activations (act_quant = high)
+ *   w_codes   [E, N, K/2]            packed E2M1
+ *   w_sf      [E, N, K/16]           UE4M3, linear layout (the sm_100 path swizzles on its own
+ *                                    copy; see w_sf_swizzled)
+ *   w_scale   [E, w_scale_groups]    fp32 weight_scale_2
+ *   out       [cap_rows, N]          fp32 (or bf16 when out_bf16 is set)
+ *
+ * W13: N = 2*I, w_scale_split = I, w_scale_groups = 2 (w1 and w3 carry their own
+ * weight_scale_2).  W2: N = H, w_scale_split = N, w_scale_groups = 1.
+ *
+ * Shapes: K a multiple of 64, N a multiple of 64, cap_rows a multiple of 128 (the padded
+ * layout's pad_rows, common/layout.h); violations are EPMOE_ERR_INVALID_ARG.
+ */
+#ifndef EPMOE_GROUPED_GEMM_H
+#define EPMOE_GROUPED_GEMM_H
+
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#include "common/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EPMOE_GEMM_PAD_ROWS 128 /* padded layout granularity the kernels assume */
+
+typedef enum {
+    EPMOE_GEMM_A_NVFP4 = 0, /* a_codes + a_sf + a_scale */
+    EPMOE_GEMM_A_BF16 = 1   /* a_bf16 (+ optional a_scale) */
+} epmoe_gemm_a_format;
+
+typedef struct {
+    int64_t n_experts; /* E: local experts */
+    int64_t N;         /* output columns */
+    int64_t K;         /* reduction length */
+    int64_t cap_rows;  /* rows of the padded A / out buffers (capacity, not the live count) */
+
+    /* A operand */
+    epmoe_gemm_a_format a_format;
+    const uint8_t *a_codes; /* [cap_rows, K/2]  (NVFP4) */
+    const uint8_t *a_sf;    /* [cap_rows, K/16] (NVFP4) */
+    const float *a_scale;   /* [cap_rows]; required for NVFP4, optional (NULL = 1) for bf16 */
+    const void *a_bf16;     /* [cap_rows, K] __nv_bfloat16 (BF16) */
+
+    /* Weights */
+    const uint8_t *w_codes;     /* [E, N, K/2] */
+    const uint8_t *w_sf;        /* [E, N, K/16] linear (sm_90 path) */
+    const uint8_t *w_sf_swizzled; /* [E][swizzled(N, K/16)] 128x4 layout for the sm_100 path;
+                                     NULL: the sm_100 entry reports EPMOE_ERR_INVALID_ARG */
+    const float *w_scale;       /* [E, w_scale_groups] */
+    int64_t w_scale_groups;     /* 1 or 2 */
+    int64_t w_scale_split;      /* columns n < split use group 0, the rest group 1 */
+
+    /* Routing layout on the device (common/layout.h convention) */
+    const int64_t *padded_offsets;    /* [E+1] */
+    const int64_t *tokens_per_expert; /* [E] */
+
+    /* Output */
+    void *out;    /* [cap_rows, N] fp32, or bf16 when out_bf16 != 0 */
+    int out_bf16;
+} epmoe_grouped_gemm_args;
+
+/* Validates args (shapes, pointers) without touching device memory. */
+epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_args *args);
+
+/* Run-time dispatcher: picks the sm_100 path on compute capability 10.x when it was compiled
+ * in (and w_sf_swizzled is given), the sm_90 path otherwise. Enqueues on `stream` only. */
+epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *args, cudaStream_t stream);
+
+/* Hopper path (also correct on any sm_80+ device): FP4 tiles dequantized to bf16 in shared
+ * memory, bf16 tensor cores, fp32 accumulation, tensor scales in the epilogue. */
+epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_args *args,
+                                          cudaStream_t stream);
+
+/* Blackwell path: tcgen05.mma kind::mxf4nvf4.block_scale with 128x4-swizzled scales.
+ * Requires an sm_100a build and a compute capability 10.0 device; EPMOE_ERR_UNSUPPORTED
+ * otherwise. NOT RUN in this project's test environment (no Blackwell GPU): reviewed
+ * against the PTX ISA only. */
+epmoe_status epmoe_cuda_grouped_gemm_sm100(const epmoe_grouped_gemm_args *args,
+                                           cudaStream_t stream);
+
+/* 1 when the sm_100 kernel was compiled into this binary. */
+int epmoe_cuda_grouped_gemm_sm100_available(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,225 @@
+/* The CPU expert MLP of worker/experts.h. Each expert's weights are dequantized (unscaled
+ * e2m1*sf, exact) into column panels once per call, then its rows go through in chunks so the
+ * scratch stays bounded whatever the routing skew. */
+#include "worker/experts.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/nvfp4.h"
+#include "kernels/ops.h"
+
+#define ROWS_PER_CHUNK 64
+
+struct epmoe_expert_scratch {
+    int64_t H, I, shared_I;
+    float *w13_panels;  /* [2I x H] logical, packed */
+    float *w2_panels;   /* [H x I] */
+    float *x_q;         /* [chunk, max(H, I)] dequantized activations */
+    float *h;           /* [chunk, 2*max(I, shared_I)] */
+    float *a;           /* [chunk, max(I, shared_I)] */
+    float *row_inv_gs;  /* [chunk] 1/global_sf per row */
+    float *row_tmp;     /* [max(H, 2I, shared)] one dequantized weight row */
+    uint8_t *codes;     /* [max(H, I)/2] */
+    uint8_t *block_sf;  /* [max(H, I)/16] */
+    size_t bytes;
+};
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+epmoe_status epmoe_expert_scratch_create(int64_t H, int64_t I, int64_t max_rows_per_expert,
+                                         epmoe_expert_scratch **out) {
+    (void)max_rows_per_expert; /* rows are processed in fixed chunks: no worst-case scratch */
+    epmoe_expert_scratch *s = calloc(1, sizeof *s);
+    EPMOE_REQUIRE(s != NULL, EPMOE_ERR_OOM, "expert scratch: out of memory");
+    s->H = H;
+    s->I = I;
+    int64_t wide = max64(H, I);
+    size_t sizes[] = {
+        epmoe_cpu_panels_floats(2 * I, H) * sizeof(float),
+        epmoe_cpu_panels_floats(H, I) * sizeof(float),
+        (size_t)ROWS_PER_CHUNK * (size_t)wide * sizeof(float),
+        (size_t)ROWS_PER_CHUNK * 2 * (size_t)I * sizeof(float),
+        (size_t)ROWS_PER_CHUNK * (size_t)I * sizeof(float),
+        ROWS_PER_CHUNK * sizeof(float),
+        (size_t)max64(wide, 2 * I) * sizeof(float),
+        (size_t)wide / 2,
+        (size_t)wide / 16,
+    };
+    void **slots[] = {(void **)&s->w13_panels, (void **)&s->w2_panels, (void **)&s->x_q,
+                      (void **)&s->h,          (void **)&s->a,         (void **)&s->row_inv_gs,
+                      (void **)&s->row_tmp,    (void **)&s->codes,     (void **)&s->block_sf};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        *slots[i] = malloc(sizes[i] ? sizes[i] : 1);
+        s->bytes += sizes[i];
+        if (!*slots[i]) {
+            epmoe_expert_scratch_free(s);
+            EPMOE_FAIL(EPMOE_ERR_OOM, "expert scratch: cannot allocate %zu bytes", sizes[i]);
+        }
+    }
+    *out = s;
+    return EPMOE_OK;
+}
+
+void epmoe_expert_scratch_free(epmoe_expert_scratch *s) {
+    if (!s) return;
+    free(s->w13_panels);
+    free(s->w2_panels);
+    free(s->x_q);
+    free(s->h);
+    free(s->a);
+    free(s->row_inv_gs);
+    free(s->row_tmp);
+    free(s->codes);
+    free(s->block_sf);
+    free(s);
+}
+
+size_t epmoe_expert_scratch_bytes(const epmoe_expert_scratch *s) { return s->bytes; }
+
+/* Unscaled e2m1*sf weights of one [N, K] NVFP4 matrix into panels. */
+static void dequant_into_panels(const uint8_t *codes, const uint8_t *block_sf, int64_t N,
+                                int64_t K, float *row_tmp, float *panels) {
+    memset(panels, 0, epmoe_cpu_panels_floats(N, K) * sizeof(float));
+    for (int64_t n = 0; n < N; n++) {
+        epmoe_nvfp4_dequantize_row(codes + (size_t)n * (size_t)(K / 2),
+                                   block_sf + (size_t)n * (size_t)(K / 16), (size_t)K, 1.0f,
+                                   row_tmp);
+        for (int64_t k = 0; k < K; k++) panels[epmoe_cpu_panel_index(n, k, K)] = row_tmp[k];
+    }
+}
+
+/* Activation rows [rows, K] -> x_q (unscaled e2m1*sf) and row_inv_gs (1/global_sf), or a copy
+ * with factor 1 in W4A16 mode. Returns saturated element count. */
+static size_t quantize_rows(const epmoe_config *cfg, const float *x, int64_t rows, int64_t K,
+                            float static_input_scale, epmoe_expert_scratch *s) {
+    size_t saturated = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *row = x + (size_t)r * (size_t)K;
+        float *dst = s->x_q + (size_t)r * (size_t)K;
+        if (cfg->act_quant == EPMOE_ACT_HIGH) {
+            memcpy(dst, row, (size_t)K * sizeof(float));
+            s->row_inv_gs[r] = 1.0f;
+            continue;
+        }
+        float global_sf = cfg->act_scale == EPMOE_ACT_SCALE_STATIC
+                              ? 1.0f / static_input_scale
+                              : epmoe_nvfp4_global_sf(epmoe_amax(row, (size_t)K));
+        saturated += epmoe_nvfp4_quantize_row(row, (size_t)K, global_sf, s->codes, s->block_sf);
+        epmoe_nvfp4_dequantize_row(s->codes, s->block_sf, (size_t)K, 1.0f, dst);
+        s->row_inv_gs[r] = 1.0f / global_sf;
+    }
+    return saturated;
+}
+
+epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
+                                       const float *x_padded, const int64_t *tokens_per_expert,
+                                       const int64_t *padded_offsets, float *y_padded,
+                                       epmoe_expert_scratch *s, epmoe_expert_stats *stats) {
+    const int64_t H = w->hidden_size, I = w->inter_size;
+    EPMOE_REQUIRE(s->H == H && s->I == I, EPMOE_ERR_INVALID_ARG,
+                  "expert scratch sized for H=%lld I=%lld, layer has H=%lld I=%lld",
+                  (long long)s->H, (long long)s->I, (long long)H, (long long)I);
+    const float limit = (float)cfg->swiglu_limit;
+    for (int64_t e = 0; e < w->n_local; e++) {
+        int64_t rows = tokens_per_expert[e];
+        if (rows == 0) continue;
+        EPMOE_REQUIRE(padded_offsets[e] + rows <= padded_offsets[e + 1], EPMOE_ERR_INTERNAL,
+                      "expert %lld: %lld rows overflow its padded block [%lld, %lld)",
+                      (long long)(w->slice.start + e), (long long)rows,
+                      (long long)padded_offsets[e], (long long)padded_offsets[e + 1]);
+        dequant_into_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
+                            w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16), 2 * I, H,
+                            s->row_tmp, s->w13_panels);
+        dequant_into_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
+                            w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I,
+                            s->row_tmp, s->w2_panels);
+        const float gate_scale_2 = w->w13_scale_2[2 * e], up_scale_2 = w->w13_scale_2[2 * e + 1];
+        const float down_scale_2 = w->w2_scale_2[e];
+
+        for (int64_t r0 = 0; r0 < rows; r0 += ROWS_PER_CHUNK) {
+            int64_t n = rows - r0 < ROWS_PER_CHUNK ? rows - r0 : ROWS_PER_CHUNK;
+            const float *x = x_padded + (size_t)(padded_offsets[e] + r0) * (size_t)H;
+            float *y = y_padded + (size_t)(padded_offsets[e] + r0) * (size_t)H;
+
+            size_t sat = quantize_rows(cfg, x, n, H, w->w13_input_scale[e], s);
+            epmoe_cpu_gemm_panels(s->x_q, n, H, s->w13_panels, 2 * I, s->h);
+            for (int64_t r = 0; r < n; r++) {
+                float *h = s->h + (size_t)r * (size_t)(2 * I);
+                float gate_alpha = s->row_inv_gs[r] * gate_scale_2;
+                float up_alpha = s->row_inv_gs[r] * up_scale_2;
+                for (int64_t j = 0; j < I; j++) h[j] *= gate_alpha;
+                for (int64_t j = I; j < 2 * I; j++) h[j] *= up_alpha;
+            }
+            epmoe_cpu_swiglu(s->h, n, I, limit, (int)cfg->swiglu_variant, s->a);
+
+            sat += quantize_rows(cfg, s->a, n, I, w->w2_input_scale[e], s);
+            epmoe_cpu_gemm_panels(s->x_q, n, I, s->w2_panels, H, y);
+            for (int64_t r = 0; r < n; r++) {
+                float alpha = s->row_inv_gs[r] * down_scale_2;
+                for (int64_t j = 0; j < H; j++) y[(size_t)r * (size_t)H + j] *= alpha;
+            }
+            if (stats) {
+                stats->rows_computed += n;
+                stats->saturated_elements += (int64_t)sat;
+            }
+        }
+    }
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
+                                      const float *x, int64_t T, float *y,
+                                      epmoe_expert_scratch *s) {
+    (void)s;
+    const int64_t H = w->hidden_size, Is = w->shared_inter;
+    if (Is == 0) {
+        memset(y, 0, (size_t)T * (size_t)H * sizeof(float));
+        return EPMOE_OK;
+    }
+    EPMOE_REQUIRE(w->shared_w13_panels != NULL && w->shared_w2_panels != NULL,
+                  EPMOE_ERR_INTERNAL, "layer %lld: shared expert panels not prepared",
+                  (long long)w->layer);
+    float *h = malloc((size_t)ROWS_PER_CHUNK * (size_t)(2 * Is) * sizeof(float));
+    float *a = malloc((size_t)ROWS_PER_CHUNK * (size_t)Is * sizeof(float));
+    if (!h || !a) {
+        free(h);
+        free(a);
+        EPMOE_FAIL(EPMOE_ERR_OOM, "shared expert: out of memory");
+    }
+    for (int64_t r0 = 0; r0 < T; r0 += ROWS_PER_CHUNK) {
+        int64_t n = T - r0 < ROWS_PER_CHUNK ? T - r0 : ROWS_PER_CHUNK;
+        epmoe_cpu_gemm_panels(x + (size_t)r0 * (size_t)H, n, H, w->shared_w13_panels, 2 * Is, h);
+        epmoe_cpu_swiglu(h, n, Is, (float)cfg->swiglu_limit, (int)cfg->swiglu_variant, a);
+        epmoe_cpu_gemm_panels(a, n, Is, w->shared_w2_panels, H, y + (size_t)r0 * (size_t)H);
+    }
+    free(h);
+    free(a);
+    return EPMOE_OK;
+}
+
+static epmoe_status pack_new(const float *B, int64_t N, int64_t K, float **out) {
+    *out = malloc(epmoe_cpu_panels_floats(N, K) * sizeof(float));
+    EPMOE_REQUIRE(*out != NULL, EPMOE_ERR_OOM, "cannot allocate %lld x %lld weight panels",
+                  (long long)N, (long long)K);
+    epmoe_cpu_pack_panels(B, N, K, *out);
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_layer_weights_prepare_cpu(epmoe_layer_weights *w) {
+    const int64_t H = w->hidden_size, Is = w->shared_inter;
+    if (!w->gate_panels) EPMOE_TRY(pack_new(w->gate_weight, w->n_experts, H, &w->gate_panels));
+    if (Is > 0 && !w->shared_w13_panels)
+        EPMOE_TRY(pack_new(w->shared_w13, 2 * Is, H, &w->shared_w13_panels));
+    if (Is > 0 && !w->shared_w2_panels)
+        EPMOE_TRY(pack_new(w->shared_w2, H, Is, &w->shared_w2_panels));
+    return EPMOE_OK;
+}
+
+void epmoe_layer_weights_release_cpu(epmoe_layer_weights *w) {
+    free(w->gate_panels);
+    free(w->shared_w13_panels);
+    free(w->shared_w2_panels);
+    w->gate_panels = w->shared_w13_panels = w->shared_w2_panels = NULL;
+}
