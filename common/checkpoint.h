@@ -73,15 +73,17 @@ epmoe_status epmoe_ckpt_write_metadata(epmoe_st_writer *w, const epmoe_config *c
  * fewer layers or another weight format changes nothing else. Expert weights are normal with
  * std 1/sqrt(K) times a per-output-row factor spread over two decades (10^U(-1,1)), plus a
  * few outliers; quantized with the tensor's own amax (w1 and w3 each their own). Gate weight
- * N(0, 1/sqrt(H)), gate bias N(0, 0.1) (+ skew), shared expert N(0, 1/sqrt(K)) in BF16,
- * tid2eid k distinct experts per token id. input_scale is a calibration amax/2688 taken from
+ * N(0, 1/sqrt(H)), gate bias N(0, 0.1) (+ skew), shared expert distributed like the routed
+ * experts, stored in BF16, tid2eid k distinct experts per token id. input_scale is a calibration amax/2688 taken from
  * a standard normal sample of the layer input size: deliberately smaller than the extreme
  * runtime values (outliers, clamp), so that static-scale saturation is exercised. */
 typedef struct {
     /* Routing skew: expert e gets skew * (1 - e/(E-1)) added to its gate bias, and hash
      * layers draw expert e with weight exp(4 * skew * (1 - e/(E-1))). 0 = balanced. */
     double skew;
-    int verbose; /* print one line per layer written */
+    /* Called after each layer file is written (optional): progress for big presets. */
+    void (*on_layer)(void *ctx, int64_t layer, const char *path);
+    void *on_layer_ctx;
 } epmoe_gen_options;
 
 typedef struct {
@@ -90,7 +92,9 @@ typedef struct {
     uint64_t bytes;
 } epmoe_gen_stats;
 
-/* Writes every layer of cfg (n_layers) into directory out_dir (created if missing). */
+/* Writes every layer of cfg (n_layers) into directory out_dir (created if missing). Refuses a
+ * directory holding other *.safetensors files: they would join the checkpoint when it is
+ * opened. */
 epmoe_status epmoe_ckpt_generate(const epmoe_config *cfg, const epmoe_gen_options *opt,
                                  const char *out_dir, epmoe_gen_stats *stats);
 /* Writes one layer's file; stats (optional) are accumulated. */
