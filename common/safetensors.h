@@ -63,11 +63,21 @@ epmoe_status epmoe_st_set_require(const epmoe_st_set *s, const char *name, epmoe
 
 /* Writer: add tensors (data copied by reference: must stay valid until finish), metadata,
  * then finish writes the file (to path.tmp, then renamed, so readers never see a partial
- * file). Tensors are written in insertion order, 8-byte aligned. */
+ * file). The header is padded with spaces so that the data section starts 8-byte aligned;
+ * tensors follow back to back in insertion order (the safetensors reference implementation
+ * rejects gaps between tensors), so a tensor is 8-byte aligned when the sizes before it are
+ * multiples of 8: put odd-sized tensors last. Readers must not assume alignment. */
 typedef struct epmoe_st_writer epmoe_st_writer;
 epmoe_status epmoe_st_writer_create(epmoe_st_writer **out);
 epmoe_status epmoe_st_writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype dtype,
                                  int ndim, const int64_t *shape, const void *data);
+/* Streaming variant for files larger than memory: at finish, for each deferred tensor in
+ * insertion order, the writer calls fill(ctx, name, dst, nbytes) to produce its bytes into a
+ * scratch buffer, then writes them. */
+typedef epmoe_status (*epmoe_st_fill_fn)(void *ctx, const char *name, void *dst, size_t nbytes);
+epmoe_status epmoe_st_writer_add_deferred(epmoe_st_writer *w, const char *name,
+                                          epmoe_dtype dtype, int ndim, const int64_t *shape,
+                                          epmoe_st_fill_fn fill, void *ctx);
 epmoe_status epmoe_st_writer_metadata(epmoe_st_writer *w, const char *key, const char *value);
 epmoe_status epmoe_st_writer_finish(epmoe_st_writer *w, const char *path);
 void epmoe_st_writer_free(epmoe_st_writer *w);

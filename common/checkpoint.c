@@ -1,0 +1,119 @@
+#include "common/checkpoint.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "worker/expert_weights.h"
+
+static epmoe_status format_name(char *buf, size_t cap, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static epmoe_status format_name(char *buf, size_t cap, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, cap, fmt, ap);
+    va_end(ap);
+    EPMOE_REQUIRE(n >= 0 && (size_t)n < cap, EPMOE_ERR_INVALID_ARG,
+                  "checkpoint name needs %d characters, buffer holds %zu", n, cap);
+    return EPMOE_OK;
+}
+
+static int is_proj(const char *proj) {
+    return proj && (strcmp(proj, "w1") == 0 || strcmp(proj, "w2") == 0 || strcmp(proj, "w3") == 0);
+}
+
+epmoe_status epmoe_ckpt_gate_name(char *buf, size_t cap, int64_t layer, const char *what) {
+    EPMOE_REQUIRE(what && (strcmp(what, "weight") == 0 || strcmp(what, "bias") == 0 ||
+                           strcmp(what, "tid2eid") == 0),
+                  EPMOE_ERR_INVALID_ARG, "gate tensor '%s' (weight, bias or tid2eid)",
+                  what ? what : "(null)");
+    return format_name(buf, cap, "layers.%lld.ffn.gate.%s", (long long)layer, what);
+}
+
+epmoe_status epmoe_ckpt_shared_name(char *buf, size_t cap, int64_t layer, const char *proj,
+                                    const char *what) {
+    EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
+                  proj ? proj : "(null)");
+    return format_name(buf, cap, "layers.%lld.ffn.shared_experts.%s.%s", (long long)layer, proj,
+                       what);
+}
+
+epmoe_status epmoe_ckpt_expert_name(char *buf, size_t cap, int64_t layer, int64_t expert,
+                                    const char *proj, const char *what) {
+    EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
+                  proj ? proj : "(null)");
+    return format_name(buf, cap, "layers.%lld.ffn.experts.%lld.%s.%s", (long long)layer,
+                       (long long)expert, proj, what);
+}
+
+epmoe_status epmoe_ckpt_layer_file_name(char *buf, size_t cap, int64_t layer) {
+    return format_name(buf, cap, "model-%05lld.safetensors", (long long)layer);
+}
+
+epmoe_status epmoe_ckpt_meta_key(char *buf, size_t cap, const char *setting) {
+    return format_name(buf, cap, "%s%s", EPMOE_CKPT_META_PREFIX, setting);
+}
+
+epmoe_status epmoe_ckpt_expert_dims(const epmoe_config *cfg, const char *proj, int64_t *rows,
+                                    int64_t *k) {
+    EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
+                  proj ? proj : "(null)");
+    if (strcmp(proj, "w2") == 0) {
+        *rows = cfg->hidden_size;
+        *k = cfg->moe_inter_size;
+    } else {
+        *rows = cfg->moe_inter_size;
+        *k = cfg->hidden_size;
+    }
+    return EPMOE_OK;
+}
+
+int64_t epmoe_ckpt_shared_inter(const epmoe_config *cfg) {
+    return cfg->n_shared_experts * cfg->moe_inter_size;
+}
+
+int epmoe_ckpt_layer_is_hash(const epmoe_config *cfg, int64_t layer) {
+    return layer >= 0 && layer < cfg->n_hash_layers;
+}
+
+epmoe_status epmoe_ckpt_write_metadata(epmoe_st_writer *w, const epmoe_config *cfg) {
+    EPMOE_TRY(epmoe_st_writer_metadata(w, EPMOE_CKPT_META_FORMAT_VERSION,
+                                       EPMOE_CKPT_FORMAT_VERSION));
+    int n = 0;
+    const epmoe_cfg_entry *table = epmoe_config_table(&n);
+    for (int i = 0; i < n; i++) {
+        if (table[i].scope != EPMOE_CFG_MODEL) continue;
+        char key[96], value[128];
+        EPMOE_TRY(epmoe_ckpt_meta_key(key, sizeof key, table[i].name));
+        EPMOE_TRY(epmoe_config_get(cfg, table[i].name, value, sizeof value));
+        EPMOE_TRY(epmoe_st_writer_metadata(w, key, value));
+    }
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg) {
+    const char *path = epmoe_st_set_path(ckpt);
+    const char *version = epmoe_st_set_metadata(ckpt, EPMOE_CKPT_META_FORMAT_VERSION);
+    EPMOE_REQUIRE(version != NULL, EPMOE_ERR_FORMAT,
+                  "%s: no %s metadata: not an epmoe checkpoint, or written without the model "
+                  "settings (regenerate it with epmoe-gen)",
+                  path, EPMOE_CKPT_META_FORMAT_VERSION);
+    EPMOE_REQUIRE(strcmp(version, EPMOE_CKPT_FORMAT_VERSION) == 0, EPMOE_ERR_UNSUPPORTED,
+                  "%s: checkpoint format version %s, this build reads version %s", path, version,
+                  EPMOE_CKPT_FORMAT_VERSION);
+    int n = 0;
+    const epmoe_cfg_entry *table = epmoe_config_table(&n);
+    for (int i = 0; i < n; i++) {
+        if (table[i].scope != EPMOE_CFG_MODEL) continue;
+        char key[96];
+        EPMOE_TRY(epmoe_ckpt_meta_key(key, sizeof key, table[i].name));
+        const char *value = epmoe_st_set_metadata(ckpt, key);
+        EPMOE_REQUIRE(value != NULL, EPMOE_ERR_FORMAT, "%s: metadata %s is missing", path, key);
+        epmoe_status st = epmoe_config_set(cfg, table[i].name, value);
+        if (st != EPMOE_OK) return epmoe_add_context(st, "%s: metadata %s", path, key);
+    }
+    epmoe_status st = epmoe_config_validate(cfg);
+    if (st != EPMOE_OK) return epmoe_add_context(st, "%s: model settings", path);
+    return EPMOE_OK;
+}

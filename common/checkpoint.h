@@ -1,0 +1,113 @@
+/* The checkpoint layout (DESIGN §4) in one place: tensor names, their dtypes and shapes, the
+ * metadata keys, and the synthetic checkpoint generator that writes exactly this layout.
+ *
+ * Tensors of MoE layer L (a checkpoint holds one file per layer, model-LLLLL.safetensors, or
+ * any split of the same names over *.safetensors files):
+ *   layers.L.ffn.gate.weight              F32 [E, H]
+ *   layers.L.ffn.gate.bias                F32 [E]            score-routed layers only
+ *   layers.L.ffn.gate.tid2eid             I32 [vocab, top_k] hash layers (L < n_hash_layers)
+ *   layers.L.ffn.shared_experts.w1.weight BF16 [Is, H]       gate; Is = n_shared * I
+ *   layers.L.ffn.shared_experts.w3.weight BF16 [Is, H]       up     (absent when Is == 0)
+ *   layers.L.ffn.shared_experts.w2.weight BF16 [H, Is]       down
+ *   layers.L.ffn.experts.e.{w1,w3,w2}.*   routed expert e; logical [N, K] = [I, H] for w1/w3
+ *                                         and [H, I] for w2. NVFP4:
+ *       .weight U8 [N, K/2], .weight_scale F8_E4M3 [N, K/16], .weight_scale_2 F32 [],
+ *       .input_scale F32 []
+ *     MXFP4:
+ *       .weight I8 [N, K/2], .scale F8_E8M0 [N, K/32]
+ *
+ * Metadata (every file): "epmoe.format_version" and "epmoe.<name>" for every model-scope
+ * setting of the config table, as epmoe_config_get formats it.
+ */
+#ifndef EPMOE_CHECKPOINT_H
+#define EPMOE_CHECKPOINT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common/config.h"
+#include "common/safetensors.h"
+#include "common/status.h"
+#include "common/tensor.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EPMOE_CKPT_FORMAT_VERSION "1"
+#define EPMOE_CKPT_META_PREFIX "epmoe."
+#define EPMOE_CKPT_META_FORMAT_VERSION "epmoe.format_version"
+
+/* ---- names (buf gets the name; EPMOE_ERR_INVALID_ARG if it does not fit) ---- */
+
+/* what: "weight", "bias" or "tid2eid". */
+epmoe_status epmoe_ckpt_gate_name(char *buf, size_t cap, int64_t layer, const char *what);
+/* proj: "w1", "w2" or "w3"; what: "weight". */
+epmoe_status epmoe_ckpt_shared_name(char *buf, size_t cap, int64_t layer, const char *proj,
+                                    const char *what);
+/* proj: "w1", "w2" or "w3"; what: "weight", "weight_scale", "weight_scale_2", "input_scale"
+ * (NVFP4) or "weight", "scale" (MXFP4). */
+epmoe_status epmoe_ckpt_expert_name(char *buf, size_t cap, int64_t layer, int64_t expert,
+                                    const char *proj, const char *what);
+/* "model-00003.safetensors": the file the generator writes layer 3 to. */
+epmoe_status epmoe_ckpt_layer_file_name(char *buf, size_t cap, int64_t layer);
+/* "epmoe.hidden_size" */
+epmoe_status epmoe_ckpt_meta_key(char *buf, size_t cap, const char *setting);
+
+/* ---- shapes ---- */
+
+/* Logical [N, K] (rows, reduction) of a routed expert projection "w1", "w3" or "w2". */
+epmoe_status epmoe_ckpt_expert_dims(const epmoe_config *cfg, const char *proj, int64_t *rows,
+                                    int64_t *k);
+/* Shared expert intermediate size Is = n_shared_experts * moe_inter_size. */
+int64_t epmoe_ckpt_shared_inter(const epmoe_config *cfg);
+/* Hash-routed layers carry tid2eid and no bias. */
+int epmoe_ckpt_layer_is_hash(const epmoe_config *cfg, int64_t layer);
+
+/* Writes the format version and every model-scope setting of cfg as metadata. */
+epmoe_status epmoe_ckpt_write_metadata(epmoe_st_writer *w, const epmoe_config *cfg);
+
+/* ---- the synthetic checkpoint generator (common/checkpoint_gen.c) ----
+ *
+ * Values are deterministic functions of (cfg->seed, layer, expert, projection): generating
+ * fewer layers or another weight format changes nothing else. Expert weights are normal with
+ * std 1/sqrt(K) times a per-output-row factor spread over two decades (10^U(-1,1)), plus a
+ * few outliers; quantized with the tensor's own amax (w1 and w3 each their own). Gate weight
+ * N(0, 1/sqrt(H)), gate bias N(0, 0.1) (+ skew), shared expert distributed like the routed
+ * experts, stored in BF16, tid2eid k distinct experts per token id. input_scale is a calibration amax/2688 taken from
+ * a standard normal sample of the layer input size: deliberately smaller than the extreme
+ * runtime values (outliers, clamp), so that static-scale saturation is exercised. */
+typedef struct {
+    /* Routing skew: expert e gets skew * (1 - e/(E-1)) added to its gate bias, and hash
+     * layers draw expert e with weight exp(4 * skew * (1 - e/(E-1))). 0 = balanced. */
+    double skew;
+    /* Called after each layer file is written (optional): progress for big presets. */
+    void (*on_layer)(void *ctx, int64_t layer, const char *path);
+    void *on_layer_ctx;
+} epmoe_gen_options;
+
+typedef struct {
+    int64_t layers;
+    int64_t tensors;
+    uint64_t bytes;
+} epmoe_gen_stats;
+
+/* Writes every layer of cfg (n_layers) into directory out_dir (created if missing). Refuses a
+ * directory holding other *.safetensors files: they would join the checkpoint when it is
+ * opened. */
+epmoe_status epmoe_ckpt_generate(const epmoe_config *cfg, const epmoe_gen_options *opt,
+                                 const char *out_dir, epmoe_gen_stats *stats);
+/* Writes one layer's file; stats (optional) are accumulated. */
+epmoe_status epmoe_ckpt_generate_layer(const epmoe_config *cfg, const epmoe_gen_options *opt,
+                                       int64_t layer, const char *path, epmoe_gen_stats *stats);
+
+/* A batch input file: "hidden_states" [tokens, H] in dtype (F32, BF16 or F16), normal with
+ * std 1 plus a few outliers of magnitude 20..100 so that the SwiGLU clamp fires, and
+ * "token_ids" I32 [tokens] uniform in [0, vocab_size). Deterministic from seed. */
+epmoe_status epmoe_gen_input_file(const epmoe_config *cfg, int64_t tokens, epmoe_dtype dtype,
+                                  uint64_t seed, const char *path);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
