@@ -199,27 +199,3 @@ epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer
     return EPMOE_OK;
 }
 
-static epmoe_status pack_new(const float *B, int64_t N, int64_t K, float **out) {
-    *out = malloc(epmoe_cpu_panels_floats(N, K) * sizeof(float));
-    EPMOE_REQUIRE(*out != NULL, EPMOE_ERR_OOM, "cannot allocate %lld x %lld weight panels",
-                  (long long)N, (long long)K);
-    epmoe_cpu_pack_panels(B, N, K, *out);
-    return EPMOE_OK;
-}
-
-epmoe_status epmoe_layer_weights_prepare_cpu(epmoe_layer_weights *w) {
-    const int64_t H = w->hidden_size, Is = w->shared_inter;
-    if (!w->gate_panels) EPMOE_TRY(pack_new(w->gate_weight, w->n_experts, H, &w->gate_panels));
-    if (Is > 0 && !w->shared_w13_panels)
-        EPMOE_TRY(pack_new(w->shared_w13, 2 * Is, H, &w->shared_w13_panels));
-    if (Is > 0 && !w->shared_w2_panels)
-        EPMOE_TRY(pack_new(w->shared_w2, H, Is, &w->shared_w2_panels));
-    return EPMOE_OK;
-}
-
-void epmoe_layer_weights_release_cpu(epmoe_layer_weights *w) {
-    free(w->gate_panels);
-    free(w->shared_w13_panels);
-    free(w->shared_w2_panels);
-    w->gate_panels = w->shared_w13_panels = w->shared_w2_panels = NULL;
-}
