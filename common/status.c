@@ -45,9 +45,10 @@ epmoe_status epmoe_add_context(epmoe_status code, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(prefix, sizeof prefix, fmt, ap);
     va_end(ap);
-    char joined[EPMOE_ERROR_CAP];
+    /* Room for both parts; the result is cut back to the buffer size on the copy. */
+    char joined[2 * EPMOE_ERROR_CAP + 2];
     snprintf(joined, sizeof joined, "%s: %s", prefix, last_error);
-    memcpy(last_error, joined, sizeof last_error);
+    snprintf(last_error, sizeof last_error, "%s", joined);
     return code;
 }
 

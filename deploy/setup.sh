@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine for epmoe and builds it. Idempotent: run it again at will.
-#   - Debian packages: compiler, CMake, Open MPI, OpenBLAS, jansson, Check, protobuf-c, gRPC
+#   - Debian packages: compiler, CMake, Open MPI, jansson, Check, protobuf-c, gRPC
 #   - a Python virtualenv (.venv) with the test oracles (ml_dtypes, numpy) and the stock
 #     gRPC client used by the client tests (grpcio, grpcio-tools), matplotlib for bench plots
 #   - a Release build in build/ (CUDA kernels too when nvcc is present)
@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config git python3 python3-venv
-          libopenmpi-dev openmpi-bin libopenblas-dev libjansson-dev check
+          libopenmpi-dev openmpi-bin libjansson-dev check
           libprotobuf-c-dev protobuf-c-compiler libgrpc-dev)
 
 if [ "${EPMOE_SKIP_APT:-0}" != 1 ]; then

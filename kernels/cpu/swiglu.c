@@ -1,0 +1,46 @@
+/* Clamped SwiGLU (DESIGN §3). Two variants, named after where the clamp sits:
+ *   EPMOE_SWIGLU_DSV4: silu(min(g, L)) * clamp(u, -L, L)   (DeepSeek-V4, the default)
+ *   EPMOE_SWIGLU_STEP: min(silu(g), L) * clamp(u, -L, L)   (SwigluStep, what the seed ran)
+ * They differ whenever g > L: silu(L) = L / (1 + e^-L) is slightly below L, and for g well
+ * above L the step variant returns exactly L while the DeepSeek-V4 one returns silu(L).
+ *
+ * The clamps are written as comparisons, not fminf/fmaxf, so that a NaN input stays NaN
+ * (fminf(NaN, L) would return L and hide it). */
+#include "kernels/ops.h"
+
+#include <math.h>
+
+static float silu(float g) { return g / (1.0f + expf(-g)); }
+
+static float clamp_upper(float x, float limit) { return x > limit ? limit : x; }
+
+static float clamp_both(float x, float limit) {
+    if (x > limit) return limit;
+    if (x < -limit) return -limit;
+    return x;
+}
+
+void epmoe_cpu_swiglu(const float *h, int64_t rows, int64_t I, float limit, int variant,
+                      float *out) {
+    int clamp = limit > 0.0f;
+    /* Any value other than STEP is treated as the DeepSeek-V4 variant, the default; the config
+     * table only admits the two enum names. */
+    int step = variant == EPMOE_SWIGLU_STEP;
+    for (int64_t r = 0; r < rows; r++) {
+        const float *gate = h + r * 2 * I;
+        const float *up = gate + I;
+        float *o = out + r * I;
+        for (int64_t i = 0; i < I; i++) {
+            float g = gate[i], u = up[i];
+            if (clamp) u = clamp_both(u, limit);
+            float act;
+            if (step) {
+                act = silu(g);
+                if (clamp) act = clamp_upper(act, limit);
+            } else {
+                act = silu(clamp ? clamp_upper(g, limit) : g);
+            }
+            o[i] = act * u;
+        }
+    }
+}

@@ -1,0 +1,185 @@
+#include "tests/ref/ref_layer.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/nvfp4.h"
+
+static double ref_score(double logit, int64_t scoring) {
+    if (scoring == EPMOE_SCORING_SIGMOID) return 1.0 / (1.0 + exp(-logit));
+    double softplus = logit > 30 ? logit : log1p(exp(logit));
+    return sqrt(softplus);
+}
+
+/* Indices of the n largest keys (ties to the lower index), by repeated selection. */
+static void ref_topn(const double *key, const int *allowed, int64_t count, int64_t n, int32_t *out) {
+    char *taken = calloc((size_t)count, 1);
+    for (int64_t j = 0; j < n; j++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < count; e++) {
+            if (taken[e] || (allowed && !allowed[e])) continue;
+            if (best < 0 || key[e] > key[best]) best = e;
+        }
+        out[j] = (int32_t)best;
+        taken[best] = 1;
+    }
+    free(taken);
+}
+
+epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights *w,
+                             const float *x, const int32_t *token_ids, int64_t T,
+                             int32_t *ids_out, double *weights_out) {
+    const int64_t H = cfg->hidden_size, E = cfg->n_routed_experts, k = cfg->top_k;
+    const int hash = w->layer < cfg->n_hash_layers;
+    double *s = malloc((size_t)E * sizeof(double)), *key = malloc((size_t)E * sizeof(double));
+    int *allowed = malloc((size_t)E * sizeof(int));
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t e = 0; e < E; e++) {
+            double logit = 0;
+            for (int64_t h = 0; h < H; h++)
+                logit += (double)x[t * H + h] * (double)w->gate_weight[e * H + h];
+            s[e] = ref_score(logit, cfg->scoring);
+            key[e] = s[e] + (w->gate_bias && !hash ? (double)w->gate_bias[e] : 0.0);
+            allowed[e] = 1;
+        }
+        int32_t *ids = ids_out + t * k;
+        if (hash) {
+            for (int64_t j = 0; j < k; j++) ids[j] = w->tid2eid[(int64_t)token_ids[t] * k + j];
+        } else {
+            if (cfg->n_groups > 1) {
+                int64_t G = cfg->n_groups, per = E / G;
+                double *gscore = malloc((size_t)G * sizeof(double));
+                for (int64_t g = 0; g < G; g++) {
+                    int32_t top2[2];
+                    ref_topn(key + g * per, NULL, per, 2, top2);
+                    gscore[g] = key[g * per + top2[0]] + key[g * per + top2[1]];
+                }
+                int32_t *kept = malloc((size_t)cfg->topk_groups * sizeof(int32_t));
+                ref_topn(gscore, NULL, G, cfg->topk_groups, kept);
+                for (int64_t e = 0; e < E; e++) allowed[e] = 0;
+                for (int64_t j = 0; j < cfg->topk_groups; j++)
+                    for (int64_t e = kept[j] * per; e < (kept[j] + 1) * per; e++) allowed[e] = 1;
+                free(kept);
+                free(gscore);
+            }
+            ref_topn(key, allowed, E, k, ids);
+        }
+        double sum = 0;
+        for (int64_t j = 0; j < k; j++) sum += s[ids[j]];
+        if (weights_out)
+            for (int64_t j = 0; j < k; j++)
+                weights_out[t * k + j] = s[ids[j]] / sum * cfg->routed_scaling_factor;
+    }
+    free(s);
+    free(key);
+    free(allowed);
+    return EPMOE_OK;
+}
+
+static double ref_swiglu(double g, double u, double L, int64_t variant) {
+    if (L > 0) {
+        if (variant == EPMOE_SWIGLU_DSV4 && g > L) g = L;
+        u = u > L ? L : (u < -L ? -L : u);
+    }
+    double silu = g / (1.0 + exp(-g));
+    if (L > 0 && variant == EPMOE_SWIGLU_STEP && silu > L) silu = L;
+    return silu * u;
+}
+
+/* The activation as the implementation feeds it to a GEMM: NVFP4 codes decided on fp32
+ * values, then taken exactly (as doubles) with their scale. */
+static void ref_quantize(const epmoe_config *cfg, const float *v, int64_t K, float static_scale,
+                         double *out) {
+    if (cfg->act_quant == EPMOE_ACT_HIGH) {
+        for (int64_t i = 0; i < K; i++) out[i] = v[i];
+        return;
+    }
+    float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC ? 1.0f / static_scale
+                                                          : epmoe_nvfp4_global_sf(epmoe_amax(v, (size_t)K));
+    uint8_t *codes = malloc((size_t)K / 2), *sf = malloc((size_t)K / 16);
+    float *deq = malloc((size_t)K * sizeof(float));
+    epmoe_nvfp4_quantize_row(v, (size_t)K, gs, codes, sf);
+    epmoe_nvfp4_dequantize_row(codes, sf, (size_t)K, 1.0f, deq);
+    for (int64_t i = 0; i < K; i++) out[i] = (double)deq[i] / (double)gs;
+    free(codes);
+    free(sf);
+    free(deq);
+}
+
+/* Weight row n of an [N, K] NVFP4 matrix in doubles, with its tensor scale. */
+static void ref_weight_row(const uint8_t *codes, const uint8_t *sf, int64_t n, int64_t K,
+                           double scale_2, double *out) {
+    float *tmp = malloc((size_t)K * sizeof(float));
+    epmoe_nvfp4_dequantize_row(codes + n * (K / 2), sf + n * (K / 16), (size_t)K, 1.0f, tmp);
+    for (int64_t i = 0; i < K; i++) out[i] = (double)tmp[i] * scale_2;
+    free(tmp);
+}
+
+epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
+                                     const float *x, const int32_t *token_ids, int64_t T,
+                                     double *out, int32_t *ids_out, double *weights_out) {
+    const int64_t H = cfg->hidden_size, I = cfg->moe_inter_size, k = cfg->top_k;
+    EPMOE_REQUIRE(w->slice.start == 0 && w->slice.end == cfg->n_routed_experts,
+                  EPMOE_ERR_INVALID_ARG, "the reference needs every expert");
+    int32_t *ids = ids_out ? ids_out : malloc((size_t)(T * k) * sizeof(int32_t));
+    double *wts = weights_out ? weights_out : malloc((size_t)(T * k) * sizeof(double));
+    EPMOE_TRY(epmoe_ref_route(cfg, w, x, token_ids, T, ids, wts));
+
+    double *xq = malloc((size_t)H * sizeof(double)), *h = malloc((size_t)(2 * I) * sizeof(double));
+    double *aq = malloc((size_t)I * sizeof(double)), *wrow = malloc((size_t)(H > I ? H : I) * sizeof(double));
+    float *a32 = malloc((size_t)I * sizeof(float));
+    for (int64_t t = 0; t < T; t++) {
+        double *o = out + t * H;
+        for (int64_t c = 0; c < H; c++) o[c] = 0;
+        for (int64_t j = 0; j < k; j++) {
+            int64_t e = ids[t * k + j];
+            ref_quantize(cfg, x + t * H, H, w->w13_input_scale[e], xq);
+            const uint8_t *c13 = w->w13_codes + e * 2 * I * (H / 2), *s13 = w->w13_sf + e * 2 * I * (H / 16);
+            for (int64_t n = 0; n < 2 * I; n++) {
+                ref_weight_row(c13, s13, n, H, w->w13_scale_2[2 * e + (n < I ? 0 : 1)], wrow);
+                double acc = 0;
+                for (int64_t c = 0; c < H; c++) acc += xq[c] * wrow[c];
+                h[n] = acc;
+            }
+            for (int64_t n = 0; n < I; n++) {
+                double a = ref_swiglu(h[n], h[I + n], cfg->swiglu_limit, cfg->swiglu_variant);
+                a32[n] = (float)a;
+            }
+            ref_quantize(cfg, a32, I, w->w2_input_scale[e], aq);
+            const uint8_t *c2 = w->w2_codes + e * H * (I / 2), *s2 = w->w2_sf + e * H * (I / 16);
+            for (int64_t n = 0; n < H; n++) {
+                ref_weight_row(c2, s2, n, I, w->w2_scale_2[e], wrow);
+                double acc = 0;
+                for (int64_t c = 0; c < I; c++) acc += aq[c] * wrow[c];
+                o[n] += wts[t * k + j] * acc;
+            }
+        }
+        /* shared expert, dense, same clamp */
+        const int64_t Is = w->shared_inter;
+        if (Is > 0) {
+            double *hs = malloc((size_t)(2 * Is) * sizeof(double));
+            for (int64_t n = 0; n < 2 * Is; n++) {
+                double acc = 0;
+                for (int64_t c = 0; c < H; c++) acc += (double)x[t * H + c] * w->shared_w13[n * H + c];
+                hs[n] = acc;
+            }
+            for (int64_t n = 0; n < Is; n++)
+                hs[n] = ref_swiglu(hs[n], hs[Is + n], cfg->swiglu_limit, cfg->swiglu_variant);
+            for (int64_t n = 0; n < H; n++) {
+                double acc = 0;
+                for (int64_t c = 0; c < Is; c++) acc += hs[c] * w->shared_w2[n * Is + c];
+                o[n] += acc;
+            }
+            free(hs);
+        }
+    }
+    free(xq);
+    free(h);
+    free(aq);
+    free(wrow);
+    free(a32);
+    if (!ids_out) free(ids);
+    if (!weights_out) free(wts);
+    return EPMOE_OK;
+}
