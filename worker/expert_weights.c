@@ -13,7 +13,6 @@
 
 #include "common/checkpoint.h"
 #include "common/nvfp4.h"
-#include "kernels/ops.h"
 
 #define NAME_CAP 160
 
@@ -266,38 +265,7 @@ epmoe_status epmoe_layer_weights_load(const epmoe_st_set *ckpt, const epmoe_conf
     return EPMOE_OK;
 }
 
-static epmoe_status pack_panels(const float *B, int64_t N, int64_t K, float **panels,
-                                const char *what, int64_t layer) {
-    if (*panels || N == 0 || K == 0) return EPMOE_OK;
-    EPMOE_REQUIRE(B != NULL, EPMOE_ERR_INVALID_ARG, "layer %lld: %s not loaded", (long long)layer,
-                  what);
-    EPMOE_TRY(alloc_bytes((void **)panels, epmoe_cpu_panels_floats(N, K) * sizeof(float), what,
-                          layer));
-    epmoe_cpu_pack_panels(B, N, K, *panels);
-    return EPMOE_OK;
-}
-
-epmoe_status epmoe_layer_weights_prepare_cpu(epmoe_layer_weights *w) {
-    int64_t H = w->hidden_size, Is = w->shared_inter;
-    EPMOE_TRY(pack_panels(w->gate_weight, w->n_experts, H, &w->gate_panels, "gate panels",
-                          w->layer));
-    if (Is > 0) {
-        EPMOE_TRY(pack_panels(w->shared_w13, 2 * Is, H, &w->shared_w13_panels,
-                              "shared w13 panels", w->layer));
-        EPMOE_TRY(pack_panels(w->shared_w2, H, Is, &w->shared_w2_panels, "shared w2 panels",
-                              w->layer));
-    }
-    return EPMOE_OK;
-}
-
-void epmoe_layer_weights_release_cpu(epmoe_layer_weights *w) {
-    if (!w) return;
-    free(w->gate_panels);
-    free(w->shared_w13_panels);
-    free(w->shared_w2_panels);
-    w->gate_panels = w->shared_w13_panels = w->shared_w2_panels = NULL;
-}
-
+/* The CPU panels (epmoe_layer_weights_prepare_cpu, worker/experts_cpu.c) go with the rest. */
 void epmoe_layer_weights_free(epmoe_layer_weights *w) {
     if (!w) return;
     epmoe_layer_weights_release_cpu(w);
