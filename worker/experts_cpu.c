@@ -199,3 +199,36 @@ epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer
     return EPMOE_OK;
 }
 
+
+static epmoe_status pack_new(const float *B, int64_t N, int64_t K, const char *what,
+                             int64_t layer, float **out) {
+    EPMOE_REQUIRE(B != NULL, EPMOE_ERR_INVALID_ARG, "layer %lld: %s not loaded", (long long)layer,
+                  what);
+    *out = malloc(epmoe_cpu_panels_floats(N, K) * sizeof(float));
+    EPMOE_REQUIRE(*out != NULL, EPMOE_ERR_OOM, "layer %lld: cannot allocate %s (%lld x %lld)",
+                  (long long)layer, what, (long long)N, (long long)K);
+    epmoe_cpu_pack_panels(B, N, K, *out);
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_layer_weights_prepare_cpu(epmoe_layer_weights *w) {
+    const int64_t H = w->hidden_size, Is = w->shared_inter;
+    if (!w->gate_panels)
+        EPMOE_TRY(pack_new(w->gate_weight, w->n_experts, H, "gate panels", w->layer,
+                           &w->gate_panels));
+    if (Is > 0 && !w->shared_w13_panels)
+        EPMOE_TRY(pack_new(w->shared_w13, 2 * Is, H, "shared w13 panels", w->layer,
+                           &w->shared_w13_panels));
+    if (Is > 0 && !w->shared_w2_panels)
+        EPMOE_TRY(pack_new(w->shared_w2, H, Is, "shared w2 panels", w->layer,
+                           &w->shared_w2_panels));
+    return EPMOE_OK;
+}
+
+void epmoe_layer_weights_release_cpu(epmoe_layer_weights *w) {
+    if (!w) return;
+    free(w->gate_panels);
+    free(w->shared_w13_panels);
+    free(w->shared_w2_panels);
+    w->gate_panels = w->shared_w13_panels = w->shared_w2_panels = NULL;
+}
