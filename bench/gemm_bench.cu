@@ -249,9 +249,10 @@ int main(int argc, char **argv) {
                        "\"rows_per_expert\": %lld, \"N\": %lld, \"K\": %lld, \"cap_rows\": %lld, "
                        "\"ours_ms\": %.5f, \"ours_weight_gbs\": %.2f, \"ours_tflops\": %.2f, "
                        "\"weight_bytes_nvfp4\": %.0f, \"cublas_bf16_ms\": %.5f, "
-                       "\"cublas_bf16_tflops\": %.2f",
+                       "\"cublas_bf16_tflops\": %.2f, \"variant\": \"%s\"",
                        m.name, gname, (long long)m.E, (long long)rows, (long long)N, (long long)K,
-                       (long long)cap, ms, gbs, tf, wbytes, cms, ctf);
+                       (long long)cap, ms, gbs, tf, wbytes, cms, ctf,
+                       epmoe_grouped_gemm_sm90_variant(&a));
             }
         }
     }

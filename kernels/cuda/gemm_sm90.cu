@@ -64,13 +64,12 @@ __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
     return d;
 }
 
-/* bf16x2 of S = float(ue4m3 byte) * 2^118 in both halves (exact: 4 significant bits). */
+/* bf16x2 of S = float(ue4m3 byte) * 2^118 in both halves (exact: 4 significant bits). The
+ * byte shifted to bf16 bits (b << 4) is sf * 2^-120 (E = 0 lands on a bf16 subnormal, as the
+ * E2M1 0.5 does); two exact multiplies by 2^119 give sf * 2^118. */
 __device__ __forceinline__ uint32_t sf_to_bf16x2(uint32_t byte) {
-    const uint32_t exp4 = (byte >> 3) & 15u, man3 = byte & 7u;
-    const float sf = exp4 ? __uint_as_float(((exp4 + 120u) << 23) | (man3 << 20))
-                          : (float)man3 * 0x1p-9f;
-    const uint32_t h = __float_as_uint(sf * 0x1p118f) >> 16; /* low 16 bits are zero */
-    return h | (h << 16);
+    const uint32_t k2p119 = 0x7B007B00u;
+    return bf16x2_mul(bf16x2_mul((byte << 4) | (byte << 20), k2p119), k2p119);
 }
 
 /* 8 E2M1 codes (one word, element i in nibble i) -> bf16 pairs (i, i+4), times S. */
@@ -119,14 +118,15 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 /* Shared-memory plan of one variant (bytes). Weight stage: BN rows x 64 code bytes, then
- * BN x 8 scale bytes. Token stage (NVFP4): MT x 64 code bytes, then MT x 8 scale bytes,
+ * BN x 8 scale bytes. Token stage (NVFP4): MT x 64 code bytes, then MT x 4 x 8 scale bytes (each
+ * unit copies its row's 8 scale bytes into its own slot, so no thread reads another's copy),
  * converted into a double-buffered bf16 tile; (bf16): the stage is itself the tile (each
  * thread permutes its own 16-byte chunks in place). */
 template <int MT, int NWARPS, int kStages, bool kFp4>
 struct SmemPlan {
     static constexpr int kBN = NWARPS * 32;
     static constexpr int kWStage = kBN * (64 + 8);
-    static constexpr int kTStage = kFp4 ? MT * (64 + 8) : MT * kTileRowBytes;
+    static constexpr int kTStage = kFp4 ? MT * (64 + 32) : MT * kTileRowBytes;
     static constexpr int kTile = MT * kTileRowBytes;
     static constexpr int kW = 0;
     static constexpr int kT = kW + kStages * kWStage;
@@ -143,7 +143,9 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     constexpr int kThreads = NWARPS * 32;
     constexpr int kBN = Plan::kBN;
     constexpr int kNT8 = MT / 8;
-    constexpr int kUnits = MT * 4 / kThreads; /* (token row, 32-k span) units per thread */
+    /* (token row, 32-k span) units per thread; unit u covers row u % MT, so the few live rows of
+     * a decode chunk spread over all warps instead of loading warp 0 alone */
+    constexpr int kUnits = MT * 4 / kThreads;
     static_assert(MT % 8 == 0 && (MT * 4) % kThreads == 0, "token staging must divide evenly");
     static_assert(kStages >= 2, "pipeline needs two stages");
 
@@ -212,14 +214,13 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                 uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
 #pragma unroll
                 for (int u = 0; u < kUnits; ++u) {
-                    const int unit = threadIdx.x + u * kThreads, tr = unit / 4, s = unit % 4;
+                    const int unit = threadIdx.x + u * kThreads, tr = unit % MT, s = unit / MT;
                     if (tr < mrows) {
                         const int64_t row = row0 + tr;
                         if constexpr (kFp4) {
                             cp_async16(tst + tr * 64 + s * 16,
                                        p.a_codes + row * (K / 2) + step * 64 + s * 16);
-                            if (s == 0)
-                                cp_async8(tst + MT * 64 + tr * 8, p.a_sf + row * (K / 16) + step * 8);
+                            cp_async8(tst + MT * 64 + (tr * 4 + s) * 8, p.a_sf + row * (K / 16) + step * 8);
                         } else {
                             const __nv_bfloat16 *src = p.a_bf16 + row * K + step * kStepK + s * 32;
 #pragma unroll
@@ -238,12 +239,12 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
             uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
 #pragma unroll
             for (int u = 0; u < kUnits; ++u) {
-                const int unit = threadIdx.x + u * kThreads, tr = unit / 4, s = unit % 4;
+                const int unit = threadIdx.x + u * kThreads, tr = unit % MT, s = unit / MT;
                 if (tr < mrows) {
                     if constexpr (kFp4) {
                         uint8_t *tile = smem + Plan::kTiles + (step & 1) * Plan::kTile;
                         const uint4 codes = *(const uint4 *)(tst + tr * 64 + s * 16);
-                        const uint32_t sf2 = *(const uint16_t *)(tst + MT * 64 + tr * 8 + 2 * s);
+                        const uint32_t sf2 = *(const uint16_t *)(tst + MT * 64 + (tr * 4 + s) * 8 + 2 * s);
 #pragma unroll
                         for (int q = 0; q < 4; ++q) {
                             const uint32_t S = sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8));
@@ -275,7 +276,6 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
 #pragma unroll
         for (int s = 0; s < kStages - 1; ++s) issue_stage(s);
         cp_async_wait<kStages - 2>(); /* stage 0 landed (own copies) */
-        __syncwarp();                 /* token scale bytes come from the quad's leader */
         convert_stage(0);
 
         for (int step = 0; step < steps; ++step) {
@@ -327,7 +327,6 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
             }
             if (step + 1 < steps) {
                 cp_async_wait<kStages - 2>(); /* stage step+1 landed (own copies) */
-                __syncwarp();
                 convert_stage(step + 1);
             }
         }
@@ -391,7 +390,27 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
     return EPMOE_OK;
 }
 
+/* Token rows per work item of the variant that runs. cap_rows is the padded capacity of this
+ * batch (common/layout.h epmoe_padded_capacity): at most E*(pad-1) of it is padding, so
+ * cap_rows - E*127 bounds the live rows. The choice depends on shapes only (capture-safe); every
+ * variant is correct for any routing, a small-MT one re-reads an expert's weights once per MT
+ * rows. */
+int sm90_variant(const epmoe_grouped_gemm_args *a) {
+    const int64_t live_bound = a->cap_rows - a->n_experts * (EPMOE_GEMM_PAD_ROWS - 1);
+    if (live_bound <= 32 * a->n_experts) return 32;  /* decode, 3 blocks per SM */
+    if (live_bound <= 64 * a->n_experts) return 64;  /* decode, 2 blocks per SM */
+    return 128;                                      /* prefill */
+}
+
 } // namespace
+
+extern "C" const char *epmoe_grouped_gemm_sm90_variant(const epmoe_grouped_gemm_args *a) {
+    switch (sm90_variant(a)) {
+    case 32: return "decode MT=32 BN=128";
+    case 64: return "decode MT=64 BN=128";
+    default: return "prefill MT=128 BN=256";
+    }
+}
 
 extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_args *a) {
     EPMOE_REQUIRE(a != NULL, EPMOE_ERR_INVALID_ARG, "grouped GEMM: args is NULL");
@@ -455,16 +474,17 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
     p.out_bf16 = a->out_bf16;
     if (a->cap_rows == 0) return EPMOE_OK;
 
-    /* Variant by the batch's average rows per expert. cap_rows is the padded capacity of this
-     * batch (common/layout.h epmoe_padded_capacity): at most E*(pad-1) of it is padding. The
-     * choice depends on shapes only (capture-safe); both variants are correct for any routing,
-     * the decode one re-reads an expert's weights once per 64 rows. */
-    const int64_t live_bound = a->cap_rows - a->n_experts * (EPMOE_GEMM_PAD_ROWS - 1);
-    const bool decode = live_bound <= 64 * a->n_experts;
     const bool fp4 = a->a_format == EPMOE_GEMM_A_NVFP4;
-    if (decode)
+    switch (sm90_variant(a)) {
+    case 32:
+        return fp4 ? launch_variant<32, 4, 4, true, 3>(p, stream)
+                   : launch_variant<32, 4, 4, false, 3>(p, stream);
+    case 64:
         return fp4 ? launch_variant<64, 4, 4, true, 2>(p, stream)
                    : launch_variant<64, 4, 4, false, 2>(p, stream);
+    default:
+        break;
+    }
     return fp4 ? launch_variant<128, 8, 4, true, 1>(p, stream)
                : launch_variant<128, 8, 3, false, 1>(p, stream);
 }

@@ -101,6 +101,9 @@ epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *args, cudaSt
 epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_args *args,
                                           cudaStream_t stream);
 
+/* Name of the sm_90 variant these args select (tests and benchmarks report it). */
+const char *epmoe_grouped_gemm_sm90_variant(const epmoe_grouped_gemm_args *args);
+
 /* Blackwell path: tcgen05.mma kind::mxf4nvf4.block_scale with 128x4-swizzled scales.
  * Requires an sm_100a build and a compute capability 10.0 device; EPMOE_ERR_UNSUPPORTED
  * otherwise. NOT RUN in this project's test environment (no Blackwell GPU): reviewed

@@ -40,6 +40,7 @@ typedef struct {
     int groups;    /* 1 (W2) or 2 (W13: split at N/2) */
     int out_bf16;
     int tight_cap; /* cap_rows = padded_offsets[E] (forces the decode variant on skew) */
+    int64_t cap_rows; /* when > 0: this cap (selects a variant; see grouped_gemm.h) */
 } gemm_case;
 
 static uint8_t random_ue4m3(epmoe_rng *r) {
@@ -53,6 +54,8 @@ static uint8_t random_ue4m3(epmoe_rng *r) {
 static void fill_codes(epmoe_rng *r, uint8_t *codes, size_t n) {
     for (size_t i = 0; i < n; i++) codes[i] = (uint8_t)epmoe_rng_below(r, 256);
 }
+
+static int variants_seen[3]; /* decode MT=32, decode MT=64, prefill */
 
 static float bf16_round(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
@@ -68,6 +71,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     for (int64_t e = 0; e < E; e++) total += c.counts[e];
     int64_t cap = c.tight_cap ? offs[E] : epmoe_padded_capacity(total, E, EPMOE_GEMM_PAD_ROWS);
     cap = epmoe_round_up(cap, EPMOE_GEMM_PAD_ROWS) + EPMOE_GEMM_PAD_ROWS; /* + a poisoned tail */
+    if (c.cap_rows > 0) cap = c.cap_rows;
     if (cap < offs[E]) cap = epmoe_round_up(offs[E], EPMOE_GEMM_PAD_ROWS);
 
     /* host data: every byte random (all 16 codes, incl. -0 and the subnormal 0.5) */
@@ -145,6 +149,8 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     args.tokens_per_expert = d_counts;
     args.out = d_out;
     args.out_bf16 = c.out_bf16;
+    const char *variant = epmoe_grouped_gemm_sm90_variant(&args);
+    variants_seen[variant[0] == 'p' ? 2 : (strstr(variant, "MT=32") ? 0 : 1)] = 1;
     GT_OK(epmoe_cuda_grouped_gemm(&args, 0));
     GT_CUDA(cudaDeviceSynchronize());
 
@@ -223,8 +229,9 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     }
     const double rel = ref.empty() ? 0.0 : epmoe_rel_l2_f32_f64(got.data(), ref.data(), ref.size());
     const double rel_bound = c.out_bf16 ? 4e-3 : 1e-4;
-    printf("   %s: E=%lld N=%lld K=%lld rows=%lld cap=%lld  rel L2 %.3g (bound %.0e)\n", c.name,
-           (long long)E, (long long)N, (long long)K, (long long)total, (long long)cap, rel, rel_bound);
+    printf("   %s [%s]: E=%lld N=%lld K=%lld rows=%lld cap=%lld  rel L2 %.3g (bound %.0e)\n", c.name,
+           variant, (long long)E, (long long)N, (long long)K, (long long)total, (long long)cap, rel,
+           rel_bound);
     GT_CHECK(real_unwritten == 0, "%s: %zu real outputs unwritten or not finite", c.name, real_unwritten);
     GT_CHECK(pad_overwritten == 0, "%s: %zu padding/tail outputs overwritten", c.name, pad_overwritten);
     GT_CHECK(rel <= rel_bound, "%s: rel L2 %.3g > %.0e", c.name, rel, rel_bound);
@@ -245,48 +252,54 @@ static std::vector<int64_t> random_counts(uint64_t seed, int64_t E, int64_t lo, 
 
 /* decode shapes: 1..60 rows per expert, empty experts first, in the middle; last non-empty */
 static void test_decode_fp4_w13(void) {
-    gemm_case c = {"decode fp4 W13", 8, 256, 512, random_counts(11, 8, 1, 60), 0, 2, 0, 0};
+    gemm_case c = {"decode fp4 W13", 8, 256, 512, random_counts(11, 8, 1, 60), 0, 2, 0, 0, 1408};
     c.counts[0] = 0;
     c.counts[4] = 0;
     c.counts[7] = 3;
     run_case(c, 101);
 }
 static void test_decode_bf16_w2(void) {
-    gemm_case c = {"decode bf16 W2", 6, 192, 384, random_counts(12, 6, 8, 96), 1, 1, 0, 0};
+    gemm_case c = {"decode bf16 W2", 6, 192, 384, random_counts(12, 6, 8, 96), 1, 1, 0, 0, 1056};
     c.counts[2] = 0;
     run_case(c, 102);
 }
 static void test_decode_fp4_bf16_out(void) {
-    gemm_case c = {"decode fp4 bf16-out", 5, 128, 256, random_counts(13, 5, 1, 40), 0, 2, 1, 0};
+    gemm_case c = {"decode fp4 bf16-out", 5, 128, 256, random_counts(13, 5, 1, 40), 0, 2, 1, 0, 0};
     run_case(c, 103);
 }
 /* prefill shapes: several 64- and 128-row chunks per expert, ragged last chunk */
 static void test_prefill_fp4_w13(void) {
-    gemm_case c = {"prefill fp4 W13", 4, 512, 1024, random_counts(14, 4, 130, 400), 0, 2, 0, 0};
+    gemm_case c = {"prefill fp4 W13", 4, 512, 1024, random_counts(14, 4, 130, 400), 0, 2, 0, 0, 0};
     c.counts[1] = 0;
     run_case(c, 104);
 }
 static void test_prefill_bf16_w2(void) {
-    gemm_case c = {"prefill bf16 W2", 3, 320, 768, random_counts(15, 3, 200, 333), 1, 1, 0, 0};
+    gemm_case c = {"prefill bf16 W2", 3, 320, 768, random_counts(15, 3, 200, 333), 1, 1, 0, 0, 0};
     run_case(c, 105);
 }
 /* skew: one expert holds everything (prefill variant, then decode variant via a tight cap) */
 static void test_skew_one_expert(void) {
-    gemm_case c = {"skew fp4 (prefill variant)", 8, 256, 512, std::vector<int64_t>(8, 0), 0, 2, 0, 0};
+    gemm_case c = {"skew fp4 (prefill variant)", 8, 256, 512, std::vector<int64_t>(8, 0), 0, 2, 0, 0, 0};
     c.counts[3] = 700;
     run_case(c, 106);
-    gemm_case d = {"skew bf16 (decode variant)", 8, 256, 256, std::vector<int64_t>(8, 0), 1, 1, 0, 1};
+    gemm_case d = {"skew bf16 (decode variant)", 8, 256, 256, std::vector<int64_t>(8, 0), 1, 1, 0, 1, 0};
     d.counts[7] = 333; /* the last expert */
     run_case(d, 107);
 }
 static void test_all_empty(void) {
-    gemm_case c = {"all experts empty", 4, 128, 256, std::vector<int64_t>(4, 0), 0, 1, 0, 0};
+    gemm_case c = {"all experts empty", 4, 128, 256, std::vector<int64_t>(4, 0), 0, 1, 0, 0, 0};
     run_case(c, 108);
 }
 /* a V4-Flash-sized W2 slice at decode size, to cover K = 2048 and wide N */
 static void test_flash_w2_decode(void) {
-    gemm_case c = {"flash W2 decode", 4, 4096, 2048, random_counts(16, 4, 8, 32), 0, 1, 0, 0};
+    gemm_case c = {"flash W2 decode", 4, 4096, 2048, random_counts(16, 4, 8, 32), 0, 1, 0, 0, 0};
     run_case(c, 109);
+}
+
+static void test_variants_covered(void) {
+    GT_CHECK(variants_seen[0] && variants_seen[1] && variants_seen[2],
+             "not every sm_90 variant ran: MT=32 %d, MT=64 %d, MT=128 %d", variants_seen[0],
+             variants_seen[1], variants_seen[2]);
 }
 
 static void test_bad_args(void) {
@@ -313,5 +326,6 @@ int main(void) {
     GT_RUN(test_skew_one_expert);
     GT_RUN(test_all_empty);
     GT_RUN(test_flash_w2_decode);
+    GT_RUN(test_variants_covered);
     return gt_finish();
 }
