@@ -497,7 +497,8 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *a
              "reading the compute capability");
     /* Blackwell's native block-scaled MMA only where it was compiled in and the caller gave the
      * swizzled scales; Hopper (and anything else) takes the dequantizing path. */
-    if (major == 10 && epmoe_cuda_grouped_gemm_sm100_available() && a && a->w_sf_swizzled)
+    if (major == 10 && a && a->w_sf_swizzled && a->a_format == EPMOE_GEMM_A_NVFP4 &&
+        a->N % 128 == 0 && epmoe_cuda_grouped_gemm_sm100_available())
         return epmoe_cuda_grouped_gemm_sm100(a, stream);
     return epmoe_cuda_grouped_gemm_sm90(a, stream);
 }
