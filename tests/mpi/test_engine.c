@@ -1,4 +1,4 @@
-/* The expert-parallel engine under mpiexec.   mpi-ranks: 1 2 3 4 8
+/* The expert-parallel engine under mpiexec.   mpi-ranks: 1 2 3 4 5 8
  *
  * Every case runs one layer on P ranks (MPI_COMM_WORLD) and, on rank 0, the same tokens on a
  * one-rank engine (MPI_COMM_SELF), then checks:
@@ -339,6 +339,15 @@ START_TEST(dsv3_group_routing) {
 }
 END_TEST
 
+START_TEST(dsv4_pro_expert_count) {
+    /* 384 experts split over 5 ranks is uneven (77,77,77,77,76): slices, owners and local ids
+     * off by one would show here. */
+    engine_case c = {"e384", "n_routed_experts=384;hidden_size=128;moe_inter_size=64", 64, 0, 0,
+                     1.0f, 0, 1};
+    run_case(&c);
+}
+END_TEST
+
 START_TEST(mxfp4_checkpoint_w4a16) {
     engine_case c = {"mxfp4", "weight_format=mxfp4;act_quant=high", 48, 0, 0, 1.0f, 0, 1};
     run_case(&c);
@@ -364,6 +373,7 @@ static Suite *engine_suite(void) {
     tcase_add_test(tc, more_ranks_than_tokens);
     tcase_add_test(tc, zero_tokens);
     tcase_add_test(tc, dsv3_group_routing);
+    tcase_add_test(tc, dsv4_pro_expert_count);
     tcase_add_test(tc, mxfp4_checkpoint_w4a16);
     tcase_add_test(tc, static_scales_and_step_variant);
     suite_add_tcase(s, tc);
