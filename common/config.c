@@ -58,8 +58,9 @@ static const epmoe_cfg_entry table[] = {
      "tokens one rank holds at most per forward; sizes the worst-case buffers"},
     {"seed", EPMOE_CFG_INT, R, OFF(seed), 0, 1e15, "1234", NULL,
      "seed for synthetic weights and inputs"},
-    {"threads", EPMOE_CFG_INT, R, OFF(threads), 0, 1024, "0", NULL,
-     "BLAS threads per rank (0 = library default)"},
+    {"cpu_weight_cache_mb", EPMOE_CFG_INT, R, OFF(cpu_weight_cache_mb), 0, 1 << 20, "1024", NULL,
+     "CPU path: keep every local expert dequantized if all layers fit in this many MiB per rank "
+     "(0 = dequantize per forward)"},
 };
 
 #undef M

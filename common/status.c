@@ -48,7 +48,8 @@ epmoe_status epmoe_add_context(epmoe_status code, const char *fmt, ...) {
     /* Room for both parts; the result is cut back to the buffer size on the copy. */
     char joined[2 * EPMOE_ERROR_CAP + 2];
     snprintf(joined, sizeof joined, "%s: %s", prefix, last_error);
-    snprintf(last_error, sizeof last_error, "%s", joined);
+    joined[sizeof last_error - 1] = '\0';
+    memcpy(last_error, joined, sizeof last_error);
     return code;
 }
 

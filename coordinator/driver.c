@@ -92,6 +92,13 @@ static epmoe_status load_local(epmoe_driver *d, const char *checkpoint) {
         if (st == EPMOE_OK) st = epmoe_layer_weights_prepare_cpu(&d->layers[l]);
         if (st != EPMOE_OK) epmoe_add_context(st, "rank %d, layer %lld", d->rank, (long long)l);
     }
+    /* Keep the experts dequantized when every layer fits the budget (results are identical). */
+    int64_t cache_bytes = 0;
+    for (int64_t l = 0; st == EPMOE_OK && l < d->n_layers; l++)
+        cache_bytes += epmoe_layer_weights_cache_bytes(&d->layers[l]);
+    if (st == EPMOE_OK && cache_bytes <= d->cfg.cpu_weight_cache_mb * (int64_t)(1 << 20))
+        for (int64_t l = 0; st == EPMOE_OK && l < d->n_layers; l++)
+            st = epmoe_layer_weights_cache_experts_cpu(&d->layers[l]);
     /* Weights were copied out of the mapping: the checkpoint can be closed. */
     epmoe_st_set_close(ckpt);
     return st;
@@ -149,16 +156,22 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
         EPMOE_FAIL(EPMOE_ERR_MPI, "another rank failed to set up (see its log)");
     }
 
-    int64_t weight_bytes = 0;
-    for (int64_t l = 0; l < d->n_layers; l++) weight_bytes += layer_weight_bytes(&d->layers[l]);
+    int64_t weight_bytes = 0, cache_bytes = 0;
+    for (int64_t l = 0; l < d->n_layers; l++) {
+        weight_bytes += layer_weight_bytes(&d->layers[l]);
+        if (d->layers[l].w13_panels_cache)
+            cache_bytes += epmoe_layer_weights_cache_bytes(&d->layers[l]);
+    }
     int64_t buffer_bytes = epmoe_engine_buffer_bytes(d->engine) + 2 * T * H * 4;
     epmoe_expert_slice slice = d->layers[0].slice;
     fprintf(stderr,
             "epmoe: rank %d/%d owns experts [%lld, %lld) of %lld; weights %.1f MiB over %lld "
-            "layers; worst-case buffers %.1f MiB (max_tokens_per_rank=%lld)\n",
+            "layers (+%.1f MiB dequantized cache); worst-case buffers %.1f MiB "
+            "(max_tokens_per_rank=%lld)\n",
             d->rank, d->n_ranks, (long long)slice.start, (long long)slice.end,
             (long long)d->cfg.n_routed_experts, (double)weight_bytes / (1 << 20),
-            (long long)d->n_layers, (double)buffer_bytes / (1 << 20), (long long)T);
+            (long long)d->n_layers, (double)cache_bytes / (1 << 20),
+            (double)buffer_bytes / (1 << 20), (long long)T);
 
     epmoe_driver_info *info = &d->info;
     snprintf(info->preset, sizeof info->preset, "%s", d->cfg.preset);

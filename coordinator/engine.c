@@ -91,14 +91,15 @@ epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *trans
     for (int64_t l = 0; l < n_layers; l++) {
         if (layers[l].slice.start != e->slice.start || layers[l].slice.end != e->slice.end ||
             layers[l].hidden_size != e->H || layers[l].n_experts != e->E) {
+            epmoe_set_error(EPMOE_ERR_INVALID_ARG, __FILE__, __LINE__,
+                            "layer %lld weights hold experts [%lld, %lld) of %lld at H=%lld; "
+                            "rank %d owns [%lld, %lld) of %lld at H=%lld",
+                            (long long)l, (long long)layers[l].slice.start,
+                            (long long)layers[l].slice.end, (long long)layers[l].n_experts,
+                            (long long)layers[l].hidden_size, e->rank, (long long)e->slice.start,
+                            (long long)e->slice.end, (long long)e->E, (long long)e->H);
             free(e);
-            EPMOE_FAIL(EPMOE_ERR_INVALID_ARG,
-                       "layer %lld weights hold experts [%lld, %lld) of %lld at H=%lld; rank %d "
-                       "owns [%lld, %lld) of %lld at H=%lld",
-                       (long long)l, (long long)layers[l].slice.start,
-                       (long long)layers[l].slice.end, (long long)layers[l].n_experts,
-                       (long long)layers[l].hidden_size, e->rank, (long long)e->slice.start,
-                       (long long)e->slice.end, (long long)e->E, (long long)e->H);
+            return EPMOE_ERR_INVALID_ARG;
         }
     }
     e->row.header_ints = (size_t)(1 + e->k);

@@ -56,6 +56,10 @@ typedef struct {
     float *gate_panels;      /* Wg as panels, N = E, K = H */
     float *shared_w13_panels;/* N = 2*Is, K = H */
     float *shared_w2_panels; /* N = H, K = Is */
+    /* Optional cache of the unscaled dequantized expert weights as panels, [n_local] blocks of
+     * epmoe_cpu_panels_floats(2I, H) and (H, I) floats; NULL = dequantize per call. */
+    float *w13_panels_cache;
+    float *w2_panels_cache;
 } epmoe_layer_weights;
 
 /* Reads layer `layer`'s gate, shared expert and the experts of `slice` from a checkpoint
@@ -71,6 +75,11 @@ void epmoe_layer_weights_free(epmoe_layer_weights *w);
  * epmoe_layer_weights_free releases them too. */
 epmoe_status epmoe_layer_weights_prepare_cpu(epmoe_layer_weights *w);
 void epmoe_layer_weights_release_cpu(epmoe_layer_weights *w);
+/* Bytes the expert panel cache of this layer would take. */
+int64_t epmoe_layer_weights_cache_bytes(const epmoe_layer_weights *w);
+/* Dequantizes every local expert into the panel cache (exactly the values a per-call
+ * dequantization produces, so results do not change). */
+epmoe_status epmoe_layer_weights_cache_experts_cpu(epmoe_layer_weights *w);
 
 /* Reads the model settings stored in a checkpoint's metadata into cfg (model-scope entries
  * only) and checks them against any the user set explicitly. */

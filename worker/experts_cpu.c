@@ -129,12 +129,18 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
                       "expert %lld: %lld rows overflow its padded block [%lld, %lld)",
                       (long long)(w->slice.start + e), (long long)rows,
                       (long long)padded_offsets[e], (long long)padded_offsets[e + 1]);
-        dequant_into_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
-                            w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16), 2 * I, H,
-                            s->row_tmp, s->w13_panels);
-        dequant_into_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
-                            w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I,
-                            s->row_tmp, s->w2_panels);
+        const float *w13_panels = s->w13_panels, *w2_panels = s->w2_panels;
+        if (w->w13_panels_cache) {
+            w13_panels = w->w13_panels_cache + (size_t)e * epmoe_cpu_panels_floats(2 * I, H);
+            w2_panels = w->w2_panels_cache + (size_t)e * epmoe_cpu_panels_floats(H, I);
+        } else {
+            dequant_into_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
+                                w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16),
+                                2 * I, H, s->row_tmp, s->w13_panels);
+            dequant_into_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
+                                w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I,
+                                s->row_tmp, s->w2_panels);
+        }
         const float gate_scale_2 = w->w13_scale_2[2 * e], up_scale_2 = w->w13_scale_2[2 * e + 1];
         const float down_scale_2 = w->w2_scale_2[e];
 
@@ -144,7 +150,7 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
             float *y = y_padded + (size_t)(padded_offsets[e] + r0) * (size_t)H;
 
             size_t sat = quantize_rows(cfg, x, n, H, w->w13_input_scale[e], s);
-            epmoe_cpu_gemm_panels(s->x_q, n, H, s->w13_panels, 2 * I, s->h);
+            epmoe_cpu_gemm_panels(s->x_q, n, H, w13_panels, 2 * I, s->h);
             for (int64_t r = 0; r < n; r++) {
                 float *h = s->h + (size_t)r * (size_t)(2 * I);
                 float gate_alpha = s->row_inv_gs[r] * gate_scale_2;
@@ -155,7 +161,7 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
             epmoe_cpu_swiglu(s->h, n, I, limit, (int)cfg->swiglu_variant, s->a);
 
             sat += quantize_rows(cfg, s->a, n, I, w->w2_input_scale[e], s);
-            epmoe_cpu_gemm_panels(s->x_q, n, I, s->w2_panels, H, y);
+            epmoe_cpu_gemm_panels(s->x_q, n, I, w2_panels, H, y);
             for (int64_t r = 0; r < n; r++) {
                 float alpha = s->row_inv_gs[r] * down_scale_2;
                 for (int64_t j = 0; j < H; j++) y[(size_t)r * (size_t)H + j] *= alpha;
@@ -199,25 +205,71 @@ epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer
     return EPMOE_OK;
 }
 
-static epmoe_status pack_new(const float *B, int64_t N, int64_t K, float **out) {
+
+static epmoe_status pack_new(const float *B, int64_t N, int64_t K, const char *what,
+                             int64_t layer, float **out) {
+    EPMOE_REQUIRE(B != NULL, EPMOE_ERR_INVALID_ARG, "layer %lld: %s not loaded", (long long)layer,
+                  what);
     *out = malloc(epmoe_cpu_panels_floats(N, K) * sizeof(float));
-    EPMOE_REQUIRE(*out != NULL, EPMOE_ERR_OOM, "cannot allocate %lld x %lld weight panels",
-                  (long long)N, (long long)K);
+    EPMOE_REQUIRE(*out != NULL, EPMOE_ERR_OOM, "layer %lld: cannot allocate %s (%lld x %lld)",
+                  (long long)layer, what, (long long)N, (long long)K);
     epmoe_cpu_pack_panels(B, N, K, *out);
     return EPMOE_OK;
 }
 
 epmoe_status epmoe_layer_weights_prepare_cpu(epmoe_layer_weights *w) {
     const int64_t H = w->hidden_size, Is = w->shared_inter;
-    if (!w->gate_panels) EPMOE_TRY(pack_new(w->gate_weight, w->n_experts, H, &w->gate_panels));
+    if (!w->gate_panels)
+        EPMOE_TRY(pack_new(w->gate_weight, w->n_experts, H, "gate panels", w->layer,
+                           &w->gate_panels));
     if (Is > 0 && !w->shared_w13_panels)
-        EPMOE_TRY(pack_new(w->shared_w13, 2 * Is, H, &w->shared_w13_panels));
+        EPMOE_TRY(pack_new(w->shared_w13, 2 * Is, H, "shared w13 panels", w->layer,
+                           &w->shared_w13_panels));
     if (Is > 0 && !w->shared_w2_panels)
-        EPMOE_TRY(pack_new(w->shared_w2, H, Is, &w->shared_w2_panels));
+        EPMOE_TRY(pack_new(w->shared_w2, H, Is, "shared w2 panels", w->layer,
+                           &w->shared_w2_panels));
+    return EPMOE_OK;
+}
+
+int64_t epmoe_layer_weights_cache_bytes(const epmoe_layer_weights *w) {
+    const int64_t H = w->hidden_size, I = w->inter_size;
+    return w->n_local *
+           (int64_t)(epmoe_cpu_panels_floats(2 * I, H) + epmoe_cpu_panels_floats(H, I)) *
+           (int64_t)sizeof(float);
+}
+
+epmoe_status epmoe_layer_weights_cache_experts_cpu(epmoe_layer_weights *w) {
+    if (w->w13_panels_cache) return EPMOE_OK;
+    const int64_t H = w->hidden_size, I = w->inter_size;
+    const size_t per13 = epmoe_cpu_panels_floats(2 * I, H), per2 = epmoe_cpu_panels_floats(H, I);
+    float *row_tmp = malloc((size_t)(2 * I > H ? 2 * I : H) * sizeof(float));
+    w->w13_panels_cache = malloc((size_t)w->n_local * per13 * sizeof(float));
+    w->w2_panels_cache = malloc((size_t)w->n_local * per2 * sizeof(float));
+    if (!row_tmp || !w->w13_panels_cache || !w->w2_panels_cache) {
+        free(row_tmp);
+        free(w->w13_panels_cache);
+        free(w->w2_panels_cache);
+        w->w13_panels_cache = w->w2_panels_cache = NULL;
+        EPMOE_FAIL(EPMOE_ERR_OOM, "layer %lld: cannot allocate %.1f MiB of expert panels",
+                   (long long)w->layer, (double)epmoe_layer_weights_cache_bytes(w) / (1 << 20));
+    }
+    for (int64_t e = 0; e < w->n_local; e++) {
+        dequant_into_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
+                            w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16), 2 * I, H,
+                            row_tmp, w->w13_panels_cache + (size_t)e * per13);
+        dequant_into_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
+                            w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I, row_tmp,
+                            w->w2_panels_cache + (size_t)e * per2);
+    }
+    free(row_tmp);
     return EPMOE_OK;
 }
 
 void epmoe_layer_weights_release_cpu(epmoe_layer_weights *w) {
+    if (!w) return;
+    free(w->w13_panels_cache);
+    free(w->w2_panels_cache);
+    w->w13_panels_cache = w->w2_panels_cache = NULL;
     free(w->gate_panels);
     free(w->shared_w13_panels);
     free(w->shared_w2_panels);

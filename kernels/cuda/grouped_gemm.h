@@ -32,8 +32,11 @@
  * W13: N = 2*I, w_scale_split = I, w_scale_groups = 2 (w1 and w3 carry their own
  * weight_scale_2).  W2: N = H, w_scale_split = N, w_scale_groups = 1.
  *
- * Shapes: K a multiple of 64, N a multiple of 64, cap_rows a multiple of 128 (the padded
- * layout's pad_rows, common/layout.h); violations are EPMOE_ERR_INVALID_ARG.
+ * Shapes: K a multiple of 128, N a multiple of 32; violations are EPMOE_ERR_INVALID_ARG.
+ * Choosing a kernel variant (sm_90): cap_rows should be this batch's padded capacity
+ * (epmoe_padded_capacity(rows, E, 128), common/layout.h): when it implies at most 64 live rows
+ * per expert on average the decode variant runs, else the prefill one. Both are correct for any
+ * routing; the choice depends on shapes only, so a captured graph stays valid.
  */
 #ifndef EPMOE_GROUPED_GEMM_H
 #define EPMOE_GROUPED_GEMM_H
@@ -97,6 +100,9 @@ epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *args, cudaSt
  * memory, bf16 tensor cores, fp32 accumulation, tensor scales in the epilogue. */
 epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_args *args,
                                           cudaStream_t stream);
+
+/* Name of the sm_90 variant these args select (tests and benchmarks report it). */
+const char *epmoe_grouped_gemm_sm90_variant(const epmoe_grouped_gemm_args *args);
 
 /* Blackwell path: tcgen05.mma kind::mxf4nvf4.block_scale with 128x4-swizzled scales.
  * Requires an sm_100a build and a compute capability 10.0 device; EPMOE_ERR_UNSUPPORTED

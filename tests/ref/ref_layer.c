@@ -77,8 +77,11 @@ epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights 
     return EPMOE_OK;
 }
 
+int64_t epmoe_ref_clamp_hits = 0;
+
 static double ref_swiglu(double g, double u, double L, int64_t variant) {
     if (L > 0) {
+        if (g > L || u > L || u < -L) epmoe_ref_clamp_hits++;
         if (variant == EPMOE_SWIGLU_DSV4 && g > L) g = L;
         u = u > L ? L : (u < -L ? -L : u);
     }

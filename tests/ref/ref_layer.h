@@ -18,6 +18,10 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
                                      const float *x, const int32_t *token_ids, int64_t T,
                                      double *out, int32_t *ids_out, double *weights_out);
 
+/* Pre-activations the clamp changed (g > L or |u| > L) since the last reset: lets a test prove
+ * that its inputs made the clamp fire. */
+extern int64_t epmoe_ref_clamp_hits;
+
 /* Float64 routing only (same outputs as above). */
 epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights *w,
                              const float *x, const int32_t *token_ids, int64_t T,

@@ -1,0 +1,263 @@
+/* Times the grouped NVFP4 GEMMs (kernels/cuda/grouped_gemm.h) at DeepSeek-V4-Flash and V4-Pro
+ * expert-slice shapes, with the two ceilings measured in the same process: a device-to-device
+ * copy (bytes read + written) and a cuBLAS bf16 GEMM of the same FLOPs (one [E*rows, K] x
+ * [K, N] product). Writes one JSON record per measurement.
+ *
+ *   gemm_bench --json out.json [--reps 20] [--rows 8,16,...]
+ *
+ * Timing: CUDA events around each launch, 3 warm-up launches, median of --reps. Working sets
+ * exceed the L2 on every call (the smallest weight set, Flash W2 in NVFP4, is 151 MB against a
+ * 50-60 MB L2), so back-to-back calls cannot be served from the cache. Inputs are random (never
+ * zeros): random E2M1 bytes, random normal-range UE4M3 scales. */
+#include <algorithm>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "common/layout.h"
+#include "kernels/cuda/grouped_gemm.h"
+
+#define CK(call)                                                                                \
+    do {                                                                                        \
+        cudaError_t e_ = (call);                                                                \
+        if (e_ != cudaSuccess) {                                                                \
+            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,                \
+                    cudaGetErrorString(e_));                                                    \
+            exit(1);                                                                            \
+        }                                                                                       \
+    } while (0)
+#define CKB(call)                                                                               \
+    do {                                                                                        \
+        cublasStatus_t s_ = (call);                                                             \
+        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                      \
+            fprintf(stderr, "%s:%d: %s failed: %d\n", __FILE__, __LINE__, #call, (int)s_);      \
+            exit(1);                                                                            \
+        }                                                                                       \
+    } while (0)
+#define CKE(call)                                                                               \
+    do {                                                                                        \
+        epmoe_status s_ = (call);                                                               \
+        if (s_ != EPMOE_OK) {                                                                   \
+            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,                \
+                    epmoe_last_error());                                                        \
+            exit(1);                                                                            \
+        }                                                                                       \
+    } while (0)
+
+__device__ __forceinline__ uint32_t hash32(uint64_t i, uint32_t seed) {
+    uint64_t x = i * 0x9E3779B97F4A7C15ull + seed;
+    x ^= x >> 31;
+    x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 29;
+    return (uint32_t)x;
+}
+__global__ void fill_bytes(uint8_t *p, size_t n, uint32_t seed, int kind) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const uint32_t h = hash32(i, seed);
+        p[i] = kind == 0 ? (uint8_t)h : (uint8_t)(0x20 + h % 0x30); /* codes | UE4M3 2^-3..2^3 */
+    }
+}
+__global__ void fill_f32(float *p, size_t n, uint32_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        p[i] = 0.5f + (hash32(i, seed) & 0xFFFF) / 65536.0f;
+}
+__global__ void fill_bf16(__nv_bfloat16 *p, size_t n, uint32_t seed) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        p[i] = __float2bfloat16_rn(((int)(hash32(i, seed) & 0xFFFF) - 32768) / 32768.0f);
+}
+
+template <typename F>
+static double median_ms(F &&launch, int reps) {
+    cudaEvent_t a, b;
+    CK(cudaEventCreate(&a));
+    CK(cudaEventCreate(&b));
+    for (int i = 0; i < 3; i++) launch();
+    CK(cudaDeviceSynchronize());
+    std::vector<float> ms(reps);
+    for (int i = 0; i < reps; i++) {
+        CK(cudaEventRecord(a));
+        launch();
+        CK(cudaEventRecord(b));
+        CK(cudaEventSynchronize(b));
+        CK(cudaEventElapsedTime(&ms[i], a, b));
+    }
+    CK(cudaGetLastError());
+    std::sort(ms.begin(), ms.end());
+    CK(cudaEventDestroy(a));
+    CK(cudaEventDestroy(b));
+    return ms[reps / 2];
+}
+
+struct Model {
+    const char *name;
+    int64_t H, I, E;
+};
+
+int main(int argc, char **argv) {
+    const char *json_path = "gemm_bench.json";
+    int reps = 20;
+    std::vector<int64_t> rows_list = {8, 16, 32, 64, 96, 768, 1536, 3072};
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--rows") && i + 1 < argc) {
+            rows_list.clear();
+            for (char *tok = strtok(argv[++i], ","); tok; tok = strtok(NULL, ","))
+                rows_list.push_back(atoll(tok));
+        } else {
+            fprintf(stderr, "usage: %s [--json path] [--reps n] [--rows a,b,c]\n", argv[0]);
+            return 2;
+        }
+    }
+    FILE *js = fopen(json_path, "w");
+    if (!js) {
+        fprintf(stderr, "cannot open %s\n", json_path);
+        return 1;
+    }
+    cudaDeviceProp prop;
+    CK(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount,
+           prop.l2CacheSize / 1e6);
+    fprintf(js, "{\"device\": \"%s\", \"sms\": %d, \"l2_bytes\": %d, \"records\": [\n", prop.name,
+            prop.multiProcessorCount, prop.l2CacheSize);
+    int first = 1;
+#define RECORD(...)                                                                             \
+    do {                                                                                        \
+        fprintf(js, "%s  {", first ? "" : ",\n");                                               \
+        fprintf(js, __VA_ARGS__);                                                               \
+        fprintf(js, "}");                                                                       \
+        first = 0;                                                                              \
+    } while (0)
+
+    /* ceiling 1: device-to-device copy, 2 GiB moved per copy (1 GiB read + 1 GiB written) */
+    {
+        const size_t bytes = (size_t)1 << 30;
+        void *src, *dst;
+        CK(cudaMalloc(&src, bytes));
+        CK(cudaMalloc(&dst, bytes));
+        fill_bytes<<<1024, 256>>>((uint8_t *)src, bytes, 1, 0);
+        const double ms = median_ms([&] { CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, reps);
+        const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
+        printf("d2d copy: %.1f GB/s (read+write)\n", gbs);
+        RECORD("\"kind\": \"copy\", \"bytes_moved\": %zu, \"ms\": %.5f, \"gbs\": %.2f", 2 * bytes, ms, gbs);
+        CK(cudaFree(src));
+        CK(cudaFree(dst));
+    }
+
+    const Model models[2] = {{"V4-Flash", 4096, 2048, 32}, {"V4-Pro", 7168, 3072, 48}};
+    int64_t max_rows = 0;
+    for (int64_t r : rows_list) max_rows = std::max(max_rows, r);
+    /* buffers sized once for the largest shape: W13 (N = 2I, K = H) and W2 (N = H, K = I) */
+    size_t max_cap = 0, max_ak = 0, max_nk_e = 0, max_out = 0, max_nk = 0;
+    for (const Model &m : models) {
+        const size_t cap = (size_t)(m.E * max_rows + m.E * (EPMOE_GEMM_PAD_ROWS - 1));
+        const size_t capr = (cap + EPMOE_GEMM_PAD_ROWS - 1) / EPMOE_GEMM_PAD_ROWS * EPMOE_GEMM_PAD_ROWS;
+        max_cap = std::max(max_cap, capr);
+        max_ak = std::max(max_ak, capr * (size_t)std::max(m.H, m.I));
+        max_nk_e = std::max(max_nk_e, (size_t)(m.E * 2 * m.I * m.H));
+        max_nk = std::max(max_nk, (size_t)(2 * m.I * m.H));
+        max_out = std::max(max_out, capr * (size_t)std::max(2 * m.I, m.H));
+    }
+    uint8_t *a_codes, *a_sf, *w_codes, *w_sf;
+    float *a_scale, *w_scale, *out;
+    __nv_bfloat16 *cb_a, *cb_w, *cb_out;
+    int64_t *d_offs, *d_counts;
+    CK(cudaMalloc(&a_codes, max_ak / 2));
+    CK(cudaMalloc(&a_sf, max_ak / 16));
+    CK(cudaMalloc(&a_scale, max_cap * 4));
+    CK(cudaMalloc(&w_codes, max_nk_e / 2));
+    CK(cudaMalloc(&w_sf, max_nk_e / 16));
+    CK(cudaMalloc(&w_scale, 2 * 64 * 4));
+    CK(cudaMalloc(&out, max_out * 4));
+    CK(cudaMalloc(&cb_a, max_ak * 2));
+    CK(cudaMalloc(&cb_w, max_nk * 2));
+    CK(cudaMalloc(&cb_out, max_out * 2));
+    CK(cudaMalloc(&d_offs, 65 * 8));
+    CK(cudaMalloc(&d_counts, 64 * 8));
+    fill_bytes<<<2048, 256>>>(a_codes, max_ak / 2, 2, 0);
+    fill_bytes<<<2048, 256>>>(a_sf, max_ak / 16, 3, 1);
+    fill_bytes<<<2048, 256>>>(w_codes, max_nk_e / 2, 4, 0);
+    fill_bytes<<<2048, 256>>>(w_sf, max_nk_e / 16, 5, 1);
+    fill_f32<<<64, 256>>>(a_scale, max_cap, 6);
+    fill_f32<<<1, 128>>>(w_scale, 128, 7);
+    fill_bf16<<<2048, 256>>>(cb_a, max_ak, 8);
+    fill_bf16<<<2048, 256>>>(cb_w, max_nk, 9);
+    CK(cudaGetLastError());
+    CK(cudaDeviceSynchronize());
+    cublasHandle_t blas;
+    CKB(cublasCreate(&blas));
+
+    printf("%-9s %-4s %5s | %9s %8s %7s | %9s %7s\n", "model", "gemm", "rows", "ours us",
+           "GB/s", "TFLOP/s", "cublas us", "TFLOP/s");
+    for (const Model &m : models) {
+        for (int which = 0; which < 2; which++) {
+            const char *gname = which == 0 ? "W13" : "W2";
+            const int64_t N = which == 0 ? 2 * m.I : m.H, K = which == 0 ? m.H : m.I;
+            for (int64_t rows : rows_list) {
+                std::vector<int64_t> counts(m.E, rows), offs(m.E + 1);
+                epmoe_padded_offsets_from_counts(counts.data(), m.E, EPMOE_GEMM_PAD_ROWS, offs.data());
+                int64_t cap = epmoe_padded_capacity(rows * m.E, m.E, EPMOE_GEMM_PAD_ROWS);
+                cap = (cap + EPMOE_GEMM_PAD_ROWS - 1) / EPMOE_GEMM_PAD_ROWS * EPMOE_GEMM_PAD_ROWS;
+                CK(cudaMemcpy(d_offs, offs.data(), (m.E + 1) * 8, cudaMemcpyHostToDevice));
+                CK(cudaMemcpy(d_counts, counts.data(), m.E * 8, cudaMemcpyHostToDevice));
+                epmoe_grouped_gemm_args a;
+                memset(&a, 0, sizeof a);
+                a.n_experts = m.E;
+                a.N = N;
+                a.K = K;
+                a.cap_rows = cap;
+                a.a_format = EPMOE_GEMM_A_NVFP4;
+                a.a_codes = a_codes;
+                a.a_sf = a_sf;
+                a.a_scale = a_scale;
+                a.w_codes = w_codes;
+                a.w_sf = w_sf;
+                a.w_scale = w_scale;
+                a.w_scale_groups = which == 0 ? 2 : 1;
+                a.w_scale_split = which == 0 ? m.I : N;
+                a.padded_offsets = d_offs;
+                a.tokens_per_expert = d_counts;
+                a.out = out;
+                const double ms = median_ms([&] { CKE(epmoe_cuda_grouped_gemm(&a, 0)); }, reps);
+                const double flops = 2.0 * rows * m.E * N * K;
+                const double wbytes = (double)m.E * N * K * (0.5 + 1.0 / 16);
+                const double gbs = wbytes / (ms * 1e-3) / 1e9;
+                const double tf = flops / (ms * 1e-3) / 1e12;
+                /* cuBLAS bf16, same FLOPs: out[M, N] = A[M, K] . W[N, K]^T, M = E * rows */
+                const int64_t M = rows * m.E;
+                const float alpha = 1.0f, beta = 0.0f;
+                const double cms = median_ms([&] {
+                    CKB(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha,
+                                     cb_w, CUDA_R_16BF, (int)K, cb_a, CUDA_R_16BF, (int)K, &beta,
+                                     cb_out, CUDA_R_16BF, (int)N, CUBLAS_COMPUTE_32F,
+                                     CUBLAS_GEMM_DEFAULT));
+                }, reps);
+                const double ctf = flops / (cms * 1e-3) / 1e12;
+                printf("%-9s %-4s %5lld | %9.1f %8.1f %7.1f | %9.1f %7.1f\n", m.name, gname,
+                       (long long)rows, ms * 1e3, gbs, tf, cms * 1e3, ctf);
+                fflush(stdout);
+                RECORD("\"kind\": \"gemm\", \"model\": \"%s\", \"gemm\": \"%s\", \"experts\": %lld, "
+                       "\"rows_per_expert\": %lld, \"N\": %lld, \"K\": %lld, \"cap_rows\": %lld, "
+                       "\"ours_ms\": %.5f, \"ours_weight_gbs\": %.2f, \"ours_tflops\": %.2f, "
+                       "\"weight_bytes_nvfp4\": %.0f, \"cublas_bf16_ms\": %.5f, "
+                       "\"cublas_bf16_tflops\": %.2f, \"variant\": \"%s\"",
+                       m.name, gname, (long long)m.E, (long long)rows, (long long)N, (long long)K,
+                       (long long)cap, ms, gbs, tf, wbytes, cms, ctf,
+                       epmoe_grouped_gemm_sm90_variant(&a));
+            }
+        }
+    }
+    fprintf(js, "\n]}\n");
+    fclose(js);
+    CKB(cublasDestroy(blas));
+    return 0;
+}

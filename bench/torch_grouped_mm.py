@@ -1,0 +1,91 @@
+"""torch._grouped_mm on bf16 weights at the same expert-slice shapes as bench/gemm_bench.cu.
+
+    python3 bench/torch_grouped_mm.py --json out.json [--reps 20] [--rows 8,16,...]
+
+A: [E*rows, K] bf16, W: [E, N, K] bf16 (passed as W.transpose(1, 2), i.e. [E, K, N] column-major
+per expert), offs: int32 cumulative row ends. CUDA events around each call, 3 warm-ups, median.
+The bf16 weight sets are 0.5-4.2 GB, far above the L2, so repeated calls stream them from HBM.
+If torch rejects groups whose row count is not a multiple of 16 (older builds), the groups are
+padded to 16 rows and the record says so (FLOPs are still counted for the real rows).
+"""
+import argparse
+import json
+
+import torch
+
+MODELS = [("V4-Flash", 4096, 2048, 32), ("V4-Pro", 7168, 3072, 48)]
+
+
+def median_ms(fn, reps):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a = torch.cuda.Event(enable_timing=True)
+        b = torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--json", default="torch_grouped_mm.json")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--rows", default="8,16,32,64,96,768,1536,3072")
+    args = ap.parse_args()
+    rows_list = [int(x) for x in args.rows.split(",")]
+    dev = torch.device("cuda")
+    records = []
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}", flush=True)
+    for name, H, I, E in MODELS:
+        for gname, N, K in (("W13", 2 * I, H), ("W2", H, I)):
+            w = torch.randn(E, N, K, device=dev, dtype=torch.bfloat16)
+            wt = w.transpose(1, 2)
+            for rows in rows_list:
+                padded = rows
+                rec = {"kind": "torch", "model": name, "gemm": gname, "experts": E,
+                       "rows_per_expert": rows, "N": N, "K": K}
+                for attempt in (rows, (rows + 15) // 16 * 16):
+                    a = torch.randn(E * attempt, K, device=dev, dtype=torch.bfloat16)
+                    offs = torch.arange(1, E + 1, device=dev, dtype=torch.int32) * attempt
+                    try:
+                        ms = median_ms(lambda: torch._grouped_mm(a, wt, offs=offs,
+                                                                 out_dtype=torch.bfloat16),
+                                       args.reps)
+                        padded = attempt
+                        break
+                    except RuntimeError as err:
+                        rec["error_unpadded"] = str(err).splitlines()[0][:200]
+                        ms = None
+                    finally:
+                        del a
+                if ms is None:
+                    rec["error"] = "torch._grouped_mm failed"
+                    records.append(rec)
+                    print(f"{name} {gname} {rows}: failed: {rec.get('error_unpadded')}", flush=True)
+                    continue
+                flops = 2.0 * rows * E * N * K
+                wbytes = 2.0 * E * N * K
+                rec.update({"rows_run": padded, "torch_ms": ms,
+                            "torch_tflops": flops / (ms * 1e-3) / 1e12,
+                            "torch_weight_gbs": wbytes / (ms * 1e-3) / 1e9,
+                            "weight_bytes_bf16": wbytes})
+                records.append(rec)
+                print(f"{name:9s} {gname:4s} {rows:5d} | torch {ms * 1e3:9.1f} us "
+                      f"{rec['torch_tflops']:7.1f} TFLOP/s {rec['torch_weight_gbs']:8.1f} GB/s"
+                      + (f" (groups padded to {padded})" if padded != rows else ""), flush=True)
+            del w, wt
+            torch.cuda.empty_cache()
+    with open(args.json, "w") as f:
+        json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
+                   "records": records}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,503 @@
+/* Grouped NVFP4 GEMM for Hopper (sm_90; any sm_90+ device runs it): the contract is in
+ * kernels/cuda/grouped_gemm.h.
+ *
+ * Operand order ("swap AB"): the weights are the wide MMA operand (the m16 rows of
+ * mma.m16n8k16 are output columns n), the tokens the narrow one (the n8 columns are token
+ * rows). A decode-sized expert with 8 rows then costs one n8 tile, not a 128-row tile, and the
+ * kernel skips every n8 tile past the expert's live row count, so padding rows cost nothing.
+ *
+ * Data flow per work item (one expert, one chunk of up to MT token rows, BN = 32*NWARPS weight
+ * rows), per step of 128 along K:
+ *   weights: global -> shared (cp.async, kStages deep) -> registers (16-byte loads) -> exact
+ *            bf16 pairs -> MMA A
+ *   tokens:  global -> shared (cp.async, same stages) -> bf16 tile in MMA order (each thread
+ *            dequantizes / permutes the units it copied) -> MMA B
+ * Each weight element is read from memory and dequantized exactly once per token chunk, so a
+ * decode step streams the weights once; a prefill chunk of 128 tokens reuses each dequantized
+ * weight register 128 times.
+ *
+ * Exact dequantization to bf16 without a lookup table. An E2M1 nibble (s e1 e0 m) placed as
+ * bf16 bits (s << 15) | (e1 e0 m << 6) has the value e2m1 * 2^-126 (the e = 0 code 0.5 lands
+ * on a bf16 subnormal, which mul.bf16x2 handles). Multiplying by the bf16 S = sf * 2^118
+ * gives e2m1 * sf * 2^-8: at most 6 significant bits, never below 2^-18, so exact. The 2^-8
+ * per dequantized operand comes back as a power of two in the fp32 epilogue.
+ *
+ * K order. The reduction is a sum, so any permutation of k applied to both operands gives the
+ * same products. Each thread dequantizes one 32-bit word (8 consecutive k) into the pairs
+ * (k0,k4) (k1,k5) (k2,k6) (k3,k7); the token tile in shared memory is stored in the same
+ * order, so A and B fragments are plain 32-bit registers and the bf16 pairing costs no shuffle.
+ * Thread t of a quad owns k in [32t, 32t+32) of each 128-step: one 16-byte load per row and
+ * exactly two NVFP4 scale blocks.
+ */
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/grouped_gemm.h"
+
+namespace {
+
+constexpr int kStepK = 128;                        /* k elements per pipeline step */
+constexpr int kTileRowBytes = kStepK * 2 + 64;     /* bf16 row + pad: rows 2i, 2i+1 of a
+                                                      16-byte load phase hit disjoint banks */
+constexpr int kMaxExperts = 1024;
+constexpr float kDequantFix = 256.0f;              /* 2^8 per dequantized operand */
+
+struct GemmParams {
+    int E, N, K;
+    int64_t cap_rows;
+    const uint8_t *a_codes, *a_sf;
+    const float *a_scale;
+    const __nv_bfloat16 *a_bf16;
+    const uint8_t *w_codes, *w_sf;
+    const float *w_scale;
+    int w_groups, w_split;
+    const int64_t *padded_offsets, *tokens_per_expert;
+    void *out;
+    int out_bf16;
+};
+
+__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+/* bf16x2 of S = float(ue4m3 byte) * 2^118 in both halves (exact: 4 significant bits). The
+ * byte shifted to bf16 bits (b << 4) is sf * 2^-120 (E = 0 lands on a bf16 subnormal, as the
+ * E2M1 0.5 does); two exact multiplies by 2^119 give sf * 2^118. */
+__device__ __forceinline__ uint32_t sf_to_bf16x2(uint32_t byte) {
+    const uint32_t k2p119 = 0x7B007B00u;
+    return bf16x2_mul(bf16x2_mul((byte << 4) | (byte << 20), k2p119), k2p119);
+}
+
+/* 8 E2M1 codes (one word, element i in nibble i) -> bf16 pairs (i, i+4), times S. */
+__device__ __forceinline__ void dequant8(uint32_t w, uint32_t S, uint32_t out[4]) {
+    const uint32_t kMag = 0x01C001C0u, kSign = 0x80008000u;
+    out[0] = bf16x2_mul(((w << 6) & kMag) | ((w << 12) & kSign), S);
+    out[1] = bf16x2_mul(((w << 2) & kMag) | ((w << 8) & kSign), S);
+    out[2] = bf16x2_mul(((w >> 2) & kMag) | ((w << 4) & kSign), S);
+    out[3] = bf16x2_mul(((w >> 6) & kMag) | (w & kSign), S);
+}
+
+/* 8 bf16 (k0..k7 in four words) -> the same (i, i+4) pairing as dequant8. */
+__device__ __forceinline__ uint4 permute8(uint4 v) {
+    uint4 r;
+    r.x = __byte_perm(v.x, v.z, 0x5410);
+    r.y = __byte_perm(v.x, v.z, 0x7632);
+    r.z = __byte_perm(v.y, v.w, 0x5410);
+    r.w = __byte_perm(v.y, v.w, 0x7632);
+    return r;
+}
+
+__device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
+                                               uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) {
+    return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+}
+
+__device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async8(void *smem_dst, const void *gmem_src) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+}
+
+/* Shared-memory plan of one variant (bytes). Weight stage: BN rows x 64 code bytes, then
+ * BN x 8 scale bytes. Token stage (NVFP4): MT x 64 code bytes, then MT x 4 x 8 scale bytes (each
+ * unit copies its row's 8 scale bytes into its own slot, so no thread reads another's copy),
+ * converted into a double-buffered bf16 tile; (bf16): the stage is itself the tile (each
+ * thread permutes its own 16-byte chunks in place). */
+template <int MT, int NWARPS, int kStages, bool kFp4>
+struct SmemPlan {
+    static constexpr int kBN = NWARPS * 32;
+    static constexpr int kWStage = kBN * (64 + 8);
+    static constexpr int kTStage = kFp4 ? MT * (64 + 32) : MT * kTileRowBytes;
+    static constexpr int kTile = MT * kTileRowBytes;
+    static constexpr int kW = 0;
+    static constexpr int kT = kW + kStages * kWStage;
+    static constexpr int kTiles = kT + kStages * kTStage;
+    static constexpr int kBytes = kTiles + (kFp4 ? 2 * kTile : 0);
+};
+
+/* MT: token rows per work item; NWARPS: each warp owns 32 weight rows (two m16 tiles);
+ * kStages: depth of the cp.async pipeline (steps of 128 k in flight). */
+template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
+__global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
+    grouped_gemm_sm90_kernel(const GemmParams p) {
+    using Plan = SmemPlan<MT, NWARPS, kStages, kFp4>;
+    constexpr int kThreads = NWARPS * 32;
+    constexpr int kBN = Plan::kBN;
+    constexpr int kNT8 = MT / 8;
+    /* (token row, 32-k span) units per thread; unit u covers row u % MT, so the few live rows of
+     * a decode chunk spread over all warps instead of loading warp 0 alone */
+    constexpr int kUnits = MT * 4 / kThreads;
+    static_assert(MT % 8 == 0 && (MT * 4) % kThreads == 0, "token staging must divide evenly");
+    static_assert(kStages >= 2, "pipeline needs two stages");
+
+    extern __shared__ __align__(16) uint8_t smem[];
+    __shared__ int chunk_start[kMaxExperts + 1];
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int E = p.E, N = p.N, K = p.K;
+    const int steps = K / kStepK;
+
+    /* Work list: each expert contributes ceil(count / MT) token chunks, each crossed with
+     * ceil(N / BN) weight tiles. Built on the device from the counts (no host sync). */
+    for (int e = threadIdx.x; e < E; e += kThreads) {
+        int64_t c = p.tokens_per_expert[e];
+        const int64_t room = p.padded_offsets[e + 1] - p.padded_offsets[e];
+        c = c < 0 ? 0 : (c > room ? room : c); /* never write outside the expert's rows */
+        chunk_start[e + 1] = (int)((c + MT - 1) / MT);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        chunk_start[0] = 0;
+        for (int e = 0; e < E; ++e) chunk_start[e + 1] += chunk_start[e];
+    }
+    __syncthreads();
+    const int n_tiles = (N + kBN - 1) / kBN;
+    const int total = chunk_start[E] * n_tiles;
+    const float fix = kFp4 ? kDequantFix * kDequantFix : kDequantFix;
+
+    for (int item = blockIdx.x; item < total; item += gridDim.x) {
+        const int chunk = item / n_tiles, nt = item % n_tiles;
+        int lo = 0, hi = E - 1; /* largest e with chunk_start[e] <= chunk */
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
+        }
+        const int e = lo;
+        const int c_in_e = chunk - chunk_start[e];
+        int64_t count = p.tokens_per_expert[e];
+        const int64_t room = p.padded_offsets[e + 1] - p.padded_offsets[e];
+        count = count > room ? room : count;
+        const int64_t row0 = p.padded_offsets[e] + (int64_t)c_in_e * MT;
+        const int mrows = (int)min((int64_t)MT, count - (int64_t)c_in_e * MT);
+
+        const int n_warp = nt * kBN + warp * 32;
+        const bool warp_active = n_warp < N;
+        const int wrow = warp * 32 + g; /* this thread's first weight row inside the tile */
+        const uint8_t *wc = p.w_codes + ((int64_t)e * N + n_warp + g) * (K / 2) + 16 * t;
+        const uint8_t *ws = p.w_sf + ((int64_t)e * N + n_warp + g) * (K / 16);
+        const int64_t wc_row8 = 8 * (int64_t)(K / 2), ws_row8 = 8 * (int64_t)(K / 16);
+
+        /* One pipeline stage: this thread's weight rows g+8r (16 code bytes each; quad
+         * leader t == 0 also the row's 8 scale bytes) and its token units. */
+        auto issue_stage = [&](int step) {
+            if (step < steps) {
+                const int b = step % kStages;
+                uint8_t *wst = smem + Plan::kW + b * Plan::kWStage;
+                if (warp_active) {
+#pragma unroll
+                    for (int r = 0; r < 4; ++r) {
+                        cp_async16(wst + (wrow + 8 * r) * 64 + 16 * t, wc + r * wc_row8 + step * 64);
+                        if (t == 0)
+                            cp_async8(wst + kBN * 64 + (wrow + 8 * r) * 8, ws + r * ws_row8 + step * 8);
+                    }
+                }
+                uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
+#pragma unroll
+                for (int u = 0; u < kUnits; ++u) {
+                    const int unit = threadIdx.x + u * kThreads, tr = unit % MT, s = unit / MT;
+                    if (tr < mrows) {
+                        const int64_t row = row0 + tr;
+                        if constexpr (kFp4) {
+                            cp_async16(tst + tr * 64 + s * 16,
+                                       p.a_codes + row * (K / 2) + step * 64 + s * 16);
+                            cp_async8(tst + MT * 64 + (tr * 4 + s) * 8, p.a_sf + row * (K / 16) + step * 8);
+                        } else {
+                            const __nv_bfloat16 *src = p.a_bf16 + row * K + step * kStepK + s * 32;
+#pragma unroll
+                            for (int q = 0; q < 4; ++q)
+                                cp_async16(tst + tr * kTileRowBytes + (q * 4 + s) * 16, src + q * 8);
+                        }
+                    }
+                }
+            }
+            cp_async_commit(); /* always: keeps the group count equal to the step count */
+        };
+
+        /* Own token units of a landed stage -> the bf16 tile in MMA order. */
+        auto convert_stage = [&](int step) {
+            const int b = step % kStages;
+            uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
+#pragma unroll
+            for (int u = 0; u < kUnits; ++u) {
+                const int unit = threadIdx.x + u * kThreads, tr = unit % MT, s = unit / MT;
+                if (tr < mrows) {
+                    if constexpr (kFp4) {
+                        uint8_t *tile = smem + Plan::kTiles + (step & 1) * Plan::kTile;
+                        const uint4 codes = *(const uint4 *)(tst + tr * 64 + s * 16);
+                        const uint32_t sf2 = *(const uint16_t *)(tst + MT * 64 + (tr * 4 + s) * 8 + 2 * s);
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) {
+                            const uint32_t S = sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8));
+                            uint32_t o[4];
+                            dequant8(word_of(codes, q), S, o);
+                            *(uint4 *)(tile + tr * kTileRowBytes + (q * 4 + s) * 16) =
+                                make_uint4(o[0], o[1], o[2], o[3]);
+                        }
+                    } else {
+#pragma unroll
+                        for (int q = 0; q < 4; ++q) {
+                            uint4 *c = (uint4 *)(tst + tr * kTileRowBytes + (q * 4 + s) * 16);
+                            *c = permute8(*c);
+                        }
+                    }
+                }
+            }
+        };
+
+        float acc[2][kNT8][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int c = 0; c < kNT8; ++c)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) acc[i][c][v] = 0.0f;
+
+        __syncthreads(); /* the previous item's last reads of shared memory are done */
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) issue_stage(s);
+        cp_async_wait<kStages - 2>(); /* stage 0 landed (own copies) */
+        convert_stage(0);
+
+        for (int step = 0; step < steps; ++step) {
+            /* tile[step] and weight stage `step` visible to all; step-1 fully consumed */
+            __syncthreads();
+            issue_stage(step + kStages - 1);
+            if (warp_active) {
+                const uint8_t *wst = smem + Plan::kW + (step % kStages) * Plan::kWStage;
+                const uint8_t *tb = kFp4 ? smem + Plan::kTiles + (step & 1) * Plan::kTile
+                                         : smem + Plan::kT + (step % kStages) * Plan::kTStage;
+                uint4 wq[4];
+                uint32_t S[4][2];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    wq[r] = *(const uint4 *)(wst + (wrow + 8 * r) * 64 + 16 * t);
+                    const uint32_t sf2 = *(const uint16_t *)(wst + kBN * 64 + (wrow + 8 * r) * 8 + 2 * t);
+                    S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
+                    S[r][1] = sf_to_bf16x2(sf2 >> 8);
+                }
+#pragma unroll
+                for (int q = 0; q < 4; ++q) {
+                    uint32_t A[2][2][4]; /* [m16 tile][k16 sub-step][fragment] */
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        uint32_t rg[4], rg8[4];
+                        dequant8(word_of(wq[2 * i], q), S[2 * i][q / 2], rg);
+                        dequant8(word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], rg8);
+#pragma unroll
+                        for (int s = 0; s < 2; ++s) {
+                            A[i][s][0] = rg[2 * s];
+                            A[i][s][1] = rg8[2 * s];
+                            A[i][s][2] = rg[2 * s + 1];
+                            A[i][s][3] = rg8[2 * s + 1];
+                        }
+                    }
+#pragma unroll
+                    for (int c = 0; c < kNT8; ++c) {
+                        if (c * 8 < mrows) {
+                            const uint4 bv = *(const uint4 *)(tb + (c * 8 + g) * kTileRowBytes +
+                                                              (q * 4 + t) * 16);
+#pragma unroll
+                            for (int i = 0; i < 2; ++i) {
+                                mma_bf16_16816(acc[i][c], A[i][0], bv.x, bv.y);
+                                mma_bf16_16816(acc[i][c], A[i][1], bv.z, bv.w);
+                            }
+                        }
+                    }
+                }
+            }
+            if (step + 1 < steps) {
+                cp_async_wait<kStages - 2>(); /* stage step+1 landed (own copies) */
+                convert_stage(step + 1);
+            }
+        }
+        cp_async_wait<0>();
+
+        /* Epilogue: fp32 tensor scales; only live token rows are written. */
+        if (warp_active) {
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+#pragma unroll
+                for (int half = 0; half < 2; ++half) {
+                    const int n = n_warp + 16 * i + 8 * half + g;
+                    const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
+                    const float wscale = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
+#pragma unroll
+                    for (int c = 0; c < kNT8; ++c) {
+#pragma unroll
+                        for (int j = 0; j < 2; ++j) {
+                            const int tr = c * 8 + 2 * t + j;
+                            if (tr < mrows) {
+                                const int64_t row = row0 + tr;
+                                const float as = p.a_scale ? p.a_scale[row] : 1.0f;
+                                const float v = acc[i][c][2 * half + j] * wscale * as;
+                                if (p.out_bf16)
+                                    ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
+                                else
+                                    ((float *)p.out)[row * N + n] = v;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
+epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
+    auto kernel = grouped_gemm_sm90_kernel<MT, NWARPS, kStages, kFp4, kMinBlocks>;
+    const int smem_bytes = SmemPlan<MT, NWARPS, kStages, kFp4>::kBytes;
+    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+             "raising the grouped GEMM's shared-memory limit");
+    int device = 0, sms = 0, per_sm = 0;
+    CUDA_TRY(cudaGetDevice(&device), "grouped GEMM launch");
+    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "reading the multiprocessor count");
+    CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32,
+                                                           smem_bytes),
+             "grouped GEMM occupancy");
+    if (per_sm < 1)
+        EPMOE_FAIL(EPMOE_ERR_CUDA, "grouped GEMM variant MT=%d NWARPS=%d (%d B shared) does not "
+                   "fit on an SM", MT, NWARPS, smem_bytes);
+    /* Persistent grid: never more blocks than the largest possible work list. */
+    const int64_t n_tiles = (p.N + NWARPS * 32 - 1) / (NWARPS * 32);
+    const int64_t max_items = (p.cap_rows / MT + p.E) * n_tiles;
+    int64_t blocks = (int64_t)sms * per_sm;
+    if (blocks > max_items) blocks = max_items;
+    if (blocks < 1) blocks = 1;
+    kernel<<<(unsigned)blocks, NWARPS * 32, smem_bytes, stream>>>(p);
+    CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90)");
+    return EPMOE_OK;
+}
+
+/* Token rows per work item of the variant that runs. cap_rows is the padded capacity of this
+ * batch (common/layout.h epmoe_padded_capacity): at most E*(pad-1) of it is padding, so
+ * cap_rows - E*127 bounds the live rows. The choice depends on shapes only (capture-safe); every
+ * variant is correct for any routing, a small-MT one re-reads an expert's weights once per MT
+ * rows. */
+int sm90_variant(const epmoe_grouped_gemm_args *a) {
+    const int64_t live_bound = a->cap_rows - a->n_experts * (EPMOE_GEMM_PAD_ROWS - 1);
+    if (live_bound <= 32 * a->n_experts) return 32;  /* decode, 3 blocks per SM */
+    if (live_bound <= 64 * a->n_experts) return 64;  /* decode, 2 blocks per SM */
+    return 128;                                      /* prefill */
+}
+
+} // namespace
+
+extern "C" const char *epmoe_grouped_gemm_sm90_variant(const epmoe_grouped_gemm_args *a) {
+    switch (sm90_variant(a)) {
+    case 32: return "decode MT=32 BN=128";
+    case 64: return "decode MT=64 BN=128";
+    default: return "prefill MT=128 BN=256";
+    }
+}
+
+extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_args *a) {
+    EPMOE_REQUIRE(a != NULL, EPMOE_ERR_INVALID_ARG, "grouped GEMM: args is NULL");
+    EPMOE_REQUIRE(a->n_experts >= 1 && a->n_experts <= kMaxExperts, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: n_experts = %lld, must be in [1, %d]", (long long)a->n_experts,
+                  kMaxExperts);
+    EPMOE_REQUIRE(a->N >= 32 && a->N % 32 == 0 && a->N <= (1 << 20), EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: N = %lld, must be a positive multiple of 32", (long long)a->N);
+    EPMOE_REQUIRE(a->K >= 128 && a->K % 128 == 0 && a->K <= (1 << 20), EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: K = %lld, must be a positive multiple of 128", (long long)a->K);
+    EPMOE_REQUIRE(a->cap_rows >= 0 && a->cap_rows <= (int64_t)1 << 31, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: cap_rows = %lld out of range", (long long)a->cap_rows);
+    EPMOE_REQUIRE(a->w_codes && a->w_sf && a->w_scale, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: w_codes, w_sf and w_scale are required");
+    EPMOE_REQUIRE(((uintptr_t)a->w_codes & 15) == 0 && ((uintptr_t)a->w_sf & 1) == 0,
+                  EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: w_codes must be 16-byte aligned and w_sf 2-byte aligned");
+    EPMOE_REQUIRE(a->w_scale_groups == 1 || a->w_scale_groups == 2, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: w_scale_groups = %lld, must be 1 or 2",
+                  (long long)a->w_scale_groups);
+    EPMOE_REQUIRE(a->w_scale_split >= 0 && a->w_scale_split <= a->N, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: w_scale_split = %lld outside [0, N = %lld]",
+                  (long long)a->w_scale_split, (long long)a->N);
+    EPMOE_REQUIRE(a->padded_offsets && a->tokens_per_expert && a->out, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: padded_offsets, tokens_per_expert and out are required");
+    if (a->a_format == EPMOE_GEMM_A_NVFP4) {
+        EPMOE_REQUIRE(a->a_codes && a->a_sf && a->a_scale, EPMOE_ERR_INVALID_ARG,
+                      "grouped GEMM: NVFP4 A needs a_codes, a_sf and a_scale");
+        EPMOE_REQUIRE(((uintptr_t)a->a_codes & 15) == 0 && ((uintptr_t)a->a_sf & 1) == 0,
+                      EPMOE_ERR_INVALID_ARG,
+                      "grouped GEMM: a_codes must be 16-byte aligned and a_sf 2-byte aligned");
+    } else if (a->a_format == EPMOE_GEMM_A_BF16) {
+        EPMOE_REQUIRE(a->a_bf16 && ((uintptr_t)a->a_bf16 & 15) == 0, EPMOE_ERR_INVALID_ARG,
+                      "grouped GEMM: bf16 A needs a 16-byte aligned a_bf16");
+    } else {
+        EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "grouped GEMM: unknown a_format %d", (int)a->a_format);
+    }
+    return EPMOE_OK;
+}
+
+extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_args *a,
+                                                     cudaStream_t stream) {
+    EPMOE_TRY(epmoe_grouped_gemm_check_args(a));
+    GemmParams p;
+    p.E = (int)a->n_experts;
+    p.N = (int)a->N;
+    p.K = (int)a->K;
+    p.cap_rows = a->cap_rows;
+    p.a_codes = a->a_codes;
+    p.a_sf = a->a_sf;
+    p.a_scale = a->a_scale;
+    p.a_bf16 = (const __nv_bfloat16 *)a->a_bf16;
+    p.w_codes = a->w_codes;
+    p.w_sf = a->w_sf;
+    p.w_scale = a->w_scale;
+    p.w_groups = (int)a->w_scale_groups;
+    p.w_split = (int)a->w_scale_split;
+    p.padded_offsets = a->padded_offsets;
+    p.tokens_per_expert = a->tokens_per_expert;
+    p.out = a->out;
+    p.out_bf16 = a->out_bf16;
+    if (a->cap_rows == 0) return EPMOE_OK;
+
+    const bool fp4 = a->a_format == EPMOE_GEMM_A_NVFP4;
+    switch (sm90_variant(a)) {
+    case 32:
+        return fp4 ? launch_variant<32, 4, 4, true, 3>(p, stream)
+                   : launch_variant<32, 4, 4, false, 3>(p, stream);
+    case 64:
+        return fp4 ? launch_variant<64, 4, 4, true, 2>(p, stream)
+                   : launch_variant<64, 4, 4, false, 2>(p, stream);
+    default:
+        break;
+    }
+    return fp4 ? launch_variant<128, 8, 4, true, 1>(p, stream)
+               : launch_variant<128, 8, 3, false, 1>(p, stream);
+}
+
+extern "C" epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *a,
+                                                cudaStream_t stream) {
+    int device = 0, major = 0;
+    CUDA_TRY(cudaGetDevice(&device), "grouped GEMM dispatch");
+    CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "reading the compute capability");
+    /* Blackwell's native block-scaled MMA only where it was compiled in and the caller gave the
+     * swizzled scales; Hopper (and anything else) takes the dequantizing path. */
+    if (major == 10 && epmoe_cuda_grouped_gemm_sm100_available() && a && a->w_sf_swizzled)
+        return epmoe_cuda_grouped_gemm_sm100(a, stream);
+    return epmoe_cuda_grouped_gemm_sm90(a, stream);
+}

@@ -1,0 +1,170 @@
+/* The operations of one MoE layer on NVIDIA GPUs: the CUDA mirror of kernels/ops.h. Same
+ * arguments in the same layouts, but device pointers, and every function only enqueues work
+ * on `stream` (no allocation, no host synchronization: all of it may be captured in a CUDA
+ * graph). Launch shapes depend only on the host-side sizes passed in (T, E, cap_rows, ...),
+ * never on routing: routing-dependent sizes live only on the device.
+ *
+ * Exactness (tested in tests/gpu against the CPU functions):
+ *  - gate logits: bit-identical (fmaf in increasing h, as kernels/ops.h defines).
+ *  - routing ids: identical; weights to fp32 rounding (expf/log1pf differ by ulps from libm).
+ *  - NVFP4 quantization: codes, block scales and global scales bit-identical to
+ *    common/nvfp4.h (same fp32 operations in the same order, no contraction).
+ *  - SwiGLU, combine: fp32, expf from the CUDA math library (ulps from libm).
+ *
+ * Errors that only the data can reveal (non-finite logits, token ids outside the vocabulary,
+ * hash-table entries outside [0, E)) cannot be returned without a sync: kernels OR a bit into
+ * a device word `error_flags` (EPMOE_CUDA_FLAG_*) and write safe values (distinct valid ids,
+ * weight 0) so that later kernels stay in bounds. The host reads the word when it
+ * synchronizes anyway and turns it into a status with epmoe_cuda_flags_status().
+ *
+ * bf16 tensors are passed as uint16_t (their bit patterns) so that this header stays C.
+ */
+#ifndef EPMOE_OPS_CUDA_H
+#define EPMOE_OPS_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "common/status.h"
+#include "kernels/ops.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EPMOE_CUDA_FLAG_NONFINITE_LOGIT 1u /* a token's logits had NaN/Inf */
+#define EPMOE_CUDA_FLAG_TOKEN_RANGE 2u     /* hash layer: token id outside [0, vocab) */
+#define EPMOE_CUDA_FLAG_TABLE_RANGE 4u     /* hash layer: tid2eid entry outside [0, E) */
+#define EPMOE_CUDA_FLAG_ZERO_SCORE_SUM 8u  /* a token's chosen scores sum to 0 */
+
+/* EPMOE_OK for 0, else EPMOE_ERR_NUMERIC / EPMOE_ERR_RANGE naming every flag set. */
+epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where);
+
+/* ---- routing (route.cu) ------------------------------------------------------------------ */
+
+/* logits[T,E] = x[T,H] . Wg[E,H]^T, fmaf in increasing h (bit-identical to the CPU). */
+epmoe_status epmoe_cuda_gate_logits(const float *x, const float *gate_weight, int64_t T,
+                                    int64_t H, int64_t E, float *logits, cudaStream_t stream);
+
+/* Score-based routing (sqrtsoftplus+bias, or sigmoid+bias with group limit). bias may be NULL.
+ * ids[T,k] global expert ids in slot order, weights[T,k]. */
+epmoe_status epmoe_cuda_route(const epmoe_route_params *p, const float *logits,
+                              const float *bias, int64_t T, int32_t *ids, float *weights,
+                              uint32_t *error_flags, cudaStream_t stream);
+
+/* Hash routing: ids[t] = tid2eid[token_ids[t], :], weights from the scores at those ids. */
+epmoe_status epmoe_cuda_route_hash(const epmoe_route_params *p, const float *logits,
+                                   const int32_t *tid2eid, int64_t vocab_size,
+                                   const int32_t *token_ids, int64_t T, int32_t *ids,
+                                   float *weights, uint32_t *error_flags, cudaStream_t stream);
+
+/* ---- padded expert layout (layout.cu) ------------------------------------------------------ */
+
+/* From ids[T, top_k] (global ids) and this rank's slice [expert_start, expert_start+n_local):
+ *   tokens_per_expert[n_local], padded_offsets[n_local+1]  (common/layout.h convention, the
+ *       same rule as epmoe_padded_offsets_from_counts)
+ *   row_of_pair[T*top_k]   padded row of (t, slot), -1 for experts outside the slice
+ *   token_of_row[cap_rows] token whose row sits there (only real rows are written)
+ * Rows of an expert are in increasing (token, slot) order, as the CPU layout. pair_rank
+ * [T*top_k] is scratch. Three launches whatever the routing. */
+epmoe_status epmoe_cuda_plan_layout(const int32_t *ids, int64_t T, int64_t top_k,
+                                    int64_t expert_start, int64_t n_local, int64_t pad_rows,
+                                    int32_t *pair_rank, int64_t *tokens_per_expert,
+                                    int64_t *padded_offsets, int32_t *row_of_pair,
+                                    int32_t *token_of_row, cudaStream_t stream);
+
+/* out[row] = bf16(x[token_of_row[row]]) for every real row of the padded layout (act_quant =
+ * high); padding rows are not written. */
+epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t K, const int32_t *token_of_row,
+                                     const int64_t *padded_offsets,
+                                     const int64_t *tokens_per_expert, int64_t n_local,
+                                     int64_t cap_rows, uint16_t *out, cudaStream_t stream);
+
+/* ---- NVFP4 activation quantization (quant.cu) --------------------------------------------- */
+
+/* Quantizes rows of K floats (K a multiple of 16), exactly common/nvfp4.h:
+ *   dense   (padded_offsets == NULL): rows [0, rows) of x.
+ *   padded  (padded_offsets != NULL): the real rows of a padded layout of `rows` = cap_rows
+ *           rows; row r reads x[row_index[r]] when row_index is given (gather from tokens),
+ *           else x[r]. Padding rows are not written.
+ * Global scale per row: static_input_scale == NULL: gs = epmoe_nvfp4_global_sf(amax(row));
+ * else gs = 1 / static_input_scale[expert of the row] (padded only).
+ * Writes codes[rows, K/2], block_sf[rows, K/16], inv_global_sf[rows] = 1/gs (the GEMM's
+ * a_scale) and adds the saturated element count to *saturated (may be NULL). */
+epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t rows, int64_t K,
+                                            const int32_t *row_index,
+                                            const int64_t *padded_offsets,
+                                            const int64_t *tokens_per_expert, int64_t n_local,
+                                            const float *static_input_scale, uint8_t *codes,
+                                            uint8_t *block_sf, float *inv_global_sf,
+                                            unsigned long long *saturated, cudaStream_t stream);
+
+/* ---- SwiGLU (swiglu.cu) ------------------------------------------------------------------- */
+
+/* h[rows, 2I] (gate columns [0,I), up [I,2I)) -> out[rows, I], as epmoe_cpu_swiglu. With
+ * padded_offsets given, only the real rows of the padded layout are computed. out_f32 and/or
+ * out_bf16 may be NULL (at least one given). */
+epmoe_status epmoe_cuda_swiglu(const float *h, int64_t rows, int64_t I, float limit,
+                               int variant, const int64_t *padded_offsets,
+                               const int64_t *tokens_per_expert, int64_t n_local,
+                               float *out_f32, uint16_t *out_bf16, cudaStream_t stream);
+
+/* ---- combine (combine.cu) ----------------------------------------------------------------- */
+
+/* out[t,:] = (sum over slots j in order of weights[t,j] * y[row_of_pair[t,j], :]) + shared[t,:]
+ * in fp32 (no contraction). Slots with row -1 (experts of other ranks) are skipped. shared may
+ * be NULL. */
+epmoe_status epmoe_cuda_combine(const float *y_padded, int64_t H, const int32_t *row_of_pair,
+                                const float *weights, int64_t T, int64_t top_k,
+                                const float *shared, float *out, cudaStream_t stream);
+
+/* ---- shared expert (shared_expert.cu) ----------------------------------------------------- */
+
+/* fp32 -> bf16 (RNE), n elements. */
+epmoe_status epmoe_cuda_f32_to_bf16(const float *x, size_t n, uint16_t *out,
+                                    cudaStream_t stream);
+
+/* Scratch of the shared expert for T rows (device pointers, sized by the caller). */
+typedef struct {
+    uint16_t *x_bf16;   /* [T, H] */
+    float *h;           /* [T, 2*Is] */
+    uint16_t *a_bf16;   /* [T, Is] */
+} epmoe_cuda_shared_scratch;
+
+/* y[T,H] = swiglu(x . W13^T) . W2^T with bf16 operands (weights w13 [2*Is, H], w2 [H, Is]),
+ * fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F), the same clamp as the routed experts.
+ * Binds the handle to `stream` and then to the caller's workspace (cublasSetStream resets the
+ * workspace to cuBLAS's own pool, which would allocate during graph capture). */
+epmoe_status epmoe_cuda_shared_forward(cublasHandle_t cublas, void *cublas_workspace,
+                                       size_t cublas_workspace_bytes, const float *x, int64_t T,
+                                       int64_t H, int64_t Is, const uint16_t *w13_bf16,
+                                       const uint16_t *w2_bf16, float limit, int variant,
+                                       const epmoe_cuda_shared_scratch *scratch, float *y,
+                                       cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#ifdef __CUDACC__
+/* ---- device helpers shared by the .cu files ------------------------------------------------ */
+
+/* Expert of padded row `row` (the largest e with padded_offsets[e] <= row, skipping empty
+ * experts, as epmoe_expert_of_row) and whether the row is real: row - padded_offsets[e] <
+ * tokens_per_expert[e]. -1 for padding rows and rows beyond the layout. */
+static __device__ __forceinline__ int64_t epmoe_cuda_expert_of_real_row(
+    const int64_t *padded_offsets, const int64_t *tokens_per_expert, int64_t n, int64_t row) {
+    if (row < 0 || row >= padded_offsets[n]) return -1;
+    int64_t lo = 0, hi = n; /* padded_offsets[lo] <= row < padded_offsets[hi] */
+    while (hi - lo > 1) {
+        int64_t mid = lo + (hi - lo) / 2;
+        if (padded_offsets[mid] <= row) lo = mid;
+        else hi = mid;
+    }
+    return row - padded_offsets[lo] < tokens_per_expert[lo] ? lo : -1;
+}
+#endif
+#endif

@@ -1,0 +1,299 @@
+/* Gate logits and routing on the device (kernels/ops.h defines the math; this follows it
+ * operation for operation so that ids equal the CPU's). */
+#include <math.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/ops_cuda.h"
+
+epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
+    if (flags == 0) return EPMOE_OK;
+    EPMOE_REQUIRE(!(flags & EPMOE_CUDA_FLAG_NONFINITE_LOGIT), EPMOE_ERR_NUMERIC,
+                  "%s: a token's gate logits contain NaN/Inf (device flags 0x%x); its ids "
+                  "were replaced by 0..k-1 with weight 0",
+                  where, flags);
+    EPMOE_REQUIRE(!(flags & EPMOE_CUDA_FLAG_TOKEN_RANGE), EPMOE_ERR_RANGE,
+                  "%s: a token id is outside [0, vocab_size) in a hash-routed layer (device "
+                  "flags 0x%x)",
+                  where, flags);
+    EPMOE_REQUIRE(!(flags & EPMOE_CUDA_FLAG_TABLE_RANGE), EPMOE_ERR_RANGE,
+                  "%s: a tid2eid entry is outside [0, n_experts) (device flags 0x%x)", where,
+                  flags);
+    EPMOE_REQUIRE(!(flags & EPMOE_CUDA_FLAG_ZERO_SCORE_SUM), EPMOE_ERR_NUMERIC,
+                  "%s: the scores of a token's chosen experts sum to 0 (logits below about "
+                  "-88); its weights were set to 0 (device flags 0x%x)",
+                  where, flags);
+    EPMOE_FAIL(EPMOE_ERR_INTERNAL, "%s: unknown device error flags 0x%x", where, flags);
+}
+
+/* ---- gate logits ----------------------------------------------------------------------------
+ * A 16x16 tile of (token, expert) outputs per block; x and Wg stream through shared memory in
+ * 16-wide slices of h. Each thread owns one output and runs one fmaf chain in increasing h,
+ * which is exactly the CPU's order, hence the same bits. */
+#define GATE_TILE 16
+
+__global__ void gate_logits_kernel(const float *x, const float *gate_weight, int64_t T,
+                                   int64_t H, int64_t E, float *logits) {
+    __shared__ float x_tile[GATE_TILE][GATE_TILE + 1]; /* [token][h] */
+    __shared__ float w_tile[GATE_TILE][GATE_TILE + 1]; /* [expert][h] */
+    int tx = threadIdx.x, ty = threadIdx.y;
+    int64_t t0 = (int64_t)blockIdx.y * GATE_TILE, e0 = (int64_t)blockIdx.x * GATE_TILE;
+    float acc = 0.0f;
+    for (int64_t h0 = 0; h0 < H; h0 += GATE_TILE) {
+        int64_t h = h0 + tx;
+        x_tile[ty][tx] = (t0 + ty < T && h < H) ? x[(t0 + ty) * H + h] : 0.0f;
+        w_tile[ty][tx] = (e0 + ty < E && h < H) ? gate_weight[(e0 + ty) * H + h] : 0.0f;
+        __syncthreads();
+        int n = (int)(H - h0 < GATE_TILE ? H - h0 : GATE_TILE);
+        for (int j = 0; j < n; j++) acc = fmaf(x_tile[ty][j], w_tile[tx][j], acc);
+        __syncthreads();
+    }
+    if (t0 + ty < T && e0 + tx < E) logits[(t0 + ty) * E + e0 + tx] = acc;
+}
+
+epmoe_status epmoe_cuda_gate_logits(const float *x, const float *gate_weight, int64_t T,
+                                    int64_t H, int64_t E, float *logits, cudaStream_t stream) {
+    EPMOE_REQUIRE(T >= 0 && H > 0 && E > 0, EPMOE_ERR_INVALID_ARG,
+                  "gate logits: bad shape T=%lld H=%lld E=%lld", (long long)T, (long long)H,
+                  (long long)E);
+    if (T == 0) return EPMOE_OK;
+    dim3 block(GATE_TILE, GATE_TILE);
+    dim3 grid((unsigned)((E + GATE_TILE - 1) / GATE_TILE),
+              (unsigned)((T + GATE_TILE - 1) / GATE_TILE));
+    gate_logits_kernel<<<grid, block, 0, stream>>>(x, gate_weight, T, H, E, logits);
+    CUDA_TRY_LAUNCH("gate_logits_kernel");
+    return EPMOE_OK;
+}
+
+/* ---- scores --------------------------------------------------------------------------------- */
+
+static __device__ __forceinline__ float score_of_logit(float l, int64_t scoring) {
+    if (scoring == EPMOE_SCORING_SIGMOID) return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-l)));
+    float softplus = l > 20.0f ? l : log1pf(expf(l));
+    return sqrtf(softplus);
+}
+
+/* Is (v, id) better than (best_v, best_id)? Larger value, ties to the lower id. */
+static __device__ __forceinline__ bool better(float v, int id, float best_v, int best_id) {
+    return v > best_v || (v == best_v && id < best_id);
+}
+
+/* Warp-wide argmax of (value, id) pairs, ties to the lower id; every lane gets the result. */
+static __device__ __forceinline__ void warp_argmax(float *v, int *id) {
+    for (int off = 16; off > 0; off >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, *v, off);
+        int oid = __shfl_xor_sync(0xffffffffu, *id, off);
+        if (better(ov, oid, *v, *id)) {
+            *v = ov;
+            *id = oid;
+        }
+    }
+}
+
+/* Weights w_j = s[id_j] / (sum over slots of s) * scale, sum in slot order. A zero sum (all
+ * chosen scores underflowed) is flagged and gives zero weights instead of NaN. */
+static __device__ void write_weights(const float *logits_t, const int32_t *ids_t, int64_t k,
+                                     int64_t scoring, float scale, float *weights_t,
+                                     uint32_t *error_flags) {
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; j++) sum = __fadd_rn(sum, score_of_logit(logits_t[ids_t[j]], scoring));
+    if (!(sum > 0.0f)) {
+        atomicOr(error_flags, EPMOE_CUDA_FLAG_ZERO_SCORE_SUM);
+        for (int64_t j = 0; j < k; j++) weights_t[j] = 0.0f;
+        return;
+    }
+    for (int64_t j = 0; j < k; j++)
+        weights_t[j] =
+            __fmul_rn(__fdiv_rn(score_of_logit(logits_t[ids_t[j]], scoring), sum), scale);
+}
+
+/* Replacement routing for a token whose inputs are bad: distinct valid ids, zero weights. */
+static __device__ void write_safe_route(int64_t k, int32_t *ids_t, float *weights_t) {
+    for (int64_t j = 0; j < k; j++) {
+        ids_t[j] = (int32_t)j;
+        weights_t[j] = 0.0f;
+    }
+}
+
+/* One warp per token. The selection keys s + bias live in shared memory ([warps][E]); chosen
+ * experts (and experts of dropped groups) are masked with -Inf. k rounds of a warp argmax. */
+__global__ void route_kernel(epmoe_route_params p, const float *logits, const float *bias,
+                             int64_t T, int32_t *ids, float *weights, uint32_t *error_flags) {
+    extern __shared__ float route_smem[];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t E = p.n_experts, k = p.top_k;
+    int64_t t = (int64_t)blockIdx.x * (blockDim.x >> 5) + warp;
+    if (t >= T) return;
+    float *key = route_smem + (int64_t)warp * E;
+    const float *logits_t = logits + t * E;
+    int32_t *ids_t = ids + t * k;
+    float *weights_t = weights + t * k;
+
+    int finite = 1;
+    for (int64_t e = lane; e < E; e += 32) {
+        float l = logits_t[e];
+        if (!isfinite(l)) finite = 0;
+        float s = score_of_logit(l, p.scoring);
+        key[e] = bias ? __fadd_rn(s, bias[e]) : s;
+    }
+    finite = __all_sync(0xffffffffu, finite);
+    if (!finite) {
+        if (lane == 0) {
+            atomicOr(error_flags, EPMOE_CUDA_FLAG_NONFINITE_LOGIT);
+            write_safe_route(k, ids_t, weights_t);
+        }
+        return;
+    }
+    __syncwarp();
+
+    if (p.n_groups > 1) {
+        /* Group-limited (DeepSeek-V3): group score = sum of the group's two best keys; keep the
+         * topk_groups best groups (ties to the lower group), mask the others. Lane g owns
+         * groups g, g+32, ...; the group scores sit in registers of their owners. */
+        const int64_t G = p.n_groups, group_size = E / G;
+        float gscore[2]; /* n_groups <= 64 (config bound): at most two groups per lane */
+        for (int i = 0; i < 2; i++) {
+            int64_t g = lane + 32 * i;
+            gscore[i] = -INFINITY;
+            if (g >= G) continue;
+            float top1 = -INFINITY, top2 = -INFINITY;
+            for (int64_t e = g * group_size; e < (g + 1) * group_size; e++) {
+                float v = key[e];
+                if (v > top1) {
+                    top2 = top1;
+                    top1 = v;
+                } else if (v > top2) {
+                    top2 = v;
+                }
+            }
+            gscore[i] = __fadd_rn(top1, top2);
+        }
+        unsigned long long kept = 0; /* bit g set: group g kept (G <= 64) */
+        for (int64_t r = 0; r < p.topk_groups; r++) {
+            float best_v = -INFINITY;
+            int best_g = 0x7fffffff;
+            for (int i = 0; i < 2; i++) {
+                int g = lane + 32 * i;
+                if (g < G && !((kept >> g) & 1ull) && better(gscore[i], g, best_v, best_g)) {
+                    best_v = gscore[i];
+                    best_g = g;
+                }
+            }
+            warp_argmax(&best_v, &best_g);
+            kept |= 1ull << best_g;
+        }
+        for (int64_t e = lane; e < E; e += 32)
+            if (!((kept >> (e / group_size)) & 1ull)) key[e] = -INFINITY;
+        __syncwarp();
+    }
+
+    for (int64_t j = 0; j < k; j++) {
+        float best_v = -INFINITY;
+        int best_e = 0x7fffffff;
+        for (int64_t e = lane; e < E; e += 32)
+            if (better(key[e], (int)e, best_v, best_e)) {
+                best_v = key[e];
+                best_e = (int)e;
+            }
+        warp_argmax(&best_v, &best_e);
+        if (lane == 0) {
+            ids_t[j] = best_e;
+            key[best_e] = -INFINITY;
+        }
+        __syncwarp();
+    }
+    if (lane == 0) write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t,
+                                error_flags);
+}
+
+static epmoe_status check_route_params(const epmoe_route_params *p) {
+    EPMOE_REQUIRE(p->n_experts > 0 && p->top_k > 0 && p->top_k <= p->n_experts,
+                  EPMOE_ERR_INVALID_ARG, "routing: top_k %lld with %lld experts",
+                  (long long)p->top_k, (long long)p->n_experts);
+    EPMOE_REQUIRE(p->scoring == EPMOE_SCORING_SQRTSOFTPLUS || p->scoring == EPMOE_SCORING_SIGMOID,
+                  EPMOE_ERR_INVALID_ARG, "routing: unknown scoring %lld", (long long)p->scoring);
+    if (p->n_groups > 1) {
+        EPMOE_REQUIRE(p->n_groups <= 64 && p->n_experts % p->n_groups == 0 &&
+                          p->n_experts / p->n_groups >= 2,
+                      EPMOE_ERR_INVALID_ARG,
+                      "routing: %lld groups over %lld experts (need <= 64 groups of >= 2 "
+                      "experts, dividing E)",
+                      (long long)p->n_groups, (long long)p->n_experts);
+        EPMOE_REQUIRE(p->topk_groups >= 1 && p->topk_groups <= p->n_groups &&
+                          p->topk_groups * (p->n_experts / p->n_groups) >= p->top_k,
+                      EPMOE_ERR_INVALID_ARG,
+                      "routing: keeping %lld of %lld groups leaves fewer than top_k=%lld experts",
+                      (long long)p->topk_groups, (long long)p->n_groups, (long long)p->top_k);
+    }
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_cuda_route(const epmoe_route_params *p, const float *logits,
+                              const float *bias, int64_t T, int32_t *ids, float *weights,
+                              uint32_t *error_flags, cudaStream_t stream) {
+    EPMOE_TRY(check_route_params(p));
+    if (T == 0) return EPMOE_OK;
+    /* Shared memory holds E keys per warp; stay under the 48 KiB default. */
+    int64_t warps = 4;
+    while (warps > 1 && warps * p->n_experts * (int64_t)sizeof(float) > 48 * 1024) warps--;
+    size_t smem = (size_t)(warps * p->n_experts) * sizeof(float);
+    EPMOE_REQUIRE(smem <= 48 * 1024, EPMOE_ERR_UNSUPPORTED,
+                  "routing: %lld experts need more than 48 KiB of shared memory per token",
+                  (long long)p->n_experts);
+    unsigned blocks = (unsigned)((T + warps - 1) / warps);
+    route_kernel<<<blocks, (unsigned)(32 * warps), smem, stream>>>(*p, logits, bias, T, ids,
+                                                                    weights, error_flags);
+    CUDA_TRY_LAUNCH("route_kernel");
+    return EPMOE_OK;
+}
+
+/* One thread per token: the ids come from the table, the weights from the scores there. */
+__global__ void route_hash_kernel(epmoe_route_params p, const float *logits,
+                                  const int32_t *tid2eid, int64_t vocab_size,
+                                  const int32_t *token_ids, int64_t T, int32_t *ids,
+                                  float *weights, uint32_t *error_flags) {
+    int64_t t = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (t >= T) return;
+    const int64_t E = p.n_experts, k = p.top_k;
+    const float *logits_t = logits + t * E;
+    int32_t *ids_t = ids + t * k;
+    float *weights_t = weights + t * k;
+    int32_t tok = token_ids[t];
+    if (tok < 0 || tok >= vocab_size) {
+        atomicOr(error_flags, EPMOE_CUDA_FLAG_TOKEN_RANGE);
+        write_safe_route(k, ids_t, weights_t);
+        return;
+    }
+    for (int64_t e = 0; e < E; e++) /* the whole row, as the CPU checks it */
+        if (!isfinite(logits_t[e])) {
+            atomicOr(error_flags, EPMOE_CUDA_FLAG_NONFINITE_LOGIT);
+            write_safe_route(k, ids_t, weights_t);
+            return;
+        }
+    for (int64_t j = 0; j < k; j++) {
+        int32_t e = tid2eid[(int64_t)tok * k + j];
+        if (e < 0 || e >= E) {
+            atomicOr(error_flags, EPMOE_CUDA_FLAG_TABLE_RANGE);
+            write_safe_route(k, ids_t, weights_t);
+            return;
+        }
+        ids_t[j] = e;
+    }
+    write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t,
+                                error_flags);
+}
+
+epmoe_status epmoe_cuda_route_hash(const epmoe_route_params *p, const float *logits,
+                                   const int32_t *tid2eid, int64_t vocab_size,
+                                   const int32_t *token_ids, int64_t T, int32_t *ids,
+                                   float *weights, uint32_t *error_flags, cudaStream_t stream) {
+    EPMOE_TRY(check_route_params(p));
+    EPMOE_REQUIRE(tid2eid && token_ids && vocab_size > 0, EPMOE_ERR_INVALID_ARG,
+                  "hash routing needs tid2eid, token ids and vocab_size > 0 (got %lld)",
+                  (long long)vocab_size);
+    if (T == 0) return EPMOE_OK;
+    unsigned blocks = (unsigned)((T + 127) / 128);
+    route_hash_kernel<<<blocks, 128, 0, stream>>>(*p, logits, tid2eid, vocab_size, token_ids, T,
+                                                  ids, weights, error_flags);
+    CUDA_TRY_LAUNCH("route_hash_kernel");
+    return EPMOE_OK;
+}

@@ -1,0 +1,331 @@
+/* The grouped NVFP4 GEMM (kernels/cuda/grouped_gemm.h) against a CPU reference of the same
+ * math: out[r, n] = (sum_k deqA[r,k] * deqW[e,n,k]) * a_scale[r] * w_scale[e, group(n)],
+ * with deq = e2m1 * float(ue4m3), summed in float64 from the exact products.
+ *
+ * Error bound. Every product of two dequantized values is exact (each has at most 6
+ * significant bits, bf16 products on the tensor cores are exact), so the only error is the fp32
+ * accumulation of K products (and the two fp32 scale multiplies). Per element that is at most
+ * about K * 2^-24 * sum_k |p_k| (we allow K * 2^-23, since the tensor cores' internal
+ * accumulation is not guaranteed round-to-nearest); on random signs it is ~sqrt(K) * 2^-24
+ * relative, ~4e-6 at K = 1024. We require rel L2 <= 1e-4: a single dequantized operand
+ * rounded to bf16 (8 bits) instead of being exact would already give ~1e-3, a wrong scale or
+ * index O(1).
+ *
+ * Outputs are poisoned (EPMOE_POISON_BITS) before each run: every real row must be written
+ * and finite, every padding row (and the capacity tail) must still hold the poison bits. */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "tests/gpu/gpu_test.h"
+extern "C" {
+#include "common/formats.h"
+#include "common/layout.h"
+#include "common/rng.h"
+#include "tests/support/test_support.h"
+}
+#include "kernels/cuda/grouped_gemm.h"
+
+typedef struct {
+    const char *name;
+    int64_t E, N, K;
+    std::vector<int64_t> counts; /* filled by the case */
+    int a_bf16;
+    int groups;    /* 1 (W2) or 2 (W13: split at N/2) */
+    int out_bf16;
+    int tight_cap; /* cap_rows = padded_offsets[E] (forces the decode variant on skew) */
+    int64_t cap_rows; /* when > 0: this cap (selects a variant; see grouped_gemm.h) */
+} gemm_case;
+
+static uint8_t random_ue4m3(epmoe_rng *r) {
+    /* mostly normal scales 2^-6..2^5, some subnormals, a few zeros; never NaN (0x7f) */
+    const uint64_t u = epmoe_rng_below(r, 100);
+    if (u == 0) return 0;
+    if (u < 5) return (uint8_t)(1 + epmoe_rng_below(r, 7));
+    return (uint8_t)(0x08 + epmoe_rng_below(r, 0x58));
+}
+
+static void fill_codes(epmoe_rng *r, uint8_t *codes, size_t n) {
+    for (size_t i = 0; i < n; i++) codes[i] = (uint8_t)epmoe_rng_below(r, 256);
+}
+
+static int variants_seen[3]; /* decode MT=32, decode MT=64, prefill */
+
+static float bf16_round(float x) {
+    return __bfloat162float(__float2bfloat16_rn(x));
+}
+
+static void run_case(const gemm_case &c, uint64_t seed) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, seed);
+    const int64_t E = c.E, N = c.N, K = c.K;
+    std::vector<int64_t> offs(E + 1);
+    epmoe_padded_offsets_from_counts(c.counts.data(), E, EPMOE_GEMM_PAD_ROWS, offs.data());
+    int64_t total = 0;
+    for (int64_t e = 0; e < E; e++) total += c.counts[e];
+    int64_t cap = c.tight_cap ? offs[E] : epmoe_padded_capacity(total, E, EPMOE_GEMM_PAD_ROWS);
+    cap = epmoe_round_up(cap, EPMOE_GEMM_PAD_ROWS) + EPMOE_GEMM_PAD_ROWS; /* + a poisoned tail */
+    if (c.cap_rows > 0) cap = c.cap_rows;
+    if (cap < offs[E]) cap = epmoe_round_up(offs[E], EPMOE_GEMM_PAD_ROWS);
+
+    /* host data: every byte random (all 16 codes, incl. -0 and the subnormal 0.5) */
+    std::vector<uint8_t> a_codes(cap * K / 2), a_sf(cap * K / 16);
+    std::vector<float> a_scale(cap), a_f(cap * K);
+    std::vector<__nv_bfloat16> a_b(cap * K);
+    std::vector<uint8_t> w_codes(E * N * K / 2), w_sf(E * N * K / 16);
+    std::vector<float> w_scale(E * c.groups);
+    fill_codes(&rng, a_codes.data(), a_codes.size());
+    for (auto &s : a_sf) s = random_ue4m3(&rng);
+    for (auto &s : a_scale) s = 0.25f + epmoe_rng_uniform(&rng);
+    fill_codes(&rng, w_codes.data(), w_codes.size());
+    for (auto &s : w_sf) s = random_ue4m3(&rng);
+    for (auto &s : w_scale) s = 0.5f + epmoe_rng_uniform(&rng);
+    for (int64_t i = 0; i < cap * K; i++) {
+        float v = bf16_round(epmoe_rng_normal(&rng) * 3.0f);
+        if (v == 0.0f) v = 0.125f;
+        a_f[i] = v;
+        a_b[i] = __float2bfloat16_rn(v);
+    }
+
+    /* device */
+    uint8_t *d_ac, *d_asf, *d_wc, *d_wsf;
+    float *d_as, *d_ws;
+    void *d_ab, *d_out;
+    int64_t *d_offs, *d_counts;
+    const size_t out_elem = c.out_bf16 ? 2 : 4;
+    GT_CUDA(cudaMalloc(&d_ac, a_codes.size()));
+    GT_CUDA(cudaMalloc(&d_asf, a_sf.size()));
+    GT_CUDA(cudaMalloc(&d_as, cap * sizeof(float)));
+    GT_CUDA(cudaMalloc(&d_ab, cap * K * 2));
+    GT_CUDA(cudaMalloc(&d_wc, w_codes.size()));
+    GT_CUDA(cudaMalloc(&d_wsf, w_sf.size()));
+    GT_CUDA(cudaMalloc(&d_ws, w_scale.size() * sizeof(float)));
+    GT_CUDA(cudaMalloc(&d_out, cap * N * out_elem));
+    GT_CUDA(cudaMalloc(&d_offs, (E + 1) * sizeof(int64_t)));
+    GT_CUDA(cudaMalloc(&d_counts, E * sizeof(int64_t)));
+    GT_CUDA(cudaMemcpy(d_ac, a_codes.data(), a_codes.size(), cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_asf, a_sf.data(), a_sf.size(), cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_as, a_scale.data(), cap * sizeof(float), cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_ab, a_b.data(), cap * K * 2, cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_wc, w_codes.data(), w_codes.size(), cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_wsf, w_sf.data(), w_sf.size(), cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_ws, w_scale.data(), w_scale.size() * sizeof(float), cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_offs, offs.data(), (E + 1) * sizeof(int64_t), cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMemcpy(d_counts, c.counts.data(), E * sizeof(int64_t), cudaMemcpyHostToDevice));
+    /* poison: EPMOE_POISON_BITS in fp32 outputs, the bf16 NaN 0x7fc1 in bf16 outputs */
+    const uint16_t poison16 = 0x7fc1;
+    if (c.out_bf16) {
+        std::vector<uint16_t> p(cap * N, poison16);
+        GT_CUDA(cudaMemcpy(d_out, p.data(), p.size() * 2, cudaMemcpyHostToDevice));
+    } else {
+        std::vector<float> p(cap * N);
+        epmoe_poison_f32(p.data(), p.size());
+        GT_CUDA(cudaMemcpy(d_out, p.data(), p.size() * 4, cudaMemcpyHostToDevice));
+    }
+
+    epmoe_grouped_gemm_args args;
+    memset(&args, 0, sizeof args);
+    args.n_experts = E;
+    args.N = N;
+    args.K = K;
+    args.cap_rows = cap;
+    args.a_format = c.a_bf16 ? EPMOE_GEMM_A_BF16 : EPMOE_GEMM_A_NVFP4;
+    args.a_codes = d_ac;
+    args.a_sf = d_asf;
+    args.a_scale = d_as;
+    args.a_bf16 = d_ab;
+    args.w_codes = d_wc;
+    args.w_sf = d_wsf;
+    args.w_scale = d_ws;
+    args.w_scale_groups = c.groups;
+    args.w_scale_split = c.groups == 2 ? N / 2 : N;
+    args.padded_offsets = d_offs;
+    args.tokens_per_expert = d_counts;
+    args.out = d_out;
+    args.out_bf16 = c.out_bf16;
+    const char *variant = epmoe_grouped_gemm_sm90_variant(&args);
+    variants_seen[variant[0] == 'p' ? 2 : (strstr(variant, "MT=32") ? 0 : 1)] = 1;
+    GT_OK(epmoe_cuda_grouped_gemm(&args, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+
+    std::vector<float> out(cap * N);
+    if (c.out_bf16) {
+        std::vector<uint16_t> o(cap * N);
+        GT_CUDA(cudaMemcpy(o.data(), d_out, o.size() * 2, cudaMemcpyDeviceToHost));
+        for (int64_t i = 0; i < cap * N; i++) {
+            uint32_t bits = (uint32_t)o[i] << 16;
+            memcpy(&out[i], &bits, 4);
+        }
+    } else {
+        GT_CUDA(cudaMemcpy(out.data(), d_out, out.size() * 4, cudaMemcpyDeviceToHost));
+    }
+
+    /* reference over real rows; poison checks everywhere else */
+    std::vector<float> deq_w(K), deq_a(K);
+    std::vector<double> ref;
+    std::vector<float> got;
+    size_t pad_overwritten = 0, real_unwritten = 0, elem_bound_fail = 0;
+    std::vector<char> is_real(cap, 0);
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r = offs[e]; r < offs[e] + c.counts[e]; r++) is_real[r] = 1;
+    for (int64_t r = 0; r < cap; r++) {
+        if (is_real[r]) continue;
+        for (int64_t n = 0; n < N; n++) {
+            uint32_t bits;
+            memcpy(&bits, &out[r * N + n], 4);
+            const uint32_t want = c.out_bf16 ? ((uint32_t)poison16 << 16) : EPMOE_POISON_BITS;
+            if (bits != want) pad_overwritten++;
+        }
+    }
+    std::vector<float> wdeq(N * K);
+    for (int64_t e = 0; e < E; e++) {
+        if (c.counts[e] == 0) continue;
+        for (int64_t n = 0; n < N; n++)
+            for (int64_t k = 0; k < K; k++) {
+                const uint8_t byte = w_codes[(e * N + n) * (K / 2) + k / 2];
+                const uint8_t code = (k & 1) ? (byte >> 4) : (byte & 15);
+                wdeq[n * K + k] = epmoe_e2m1_to_float(code) *
+                                  epmoe_e4m3_to_float(w_sf[(e * N + n) * (K / 16) + k / 16]);
+            }
+        for (int64_t r = offs[e]; r < offs[e] + c.counts[e]; r++) {
+            for (int64_t k = 0; k < K; k++) {
+                if (c.a_bf16) {
+                    deq_a[k] = a_f[r * K + k];
+                } else {
+                    const uint8_t byte = a_codes[r * (K / 2) + k / 2];
+                    const uint8_t code = (k & 1) ? (byte >> 4) : (byte & 15);
+                    deq_a[k] = epmoe_e2m1_to_float(code) * epmoe_e4m3_to_float(a_sf[r * (K / 16) + k / 16]);
+                }
+            }
+            const double as = a_scale[r];
+            for (int64_t n = 0; n < N; n++) {
+                double s = 0.0, sabs = 0.0;
+                const float *w = &wdeq[n * K];
+                for (int64_t k = 0; k < K; k++) {
+                    const double prod = (double)deq_a[k] * (double)w[k];
+                    s += prod;
+                    sabs += fabs(prod);
+                }
+                const int grp = (c.groups == 2 && n >= N / 2) ? 1 : 0;
+                const double sc = as * (double)w_scale[e * c.groups + grp];
+                const double want = s * sc;
+                const float g = out[r * N + n];
+                if (!isfinite(g)) real_unwritten++;
+                /* per-element bound: fp32 accumulation (K * 2^-23 * sum|p|), two fp32 scale
+                 * multiplies, and the bf16 output rounding when asked for */
+                double bound = ((double)K * 0x1p-23 * sabs + 0x1p-22 * fabs(s)) * sc + 1e-30;
+                if (c.out_bf16) bound += 0x1p-8 * fabs(want);
+                if (!(fabs((double)g - want) <= bound)) elem_bound_fail++;
+                ref.push_back(want);
+                got.push_back(g);
+            }
+        }
+    }
+    const double rel = ref.empty() ? 0.0 : epmoe_rel_l2_f32_f64(got.data(), ref.data(), ref.size());
+    const double rel_bound = c.out_bf16 ? 4e-3 : 1e-4;
+    printf("   %s [%s]: E=%lld N=%lld K=%lld rows=%lld cap=%lld  rel L2 %.3g (bound %.0e)\n", c.name,
+           variant, (long long)E, (long long)N, (long long)K, (long long)total, (long long)cap, rel,
+           rel_bound);
+    GT_CHECK(real_unwritten == 0, "%s: %zu real outputs unwritten or not finite", c.name, real_unwritten);
+    GT_CHECK(pad_overwritten == 0, "%s: %zu padding/tail outputs overwritten", c.name, pad_overwritten);
+    GT_CHECK(rel <= rel_bound, "%s: rel L2 %.3g > %.0e", c.name, rel, rel_bound);
+    GT_CHECK(elem_bound_fail == 0, "%s: %zu elements outside the per-element bound", c.name,
+             elem_bound_fail);
+
+    cudaFree(d_ac); cudaFree(d_asf); cudaFree(d_as); cudaFree(d_ab); cudaFree(d_wc);
+    cudaFree(d_wsf); cudaFree(d_ws); cudaFree(d_out); cudaFree(d_offs); cudaFree(d_counts);
+}
+
+static std::vector<int64_t> random_counts(uint64_t seed, int64_t E, int64_t lo, int64_t hi) {
+    epmoe_rng r;
+    epmoe_rng_seed(&r, seed);
+    std::vector<int64_t> c(E);
+    for (auto &x : c) x = lo + (int64_t)epmoe_rng_below(&r, (uint64_t)(hi - lo + 1));
+    return c;
+}
+
+/* decode shapes: 1..60 rows per expert, empty experts first, in the middle; last non-empty */
+static void test_decode_fp4_w13(void) {
+    gemm_case c = {"decode fp4 W13", 8, 256, 512, random_counts(11, 8, 1, 60), 0, 2, 0, 0, 1408};
+    c.counts[0] = 0;
+    c.counts[4] = 0;
+    c.counts[7] = 3;
+    run_case(c, 101);
+}
+static void test_decode_bf16_w2(void) {
+    gemm_case c = {"decode bf16 W2", 6, 192, 384, random_counts(12, 6, 8, 96), 1, 1, 0, 0, 1056};
+    c.counts[2] = 0;
+    run_case(c, 102);
+}
+static void test_decode_fp4_bf16_out(void) {
+    gemm_case c = {"decode fp4 bf16-out", 5, 128, 256, random_counts(13, 5, 1, 40), 0, 2, 1, 0, 0};
+    run_case(c, 103);
+}
+/* prefill shapes: several 64- and 128-row chunks per expert, ragged last chunk */
+static void test_prefill_fp4_w13(void) {
+    gemm_case c = {"prefill fp4 W13", 4, 512, 1024, random_counts(14, 4, 130, 400), 0, 2, 0, 0, 0};
+    c.counts[1] = 0;
+    run_case(c, 104);
+}
+static void test_prefill_bf16_w2(void) {
+    gemm_case c = {"prefill bf16 W2", 3, 320, 768, random_counts(15, 3, 200, 333), 1, 1, 0, 0, 0};
+    run_case(c, 105);
+}
+/* skew: one expert holds everything (prefill variant, then decode variant via a tight cap) */
+static void test_skew_one_expert(void) {
+    gemm_case c = {"skew fp4 (prefill variant)", 8, 256, 512, std::vector<int64_t>(8, 0), 0, 2, 0, 0, 0};
+    c.counts[3] = 700;
+    run_case(c, 106);
+    gemm_case d = {"skew bf16 (decode variant)", 8, 256, 256, std::vector<int64_t>(8, 0), 1, 1, 0, 1, 0};
+    d.counts[7] = 333; /* the last expert */
+    run_case(d, 107);
+}
+static void test_all_empty(void) {
+    gemm_case c = {"all experts empty", 4, 128, 256, std::vector<int64_t>(4, 0), 0, 1, 0, 0, 0};
+    run_case(c, 108);
+}
+/* a V4-Flash-sized W2 slice at decode size, to cover K = 2048 and wide N */
+static void test_flash_w2_decode(void) {
+    gemm_case c = {"flash W2 decode", 4, 4096, 2048, random_counts(16, 4, 8, 32), 0, 1, 0, 0, 0};
+    run_case(c, 109);
+}
+
+static void test_variants_covered(void) {
+    GT_CHECK(variants_seen[0] && variants_seen[1] && variants_seen[2],
+             "not every sm_90 variant ran: MT=32 %d, MT=64 %d, MT=128 %d", variants_seen[0],
+             variants_seen[1], variants_seen[2]);
+}
+
+static void test_bad_args(void) {
+    epmoe_grouped_gemm_args a;
+    memset(&a, 0, sizeof a);
+    a.n_experts = 4;
+    a.N = 128;
+    a.K = 100; /* not a multiple of 128 */
+    a.cap_rows = 128;
+    GT_CHECK(epmoe_cuda_grouped_gemm(&a, 0) == EPMOE_ERR_INVALID_ARG, "K = 100 accepted");
+    a.K = 256;
+    GT_CHECK(epmoe_cuda_grouped_gemm(&a, 0) == EPMOE_ERR_INVALID_ARG, "NULL weights accepted");
+    GT_CHECK(epmoe_cuda_grouped_gemm_sm100(&a, 0) != EPMOE_OK, "sm_100 entry accepted bad args");
+}
+
+int main(void) {
+    if (!gt_have_device()) return 77;
+    GT_RUN(test_bad_args);
+    GT_RUN(test_decode_fp4_w13);
+    GT_RUN(test_decode_bf16_w2);
+    GT_RUN(test_decode_fp4_bf16_out);
+    GT_RUN(test_prefill_fp4_w13);
+    GT_RUN(test_prefill_bf16_w2);
+    GT_RUN(test_skew_one_expert);
+    GT_RUN(test_all_empty);
+    GT_RUN(test_flash_w2_decode);
+    GT_RUN(test_variants_covered);
+    return gt_finish();
+}

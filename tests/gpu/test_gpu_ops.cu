@@ -1,0 +1,493 @@
+/* GPU suite, part 1: every op of kernels/cuda/ops_cuda.h against its CPU definition on the
+ * same inputs. Bit-identical where the contract says so (gate logits, routing ids, NVFP4 codes,
+ * block scales and global scales, layout, combine); to a stated tolerance where libm and the
+ * CUDA math library may differ by ulps (routing weights, SwiGLU). Outputs are poisoned (0xFF
+ * bytes, a NaN pattern) before every launch so an element not written fails. */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "tests/gpu/gpu_test.h"
+
+extern "C" {
+#include "common/formats.h"
+#include "common/layout.h"
+#include "common/nvfp4.h"
+#include "common/rng.h"
+#include "kernels/ops.h"
+#include "tests/support/test_support.h"
+}
+#include "kernels/cuda/ops_cuda.h"
+
+/* expf/log1pf of the CUDA math library are within 2 ulp of libm's: a routing weight goes
+ * through ~k+3 roundings, a SwiGLU output through 4. */
+#define WEIGHT_REL_TOL 1e-5
+#define SWIGLU_REL_TOL 2e-6
+
+template <typename T> static T *dev_alloc(size_t n) {
+    T *p = NULL;
+    if (cudaMalloc(&p, n * sizeof(T) + 1) != cudaSuccess) return NULL;
+    cudaMemset(p, 0xff, n * sizeof(T) + 1); /* poison */
+    return p;
+}
+template <typename T> static T *dev_copy(const T *h, size_t n) {
+    T *p = dev_alloc<T>(n);
+    if (p) cudaMemcpy(p, h, n * sizeof(T), cudaMemcpyHostToDevice);
+    return p;
+}
+template <typename T> static void to_host(T *h, const T *d, size_t n) {
+    cudaMemcpy(h, d, n * sizeof(T), cudaMemcpyDeviceToHost);
+}
+
+static uint32_t f32_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return u;
+}
+
+/* ---- gate logits ---------------------------------------------------------------------- */
+
+static void test_gate_logits_bit_identical(void) {
+    const int64_t shapes[][3] = {{37, 256, 256}, {5, 200, 67}, {129, 4096, 48}};
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 11);
+    for (int s = 0; s < 3; s++) {
+        int64_t T = shapes[s][0], H = shapes[s][1], E = shapes[s][2];
+        float *x = (float *)malloc(T * H * 4), *w = (float *)malloc(E * H * 4);
+        float *cpu = (float *)malloc(T * E * 4), *gpu = (float *)malloc(T * E * 4);
+        epmoe_fill_normal(&rng, x, T * H, 1.0f);
+        epmoe_fill_normal(&rng, w, E * H, 1.0f / sqrtf((float)H));
+        epmoe_cpu_gate_logits(x, w, T, H, E, cpu);
+        float *dx = dev_copy(x, T * H), *dw = dev_copy(w, E * H), *dl = dev_alloc<float>(T * E);
+        GT_OK(epmoe_cuda_gate_logits(dx, dw, T, H, E, dl, 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        to_host(gpu, dl, T * E);
+        int64_t diff = 0;
+        for (int64_t i = 0; i < T * E; i++) diff += f32_bits(cpu[i]) != f32_bits(gpu[i]);
+        GT_CHECK(diff == 0, "T=%lld H=%lld E=%lld: %lld logits differ in bits", (long long)T,
+                 (long long)H, (long long)E, (long long)diff);
+        cudaFree(dx), cudaFree(dw), cudaFree(dl);
+        free(x), free(w), free(cpu), free(gpu);
+    }
+}
+
+/* ---- routing -------------------------------------------------------------------------- */
+
+/* Routes logits[T,E] on both backends, compares ids exactly and weights to WEIGHT_REL_TOL. */
+static void compare_routing(const char *what, const epmoe_route_params *p, const float *logits,
+                            const float *bias, int64_t T, const int32_t *tid2eid,
+                            int64_t vocab, const int32_t *token_ids) {
+    const int64_t E = p->n_experts, k = p->top_k;
+    int32_t *ids_cpu = (int32_t *)malloc(T * k * 4), *ids_gpu = (int32_t *)malloc(T * k * 4);
+    float *w_cpu = (float *)malloc(T * k * 4), *w_gpu = (float *)malloc(T * k * 4);
+    if (tid2eid)
+        GT_OK(epmoe_cpu_route_hash(p, logits, tid2eid, vocab, token_ids, T, ids_cpu, w_cpu));
+    else
+        GT_OK(epmoe_cpu_route(p, logits, bias, T, ids_cpu, w_cpu));
+    float *dl = dev_copy(logits, T * E), *db = bias ? dev_copy(bias, E) : NULL;
+    int32_t *dids = dev_alloc<int32_t>(T * k);
+    float *dw = dev_alloc<float>(T * k);
+    uint32_t *dflags = dev_alloc<uint32_t>(1), flags = 0;
+    cudaMemset(dflags, 0, 4);
+    int32_t *dtab = NULL, *dtok = NULL;
+    if (tid2eid) {
+        dtab = dev_copy(tid2eid, vocab * k);
+        dtok = dev_copy(token_ids, T);
+        GT_OK(epmoe_cuda_route_hash(p, dl, dtab, vocab, dtok, T, dids, dw, dflags, 0));
+    } else {
+        GT_OK(epmoe_cuda_route(p, dl, db, T, dids, dw, dflags, 0));
+    }
+    GT_CUDA(cudaDeviceSynchronize());
+    to_host(ids_gpu, dids, T * k);
+    to_host(w_gpu, dw, T * k);
+    to_host(&flags, dflags, 1);
+    GT_CHECK(flags == 0, "%s: device flags 0x%x", what, flags);
+    int64_t id_diff = 0, first = -1;
+    double worst = 0;
+    for (int64_t i = 0; i < T * k; i++) {
+        if (ids_cpu[i] != ids_gpu[i]) {
+            if (first < 0) first = i;
+            id_diff++;
+        }
+        double rel = fabs((double)w_gpu[i] - w_cpu[i]) / fabs((double)w_cpu[i]);
+        if (!(rel <= worst)) worst = rel; /* NaN sticks */
+    }
+    GT_CHECK(id_diff == 0, "%s: %lld ids differ (first at token %lld slot %lld: cpu %d gpu %d)",
+             what, (long long)id_diff, (long long)(first / k), (long long)(first % k),
+             first >= 0 ? ids_cpu[first] : 0, first >= 0 ? ids_gpu[first] : 0);
+    GT_CHECK(worst <= WEIGHT_REL_TOL, "%s: weights differ by %.3g relative (tolerance %g)", what,
+             worst, WEIGHT_REL_TOL);
+    printf("   %s: ids identical=%s, max weight rel err %.2e\n", what, id_diff ? "NO" : "yes", worst);
+    cudaFree(dl), cudaFree(db), cudaFree(dids), cudaFree(dw), cudaFree(dflags), cudaFree(dtab),
+        cudaFree(dtok);
+    free(ids_cpu), free(ids_gpu), free(w_cpu), free(w_gpu);
+}
+
+static void test_routing_matches_cpu(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 21);
+    const int64_t T = 1000, E = 256;
+    float *logits = (float *)malloc(T * 384 * 4), *bias = (float *)malloc(384 * 4);
+    epmoe_fill_normal(&rng, logits, T * 384, 2.0f);
+    epmoe_fill_normal(&rng, bias, 384, 0.1f);
+
+    epmoe_route_params v4 = {E, 6, EPMOE_SCORING_SQRTSOFTPLUS, 1, 1, 1.5f};
+    compare_routing("dsv4 sqrtsoftplus+bias E=256 k=6", &v4, logits, bias, T, NULL, 0, NULL);
+    compare_routing("dsv4 no bias", &v4, logits, NULL, T, NULL, 0, NULL);
+    epmoe_route_params v4pro = {384, 6, EPMOE_SCORING_SQRTSOFTPLUS, 1, 1, 2.5f};
+    compare_routing("dsv4-pro E=384", &v4pro, logits, bias, T, NULL, 0, NULL);
+    epmoe_route_params v3 = {E, 8, EPMOE_SCORING_SIGMOID, 8, 4, 2.5f};
+    compare_routing("dsv3 sigmoid, 8 groups keep 4, k=8", &v3, logits, bias, T, NULL, 0, NULL);
+
+    /* Ties everywhere: logits from four values, no bias; the lower id must win on both. */
+    float *tied = (float *)malloc(T * E * 4);
+    const float levels[4] = {-1.0f, 0.0f, 0.5f, 1.0f};
+    for (int64_t i = 0; i < T * E; i++) tied[i] = levels[epmoe_rng_below(&rng, 4)];
+    compare_routing("dsv4 massive ties", &v4, tied, NULL, T, NULL, 0, NULL);
+    compare_routing("dsv3 massive ties (groups tie too)", &v3, tied, NULL, T, NULL, 0, NULL);
+
+    /* Hash routing: tid2eid rows of k distinct experts. */
+    const int64_t vocab = 777, k = 6;
+    int32_t *tab = (int32_t *)malloc(vocab * k * 4), *tok = (int32_t *)malloc(T * 4);
+    for (int64_t v = 0; v < vocab; v++)
+        for (int64_t j = 0; j < k; j++) {
+            int32_t e;
+            int dup;
+            do {
+                e = (int32_t)epmoe_rng_below(&rng, E);
+                dup = 0;
+                for (int64_t i = 0; i < j; i++) dup |= tab[v * k + i] == e;
+            } while (dup);
+            tab[v * k + j] = e;
+        }
+    for (int64_t t = 0; t < T; t++) tok[t] = (int32_t)epmoe_rng_below(&rng, vocab);
+    tok[0] = 0, tok[1] = (int32_t)(vocab - 1);
+    compare_routing("hash (tid2eid)", &v4, logits, NULL, T, tab, vocab, tok);
+    free(logits), free(bias), free(tied), free(tab), free(tok);
+}
+
+/* Bad data cannot be returned without a sync: it raises a device flag and keeps ids in range. */
+static void test_routing_flags(void) {
+    const int64_t T = 4, E = 64, k = 4, vocab = 10;
+    epmoe_route_params p = {E, k, EPMOE_SCORING_SQRTSOFTPLUS, 1, 1, 1.0f};
+    float logits[T * E];
+    for (int64_t i = 0; i < T * E; i++) logits[i] = 0.01f * (float)(i % 97);
+    logits[2 * E + 5] = NAN;
+    int32_t tab[vocab * k], tok[T] = {1, 2, 3, 4};
+    for (int64_t i = 0; i < vocab * k; i++) tab[i] = (int32_t)(i % E);
+    float *dl = dev_copy(logits, T * E);
+    int32_t *dids = dev_alloc<int32_t>(T * k), ids[T * k];
+    float *dw = dev_alloc<float>(T * k);
+    uint32_t *dflags = dev_alloc<uint32_t>(1), flags = 0;
+    cudaMemset(dflags, 0, 4);
+    GT_OK(epmoe_cuda_route(&p, dl, NULL, T, dids, dw, dflags, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    to_host(&flags, dflags, 1);
+    to_host(ids, dids, T * k);
+    GT_CHECK(flags == EPMOE_CUDA_FLAG_NONFINITE_LOGIT, "NaN logit: flags 0x%x", flags);
+    GT_CHECK(epmoe_cuda_flags_status(flags, "test") == EPMOE_ERR_NUMERIC, "status of NaN flag");
+    int in_range = 1;
+    for (int64_t i = 0; i < T * k; i++) in_range &= ids[i] >= 0 && ids[i] < E;
+    GT_CHECK(in_range, "ids stay in range after a NaN logit");
+
+    logits[2 * E + 5] = 0.0f;
+    cudaMemcpy(dl, logits, sizeof logits, cudaMemcpyHostToDevice);
+    tok[3] = (int32_t)vocab; /* out of range */
+    int32_t *dtab = dev_copy(tab, vocab * k), *dtok = dev_copy(tok, T);
+    cudaMemset(dflags, 0, 4);
+    GT_OK(epmoe_cuda_route_hash(&p, dl, dtab, vocab, dtok, T, dids, dw, dflags, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    to_host(&flags, dflags, 1);
+    GT_CHECK(flags == EPMOE_CUDA_FLAG_TOKEN_RANGE, "token id == vocab: flags 0x%x", flags);
+    GT_CHECK(epmoe_cuda_flags_status(flags, "test") == EPMOE_ERR_RANGE, "status of range flag");
+    cudaFree(dl), cudaFree(dids), cudaFree(dw), cudaFree(dflags), cudaFree(dtab), cudaFree(dtok);
+}
+
+/* ---- NVFP4 quantization ---------------------------------------------------------------- */
+
+/* Rows that exercise every branch: ordinary magnitudes over 6 decades, an all-zero row, -0,
+ * subnormal block scales next to a huge outlier, and exact E2M1 midpoints (ties to even). */
+static void make_quant_rows(epmoe_rng *rng, float *x, int64_t rows, int64_t K) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *row = x + r * K;
+        float scale = powf(10.0f, -3.0f + 6.0f * epmoe_rng_uniform(rng));
+        epmoe_fill_normal(rng, row, K, scale);
+        switch (r % 8) {
+        case 1: memset(row, 0, K * 4); break;
+        case 2:
+            for (int64_t i = 0; i < K; i += 3) row[i] = -0.0f;
+            break;
+        case 3: /* one outlier: the other blocks get tiny (subnormal e4m3) scales */
+            epmoe_fill_normal(rng, row, K, 1e-3f);
+            row[K / 2] = 3.0e4f;
+            break;
+        case 4: { /* amax 2688 -> global_sf 1; blocks of max 6 -> sf 1: codes see x itself */
+            const float mids[8] = {0.25f, 0.75f, 1.25f, 1.75f, 2.5f, 3.5f, 5.0f, 6.0f};
+            for (int64_t i = 0; i < K; i++)
+                row[i] = (i % 16 == 15 ? 6.0f : mids[i % 8]) * (i % 5 == 0 ? -1.0f : 1.0f);
+            row[0] = 2688.0f;
+            break;
+        }
+        case 5: /* values past the saturation point of a rounded-down block scale */
+            for (int64_t i = 0; i < K; i++) row[i] = (i % 16 == 0) ? 1.03f * scale : 0.5f * scale;
+            break;
+        default: break;
+        }
+    }
+}
+
+static void test_nvfp4_quantize_bit_identical(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 31);
+    const int64_t shapes[][2] = {{64, 256}, {9, 7168}, {3, 16}};
+    for (int s = 0; s < 3; s++) {
+        int64_t rows = shapes[s][0], K = shapes[s][1];
+        float *x = (float *)malloc(rows * K * 4), *inv_cpu = (float *)malloc(rows * 4),
+              *inv_gpu = (float *)malloc(rows * 4);
+        uint8_t *codes_cpu = (uint8_t *)malloc(rows * K / 2), *codes_gpu = (uint8_t *)malloc(rows * K / 2);
+        uint8_t *sf_cpu = (uint8_t *)malloc(rows * K / 16), *sf_gpu = (uint8_t *)malloc(rows * K / 16);
+        make_quant_rows(&rng, x, rows, K);
+        unsigned long long sat_cpu = 0, sat_gpu = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            float gs = epmoe_nvfp4_global_sf(epmoe_amax(x + r * K, K));
+            sat_cpu += epmoe_nvfp4_quantize_row(x + r * K, K, gs, codes_cpu + r * K / 2,
+                                                sf_cpu + r * K / 16);
+            inv_cpu[r] = 1.0f / gs;
+        }
+        float *dx = dev_copy(x, rows * K), *dinv = dev_alloc<float>(rows);
+        uint8_t *dcodes = dev_alloc<uint8_t>(rows * K / 2), *dsf = dev_alloc<uint8_t>(rows * K / 16);
+        unsigned long long *dsat = dev_alloc<unsigned long long>(1);
+        cudaMemset(dsat, 0, 8);
+        GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, rows, K, NULL, NULL, NULL, 0, NULL, dcodes, dsf,
+                                             dinv, dsat, 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        to_host(codes_gpu, dcodes, rows * K / 2);
+        to_host(sf_gpu, dsf, rows * K / 16);
+        to_host(inv_gpu, dinv, rows);
+        to_host(&sat_gpu, dsat, 1);
+        int64_t code_diff = 0, sf_diff = 0, inv_diff = 0;
+        for (int64_t i = 0; i < rows * K / 2; i++) code_diff += codes_cpu[i] != codes_gpu[i];
+        for (int64_t i = 0; i < rows * K / 16; i++) sf_diff += sf_cpu[i] != sf_gpu[i];
+        for (int64_t r = 0; r < rows; r++) inv_diff += f32_bits(inv_cpu[r]) != f32_bits(inv_gpu[r]);
+        GT_CHECK(code_diff == 0, "rows=%lld K=%lld: %lld code bytes differ", (long long)rows,
+                 (long long)K, (long long)code_diff);
+        GT_CHECK(sf_diff == 0, "rows=%lld K=%lld: %lld block scales differ", (long long)rows,
+                 (long long)K, (long long)sf_diff);
+        GT_CHECK(inv_diff == 0, "rows=%lld K=%lld: %lld 1/global_sf differ", (long long)rows,
+                 (long long)K, (long long)inv_diff);
+        GT_CHECK(sat_cpu == sat_gpu, "saturations cpu %llu gpu %llu", sat_cpu, sat_gpu);
+        printf("   rows=%lld K=%lld: codes/scales identical, %llu saturated\n", (long long)rows,
+               (long long)K, sat_gpu);
+        cudaFree(dx), cudaFree(dinv), cudaFree(dcodes), cudaFree(dsf), cudaFree(dsat);
+        free(x), free(inv_cpu), free(inv_gpu), free(codes_cpu), free(codes_gpu), free(sf_cpu),
+            free(sf_gpu);
+    }
+}
+
+/* The padded path: rows gathered from tokens, static per-expert scales (too small, so that
+ * saturation happens and is counted), padding rows never written. */
+static void test_nvfp4_quantize_padded_static(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 41);
+    const int64_t n = 3, K = 256, T = 50, pad = 128;
+    const int64_t counts[n] = {5, 0, 130};
+    int64_t offsets[n + 1];
+    epmoe_padded_offsets_from_counts(counts, n, pad, offsets);
+    const int64_t cap = offsets[n];
+    float x[T * K], input_scale[n] = {0.5f / 2688.0f, 1.0f / 2688.0f, 2.0f / 2688.0f};
+    epmoe_fill_normal(&rng, x, T * K, 1.0f);
+    int32_t token_of_row[cap];
+    for (int64_t r = 0; r < cap; r++) token_of_row[r] = (int32_t)epmoe_rng_below(&rng, T);
+    int64_t *doff = dev_copy(offsets, n + 1), *dcnt = dev_copy(counts, n);
+    int32_t *dtor = dev_copy(token_of_row, cap);
+    float *dx = dev_copy(x, T * K), *dis = dev_copy(input_scale, n), *dinv = dev_alloc<float>(cap);
+    uint8_t *dcodes = dev_alloc<uint8_t>(cap * K / 2), *dsf = dev_alloc<uint8_t>(cap * K / 16);
+    unsigned long long *dsat = dev_alloc<unsigned long long>(1), sat_gpu = 0, sat_cpu = 0;
+    cudaMemset(dsat, 0, 8);
+    GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, cap, K, dtor, doff, dcnt, n, dis, dcodes, dsf, dinv,
+                                         dsat, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    uint8_t *codes = (uint8_t *)malloc(cap * K / 2), *sf = (uint8_t *)malloc(cap * K / 16);
+    float *inv = (float *)malloc(cap * 4);
+    to_host(codes, dcodes, cap * K / 2);
+    to_host(sf, dsf, cap * K / 16);
+    to_host(inv, dinv, cap);
+    to_host(&sat_gpu, dsat, 1);
+    int64_t wrong = 0, written_padding = 0;
+    uint8_t c_ref[K / 2], s_ref[K / 16];
+    for (int64_t e = 0; e < n; e++)
+        for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
+            if (r - offsets[e] < counts[e]) {
+                float gs = 1.0f / input_scale[e];
+                sat_cpu += epmoe_nvfp4_quantize_row(x + token_of_row[r] * K, K, gs, c_ref, s_ref);
+                wrong += memcmp(c_ref, codes + r * K / 2, K / 2) != 0;
+                wrong += memcmp(s_ref, sf + r * K / 16, K / 16) != 0;
+                wrong += f32_bits(inv[r]) != f32_bits(1.0f / gs);
+            } else {
+                for (int64_t i = 0; i < K / 2; i++) written_padding += codes[r * K / 2 + i] != 0xff;
+                written_padding += f32_bits(inv[r]) != 0xffffffffu;
+            }
+        }
+    GT_CHECK(wrong == 0, "%lld real rows differ from the CPU quantizer", (long long)wrong);
+    GT_CHECK(written_padding == 0, "%lld padding bytes were written", (long long)written_padding);
+    GT_CHECK(sat_cpu == sat_gpu && sat_gpu > 0, "saturations cpu %llu gpu %llu (want > 0)",
+             sat_cpu, sat_gpu);
+    cudaFree(doff), cudaFree(dcnt), cudaFree(dtor), cudaFree(dx), cudaFree(dis), cudaFree(dinv),
+        cudaFree(dcodes), cudaFree(dsf), cudaFree(dsat);
+    free(codes), free(sf), free(inv);
+}
+
+/* ---- padded layout --------------------------------------------------------------------- */
+
+static void check_layout_case(const char *what, const int32_t *ids, int64_t T, int64_t k,
+                              int64_t start, int64_t n_local) {
+    const int64_t pad = 128, n_pairs = T * k;
+    const int64_t cap = epmoe_round_up(epmoe_padded_capacity(n_pairs, n_local, pad), 128);
+    int64_t *counts = (int64_t *)calloc(n_local, 8), *offsets = (int64_t *)malloc((n_local + 1) * 8);
+    int32_t *rows = (int32_t *)malloc(n_pairs * 4);
+    for (int64_t p = 0; p < n_pairs; p++) {
+        int64_t e = ids[p] - start;
+        if (e >= 0 && e < n_local) counts[e]++;
+    }
+    epmoe_padded_offsets_from_counts(counts, n_local, pad, offsets);
+    int64_t *seen = (int64_t *)calloc(n_local, 8);
+    for (int64_t p = 0; p < n_pairs; p++) {
+        int64_t e = ids[p] - start;
+        rows[p] = (e >= 0 && e < n_local) ? (int32_t)(offsets[e] + seen[e]++) : -1;
+    }
+    int32_t *dids = dev_copy(ids, n_pairs), *drank = dev_alloc<int32_t>(n_pairs),
+            *drows = dev_alloc<int32_t>(n_pairs), *dtor = dev_alloc<int32_t>(cap);
+    int64_t *dcnt = dev_alloc<int64_t>(n_local), *doff = dev_alloc<int64_t>(n_local + 1);
+    GT_OK(epmoe_cuda_plan_layout(dids, T, k, start, n_local, pad, drank, dcnt, doff, drows, dtor, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    int64_t *g_cnt = (int64_t *)malloc(n_local * 8), *g_off = (int64_t *)malloc((n_local + 1) * 8);
+    int32_t *g_rows = (int32_t *)malloc(n_pairs * 4), *g_tor = (int32_t *)malloc(cap * 4);
+    to_host(g_cnt, dcnt, n_local);
+    to_host(g_off, doff, n_local + 1);
+    to_host(g_rows, drows, n_pairs);
+    to_host(g_tor, dtor, cap);
+    GT_CHECK(memcmp(g_cnt, counts, n_local * 8) == 0, "%s: tokens_per_expert differ", what);
+    GT_CHECK(memcmp(g_off, offsets, (n_local + 1) * 8) == 0,
+             "%s: padded offsets differ from epmoe_padded_offsets_from_counts", what);
+    GT_CHECK(memcmp(g_rows, rows, n_pairs * 4) == 0, "%s: row_of_pair differs", what);
+    int64_t bad_tor = 0;
+    for (int64_t p = 0; p < n_pairs; p++)
+        if (rows[p] >= 0) bad_tor += g_tor[rows[p]] != (int32_t)(p / k);
+    GT_CHECK(bad_tor == 0, "%s: %lld token_of_row entries wrong", what, (long long)bad_tor);
+    cudaFree(dids), cudaFree(drank), cudaFree(drows), cudaFree(dtor), cudaFree(dcnt), cudaFree(doff);
+    free(counts), free(offsets), free(rows), free(seen), free(g_cnt), free(g_off), free(g_rows),
+        free(g_tor);
+}
+
+static void test_layout_matches_cpu(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 51);
+    const int64_t T = 700, k = 6, E = 256, n = T * k;
+    int32_t *ids = (int32_t *)malloc(n * 4);
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)epmoe_rng_below(&rng, E);
+    check_layout_case("random", ids, T, k, 0, E);
+    check_layout_case("slice [64, 128) of 256 (others -1)", ids, T, k, 64, 64);
+    for (int64_t i = 0; i < n; i++) ids[i] = 17;
+    check_layout_case("everything in one expert", ids, T, k, 0, E);
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)(E - 1);
+    check_layout_case("everything in the last expert", ids, T, k, 0, E);
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)(2 * epmoe_rng_below(&rng, E / 2));
+    check_layout_case("odd experts empty", ids, T, k, 0, E);
+    for (int64_t i = 0; i < n; i++) ids[i] = (int32_t)(i % 3 == 0 ? 0 : E - 1);
+    check_layout_case("first and last only", ids, 1, k, 0, E);
+    check_layout_case("zero tokens", ids, 0, k, 0, E);
+    free(ids);
+}
+
+/* ---- SwiGLU ---------------------------------------------------------------------------- */
+
+static void test_swiglu_matches_cpu(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 61);
+    const int64_t rows = 97, I = 384;
+    float *h = (float *)malloc(rows * 2 * I * 4), *cpu = (float *)malloc(rows * I * 4),
+          *gpu = (float *)malloc(rows * I * 4);
+    epmoe_fill_normal(&rng, h, rows * 2 * I, 8.0f); /* |g|, |u| > 10 often: the clamp fires */
+    int64_t fires = 0;
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t i = 0; i < I; i++) fires += h[r * 2 * I + i] > 10.0f || fabsf(h[r * 2 * I + I + i]) > 10.0f;
+    GT_CHECK(fires > rows, "the clamp must fire (%lld elements beyond L)", (long long)fires);
+    float *dh = dev_copy(h, rows * 2 * I), *dout = dev_alloc<float>(rows * I);
+    const struct {
+        float limit;
+        int variant;
+        const char *name;
+    } cases[] = {{10.0f, EPMOE_SWIGLU_DSV4, "dsv4 L=10"},
+                 {10.0f, EPMOE_SWIGLU_STEP, "step L=10"},
+                 {0.0f, EPMOE_SWIGLU_DSV4, "no clamp"}};
+    for (int c = 0; c < 3; c++) {
+        cudaMemset(dout, 0xff, rows * I * 4);
+        epmoe_cpu_swiglu(h, rows, I, cases[c].limit, cases[c].variant, cpu);
+        GT_OK(epmoe_cuda_swiglu(dh, rows, I, cases[c].limit, cases[c].variant, NULL, NULL, 0,
+                                dout, NULL, 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        to_host(gpu, dout, rows * I);
+        double worst = 0;
+        for (int64_t i = 0; i < rows * I; i++) {
+            double d = fabs((double)gpu[i] - cpu[i]) / (fabs((double)cpu[i]) + 1e-30);
+            if (!(d <= worst)) worst = d;
+        }
+        GT_CHECK(worst <= SWIGLU_REL_TOL, "%s: max rel err %.3g (tolerance %g)", cases[c].name,
+                 worst, SWIGLU_REL_TOL);
+        printf("   swiglu %s: max rel err %.2e\n", cases[c].name, worst);
+    }
+    cudaFree(dh), cudaFree(dout);
+    free(h), free(cpu), free(gpu);
+}
+
+/* ---- combine --------------------------------------------------------------------------- */
+
+static void test_combine_bit_identical(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 71);
+    const int64_t T = 33, k = 6, H = 256, rows = 300;
+    float *y = (float *)malloc(rows * H * 4), *w = (float *)malloc(T * k * 4),
+          *shared = (float *)malloc(T * H * 4), *cpu = (float *)malloc(T * H * 4),
+          *gpu = (float *)malloc(T * H * 4);
+    int32_t *row_of_pair = (int32_t *)malloc(T * k * 4);
+    epmoe_fill_normal(&rng, y, rows * H, 1.0f);
+    epmoe_fill_uniform(&rng, w, T * k, 0.01f, 1.0f);
+    epmoe_fill_normal(&rng, shared, T * H, 1.0f);
+    for (int64_t i = 0; i < T * k; i++)
+        row_of_pair[i] = i % 7 == 3 ? -1 : (int32_t)epmoe_rng_below(&rng, rows);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t c = 0; c < H; c++) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; j++) {
+                int32_t r = row_of_pair[t * k + j];
+                if (r < 0) continue;
+                float prod = w[t * k + j] * y[r * H + c];
+                acc = acc + prod;
+            }
+            cpu[t * H + c] = acc + shared[t * H + c];
+        }
+    float *dy = dev_copy(y, rows * H), *dw = dev_copy(w, T * k), *ds = dev_copy(shared, T * H),
+          *dout = dev_alloc<float>(T * H);
+    int32_t *drows = dev_copy(row_of_pair, T * k);
+    GT_OK(epmoe_cuda_combine(dy, H, drows, dw, T, k, ds, dout, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    to_host(gpu, dout, T * H);
+    int64_t diff = 0;
+    for (int64_t i = 0; i < T * H; i++) diff += f32_bits(cpu[i]) != f32_bits(gpu[i]);
+    GT_CHECK(diff == 0, "%lld combined elements differ in bits", (long long)diff);
+    cudaFree(dy), cudaFree(dw), cudaFree(ds), cudaFree(dout), cudaFree(drows);
+    free(y), free(w), free(shared), free(cpu), free(gpu), free(row_of_pair);
+}
+
+int main(void) {
+    if (!gt_have_device()) return 77;
+    GT_RUN(test_gate_logits_bit_identical);
+    GT_RUN(test_routing_matches_cpu);
+    GT_RUN(test_routing_flags);
+    GT_RUN(test_nvfp4_quantize_bit_identical);
+    GT_RUN(test_nvfp4_quantize_padded_static);
+    GT_RUN(test_layout_matches_cpu);
+    GT_RUN(test_swiglu_matches_cpu);
+    GT_RUN(test_combine_bit_identical);
+    return gt_finish();
+}

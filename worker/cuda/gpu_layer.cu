@@ -1,0 +1,423 @@
+/* One MoE layer on one GPU: the arena, the device weights and the staged forward
+ * (worker/cuda/gpu_layer.h). */
+#include <stdlib.h>
+#include <string.h>
+
+#include "common/layout.h"
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/grouped_gemm.h"
+#include "kernels/cuda/ops_cuda.h"
+#include "worker/cuda/gpu_layer.h"
+
+#define ARENA_ALIGN 256
+#define CUBLAS_WORKSPACE_BYTES (32u << 20) /* cuBLAS's recommendation for Hopper */
+
+/* ---- carving one allocation into named buffers ------------------------------------------- */
+
+typedef struct {
+    const char *name;
+    void **slot;
+    size_t bytes;
+} carve_entry;
+
+typedef struct {
+    carve_entry entries[40];
+    int n;
+} carve_plan;
+
+static void carve_add(carve_plan *p, const char *name, void *slot, size_t bytes) {
+    p->entries[p->n++] = (carve_entry){name, (void **)slot, bytes};
+}
+
+static size_t carve_total(const carve_plan *p) {
+    size_t total = 0;
+    for (int i = 0; i < p->n; i++) total += epmoe_round_up((int64_t)p->entries[i].bytes, ARENA_ALIGN);
+    return total;
+}
+
+/* Points every slot into base (NULL for zero-sized buffers). */
+static void carve_assign(const carve_plan *p, void *base) {
+    size_t offset = 0;
+    for (int i = 0; i < p->n; i++) {
+        *p->entries[i].slot = p->entries[i].bytes ? (char *)base + offset : NULL;
+        offset += epmoe_round_up((int64_t)p->entries[i].bytes, ARENA_ALIGN);
+    }
+}
+
+/* ---- context and arena ------------------------------------------------------------------- */
+
+static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a, carve_plan *p) {
+    const epmoe_config *c = &ctx->cfg;
+    const int64_t T = a->max_tokens, k = c->top_k, E = c->n_routed_experts;
+    const int64_t H = c->hidden_size, I = c->moe_inter_size, Is = ctx->shared_inter;
+    const int64_t n = ctx->n_local, cap = a->cap_rows, K_max = H > I ? H : I;
+    const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
+    memset(p, 0, sizeof *p);
+    carve_add(p, "logits [T,E] f32", &a->logits, (size_t)(T * E) * 4);
+    carve_add(p, "ids [T,k] i32", &a->ids, (size_t)(T * k) * 4);
+    carve_add(p, "weights [T,k] f32", &a->weights, (size_t)(T * k) * 4);
+    carve_add(p, "pair_rank [T*k] i32", &a->pair_rank, (size_t)(T * k) * 4);
+    carve_add(p, "row_of_pair [T*k] i32", &a->row_of_pair, (size_t)(T * k) * 4);
+    carve_add(p, "tokens_per_expert [n_local] i64", &a->tokens_per_expert, (size_t)n * 8);
+    carve_add(p, "padded_offsets [n_local+1] i64", &a->padded_offsets, (size_t)(n + 1) * 8);
+    carve_add(p, "token_of_row [cap] i32", &a->token_of_row, (size_t)cap * 4);
+    carve_add(p, "a_codes [cap,max(H,I)/2] e2m1", &a->a_codes, nvfp4 ? (size_t)(cap * K_max / 2) : 0);
+    carve_add(p, "a_sf [cap,max(H,I)/16] ue4m3", &a->a_sf, nvfp4 ? (size_t)(cap * K_max / 16) : 0);
+    carve_add(p, "a_scale [cap] f32", &a->a_scale, nvfp4 ? (size_t)cap * 4 : 0);
+    carve_add(p, "a_bf16 [cap,max(H,I)] bf16", &a->a_bf16, nvfp4 ? 0 : (size_t)(cap * K_max) * 2);
+    carve_add(p, "h [cap,2I] f32", &a->h, (size_t)(cap * 2 * I) * 4);
+    carve_add(p, "act [cap,I] f32", &a->act, nvfp4 ? (size_t)(cap * I) * 4 : 0);
+    carve_add(p, "y [cap,H] f32", &a->y, (size_t)(cap * H) * 4);
+    carve_add(p, "shared_x [T,H] bf16", &a->shared_x_bf16, (size_t)(T * H) * 2 * (Is > 0));
+    carve_add(p, "shared_h [T,2Is] f32", &a->shared_h, (size_t)(T * 2 * Is) * 4);
+    carve_add(p, "shared_a [T,Is] bf16", &a->shared_a_bf16, (size_t)(T * Is) * 2);
+    carve_add(p, "shared_y [T,H] f32", &a->shared_y, (size_t)(T * H) * 4 * (Is > 0));
+    a->cublas_workspace_bytes = Is > 0 ? CUBLAS_WORKSPACE_BYTES : 0;
+    carve_add(p, "cublas workspace", &a->cublas_workspace, a->cublas_workspace_bytes);
+    carve_add(p, "error_flags u32", &a->error_flags, 4);
+    carve_add(p, "saturated u64", &a->saturated, 8);
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64_t expert_start,
+                                      int64_t n_local, int64_t max_expert_rows, FILE *log,
+                                      epmoe_gpu_context **out) {
+    *out = NULL;
+    EPMOE_TRY(epmoe_config_validate(cfg));
+    EPMOE_REQUIRE(n_local > 0 && expert_start >= 0 && expert_start + n_local <= cfg->n_routed_experts,
+                  EPMOE_ERR_INVALID_ARG, "gpu context: slice [%lld, %lld) outside [0, %lld)",
+                  (long long)expert_start, (long long)(expert_start + n_local),
+                  (long long)cfg->n_routed_experts);
+    EPMOE_REQUIRE(cfg->expert_pad_rows % EPMOE_GEMM_PAD_ROWS == 0, EPMOE_ERR_UNSUPPORTED,
+                  "gpu context: expert_pad_rows = %lld, the GPU GEMMs need a multiple of %d",
+                  (long long)cfg->expert_pad_rows, EPMOE_GEMM_PAD_ROWS);
+    EPMOE_REQUIRE(cfg->weight_format == EPMOE_WEIGHTS_NVFP4 || cfg->weight_format == EPMOE_WEIGHTS_MXFP4,
+                  EPMOE_ERR_INVALID_ARG, "gpu context: unknown weight format %lld",
+                  (long long)cfg->weight_format);
+    EPMOE_REQUIRE(max_expert_rows > 0, EPMOE_ERR_INVALID_ARG,
+                  "gpu context: max_expert_rows = %lld", (long long)max_expert_rows);
+
+    epmoe_gpu_context *ctx = (epmoe_gpu_context *)calloc(1, sizeof *ctx);
+    EPMOE_REQUIRE(ctx, EPMOE_ERR_OOM, "gpu context: out of host memory");
+    ctx->cfg = *cfg;
+    ctx->device = device;
+    ctx->expert_start = expert_start;
+    ctx->n_local = n_local;
+    ctx->shared_inter = cfg->n_shared_experts * cfg->moe_inter_size;
+    epmoe_gpu_arena *a = &ctx->arena;
+    a->max_tokens = cfg->max_tokens_per_rank;
+    a->max_expert_rows = max_expert_rows;
+    a->cap_rows = epmoe_round_up(
+        epmoe_padded_capacity(max_expert_rows, n_local, cfg->expert_pad_rows), EPMOE_GEMM_PAD_ROWS);
+
+    epmoe_status st = EPMOE_OK;
+    cudaError_t err = cudaSetDevice(device);
+    if (err != cudaSuccess) {
+        st = epmoe_set_error(EPMOE_ERR_CUDA, __FILE__, __LINE__, "cudaSetDevice(%d) failed: %s",
+                             device, cudaGetErrorString(err));
+        goto fail;
+    }
+    carve_plan plan;
+    plan_arena(ctx, a, &plan);
+    a->bytes = carve_total(&plan);
+    err = cudaMalloc(&a->base, a->bytes);
+    if (err != cudaSuccess) {
+        st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__,
+                             "gpu arena: cudaMalloc of %zu bytes (%.1f MiB) failed: %s; lower "
+                             "max_tokens_per_rank (%lld) or use more ranks",
+                             a->bytes, a->bytes / 1048576.0, cudaGetErrorString(err),
+                             (long long)cfg->max_tokens_per_rank);
+        goto fail;
+    }
+    carve_assign(&plan, a->base);
+    err = cudaMemset(a->base, 0, a->bytes);
+    if (err != cudaSuccess) {
+        st = epmoe_set_error(EPMOE_ERR_CUDA, __FILE__, __LINE__, "clearing the arena: %s",
+                             cudaGetErrorString(err));
+        goto fail;
+    }
+    if (cublasCreate(&ctx->cublas) != CUBLAS_STATUS_SUCCESS) {
+        ctx->cublas = NULL;
+        st = epmoe_set_error(EPMOE_ERR_CUDA, __FILE__, __LINE__, "cublasCreate failed");
+        goto fail;
+    }
+    if (log) {
+        fprintf(log,
+                "gpu arena (device %d): %lld tokens, %lld expert rows, %lld padded rows over "
+                "%lld local experts\n",
+                device, (long long)a->max_tokens, (long long)max_expert_rows,
+                (long long)a->cap_rows, (long long)n_local);
+        for (int i = 0; i < plan.n; i++)
+            if (plan.entries[i].bytes)
+                fprintf(log, "  %-34s %14zu bytes\n", plan.entries[i].name, plan.entries[i].bytes);
+        fprintf(log, "  %-34s %14zu bytes (%.1f MiB)\n", "total (one cudaMalloc)", a->bytes,
+                a->bytes / 1048576.0);
+    }
+    *out = ctx;
+    return EPMOE_OK;
+fail:
+    epmoe_gpu_context_free(ctx);
+    return st;
+}
+
+void epmoe_gpu_context_free(epmoe_gpu_context *ctx) {
+    if (!ctx) return;
+    if (ctx->cublas) cublasDestroy(ctx->cublas);
+    if (ctx->arena.base) cudaFree(ctx->arena.base);
+    free(ctx);
+}
+
+/* ---- layer weights ----------------------------------------------------------------------- */
+
+epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
+                                    epmoe_gpu_layer *out) {
+    memset(out, 0, sizeof *out);
+    const epmoe_config *c = &ctx->cfg;
+    const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
+    const int64_t E = c->n_routed_experts, k = c->top_k, Is = ctx->shared_inter;
+    EPMOE_REQUIRE(w->hidden_size == H && w->inter_size == I && w->n_local == n &&
+                      w->slice.start == ctx->expert_start && w->n_experts == E,
+                  EPMOE_ERR_INVALID_ARG,
+                  "layer %lld weights (H=%lld I=%lld experts [%lld,+%lld) of %lld) do not match "
+                  "the GPU context (H=%lld I=%lld [%lld,+%lld) of %lld)",
+                  (long long)w->layer, (long long)w->hidden_size, (long long)w->inter_size,
+                  (long long)w->slice.start, (long long)w->n_local, (long long)w->n_experts,
+                  (long long)H, (long long)I, (long long)ctx->expert_start, (long long)n,
+                  (long long)E);
+    EPMOE_REQUIRE(w->w13_codes && w->w13_sf && w->w13_scale_2 && w->w2_codes && w->w2_sf &&
+                      w->w2_scale_2 && w->gate_weight,
+                  EPMOE_ERR_INVALID_ARG, "layer %lld: expert or gate weights missing",
+                  (long long)w->layer);
+    const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
+    EPMOE_REQUIRE(!static_scale || (w->w13_input_scale && w->w2_input_scale),
+                  EPMOE_ERR_INVALID_ARG, "layer %lld: act_scale=static needs input_scale tensors",
+                  (long long)w->layer);
+    const int hash = w->layer < c->n_hash_layers;
+    EPMOE_REQUIRE(!hash || (w->tid2eid && w->vocab_size > 0), EPMOE_ERR_INVALID_ARG,
+                  "layer %lld is hash-routed (n_hash_layers=%lld) but has no tid2eid table",
+                  (long long)w->layer, (long long)c->n_hash_layers);
+    EPMOE_REQUIRE(Is == 0 || (w->shared_inter == Is && w->shared_w13 && w->shared_w2),
+                  EPMOE_ERR_INVALID_ARG,
+                  "layer %lld: shared expert of %lld columns, config says %lld",
+                  (long long)w->layer, (long long)w->shared_inter, (long long)Is);
+
+    out->layer = w->layer;
+    out->hash_routed = hash;
+    out->vocab_size = hash ? w->vocab_size : 0;
+    struct {
+        const void *src;
+        size_t bytes;
+    } copies[12];
+    int n_copies = 0;
+    carve_plan plan;
+    memset(&plan, 0, sizeof plan);
+#define ADD(field, src_ptr, nbytes)                                                             \
+    do {                                                                                        \
+        carve_add(&plan, #field, &out->field, (nbytes));                                        \
+        copies[n_copies].src = (src_ptr);                                                       \
+        copies[n_copies].bytes = (nbytes);                                                      \
+        n_copies++;                                                                             \
+    } while (0)
+    ADD(w13_codes, w->w13_codes, (size_t)(n * 2 * I * H / 2));
+    ADD(w13_sf, w->w13_sf, (size_t)(n * 2 * I * H / 16));
+    ADD(w13_scale_2, w->w13_scale_2, (size_t)(n * 2) * 4);
+    ADD(w2_codes, w->w2_codes, (size_t)(n * H * I / 2));
+    ADD(w2_sf, w->w2_sf, (size_t)(n * H * I / 16));
+    ADD(w2_scale_2, w->w2_scale_2, (size_t)n * 4);
+    ADD(w13_input_scale, w->w13_input_scale, static_scale ? (size_t)n * 4 : 0);
+    ADD(w2_input_scale, w->w2_input_scale, static_scale ? (size_t)n * 4 : 0);
+    ADD(gate_weight, w->gate_weight, (size_t)(E * H) * 4);
+    ADD(gate_bias, w->gate_bias, w->gate_bias && !hash ? (size_t)E * 4 : 0);
+    ADD(tid2eid, w->tid2eid, hash ? (size_t)(w->vocab_size * k) * 4 : 0);
+#undef ADD
+    /* bf16 shared weights, converted on the device from an fp32 staging copy */
+    carve_add(&plan, "shared_w13", &out->shared_w13, (size_t)(2 * Is * H) * 2);
+    carve_add(&plan, "shared_w2", &out->shared_w2, (size_t)(H * Is) * 2);
+    out->bytes = carve_total(&plan);
+    CUDA_TRY(cudaSetDevice(ctx->device), "selecting the context's device");
+    CUDA_TRY(cudaMalloc(&out->base, out->bytes), "allocating a layer's device weights");
+    carve_assign(&plan, out->base);
+    for (int i = 0; i < n_copies; i++)
+        if (copies[i].bytes)
+            CUDA_TRY(cudaMemcpy(*plan.entries[i].slot, copies[i].src, copies[i].bytes,
+                                cudaMemcpyHostToDevice),
+                     plan.entries[i].name);
+    if (Is > 0) {
+        size_t n13 = (size_t)(2 * Is * H), n2 = (size_t)(H * Is);
+        float *staging = NULL;
+        CUDA_TRY(cudaMalloc(&staging, (n13 > n2 ? n13 : n2) * 4), "staging the shared expert");
+        epmoe_status st = EPMOE_OK;
+        cudaError_t err = cudaMemcpy(staging, w->shared_w13, n13 * 4, cudaMemcpyHostToDevice);
+        if (err == cudaSuccess) st = epmoe_cuda_f32_to_bf16(staging, n13, out->shared_w13, 0);
+        if (err == cudaSuccess && st == EPMOE_OK)
+            err = cudaMemcpy(staging, w->shared_w2, n2 * 4, cudaMemcpyHostToDevice);
+        if (err == cudaSuccess && st == EPMOE_OK)
+            st = epmoe_cuda_f32_to_bf16(staging, n2, out->shared_w2, 0);
+        if (err == cudaSuccess && st == EPMOE_OK) err = cudaDeviceSynchronize();
+        cudaFree(staging);
+        if (st != EPMOE_OK) return st;
+        CUDA_TRY(err, "converting the shared expert to bf16");
+    }
+    return EPMOE_OK;
+}
+
+void epmoe_gpu_layer_free(epmoe_gpu_layer *layer) {
+    if (layer->base) cudaFree(layer->base);
+    memset(layer, 0, sizeof *layer);
+}
+
+/* ---- the forward stages ------------------------------------------------------------------ */
+
+static epmoe_status check_tokens(const epmoe_gpu_context *ctx, int64_t T) {
+    EPMOE_REQUIRE(T >= 0 && T <= ctx->arena.max_tokens, EPMOE_ERR_INVALID_ARG,
+                  "forward of %lld tokens: the arena holds at most %lld (max_tokens_per_rank)",
+                  (long long)T, (long long)ctx->arena.max_tokens);
+    EPMOE_REQUIRE(T * ctx->cfg.top_k <= ctx->arena.max_expert_rows, EPMOE_ERR_INVALID_ARG,
+                  "forward of %lld tokens x top_k %lld exceeds the arena's %lld expert rows",
+                  (long long)T, (long long)ctx->cfg.top_k, (long long)ctx->arena.max_expert_rows);
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_gpu_route(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                             const float *x, const int32_t *token_ids, int64_t T,
+                             cudaStream_t stream) {
+    EPMOE_TRY(check_tokens(ctx, T));
+    const epmoe_config *c = &ctx->cfg;
+    epmoe_gpu_arena *a = &ctx->arena;
+    epmoe_route_params p = epmoe_route_params_from_config(c);
+    EPMOE_TRY(epmoe_cuda_gate_logits(x, layer->gate_weight, T, c->hidden_size,
+                                     c->n_routed_experts, a->logits, stream));
+    if (layer->hash_routed) {
+        EPMOE_REQUIRE(token_ids, EPMOE_ERR_INVALID_ARG,
+                      "layer %lld is hash-routed: the forward needs token ids",
+                      (long long)layer->layer);
+        return epmoe_cuda_route_hash(&p, a->logits, layer->tid2eid, layer->vocab_size, token_ids,
+                                     T, a->ids, a->weights, a->error_flags, stream);
+    }
+    return epmoe_cuda_route(&p, a->logits, layer->gate_bias, T, a->ids, a->weights,
+                            a->error_flags, stream);
+}
+
+epmoe_status epmoe_gpu_plan(epmoe_gpu_context *ctx, int64_t T, cudaStream_t stream) {
+    EPMOE_TRY(check_tokens(ctx, T));
+    epmoe_gpu_arena *a = &ctx->arena;
+    return epmoe_cuda_plan_layout(a->ids, T, ctx->cfg.top_k, ctx->expert_start, ctx->n_local,
+                                  ctx->cfg.expert_pad_rows, a->pair_rank, a->tokens_per_expert,
+                                  a->padded_offsets, a->row_of_pair, a->token_of_row, stream);
+}
+
+epmoe_status epmoe_gpu_experts(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                               const float *x, int64_t T, cudaStream_t stream) {
+    EPMOE_TRY(check_tokens(ctx, T));
+    const epmoe_config *c = &ctx->cfg;
+    epmoe_gpu_arena *a = &ctx->arena;
+    const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local, cap = a->cap_rows;
+    const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
+    const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
+
+    /* Gather the token rows into the padded layout (quantizing them on the way). */
+    if (nvfp4)
+        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
+            x, cap, H, a->token_of_row, a->padded_offsets, a->tokens_per_expert, n,
+            static_scale ? layer->w13_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
+            a->saturated, stream));
+    else
+        EPMOE_TRY(epmoe_cuda_permute_bf16(x, H, a->token_of_row, a->padded_offsets,
+                                          a->tokens_per_expert, n, cap, a->a_bf16, stream));
+
+    epmoe_grouped_gemm_args g;
+    memset(&g, 0, sizeof g);
+    g.n_experts = n;
+    g.cap_rows = cap;
+    g.a_format = nvfp4 ? EPMOE_GEMM_A_NVFP4 : EPMOE_GEMM_A_BF16;
+    g.a_codes = a->a_codes;
+    g.a_sf = a->a_sf;
+    g.a_scale = nvfp4 ? a->a_scale : NULL;
+    g.a_bf16 = a->a_bf16;
+    g.padded_offsets = a->padded_offsets;
+    g.tokens_per_expert = a->tokens_per_expert;
+
+    /* h = x . W13^T, w1 (gate) columns scaled by w13_scale_2[e][0], w3 (up) by [e][1]. */
+    g.N = 2 * I;
+    g.K = H;
+    g.w_codes = layer->w13_codes;
+    g.w_sf = layer->w13_sf;
+    g.w_scale = layer->w13_scale_2;
+    g.w_scale_groups = 2;
+    g.w_scale_split = I;
+    g.out = a->h;
+    EPMOE_TRY(epmoe_cuda_grouped_gemm(&g, stream));
+
+    const float limit = (float)c->swiglu_limit;
+    if (nvfp4) {
+        EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,
+                                    a->tokens_per_expert, n, a->act, NULL, stream));
+        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
+            a->act, cap, I, NULL, a->padded_offsets, a->tokens_per_expert, n,
+            static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
+            a->saturated, stream));
+    } else {
+        EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,
+                                    a->tokens_per_expert, n, NULL, a->a_bf16, stream));
+    }
+
+    /* y = a . W2^T, one tensor scale per expert. */
+    g.N = H;
+    g.K = I;
+    g.w_codes = layer->w2_codes;
+    g.w_sf = layer->w2_sf;
+    g.w_scale = layer->w2_scale_2;
+    g.w_scale_groups = 1;
+    g.w_scale_split = H;
+    g.out = a->y;
+    EPMOE_TRY(epmoe_cuda_grouped_gemm(&g, stream));
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_gpu_shared(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                              const float *x, int64_t T, cudaStream_t stream) {
+    EPMOE_TRY(check_tokens(ctx, T));
+    if (ctx->shared_inter == 0) return EPMOE_OK;
+    epmoe_gpu_arena *a = &ctx->arena;
+    epmoe_cuda_shared_scratch s = {a->shared_x_bf16, a->shared_h, a->shared_a_bf16};
+    return epmoe_cuda_shared_forward(ctx->cublas, a->cublas_workspace, a->cublas_workspace_bytes,
+                                     x, T, ctx->cfg.hidden_size, ctx->shared_inter,
+                                     layer->shared_w13, layer->shared_w2,
+                                     (float)ctx->cfg.swiglu_limit, (int)ctx->cfg.swiglu_variant,
+                                     &s, a->shared_y, stream);
+}
+
+epmoe_status epmoe_gpu_combine(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer, int64_t T,
+                               float *out, cudaStream_t stream) {
+    (void)layer;
+    EPMOE_TRY(check_tokens(ctx, T));
+    epmoe_gpu_arena *a = &ctx->arena;
+    return epmoe_cuda_combine(a->y, ctx->cfg.hidden_size, a->row_of_pair, a->weights, T,
+                              ctx->cfg.top_k, ctx->shared_inter ? a->shared_y : NULL, out,
+                              stream);
+}
+
+epmoe_status epmoe_gpu_layer_forward(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                                     const float *x, const int32_t *token_ids, int64_t T,
+                                     float *out, cudaStream_t stream) {
+    EPMOE_TRY(epmoe_gpu_route(ctx, layer, x, token_ids, T, stream));
+    EPMOE_TRY(epmoe_gpu_plan(ctx, T, stream));
+    EPMOE_TRY(epmoe_gpu_experts(ctx, layer, x, T, stream));
+    EPMOE_TRY(epmoe_gpu_shared(ctx, layer, x, T, stream));
+    EPMOE_TRY(epmoe_gpu_combine(ctx, layer, T, out, stream));
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_gpu_read_flags(epmoe_gpu_context *ctx, cudaStream_t stream,
+                                  unsigned long long *saturated) {
+    epmoe_gpu_arena *a = &ctx->arena;
+    uint32_t flags = 0;
+    unsigned long long sat = 0;
+    CUDA_TRY(cudaStreamSynchronize(stream), "waiting for the layer forward");
+    CUDA_TRY(cudaMemcpy(&flags, a->error_flags, 4, cudaMemcpyDeviceToHost), "reading error flags");
+    CUDA_TRY(cudaMemcpy(&sat, a->saturated, 8, cudaMemcpyDeviceToHost), "reading saturations");
+    CUDA_TRY(cudaMemset(a->error_flags, 0, 4), "clearing error flags");
+    CUDA_TRY(cudaMemset(a->saturated, 0, 8), "clearing the saturation count");
+    if (saturated) *saturated = sat;
+    return epmoe_cuda_flags_status(flags, "gpu layer");
+}

@@ -1,0 +1,149 @@
+/* One MoE layer on one GPU (DESIGN §1 steps 1, 2, 4, 5, 6 for a rank that holds its experts):
+ * a device arena shared by all layers, per-layer device weights uploaded once, and a forward
+ * split into the stages that the multi-GPU path will separate with its all-to-alls:
+ *
+ *   route    x -> gate logits -> ids, weights                       (coordinator side)
+ *   plan     ids -> tokens_per_expert, padded_offsets, row_of_pair  (on the device)
+ *   experts  x rows -> padded layout -> NVFP4 W13 -> SwiGLU -> NVFP4 W2 -> y_padded
+ *   shared   x -> shared expert (bf16 cuBLAS)
+ *   combine  out[t] = sum_j w[t,j] * y[row_of_pair[t,j]] + shared[t]
+ *
+ * Capture safety: nothing in these functions allocates, synchronizes with the host or launches
+ * a routing-dependent number of kernels. T (the token count) is a host value fixed when a
+ * graph is captured; every routing-dependent size lives only in the arena on the device.
+ * Data errors found by kernels (non-finite logits, bad token ids) are flags on the device,
+ * read by epmoe_gpu_read_flags outside the forward.
+ */
+#ifndef EPMOE_GPU_LAYER_H
+#define EPMOE_GPU_LAYER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include "common/config.h"
+#include "common/status.h"
+#include "worker/expert_weights.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Every buffer of the forward, carved out of one cudaMalloc. Sized for the worst case: all
+ * max_expert_rows (token, expert) rows on one expert plus every expert's padding
+ * (epmoe_padded_capacity), so no routing can overflow it (dropless, rule 22). */
+typedef struct {
+    void *base;
+    size_t bytes;
+
+    int64_t max_tokens;      /* T at most (cfg.max_tokens_per_rank) */
+    int64_t max_expert_rows; /* (token, expert) rows the expert side may hold */
+    int64_t cap_rows;        /* rows of the padded layout buffers (multiple of 128) */
+
+    /* route */
+    float *logits;               /* [max_tokens, E] */
+    int32_t *ids;                /* [max_tokens, k] global expert ids */
+    float *weights;              /* [max_tokens, k] */
+    /* plan */
+    int32_t *pair_rank;          /* [max_tokens * k] scratch */
+    int32_t *row_of_pair;        /* [max_tokens * k] padded row, -1 = not local */
+    int64_t *tokens_per_expert;  /* [n_local] */
+    int64_t *padded_offsets;     /* [n_local + 1] */
+    int32_t *token_of_row;       /* [cap_rows] */
+    /* experts: the A operand of both GEMMs (W13 then W2 reuse it) */
+    uint8_t *a_codes;            /* [cap_rows, max(H, I) / 2] (act_quant = nvfp4) */
+    uint8_t *a_sf;               /* [cap_rows, max(H, I) / 16] */
+    float *a_scale;              /* [cap_rows] 1/gs per row */
+    uint16_t *a_bf16;            /* [cap_rows, max(H, I)] (act_quant = high) */
+    float *h;                    /* [cap_rows, 2I] W13 output */
+    float *act;                  /* [cap_rows, I] SwiGLU output (fp32, quantized next) */
+    float *y;                    /* [cap_rows, H] W2 output */
+    /* shared expert */
+    uint16_t *shared_x_bf16;     /* [max_tokens, H] */
+    float *shared_h;             /* [max_tokens, 2 Is] */
+    uint16_t *shared_a_bf16;     /* [max_tokens, Is] */
+    float *shared_y;             /* [max_tokens, H] */
+    void *cublas_workspace;
+    size_t cublas_workspace_bytes;
+    /* device-side status */
+    uint32_t *error_flags;               /* EPMOE_CUDA_FLAG_* */
+    unsigned long long *saturated;       /* NVFP4 elements clamped at 6 */
+} epmoe_gpu_arena;
+
+typedef struct {
+    epmoe_config cfg;
+    int device;
+    int64_t expert_start;    /* this rank's slice */
+    int64_t n_local;
+    int64_t shared_inter;    /* Is = n_shared_experts * moe_inter_size */
+    epmoe_gpu_arena arena;
+    cublasHandle_t cublas;
+} epmoe_gpu_context;
+
+/* Device copy of one layer's weights (one cudaMalloc per layer, made once). */
+typedef struct {
+    int64_t layer;
+    int hash_routed;          /* layer < n_hash_layers: ids from tid2eid */
+    void *base;
+    size_t bytes;
+    uint8_t *w13_codes;       /* [n_local, 2I, H/2] */
+    uint8_t *w13_sf;          /* [n_local, 2I, H/16] */
+    float *w13_scale_2;       /* [n_local, 2] */
+    float *w13_input_scale;   /* [n_local] */
+    uint8_t *w2_codes;        /* [n_local, H, I/2] */
+    uint8_t *w2_sf;           /* [n_local, H, I/16] */
+    float *w2_scale_2;        /* [n_local] */
+    float *w2_input_scale;    /* [n_local] */
+    float *gate_weight;       /* [E, H] fp32 */
+    float *gate_bias;         /* [E] or NULL */
+    int32_t *tid2eid;         /* [vocab, k] or NULL */
+    int64_t vocab_size;
+    uint16_t *shared_w13;     /* [2 Is, H] bf16, NULL without a shared expert */
+    uint16_t *shared_w2;      /* [H, Is] bf16 */
+} epmoe_gpu_layer;
+
+/* Makes the arena for cfg on `device` for the slice [expert_start, expert_start + n_local),
+ * with max_expert_rows = the (token, expert) rows the expert side may receive (single GPU:
+ * max_tokens_per_rank * top_k). Prints every buffer's size and the total to `log` (NULL:
+ * silent). */
+epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64_t expert_start,
+                                      int64_t n_local, int64_t max_expert_rows, FILE *log,
+                                      epmoe_gpu_context **out);
+void epmoe_gpu_context_free(epmoe_gpu_context *ctx);
+
+/* Uploads a layer's host weights (worker/expert_weights.h); shapes are checked against the
+ * context. Not capture-safe (allocates): done once at load. */
+epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
+                                    epmoe_gpu_layer *out);
+void epmoe_gpu_layer_free(epmoe_gpu_layer *layer);
+
+/* The stages. x: [T, H] fp32 on the device; token_ids: [T] int32 on the device (hash-routed
+ * layers only, else may be NULL); out: [T, H] fp32 on the device. T <= max_tokens. */
+epmoe_status epmoe_gpu_route(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                             const float *x, const int32_t *token_ids, int64_t T,
+                             cudaStream_t stream);
+epmoe_status epmoe_gpu_plan(epmoe_gpu_context *ctx, int64_t T, cudaStream_t stream);
+epmoe_status epmoe_gpu_experts(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                               const float *x, int64_t T, cudaStream_t stream);
+epmoe_status epmoe_gpu_shared(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                              const float *x, int64_t T, cudaStream_t stream);
+epmoe_status epmoe_gpu_combine(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer, int64_t T,
+                               float *out, cudaStream_t stream);
+
+/* All five in order: out = MoE(x). */
+epmoe_status epmoe_gpu_layer_forward(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                                     const float *x, const int32_t *token_ids, int64_t T,
+                                     float *out, cudaStream_t stream);
+
+/* Outside the forward: waits for `stream`, returns the device error flags as a status and the
+ * saturated-element count, and clears both for the next forward. */
+epmoe_status epmoe_gpu_read_flags(epmoe_gpu_context *ctx, cudaStream_t stream,
+                                  unsigned long long *saturated);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
