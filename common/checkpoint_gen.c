@@ -282,8 +282,9 @@ static epmoe_status add_job(epmoe_st_writer *w, job_list *jobs, tensor_job job, 
     return EPMOE_OK;
 }
 
-/* Adds every tensor of the layer. Odd-sized tensors (gate bias, tid2eid) go last, so that all
- * others stay 8-byte aligned in the back-to-back data section. */
+/* Adds every tensor of the layer. In the back-to-back data section every tensor keeps its
+ * natural alignment (byte arrays and their scales 8-byte aligned, an F32 scalar pair at 8 and
+ * 4); the tensors of sizes 4*E and 4*vocab*top_k (gate bias, tid2eid) go last. */
 static epmoe_status add_layer_tensors(epmoe_st_writer *w, layer_gen *g, job_list *jobs) {
     const epmoe_config *cfg = g->cfg;
     int64_t L = g->layer, E = cfg->n_routed_experts, H = cfg->hidden_size;
