@@ -102,6 +102,22 @@ epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *trans
             return EPMOE_ERR_INVALID_ARG;
         }
     }
+    if (cfg->act_scale == EPMOE_ACT_SCALE_STATIC && cfg->act_quant == EPMOE_ACT_NVFP4) {
+        for (int64_t l = 0; l < n_layers; l++)
+            for (int64_t le = 0; le < e->n_local; le++) {
+                float a = layers[l].w13_input_scale[le], b = layers[l].w2_input_scale[le];
+                if (!(a > 0 && b > 0 && isfinite(a) && isfinite(b))) {
+                    epmoe_set_error(EPMOE_ERR_INVALID_ARG, __FILE__, __LINE__,
+                                    "act_scale=static needs a positive input_scale for every "
+                                    "expert; layer %lld expert %lld has w13 %g, w2 %g (MXFP4 "
+                                    "checkpoints carry none: use act_scale=per_row)",
+                                    (long long)l, (long long)(e->slice.start + le), (double)a,
+                                    (double)b);
+                    free(e);
+                    return EPMOE_ERR_INVALID_ARG;
+                }
+            }
+    }
     e->row.header_ints = (size_t)(1 + e->k);
     e->row.bytes = e->row.header_ints * sizeof(int32_t) + (size_t)e->H * sizeof(float);
 
