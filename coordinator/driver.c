@@ -104,6 +104,19 @@ static epmoe_status load_local(epmoe_driver *d, const char *checkpoint) {
     return st;
 }
 
+/* Every rank learns whether any failed; on failure the driver is destroyed everywhere and the
+ * failing rank keeps its own message, the others say that a peer failed. */
+static epmoe_status agree_or_destroy(epmoe_driver *d, epmoe_status local, const char *what) {
+    char saved[1024];
+    snprintf(saved, sizeof saved, "%s", epmoe_last_error());
+    int failed = local != EPMOE_OK, any = 0;
+    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, d->comm);
+    if (!any) return EPMOE_OK;
+    epmoe_driver_destroy(d);
+    if (failed) return epmoe_set_error(local, __FILE__, __LINE__, "%s", saved);
+    EPMOE_FAIL(EPMOE_ERR_MPI, "another rank failed to %s (see its log)", what);
+}
+
 epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint, MPI_Comm comm,
                                  epmoe_driver **out) {
     epmoe_driver *d = calloc(1, sizeof *d);
@@ -114,19 +127,8 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
     MPI_Comm_size(comm, &d->n_ranks);
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
 
-    epmoe_status st = load_local(d, checkpoint);
-    char saved[1024];
-    snprintf(saved, sizeof saved, "%s", epmoe_last_error());
-    int failed = st != EPMOE_OK, any = 0;
-    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, comm);
-    if (any) {
-        epmoe_driver_destroy(d);
-        if (failed) {
-            epmoe_set_error(st, __FILE__, __LINE__, "%s", saved);
-            return st;
-        }
-        EPMOE_FAIL(EPMOE_ERR_MPI, "another rank failed to load its weights (see its log)");
-    }
+    epmoe_status st = agree_or_destroy(d, load_local(d, checkpoint), "load its weights");
+    if (st != EPMOE_OK) return st;
 
     st = epmoe_transport_mpi_create(comm, &d->transport);
     if (st == EPMOE_OK)
@@ -144,17 +146,8 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
             st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__,
                                  "driver shard buffers: out of memory");
     }
-    snprintf(saved, sizeof saved, "%s", epmoe_last_error());
-    failed = st != EPMOE_OK;
-    MPI_Allreduce(&failed, &any, 1, MPI_INT, MPI_MAX, comm);
-    if (any) {
-        epmoe_driver_destroy(d);
-        if (failed) {
-            epmoe_set_error(st, __FILE__, __LINE__, "%s", saved);
-            return st;
-        }
-        EPMOE_FAIL(EPMOE_ERR_MPI, "another rank failed to set up (see its log)");
-    }
+    st = agree_or_destroy(d, st, "set up");
+    if (st != EPMOE_OK) return st;
 
     int64_t weight_bytes = 0, cache_bytes = 0;
     for (int64_t l = 0; l < d->n_layers; l++) {
