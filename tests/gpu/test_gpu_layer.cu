@@ -12,6 +12,12 @@
  *  - with the shared expert: 1e-2. Its weights are bf16 in the checkpoint (exact on the GPU),
  *    but the GPU also rounds its activations (x and the SwiGLU output) to bf16 (2^-9).
  *  - act_quant = high (W4A16): 1e-2, activations in bf16 on the GPU, fp32 on the CPU.
+ *  - a captured stack with the shared expert: 2e-2. Deeper layers take the previous layer's
+ *    output (heavier tails than the normal inputs) and the bf16 rounding of the shared
+ *    expert's activations is the whole error (measured on H100: 4e-3..7e-3 for single layers,
+ *    1.1e-2..1.3e-2 for layer 2 of the stack, against 1e-7..3e-7 without the shared expert).
+ *    The shared expert itself is held to 5e-4 against a bf16-aware reference in
+ *    test_gpu_ops, and the same stack without it to TOL_ROUTED here.
  * Every output is poisoned (0xFF bytes = NaN) before every run, and so are the arena's padded
  * buffers, so an element not written or a padding row read shows up as NaN. */
 #include <math.h>
@@ -38,6 +44,7 @@ extern "C" {
 #define TOL_ROUTED 1e-3
 #define TOL_WITH_SHARED 1e-2
 #define TOL_W4A16 1e-2
+#define TOL_STACK_WITH_SHARED 2e-2
 #define N_LAYERS 3
 #define MAX_TOKENS 256
 
@@ -334,9 +341,10 @@ static void test_layer_graph_replay(void) {
 /* Three layers (hash layer 0, then score-routed) captured as one graph, each layer reading the
  * previous one's output; each replay compares every layer with the reference on the GPU's own
  * input to that layer. */
-static void test_stack_graph_replay(void) {
+static void stack_graph_replay(const char *name, const epmoe_config *cfg,
+                               const epmoe_layer_weights *w, double tol) {
     gpu_setup s;
-    if (!make_setup(&s, &base_cfg, host_layers, N_LAYERS)) return;
+    if (!make_setup(&s, cfg, w, N_LAYERS)) return;
     const int64_t T = 200, H = base_cfg.hidden_size;
     cudaStream_t stream;
     GT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -366,20 +374,19 @@ static void test_stack_graph_replay(void) {
         cudaMemcpy(x, s.dx, (N_LAYERS + 1) * T * H * 4, cudaMemcpyDeviceToHost);
         for (int l = 0; l < N_LAYERS; l++) {
             char what[64];
-            snprintf(what, sizeof what, "stack replay %d layer %d", replay, l);
+            snprintf(what, sizeof what, "%s: replay %d layer %d", name, replay, l);
             /* compare_with_reference reads routing ids from the arena: only the last layer's
              * are there, so earlier layers are checked on values (ids via the error bound). */
             const int64_t k = base_cfg.top_k;
             double *ref = (double *)malloc(T * H * 8), *rw = (double *)malloc(T * k * 8);
             int32_t *rid = (int32_t *)malloc(T * k * 4);
-            GT_OK(epmoe_ref_layer_forward(&base_cfg, &host_layers[l], x + l * T * H, tok, T, ref,
-                                          rid, rw));
+            GT_OK(epmoe_ref_layer_forward(cfg, &w[l], x + l * T * H, tok, T, ref, rid, rw));
             const float *out = x + (l + 1) * T * H;
             size_t unwritten = epmoe_count_unwritten_f32(out, T * H);
             double err = epmoe_rel_l2_f32_f64(out, ref, T * H);
             GT_CHECK(unwritten == 0, "%s: %zu unwritten", what, unwritten);
-            GT_CHECK(err <= TOL_WITH_SHARED, "%s: rel L2 %.3e", what, err);
-            printf("   %s: rel L2 vs float64 reference %.3e\n", what, err);
+            GT_CHECK(err <= tol, "%s: rel L2 %.3e > %.0e", what, err, tol);
+            printf("   %s: rel L2 vs float64 reference %.3e (tolerance %.0e)\n", what, err, tol);
             free(ref), free(rw), free(rid);
         }
     }
@@ -388,6 +395,19 @@ static void test_stack_graph_replay(void) {
     cudaGraphDestroy(graph);
     cudaStreamDestroy(stream);
     free_setup(&s);
+}
+
+static void test_stack_graph_replay(void) {
+    stack_graph_replay("stack with shared expert", &base_cfg, host_layers, TOL_STACK_WITH_SHARED);
+    epmoe_config cfg = base_cfg;
+    cfg.n_shared_experts = 0;
+    epmoe_layer_weights w[N_LAYERS];
+    for (int l = 0; l < N_LAYERS; l++) {
+        w[l] = host_layers[l];
+        w[l].shared_inter = 0;
+        w[l].shared_w13 = w[l].shared_w2 = NULL;
+    }
+    stack_graph_replay("stack routed only", &cfg, w, TOL_ROUTED);
 }
 
 /* The arena is sized for the worst case and refuses more tokens than it was made for. */

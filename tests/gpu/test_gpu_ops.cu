@@ -479,6 +479,88 @@ static void test_combine_bit_identical(void) {
     free(y), free(w), free(shared), free(cpu), free(gpu), free(row_of_pair);
 }
 
+/* ---- shared expert --------------------------------------------------------------------- */
+
+static float round_bf16(float x) { return epmoe_bf16_to_float(epmoe_float_to_bf16(x)); }
+
+/* Against a float64 reference that rounds the activations to bf16 where the GPU does (x, and
+ * the SwiGLU output), with bf16-exact weights: what remains is fp32 accumulation and the rare
+ * activation whose bf16 rounding an fp32-vs-float64 difference flips. A transposed operand, a
+ * wrong clamp or a wrong variant gives > 1e-1. */
+#define SHARED_REL_TOL 5e-4
+static void test_shared_expert_vs_reference(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 81);
+    const int64_t T = 64, H = 256, Is = 128;
+    const float L = 10.0f;
+    float *x = (float *)malloc(T * H * 4), *w13 = (float *)malloc(2 * Is * H * 4),
+          *w2 = (float *)malloc(H * Is * 4), *y = (float *)malloc(T * H * 4);
+    uint16_t *w13_b = (uint16_t *)malloc(2 * Is * H * 2), *w2_b = (uint16_t *)malloc(H * Is * 2);
+    epmoe_fill_normal(&rng, x, T * H, 1.0f);
+    for (int64_t t = 0; t < T; t += 5)
+        for (int64_t c = 0; c < H; c++) x[t * H + c] *= 20.0f; /* the clamp fires */
+    epmoe_fill_normal(&rng, w13, 2 * Is * H, 1.0f / 16.0f);
+    epmoe_fill_normal(&rng, w2, H * Is, 1.0f / 11.0f);
+    for (int64_t i = 0; i < 2 * Is * H; i++) w13_b[i] = epmoe_float_to_bf16(w13[i]);
+    for (int64_t i = 0; i < H * Is; i++) w2_b[i] = epmoe_float_to_bf16(w2[i]);
+    for (int v = 0; v < 2; v++) {
+        double *ref = (double *)malloc(T * H * 8), *h = (double *)malloc(2 * Is * 8);
+        float *a = (float *)malloc(Is * 4);
+        int64_t fires = 0;
+        for (int64_t t = 0; t < T; t++) {
+            for (int64_t n = 0; n < 2 * Is; n++) {
+                double acc = 0;
+                for (int64_t c = 0; c < H; c++)
+                    acc += (double)round_bf16(x[t * H + c]) * epmoe_bf16_to_float(w13_b[n * H + c]);
+                h[n] = acc;
+            }
+            for (int64_t i = 0; i < Is; i++) {
+                double g = h[i], u = h[Is + i];
+                fires += g > L || fabs(u) > L;
+                u = u > L ? L : (u < -L ? -L : u);
+                double act;
+                if (v == EPMOE_SWIGLU_STEP) {
+                    act = g / (1.0 + exp(-g));
+                    act = act > L ? L : act;
+                } else {
+                    double gc = g > L ? L : g;
+                    act = gc / (1.0 + exp(-gc));
+                }
+                a[i] = round_bf16((float)(act * u));
+            }
+            for (int64_t n = 0; n < H; n++) {
+                double acc = 0;
+                for (int64_t i = 0; i < Is; i++) acc += (double)a[i] * epmoe_bf16_to_float(w2_b[n * Is + i]);
+                ref[t * H + n] = acc;
+            }
+        }
+        GT_CHECK(fires > 0, "shared expert: the clamp never fired");
+        cublasHandle_t cublas;
+        GT_CHECK(cublasCreate(&cublas) == CUBLAS_STATUS_SUCCESS, "cublasCreate");
+        const size_t ws_bytes = 32u << 20;
+        void *ws = dev_alloc<uint8_t>(ws_bytes);
+        float *dx = dev_copy(x, T * H), *dy = dev_alloc<float>(T * H);
+        uint16_t *d13 = dev_copy(w13_b, 2 * Is * H), *d2 = dev_copy(w2_b, H * Is);
+        epmoe_cuda_shared_scratch sc = {dev_alloc<uint16_t>(T * H), dev_alloc<float>(T * 2 * Is),
+                                        dev_alloc<uint16_t>(T * Is)};
+        GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx, T, H, Is, d13, d2, L, v, &sc, dy, 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        to_host(y, dy, T * H);
+        size_t unwritten = epmoe_count_unwritten_f32(y, T * H);
+        double err = epmoe_rel_l2_f32_f64(y, ref, T * H);
+        GT_CHECK(unwritten == 0, "shared expert: %zu outputs unwritten", unwritten);
+        GT_CHECK(err <= SHARED_REL_TOL, "shared expert variant %d: rel L2 %.3e > %.0e", v, err,
+                 SHARED_REL_TOL);
+        printf("   shared expert (%s): rel L2 vs bf16-aware float64 reference %.2e, %lld clamped\n",
+               v ? "step" : "dsv4", err, (long long)fires);
+        cublasDestroy(cublas);
+        cudaFree(ws), cudaFree(dx), cudaFree(dy), cudaFree(d13), cudaFree(d2), cudaFree(sc.x_bf16),
+            cudaFree(sc.h), cudaFree(sc.a_bf16);
+        free(ref), free(h), free(a);
+    }
+    free(x), free(w13), free(w2), free(y), free(w13_b), free(w2_b);
+}
+
 int main(void) {
     if (!gt_have_device()) return 77;
     GT_RUN(test_gate_logits_bit_identical);
@@ -489,5 +571,6 @@ int main(void) {
     GT_RUN(test_layout_matches_cpu);
     GT_RUN(test_swiglu_matches_cpu);
     GT_RUN(test_combine_bit_identical);
+    GT_RUN(test_shared_expert_vs_reference);
     return gt_finish();
 }
