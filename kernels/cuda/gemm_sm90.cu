@@ -402,7 +402,8 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
  * variant is correct for any routing, a small-MT one re-reads an expert's weights once per MT
  * rows. */
 int sm90_variant(const epmoe_grouped_gemm_args *a) {
-    const int64_t live_bound = a->cap_rows - a->n_experts * (EPMOE_GEMM_PAD_ROWS - 1);
+    /* (E + 1): a caller may also round the capacity up to a multiple of the pad */
+    const int64_t live_bound = a->cap_rows - (a->n_experts + 1) * (EPMOE_GEMM_PAD_ROWS - 1);
     if (live_bound <= 32 * a->n_experts) return 32;  /* decode, 3 blocks per SM */
     if (live_bound <= 64 * a->n_experts) return 64;  /* decode, 2 blocks per SM */
     return 128;                                      /* prefill */

@@ -259,7 +259,7 @@ static void test_decode_fp4_w13(void) {
     run_case(c, 101);
 }
 static void test_decode_bf16_w2(void) {
-    gemm_case c = {"decode bf16 W2", 6, 192, 384, random_counts(12, 6, 8, 96), 1, 1, 0, 0, 1056};
+    gemm_case c = {"decode bf16 W2", 6, 192, 384, random_counts(12, 6, 8, 96), 1, 1, 0, 0, 1200};
     c.counts[2] = 0;
     run_case(c, 102);
 }
