@@ -1,0 +1,229 @@
+/* Whole-layer timing on one GPU, graph-replayed (issue 4's harness, the layer half).
+ *
+ *   layer_bench [--preset dsv4-flash|dsv4-pro] [--local-experts N] [--rows 8,64,768,3072]
+ *               [--reps N] [--json FILE]
+ *
+ * One rank's slice of experts with every routed expert local (n_routed_experts = N, top-6), so
+ * rows per expert = T * 6 / N. Random NVFP4 weights (valid codes and UE4M3 scales), random
+ * inputs on the device. Each stage (route, plan, experts, shared, combine) and the whole layer
+ * are captured as CUDA graphs and replayed; the median of --reps replays is reported, with two
+ * input sets alternating so the inputs are not all L2-resident.
+ */
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "common/config.h"
+#include "common/formats.h"
+#include "common/rng.h"
+#include "worker/cuda/gpu_layer.h"
+
+#define CHECK_CUDA(call)                                                                       \
+    do {                                                                                       \
+        cudaError_t e_ = (call);                                                               \
+        if (e_ != cudaSuccess) {                                                               \
+            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,               \
+                    cudaGetErrorString(e_));                                                   \
+            exit(1);                                                                           \
+        }                                                                                      \
+    } while (0)
+#define CHECK_EPMOE(call)                                                                      \
+    do {                                                                                       \
+        epmoe_status s_ = (call);                                                              \
+        if (s_ != EPMOE_OK) {                                                                  \
+            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,               \
+                    epmoe_last_error());                                                       \
+            exit(1);                                                                           \
+        }                                                                                      \
+    } while (0)
+
+static void fill_bytes(epmoe_rng *r, uint8_t *p, size_t n, uint8_t lo, uint8_t hi) {
+    for (size_t i = 0; i < n; i++) p[i] = (uint8_t)(lo + epmoe_rng_below(r, (uint64_t)(hi - lo + 1)));
+}
+
+/* Random but well-formed NVFP4 weights: any E2M1 code, UE4M3 scales in [2^-3, 2^1]. */
+static void make_weights(const epmoe_config *cfg, epmoe_layer_weights *w) {
+    const int64_t H = cfg->hidden_size, I = cfg->moe_inter_size, E = cfg->n_routed_experts;
+    const int64_t Is = cfg->n_shared_experts * I;
+    epmoe_rng r;
+    epmoe_rng_seed(&r, 7);
+    memset(w, 0, sizeof *w);
+    w->layer = 1;
+    w->hidden_size = H;
+    w->inter_size = I;
+    w->slice.start = 0;
+    w->slice.end = E;
+    w->n_local = E;
+    w->n_experts = E;
+    w->vocab_size = cfg->vocab_size;
+    size_t n13 = (size_t)(E * 2 * I * H);
+    size_t n2 = (size_t)(E * H * I);
+    w->w13_codes = (uint8_t *)malloc(n13 / 2);
+    w->w13_sf = (uint8_t *)malloc(n13 / 16);
+    w->w2_codes = (uint8_t *)malloc(n2 / 2);
+    w->w2_sf = (uint8_t *)malloc(n2 / 16);
+    fill_bytes(&r, w->w13_codes, n13 / 2, 0, 255);
+    fill_bytes(&r, w->w2_codes, n2 / 2, 0, 255);
+    fill_bytes(&r, w->w13_sf, n13 / 16, 0x20, 0x40);
+    fill_bytes(&r, w->w2_sf, n2 / 16, 0x20, 0x40);
+    w->w13_scale_2 = (float *)malloc(sizeof(float) * 2 * E);
+    w->w2_scale_2 = (float *)malloc(sizeof(float) * E);
+    w->w13_input_scale = (float *)malloc(sizeof(float) * E);
+    w->w2_input_scale = (float *)malloc(sizeof(float) * E);
+    for (int64_t e = 0; e < E; e++) {
+        w->w13_scale_2[2 * e] = w->w13_scale_2[2 * e + 1] = 1.0f / 64;
+        w->w2_scale_2[e] = 1.0f / 64;
+        w->w13_input_scale[e] = w->w2_input_scale[e] = 1.0f / 256;
+    }
+    w->gate_weight = (float *)malloc(sizeof(float) * E * H);
+    for (int64_t i = 0; i < E * H; i++) w->gate_weight[i] = epmoe_rng_normal(&r) * 0.02f;
+    w->gate_bias = (float *)calloc((size_t)E, sizeof(float));
+    w->shared_inter = Is;
+    w->shared_w13 = (float *)malloc(sizeof(float) * 2 * Is * H);
+    w->shared_w2 = (float *)malloc(sizeof(float) * H * Is);
+    for (int64_t i = 0; i < 2 * Is * H; i++)
+        w->shared_w13[i] = epmoe_bf16_to_float(epmoe_float_to_bf16(epmoe_rng_normal(&r) * 0.02f));
+    for (int64_t i = 0; i < H * Is; i++)
+        w->shared_w2[i] = epmoe_bf16_to_float(epmoe_float_to_bf16(epmoe_rng_normal(&r) * 0.02f));
+}
+
+typedef epmoe_status (*stage_fn)(epmoe_gpu_context *, const epmoe_gpu_layer *, const float *,
+                                 int64_t, float *, cudaStream_t);
+
+struct bench_ctx {
+    epmoe_gpu_context *ctx;
+    epmoe_gpu_layer *layer;
+    int64_t T;
+};
+
+/* Captures `stage` on input set `set` and returns the median replay time in microseconds. */
+template <typename F>
+static double time_graph(cudaStream_t stream, int reps, F capture_body) {
+    cudaGraphExec_t exec[2];
+    for (int set = 0; set < 2; set++) {
+        cudaGraph_t graph;
+        CHECK_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        capture_body(set);
+        CHECK_CUDA(cudaStreamEndCapture(stream, &graph));
+        CHECK_CUDA(cudaGraphInstantiate(&exec[set], graph, 0));
+        CHECK_CUDA(cudaGraphDestroy(graph));
+    }
+    cudaEvent_t a, b;
+    CHECK_CUDA(cudaEventCreate(&a));
+    CHECK_CUDA(cudaEventCreate(&b));
+    for (int i = 0; i < 3; i++) CHECK_CUDA(cudaGraphLaunch(exec[i % 2], stream));
+    std::vector<float> t(reps);
+    for (int i = 0; i < reps; i++) {
+        CHECK_CUDA(cudaEventRecord(a, stream));
+        CHECK_CUDA(cudaGraphLaunch(exec[i % 2], stream));
+        CHECK_CUDA(cudaEventRecord(b, stream));
+        CHECK_CUDA(cudaEventSynchronize(b));
+        CHECK_CUDA(cudaEventElapsedTime(&t[i], a, b));
+    }
+    std::sort(t.begin(), t.end());
+    for (int s = 0; s < 2; s++) CHECK_CUDA(cudaGraphExecDestroy(exec[s]));
+    CHECK_CUDA(cudaEventDestroy(a));
+    CHECK_CUDA(cudaEventDestroy(b));
+    return 1e3 * t[reps / 2];
+}
+
+int main(int argc, char **argv) {
+    const char *preset = "dsv4-flash", *json = NULL, *rows_arg = "8,32,96,768,3072";
+    int64_t local_experts = -1;
+    int reps = 20;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--preset") && i + 1 < argc) preset = argv[++i];
+        else if (!strcmp(argv[i], "--local-experts") && i + 1 < argc) local_experts = atoll(argv[++i]);
+        else if (!strcmp(argv[i], "--rows") && i + 1 < argc) rows_arg = argv[++i];
+        else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+        else {
+            fprintf(stderr, "usage: layer_bench [--preset P] [--local-experts N] [--rows a,b] [--reps N] [--json F]\n");
+            return 2;
+        }
+    }
+    epmoe_config cfg;
+    CHECK_EPMOE(epmoe_config_preset(&cfg, preset));
+    if (local_experts < 0) local_experts = cfg.n_routed_experts / 8; /* an EP=8 slice */
+    char buf[64];
+    snprintf(buf, sizeof buf, "%lld", (long long)local_experts);
+    CHECK_EPMOE(epmoe_config_set(&cfg, "n_routed_experts", buf));
+    CHECK_EPMOE(epmoe_config_set(&cfg, "n_hash_layers", "0"));
+    std::vector<int64_t> rows;
+    for (const char *p = rows_arg; *p;) {
+        rows.push_back(atoll(p));
+        while (*p && *p != ',') p++;
+        if (*p == ',') p++;
+    }
+    const int64_t E = cfg.n_routed_experts, k = cfg.top_k, H = cfg.hidden_size;
+    int64_t max_T = 0;
+    for (int64_t r : rows) max_T = std::max(max_T, (r * E + k - 1) / k);
+    cfg.max_tokens_per_rank = max_T;
+
+    epmoe_layer_weights w;
+    make_weights(&cfg, &w);
+    epmoe_gpu_context *ctx = NULL;
+    CHECK_EPMOE(epmoe_gpu_context_create(&cfg, 0, 0, E, max_T * k, NULL, &ctx));
+    epmoe_gpu_layer layer;
+    CHECK_EPMOE(epmoe_gpu_layer_upload(ctx, &w, &layer));
+    cudaStream_t stream;
+    CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+
+    float *x[2], *out;
+    CHECK_CUDA(cudaMalloc(&x[0], sizeof(float) * max_T * H));
+    CHECK_CUDA(cudaMalloc(&x[1], sizeof(float) * max_T * H));
+    CHECK_CUDA(cudaMalloc(&out, sizeof(float) * max_T * H));
+    {
+        std::vector<float> host((size_t)(max_T * H));
+        epmoe_rng r;
+        epmoe_rng_seed(&r, 11);
+        for (int s = 0; s < 2; s++) {
+            for (auto &v : host) v = epmoe_rng_normal(&r);
+            CHECK_CUDA(cudaMemcpy(x[s], host.data(), sizeof(float) * host.size(), cudaMemcpyHostToDevice));
+        }
+    }
+    cudaDeviceProp prop;
+    CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+    printf("layer_bench on %s: %s slice of %lld local experts (top-%lld), H=%lld I=%lld, "
+           "graph-replayed medians of %d reps (us)\n",
+           prop.name, preset, (long long)E, (long long)k, (long long)H,
+           (long long)cfg.moe_inter_size, reps);
+    printf("%8s %7s %9s %9s %9s %9s %9s %10s %11s %12s\n", "rows/exp", "tokens", "route", "plan",
+           "experts", "shared", "combine", "layer", "tokens/s", "expert TF/s");
+    FILE *jf = json ? fopen(json, "w") : NULL;
+    if (jf) fprintf(jf, "{\"device\": \"%s\", \"preset\": \"%s\", \"local_experts\": %lld, \"rows\": [\n", prop.name, preset, (long long)E);
+    for (size_t i = 0; i < rows.size(); i++) {
+        const int64_t T = (rows[i] * E + k - 1) / k;
+        /* route and plan must run before experts/shared/combine can be captured alone */
+        CHECK_EPMOE(epmoe_gpu_route(ctx, &layer, x[0], NULL, T, stream));
+        CHECK_EPMOE(epmoe_gpu_plan(ctx, T, stream));
+        CHECK_CUDA(cudaStreamSynchronize(stream));
+        double t_route = time_graph(stream, reps, [&](int s) { CHECK_EPMOE(epmoe_gpu_route(ctx, &layer, x[s], NULL, T, stream)); });
+        double t_plan = time_graph(stream, reps, [&](int) { CHECK_EPMOE(epmoe_gpu_plan(ctx, T, stream)); });
+        double t_exp = time_graph(stream, reps, [&](int s) { CHECK_EPMOE(epmoe_gpu_experts(ctx, &layer, x[s], T, stream)); });
+        double t_sh = time_graph(stream, reps, [&](int s) { CHECK_EPMOE(epmoe_gpu_shared(ctx, &layer, x[s], T, stream)); });
+        double t_comb = time_graph(stream, reps, [&](int) { CHECK_EPMOE(epmoe_gpu_combine(ctx, &layer, T, out, stream)); });
+        double t_layer = time_graph(stream, reps, [&](int s) { CHECK_EPMOE(epmoe_gpu_layer_forward(ctx, &layer, x[s], NULL, T, out, stream)); });
+        unsigned long long sat = 0;
+        CHECK_EPMOE(epmoe_gpu_read_flags(ctx, stream, &sat));
+        double flops = 2.0 * (double)T * k * (3.0 * (double)H * cfg.moe_inter_size);
+        printf("%8lld %7lld %9.1f %9.1f %9.1f %9.1f %9.1f %10.1f %11.0f %12.1f\n",
+               (long long)rows[i], (long long)T, t_route, t_plan, t_exp, t_sh, t_comb, t_layer,
+               T / (t_layer * 1e-6), flops / (t_exp * 1e-6) / 1e12);
+        if (jf)
+            fprintf(jf, "%s {\"rows_per_expert\": %lld, \"tokens\": %lld, \"route_us\": %.2f, \"plan_us\": %.2f, \"experts_us\": %.2f, \"shared_us\": %.2f, \"combine_us\": %.2f, \"layer_us\": %.2f}\n",
+                    i ? "," : "", (long long)rows[i], (long long)T, t_route, t_plan, t_exp, t_sh, t_comb, t_layer);
+    }
+    if (jf) {
+        fprintf(jf, "]}\n");
+        fclose(jf);
+    }
+    epmoe_gpu_layer_free(&layer);
+    epmoe_gpu_context_free(ctx);
+    epmoe_layer_weights_free(&w);
+    return 0;
+}
