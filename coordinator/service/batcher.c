@@ -146,7 +146,8 @@ static void run_batch(epmoe_batcher *b, int64_t n_taken) {
     row = 0;
     for (int64_t i = 0; i < n; i++) {
         epmoe_serve_request *r = b->batch[i];
-        size_t bytes = (size_t)(r->n_tokens * H) * sizeof(float);
+        const int64_t rows = r->n_tokens; /* done() frees r */
+        size_t bytes = (size_t)(rows * H) * sizeof(float);
         r->out = malloc(bytes ? bytes : 1);
         r->forward_seconds = forward_seconds;
         r->stage_times = times;
@@ -161,7 +162,7 @@ static void run_batch(epmoe_batcher *b, int64_t n_taken) {
             else
                 o->done(o->ctx, r, EPMOE_RPC_OK, NULL);
         }
-        row += r->n_tokens;
+        row += rows;
     }
 }
 
