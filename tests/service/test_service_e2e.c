@@ -25,7 +25,7 @@
 #include "coordinator/service/grpc_adapter.h"
 #include "service_test_util.h"
 
-enum { POOL = 64, STREAMS = 16, REQUESTS = 6, MAX_T = 8 };
+enum { POOL = 64, STREAMS = 32, REQUESTS = 25, MAX_T = 8 };
 
 static int64_t H, VOCAB;
 static float *pool_x;        /* [POOL, H] */
