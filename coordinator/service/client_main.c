@@ -217,6 +217,9 @@ typedef struct {
     const epmoe_info_reply *info;
     int stream;
     double *latencies; /* [requests] */
+    double *overheads; /* [requests]: latency - server queue - engine forward, OK replies */
+    int64_t n_overheads;
+    double forward_sum, queue_sum;
     int64_t codes[EPMOE_RPC_CODE_COUNT];
     int64_t tokens;
     epmoe_status st;
@@ -250,7 +253,12 @@ static void *load_thread(void *arg) {
             break;
         }
         s->codes[r.code >= 0 && r.code < EPMOE_RPC_CODE_COUNT ? r.code : EPMOE_RPC_UNKNOWN]++;
-        if (r.code == EPMOE_RPC_OK) s->tokens += n;
+        if (r.code == EPMOE_RPC_OK) {
+            s->tokens += n;
+            s->overheads[s->n_overheads++] = s->latencies[i] - r.queue_seconds - r.forward_seconds;
+            s->forward_sum += r.forward_seconds;
+            s->queue_sum += r.queue_seconds;
+        }
         epmoe_forward_reply_free(&r);
     }
     free(rows);
@@ -269,17 +277,20 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
     load_stream *streams = calloc((size_t)N, sizeof *streams);
     pthread_t *threads = calloc((size_t)N, sizeof *threads);
     double *lat = calloc((size_t)(N * M), sizeof(double));
-    EPMOE_REQUIRE(streams && threads && lat, EPMOE_ERR_OOM, "--load: out of memory");
+    double *over = calloc((size_t)(N * M), sizeof(double));
+    EPMOE_REQUIRE(streams && threads && lat && over, EPMOE_ERR_OOM, "--load: out of memory");
     double t0 = epmoe_rpc_now();
     int64_t started = 0;
     for (int64_t i = 0; i < N; i++) {
-        streams[i] = (load_stream){ch, a, info, (int)i, lat + i * M, {0}, 0, EPMOE_OK, ""};
+        streams[i] = (load_stream){ch, a, info, (int)i, lat + i * M, over + i * M, 0, 0, 0,
+                                   {0}, 0, EPMOE_OK, ""};
         if (pthread_create(&threads[i], NULL, load_thread, &streams[i]) != 0) break;
         started++;
     }
     for (int64_t i = 0; i < started; i++) pthread_join(threads[i], NULL);
     double seconds = epmoe_rpc_now() - t0;
-    int64_t codes[EPMOE_RPC_CODE_COUNT] = {0}, tokens = 0, done = 0;
+    int64_t codes[EPMOE_RPC_CODE_COUNT] = {0}, tokens = 0, done = 0, n_over = 0;
+    double forward_sum = 0, queue_sum = 0;
     epmoe_status st = started == N ? EPMOE_OK : EPMOE_ERR_INTERNAL;
     for (int64_t i = 0; i < started; i++) {
         for (int c = 0; c < EPMOE_RPC_CODE_COUNT; c++) {
@@ -287,6 +298,9 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
             done += streams[i].codes[c];
         }
         tokens += streams[i].tokens;
+        for (int64_t k = 0; k < streams[i].n_overheads; k++) over[n_over++] = streams[i].overheads[k];
+        forward_sum += streams[i].forward_sum;
+        queue_sum += streams[i].queue_sum;
         if (streams[i].st != EPMOE_OK) {
             fprintf(stderr, "epmoe-client: stream %lld: %s\n", (long long)i, streams[i].error);
             st = streams[i].st;
@@ -301,6 +315,13 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
     printf("  requests/s %.1f  tokens/s %.0f  latency p50 %.3f ms  p99 %.3f ms  max %.3f ms\n",
            (double)done / seconds, (double)tokens / seconds, p50 * 1e3, p99 * 1e3,
            lat[n - 1] * 1e3);
+    if (n_over > 0) {
+        qsort(over, (size_t)n_over, sizeof(double), compare_double);
+        printf("  server: mean queue %.3f ms, mean engine forward %.3f ms; gRPC path (latency - "
+               "queue - forward) p50 %.3f ms p99 %.3f ms\n",
+               queue_sum / (double)n_over * 1e3, forward_sum / (double)n_over * 1e3,
+               over[(n_over - 1) / 2] * 1e3, over[(int64_t)ceil(0.99 * (double)n_over) - 1] * 1e3);
+    }
     printf("  status:");
     for (int c = 0; c < EPMOE_RPC_CODE_COUNT; c++)
         if (codes[c]) printf(" %s=%lld", epmoe_rpc_code_name(c), (long long)codes[c]);
@@ -308,6 +329,7 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
     free(streams);
     free(threads);
     free(lat);
+    free(over);
     if (st == EPMOE_OK && codes[EPMOE_RPC_OK] != done)
         st = epmoe_set_error(EPMOE_ERR_INVALID_ARG, __FILE__, __LINE__,
                              "%lld of %lld requests failed", (long long)(done - codes[0]),
