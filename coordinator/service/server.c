@@ -45,8 +45,9 @@ static epmoe_method method_of(const char *path) {
 static void reply(epmoe_service *s, epmoe_rpc_call *call, epmoe_method method,
                   double received_time, int code, const char *message, const uint8_t *bytes,
                   size_t nbytes) {
-    epmoe_rpc_call_reply(call, code, message, bytes, nbytes);
+    /* Counted first, so a client that reads /metrics after its reply sees its call. */
     epmoe_metrics_count_request(s->metrics, method, code, epmoe_rpc_now() - received_time);
+    epmoe_rpc_call_reply(call, code, message, bytes, nbytes);
 }
 
 /* ---- batcher callbacks ---------------------------------------------------------------------*/
