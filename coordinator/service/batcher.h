@@ -1,0 +1,90 @@
+/* The bounded request queue and the batcher thread.
+ *
+ * Request threads push validated requests (fp32 rows) into a bounded FIFO; when it is full the
+ * push fails and the caller answers RESOURCE_EXHAUSTED. One batcher thread (the only caller of
+ * the engine: the driver is not thread-safe) takes the oldest request, waits until requests
+ * with the same layer range fill the token budget or the oldest has waited max_queue_delay,
+ * drops the expired and cancelled ones, concatenates the rest, runs one forward and hands each
+ * request back its own rows. Results are batch-invariant, so batching changes no output.
+ */
+#ifndef EPMOE_SERVICE_BATCHER_H
+#define EPMOE_SERVICE_BATCHER_H
+
+#include <stdint.h>
+
+#include "common/status.h"
+#include "coordinator/driver.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct epmoe_serve_request epmoe_serve_request;
+
+struct epmoe_serve_request {
+    /* input, owned by the request */
+    int64_t n_tokens;
+    int64_t layer_begin, layer_end; /* resolved: 0 <= begin < end <= n_layers */
+    float *x;                       /* [n_tokens, hidden] */
+    int32_t *token_ids;             /* [n_tokens] or NULL */
+    double enqueue_time;            /* epmoe_rpc_now() seconds */
+    double deadline;                /* same clock; INFINITY for none */
+    void *call;                     /* the front end's handle for the reply */
+    /* output, filled by the batcher before done() with code OK */
+    float *out;                     /* [n_tokens, hidden] */
+    double queue_seconds;
+    double forward_seconds;
+    epmoe_stage_times stage_times; /* of the whole batch */
+    int64_t batch_tokens, batch_requests;
+    epmoe_serve_request *next;      /* queue link */
+    /* the front end's own fields (the batcher does not read them) */
+    char request_id[132];
+    int wire_dtype;                 /* epmoe.v1.DType of the request, used for the response */
+    double received_time;
+};
+
+/* The engine call: epmoe_driver_forward's contract with a context pointer. */
+typedef epmoe_status (*epmoe_forward_fn)(void *ctx, const float *x, const int32_t *token_ids,
+                                         int64_t n_tokens, int64_t layer_begin, int64_t layer_end,
+                                         float *out, epmoe_stage_times *times,
+                                         int64_t *expert_counts);
+
+typedef struct {
+    int64_t hidden_size;
+    int64_t n_layers;
+    int64_t n_routed_experts;
+    int64_t max_batch_tokens;    /* token budget of one forward */
+    double max_queue_delay;      /* seconds the oldest request may wait for batch mates */
+    int64_t max_queue;           /* requests waiting at most */
+    epmoe_forward_fn forward;
+    void *forward_ctx;
+    /* Answers a request (code: an epmoe_rpc_code) and frees it with epmoe_serve_request_free.
+     * Called on the batcher thread, or the pushing thread when the queue is full. */
+    void (*done)(void *ctx, epmoe_serve_request *r, int code, const char *message);
+    /* Nonzero when the request's client is gone (its result would be thrown away). */
+    int (*cancelled)(void *ctx, const epmoe_serve_request *r);
+    /* After every forward (optional): its wall time, stage times and tokens per expert
+     * ([layers in range * n_routed_experts]). */
+    void (*observe)(void *ctx, int64_t n_requests, int64_t n_tokens, double forward_seconds,
+                    const epmoe_stage_times *times, const int64_t *expert_counts,
+                    int64_t layer_begin, int64_t layer_end);
+    void *ctx;
+} epmoe_batcher_options;
+
+typedef struct epmoe_batcher epmoe_batcher;
+
+epmoe_status epmoe_batcher_start(const epmoe_batcher_options *opt, epmoe_batcher **out);
+/* Takes ownership of r. On a full queue (or a stopping batcher) returns EPMOE_ERR_OOM
+ * (EPMOE_ERR_UNSUPPORTED) and leaves r with the caller. */
+epmoe_status epmoe_batcher_push(epmoe_batcher *b, epmoe_serve_request *r);
+/* Requests waiting (not yet in a running batch). */
+int64_t epmoe_batcher_depth(epmoe_batcher *b);
+/* Refuses new requests, computes everything already queued, joins the thread, frees. */
+void epmoe_batcher_stop(epmoe_batcher *b);
+
+void epmoe_serve_request_free(epmoe_serve_request *r);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,399 @@
+/* epmoe-serve end to end, on loopback, against the real engine (tiny preset from epmoe-gen):
+ *   - many concurrent clients, mixed sizes, dtypes and layer ranges: every reply is
+ *     bit-identical to `epmoe-run` (one rank) on the same rows, nothing lost or crossed;
+ *   - bad inputs get INVALID_ARGUMENT naming the field while the others are served;
+ *   - a deadline shorter than the work: DEADLINE_EXCEEDED and the request is not computed
+ *     (the tokens counter only ever counts answered rows);
+ *   - drain under load: SIGTERM to rank 0 while clients run; accepted calls complete, later
+ *     ones get UNAVAILABLE, every rank exits 0.
+ * Rows are multiples of 1/64 in [-2, 2], exact in fp32, bf16 and fp16, so all three dtypes
+ * carry the same input. */
+#include <check.h>
+#include <math.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "common/rng.h"
+#include "common/safetensors.h"
+#include "common/tensor.h"
+#include "coordinator/service/client.h"
+#include "coordinator/service/grpc_adapter.h"
+#include "service_test_util.h"
+
+enum { POOL = 64, STREAMS = 32, REQUESTS = 25, MAX_T = 8 };
+
+static int64_t H, VOCAB;
+static float *pool_x;        /* [POOL, H] */
+static int32_t *pool_ids;    /* [POOL] */
+static float *ref_all;       /* epmoe-run, all layers */
+static float *ref_13;        /* epmoe-run, layers [1, 3) */
+static char checkpoint[1024];
+
+static float *read_ref(const char *path, int64_t rows) {
+    epmoe_st_file *f = NULL;
+    ck_assert_msg(epmoe_st_open(path, &f) == EPMOE_OK, "%s", epmoe_last_error());
+    const epmoe_st_tensor *t = epmoe_st_find(f, "hidden_states");
+    ck_assert_ptr_nonnull(t);
+    ck_assert_int_eq(t->dtype, EPMOE_DTYPE_F32);
+    ck_assert_int_eq(t->shape[0], rows);
+    ck_assert_int_eq(t->shape[1], H);
+    float *y = malloc((size_t)(rows * H) * sizeof(float));
+    memcpy(y, t->data, (size_t)(rows * H) * sizeof(float));
+    epmoe_st_close(f);
+    return y;
+}
+
+/* The pool of rows and the batch job's answers for them (once per process). */
+static void setup_reference(void) {
+    if (pool_x) return;
+    const char *data = test_env("EPMOE_SERVICE_DATA");
+    snprintf(checkpoint, sizeof checkpoint, "%s/tiny", data);
+    epmoe_st_set *ckpt = NULL;
+    ck_assert_msg(epmoe_st_set_open(checkpoint, &ckpt) == EPMOE_OK, "%s", epmoe_last_error());
+    const char *h = epmoe_st_set_metadata(ckpt, "epmoe.hidden_size");
+    const char *v = epmoe_st_set_metadata(ckpt, "epmoe.vocab_size");
+    ck_assert_msg(h && v, "checkpoint metadata lacks hidden_size/vocab_size");
+    H = atoll(h);
+    VOCAB = atoll(v);
+    epmoe_st_set_close(ckpt);
+
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 2024);
+    pool_x = malloc((size_t)(POOL * H) * sizeof(float));
+    pool_ids = malloc(POOL * sizeof(int32_t));
+    for (int64_t i = 0; i < POOL * H; i++)
+        pool_x[i] = (float)((int)epmoe_rng_below(&rng, 257) - 128) / 64.0f;
+    for (int i = 0; i < POOL; i++) pool_ids[i] = (int32_t)epmoe_rng_below(&rng, (uint64_t)VOCAB);
+    char in[1100], out_all[1100], out_13[1100], log[1100];
+    snprintf(in, sizeof in, "%s/pool.safetensors", data);
+    snprintf(out_all, sizeof out_all, "%s/ref-all.safetensors", data);
+    snprintf(out_13, sizeof out_13, "%s/ref-13.safetensors", data);
+    snprintf(log, sizeof log, "%s/ref.log", data);
+    epmoe_st_writer *w = NULL;
+    int64_t shape[2] = {POOL, H};
+    ck_assert_int_eq(epmoe_st_writer_create(&w), EPMOE_OK);
+    ck_assert_int_eq(epmoe_st_writer_add(w, "hidden_states", EPMOE_DTYPE_F32, 2, shape, pool_x),
+                     EPMOE_OK);
+    ck_assert_int_eq(epmoe_st_writer_add(w, "token_ids", EPMOE_DTYPE_I32, 1, shape, pool_ids),
+                     EPMOE_OK);
+    ck_assert_int_eq(epmoe_st_writer_finish(w, in), EPMOE_OK);
+    epmoe_st_writer_free(w);
+    const char *mpiexec = test_env("EPMOE_MPIEXEC"), *run = test_env("EPMOE_RUN");
+    char *argv_all[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", checkpoint,
+                        "--input", in, "--output", out_all, "--quiet", NULL};
+    ck_assert_int_eq(test_run(argv_all, log, 600), 0);
+    char *argv_13[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", checkpoint,
+                       "--input", in, "--output", out_13, "--layers", "1:3", "--quiet", NULL};
+    ck_assert_int_eq(test_run(argv_13, log, 600), 0);
+    ref_all = read_ref(out_all, POOL);
+    ref_13 = read_ref(out_13, POOL);
+}
+
+/* ---- one request: random rows of the pool, checked against the reference --------------- */
+
+typedef struct {
+    int code;
+    int rows_ok;
+    int64_t tokens;
+    char message[512];
+} call_result;
+
+typedef enum { BAD_NONE, BAD_HIDDEN, BAD_NAN, BAD_RANGE, BAD_IDS } bad_kind;
+
+static void call_forward(epmoe_rpc_channel *ch, epmoe_rng *rng, int64_t T, bad_kind bad,
+                         double timeout, call_result *res) {
+    static const epmoe_dtype dtypes[3] = {EPMOE_DTYPE_F32, EPMOE_DTYPE_BF16, EPMOE_DTYPE_F16};
+    epmoe_dtype dtype = dtypes[epmoe_rng_below(rng, 3)];
+    int sub_range = epmoe_rng_below(rng, 4) == 0; /* layers [1, 3), no token ids */
+    int64_t rows[MAX_T * 64];
+    size_t n = (size_t)(T * H);
+    float *x = malloc(n * sizeof(float) + 4);
+    int32_t ids[MAX_T * 64];
+    for (int64_t t = 0; t < T; t++) {
+        rows[t] = (int64_t)epmoe_rng_below(rng, POOL);
+        memcpy(x + t * H, pool_x + rows[t] * H, (size_t)H * sizeof(float));
+        ids[t] = pool_ids[rows[t]];
+    }
+    int64_t hidden = H;
+    int64_t lb = sub_range ? 1 : 0, le = sub_range ? 3 : 0;
+    const int32_t *send_ids = sub_range ? NULL : ids;
+    if (bad == BAD_HIDDEN) hidden = H / 2;
+    if (bad == BAD_NAN) x[n / 2] = NAN;
+    if (bad == BAD_RANGE) lb = 7, le = 3;
+    if (bad == BAD_IDS) lb = 0, le = 0, send_ids = NULL;
+    void *wire = malloc(n * 4 + 4);
+    ck_assert_int_eq(epmoe_convert_from_f32(x, n, dtype, wire), EPMOE_OK);
+    char id[48];
+    snprintf(id, sizeof id, "req-%llx", (unsigned long long)epmoe_rng_next(rng));
+    epmoe_forward_args a = {id, bad == BAD_HIDDEN ? 2 * T : T, hidden, dtype, wire, send_ids,
+                            lb, le, timeout};
+    epmoe_forward_reply r;
+    epmoe_status st = epmoe_client_forward(ch, &a, &r);
+    ck_assert_msg(st == EPMOE_OK, "%s", epmoe_last_error());
+    res->code = r.code;
+    res->tokens = T;
+    snprintf(res->message, sizeof res->message, "%s", r.message);
+    res->rows_ok = 0;
+    if (r.code == EPMOE_RPC_OK) {
+        const float *ref = sub_range ? ref_13 : ref_all;
+        float *want32 = malloc(n * sizeof(float) + 4);
+        for (int64_t t = 0; t < T; t++)
+            memcpy(want32 + t * H, ref + rows[t] * H, (size_t)H * sizeof(float));
+        void *want = malloc(n * 4 + 4);
+        ck_assert_int_eq(epmoe_convert_from_f32(want32, n, dtype, want), EPMOE_OK);
+        res->rows_ok = r.n_tokens == T && r.hidden_size == H && r.dtype == dtype &&
+                       strcmp(r.request_id, id) == 0 &&
+                       memcmp(r.hidden_states, want, n * epmoe_dtype_size(dtype)) == 0;
+        free(want32);
+        free(want);
+    }
+    epmoe_forward_reply_free(&r);
+    free(wire);
+    free(x);
+}
+
+/* ---- concurrency, bit-identity, bad inputs, deadline, metrics, clean stop ---------------- */
+
+typedef struct {
+    epmoe_rpc_channel *ch;
+    int stream;
+    int64_t ok, ok_tokens, wrong, invalid, other;
+    char last_error[600];
+} stream_state;
+
+static void *stream_main(void *arg) {
+    stream_state *s = arg;
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 77 + (uint64_t)s->stream);
+    for (int i = 0; i < REQUESTS; i++) {
+        bad_kind bad = BAD_NONE;
+        if (i == REQUESTS / 2) bad = (bad_kind)(1 + s->stream % 4); /* one bad call per stream */
+        call_result r;
+        call_forward(s->ch, &rng, 1 + (int64_t)epmoe_rng_below(&rng, MAX_T), bad, 0, &r);
+        if (bad != BAD_NONE) {
+            static const char *const field[] = {"", "hidden_states.shape[1]", "NaN",
+                                                "layer_begin", "token_ids"};
+            if (r.code == EPMOE_RPC_INVALID_ARGUMENT && strstr(r.message, field[bad])) {
+                s->invalid++;
+            } else {
+                s->other++;
+                snprintf(s->last_error, sizeof s->last_error, "bad kind %d: %d %s", bad, r.code,
+                         r.message);
+            }
+        } else if (r.code == EPMOE_RPC_OK) {
+            s->ok++;
+            s->ok_tokens += r.tokens;
+            if (!r.rows_ok) s->wrong++;
+        } else {
+            s->other++;
+            snprintf(s->last_error, sizeof s->last_error, "%d %s", r.code, r.message);
+        }
+    }
+    return NULL;
+}
+
+typedef struct {
+    epmoe_rpc_channel *ch;
+    int64_t T;
+    call_result r;
+} async_call;
+
+static void *async_main(void *arg) {
+    async_call *c = arg;
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 5);
+    call_forward(c->ch, &rng, c->T, BAD_NONE, 0, &c->r);
+    return NULL;
+}
+
+START_TEST(test_concurrent_clients_match_batch_job) {
+    setup_reference();
+    test_server srv;
+    const char *extra[] = {"--max-queue-delay-us", "3000", "--max-batch-tokens", "256", NULL};
+    test_server_start(&srv, 2, checkpoint, extra, 300);
+    epmoe_rpc_channel *ch = NULL;
+    ck_assert_int_eq(epmoe_rpc_channel_open(srv.target, 64 << 20, &ch), EPMOE_OK);
+
+    epmoe_info_reply info;
+    ck_assert_int_eq(epmoe_client_info(ch, 30, &info), EPMOE_OK);
+    ck_assert_int_eq(info.code, EPMOE_RPC_OK);
+    ck_assert_int_eq(info.n_ranks, 2);
+    ck_assert_int_eq(info.hidden_size, H);
+    ck_assert_int_eq(info.max_batch_tokens, 256);
+    int code = -1, serving = -1;
+    ck_assert_int_eq(epmoe_client_health(ch, "", 30, &code, &serving), EPMOE_OK);
+    ck_assert_int_eq(serving, 1);
+
+    stream_state st[STREAMS];
+    pthread_t th[STREAMS];
+    for (int i = 0; i < STREAMS; i++) {
+        memset(&st[i], 0, sizeof st[i]);
+        st[i].ch = ch;
+        st[i].stream = i;
+        pthread_create(&th[i], NULL, stream_main, &st[i]);
+    }
+    int64_t ok = 0, ok_tokens = 0;
+    for (int i = 0; i < STREAMS; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(st[i].other == 0, "stream %d: %s", i, st[i].last_error);
+        ck_assert_int_eq(st[i].wrong, 0);
+        ck_assert_int_eq(st[i].invalid, 1);
+        ck_assert_int_eq(st[i].ok, REQUESTS - 1);
+        ok += st[i].ok;
+        ok_tokens += st[i].ok_tokens;
+    }
+
+    /* A deadline shorter than the work: hold the engine with a large request, then send one
+     * whose deadline passes while it waits in the queue. */
+    async_call big = {ch, 256, {0}};
+    pthread_t tb;
+    pthread_create(&tb, NULL, async_main, &big);
+    for (int i = 0; i < 3000; i++) { /* until the big one is in the engine */
+        char *m = test_fetch_metrics(srv.metrics_port);
+        ck_assert_ptr_nonnull(m);
+        double inflight = test_metric_value(m, "epmoe_inflight_requests ");
+        double depth = test_metric_value(m, "epmoe_queue_depth ");
+        free(m);
+        if (inflight == 1 && depth == 0) break;
+        usleep(2000);
+    }
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 9);
+    call_result late;
+    call_forward(ch, &rng, 4, BAD_NONE, 0.01, &late);
+    ck_assert_int_eq(late.code, EPMOE_RPC_DEADLINE_EXCEEDED);
+    pthread_join(tb, NULL);
+    ck_assert_int_eq(big.r.code, EPMOE_RPC_OK);
+    ck_assert(big.r.rows_ok);
+    ok += 1;
+    ok_tokens += 256;
+    /* Still serving. */
+    call_result after;
+    call_forward(ch, &rng, 3, BAD_NONE, 0, &after);
+    ck_assert_int_eq(after.code, EPMOE_RPC_OK);
+    ck_assert(after.rows_ok);
+    ok += 1;
+    ok_tokens += 3;
+
+    /* The counters agree with what the clients saw; only answered rows were computed. */
+    char *m = test_fetch_metrics(srv.metrics_port);
+    ck_assert_ptr_nonnull(m);
+    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_requests_total{method=\"Forward\",code=\"OK\"} "), ok);
+    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_requests_total{method=\"Forward\",code=\"INVALID_ARGUMENT\"} "), STREAMS);
+    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_tokens_total "), ok_tokens);
+    ck_assert_ptr_nonnull(strstr(m, "epmoe_stage_seconds_count{stage=\"experts\"}"));
+    ck_assert_ptr_nonnull(strstr(m, "epmoe_expert_tokens_total{layer=\"0\",expert=\"0\"}"));
+    free(m);
+    epmoe_rpc_channel_close(ch);
+    ck_assert_int_eq(test_server_stop(&srv, 120), 0);
+}
+END_TEST
+
+/* ---- drain under load -------------------------------------------------------------------- */
+
+typedef struct {
+    epmoe_rpc_channel *ch;
+    int stream;
+    atomic_int *stop_sent;
+    int64_t ok, ok_after_stop, unavailable, wrong, other;
+    char last_error[600];
+} drain_stream;
+
+static void *drain_stream_main(void *arg) {
+    drain_stream *s = arg;
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 500 + (uint64_t)s->stream);
+    for (int i = 0; i < 100000; i++) {
+        int sent_before = atomic_load(s->stop_sent);
+        call_result r;
+        call_forward(s->ch, &rng, 1 + (int64_t)epmoe_rng_below(&rng, MAX_T), BAD_NONE, 60, &r);
+        if (r.code == EPMOE_RPC_OK) {
+            s->ok++;
+            if (atomic_load(s->stop_sent)) s->ok_after_stop++;
+            if (!r.rows_ok) s->wrong++;
+        } else if (r.code == EPMOE_RPC_UNAVAILABLE && atomic_load(s->stop_sent)) {
+            s->unavailable++;
+            break;
+        } else if (r.code == EPMOE_RPC_CANCELLED && sent_before) {
+            /* A call that reaches the server while it closes its port is refused by the gRPC
+             * library itself (never handed to the service, never computed). */
+            s->unavailable++;
+            break;
+        } else {
+            s->other++;
+            snprintf(s->last_error, sizeof s->last_error, "%d %s (stop sent before: %d)", r.code,
+                     r.message, sent_before);
+            break;
+        }
+    }
+    return NULL;
+}
+
+START_TEST(test_drain_under_load) {
+    setup_reference();
+    test_server srv;
+    const char *extra[] = {"--drain-linger-ms", "100", NULL};
+    test_server_start(&srv, 3, checkpoint, extra, 300);
+    epmoe_rpc_channel *ch = NULL;
+    ck_assert_int_eq(epmoe_rpc_channel_open(srv.target, 64 << 20, &ch), EPMOE_OK);
+    atomic_int stop_sent = 0;
+    enum { N = 8 };
+    drain_stream st[N];
+    pthread_t th[N];
+    for (int i = 0; i < N; i++) {
+        memset(&st[i], 0, sizeof st[i]);
+        st[i].ch = ch;
+        st[i].stream = i;
+        st[i].stop_sent = &stop_sent;
+        pthread_create(&th[i], NULL, drain_stream_main, &st[i]);
+    }
+    /* SIGTERM once requests are being served and some are accepted and unanswered. */
+    int loaded = 0;
+    for (int i = 0; i < 30000 && !loaded; i++) {
+        char *m = test_fetch_metrics(srv.metrics_port);
+        ck_assert_ptr_nonnull(m);
+        loaded = test_metric_value(m, "epmoe_requests_total{method=\"Forward\",code=\"OK\"} ") >= N &&
+                 test_metric_value(m, "epmoe_inflight_requests ") >= 2;
+        free(m);
+        if (!loaded) usleep(1000);
+    }
+    ck_assert_msg(loaded, "the server never had two calls in flight");
+    atomic_store(&stop_sent, 1);
+    kill(srv.rank0_pid, SIGTERM);
+    int64_t ok_after = 0;
+    for (int i = 0; i < N; i++) {
+        pthread_join(th[i], NULL);
+        ck_assert_msg(st[i].other == 0, "stream %d: %s", i, st[i].last_error);
+        ck_assert_int_eq(st[i].wrong, 0);
+        ck_assert_int_eq(st[i].unavailable, 1); /* each stream ends refused */
+        ok_after += st[i].ok_after_stop;
+    }
+    ck_assert_int_ge(ok_after, 1); /* calls in flight at SIGTERM were answered */
+    epmoe_rpc_channel_close(ch);
+    ck_assert_int_eq(test_server_stop(&srv, 120), 0); /* SIGTERM again is harmless */
+}
+END_TEST
+
+static Suite *e2e_suite(void) {
+    Suite *s = suite_create("service_e2e");
+    TCase *tc = tcase_create("e2e");
+    tcase_set_timeout(tc, 900);
+    tcase_add_test(tc, test_concurrent_clients_match_batch_job);
+    tcase_add_test(tc, test_drain_under_load);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void) {
+    signal(SIGPIPE, SIG_IGN);
+    SRunner *sr = srunner_create(e2e_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? 1 : 0;
+}
