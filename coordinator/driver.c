@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "common/safetensors.h"
 #include "coordinator/engine.h"
@@ -30,6 +31,23 @@ struct epmoe_driver {
     int64_t *counts_local; /* [n_layers * E] */
     int *shard_counts, *shard_displs; /* [P], in elements, for scatter/gather */
 };
+
+/* The command broadcast is nonblocking and polled with short sleeps, so an idle follower
+ * (a service waiting for requests) does not spin a core; the root uses the matching Ibcast
+ * (MPI does not match blocking with nonblocking collectives). */
+static int command_bcast(int64_t cmd[], int words, MPI_Comm comm, int is_root) {
+    MPI_Request req;
+    int rc = MPI_Ibcast(cmd, words, MPI_INT64_T, 0, comm, &req);
+    if (rc != MPI_SUCCESS) return rc;
+    if (is_root) return MPI_Wait(&req, MPI_STATUS_IGNORE);
+    for (;;) {
+        int done = 0;
+        rc = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+        if (rc != MPI_SUCCESS || done) return rc;
+        struct timespec nap = {0, 200 * 1000}; /* 0.2 ms: negligible next to a forward */
+        nanosleep(&nap, NULL);
+    }
+}
 
 static epmoe_status mpi_check(int rc, const char *what) {
     if (rc == MPI_SUCCESS) return EPMOE_OK;
@@ -283,7 +301,7 @@ epmoe_status epmoe_driver_forward(epmoe_driver *d, const float *x, const int32_t
     EPMOE_TRY(validate(d, x, token_ids, T, layer_begin, layer_end));
     int64_t cmd[CMD_WORDS] = {CMD_FORWARD,         T, layer_begin, layer_end,
                               token_ids != NULL, expert_counts != NULL};
-    EPMOE_TRY(mpi_check(MPI_Bcast(cmd, CMD_WORDS, MPI_INT64_T, 0, d->comm), "MPI_Bcast(command)"));
+    EPMOE_TRY(mpi_check(command_bcast(cmd, CMD_WORDS, d->comm, 1), "MPI_Ibcast(command)"));
     return forward_collective(d, cmd, x, token_ids, out, times, expert_counts);
 }
 
@@ -291,8 +309,7 @@ epmoe_status epmoe_driver_follow(epmoe_driver *d) {
     EPMOE_REQUIRE(d->rank != 0, EPMOE_ERR_INVALID_ARG, "the root does not follow");
     for (;;) {
         int64_t cmd[CMD_WORDS];
-        EPMOE_TRY(mpi_check(MPI_Bcast(cmd, CMD_WORDS, MPI_INT64_T, 0, d->comm),
-                            "MPI_Bcast(command)"));
+        EPMOE_TRY(mpi_check(command_bcast(cmd, CMD_WORDS, d->comm, 0), "MPI_Ibcast(command)"));
         if (cmd[0] == CMD_SHUTDOWN) return EPMOE_OK;
         EPMOE_REQUIRE(cmd[0] == CMD_FORWARD, EPMOE_ERR_INTERNAL, "unknown command %lld",
                       (long long)cmd[0]);
@@ -308,5 +325,5 @@ epmoe_status epmoe_driver_follow(epmoe_driver *d) {
 epmoe_status epmoe_driver_shutdown(epmoe_driver *d) {
     EPMOE_REQUIRE(d->rank == 0, EPMOE_ERR_INVALID_ARG, "only the root shuts the followers down");
     int64_t cmd[CMD_WORDS] = {CMD_SHUTDOWN, 0, 0, 0, 0, 0};
-    return mpi_check(MPI_Bcast(cmd, CMD_WORDS, MPI_INT64_T, 0, d->comm), "MPI_Bcast(shutdown)");
+    return mpi_check(command_bcast(cmd, CMD_WORDS, d->comm, 1), "MPI_Ibcast(shutdown)");
 }
