@@ -61,6 +61,10 @@ static const epmoe_cfg_entry table[] = {
     {"cpu_weight_cache_mb", EPMOE_CFG_INT, R, OFF(cpu_weight_cache_mb), 0, 1 << 20, "1024", NULL,
      "CPU path: keep every local expert dequantized if all layers fit in this many MiB per rank "
      "(0 = dequantize per forward)"},
+    {"collective_timeout_s", EPMOE_CFG_DOUBLE, R, OFF(collective_timeout_s), 0.0, 86400.0, "300",
+     NULL,
+     "GPU transports (nccl, mpi-staged): a collective not finished after this many seconds (a "
+     "peer died or hung) is aborted with an error naming the timeout (0 = wait forever)"},
 };
 
 #undef M

@@ -59,6 +59,7 @@ typedef struct {
     int64_t max_tokens_per_rank; /* sizes the worst-case buffers (dropless) */
     int64_t seed;
     int64_t cpu_weight_cache_mb; /* dequantized expert weights kept per rank (CPU path) */
+    double collective_timeout_s; /* GPU transports: abort a collective unfinished after this */
 } epmoe_config;
 
 typedef enum { EPMOE_CFG_INT, EPMOE_CFG_DOUBLE, EPMOE_CFG_ENUM, EPMOE_CFG_STRING } epmoe_cfg_type;

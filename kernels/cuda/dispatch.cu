@@ -1,0 +1,289 @@
+/* Dispatch and return kernels (kernels/cuda/dispatch.h). Positions come from block-wide
+ * prefix sums walked in token (row) order, never from atomics, so the layout of every buffer is
+ * a function of the routing alone: deterministic, and identical on both ends of the wire. */
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/dispatch.h"
+
+#define SCAN_THREADS 256
+
+/* Exclusive prefix of two per-thread counts over a block of SCAN_THREADS threads, and their
+ * block totals. Every thread of the block must call it. */
+static __device__ void block_scan2(int a, int b, int *excl_a, int *excl_b, int *total_a,
+                                   int *total_b) {
+    __shared__ int warp_a[SCAN_THREADS / 32], warp_b[SCAN_THREADS / 32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    int ia = a, ib = b; /* inclusive within the warp */
+    for (int off = 1; off < 32; off <<= 1) {
+        int xa = __shfl_up_sync(0xffffffffu, ia, off), xb = __shfl_up_sync(0xffffffffu, ib, off);
+        if (lane >= off) ia += xa, ib += xb;
+    }
+    if (lane == 31) warp_a[warp] = ia, warp_b[warp] = ib;
+    __syncthreads();
+    int before_a = 0, before_b = 0, ta = 0, tb = 0;
+    for (int w = 0; w < SCAN_THREADS / 32; w++) {
+        if (w < warp) before_a += warp_a[w], before_b += warp_b[w];
+        ta += warp_a[w], tb += warp_b[w];
+    }
+    *excl_a = before_a + ia - a;
+    *excl_b = before_b + ib - b;
+    *total_a = ta;
+    *total_b = tb;
+    __syncthreads(); /* warp_a/warp_b are reused by the next call */
+}
+
+/* Owner rank of each pair: the r with start[r] <= id < start[r+1]; -1 for an id outside
+ * [0, start[P]) (routing never produces one; such a slot is then dropped everywhere). */
+__global__ void owner_kernel(const int32_t *ids, int64_t n_pairs,
+                             const int64_t *rank_expert_start, int n_ranks,
+                             int32_t *owner_of_pair) {
+    int64_t pair = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (pair >= n_pairs) return;
+    const int64_t id = ids[pair];
+    if (id < rank_expert_start[0] || id >= rank_expert_start[n_ranks]) {
+        owner_of_pair[pair] = -1;
+        return;
+    }
+    int lo = 0, hi = n_ranks; /* start[lo] <= id < start[hi] */
+    while (hi - lo > 1) {
+        int mid = (lo + hi) / 2;
+        if (rank_expert_start[mid] <= id) lo = mid;
+        else hi = mid;
+    }
+    owner_of_pair[pair] = lo;
+}
+
+/* Block p: ranks of the rows and pairs each token sends to p, in token order. */
+__global__ void plan_kernel(const int32_t *owner_of_pair, int64_t T, int64_t top_k, int n_ranks,
+                            int32_t *row_rank, int32_t *pair_rank, int64_t *send_counts) {
+    const int p = blockIdx.x;
+    int64_t rows = 0, pairs = 0;
+    for (int64_t base = 0; base < T; base += SCAN_THREADS) {
+        const int64_t t = base + threadIdx.x;
+        int n = 0;
+        if (t < T)
+            for (int64_t j = 0; j < top_k; j++) n += owner_of_pair[t * top_k + j] == p;
+        const int m = n > 0;
+        int ex_m, ex_n, tot_m, tot_n;
+        block_scan2(m, n, &ex_m, &ex_n, &tot_m, &tot_n);
+        if (t < T) {
+            row_rank[t * n_ranks + p] = m ? (int32_t)(rows + ex_m) : -1;
+            pair_rank[t * n_ranks + p] = (int32_t)(pairs + ex_n);
+        }
+        rows += tot_m;
+        pairs += tot_n;
+    }
+    if (threadIdx.x == 0) {
+        send_counts[2 * p] = rows;
+        send_counts[2 * p + 1] = pairs;
+    }
+}
+
+epmoe_status epmoe_cuda_dispatch_plan(const int32_t *ids, int64_t T, int64_t top_k,
+                                      const int64_t *rank_expert_start, int n_ranks,
+                                      int32_t *owner_of_pair, int32_t *row_rank,
+                                      int32_t *pair_rank, int64_t *send_counts,
+                                      cudaStream_t stream) {
+    EPMOE_REQUIRE(T >= 0 && top_k > 0 && n_ranks > 0 && T * top_k < INT32_MAX,
+                  EPMOE_ERR_INVALID_ARG, "dispatch plan: bad shape T=%lld top_k=%lld P=%d",
+                  (long long)T, (long long)top_k, n_ranks);
+    const int64_t n_pairs = T * top_k;
+    if (n_pairs > 0) {
+        owner_kernel<<<(unsigned)((n_pairs + 255) / 256), 256, 0, stream>>>(
+            ids, n_pairs, rank_expert_start, n_ranks, owner_of_pair);
+        CUDA_TRY_LAUNCH("dispatch owner_kernel");
+    }
+    /* Also for T = 0: the counts (zeros) are still written and exchanged. */
+    plan_kernel<<<(unsigned)n_ranks, SCAN_THREADS, 0, stream>>>(owner_of_pair, T, top_k, n_ranks,
+                                                               row_rank, pair_rank, send_counts);
+    CUDA_TRY_LAUNCH("dispatch plan_kernel");
+    return EPMOE_OK;
+}
+
+__global__ void bases_kernel(const int64_t *counts, int n_ranks, int64_t *row_base,
+                             int64_t *pair_base) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int64_t rows = 0, pairs = 0;
+    for (int p = 0; p < n_ranks; p++) {
+        row_base[p] = rows;
+        pair_base[p] = pairs;
+        rows += counts[2 * p];
+        pairs += counts[2 * p + 1];
+    }
+}
+
+epmoe_status epmoe_cuda_dispatch_bases(const int64_t *counts, int n_ranks, int64_t *row_base,
+                                       int64_t *pair_base, cudaStream_t stream) {
+    EPMOE_REQUIRE(n_ranks > 0, EPMOE_ERR_INVALID_ARG, "dispatch bases: P=%d", n_ranks);
+    bases_kernel<<<1, 32, 0, stream>>>(counts, n_ranks, row_base, pair_base);
+    CUDA_TRY_LAUNCH("dispatch bases_kernel");
+    return EPMOE_OK;
+}
+
+/* One block per token: its rows to every peer it reaches, and where each slot's output will
+ * come back. */
+__global__ void pack_kernel(const float4 *x, int64_t H4, const int32_t *ids, int64_t top_k,
+                            int n_ranks, const int32_t *owner_of_pair, const int32_t *row_rank,
+                            const int32_t *pair_rank, const int64_t *send_row_base,
+                            const int64_t *ret_recv_base, float4 *send_x, int32_t *send_meta,
+                            int32_t *ret_index_of_pair) {
+    const int64_t t = blockIdx.x;
+    const int32_t *owner = owner_of_pair + t * top_k;
+    if (threadIdx.x < top_k) {
+        const int j = threadIdx.x, p = owner[j];
+        int32_t index = -1;
+        if (p >= 0) {
+            int before = 0;
+            for (int jj = 0; jj < j; jj++) before += owner[jj] == p;
+            index = (int32_t)(ret_recv_base[p] + pair_rank[t * n_ranks + p] + before);
+        }
+        ret_index_of_pair[t * top_k + j] = index;
+    }
+    const float4 *src = x + t * H4;
+    for (int p = 0; p < n_ranks; p++) {
+        const int32_t rank = row_rank[t * n_ranks + p];
+        if (rank < 0) continue; /* uniform over the block */
+        const int64_t dst = send_row_base[p] + rank;
+        for (int64_t c = threadIdx.x; c < H4; c += blockDim.x) send_x[dst * H4 + c] = src[c];
+        if (threadIdx.x < top_k) {
+            const int j = threadIdx.x;
+            send_meta[dst * top_k + j] = owner[j] == p ? ids[t * top_k + j] : -1;
+        }
+    }
+}
+
+epmoe_status epmoe_cuda_dispatch_pack(const float *x, int64_t H, const int32_t *ids, int64_t T,
+                                      int64_t top_k, int n_ranks, const int32_t *owner_of_pair,
+                                      const int32_t *row_rank, const int32_t *pair_rank,
+                                      const int64_t *send_row_base, const int64_t *ret_recv_base,
+                                      float *send_x, int32_t *send_meta,
+                                      int32_t *ret_index_of_pair, cudaStream_t stream) {
+    EPMOE_REQUIRE(H > 0 && H % 4 == 0 && T >= 0 && top_k > 0 && top_k <= 128 && n_ranks > 0,
+                  EPMOE_ERR_INVALID_ARG, "dispatch pack: bad shape H=%lld T=%lld top_k=%lld P=%d",
+                  (long long)H, (long long)T, (long long)top_k, n_ranks);
+    if (T == 0) return EPMOE_OK;
+    pack_kernel<<<(unsigned)T, 128, 0, stream>>>(
+        (const float4 *)x, H / 4, ids, top_k, n_ranks, owner_of_pair, row_rank, pair_rank,
+        send_row_base, ret_recv_base, (float4 *)send_x, send_meta, ret_index_of_pair);
+    CUDA_TRY_LAUNCH("dispatch pack_kernel");
+    return EPMOE_OK;
+}
+
+/* One thread per receive row: its peer (the one whose block holds it among its real rows) and
+ * its validated ids. */
+__global__ void unpack_kernel(const int32_t *recv_meta, int64_t recv_rows, int64_t top_k,
+                              int n_ranks, const int64_t *recv_row_base,
+                              const int64_t *recv_counts, int64_t expert_start, int64_t n_local,
+                              int32_t *ids_recv, int32_t *peer_of_row, uint32_t *error_flags) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= recv_rows) return;
+    int peer = -1;
+    for (int p = 0; p < n_ranks; p++) {
+        const int64_t local = i - recv_row_base[p];
+        if (local >= 0 && local < recv_counts[2 * p]) {
+            peer = p;
+            break;
+        }
+    }
+    peer_of_row[i] = peer;
+    int valid = 0;
+    uint32_t flags = 0;
+    for (int64_t j = 0; j < top_k; j++) {
+        int32_t id = peer >= 0 ? recv_meta[i * top_k + j] : -1;
+        if (id != -1 && (id < expert_start || id >= expert_start + n_local)) {
+            flags |= EPMOE_CUDA_FLAG_DISPATCH_ID;
+            id = -1;
+        }
+        ids_recv[i * top_k + j] = id;
+        valid += id != -1;
+    }
+    if (peer >= 0 && valid == 0) flags |= EPMOE_CUDA_FLAG_DISPATCH_EMPTY;
+    if (flags) atomicOr(error_flags, flags);
+}
+
+epmoe_status epmoe_cuda_dispatch_unpack(const int32_t *recv_meta, int64_t recv_rows,
+                                        int64_t top_k, int n_ranks,
+                                        const int64_t *recv_row_base, const int64_t *recv_counts,
+                                        int64_t expert_start, int64_t n_local, int32_t *ids_recv,
+                                        int32_t *peer_of_row, uint32_t *error_flags,
+                                        cudaStream_t stream) {
+    EPMOE_REQUIRE(recv_rows >= 0 && top_k > 0 && n_ranks > 0 && n_local > 0,
+                  EPMOE_ERR_INVALID_ARG,
+                  "dispatch unpack: bad shape rows=%lld top_k=%lld P=%d n_local=%lld",
+                  (long long)recv_rows, (long long)top_k, n_ranks, (long long)n_local);
+    if (recv_rows == 0) return EPMOE_OK;
+    unpack_kernel<<<(unsigned)((recv_rows + 255) / 256), 256, 0, stream>>>(
+        recv_meta, recv_rows, top_k, n_ranks, recv_row_base, recv_counts, expert_start, n_local,
+        ids_recv, peer_of_row, error_flags);
+    CUDA_TRY_LAUNCH("dispatch unpack_kernel");
+    return EPMOE_OK;
+}
+
+/* Block p: offsets of its rows' returned pairs, in row order, and a check of the total. */
+__global__ void return_offsets_kernel(const int32_t *ids_recv, int64_t top_k, int n_ranks,
+                                      const int64_t *recv_row_base, const int64_t *recv_counts,
+                                      const int64_t *ret_send_base, int64_t *ret_row_offset,
+                                      uint32_t *error_flags) {
+    const int p = blockIdx.x;
+    const int64_t rows = recv_counts[2 * p], first = recv_row_base[p];
+    int64_t pairs = 0;
+    for (int64_t base = 0; base < rows; base += SCAN_THREADS) {
+        const int64_t local = base + threadIdx.x;
+        int n = 0;
+        if (local < rows)
+            for (int64_t j = 0; j < top_k; j++) n += ids_recv[(first + local) * top_k + j] != -1;
+        int ex_n, ex_unused, tot_n, tot_unused;
+        block_scan2(n, 0, &ex_n, &ex_unused, &tot_n, &tot_unused);
+        if (local < rows) ret_row_offset[first + local] = ret_send_base[p] + pairs + ex_n;
+        pairs += tot_n;
+    }
+    if (threadIdx.x == 0 && pairs != recv_counts[2 * p + 1])
+        atomicOr(error_flags, EPMOE_CUDA_FLAG_DISPATCH_COUNT);
+}
+
+epmoe_status epmoe_cuda_dispatch_return_offsets(const int32_t *ids_recv, int64_t top_k,
+                                                int n_ranks, const int64_t *recv_row_base,
+                                                const int64_t *recv_counts,
+                                                const int64_t *ret_send_base,
+                                                int64_t *ret_row_offset, uint32_t *error_flags,
+                                                cudaStream_t stream) {
+    EPMOE_REQUIRE(top_k > 0 && n_ranks > 0, EPMOE_ERR_INVALID_ARG,
+                  "dispatch return offsets: top_k=%lld P=%d", (long long)top_k, n_ranks);
+    return_offsets_kernel<<<(unsigned)n_ranks, SCAN_THREADS, 0, stream>>>(
+        ids_recv, top_k, n_ranks, recv_row_base, recv_counts, ret_send_base, ret_row_offset,
+        error_flags);
+    CUDA_TRY_LAUNCH("dispatch return_offsets_kernel");
+    return EPMOE_OK;
+}
+
+/* One block per receive row: its expert outputs, in slot order, to the return buffer. */
+__global__ void return_pack_kernel(const float4 *y, int64_t H4, const int32_t *ids_recv,
+                                   const int32_t *row_of_pair, const int32_t *peer_of_row,
+                                   const int64_t *ret_row_offset, int64_t top_k,
+                                   float4 *ret_send) {
+    const int64_t i = blockIdx.x;
+    if (peer_of_row[i] < 0) return;
+    int64_t dst = ret_row_offset[i];
+    for (int64_t j = 0; j < top_k; j++) {
+        if (ids_recv[i * top_k + j] == -1) continue; /* uniform over the block */
+        const int64_t src = row_of_pair ? (int64_t)row_of_pair[i * top_k + j] : i;
+        for (int64_t c = threadIdx.x; c < H4; c += blockDim.x)
+            ret_send[dst * H4 + c] = y[src * H4 + c];
+        dst++;
+    }
+}
+
+epmoe_status epmoe_cuda_dispatch_return_pack(const float *y, int64_t H, const int32_t *ids_recv,
+                                             const int32_t *row_of_pair,
+                                             const int32_t *peer_of_row,
+                                             const int64_t *ret_row_offset, int64_t recv_rows,
+                                             int64_t top_k, float *ret_send, cudaStream_t stream) {
+    EPMOE_REQUIRE(H > 0 && H % 4 == 0 && recv_rows >= 0 && top_k > 0, EPMOE_ERR_INVALID_ARG,
+                  "dispatch return pack: bad shape H=%lld rows=%lld top_k=%lld", (long long)H,
+                  (long long)recv_rows, (long long)top_k);
+    if (recv_rows == 0) return EPMOE_OK;
+    return_pack_kernel<<<(unsigned)recv_rows, 128, 0, stream>>>(
+        (const float4 *)y, H / 4, ids_recv, row_of_pair, peer_of_row, ret_row_offset, top_k,
+        (float4 *)ret_send);
+    CUDA_TRY_LAUNCH("dispatch return_pack_kernel");
+    return EPMOE_OK;
+}

@@ -1,0 +1,98 @@
+/* Device kernels of the expert-parallel dispatch and return (DESIGN §1 steps 2, 3, 5), used by
+ * coordinator/gpu_engine.cu. Every launch shape depends on host sizes only (T, top_k, P, the
+ * receive capacity), never on routing, so all of it may be captured in a CUDA graph.
+ *
+ * Sender side, for T tokens with global expert ids[T, k] and the owners' slices
+ * rank_expert_start[P+1] (rank r owns [start[r], start[r+1])):
+ *   owner_of_pair[t*k+j]  rank owning slot j of token t
+ *   row_rank[t*P+p]       position of token t among the tokens sent to p (-1: none of its
+ *                         slots is on p). Rows to a peer are in increasing token order.
+ *   pair_rank[t*P+p]      (row, expert) pairs sent to p by tokens before t
+ *   send_counts[2p], [2p+1]  rows and pairs sent to p (the numbers that are exchanged)
+ * A row carries x[t] (fp32, H) and its meta: k ids in slot order, the global id where the slot
+ * is on p, else -1. The pairs a peer returns come back in (row, slot) order, so the sender
+ * knows where each slot's output lands: ret_index_of_pair[t*k+j] = ret_recv_base[p] +
+ * pair_rank[t*P+p] + (slots of t before j that are also on p). Combine then sums, per token,
+ * w[t,j] * ret[ret_index_of_pair[t,j]] over j in slot order: the single-GPU order, so the
+ * result is bit-identical for any number of ranks.
+ *
+ * Worker side, on recv_rows received rows (recv_row_base[p] is where peer p's block starts;
+ * its first recv_counts[2p] rows are real, anything after is unused fixed capacity):
+ *   ids_recv[i*k+j]  the meta, validated (ids outside this rank's slice are flagged and
+ *                    dropped), -1 for unused rows: feeds epmoe_cuda_plan_layout as "tokens"
+ *   peer_of_row[i]   sending peer, -1 for unused rows
+ *   ret_row_offset[i] where row i's first returned pair goes in the return send buffer
+ *                    (ret_send_base[p] + pairs of p's earlier rows)
+ *
+ * Bases (where each peer's block starts) are exclusive prefixes of the counts in throughput
+ * mode (epmoe_cuda_dispatch_bases) or fixed multiples of a capacity in decode mode (constant
+ * arrays): the kernels only read them.
+ */
+#ifndef EPMOE_DISPATCH_H
+#define EPMOE_DISPATCH_H
+
+#include <stdint.h>
+
+#include <cuda_runtime.h>
+
+#include "common/status.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EPMOE_CUDA_FLAG_DISPATCH_ID 16u    /* a received row named an expert not on this rank */
+#define EPMOE_CUDA_FLAG_DISPATCH_COUNT 32u /* received pairs differ from the sender's count */
+#define EPMOE_CUDA_FLAG_DISPATCH_EMPTY 64u /* a received row carried no expert of this rank */
+
+/* owner_of_pair, row_rank, pair_rank and send_counts as above. Two launches. */
+epmoe_status epmoe_cuda_dispatch_plan(const int32_t *ids, int64_t T, int64_t top_k,
+                                      const int64_t *rank_expert_start, int n_ranks,
+                                      int32_t *owner_of_pair, int32_t *row_rank,
+                                      int32_t *pair_rank, int64_t *send_counts,
+                                      cudaStream_t stream);
+
+/* row_base[p] = sum_{q<p} counts[2q], pair_base[p] = sum_{q<p} counts[2q+1]. */
+epmoe_status epmoe_cuda_dispatch_bases(const int64_t *counts, int n_ranks, int64_t *row_base,
+                                       int64_t *pair_base, cudaStream_t stream);
+
+/* Writes the rows (send_x [rows, H] fp32, send_meta [rows, k] int32) at send_row_base[p] +
+ * row_rank, and ret_index_of_pair [T*k]. */
+epmoe_status epmoe_cuda_dispatch_pack(const float *x, int64_t H, const int32_t *ids, int64_t T,
+                                      int64_t top_k, int n_ranks, const int32_t *owner_of_pair,
+                                      const int32_t *row_rank, const int32_t *pair_rank,
+                                      const int64_t *send_row_base, const int64_t *ret_recv_base,
+                                      float *send_x, int32_t *send_meta,
+                                      int32_t *ret_index_of_pair, cudaStream_t stream);
+
+/* ids_recv [recv_rows, k] and peer_of_row [recv_rows] from the received meta. Flags
+ * EPMOE_CUDA_FLAG_DISPATCH_ID / _EMPTY into error_flags. */
+epmoe_status epmoe_cuda_dispatch_unpack(const int32_t *recv_meta, int64_t recv_rows,
+                                        int64_t top_k, int n_ranks,
+                                        const int64_t *recv_row_base, const int64_t *recv_counts,
+                                        int64_t expert_start, int64_t n_local, int32_t *ids_recv,
+                                        int32_t *peer_of_row, uint32_t *error_flags,
+                                        cudaStream_t stream);
+
+/* ret_row_offset [recv_rows]; checks each peer's pairs against recv_counts[2p+1]
+ * (EPMOE_CUDA_FLAG_DISPATCH_COUNT). One block per peer. */
+epmoe_status epmoe_cuda_dispatch_return_offsets(const int32_t *ids_recv, int64_t top_k,
+                                                int n_ranks, const int64_t *recv_row_base,
+                                                const int64_t *recv_counts,
+                                                const int64_t *ret_send_base,
+                                                int64_t *ret_row_offset, uint32_t *error_flags,
+                                                cudaStream_t stream);
+
+/* ret_send[ret_row_offset[i] + r] = y[row_of_pair[i*k+j]] for the r-th valid slot j of each
+ * real received row i (the expert outputs, gathered out of the padded layout). row_of_pair
+ * NULL: y[i] itself (an identity "expert": the benchmark's echo of the received rows). */
+epmoe_status epmoe_cuda_dispatch_return_pack(const float *y, int64_t H, const int32_t *ids_recv,
+                                             const int32_t *row_of_pair,
+                                             const int32_t *peer_of_row,
+                                             const int64_t *ret_row_offset, int64_t recv_rows,
+                                             int64_t top_k, float *ret_send, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
