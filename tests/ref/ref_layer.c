@@ -159,7 +159,9 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
             }
         }
         /* shared expert, dense, same clamp */
-        const int64_t Is = w->shared_inter;
+        /* the config decides: a routed-only run (n_shared_experts = 0) of weights that carry a
+         * shared expert must not add it */
+        const int64_t Is = cfg->n_shared_experts > 0 ? w->shared_inter : 0;
         if (Is > 0) {
             double *hs = malloc((size_t)(2 * Is) * sizeof(double));
             for (int64_t n = 0; n < 2 * Is; n++) {
