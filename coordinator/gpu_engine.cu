@@ -267,70 +267,10 @@ int64_t epmoe_gpu_engine_device_bytes(const epmoe_gpu_engine *e) {
 
 /* ---- the worker side ------------------------------------------------------------------------ */
 
-/* The expert MLPs on the received rows: gpu_layer's experts stage (worker/cuda/gpu_layer.cu),
- * with x the received rows and the padded capacity of `pairs_bound` pairs. */
+/* The expert MLPs on the received rows: gpu_layer's experts stage, fed from recv_x. */
 static epmoe_status worker_experts(epmoe_gpu_engine *e, const epmoe_gpu_layer *layer,
                                    int64_t pairs_bound) {
-    epmoe_gpu_context *ctx = e->ctx;
-    const epmoe_config *c = &ctx->cfg;
-    epmoe_gpu_arena *a = &ctx->arena;
-    const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
-    const int64_t cap = min64(epmoe_round_up(epmoe_padded_capacity(pairs_bound, n,
-                                                                   c->expert_pad_rows),
-                                             EPMOE_GEMM_PAD_ROWS),
-                              a->cap_rows);
-    const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
-    const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
-    cudaStream_t s = e->stream;
-    if (nvfp4)
-        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
-            e->recv_x, cap, H, a->token_of_row, a->padded_offsets, a->tokens_per_expert, n,
-            static_scale ? layer->w13_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
-            a->saturated, s));
-    else
-        EPMOE_TRY(epmoe_cuda_permute_bf16(e->recv_x, H, a->token_of_row, a->padded_offsets,
-                                          a->tokens_per_expert, n, cap, a->a_bf16, s));
-    epmoe_grouped_gemm_args g;
-    memset(&g, 0, sizeof g);
-    g.n_experts = n;
-    g.cap_rows = cap;
-    g.a_format = nvfp4 ? EPMOE_GEMM_A_NVFP4 : EPMOE_GEMM_A_BF16;
-    g.a_codes = a->a_codes;
-    g.a_sf = a->a_sf;
-    g.a_scale = nvfp4 ? a->a_scale : NULL;
-    g.a_bf16 = a->a_bf16;
-    g.padded_offsets = a->padded_offsets;
-    g.tokens_per_expert = a->tokens_per_expert;
-    g.N = 2 * I;
-    g.K = H;
-    g.w_codes = layer->w13_codes;
-    g.w_sf = layer->w13_sf;
-    g.w_scale = layer->w13_scale_2;
-    g.w_scale_groups = 2;
-    g.w_scale_split = I;
-    g.out = a->h;
-    EPMOE_TRY(epmoe_cuda_grouped_gemm(&g, s));
-    const float limit = (float)c->swiglu_limit;
-    if (nvfp4) {
-        EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,
-                                    a->tokens_per_expert, n, a->act, NULL, s));
-        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
-            a->act, cap, I, NULL, a->padded_offsets, a->tokens_per_expert, n,
-            static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
-            a->saturated, s));
-    } else {
-        EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,
-                                    a->tokens_per_expert, n, NULL, a->a_bf16, s));
-    }
-    g.N = H;
-    g.K = I;
-    g.w_codes = layer->w2_codes;
-    g.w_sf = layer->w2_sf;
-    g.w_scale = layer->w2_scale_2;
-    g.w_scale_groups = 1;
-    g.w_scale_split = H;
-    g.out = a->y;
-    return epmoe_cuda_grouped_gemm(&g, s);
+    return epmoe_gpu_experts_rows(e->ctx, layer, e->recv_x, pairs_bound, e->stream);
 }
 
 /* Received rows [0, recv_rows) -> validated ids -> padded layout -> experts -> return buffer. */

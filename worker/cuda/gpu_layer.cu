@@ -306,13 +306,12 @@ epmoe_status epmoe_gpu_plan(epmoe_gpu_context *ctx, int64_t T, cudaStream_t stre
                                   a->padded_offsets, a->row_of_pair, a->token_of_row, stream);
 }
 
-/* Rows the padded layout can need for T tokens. Launch shapes follow it rather than the
- * arena's worst case, so a decode-sized batch gets the decode GEMM variants and small grids;
- * T is fixed when a graph is captured, so this stays capture-safe. */
-static int64_t batch_cap_rows(const epmoe_gpu_context *ctx, int64_t T) {
+/* Rows of the padded layout for at most `pairs_bound` (row, expert) pairs. Launch shapes follow
+ * it rather than the arena's worst case, so a decode-sized batch gets the decode GEMM variants
+ * and small grids; the bound is a host value fixed when a graph is captured (capture-safe). */
+static int64_t pairs_cap_rows(const epmoe_gpu_context *ctx, int64_t pairs_bound) {
     const epmoe_gpu_arena *a = &ctx->arena;
-    int64_t k = ctx->cfg.top_k < ctx->n_local ? ctx->cfg.top_k : ctx->n_local;
-    int64_t rows = T * k < a->max_expert_rows ? T * k : a->max_expert_rows;
+    int64_t rows = pairs_bound < a->max_expert_rows ? pairs_bound : a->max_expert_rows;
     int64_t cap = epmoe_round_up(epmoe_padded_capacity(rows, ctx->n_local, ctx->cfg.expert_pad_rows),
                                  EPMOE_GEMM_PAD_ROWS);
     return cap < a->cap_rows ? cap : a->cap_rows;
@@ -321,12 +320,20 @@ static int64_t batch_cap_rows(const epmoe_gpu_context *ctx, int64_t T) {
 epmoe_status epmoe_gpu_experts(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
                                const float *x, int64_t T, cudaStream_t stream) {
     EPMOE_TRY(check_tokens(ctx, T));
+    int64_t k = ctx->cfg.top_k < ctx->n_local ? ctx->cfg.top_k : ctx->n_local;
+    return epmoe_gpu_experts_rows(ctx, layer, x, T * k, stream);
+}
+
+epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                                    const float *x_rows, int64_t pairs_bound,
+                                    cudaStream_t stream) {
     const epmoe_config *c = &ctx->cfg;
     epmoe_gpu_arena *a = &ctx->arena;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
-    const int64_t cap = batch_cap_rows(ctx, T);
+    const int64_t cap = pairs_cap_rows(ctx, pairs_bound);
     const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
     const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
+    const float *x = x_rows;
 
     /* Gather the token rows into the padded layout (quantizing them on the way). */
     if (nvfp4)

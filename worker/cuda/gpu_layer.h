@@ -128,6 +128,12 @@ epmoe_status epmoe_gpu_route(epmoe_gpu_context *ctx, const epmoe_gpu_layer *laye
 epmoe_status epmoe_gpu_plan(epmoe_gpu_context *ctx, int64_t T, cudaStream_t stream);
 epmoe_status epmoe_gpu_experts(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
                                const float *x, int64_t T, cudaStream_t stream);
+/* The experts stage on any source rows: x_rows[token_of_row[r]] feeds padded row r (the plan
+ * stage, or the multi-GPU dispatch, fills token_of_row and the offsets); pairs_bound is the
+ * most (row, expert) pairs this call can hold, a host value that fixes the launch shapes. */
+epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
+                                    const float *x_rows, int64_t pairs_bound,
+                                    cudaStream_t stream);
 epmoe_status epmoe_gpu_shared(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
                               const float *x, int64_t T, cudaStream_t stream);
 epmoe_status epmoe_gpu_combine(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer, int64_t T,
