@@ -325,7 +325,7 @@ epmoe_status epmoe_gpu_experts(epmoe_gpu_context *ctx, const epmoe_gpu_layer *la
 }
 
 epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
-                                    const float *x_rows, int64_t pairs_bound,
+                                    const float *x, int64_t pairs_bound,
                                     cudaStream_t stream) {
     const epmoe_config *c = &ctx->cfg;
     epmoe_gpu_arena *a = &ctx->arena;
@@ -333,7 +333,6 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     const int64_t cap = pairs_cap_rows(ctx, pairs_bound);
     const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
     const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
-    const float *x = x_rows;
 
     /* Gather the token rows into the padded layout (quantizing them on the way). */
     if (nvfp4)
