@@ -108,6 +108,12 @@ struct epmoe_rpc_server {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int shutdown_done;
+    /* Starting a batch on a shut-down completion queue aborts inside gRPC. A handler can still
+     * be about to start one (a call that arrived just before shutdown, a late reply), so every
+     * server-side batch goes through start_batch, and stop closes the gate and waits for the
+     * batches being started before it shuts the queue down. */
+    atomic_int cq_closing;
+    atomic_int batches_starting;
 };
 
 /* Calls we ask gRPC for ahead of time: that many can arrive at once without waiting. */
@@ -122,6 +128,18 @@ static void call_free(epmoe_rpc_call *c) {
     if (c->have_status_details) grpc_slice_unref(c->status_details);
     free(c->request);
     free(c);
+}
+
+/* grpc_call_start_batch unless the completion queue is closing (then GRPC_CALL_ERROR, and the
+ * caller cleans up as for any refused batch). Sequentially consistent atomics: either this sees
+ * cq_closing, or stop sees batches_starting > 0 and waits. */
+static grpc_call_error start_batch(epmoe_rpc_call *c, const grpc_op *ops, size_t n, void *tag) {
+    epmoe_rpc_server *s = c->server;
+    atomic_fetch_add(&s->batches_starting, 1);
+    grpc_call_error err = GRPC_CALL_ERROR;
+    if (!atomic_load(&s->cq_closing)) err = grpc_call_start_batch(c->call, ops, n, tag, NULL);
+    atomic_fetch_sub(&s->batches_starting, 1);
+    return err;
 }
 
 static void call_release(epmoe_rpc_call *c) {
@@ -168,7 +186,7 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     memset(&close_op, 0, sizeof close_op);
     close_op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     close_op.data.recv_close_on_server.cancelled = &c->close_cancelled;
-    if (grpc_call_start_batch(c->call, &close_op, 1, &c->tag_closed, NULL) != GRPC_CALL_OK) {
+    if (start_batch(c, &close_op, 1, &c->tag_closed) != GRPC_CALL_OK) {
         atomic_store(&c->cancelled, 1);
         atomic_fetch_sub(&c->refs, 1);
     }
@@ -176,7 +194,7 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     memset(&recv_op, 0, sizeof recv_op);
     recv_op.op = GRPC_OP_RECV_MESSAGE;
     recv_op.data.recv_message.recv_message = &c->recv_buffer;
-    if (grpc_call_start_batch(c->call, &recv_op, 1, &c->tag_recv, NULL) != GRPC_CALL_OK)
+    if (start_batch(c, &recv_op, 1, &c->tag_recv) != GRPC_CALL_OK)
         epmoe_rpc_call_reply(c, EPMOE_RPC_INTERNAL, "could not receive the request", NULL, 0);
 }
 
@@ -315,6 +333,11 @@ void epmoe_rpc_server_stop(epmoe_rpc_server *s, double grace_seconds) {
                                     NULL);
     }
     grpc_server_destroy(s->server);
+    atomic_store(&s->cq_closing, 1);
+    while (atomic_load(&s->batches_starting) > 0) {
+        struct timespec nap = {0, 100 * 1000};
+        nanosleep(&nap, NULL);
+    }
     grpc_completion_queue_shutdown(s->cq);
     for (int i = 0; i < s->n_threads; i++) pthread_join(s->threads[i], NULL);
     grpc_completion_queue_destroy(s->cq);
@@ -360,7 +383,7 @@ void epmoe_rpc_call_reply(epmoe_rpc_call *c, int code, const char *message,
     ops[n].data.send_status_from_server.status = (grpc_status_code)code;
     ops[n].data.send_status_from_server.status_details = &c->status_details;
     n++;
-    if (grpc_call_start_batch(c->call, ops, n, &c->tag_sent, NULL) != GRPC_CALL_OK)
+    if (start_batch(c, ops, n, &c->tag_sent) != GRPC_CALL_OK)
         call_release(c); /* no completion will come for this batch */
 }
 
