@@ -2,7 +2,7 @@
 # Builds and runs the GPU suite on the GPU machine, from the repository root:
 #   bash deploy/gpu-test.sh            (device tool: run(command="bash deploy/gpu-test.sh",
 #                                        carry=[".carry"]))
-# Needs CUDA, CMake and MPI there; jansson, OpenBLAS and Check come from the carried .debs
+# Needs CUDA, CMake and MPI there; jansson and Check come from the carried .debs
 # (deploy/gpu-deps.sh makes them, deploy/gpu-env.sh unpacks them). Logs go to $OUT (or
 # ./out when $OUT is unset): build.log, one <test>.log per suite program, summary.txt.
 # Exit status: non-zero if the build or any suite program failed.
