@@ -27,7 +27,7 @@ def mpi_env():
                 "OMPI_MCA_rmaps_base_oversubscribe": "1",
                 "OMPI_MCA_btl_vader_single_copy_mechanism": "none",
                 "OMPI_MCA_btl": "self,vader", "OMPI_MCA_pml": "ob1",
-                "OMPI_MCA_mpi_yield_when_idle": "1", "OPENBLAS_NUM_THREADS": "1"})
+                "OMPI_MCA_mpi_yield_when_idle": "1"})
     return env
 
 
