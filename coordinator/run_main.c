@@ -10,6 +10,7 @@
  * works; every rank exits non-zero on any error.
  */
 #include <inttypes.h>
+#include <math.h>
 #include <mpi.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -101,6 +102,12 @@ static epmoe_status read_input(const char *path, const epmoe_config *cfg, run_in
             st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "input: out of memory");
     }
     if (st == EPMOE_OK) st = epmoe_convert_to_f32(hs->dtype, hs->data, (size_t)(in->T * cfg->hidden_size), in->x);
+    for (int64_t i = 0; st == EPMOE_OK && i < in->T * cfg->hidden_size; i++)
+        if (!isfinite(in->x[i]))
+            st = epmoe_set_error(EPMOE_ERR_NUMERIC, __FILE__, __LINE__,
+                                 "%s: hidden_states[%lld, %lld] is %f (NaN/Inf not accepted)",
+                                 path, (long long)(i / cfg->hidden_size),
+                                 (long long)(i % cfg->hidden_size), (double)in->x[i]);
     if (st == EPMOE_OK && ids) {
         for (int64_t t = 0; t < in->T; t++) {
             int64_t v = ids->dtype == EPMOE_DTYPE_I32 ? ((const int32_t *)ids->data)[t]
