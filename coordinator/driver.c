@@ -1,5 +1,6 @@
 #include "coordinator/driver.h"
 
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -152,6 +153,12 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
     if (st == EPMOE_OK)
         st = epmoe_engine_create(&d->cfg, d->transport, d->layers, d->n_layers, &d->engine);
     const int64_t T = d->cfg.max_tokens_per_rank, H = d->cfg.hidden_size;
+    /* Scatter/gather counts are MPI ints (elements of one rank's shard). */
+    if (st == EPMOE_OK && T * H > INT_MAX)
+        st = epmoe_set_error(EPMOE_ERR_INVALID_ARG, __FILE__, __LINE__,
+                             "max_tokens_per_rank %lld x hidden_size %lld exceeds %d elements per "
+                             "rank; lower max_tokens_per_rank",
+                             (long long)T, (long long)H, INT_MAX);
     if (st == EPMOE_OK) {
         d->x_local = malloc((size_t)(T * H) * sizeof(float));
         d->y_local = malloc((size_t)(T * H) * sizeof(float));
