@@ -4,7 +4,7 @@
 _epmoe_root=/tmp/epmoe-deps
 if [ ! -d "$_epmoe_root/usr" ]; then
   mkdir -p "$_epmoe_root"
-  for f in .carry/debs/*.deb; do dpkg -x "$f" "$_epmoe_root"; done
+  for f in .carry/debs/*.deb; do [ -e "$f" ] && dpkg -x "$f" "$_epmoe_root"; done
   _lib="$_epmoe_root/usr/lib/x86_64-linux-gnu"
   # .pc files say prefix=/usr: rewrite them to the unpacked tree.
   for pc in "$_lib"/pkgconfig/*.pc; do

@@ -34,6 +34,11 @@ if ! .venv/bin/python -c "import ml_dtypes, numpy, grpc, grpc_tools, matplotlib"
   .venv/bin/pip install -q --disable-pip-version-check -r deploy/requirements.txt
 fi
 
+# The CUDA toolkit installs outside the default PATH; CMake finds nvcc through PATH.
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="/usr/local/cuda/bin:$PATH"
+fi
+
 build_dir=${EPMOE_BUILD_DIR:-build}
 cmake -S . -B "$build_dir" -DCMAKE_BUILD_TYPE=Release ${EPMOE_CMAKE_ARGS:-} >/dev/null
 cmake --build "$build_dir" -j "$(nproc)"
