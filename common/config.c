@@ -18,7 +18,8 @@ static const char *const act_scale_names[] = {"per_row", "static", NULL};
 
 /* The one declaration of every setting. Defaults are the "tiny" preset. */
 static const epmoe_cfg_entry table[] = {
-    {"preset", EPMOE_CFG_STRING, M, OFF(preset), 0, 0, "tiny", NULL,
+    {"preset", EPMOE_CFG_STRING, M, OFF(preset), 0, sizeof(((epmoe_config *)0)->preset) - 1,
+     "tiny", NULL,
      "model preset the other model settings started from"},
     {"hidden_size", EPMOE_CFG_INT, M, OFF(hidden_size), 32, 65536, "256", NULL,
      "model width H (multiple of 32)"},
@@ -100,20 +101,24 @@ const epmoe_cfg_entry *epmoe_config_table(int *count) {
     return table;
 }
 
-static const epmoe_cfg_entry *find_entry(const char *name) {
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
-        if (strcmp(table[i].name, name) == 0) return &table[i];
+#define TABLE_N ((int)(sizeof table / sizeof table[0]))
+
+static const epmoe_cfg_entry *find_in(const epmoe_cfg_entry *t, int n, const char *name) {
+    for (int i = 0; i < n; i++)
+        if (strcmp(t[i].name, name) == 0) return &t[i];
     return NULL;
 }
 
-static epmoe_status set_entry(epmoe_config *cfg, const epmoe_cfg_entry *e, const char *value) {
-    char *field = (char *)cfg + e->offset;
+static const epmoe_cfg_entry *find_entry(const char *name) { return find_in(table, TABLE_N, name); }
+
+static epmoe_status set_entry(void *base, const epmoe_cfg_entry *e, const char *value) {
+    char *field = (char *)base + e->offset;
     switch (e->type) {
     case EPMOE_CFG_STRING: {
         size_t n = strlen(value);
-        EPMOE_REQUIRE(n < sizeof cfg->preset, EPMOE_ERR_INVALID_ARG,
-                      "setting %s: value '%s' longer than %zu characters", e->name, value,
-                      sizeof cfg->preset - 1);
+        EPMOE_REQUIRE((double)n <= e->max, EPMOE_ERR_INVALID_ARG,
+                      "setting %s: value '%s' longer than %.0f characters", e->name, value,
+                      e->max);
         memcpy(field, value, n + 1);
         return EPMOE_OK;
     }
@@ -160,16 +165,12 @@ static epmoe_status set_entry(epmoe_config *cfg, const epmoe_cfg_entry *e, const
 }
 
 epmoe_status epmoe_config_set(epmoe_config *cfg, const char *name, const char *value) {
-    const epmoe_cfg_entry *e = find_entry(name);
-    EPMOE_REQUIRE(e != NULL, EPMOE_ERR_NOT_FOUND, "unknown setting '%s' (see --print-config)",
-                  name);
-    return set_entry(cfg, e, value);
+    return epmoe_cfg_table_set(cfg, table, TABLE_N, name, value);
 }
 
-epmoe_status epmoe_config_get(const epmoe_config *cfg, const char *name, char *buf, size_t cap) {
-    const epmoe_cfg_entry *e = find_entry(name);
-    EPMOE_REQUIRE(e != NULL, EPMOE_ERR_NOT_FOUND, "unknown setting '%s'", name);
-    const char *field = (const char *)cfg + e->offset;
+epmoe_status epmoe_cfg_entry_format(const void *base, const epmoe_cfg_entry *e, char *buf,
+                                    size_t cap) {
+    const char *field = (const char *)base + e->offset;
     switch (e->type) {
     case EPMOE_CFG_STRING: snprintf(buf, cap, "%s", field); break;
     case EPMOE_CFG_INT: snprintf(buf, cap, "%lld", (long long)*(const int64_t *)field); break;
@@ -179,12 +180,30 @@ epmoe_status epmoe_config_get(const epmoe_config *cfg, const char *name, char *b
     return EPMOE_OK;
 }
 
+epmoe_status epmoe_config_get(const epmoe_config *cfg, const char *name, char *buf, size_t cap) {
+    const epmoe_cfg_entry *e = find_entry(name);
+    EPMOE_REQUIRE(e != NULL, EPMOE_ERR_NOT_FOUND, "unknown setting '%s'", name);
+    return epmoe_cfg_entry_format(cfg, e, buf, cap);
+}
+
+void epmoe_cfg_table_defaults(void *base, const epmoe_cfg_entry *t, int n) {
+    for (int i = 0; i < n; i++) {
+        epmoe_status st = set_entry(base, &t[i], t[i].def);
+        (void)st; /* defaults are checked by each table's unit test */
+    }
+}
+
+epmoe_status epmoe_cfg_table_set(void *base, const epmoe_cfg_entry *t, int n, const char *name,
+                                 const char *value) {
+    const epmoe_cfg_entry *e = find_in(t, n, name);
+    EPMOE_REQUIRE(e != NULL, EPMOE_ERR_NOT_FOUND, "unknown setting '%s' (see --print-config)",
+                  name);
+    return set_entry(base, e, value);
+}
+
 void epmoe_config_defaults(epmoe_config *cfg) {
     memset(cfg, 0, sizeof *cfg);
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
-        epmoe_status st = set_entry(cfg, &table[i], table[i].def);
-        (void)st; /* defaults are checked by the config unit test */
-    }
+    epmoe_cfg_table_defaults(cfg, table, TABLE_N);
 }
 
 static epmoe_status apply_overrides(epmoe_config *cfg, const char *overrides) {
@@ -244,72 +263,90 @@ epmoe_status epmoe_config_validate(const epmoe_config *c) {
     return EPMOE_OK;
 }
 
-void epmoe_config_print(const epmoe_config *cfg, FILE *out) {
-    const epmoe_cfg_scope scopes[2] = {EPMOE_CFG_MODEL, EPMOE_CFG_RUNTIME};
-    for (int s = 0; s < 2; s++) {
-        fprintf(out, "# %s settings\n", s == 0 ? "model" : "runtime");
-        for (size_t i = 0; i < sizeof table / sizeof table[0]; i++) {
-            if (table[i].scope != scopes[s]) continue;
-            char value[64];
-            epmoe_config_get(cfg, table[i].name, value, sizeof value);
-            char bounds[96] = "";
-            if (table[i].type == EPMOE_CFG_INT || table[i].type == EPMOE_CFG_DOUBLE)
-                snprintf(bounds, sizeof bounds, " [%g..%g]", table[i].min, table[i].max);
-            fprintf(out, "%-22s = %-14s # %s%s (default %s)\n", table[i].name, value,
-                    table[i].help, bounds, table[i].def);
-        }
+void epmoe_cfg_table_print(const void *base, const epmoe_cfg_entry *t, int n, int scope,
+                           FILE *out) {
+    for (int i = 0; i < n; i++) {
+        if (scope >= 0 && (int)t[i].scope != scope) continue;
+        char value[300];
+        epmoe_cfg_entry_format(base, &t[i], value, sizeof value);
+        char bounds[96] = "";
+        if (t[i].type == EPMOE_CFG_INT || t[i].type == EPMOE_CFG_DOUBLE)
+            snprintf(bounds, sizeof bounds, " [%g..%g]", t[i].min, t[i].max);
+        fprintf(out, "%-22s = %-14s # %s%s (default '%s')\n", t[i].name, value, t[i].help,
+                bounds, t[i].def);
     }
+}
+
+void epmoe_config_print(const epmoe_config *cfg, FILE *out) {
+    fprintf(out, "# model settings\n");
+    epmoe_cfg_table_print(cfg, table, TABLE_N, EPMOE_CFG_MODEL, out);
+    fprintf(out, "# runtime settings\n");
+    epmoe_cfg_table_print(cfg, table, TABLE_N, EPMOE_CFG_RUNTIME, out);
+}
+
+/* "--some-name=v" -> name "some_name", value "v" (NULL when the value is the next argument);
+ * 0 when the argument is not an option or its name is too long. */
+static int split_option(const char *arg, char *name, size_t cap, const char **value) {
+    if (strncmp(arg, "--", 2) != 0) return 0;
+    const char *eq = strchr(arg + 2, '=');
+    size_t n = eq ? (size_t)(eq - (arg + 2)) : strlen(arg + 2);
+    if (n >= cap) return 0;
+    memcpy(name, arg + 2, n);
+    name[n] = '\0';
+    for (char *p = name; *p; p++)
+        if (*p == '-') *p = '_';
+    *value = eq ? eq + 1 : NULL;
+    return 1;
+}
+
+epmoe_status epmoe_cfg_table_parse_args(void *base, const epmoe_cfg_entry *t, int n, int *argc,
+                                        char **argv) {
+    int out = 1;
+    for (int i = 1; i < *argc; i++) {
+        char name[64];
+        const char *value = NULL;
+        const epmoe_cfg_entry *e = NULL;
+        if (split_option(argv[i], name, sizeof name, &value)) e = find_in(t, n, name);
+        if (!e) {
+            argv[out++] = argv[i];
+            continue;
+        }
+        if (!value) {
+            EPMOE_REQUIRE(i + 1 < *argc, EPMOE_ERR_INVALID_ARG, "--%s needs a value", name);
+            value = argv[++i];
+        }
+        EPMOE_TRY(set_entry(base, e, value));
+    }
+    *argc = out;
+    argv[out] = NULL;
+    return EPMOE_OK;
 }
 
 epmoe_status epmoe_config_parse_args(epmoe_config *cfg, int *argc, char **argv,
                                      int *print_config) {
     if (print_config) *print_config = 0;
-    /* --preset first, wherever it appears, so that later settings override it. */
+    /* --preset first, wherever it appears, so that later settings override it; then it is
+     * consumed like any other setting (setting it again records the same name). */
     for (int i = 1; i < *argc; i++) {
-        if (strncmp(argv[i], "--preset=", 9) == 0) {
-            EPMOE_TRY(epmoe_config_preset(cfg, argv[i] + 9));
-        } else if (strcmp(argv[i], "--preset") == 0) {
+        char name[64];
+        const char *value = NULL;
+        if (!split_option(argv[i], name, sizeof name, &value) || strcmp(name, "preset") != 0)
+            continue;
+        if (!value) {
             EPMOE_REQUIRE(i + 1 < *argc, EPMOE_ERR_INVALID_ARG, "--preset needs a value");
-            EPMOE_TRY(epmoe_config_preset(cfg, argv[i + 1]));
+            value = argv[i + 1];
         }
+        EPMOE_TRY(epmoe_config_preset(cfg, value));
     }
     int out = 1;
     for (int i = 1; i < *argc; i++) {
-        const char *a = argv[i];
-        if (strcmp(a, "--print-config") == 0) {
+        if (strcmp(argv[i], "--print-config") == 0) {
             if (print_config) *print_config = 1;
             continue;
-        }
-        if (strncmp(a, "--", 2) == 0) {
-            char name[64];
-            const char *value = NULL;
-            const char *eq = strchr(a + 2, '=');
-            size_t n = eq ? (size_t)(eq - (a + 2)) : strlen(a + 2);
-            if (n < sizeof name) {
-                memcpy(name, a + 2, n);
-                name[n] = '\0';
-                for (char *p = name; *p; p++)
-                    if (*p == '-') *p = '_';
-                if (strcmp(name, "preset") == 0) {
-                    if (!eq) i++;
-                    continue;
-                }
-                if (find_entry(name)) {
-                    if (eq) {
-                        value = eq + 1;
-                    } else {
-                        EPMOE_REQUIRE(i + 1 < *argc, EPMOE_ERR_INVALID_ARG, "--%s needs a value",
-                                      name);
-                        value = argv[++i];
-                    }
-                    EPMOE_TRY(epmoe_config_set(cfg, name, value));
-                    continue;
-                }
-            }
         }
         argv[out++] = argv[i];
     }
     *argc = out;
     argv[out] = NULL;
-    return EPMOE_OK;
+    return epmoe_cfg_table_parse_args(cfg, table, TABLE_N, argc, argv);
 }

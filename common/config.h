@@ -71,14 +71,29 @@ typedef struct {
     const char *name;
     epmoe_cfg_type type;
     epmoe_cfg_scope scope;
-    size_t offset;          /* into epmoe_config */
-    double min, max;        /* inclusive bounds for INT / DOUBLE */
+    size_t offset;          /* into the settings struct the table describes */
+    double min, max;        /* inclusive bounds for INT / DOUBLE; STRING: max = longest length */
     const char *def;        /* default, as text */
     const char *const *enum_names; /* NULL-terminated, for ENUM */
     const char *help;
 } epmoe_cfg_entry;
 
 const epmoe_cfg_entry *epmoe_config_table(int *count);
+
+/* The machinery behind every settings table (this one, and any program's own, e.g. the
+ * service's): `base` is the struct the table's offsets point into. */
+void epmoe_cfg_table_defaults(void *base, const epmoe_cfg_entry *table, int n);
+epmoe_status epmoe_cfg_table_set(void *base, const epmoe_cfg_entry *table, int n,
+                                 const char *name, const char *value);
+epmoe_status epmoe_cfg_entry_format(const void *base, const epmoe_cfg_entry *e, char *buf,
+                                    size_t cap);
+/* "name = value   # help [bounds] (default d)" for every entry of `scope` (-1: all). */
+void epmoe_cfg_table_print(const void *base, const epmoe_cfg_entry *table, int n, int scope,
+                           FILE *out);
+/* Consumes `--name value` / `--name=value` (dashes or underscores) for the table's names,
+ * leaving other arguments in argv (argc updated, argv[argc] = NULL). */
+epmoe_status epmoe_cfg_table_parse_args(void *base, const epmoe_cfg_entry *table, int n,
+                                        int *argc, char **argv);
 
 /* Defaults of every entry (the "tiny" preset). */
 void epmoe_config_defaults(epmoe_config *cfg);
