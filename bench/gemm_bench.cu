@@ -23,32 +23,8 @@
 #include "common/layout.h"
 #include "kernels/cuda/grouped_gemm.h"
 
-#define CK(call)                                                                                \
-    do {                                                                                        \
-        cudaError_t e_ = (call);                                                                \
-        if (e_ != cudaSuccess) {                                                                \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,                \
-                    cudaGetErrorString(e_));                                                    \
-            exit(1);                                                                            \
-        }                                                                                       \
-    } while (0)
-#define CKB(call)                                                                               \
-    do {                                                                                        \
-        cublasStatus_t s_ = (call);                                                             \
-        if (s_ != CUBLAS_STATUS_SUCCESS) {                                                      \
-            fprintf(stderr, "%s:%d: %s failed: %d\n", __FILE__, __LINE__, #call, (int)s_);      \
-            exit(1);                                                                            \
-        }                                                                                       \
-    } while (0)
-#define CKE(call)                                                                               \
-    do {                                                                                        \
-        epmoe_status s_ = (call);                                                               \
-        if (s_ != EPMOE_OK) {                                                                   \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,                \
-                    epmoe_last_error());                                                        \
-            exit(1);                                                                            \
-        }                                                                                       \
-    } while (0)
+#include "bench/bench_check.h"
+
 
 __device__ __forceinline__ uint32_t hash32(uint64_t i, uint32_t seed) {
     uint64_t x = i * 0x9E3779B97F4A7C15ull + seed;
@@ -78,22 +54,22 @@ __global__ void fill_bf16(__nv_bfloat16 *p, size_t n, uint32_t seed) {
 template <typename F>
 static double median_ms(F &&launch, int reps) {
     cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
+    CHECK_CUDA(cudaEventCreate(&a));
+    CHECK_CUDA(cudaEventCreate(&b));
     for (int i = 0; i < 3; i++) launch();
-    CK(cudaDeviceSynchronize());
+    CHECK_CUDA(cudaDeviceSynchronize());
     std::vector<float> ms(reps);
     for (int i = 0; i < reps; i++) {
-        CK(cudaEventRecord(a));
+        CHECK_CUDA(cudaEventRecord(a));
         launch();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        CK(cudaEventElapsedTime(&ms[i], a, b));
+        CHECK_CUDA(cudaEventRecord(b));
+        CHECK_CUDA(cudaEventSynchronize(b));
+        CHECK_CUDA(cudaEventElapsedTime(&ms[i], a, b));
     }
-    CK(cudaGetLastError());
+    CHECK_CUDA(cudaGetLastError());
     std::sort(ms.begin(), ms.end());
-    CK(cudaEventDestroy(a));
-    CK(cudaEventDestroy(b));
+    CHECK_CUDA(cudaEventDestroy(a));
+    CHECK_CUDA(cudaEventDestroy(b));
     return ms[reps / 2];
 }
 
@@ -124,7 +100,7 @@ int main(int argc, char **argv) {
         return 1;
     }
     cudaDeviceProp prop;
-    CK(cudaGetDeviceProperties(&prop, 0));
+    CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("device: %s, %d SMs, L2 %.0f MB\n", prop.name, prop.multiProcessorCount,
            prop.l2CacheSize / 1e6);
     fprintf(js, "{\"device\": \"%s\", \"sms\": %d, \"l2_bytes\": %d, \"records\": [\n", prop.name,
@@ -142,15 +118,15 @@ int main(int argc, char **argv) {
     {
         const size_t bytes = (size_t)1 << 30;
         void *src, *dst;
-        CK(cudaMalloc(&src, bytes));
-        CK(cudaMalloc(&dst, bytes));
+        CHECK_CUDA(cudaMalloc(&src, bytes));
+        CHECK_CUDA(cudaMalloc(&dst, bytes));
         fill_bytes<<<1024, 256>>>((uint8_t *)src, bytes, 1, 0);
-        const double ms = median_ms([&] { CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, reps);
+        const double ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); }, reps);
         const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
         printf("d2d copy: %.1f GB/s (read+write)\n", gbs);
         RECORD("\"kind\": \"copy\", \"bytes_moved\": %zu, \"ms\": %.5f, \"gbs\": %.2f", 2 * bytes, ms, gbs);
-        CK(cudaFree(src));
-        CK(cudaFree(dst));
+        CHECK_CUDA(cudaFree(src));
+        CHECK_CUDA(cudaFree(dst));
     }
 
     const Model models[2] = {{"V4-Flash", 4096, 2048, 32}, {"V4-Pro", 7168, 3072, 48}};
@@ -171,18 +147,18 @@ int main(int argc, char **argv) {
     float *a_scale, *w_scale, *out;
     __nv_bfloat16 *cb_a, *cb_w, *cb_out;
     int64_t *d_offs, *d_counts;
-    CK(cudaMalloc(&a_codes, max_ak / 2));
-    CK(cudaMalloc(&a_sf, max_ak / 16));
-    CK(cudaMalloc(&a_scale, max_cap * 4));
-    CK(cudaMalloc(&w_codes, max_nk_e / 2));
-    CK(cudaMalloc(&w_sf, max_nk_e / 16));
-    CK(cudaMalloc(&w_scale, 2 * 64 * 4));
-    CK(cudaMalloc(&out, max_out * 4));
-    CK(cudaMalloc(&cb_a, max_ak * 2));
-    CK(cudaMalloc(&cb_w, max_nk * 2));
-    CK(cudaMalloc(&cb_out, max_out * 2));
-    CK(cudaMalloc(&d_offs, 65 * 8));
-    CK(cudaMalloc(&d_counts, 64 * 8));
+    CHECK_CUDA(cudaMalloc(&a_codes, max_ak / 2));
+    CHECK_CUDA(cudaMalloc(&a_sf, max_ak / 16));
+    CHECK_CUDA(cudaMalloc(&a_scale, max_cap * 4));
+    CHECK_CUDA(cudaMalloc(&w_codes, max_nk_e / 2));
+    CHECK_CUDA(cudaMalloc(&w_sf, max_nk_e / 16));
+    CHECK_CUDA(cudaMalloc(&w_scale, 2 * 64 * 4));
+    CHECK_CUDA(cudaMalloc(&out, max_out * 4));
+    CHECK_CUDA(cudaMalloc(&cb_a, max_ak * 2));
+    CHECK_CUDA(cudaMalloc(&cb_w, max_nk * 2));
+    CHECK_CUDA(cudaMalloc(&cb_out, max_out * 2));
+    CHECK_CUDA(cudaMalloc(&d_offs, 65 * 8));
+    CHECK_CUDA(cudaMalloc(&d_counts, 64 * 8));
     fill_bytes<<<2048, 256>>>(a_codes, max_ak / 2, 2, 0);
     fill_bytes<<<2048, 256>>>(a_sf, max_ak / 16, 3, 1);
     fill_bytes<<<2048, 256>>>(w_codes, max_nk_e / 2, 4, 0);
@@ -191,10 +167,10 @@ int main(int argc, char **argv) {
     fill_f32<<<1, 128>>>(w_scale, 128, 7);
     fill_bf16<<<2048, 256>>>(cb_a, max_ak, 8);
     fill_bf16<<<2048, 256>>>(cb_w, max_nk, 9);
-    CK(cudaGetLastError());
-    CK(cudaDeviceSynchronize());
+    CHECK_CUDA(cudaGetLastError());
+    CHECK_CUDA(cudaDeviceSynchronize());
     cublasHandle_t blas;
-    CKB(cublasCreate(&blas));
+    CHECK_CUBLAS(cublasCreate(&blas));
 
     printf("%-9s %-4s %5s | %9s %8s %7s | %9s %7s\n", "model", "gemm", "rows", "ours us",
            "GB/s", "TFLOP/s", "cublas us", "TFLOP/s");
@@ -207,8 +183,8 @@ int main(int argc, char **argv) {
                 epmoe_padded_offsets_from_counts(counts.data(), m.E, EPMOE_GEMM_PAD_ROWS, offs.data());
                 int64_t cap = epmoe_padded_capacity(rows * m.E, m.E, EPMOE_GEMM_PAD_ROWS);
                 cap = (cap + EPMOE_GEMM_PAD_ROWS - 1) / EPMOE_GEMM_PAD_ROWS * EPMOE_GEMM_PAD_ROWS;
-                CK(cudaMemcpy(d_offs, offs.data(), (m.E + 1) * 8, cudaMemcpyHostToDevice));
-                CK(cudaMemcpy(d_counts, counts.data(), m.E * 8, cudaMemcpyHostToDevice));
+                CHECK_CUDA(cudaMemcpy(d_offs, offs.data(), (m.E + 1) * 8, cudaMemcpyHostToDevice));
+                CHECK_CUDA(cudaMemcpy(d_counts, counts.data(), m.E * 8, cudaMemcpyHostToDevice));
                 epmoe_grouped_gemm_args a;
                 memset(&a, 0, sizeof a);
                 a.n_experts = m.E;
@@ -227,7 +203,7 @@ int main(int argc, char **argv) {
                 a.padded_offsets = d_offs;
                 a.tokens_per_expert = d_counts;
                 a.out = out;
-                const double ms = median_ms([&] { CKE(epmoe_cuda_grouped_gemm(&a, 0)); }, reps);
+                const double ms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm(&a, 0)); }, reps);
                 const double flops = 2.0 * rows * m.E * N * K;
                 const double wbytes = (double)m.E * N * K * (0.5 + 1.0 / 16);
                 const double gbs = wbytes / (ms * 1e-3) / 1e9;
@@ -236,7 +212,7 @@ int main(int argc, char **argv) {
                 const int64_t M = rows * m.E;
                 const float alpha = 1.0f, beta = 0.0f;
                 const double cms = median_ms([&] {
-                    CKB(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha,
+                    CHECK_CUBLAS(cublasGemmEx(blas, CUBLAS_OP_T, CUBLAS_OP_N, (int)N, (int)M, (int)K, &alpha,
                                      cb_w, CUDA_R_16BF, (int)K, cb_a, CUDA_R_16BF, (int)K, &beta,
                                      cb_out, CUDA_R_16BF, (int)N, CUBLAS_COMPUTE_32F,
                                      CUBLAS_GEMM_DEFAULT));
@@ -258,6 +234,6 @@ int main(int argc, char **argv) {
     }
     fprintf(js, "\n]}\n");
     fclose(js);
-    CKB(cublasDestroy(blas));
+    CHECK_CUBLAS(cublasDestroy(blas));
     return 0;
 }

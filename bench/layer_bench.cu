@@ -22,24 +22,7 @@
 #include "common/rng.h"
 #include "worker/cuda/gpu_layer.h"
 
-#define CHECK_CUDA(call)                                                                       \
-    do {                                                                                       \
-        cudaError_t e_ = (call);                                                               \
-        if (e_ != cudaSuccess) {                                                               \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,               \
-                    cudaGetErrorString(e_));                                                   \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
-#define CHECK_EPMOE(call)                                                                      \
-    do {                                                                                       \
-        epmoe_status s_ = (call);                                                              \
-        if (s_ != EPMOE_OK) {                                                                  \
-            fprintf(stderr, "%s:%d: %s failed: %s\n", __FILE__, __LINE__, #call,               \
-                    epmoe_last_error());                                                       \
-            exit(1);                                                                           \
-        }                                                                                      \
-    } while (0)
+#include "bench/bench_check.h"
 
 static void fill_bytes(epmoe_rng *r, uint8_t *p, size_t n, uint8_t lo, uint8_t hi) {
     for (size_t i = 0; i < n; i++) p[i] = (uint8_t)(lo + epmoe_rng_below(r, (uint64_t)(hi - lo + 1)));
