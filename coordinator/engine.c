@@ -161,7 +161,8 @@ epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *trans
                    "lower max_tokens_per_rank",
                    (double)bytes / (1 << 20), (long long)T, (int)P);
     }
-    st = epmoe_expert_scratch_create(H, cfg->moe_inter_size, e->pairs_cap, &e->scratch);
+    st = epmoe_expert_scratch_create(H, cfg->moe_inter_size,
+                                     cfg->n_shared_experts * cfg->moe_inter_size, &e->scratch);
     if (st != EPMOE_OK) {
         epmoe_engine_destroy(e);
         return st;

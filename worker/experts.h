@@ -37,12 +37,11 @@ typedef struct {
     int64_t saturated_elements;   /* NVFP4 codes clamped at 6 (static scales too small) */
 } epmoe_expert_stats;
 
-/* Scratch for the CPU expert MLP, sized once for the worst case of one expert
- * (max_rows_per_expert rows) and reused across calls and layers. */
+/* Scratch for the CPU expert MLPs (routed and shared), reused across calls and layers. Rows go
+ * through in fixed-size chunks, so its size does not depend on the routing. */
 typedef struct epmoe_expert_scratch epmoe_expert_scratch;
 epmoe_status epmoe_expert_scratch_create(int64_t hidden_size, int64_t inter_size,
-                                         int64_t max_rows_per_expert,
-                                         epmoe_expert_scratch **out);
+                                         int64_t shared_inter, epmoe_expert_scratch **out);
 void epmoe_expert_scratch_free(epmoe_expert_scratch *s);
 size_t epmoe_expert_scratch_bytes(const epmoe_expert_scratch *s);
 

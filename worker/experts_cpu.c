@@ -28,20 +28,20 @@ struct epmoe_expert_scratch {
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-epmoe_status epmoe_expert_scratch_create(int64_t H, int64_t I, int64_t max_rows_per_expert,
+epmoe_status epmoe_expert_scratch_create(int64_t H, int64_t I, int64_t shared_inter,
                                          epmoe_expert_scratch **out) {
-    (void)max_rows_per_expert; /* rows are processed in fixed chunks: no worst-case scratch */
     epmoe_expert_scratch *s = calloc(1, sizeof *s);
     EPMOE_REQUIRE(s != NULL, EPMOE_ERR_OOM, "expert scratch: out of memory");
     s->H = H;
     s->I = I;
-    int64_t wide = max64(H, I);
+    s->shared_I = shared_inter;
+    const int64_t wide = max64(H, I), inter = max64(I, shared_inter);
     size_t sizes[] = {
         epmoe_cpu_panels_floats(2 * I, H) * sizeof(float),
         epmoe_cpu_panels_floats(H, I) * sizeof(float),
         (size_t)ROWS_PER_CHUNK * (size_t)wide * sizeof(float),
-        (size_t)ROWS_PER_CHUNK * 2 * (size_t)I * sizeof(float),
-        (size_t)ROWS_PER_CHUNK * (size_t)I * sizeof(float),
+        (size_t)ROWS_PER_CHUNK * 2 * (size_t)inter * sizeof(float),
+        (size_t)ROWS_PER_CHUNK * (size_t)inter * sizeof(float),
         ROWS_PER_CHUNK * sizeof(float),
         (size_t)max64(wide, 2 * I) * sizeof(float),
         (size_t)wide / 2,
@@ -178,7 +178,6 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
 epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
                                       const float *x, int64_t T, float *y,
                                       epmoe_expert_scratch *s) {
-    (void)s;
     const int64_t H = w->hidden_size, Is = w->shared_inter;
     if (Is == 0) {
         memset(y, 0, (size_t)T * (size_t)H * sizeof(float));
@@ -187,21 +186,16 @@ epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer
     EPMOE_REQUIRE(w->shared_w13_panels != NULL && w->shared_w2_panels != NULL,
                   EPMOE_ERR_INTERNAL, "layer %lld: shared expert panels not prepared",
                   (long long)w->layer);
-    float *h = malloc((size_t)ROWS_PER_CHUNK * (size_t)(2 * Is) * sizeof(float));
-    float *a = malloc((size_t)ROWS_PER_CHUNK * (size_t)Is * sizeof(float));
-    if (!h || !a) {
-        free(h);
-        free(a);
-        EPMOE_FAIL(EPMOE_ERR_OOM, "shared expert: out of memory");
-    }
+    EPMOE_REQUIRE(s->H == H && Is <= s->shared_I, EPMOE_ERR_INVALID_ARG,
+                  "expert scratch sized for H=%lld shared I=%lld, layer has H=%lld shared I=%lld",
+                  (long long)s->H, (long long)s->shared_I, (long long)H, (long long)Is);
     for (int64_t r0 = 0; r0 < T; r0 += ROWS_PER_CHUNK) {
         int64_t n = T - r0 < ROWS_PER_CHUNK ? T - r0 : ROWS_PER_CHUNK;
-        epmoe_cpu_gemm_panels(x + (size_t)r0 * (size_t)H, n, H, w->shared_w13_panels, 2 * Is, h);
-        epmoe_cpu_swiglu(h, n, Is, (float)cfg->swiglu_limit, (int)cfg->swiglu_variant, a);
-        epmoe_cpu_gemm_panels(a, n, Is, w->shared_w2_panels, H, y + (size_t)r0 * (size_t)H);
+        epmoe_cpu_gemm_panels(x + (size_t)r0 * (size_t)H, n, H, w->shared_w13_panels, 2 * Is,
+                              s->h);
+        epmoe_cpu_swiglu(s->h, n, Is, (float)cfg->swiglu_limit, (int)cfg->swiglu_variant, s->a);
+        epmoe_cpu_gemm_panels(s->a, n, Is, w->shared_w2_panels, H, y + (size_t)r0 * (size_t)H);
     }
-    free(h);
-    free(a);
     return EPMOE_OK;
 }
 
