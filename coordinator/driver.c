@@ -1,6 +1,5 @@
 #include "coordinator/driver.h"
 
-#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -30,7 +29,8 @@ struct epmoe_driver {
     float *x_local, *y_local;
     int32_t *ids_local;
     int64_t *counts_local; /* [n_layers * E] */
-    int *shard_counts, *shard_displs; /* [P], in elements, for scatter/gather */
+    int *shard_counts, *shard_displs; /* [P], in tokens, for scatter/gather */
+    MPI_Datatype hidden_row;          /* H floats: one token's hidden state */
 };
 
 /* The command broadcast is nonblocking and polled with short sleeps, so an idle follower
@@ -90,6 +90,7 @@ void epmoe_driver_destroy(epmoe_driver *d) {
     free(d->counts_local);
     free(d->shard_counts);
     free(d->shard_displs);
+    if (d->hidden_row != MPI_DATATYPE_NULL) MPI_Type_free(&d->hidden_row);
     free(d);
 }
 
@@ -142,6 +143,7 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
     EPMOE_REQUIRE(d != NULL, EPMOE_ERR_OOM, "driver: out of memory");
     d->comm = comm;
     d->cfg = *cfg;
+    d->hidden_row = MPI_DATATYPE_NULL;
     MPI_Comm_rank(comm, &d->rank);
     MPI_Comm_size(comm, &d->n_ranks);
     MPI_Comm_set_errhandler(comm, MPI_ERRORS_RETURN);
@@ -153,12 +155,6 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
     if (st == EPMOE_OK)
         st = epmoe_engine_create(&d->cfg, d->transport, d->layers, d->n_layers, &d->engine);
     const int64_t T = d->cfg.max_tokens_per_rank, H = d->cfg.hidden_size;
-    /* Scatter/gather counts are MPI ints (elements of one rank's shard). */
-    if (st == EPMOE_OK && T * H > INT_MAX)
-        st = epmoe_set_error(EPMOE_ERR_INVALID_ARG, __FILE__, __LINE__,
-                             "max_tokens_per_rank %lld x hidden_size %lld exceeds %d elements per "
-                             "rank; lower max_tokens_per_rank",
-                             (long long)T, (long long)H, INT_MAX);
     if (st == EPMOE_OK) {
         d->x_local = malloc((size_t)(T * H) * sizeof(float));
         d->y_local = malloc((size_t)(T * H) * sizeof(float));
@@ -166,7 +162,11 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
         d->counts_local = malloc((size_t)(d->n_layers * d->cfg.n_routed_experts) * sizeof(int64_t));
         d->shard_counts = malloc((size_t)d->n_ranks * sizeof(int));
         d->shard_displs = malloc((size_t)d->n_ranks * sizeof(int));
-        if (!d->x_local || !d->y_local || !d->ids_local || !d->counts_local ||
+        if (MPI_Type_contiguous((int)H, MPI_FLOAT, &d->hidden_row) == MPI_SUCCESS)
+            MPI_Type_commit(&d->hidden_row);
+        else
+            d->hidden_row = MPI_DATATYPE_NULL;
+        if (d->hidden_row == MPI_DATATYPE_NULL ||!d->x_local || !d->y_local || !d->ids_local || !d->counts_local ||
             !d->shard_counts || !d->shard_displs)
             st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__,
                                  "driver shard buffers: out of memory");
@@ -243,7 +243,7 @@ static epmoe_status validate(const epmoe_driver *d, const float *x, const int32_
 static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WORDS],
                                        const float *x, const int32_t *token_ids, float *out,
                                        epmoe_stage_times *times, int64_t *expert_counts) {
-    const int64_t T = cmd[1], begin = cmd[2], end = cmd[3], H = d->cfg.hidden_size;
+    const int64_t T = cmd[1], begin = cmd[2], end = cmd[3];
     const int has_ids = (int)cmd[4], want_counts = (int)cmd[5];
     const int64_t E = d->cfg.n_routed_experts;
     int64_t my_start = 0, my_count = 0;
@@ -251,24 +251,16 @@ static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WO
     for (int r = 0; r < d->n_ranks; r++) {
         int64_t s, c;
         shard_of_rank(T, d->n_ranks, r, &s, &c);
-        d->shard_counts[r] = (int)(c * H);
-        d->shard_displs[r] = (int)(s * H);
+        d->shard_counts[r] = (int)c;
+        d->shard_displs[r] = (int)s;
     }
-    EPMOE_TRY(mpi_check(MPI_Scatterv(x, d->shard_counts, d->shard_displs, MPI_FLOAT, d->x_local,
-                                     (int)(my_count * H), MPI_FLOAT, 0, d->comm),
+    EPMOE_TRY(mpi_check(MPI_Scatterv(x, d->shard_counts, d->shard_displs, d->hidden_row,
+                                     d->x_local, (int)my_count, d->hidden_row, 0, d->comm),
                         "MPI_Scatterv(hidden_states)"));
     if (has_ids) {
-        for (int r = 0; r < d->n_ranks; r++) {
-            d->shard_counts[r] /= (int)H;
-            d->shard_displs[r] /= (int)H;
-        }
         EPMOE_TRY(mpi_check(MPI_Scatterv(token_ids, d->shard_counts, d->shard_displs, MPI_INT32_T,
                                          d->ids_local, (int)my_count, MPI_INT32_T, 0, d->comm),
                             "MPI_Scatterv(token_ids)"));
-        for (int r = 0; r < d->n_ranks; r++) {
-            d->shard_counts[r] *= (int)H;
-            d->shard_displs[r] *= (int)H;
-        }
     }
     int64_t n_range = end - begin;
     if (want_counts) memset(d->counts_local, 0, (size_t)(n_range * E) * sizeof(int64_t));
@@ -283,8 +275,8 @@ static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WO
         d->x_local = d->y_local;
         d->y_local = tmp;
     }
-    EPMOE_TRY(mpi_check(MPI_Gatherv(d->x_local, (int)(my_count * H), MPI_FLOAT, out,
-                                    d->shard_counts, d->shard_displs, MPI_FLOAT, 0, d->comm),
+    EPMOE_TRY(mpi_check(MPI_Gatherv(d->x_local, (int)my_count, d->hidden_row, out,
+                                    d->shard_counts, d->shard_displs, d->hidden_row, 0, d->comm),
                         "MPI_Gatherv(outputs)"));
     if (want_counts) {
         EPMOE_TRY(mpi_check(MPI_Reduce(d->counts_local, expert_counts, (int)(n_range * E),
