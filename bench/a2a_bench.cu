@@ -113,6 +113,9 @@ static void bench_make(bench *b, int64_t H, int64_t E, int64_t T, epmoe_transpor
     b->bases = (int64_t *)dmalloc(6 * P * 8);
     b->flags = (uint32_t *)dmalloc(4);
     CU(cudaMallocHost(&b->h_counts, 4 * P * 8));
+    /* The counts exchange (one 16-byte element per peer) is the first transfer of every
+     * dispatch, so its host counts must be set before the first call. */
+    for (int p = 0; p < g_P; p++) b->h[0][p] = 1, b->h[1][p] = p;
     int64_t starts[65];
     for (int p = 0; p < g_P; p++) {
         epmoe_expert_slice sl;
