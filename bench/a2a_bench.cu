@@ -3,14 +3,18 @@
  *
  *   mpirun -np P a2a_bench [--tokens 4096] [--decode-tokens 128] [--iters 20]
  *
- * Per model width (DeepSeek-V4-Flash H=4096 E=256, V4-Pro H=7168 E=384, top-6):
- *  - prefill: `tokens` per rank, random gate (routing on the device included). dispatch = gate
- *    logits + routing + plan + pack + counts exchange (one host sync) + payload all-to-all
- *    (fp32 rows and their ids); combine = unpack + return pack (identity experts: each pair
- *    returns its row) + return all-to-all + weighted combine. Bandwidth counted as DeepEP
- *    counts it: the bytes of the rows this rank sends (fp32 H per row, self included, ids
- *    excluded; per pair for combine) divided by the stage time. Next to it, in the same run, a
- *    raw grouped ncclSend/ncclRecv all-to-all moving the same bytes split evenly over peers.
+ * Per model width (DeepSeek-V4-Flash H=4096 E=256, V4-Pro H=7168 E=384, top-6) and per wire
+ * format of the dispatched rows (nvfp4: codes + scales + 1/gs, 9H/16 + 4 bytes; fp32: 4H):
+ *  - prefill: `tokens` per rank, random gate. route = gate logits + top-k (the model's router,
+ *    reported apart). dispatch = [NVFP4 quantization of the tokens] + plan + pack + counts
+ *    exchange (one host sync) + the payload all-to-all: everything after routing that moves a
+ *    row to its experts' owner, permutation included. combine = unpack + return offsets +
+ *    return pack (identity experts: each pair returns an fp32 row) + the return all-to-all +
+ *    the weighted combine.
+ *    Bandwidth as DeepEP counts it (bytes of the payload a rank receives in dispatch and sends
+ *    in combine, over the stage time; self included; the ids and record padding excluded).
+ *    Next to it, in the same run, a raw grouped ncclSend/ncclRecv all-to-all of the same
+ *    bytes (the most any rank moves, split evenly over the peers).
  *  - decode: `decode-tokens` per rank, the fixed-capacity path (no host sync) captured in a
  *    CUDA graph and replayed: latency of dispatch and of combine (two graphs).
  * Times: median of `iters` after 3 warm-ups, cudaEvent on the stream, max over ranks.
@@ -59,17 +63,20 @@ static int g_rank = 0, g_P = 1;
 
 typedef struct {
     int64_t H, E, k, T; /* T: tokens per rank (and the fixed capacity in decode mode) */
+    epmoe_dispatch_record rec;
     epmoe_route_params route;
     epmoe_transport *t;
     cudaStream_t s;
-    float *x, *gate, *logits, *w, *send_x, *recv_x, *ret_send, *ret_recv, *out;
-    int32_t *ids, *owner, *row_rank, *pair_rank, *ret_index, *send_meta, *recv_meta, *ids_recv,
-        *peer_of_row;
-    int64_t *rank_start, *send_counts, *recv_counts, *bases, *ret_row_offset; /* bases: [6P] */
+    float *x, *gate, *logits, *w, *y_echo, *ret_send, *ret_recv, *out;
+    uint8_t *q_codes, *q_sf, *send_rec, *recv_rec;
+    float *q_inv_gs;
+    int32_t *ids, *owner, *row_rank, *pair_rank, *ret_index, *ids_recv, *peer_of_row;
+    int64_t *rank_start, *send_counts, *recv_counts, *bases, *ret_row_offset; /* bases: [4P] */
     uint32_t *flags;
     int64_t *h_counts; /* pinned [4P] */
     int64_t h[12][64]; /* host counts/displs; P <= 64 */
-    int64_t rows_sent, pairs_sent;
+    int64_t rows_sent, rows_received, pairs_returned;
+    cudaEvent_t ev[4]; /* dispatch: start, after pack, after counts, after payload */
 } bench;
 
 static void *dmalloc(size_t bytes) {
@@ -79,15 +86,17 @@ static void *dmalloc(size_t bytes) {
     return p;
 }
 
-static void bench_make(bench *b, int64_t H, int64_t E, int64_t T, epmoe_transport *t,
-                       cudaStream_t s) {
+static void bench_make(bench *b, int64_t H, int64_t E, int64_t T, epmoe_wire_format wire,
+                       epmoe_transport *t, cudaStream_t s) {
     memset(b, 0, sizeof *b);
     epmoe_config cfg;
     epmoe_config_defaults(&cfg);
     cfg.hidden_size = H, cfg.n_routed_experts = E, cfg.top_k = 6;
     b->route = epmoe_route_params_from_config(&cfg);
     b->H = H, b->E = E, b->k = 6, b->T = T, b->t = t, b->s = s;
+    CK(epmoe_dispatch_record_layout(wire, H, b->k, &b->rec));
     const size_t P = (size_t)g_P, k = 6, rows = (size_t)T * P, pairs = rows * k;
+    const size_t R = (size_t)b->rec.bytes;
     b->x = (float *)dmalloc(T * H * 4);
     b->gate = (float *)dmalloc(E * H * 4);
     b->logits = (float *)dmalloc(T * E * 4);
@@ -97,10 +106,12 @@ static void bench_make(bench *b, int64_t H, int64_t E, int64_t T, epmoe_transpor
     b->ret_index = (int32_t *)dmalloc(T * k * 4);
     b->row_rank = (int32_t *)dmalloc(T * P * 4);
     b->pair_rank = (int32_t *)dmalloc(T * P * 4);
-    b->send_x = (float *)dmalloc(rows * H * 4);
-    b->send_meta = (int32_t *)dmalloc(rows * k * 4);
-    b->recv_x = (float *)dmalloc(rows * H * 4);
-    b->recv_meta = (int32_t *)dmalloc(rows * k * 4);
+    b->q_codes = (uint8_t *)dmalloc(T * H / 2);
+    b->q_sf = (uint8_t *)dmalloc(T * H / 16);
+    b->q_inv_gs = (float *)dmalloc(T * 4);
+    b->send_rec = (uint8_t *)dmalloc(rows * R);
+    b->recv_rec = (uint8_t *)dmalloc(rows * R);
+    b->y_echo = (float *)dmalloc(rows * H * 4);
     b->ids_recv = (int32_t *)dmalloc(rows * k * 4);
     b->peer_of_row = (int32_t *)dmalloc(rows * 4);
     b->ret_row_offset = (int64_t *)dmalloc(rows * 8);
@@ -110,9 +121,10 @@ static void bench_make(bench *b, int64_t H, int64_t E, int64_t T, epmoe_transpor
     b->rank_start = (int64_t *)dmalloc((P + 1) * 8);
     b->send_counts = (int64_t *)dmalloc(2 * P * 8);
     b->recv_counts = (int64_t *)dmalloc(2 * P * 8);
-    b->bases = (int64_t *)dmalloc(6 * P * 8);
+    b->bases = (int64_t *)dmalloc(4 * P * 8);
     b->flags = (uint32_t *)dmalloc(4);
     CU(cudaMallocHost(&b->h_counts, 4 * P * 8));
+    for (int i = 0; i < 4; i++) CU(cudaEventCreate(&b->ev[i]));
     /* The counts exchange (one 16-byte element per peer) is the first transfer of every
      * dispatch, so its host counts must be set before the first call. */
     for (int p = 0; p < g_P; p++) b->h[0][p] = 1, b->h[1][p] = p;
@@ -137,11 +149,13 @@ static void bench_make(bench *b, int64_t H, int64_t E, int64_t T, epmoe_transpor
 
 static void bench_free(bench *b) {
     void *bufs[] = {b->x, b->gate, b->logits, b->w, b->ids, b->owner, b->ret_index, b->row_rank,
-                    b->pair_rank, b->send_x, b->send_meta, b->recv_x, b->recv_meta, b->ids_recv,
-                    b->peer_of_row, b->ret_row_offset, b->ret_send, b->ret_recv, b->out,
-                    b->rank_start, b->send_counts, b->recv_counts, b->bases, b->flags};
+                    b->pair_rank, b->q_codes, b->q_sf, b->q_inv_gs, b->send_rec, b->recv_rec,
+                    b->y_echo, b->ids_recv, b->peer_of_row, b->ret_row_offset, b->ret_send,
+                    b->ret_recv, b->out, b->rank_start, b->send_counts, b->recv_counts, b->bases,
+                    b->flags};
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) cudaFree(bufs[i]);
     cudaFreeHost(b->h_counts);
+    for (int i = 0; i < 4; i++) cudaEventDestroy(b->ev[i]);
 }
 
 /* host arrays: 0 ones, 1 iota, 2 rows to, 3 row displs out, 4 rows from, 5 row displs in,
@@ -158,21 +172,30 @@ static void host_counts(bench *b, int fixed) {
         b->h[6][p] = pt, b->h[7][p] = po, b->h[8][p] = pf, b->h[9][p] = pi;
         ro += rt, ri += rf, po += pt, pi += pf;
     }
-    b->rows_sent = ro, b->pairs_sent = pi;
+    b->rows_sent = ro, b->rows_received = ri, b->pairs_returned = pi;
+}
+
+static void route_stage(bench *b) {
+    CK(epmoe_cuda_gate_logits(b->x, b->gate, b->T, b->H, b->E, b->logits, b->s));
+    CK(epmoe_cuda_route(&b->route, b->logits, NULL, b->T, b->ids, b->w, b->flags, b->s));
 }
 
 /* bases on the device: [0,P) send rows, [P,2P) return recv, [2P,3P) recv rows, [3P,4P) return
- * send; fixed mode uploads the host displacements. */
+ * send; fixed mode uploads the host displacements. Events: start, packed, counts known, sent
+ * (not recorded while capturing). */
 static void dispatch_stage(bench *b, int fixed) {
     const int P = g_P;
-    CK(epmoe_cuda_gate_logits(b->x, b->gate, b->T, b->H, b->E, b->logits, b->s));
-    CK(epmoe_cuda_route(&b->route, b->logits, NULL, b->T, b->ids, b->w, b->flags, b->s));
+    if (!fixed) CU(cudaEventRecord(b->ev[0], b->s));
+    if (b->rec.format == EPMOE_WIRE_NVFP4)
+        CK(epmoe_cuda_nvfp4_quantize_rows(b->x, b->H, b->T, b->H, NULL, NULL, NULL, 0, NULL,
+                                          b->q_codes, b->q_sf, b->q_inv_gs, NULL, b->s));
     CK(epmoe_cuda_dispatch_plan(b->ids, b->T, b->k, b->rank_start, P, b->owner, b->row_rank,
                                 b->pair_rank, b->send_counts, b->s));
     if (!fixed) CK(epmoe_cuda_dispatch_bases(b->send_counts, P, b->bases, b->bases + P, b->s));
-    CK(epmoe_cuda_dispatch_pack(b->x, b->H, b->ids, b->T, b->k, P, b->owner, b->row_rank,
-                                b->pair_rank, b->bases, b->bases + P, b->send_x, b->send_meta,
-                                b->ret_index, b->s));
+    CK(epmoe_cuda_dispatch_pack(&b->rec, b->x, b->q_codes, b->q_sf, b->q_inv_gs, b->ids, b->T, P,
+                                b->owner, b->row_rank, b->pair_rank, b->bases, b->bases + P,
+                                b->send_rec, b->ret_index, b->s));
+    if (!fixed) CU(cudaEventRecord(b->ev[1], b->s));
     CK(epmoe_device_alltoallv_async(b->t, b->send_counts, b->h[0], b->h[1], b->recv_counts,
                                     b->h[0], b->h[1], 16, "counts"));
     if (!fixed) {
@@ -181,21 +204,22 @@ static void dispatch_stage(bench *b, int fixed) {
         CK(epmoe_device_transport_wait(b->t, "counts"));
         host_counts(b, 0);
         CK(epmoe_cuda_dispatch_bases(b->recv_counts, P, b->bases + 2 * P, b->bases + 3 * P, b->s));
+        CU(cudaEventRecord(b->ev[2], b->s));
     }
-    CK(epmoe_device_alltoallv_async(b->t, b->send_x, b->h[2], b->h[3], b->recv_x, b->h[4], b->h[5],
-                                    b->H * 4, "dispatch rows"));
-    CK(epmoe_device_alltoallv_async(b->t, b->send_meta, b->h[2], b->h[3], b->recv_meta, b->h[4],
-                                    b->h[5], b->k * 4, "dispatch ids"));
+    CK(epmoe_device_alltoallv_async(b->t, b->send_rec, b->h[2], b->h[3], b->recv_rec, b->h[4],
+                                    b->h[5], (size_t)b->rec.bytes, "dispatch rows"));
+    if (!fixed) CU(cudaEventRecord(b->ev[3], b->s));
 }
 
 static void combine_stage(bench *b, int fixed) {
     const int P = g_P;
     const int64_t rows = fixed ? (int64_t)P * b->T : b->h[5][P - 1] + b->h[4][P - 1];
-    CK(epmoe_cuda_dispatch_unpack(b->recv_meta, rows, b->k, P, b->bases + 2 * P, b->recv_counts,
-                                  0, b->E, b->ids_recv, b->peer_of_row, b->flags, b->s));
+    CK(epmoe_cuda_dispatch_unpack(&b->rec, b->recv_rec, rows, P, b->bases + 2 * P,
+                                  b->recv_counts, 0, b->E, b->ids_recv, b->peer_of_row, b->flags,
+                                  b->s));
     CK(epmoe_cuda_dispatch_return_offsets(b->ids_recv, b->k, P, b->bases + 2 * P, b->recv_counts,
                                           b->bases + 3 * P, b->ret_row_offset, b->flags, b->s));
-    CK(epmoe_cuda_dispatch_return_pack(b->recv_x, b->H, b->ids_recv, NULL, b->peer_of_row,
+    CK(epmoe_cuda_dispatch_return_pack(b->y_echo, b->H, b->ids_recv, NULL, b->peer_of_row,
                                        b->ret_row_offset, rows, b->k, b->ret_send, b->s));
     CK(epmoe_device_alltoallv_async(b->t, b->ret_send, b->h[8], b->h[9], b->ret_recv, b->h[6],
                                     b->h[7], b->H * 4, "return"));
@@ -207,36 +231,46 @@ static int cmp_f(const void *a, const void *b) {
     return x < y ? -1 : x > y;
 }
 
-/* Median ms over iters of fn, max over ranks. */
-typedef void (*stage_fn)(bench *, int);
-static float time_stages(bench *b, int fixed, int iters, float *combine_ms) {
-    cudaEvent_t e0, e1, e2;
-    cudaEventCreate(&e0), cudaEventCreate(&e1), cudaEventCreate(&e2);
-    float *d = (float *)malloc(iters * 4), *c = (float *)malloc(iters * 4);
+static float median_max(float *v, int n) {
+    qsort(v, n, 4, cmp_f);
+    float med = v[n / 2], mx = 0;
+    MPI_Allreduce(&med, &mx, 1, MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD);
+    return mx;
+}
+
+/* Medians (max over ranks) in ms: [0] route, [1] dispatch, [2] combine, and the dispatch parts
+ * [3] quantize+plan+pack, [4] counts exchange + host sync, [5] payload all-to-all. */
+static void time_stages(bench *b, int iters, float ms[6]) {
+    cudaEvent_t r0, c1;
+    cudaEventCreate(&r0), cudaEventCreate(&c1);
+    float *v[6];
+    for (int i = 0; i < 6; i++) v[i] = (float *)malloc(iters * 4);
     for (int i = -3; i < iters; i++) {
         MPI_Barrier(MPI_COMM_WORLD);
-        CU(cudaEventRecord(e0, b->s));
-        dispatch_stage(b, fixed);
-        CU(cudaEventRecord(e1, b->s));
-        combine_stage(b, fixed);
-        CU(cudaEventRecord(e2, b->s));
+        CU(cudaEventRecord(r0, b->s));
+        route_stage(b);
+        dispatch_stage(b, 0);
+        combine_stage(b, 0);
+        CU(cudaEventRecord(c1, b->s));
         CK(epmoe_device_transport_wait(b->t, "bench"));
-        if (i >= 0) cudaEventElapsedTime(&d[i], e0, e1), cudaEventElapsedTime(&c[i], e1, e2);
+        if (i < 0) continue;
+        cudaEventElapsedTime(&v[0][i], r0, b->ev[0]);
+        cudaEventElapsedTime(&v[1][i], b->ev[0], b->ev[3]);
+        cudaEventElapsedTime(&v[2][i], b->ev[3], c1);
+        cudaEventElapsedTime(&v[3][i], b->ev[0], b->ev[1]);
+        cudaEventElapsedTime(&v[4][i], b->ev[1], b->ev[2]);
+        cudaEventElapsedTime(&v[5][i], b->ev[2], b->ev[3]);
     }
-    qsort(d, iters, 4, cmp_f), qsort(c, iters, 4, cmp_f);
-    float med[2] = {d[iters / 2], c[iters / 2]}, mx[2];
-    MPI_Allreduce(med, mx, 2, MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD);
-    free(d), free(c);
-    cudaEventDestroy(e0), cudaEventDestroy(e1), cudaEventDestroy(e2);
-    *combine_ms = mx[1];
-    return mx[0];
+    for (int i = 0; i < 6; i++) ms[i] = median_max(v[i], iters), free(v[i]);
+    cudaEventDestroy(r0), cudaEventDestroy(c1);
 }
 
 #ifdef EPMOE_HAVE_NCCL
-/* Raw grouped send/recv of `bytes` split evenly over peers, median ms (max over ranks). */
+/* Raw grouped send/recv of `bytes` per rank split evenly over the peers (the same on every
+ * rank, so the pairs match), median ms (max over ranks). */
 static float raw_nccl_ms(ncclComm_t comm, cudaStream_t s, void *send, void *recv, size_t bytes,
                          int iters) {
-    const size_t per = bytes / (size_t)g_P;
+    const size_t per = bytes / (size_t)g_P / 16 * 16;
     cudaEvent_t e0, e1;
     cudaEventCreate(&e0), cudaEventCreate(&e1);
     float *t = (float *)malloc(iters * 4);
@@ -253,9 +287,7 @@ static float raw_nccl_ms(ncclComm_t comm, cudaStream_t s, void *send, void *recv
         CU(cudaStreamSynchronize(s));
         if (i >= 0) cudaEventElapsedTime(&t[i], e0, e1);
     }
-    qsort(t, iters, 4, cmp_f);
-    float med = t[iters / 2], mx;
-    MPI_Allreduce(&med, &mx, 1, MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD);
+    float mx = median_max(t, iters);
     free(t);
     cudaEventDestroy(e0), cudaEventDestroy(e1);
     return mx;
@@ -295,9 +327,10 @@ int main(int argc, char **argv) {
         if (g_P == 1)
             printf("NOTE: 1 rank: every all-to-all is a copy to itself; these figures measure the "
                    "kernels and a local copy, not a link. Meaningful only with 2+ GPUs.\n");
-        printf("bandwidth = bytes of the fp32 rows this rank sends (DeepEP's convention: H*4 per "
-               "dispatched row, per returned pair for combine, self included, ids excluded) / "
-               "median stage time, max over ranks\n");
+        printf("bandwidth = payload bytes a rank receives in dispatch (the record's payload: "
+               "9H/16+4 nvfp4, 4H fp32) and sends in combine (4H per pair), self included, ids "
+               "and padding excluded, the most over ranks / the median stage time, max over "
+               "ranks (DeepEP's way)\n");
     }
 #ifdef EPMOE_HAVE_NCCL
     ncclComm_t raw = NULL;
@@ -312,87 +345,94 @@ int main(int argc, char **argv) {
         const char *name;
         int64_t H, E;
     } models[2] = {{"dsv4-flash", 4096, 256}, {"dsv4-pro", 7168, 384}};
-    for (int m = 0; m < 2; m++) {
-        bench b;
-        bench_make(&b, models[m].H, models[m].E, tokens, t, s);
-        float comb_ms = 0, disp_ms = time_stages(&b, 0, iters, &comb_ms);
-        int64_t mine[2] = {b.rows_sent, b.pairs_sent}, most[2];
-        MPI_Allreduce(mine, most, 2, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
-        const double disp_bytes = (double)b.rows_sent * b.H * 4, comb_bytes = (double)b.pairs_sent * b.H * 4;
-        if (g_rank == 0)
-            printf("%s prefill %lld tokens/rank: dispatch %.3f ms (%.1f GB/s, %lld rows), combine "
-                   "%.3f ms (%.1f GB/s, %lld pairs) [rank 0 bytes]\n",
-                   models[m].name, (long long)tokens, disp_ms, disp_bytes / disp_ms / 1e6,
-                   (long long)b.rows_sent, comb_ms, comb_bytes / comb_ms / 1e6,
-                   (long long)b.pairs_sent);
-#ifdef EPMOE_HAVE_NCCL
-        if (raw) {
-            float r1 = raw_nccl_ms(raw, s, b.send_x, b.recv_x, (size_t)disp_bytes, iters);
-            float r2 = raw_nccl_ms(raw, s, b.ret_send, b.ret_recv, (size_t)comb_bytes, iters);
-            if (g_rank == 0)
-                printf("%s raw NCCL all-to-all, same bytes: dispatch-sized %.3f ms (%.1f GB/s; "
-                       "dispatch reaches %.0f%%), combine-sized %.3f ms (%.1f GB/s; combine "
-                       "reaches %.0f%%)\n",
-                       models[m].name, r1, disp_bytes / r1 / 1e6, 100.0 * r1 / disp_ms, r2,
-                       comb_bytes / r2 / 1e6, 100.0 * r2 / comb_ms);
-        }
-#endif
-        bench_free(&b);
-
-        /* decode: fixed capacity, captured */
-        bench_make(&b, models[m].H, models[m].E, decode_tokens, t, s);
-        host_counts(&b, 1);
-        int64_t hb[4 * 64];
-        for (int p = 0; p < g_P; p++) {
-            hb[p] = p * decode_tokens;                      /* send rows */
-            hb[g_P + p] = p * decode_tokens * b.k;          /* return recv */
-            hb[2 * g_P + p] = p * decode_tokens;            /* recv rows */
-            hb[3 * g_P + p] = p * decode_tokens * b.k;      /* return send */
-        }
-        CU(cudaMemcpy(b.bases, hb, 4 * g_P * 8, cudaMemcpyHostToDevice));
-        if (!epmoe_device_transport_graph_safe(t)) {
-            if (g_rank == 0) printf("%s decode: transport not graph-safe here, skipped\n", models[m].name);
-            bench_free(&b);
-            continue;
-        }
-        dispatch_stage(&b, 1), combine_stage(&b, 1); /* warm-up (connections, staging) */
-        CK(epmoe_device_transport_wait(t, "decode warm-up"));
-        cudaGraph_t g[2];
-        cudaGraphExec_t ge[2];
-        for (int stage = 0; stage < 2; stage++) {
-            CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
-            if (stage == 0) dispatch_stage(&b, 1);
-            else combine_stage(&b, 1);
-            CU(cudaStreamEndCapture(s, &g[stage]));
-            CU(cudaGraphInstantiate(&ge[stage], g[stage], 0));
-        }
-        float lat[2];
-        for (int stage = 0; stage < 2; stage++) {
-            cudaEvent_t e0, e1;
-            cudaEventCreate(&e0), cudaEventCreate(&e1);
-            float *v = (float *)malloc(iters * 4);
-            for (int i = -3; i < iters; i++) {
-                MPI_Barrier(MPI_COMM_WORLD);
-                if (stage == 1) CU(cudaGraphLaunch(ge[0], s)); /* combine needs a dispatch */
-                CU(cudaEventRecord(e0, s));
-                CU(cudaGraphLaunch(ge[stage], s));
-                CU(cudaEventRecord(e1, s));
-                CK(epmoe_device_transport_wait(t, "decode replay"));
-                if (i >= 0) cudaEventElapsedTime(&v[i], e0, e1);
+    for (int m = 0; m < 2; m++)
+        for (int wi = 0; wi < 2; wi++) {
+            const epmoe_wire_format wire = wi == 0 ? EPMOE_WIRE_NVFP4 : EPMOE_WIRE_F32;
+            const char *wname = epmoe_wire_format_name(wire);
+            bench b;
+            bench_make(&b, models[m].H, models[m].E, tokens, wire, t, s);
+            float ms[6];
+            time_stages(&b, iters, ms);
+            /* DeepEP's count: payload bytes received in dispatch, sent in combine, per rank. */
+            int64_t mine[2] = {b.rows_received * b.rec.payload_bytes, b.pairs_returned * b.H * 4};
+            int64_t most[2];
+            MPI_Allreduce(mine, most, 2, MPI_INT64_T, MPI_MAX, MPI_COMM_WORLD);
+            if (g_rank == 0) {
+                printf("%s %s wire (%lld B/row) prefill %lld tokens/rank: route %.3f ms | dispatch "
+                       "%.3f ms = pack %.3f + counts %.3f + payload %.3f (%.1f GB/s, %lld rows in "
+                       "on rank 0) | combine %.3f ms (%.1f GB/s)\n",
+                       models[m].name, wname, (long long)b.rec.bytes, (long long)tokens, ms[0],
+                       ms[1], ms[3], ms[4], ms[5], most[0] / ms[1] / 1e6,
+                       (long long)b.rows_received, ms[2], most[1] / ms[2] / 1e6);
             }
-            qsort(v, iters, 4, cmp_f);
-            float med = v[iters / 2];
-            MPI_Allreduce(&med, &lat[stage], 1, MPI_FLOAT, MPI_MAX, MPI_COMM_WORLD);
-            free(v);
-            cudaEventDestroy(e0), cudaEventDestroy(e1);
+#ifdef EPMOE_HAVE_NCCL
+            if (raw) {
+                float r1 = raw_nccl_ms(raw, s, b.send_rec, b.recv_rec, (size_t)most[0], iters);
+                float r2 = raw_nccl_ms(raw, s, b.ret_send, b.ret_recv, (size_t)most[1], iters);
+                if (g_rank == 0)
+                    printf("%s %s wire raw NCCL all-to-all of the same bytes: dispatch-sized %.3f "
+                           "ms (%.1f GB/s; our dispatch reaches %.0f%%, its payload all-to-all "
+                           "alone %.0f%%), combine-sized %.3f ms (%.1f GB/s; combine reaches "
+                           "%.0f%%)\n",
+                           models[m].name, wname, r1, most[0] / r1 / 1e6, 100.0 * r1 / ms[1],
+                           100.0 * r1 / ms[5], r2, most[1] / r2 / 1e6, 100.0 * r2 / ms[2]);
+            }
+#endif
+            bench_free(&b);
+
+            /* decode: fixed capacity, captured */
+            bench_make(&b, models[m].H, models[m].E, decode_tokens, wire, t, s);
+            host_counts(&b, 1);
+            int64_t hb[4 * 64];
+            for (int p = 0; p < g_P; p++) {
+                hb[p] = p * decode_tokens;                 /* send rows */
+                hb[g_P + p] = p * decode_tokens * b.k;     /* return recv */
+                hb[2 * g_P + p] = p * decode_tokens;       /* recv rows */
+                hb[3 * g_P + p] = p * decode_tokens * b.k; /* return send */
+            }
+            CU(cudaMemcpy(b.bases, hb, 4 * g_P * 8, cudaMemcpyHostToDevice));
+            if (!epmoe_device_transport_graph_safe(t)) {
+                if (g_rank == 0) printf("%s decode: transport not graph-safe here, skipped\n", models[m].name);
+                bench_free(&b);
+                continue;
+            }
+            route_stage(&b);
+            dispatch_stage(&b, 1), combine_stage(&b, 1); /* warm-up (connections, staging) */
+            CK(epmoe_device_transport_wait(t, "decode warm-up"));
+            cudaGraph_t g[2];
+            cudaGraphExec_t ge[2];
+            for (int stage = 0; stage < 2; stage++) {
+                CU(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+                if (stage == 0) dispatch_stage(&b, 1);
+                else combine_stage(&b, 1);
+                CU(cudaStreamEndCapture(s, &g[stage]));
+                CU(cudaGraphInstantiate(&ge[stage], g[stage], 0));
+            }
+            float lat[2];
+            for (int stage = 0; stage < 2; stage++) {
+                cudaEvent_t e0, e1;
+                cudaEventCreate(&e0), cudaEventCreate(&e1);
+                float *v = (float *)malloc(iters * 4);
+                for (int i = -3; i < iters; i++) {
+                    MPI_Barrier(MPI_COMM_WORLD);
+                    if (stage == 1) CU(cudaGraphLaunch(ge[0], s)); /* combine needs a dispatch */
+                    CU(cudaEventRecord(e0, s));
+                    CU(cudaGraphLaunch(ge[stage], s));
+                    CU(cudaEventRecord(e1, s));
+                    CK(epmoe_device_transport_wait(t, "decode replay"));
+                    if (i >= 0) cudaEventElapsedTime(&v[i], e0, e1);
+                }
+                lat[stage] = median_max(v, iters);
+                free(v);
+                cudaEventDestroy(e0), cudaEventDestroy(e1);
+            }
+            if (g_rank == 0)
+                printf("%s %s wire decode %lld tokens/rank (graph-replayed, fixed capacity): "
+                       "dispatch %.1f us, combine %.1f us\n",
+                       models[m].name, wname, (long long)decode_tokens, lat[0] * 1e3, lat[1] * 1e3);
+            for (int stage = 0; stage < 2; stage++) cudaGraphExecDestroy(ge[stage]), cudaGraphDestroy(g[stage]);
+            bench_free(&b);
         }
-        if (g_rank == 0)
-            printf("%s decode %lld tokens/rank (graph-replayed, fixed capacity): dispatch %.1f us, "
-                   "combine %.1f us\n",
-                   models[m].name, (long long)decode_tokens, lat[0] * 1e3, lat[1] * 1e3);
-        for (int stage = 0; stage < 2; stage++) cudaGraphExecDestroy(ge[stage]), cudaGraphDestroy(g[stage]);
-        bench_free(&b);
-    }
 #ifdef EPMOE_HAVE_NCCL
     if (raw) ncclCommDestroy(raw);
 #endif

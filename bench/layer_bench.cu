@@ -23,56 +23,7 @@
 #include "worker/cuda/gpu_layer.h"
 
 #include "bench/bench_check.h"
-
-static void fill_bytes(epmoe_rng *r, uint8_t *p, size_t n, uint8_t lo, uint8_t hi) {
-    for (size_t i = 0; i < n; i++) p[i] = (uint8_t)(lo + epmoe_rng_below(r, (uint64_t)(hi - lo + 1)));
-}
-
-/* Random but well-formed NVFP4 weights: any E2M1 code, UE4M3 scales in [2^-3, 2^1]. */
-static void make_weights(const epmoe_config *cfg, epmoe_layer_weights *w) {
-    const int64_t H = cfg->hidden_size, I = cfg->moe_inter_size, E = cfg->n_routed_experts;
-    const int64_t Is = cfg->n_shared_experts * I;
-    epmoe_rng r;
-    epmoe_rng_seed(&r, 7);
-    memset(w, 0, sizeof *w);
-    w->layer = 1;
-    w->hidden_size = H;
-    w->inter_size = I;
-    w->slice.start = 0;
-    w->slice.end = E;
-    w->n_local = E;
-    w->n_experts = E;
-    w->vocab_size = cfg->vocab_size;
-    size_t n13 = (size_t)(E * 2 * I * H);
-    size_t n2 = (size_t)(E * H * I);
-    w->w13_codes = (uint8_t *)malloc(n13 / 2);
-    w->w13_sf = (uint8_t *)malloc(n13 / 16);
-    w->w2_codes = (uint8_t *)malloc(n2 / 2);
-    w->w2_sf = (uint8_t *)malloc(n2 / 16);
-    fill_bytes(&r, w->w13_codes, n13 / 2, 0, 255);
-    fill_bytes(&r, w->w2_codes, n2 / 2, 0, 255);
-    fill_bytes(&r, w->w13_sf, n13 / 16, 0x20, 0x40);
-    fill_bytes(&r, w->w2_sf, n2 / 16, 0x20, 0x40);
-    w->w13_scale_2 = (float *)malloc(sizeof(float) * 2 * E);
-    w->w2_scale_2 = (float *)malloc(sizeof(float) * E);
-    w->w13_input_scale = (float *)malloc(sizeof(float) * E);
-    w->w2_input_scale = (float *)malloc(sizeof(float) * E);
-    for (int64_t e = 0; e < E; e++) {
-        w->w13_scale_2[2 * e] = w->w13_scale_2[2 * e + 1] = 1.0f / 64;
-        w->w2_scale_2[e] = 1.0f / 64;
-        w->w13_input_scale[e] = w->w2_input_scale[e] = 1.0f / 256;
-    }
-    w->gate_weight = (float *)malloc(sizeof(float) * E * H);
-    for (int64_t i = 0; i < E * H; i++) w->gate_weight[i] = epmoe_rng_normal(&r) * 0.02f;
-    w->gate_bias = (float *)calloc((size_t)E, sizeof(float));
-    w->shared_inter = Is;
-    w->shared_w13 = (float *)malloc(sizeof(float) * 2 * Is * H);
-    w->shared_w2 = (float *)malloc(sizeof(float) * H * Is);
-    for (int64_t i = 0; i < 2 * Is * H; i++)
-        w->shared_w13[i] = epmoe_bf16_to_float(epmoe_float_to_bf16(epmoe_rng_normal(&r) * 0.02f));
-    for (int64_t i = 0; i < H * Is; i++)
-        w->shared_w2[i] = epmoe_bf16_to_float(epmoe_float_to_bf16(epmoe_rng_normal(&r) * 0.02f));
-}
+#include "bench/bench_weights.h"
 
 typedef epmoe_status (*stage_fn)(epmoe_gpu_context *, const epmoe_gpu_layer *, const float *,
                                  int64_t, float *, cudaStream_t);
@@ -148,7 +99,7 @@ int main(int argc, char **argv) {
     cfg.max_tokens_per_rank = max_T;
 
     epmoe_layer_weights w;
-    make_weights(&cfg, &w);
+    bench_make_weights(&cfg, 0, E, &w);
     epmoe_gpu_context *ctx = NULL;
     CHECK_EPMOE(epmoe_gpu_context_create(&cfg, 0, 0, E, max_T * k, NULL, &ctx));
     epmoe_gpu_layer layer;

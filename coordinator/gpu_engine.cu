@@ -25,6 +25,7 @@ struct epmoe_gpu_engine {
     int64_t expert_start, n_local;
     int64_t k_local;         /* min(k, n_local): pairs one received row can hold here */
     int64_t *h_rank_start;   /* [P+1] slices of every rank */
+    epmoe_dispatch_record rec; /* the wire format of a dispatched row */
     epmoe_gpu_context *ctx;  /* route + shared for max_tokens; worker rows for the worst case */
     epmoe_gpu_layer *layers;
     int64_t n_layers;
@@ -42,10 +43,11 @@ struct epmoe_gpu_engine {
     int64_t *send_row_base, *ret_recv_base, *recv_row_base, *ret_send_base;          /* [P] */
     int64_t *fixed_send_row_base, *fixed_ret_recv_base, *fixed_recv_row_base,
         *fixed_ret_send_base;                   /* [P] decode-mode constants */
-    float *send_x;                              /* [send_rows_cap, H] */
-    int32_t *send_meta;                         /* [send_rows_cap, k] */
-    float *recv_x;                              /* [recv_rows_cap, H] */
-    int32_t *recv_meta, *ids_recv;              /* [recv_rows_cap, k] */
+    uint8_t *q_codes, *q_sf;                    /* [max_tokens, H/2], [max_tokens, H/16] */
+    float *q_inv_gs;                            /* [max_tokens]: the NVFP4 wire's source */
+    uint8_t *send_records;                      /* [send_rows_cap, rec.bytes] */
+    uint8_t *recv_records;                      /* [recv_rows_cap, rec.bytes] */
+    int32_t *ids_recv;                          /* [recv_rows_cap, k] */
     int32_t *peer_of_row;                       /* [recv_rows_cap] */
     int64_t *ret_row_offset;                    /* [recv_rows_cap] */
     int32_t *pair_rank_recv, *row_of_pair_recv; /* [recv_rows_cap * k] */
@@ -121,6 +123,12 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
         dec_ret_recv_total += C * k_of_p;
     }
     e->k_local = min64(k, e->n_local);
+    /* Rows travel quantized when the worker would quantize them per row anyway (no change to
+     * its input bits); with static (per-expert) scales or W4A16 the worker needs the fp32 row. */
+    const int wire_nvfp4 =
+        cfg->act_quant == EPMOE_ACT_NVFP4 && cfg->act_scale == EPMOE_ACT_SCALE_PER_ROW;
+    EPMOE_TRY(epmoe_dispatch_record_layout(wire_nvfp4 ? EPMOE_WIRE_NVFP4 : EPMOE_WIRE_F32, H, k,
+                                           &e->rec));
     for (int p = 0; p < P; p++) {
         e->h_dec_rows[p] = C;
         e->h_dec_row_displs[p] = (int64_t)p * C;
@@ -146,6 +154,7 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
 
     const size_t Pz = (size_t)P, Tk = (size_t)(T * k), TP = (size_t)T * Pz;
     const size_t R = (size_t)e->recv_rows_cap, S = (size_t)e->send_rows_cap;
+    const size_t Q = e->rec.format == EPMOE_WIRE_NVFP4 ? (size_t)T : 0; /* quantized tokens */
     carve_item items[] = {
         {(void **)&e->rank_start, (Pz + 1) * 8},
         {(void **)&e->owner_of_pair, Tk * 4},
@@ -162,10 +171,11 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
         {(void **)&e->fixed_ret_recv_base, Pz * 8},
         {(void **)&e->fixed_recv_row_base, Pz * 8},
         {(void **)&e->fixed_ret_send_base, Pz * 8},
-        {(void **)&e->send_x, S * (size_t)H * 4},
-        {(void **)&e->send_meta, S * (size_t)k * 4},
-        {(void **)&e->recv_x, R * (size_t)H * 4},
-        {(void **)&e->recv_meta, R * (size_t)k * 4},
+        {(void **)&e->q_codes, Q * (size_t)H / 2},
+        {(void **)&e->q_sf, Q * (size_t)H / 16},
+        {(void **)&e->q_inv_gs, Q * 4},
+        {(void **)&e->send_records, S * (size_t)e->rec.bytes},
+        {(void **)&e->recv_records, R * (size_t)e->rec.bytes},
         {(void **)&e->ids_recv, R * (size_t)k * 4},
         {(void **)&e->peer_of_row, R * 4},
         {(void **)&e->ret_row_offset, R * 8},
@@ -201,10 +211,12 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
     if (log)
         fprintf(log,
                 "gpu engine rank %d/%d (device %d, transport %s): experts [%lld, %lld), dispatch "
+                "rows on the wire %s (%lld bytes a row), combine rows fp32 (%lld bytes), "
                 "buffers %.1f MiB (send %lld rows, receive %lld rows, return %lld + %lld "
                 "pairs), decode capacity %lld tokens per peer\n",
                 e->rank, P, e->device, e->t->ops->name, (long long)e->expert_start,
-                (long long)(e->expert_start + e->n_local), e->bytes / 1048576.0,
+                (long long)(e->expert_start + e->n_local), epmoe_wire_format_name(e->rec.format),
+                (long long)e->rec.bytes, (long long)(4 * H), e->bytes / 1048576.0,
                 (long long)e->send_rows_cap, (long long)e->recv_rows_cap,
                 (long long)e->ret_send_cap, (long long)e->ret_recv_cap, (long long)C);
     return EPMOE_OK;
@@ -267,10 +279,22 @@ int64_t epmoe_gpu_engine_device_bytes(const epmoe_gpu_engine *e) {
 
 /* ---- the worker side ------------------------------------------------------------------------ */
 
-/* The expert MLPs on the received rows: gpu_layer's experts stage, fed from recv_x. */
+/* The expert MLPs on the received rows: gpu_layer's experts stage, fed from the records. */
 static epmoe_status worker_experts(epmoe_gpu_engine *e, const epmoe_gpu_layer *layer,
                                    int64_t pairs_bound) {
-    return epmoe_gpu_experts_rows(e->ctx, layer, e->recv_x, pairs_bound, e->stream);
+    epmoe_gpu_rows rows;
+    memset(&rows, 0, sizeof rows);
+    if (e->rec.format == EPMOE_WIRE_NVFP4) {
+        rows.nvfp4 = e->recv_records;
+        rows.nvfp4_stride = e->rec.bytes;
+        rows.codes_offset = e->rec.codes_offset;
+        rows.sf_offset = e->rec.sf_offset;
+        rows.inv_gs_offset = e->rec.inv_gs_offset;
+    } else {
+        rows.x = (const float *)e->recv_records;
+        rows.x_stride = e->rec.bytes / 4;
+    }
+    return epmoe_gpu_experts_rows(e->ctx, layer, &rows, pairs_bound, e->stream);
 }
 
 /* Received rows [0, recv_rows) -> validated ids -> padded layout -> experts -> return buffer. */
@@ -279,7 +303,7 @@ static epmoe_status worker(epmoe_gpu_engine *e, const epmoe_gpu_layer *layer, in
                            int64_t pairs_bound) {
     epmoe_gpu_arena *a = &e->ctx->arena;
     cudaStream_t s = e->stream;
-    EPMOE_TRY(epmoe_cuda_dispatch_unpack(e->recv_meta, recv_rows, e->k, e->P, recv_row_base,
+    EPMOE_TRY(epmoe_cuda_dispatch_unpack(&e->rec, e->recv_records, recv_rows, e->P, recv_row_base,
                                          e->recv_counts, e->expert_start, e->n_local, e->ids_recv,
                                          e->peer_of_row, e->dispatch_flags, s));
     EPMOE_TRY(epmoe_cuda_dispatch_return_offsets(e->ids_recv, e->k, e->P, recv_row_base,
@@ -322,9 +346,17 @@ static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer
     if (!fixed)
         EPMOE_TRY(epmoe_cuda_dispatch_bases(e->send_counts, e->P, e->send_row_base,
                                             e->ret_recv_base, s));
-    EPMOE_TRY(epmoe_cuda_dispatch_pack(x, e->H, a->ids, T, e->k, e->P, e->owner_of_pair,
-                                       e->row_rank, e->pair_rank, send_row_base, ret_recv_base,
-                                       e->send_x, e->send_meta, e->ret_index_of_pair, s));
+    /* NVFP4 wire: each token quantized once, whatever the number of ranks it goes to. Its
+     * saturated elements are counted here, once per token (the single-GPU layer counts them
+     * once per (token, expert) pair). */
+    if (e->rec.format == EPMOE_WIRE_NVFP4)
+        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(x, e->H, T, e->H, NULL, NULL, NULL, 0, NULL,
+                                                 e->q_codes, e->q_sf, e->q_inv_gs, a->saturated,
+                                                 s));
+    EPMOE_TRY(epmoe_cuda_dispatch_pack(&e->rec, x, e->q_codes, e->q_sf, e->q_inv_gs, a->ids, T,
+                                       e->P, e->owner_of_pair, e->row_rank, e->pair_rank,
+                                       send_row_base, ret_recv_base, e->send_records,
+                                       e->ret_index_of_pair, s));
     /* The shared expert needs only the local tokens: it runs while the counts travel. */
     EPMOE_TRY(epmoe_gpu_shared(e->ctx, L, x, T, s));
     /* Counts: one (rows, pairs) element of 16 bytes per peer, device to device. */
@@ -376,12 +408,10 @@ epmoe_status epmoe_gpu_engine_forward(epmoe_gpu_engine *e, int64_t layer, const 
                   (long long)rows_out, (long long)pairs_out, (long long)T);
 
     EPMOE_TRY(epmoe_cuda_dispatch_bases(e->recv_counts, P, e->recv_row_base, e->ret_send_base, s));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_x, e->h_send_counts, e->h_send_displs,
-                                           e->recv_x, e->h_recv_counts, e->h_recv_displs,
-                                           (size_t)e->H * 4, "dispatch (rows)"));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_meta, e->h_send_counts,
-                                           e->h_send_displs, e->recv_meta, e->h_recv_counts,
-                                           e->h_recv_displs, (size_t)e->k * 4, "dispatch (ids)"));
+    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_records, e->h_send_counts,
+                                           e->h_send_displs, e->recv_records, e->h_recv_counts,
+                                           e->h_recv_displs, (size_t)e->rec.bytes,
+                                           "dispatch (rows)"));
     EPMOE_TRY(worker(e, L, rows_in, e->recv_row_base, e->ret_send_base, pairs_in));
     EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->ret_send, e->h_ret_send_counts,
                                            e->h_ret_send_displs, e->ret_recv,
@@ -403,13 +433,10 @@ epmoe_status epmoe_gpu_engine_forward_decode(epmoe_gpu_engine *e, int64_t layer,
     const epmoe_gpu_layer *L = &e->layers[layer];
     const int64_t C = e->decode_tokens;
     EPMOE_TRY(coordinator_front(e, L, x, token_ids, T, 1));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_x, e->h_dec_rows, e->h_dec_row_displs,
-                                           e->recv_x, e->h_dec_rows, e->h_dec_row_displs,
-                                           (size_t)e->H * 4, "decode dispatch (rows)"));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_meta, e->h_dec_rows,
-                                           e->h_dec_row_displs, e->recv_meta, e->h_dec_rows,
-                                           e->h_dec_row_displs, (size_t)e->k * 4,
-                                           "decode dispatch (ids)"));
+    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_records, e->h_dec_rows,
+                                           e->h_dec_row_displs, e->recv_records, e->h_dec_rows,
+                                           e->h_dec_row_displs, (size_t)e->rec.bytes,
+                                           "decode dispatch (rows)"));
     /* Every peer block is C rows; the real ones are told by recv_counts on the device. */
     EPMOE_TRY(worker(e, L, (int64_t)e->P * C, e->fixed_recv_row_base, e->fixed_ret_send_base,
                      (int64_t)e->P * C * e->k_local));
@@ -452,7 +479,10 @@ epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e) {
         void *p;
         size_t bytes;
     } bufs[] = {
-        {e->send_x, (size_t)e->send_rows_cap * H * 4}, {e->recv_x, (size_t)e->recv_rows_cap * H * 4},
+        /* records: 0xff bytes are NaN as fp32 rows and as the NVFP4 rows' 1/gs */
+        {e->send_records, (size_t)e->send_rows_cap * (size_t)e->rec.bytes},
+        {e->recv_records, (size_t)e->recv_rows_cap * (size_t)e->rec.bytes},
+        {e->q_inv_gs, e->q_inv_gs ? (size_t)e->max_tokens * 4 : 0},
         {e->ret_send, (size_t)e->ret_send_cap * H * 4}, {e->ret_recv, (size_t)e->ret_recv_cap * H * 4},
         {a->h, cap * 2 * I * 4}, {a->y, cap * H * 4}, {a->act, a->act ? cap * I * 4 : 0},
         {a->a_scale, a->a_scale ? cap * 4 : 0}, {a->weights, (size_t)(a->max_tokens * e->k) * 4},

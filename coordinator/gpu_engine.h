@@ -8,11 +8,17 @@
  *   padded layout over the received rows, the NVFP4 expert GEMMs of worker/cuda/gpu_layer's
  *   kernels -> return one fp32 row per (row, expert) pair -> combine in slot order + shared.
  *
- * Payload: fp32 rows both ways (dispatch: x, 4H bytes a row plus 4k bytes of ids; return: the
- * expert output y, 4H bytes a pair). fp32 keeps the worker's input bit-identical to the
- * single-GPU layer's, so the output is bit-identical to epmoe_gpu_layer_forward on the same
- * tokens for any rank count (the shared expert aside: see below). NVFP4 on the wire (the
- * issue's 3.5x cut of dispatch bytes) is NOT done yet.
+ * Payload (kernels/cuda/dispatch.h, epmoe_dispatch_record): one record per (token, destination
+ * rank), its k ids included, one all-to-all. With act_quant = nvfp4 and per-row scales (the
+ * default) the sender quantizes each token once and the record carries the NVFP4 row (codes,
+ * block scales, 1/gs: 9H/16 + 4 bytes instead of 4H), which the worker gathers straight into
+ * the GEMM's A operand: the codes are the ones the worker would have computed, so the output
+ * bits do not change. With static per-expert scales (the quantization depends on the expert)
+ * or W4A16, the record carries the fp32 row. The return carries one fp32 row per (row, expert)
+ * pair (4H bytes): combine sums in fp32 in slot order, and bf16 rows on the way back would
+ * round the expert outputs, which the single-GPU layer does not (so its bits would be lost).
+ * Either way the output is bit-identical to epmoe_gpu_layer_forward on the same tokens for any
+ * rank count (the shared expert aside: see below).
  *
  * Two modes, the same kernels:
  *  - throughput (epmoe_gpu_engine_forward): blocks sized by the real counts; the host waits

@@ -4,6 +4,8 @@
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/dispatch.h"
 
+#include <string.h>
+
 #define SCAN_THREADS 256
 
 /* Exclusive prefix of two per-thread counts over a block of SCAN_THREADS threads, and their
@@ -119,12 +121,50 @@ epmoe_status epmoe_cuda_dispatch_bases(const int64_t *counts, int n_ranks, int64
     return EPMOE_OK;
 }
 
-/* One block per token: its rows to every peer it reaches, and where each slot's output will
+const char *epmoe_wire_format_name(epmoe_wire_format format) {
+    return format == EPMOE_WIRE_NVFP4 ? "nvfp4" : "fp32";
+}
+
+epmoe_status epmoe_dispatch_record_layout(epmoe_wire_format format, int64_t hidden_size,
+                                          int64_t top_k, epmoe_dispatch_record *out) {
+    const int64_t H = hidden_size;
+    EPMOE_REQUIRE(top_k > 0 && top_k <= 128, EPMOE_ERR_INVALID_ARG,
+                  "dispatch record: top_k = %lld outside [1, 128]", (long long)top_k);
+    memset(out, 0, sizeof *out);
+    out->format = format, out->hidden_size = H, out->top_k = top_k;
+    if (format == EPMOE_WIRE_NVFP4) {
+        EPMOE_REQUIRE(H > 0 && H % 128 == 0, EPMOE_ERR_INVALID_ARG,
+                      "dispatch record: the NVFP4 wire format needs hidden_size %% 128 == 0, "
+                      "got %lld", (long long)H);
+        out->codes_offset = 0;
+        out->sf_offset = H / 2;
+        out->inv_gs_offset = H / 2 + H / 16;
+        out->payload_bytes = H / 2 + H / 16 + 4;
+    } else {
+        EPMOE_REQUIRE(format == EPMOE_WIRE_F32 && H > 0 && H % 4 == 0, EPMOE_ERR_INVALID_ARG,
+                      "dispatch record: format %d with hidden_size %lld (fp32 needs H %% 4 == 0)",
+                      (int)format, (long long)H);
+        out->payload_bytes = 4 * H;
+    }
+    out->meta_offset = out->payload_bytes;
+    out->bytes = (out->meta_offset + 4 * top_k + 15) / 16 * 16;
+    return EPMOE_OK;
+}
+
+/* Up to three pieces of a token's payload, each a multiple of 4 bytes, copied one after the
+ * other into the record. */
+typedef struct {
+    const uint32_t *src[3];
+    int64_t words[3]; /* per token; 0 = unused */
+} payload_sources;
+
+/* One block per token: its record to every peer it reaches, and where each slot's output will
  * come back. */
-__global__ void pack_kernel(const float4 *x, int64_t H4, const int32_t *ids, int64_t top_k,
-                            int n_ranks, const int32_t *owner_of_pair, const int32_t *row_rank,
+__global__ void pack_kernel(payload_sources payload, int64_t record_words, int64_t meta_word,
+                            const int32_t *ids, int64_t top_k, int n_ranks,
+                            const int32_t *owner_of_pair, const int32_t *row_rank,
                             const int32_t *pair_rank, const int64_t *send_row_base,
-                            const int64_t *ret_recv_base, float4 *send_x, int32_t *send_meta,
+                            const int64_t *ret_recv_base, uint32_t *send_records,
                             int32_t *ret_index_of_pair) {
     const int64_t t = blockIdx.x;
     const int32_t *owner = owner_of_pair + t * top_k;
@@ -138,40 +178,61 @@ __global__ void pack_kernel(const float4 *x, int64_t H4, const int32_t *ids, int
         }
         ret_index_of_pair[t * top_k + j] = index;
     }
-    const float4 *src = x + t * H4;
     for (int p = 0; p < n_ranks; p++) {
         const int32_t rank = row_rank[t * n_ranks + p];
         if (rank < 0) continue; /* uniform over the block */
-        const int64_t dst = send_row_base[p] + rank;
-        for (int64_t c = threadIdx.x; c < H4; c += blockDim.x) send_x[dst * H4 + c] = src[c];
+        uint32_t *dst = send_records + (send_row_base[p] + rank) * record_words;
+        int64_t at = 0;
+        for (int piece = 0; piece < 3; piece++) {
+            const int64_t n = payload.words[piece];
+            const uint32_t *src = payload.src[piece] + t * n;
+            for (int64_t c = threadIdx.x; c < n; c += blockDim.x) dst[at + c] = src[c];
+            at += n;
+        }
         if (threadIdx.x < top_k) {
             const int j = threadIdx.x;
-            send_meta[dst * top_k + j] = owner[j] == p ? ids[t * top_k + j] : -1;
+            dst[meta_word + j] = (uint32_t)(owner[j] == p ? ids[t * top_k + j] : -1);
         }
     }
 }
 
-epmoe_status epmoe_cuda_dispatch_pack(const float *x, int64_t H, const int32_t *ids, int64_t T,
-                                      int64_t top_k, int n_ranks, const int32_t *owner_of_pair,
+epmoe_status epmoe_cuda_dispatch_pack(const epmoe_dispatch_record *rec, const float *x,
+                                      const uint8_t *q_codes, const uint8_t *q_sf,
+                                      const float *q_inv_gs, const int32_t *ids, int64_t T,
+                                      int n_ranks, const int32_t *owner_of_pair,
                                       const int32_t *row_rank, const int32_t *pair_rank,
                                       const int64_t *send_row_base, const int64_t *ret_recv_base,
-                                      float *send_x, int32_t *send_meta,
-                                      int32_t *ret_index_of_pair, cudaStream_t stream) {
-    EPMOE_REQUIRE(H > 0 && H % 4 == 0 && T >= 0 && top_k > 0 && top_k <= 128 && n_ranks > 0,
-                  EPMOE_ERR_INVALID_ARG, "dispatch pack: bad shape H=%lld T=%lld top_k=%lld P=%d",
-                  (long long)H, (long long)T, (long long)top_k, n_ranks);
+                                      uint8_t *send_records, int32_t *ret_index_of_pair,
+                                      cudaStream_t stream) {
+    const int64_t H = rec->hidden_size, top_k = rec->top_k;
+    EPMOE_REQUIRE(T >= 0 && n_ranks > 0 && rec->bytes % 16 == 0, EPMOE_ERR_INVALID_ARG,
+                  "dispatch pack: bad shape T=%lld P=%d record %lld bytes", (long long)T,
+                  n_ranks, (long long)rec->bytes);
+    payload_sources payload;
+    memset(&payload, 0, sizeof payload);
+    if (rec->format == EPMOE_WIRE_NVFP4) {
+        EPMOE_REQUIRE(q_codes && q_sf && q_inv_gs, EPMOE_ERR_INVALID_ARG,
+                      "dispatch pack: the NVFP4 wire format needs the quantized rows");
+        payload.src[0] = (const uint32_t *)q_codes, payload.words[0] = H / 8;
+        payload.src[1] = (const uint32_t *)q_sf, payload.words[1] = H / 64;
+        payload.src[2] = (const uint32_t *)q_inv_gs, payload.words[2] = 1;
+    } else {
+        EPMOE_REQUIRE(x, EPMOE_ERR_INVALID_ARG, "dispatch pack: the fp32 wire format needs x");
+        payload.src[0] = (const uint32_t *)x, payload.words[0] = H;
+    }
     if (T == 0) return EPMOE_OK;
     pack_kernel<<<(unsigned)T, 128, 0, stream>>>(
-        (const float4 *)x, H / 4, ids, top_k, n_ranks, owner_of_pair, row_rank, pair_rank,
-        send_row_base, ret_recv_base, (float4 *)send_x, send_meta, ret_index_of_pair);
+        payload, rec->bytes / 4, rec->meta_offset / 4, ids, top_k, n_ranks, owner_of_pair,
+        row_rank, pair_rank, send_row_base, ret_recv_base, (uint32_t *)send_records,
+        ret_index_of_pair);
     CUDA_TRY_LAUNCH("dispatch pack_kernel");
     return EPMOE_OK;
 }
 
 /* One thread per receive row: its peer (the one whose block holds it among its real rows) and
  * its validated ids. */
-__global__ void unpack_kernel(const int32_t *recv_meta, int64_t recv_rows, int64_t top_k,
-                              int n_ranks, const int64_t *recv_row_base,
+__global__ void unpack_kernel(const int32_t *recv_meta, int64_t meta_stride, int64_t recv_rows,
+                              int64_t top_k, int n_ranks, const int64_t *recv_row_base,
                               const int64_t *recv_counts, int64_t expert_start, int64_t n_local,
                               int32_t *ids_recv, int32_t *peer_of_row, uint32_t *error_flags) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -188,7 +249,7 @@ __global__ void unpack_kernel(const int32_t *recv_meta, int64_t recv_rows, int64
     int valid = 0;
     uint32_t flags = 0;
     for (int64_t j = 0; j < top_k; j++) {
-        int32_t id = peer >= 0 ? recv_meta[i * top_k + j] : -1;
+        int32_t id = peer >= 0 ? recv_meta[i * meta_stride + j] : -1;
         if (id != -1 && (id < expert_start || id >= expert_start + n_local)) {
             flags |= EPMOE_CUDA_FLAG_DISPATCH_ID;
             id = -1;
@@ -200,20 +261,20 @@ __global__ void unpack_kernel(const int32_t *recv_meta, int64_t recv_rows, int64
     if (flags) atomicOr(error_flags, flags);
 }
 
-epmoe_status epmoe_cuda_dispatch_unpack(const int32_t *recv_meta, int64_t recv_rows,
-                                        int64_t top_k, int n_ranks,
-                                        const int64_t *recv_row_base, const int64_t *recv_counts,
-                                        int64_t expert_start, int64_t n_local, int32_t *ids_recv,
-                                        int32_t *peer_of_row, uint32_t *error_flags,
-                                        cudaStream_t stream) {
-    EPMOE_REQUIRE(recv_rows >= 0 && top_k > 0 && n_ranks > 0 && n_local > 0,
-                  EPMOE_ERR_INVALID_ARG,
-                  "dispatch unpack: bad shape rows=%lld top_k=%lld P=%d n_local=%lld",
-                  (long long)recv_rows, (long long)top_k, n_ranks, (long long)n_local);
+epmoe_status epmoe_cuda_dispatch_unpack(const epmoe_dispatch_record *rec,
+                                        const uint8_t *recv_records, int64_t recv_rows,
+                                        int n_ranks, const int64_t *recv_row_base,
+                                        const int64_t *recv_counts, int64_t expert_start,
+                                        int64_t n_local, int32_t *ids_recv, int32_t *peer_of_row,
+                                        uint32_t *error_flags, cudaStream_t stream) {
+    EPMOE_REQUIRE(recv_rows >= 0 && n_ranks > 0 && n_local > 0, EPMOE_ERR_INVALID_ARG,
+                  "dispatch unpack: bad shape rows=%lld P=%d n_local=%lld",
+                  (long long)recv_rows, n_ranks, (long long)n_local);
     if (recv_rows == 0) return EPMOE_OK;
     unpack_kernel<<<(unsigned)((recv_rows + 255) / 256), 256, 0, stream>>>(
-        recv_meta, recv_rows, top_k, n_ranks, recv_row_base, recv_counts, expert_start, n_local,
-        ids_recv, peer_of_row, error_flags);
+        (const int32_t *)(recv_records + rec->meta_offset), rec->bytes / 4, recv_rows,
+        rec->top_k, n_ranks, recv_row_base, recv_counts, expert_start, n_local, ids_recv,
+        peer_of_row, error_flags);
     CUDA_TRY_LAUNCH("dispatch unpack_kernel");
     return EPMOE_OK;
 }

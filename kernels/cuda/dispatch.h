@@ -9,7 +9,8 @@
  *                         slots is on p). Rows to a peer are in increasing token order.
  *   pair_rank[t*P+p]      (row, expert) pairs sent to p by tokens before t
  *   send_counts[2p], [2p+1]  rows and pairs sent to p (the numbers that are exchanged)
- * A row carries x[t] (fp32, H) and its meta: k ids in slot order, the global id where the slot
+ * A row is one record (epmoe_dispatch_record below): the token's payload, x[t] in fp32 or
+ * already quantized to NVFP4, and its meta: k ids in slot order, the global id where the slot
  * is on p, else -1. The pairs a peer returns come back in (row, slot) order, so the sender
  * knows where each slot's output lands: ret_index_of_pair[t*k+j] = ret_recv_base[p] +
  * pair_rank[t*P+p] + (slots of t before j that are also on p). Combine then sums, per token,
@@ -45,6 +46,32 @@ extern "C" {
 #define EPMOE_CUDA_FLAG_DISPATCH_COUNT 32u /* received pairs differ from the sender's count */
 #define EPMOE_CUDA_FLAG_DISPATCH_EMPTY 64u /* a received row carried no expert of this rank */
 
+/* The wire format of a dispatched row, computed in one place for both ends:
+ *   EPMOE_WIRE_F32    payload = the fp32 row, 4H bytes.
+ *   EPMOE_WIRE_NVFP4  payload = the row as the worker's W13 input quantization would produce it
+ *                     with per-row global scales (act_quant = nvfp4, act_scale = per_row): E2M1
+ *                     codes H/2 bytes, UE4M3 block scales H/16 bytes, 1/gs fp32. Quantizing on
+ *                     the sender gives the worker the same codes it would compute (the
+ *                     quantization reads only the row), so the output bits do not change, and
+ *                     the row shrinks from 4H to 9H/16 + 4 bytes (7.1x; 3.6x against bf16).
+ * Then the k int32 ids at meta_offset; the record is padded to 16 bytes so every field of every
+ * row stays aligned for vector loads. */
+typedef enum { EPMOE_WIRE_F32 = 0, EPMOE_WIRE_NVFP4 = 1 } epmoe_wire_format;
+
+typedef struct {
+    epmoe_wire_format format;
+    int64_t hidden_size, top_k;
+    int64_t codes_offset, sf_offset, inv_gs_offset; /* NVFP4 fields (bytes into the record) */
+    int64_t payload_bytes;                          /* what DeepEP-style bandwidth counts */
+    int64_t meta_offset;
+    int64_t bytes;                                  /* record stride */
+} epmoe_dispatch_record;
+
+/* NVFP4 needs H % 128 == 0 (the GEMM's K granularity); F32 H % 4 == 0. */
+epmoe_status epmoe_dispatch_record_layout(epmoe_wire_format format, int64_t hidden_size,
+                                          int64_t top_k, epmoe_dispatch_record *out);
+const char *epmoe_wire_format_name(epmoe_wire_format format);
+
 /* owner_of_pair, row_rank, pair_rank and send_counts as above. Two launches. */
 epmoe_status epmoe_cuda_dispatch_plan(const int32_t *ids, int64_t T, int64_t top_k,
                                       const int64_t *rank_expert_start, int n_ranks,
@@ -56,19 +83,24 @@ epmoe_status epmoe_cuda_dispatch_plan(const int32_t *ids, int64_t T, int64_t top
 epmoe_status epmoe_cuda_dispatch_bases(const int64_t *counts, int n_ranks, int64_t *row_base,
                                        int64_t *pair_base, cudaStream_t stream);
 
-/* Writes the rows (send_x [rows, H] fp32, send_meta [rows, k] int32) at send_row_base[p] +
- * row_rank, and ret_index_of_pair [T*k]. */
-epmoe_status epmoe_cuda_dispatch_pack(const float *x, int64_t H, const int32_t *ids, int64_t T,
-                                      int64_t top_k, int n_ranks, const int32_t *owner_of_pair,
+/* Writes each token's record at send_row_base[p] + row_rank for every peer p it reaches, and
+ * ret_index_of_pair [T*k]. The payload comes from x [T, H] (F32) or from the token's
+ * quantized row q_codes [T, H/2], q_sf [T, H/16], q_inv_gs [T] (NVFP4, made by
+ * epmoe_cuda_nvfp4_quantize_rows in dense mode); the other source may be NULL. */
+epmoe_status epmoe_cuda_dispatch_pack(const epmoe_dispatch_record *rec, const float *x,
+                                      const uint8_t *q_codes, const uint8_t *q_sf,
+                                      const float *q_inv_gs, const int32_t *ids, int64_t T,
+                                      int n_ranks, const int32_t *owner_of_pair,
                                       const int32_t *row_rank, const int32_t *pair_rank,
                                       const int64_t *send_row_base, const int64_t *ret_recv_base,
-                                      float *send_x, int32_t *send_meta,
-                                      int32_t *ret_index_of_pair, cudaStream_t stream);
+                                      uint8_t *send_records, int32_t *ret_index_of_pair,
+                                      cudaStream_t stream);
 
-/* ids_recv [recv_rows, k] and peer_of_row [recv_rows] from the received meta. Flags
- * EPMOE_CUDA_FLAG_DISPATCH_ID / _EMPTY into error_flags. */
-epmoe_status epmoe_cuda_dispatch_unpack(const int32_t *recv_meta, int64_t recv_rows,
-                                        int64_t top_k, int n_ranks,
+/* ids_recv [recv_rows, k] and peer_of_row [recv_rows] from the meta of the received records.
+ * Flags EPMOE_CUDA_FLAG_DISPATCH_ID / _EMPTY into error_flags. */
+epmoe_status epmoe_cuda_dispatch_unpack(const epmoe_dispatch_record *rec,
+                                        const uint8_t *recv_records, int64_t recv_rows,
+                                        int n_ranks,
                                         const int64_t *recv_row_base, const int64_t *recv_counts,
                                         int64_t expert_start, int64_t n_local, int32_t *ids_recv,
                                         int32_t *peer_of_row, uint32_t *error_flags,

@@ -77,15 +77,17 @@ epmoe_status epmoe_cuda_plan_layout(const int32_t *ids, int64_t T, int64_t top_k
                                     int32_t *token_of_row, cudaStream_t stream);
 
 /* out[row] = bf16(x[token_of_row[row]]) for every real row of the padded layout (act_quant =
- * high); padding rows are not written. */
-epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t K, const int32_t *token_of_row,
+ * high); x rows are x_stride floats apart; padding rows are not written. */
+epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t x_stride, int64_t K,
+                                     const int32_t *token_of_row,
                                      const int64_t *padded_offsets,
                                      const int64_t *tokens_per_expert, int64_t n_local,
                                      int64_t cap_rows, uint16_t *out, cudaStream_t stream);
 
 /* ---- NVFP4 activation quantization (quant.cu) --------------------------------------------- */
 
-/* Quantizes rows of K floats (K a multiple of 16), exactly common/nvfp4.h:
+/* Quantizes rows of K floats (K a multiple of 16; rows x_stride floats apart, a multiple of
+ * 4), exactly common/nvfp4.h:
  *   dense   (padded_offsets == NULL): rows [0, rows) of x.
  *   padded  (padded_offsets != NULL): the real rows of a padded layout of `rows` = cap_rows
  *           rows; row r reads x[row_index[r]] when row_index is given (gather from tokens),
@@ -94,13 +96,27 @@ epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t K, const int32_t *t
  * else gs = 1 / static_input_scale[expert of the row] (padded only).
  * Writes codes[rows, K/2], block_sf[rows, K/16], inv_global_sf[rows] = 1/gs (the GEMM's
  * a_scale) and adds the saturated element count to *saturated (may be NULL). */
-epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t rows, int64_t K,
+epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t x_stride, int64_t rows,
+                                            int64_t K,
                                             const int32_t *row_index,
                                             const int64_t *padded_offsets,
                                             const int64_t *tokens_per_expert, int64_t n_local,
                                             const float *static_input_scale, uint8_t *codes,
                                             uint8_t *block_sf, float *inv_global_sf,
                                             unsigned long long *saturated, cudaStream_t stream);
+
+/* The real rows of a padded layout from rows quantized elsewhere (the NVFP4 dispatch records of
+ * kernels/cuda/dispatch.h): padded row r copies source row token_of_row[r]'s codes (K/2 bytes at
+ * codes_offset), block scales (K/16 bytes at sf_offset) and 1/gs (fp32 at inv_gs_offset);
+ * source rows are src_stride bytes apart. Padding rows are not written. */
+epmoe_status epmoe_cuda_nvfp4_gather_rows(const uint8_t *src, int64_t src_stride,
+                                          int64_t codes_offset, int64_t sf_offset,
+                                          int64_t inv_gs_offset, int64_t K,
+                                          const int32_t *token_of_row,
+                                          const int64_t *padded_offsets,
+                                          const int64_t *tokens_per_expert, int64_t n_local,
+                                          int64_t cap_rows, uint8_t *codes, uint8_t *block_sf,
+                                          float *inv_global_sf, cudaStream_t stream);
 
 /* ---- SwiGLU (swiglu.cu) ------------------------------------------------------------------- */
 

@@ -83,7 +83,8 @@ static __device__ __forceinline__ void load16(const float *src, float v[16]) {
 
 /* One block per row (dense rows, or every row of the padded layout of which padding returns at
  * once). Thread i quantizes 16-element blocks i, i + 128, ... */
-__global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t K, const int32_t *row_index,
+__global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t x_stride, int64_t K,
+                                           const int32_t *row_index,
                                            const int64_t *padded_offsets,
                                            const int64_t *tokens_per_expert, int64_t n_local,
                                            const float *static_input_scale, uint8_t *codes,
@@ -95,7 +96,7 @@ __global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t K, const int3
         expert = epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row);
         if (expert < 0) return; /* padding: never read by the GEMM */
     }
-    const float *src = x + (row_index ? (int64_t)row_index[row] : row) * K;
+    const float *src = x + (row_index ? (int64_t)row_index[row] : row) * x_stride;
     const int64_t n_blocks = K / 16;
 
     float gs;
@@ -134,7 +135,8 @@ __global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t K, const int3
     if (saturated && n_saturated) atomicAdd(saturated, n_saturated);
 }
 
-epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t rows, int64_t K,
+epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t x_stride, int64_t rows,
+                                            int64_t K,
                                             const int32_t *row_index,
                                             const int64_t *padded_offsets,
                                             const int64_t *tokens_per_expert, int64_t n_local,
@@ -144,6 +146,9 @@ epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t rows, int64_
     EPMOE_REQUIRE(rows >= 0 && K > 0 && K % 16 == 0, EPMOE_ERR_INVALID_ARG,
                   "nvfp4 quantize: K=%lld must be a positive multiple of 16 (rows=%lld)",
                   (long long)K, (long long)rows);
+    EPMOE_REQUIRE(x_stride >= K && x_stride % 4 == 0, EPMOE_ERR_INVALID_ARG,
+                  "nvfp4 quantize: row stride %lld floats for K=%lld (>= K, a multiple of 4 for "
+                  "16-byte loads)", (long long)x_stride, (long long)K);
     EPMOE_REQUIRE(!static_input_scale || padded_offsets, EPMOE_ERR_INVALID_ARG,
                   "nvfp4 quantize: static input scales are per expert and need the padded "
                   "layout");
@@ -151,8 +156,53 @@ epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t rows, int64_
                   "nvfp4 quantize: the padded layout needs tokens_per_expert and n_local > 0");
     if (rows == 0) return EPMOE_OK;
     nvfp4_quantize_rows_kernel<<<(unsigned)rows, QUANT_THREADS, 0, stream>>>(
-        x, K, row_index, padded_offsets, tokens_per_expert, n_local, static_input_scale, codes,
+        x, x_stride, K, row_index, padded_offsets, tokens_per_expert, n_local, static_input_scale, codes,
         block_sf, inv_global_sf, saturated);
     CUDA_TRY_LAUNCH("nvfp4_quantize_rows_kernel");
+    return EPMOE_OK;
+}
+
+/* One block per padded row; padding rows return at once. Codes move 16 bytes a thread, the
+ * scales 4 (both offsets and the record stride are multiples of 16, see dispatch.h). */
+__global__ void nvfp4_gather_rows_kernel(const uint8_t *src, int64_t src_stride,
+                                         int64_t codes_offset, int64_t sf_offset,
+                                         int64_t inv_gs_offset, int64_t K,
+                                         const int32_t *token_of_row,
+                                         const int64_t *padded_offsets,
+                                         const int64_t *tokens_per_expert, int64_t n_local,
+                                         uint8_t *codes, uint8_t *block_sf, float *inv_global_sf) {
+    const int64_t row = blockIdx.x;
+    if (epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row) < 0)
+        return;
+    const uint8_t *rec = src + (int64_t)token_of_row[row] * src_stride;
+    const uint4 *c_src = (const uint4 *)(rec + codes_offset);
+    uint4 *c_dst = (uint4 *)(codes + row * (K / 2));
+    for (int64_t i = threadIdx.x; i < K / 32; i += blockDim.x) c_dst[i] = c_src[i];
+    const uint32_t *s_src = (const uint32_t *)(rec + sf_offset);
+    uint32_t *s_dst = (uint32_t *)(block_sf + row * (K / 16));
+    for (int64_t i = threadIdx.x; i < K / 64; i += blockDim.x) s_dst[i] = s_src[i];
+    if (threadIdx.x == 0) inv_global_sf[row] = *(const float *)(rec + inv_gs_offset);
+}
+
+epmoe_status epmoe_cuda_nvfp4_gather_rows(const uint8_t *src, int64_t src_stride,
+                                          int64_t codes_offset, int64_t sf_offset,
+                                          int64_t inv_gs_offset, int64_t K,
+                                          const int32_t *token_of_row,
+                                          const int64_t *padded_offsets,
+                                          const int64_t *tokens_per_expert, int64_t n_local,
+                                          int64_t cap_rows, uint8_t *codes, uint8_t *block_sf,
+                                          float *inv_global_sf, cudaStream_t stream) {
+    EPMOE_REQUIRE(K > 0 && K % 128 == 0 && cap_rows >= 0 && n_local > 0 && src_stride % 16 == 0 &&
+                      codes_offset % 16 == 0 && sf_offset % 4 == 0 && inv_gs_offset % 4 == 0,
+                  EPMOE_ERR_INVALID_ARG,
+                  "nvfp4 gather: K=%lld (a multiple of 128), stride %lld and offsets %lld/%lld/%lld "
+                  "(16/4/4-byte aligned), cap_rows=%lld",
+                  (long long)K, (long long)src_stride, (long long)codes_offset,
+                  (long long)sf_offset, (long long)inv_gs_offset, (long long)cap_rows);
+    if (cap_rows == 0) return EPMOE_OK;
+    nvfp4_gather_rows_kernel<<<(unsigned)cap_rows, 64, 0, stream>>>(
+        src, src_stride, codes_offset, sf_offset, inv_gs_offset, K, token_of_row, padded_offsets,
+        tokens_per_expert, n_local, codes, block_sf, inv_global_sf);
+    CUDA_TRY_LAUNCH("nvfp4_gather_rows_kernel");
     return EPMOE_OK;
 }

@@ -11,6 +11,8 @@
  *    it independent of the rank count; cuBLAS's shared expert may pick its algorithm by T).
  *  - within tolerance of the float64 reference (tests/ref): 1e-2 with the shared expert, 1e-3
  *    routed only (the tolerances of test_gpu_layer).
+ *  - both dispatch wire formats: the full layer (per-row activation scales) sends NVFP4 rows,
+ *    the routed-only layer (static scales) fp32 rows.
  *  - skew: a layer whose gate bias sends every token to the last rank's experts; ranks with no
  *    tokens; a hash-routed layer.
  *  - decode mode (fixed capacity, no host sync): uncaptured equals throughput mode bit for bit;
@@ -63,6 +65,17 @@ static epmoe_layer_weights all_layers[N_LAYERS]; /* every expert (rank 0: the re
 static float *skew_bias_mine, *skew_bias_all;
 
 /* ---- setup --------------------------------------------------------------------------------- */
+
+/* The routed-only engine also runs with static (calibrated, per-expert) activation scales, so
+ * the suite covers both wire formats of the dispatch: the full layer (per-row scales) sends
+ * NVFP4 rows, this one fp32 rows (a static scale depends on the expert, so the sender cannot
+ * quantize for it). */
+static epmoe_config routed_config(void) {
+    epmoe_config c = base_cfg;
+    c.n_shared_experts = 0;
+    c.act_scale = EPMOE_ACT_SCALE_STATIC;
+    return c;
+}
 
 static int load_layers(const epmoe_expert_slice *slice, epmoe_layer_weights *out, float **bias) {
     epmoe_st_set *ckpt = NULL;
@@ -329,8 +342,7 @@ static int64_t sum64(const int64_t *v, int n) {
 
 /* Throughput mode: balanced and uneven batches, a hash layer, skew, ranks with no tokens. */
 static void test_throughput(const setup_t *S, single_gpu *ref_full, single_gpu *ref_routed) {
-    epmoe_config routed_cfg = base_cfg;
-    routed_cfg.n_shared_experts = 0;
+    const epmoe_config routed_cfg = routed_config();
     const int64_t H = base_cfg.hidden_size;
     float *x_all = (float *)malloc(g_ranks * MAX_TOKENS * H * 4);
     float *out_all = (float *)malloc(g_ranks * MAX_TOKENS * H * 4);
@@ -477,13 +489,13 @@ static int make_setup(const char *name, setup_t *S) {
                                                               base_cfg.collective_timeout_s, &S->t);
     GT_CHECK(st == EPMOE_OK, "rank %d: %s transport: %s", g_rank, name, epmoe_last_error());
     if (st != EPMOE_OK) return 0;
-    epmoe_config routed_cfg = base_cfg;
-    routed_cfg.n_shared_experts = 0;
+    const epmoe_config routed_cfg = routed_config();
     st = epmoe_gpu_engine_create(&base_cfg, S->t, g_device, my_layers, N_LAYERS, DECODE_TOKENS,
                                  g_rank == 0 ? stdout : NULL, &S->engine);
     if (st == EPMOE_OK)
         st = epmoe_gpu_engine_create(&routed_cfg, S->t, g_device, my_layers, N_LAYERS,
-                                     DECODE_TOKENS, NULL, &S->engine_routed);
+                                     DECODE_TOKENS, g_rank == 0 ? stdout : NULL,
+                                     &S->engine_routed);
     GT_CHECK(st == EPMOE_OK, "rank %d: %s engine: %s", g_rank, name, epmoe_last_error());
     return st == EPMOE_OK;
 }
@@ -585,8 +597,7 @@ int main(int argc, char **argv) {
     single_gpu ref_full, ref_routed;
     int ref_ok = 1;
     if (g_rank == 0) {
-        epmoe_config routed_cfg = base_cfg;
-        routed_cfg.n_shared_experts = 0;
+        const epmoe_config routed_cfg = routed_config();
         ref_ok = single_gpu_create(&base_cfg, g_ranks * MAX_TOKENS, &ref_full) &&
                  single_gpu_create(&routed_cfg, g_ranks * MAX_TOKENS, &ref_routed);
         GT_CHECK(ref_ok, "single-GPU reference: %s", epmoe_last_error());

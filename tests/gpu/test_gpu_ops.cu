@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 #include "tests/gpu/gpu_test.h"
 
 extern "C" {
@@ -17,6 +19,7 @@ extern "C" {
 #include "kernels/ops.h"
 #include "tests/support/test_support.h"
 }
+#include "kernels/cuda/dispatch.h"
 #include "kernels/cuda/ops_cuda.h"
 
 /* expf/log1pf of the CUDA math library are within 2 ulp of libm's: a routing weight goes
@@ -258,7 +261,7 @@ static void test_nvfp4_quantize_bit_identical(void) {
         uint8_t *dcodes = dev_alloc<uint8_t>(rows * K / 2), *dsf = dev_alloc<uint8_t>(rows * K / 16);
         unsigned long long *dsat = dev_alloc<unsigned long long>(1);
         cudaMemset(dsat, 0, 8);
-        GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, rows, K, NULL, NULL, NULL, 0, NULL, dcodes, dsf,
+        GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, K, rows, K, NULL, NULL, NULL, 0, NULL, dcodes, dsf,
                                              dinv, dsat, 0));
         GT_CUDA(cudaDeviceSynchronize());
         to_host(codes_gpu, dcodes, rows * K / 2);
@@ -304,7 +307,7 @@ static void test_nvfp4_quantize_padded_static(void) {
     uint8_t *dcodes = dev_alloc<uint8_t>(cap * K / 2), *dsf = dev_alloc<uint8_t>(cap * K / 16);
     unsigned long long *dsat = dev_alloc<unsigned long long>(1), sat_gpu = 0, sat_cpu = 0;
     cudaMemset(dsat, 0, 8);
-    GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, cap, K, dtor, doff, dcnt, n, dis, dcodes, dsf, dinv,
+    GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, K, cap, K, dtor, doff, dcnt, n, dis, dcodes, dsf, dinv,
                                          dsat, 0));
     GT_CUDA(cudaDeviceSynchronize());
     uint8_t *codes = (uint8_t *)malloc(cap * K / 2), *sf = (uint8_t *)malloc(cap * K / 16);
@@ -335,6 +338,89 @@ static void test_nvfp4_quantize_padded_static(void) {
     cudaFree(doff), cudaFree(dcnt), cudaFree(dtor), cudaFree(dx), cudaFree(dis), cudaFree(dinv),
         cudaFree(dcodes), cudaFree(dsf), cudaFree(dsat);
     free(codes), free(sf), free(inv);
+}
+
+/* The NVFP4 dispatch wire: dispatch records (kernels/cuda/dispatch.h layout) holding rows that
+ * the CPU quantized, gathered into a padded layout, must equal quantizing the fp32 rows there;
+ * and quantizing straight from fp32 records (a row stride wider than K) must read the right
+ * rows. Padding rows stay poisoned. */
+static void test_nvfp4_gather_records(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 43);
+    const int64_t n = 3, K = 256, T = 40, pad = 128, k = 6;
+    const int64_t counts[n] = {7, 0, 131};
+    int64_t offsets[n + 1];
+    epmoe_padded_offsets_from_counts(counts, n, pad, offsets);
+    const int64_t cap = offsets[n];
+    epmoe_dispatch_record q_rec, f_rec;
+    GT_OK(epmoe_dispatch_record_layout(EPMOE_WIRE_NVFP4, K, k, &q_rec));
+    GT_OK(epmoe_dispatch_record_layout(EPMOE_WIRE_F32, K, k, &f_rec));
+    GT_CHECK(q_rec.bytes % 16 == 0 && q_rec.bytes < f_rec.bytes / 6,
+             "record sizes: nvfp4 %lld, fp32 %lld bytes", (long long)q_rec.bytes,
+             (long long)f_rec.bytes);
+    std::vector<float> x(T * K);
+    epmoe_fill_normal(&rng, x.data(), T * K, 1.0f);
+    std::vector<uint8_t> q_records(T * q_rec.bytes, 0xa5), f_records(T * f_rec.bytes, 0xa5);
+    std::vector<uint8_t> c_ref(T * K / 2), s_ref(T * K / 16);
+    std::vector<float> inv_ref(T);
+    for (int64_t t = 0; t < T; t++) {
+        const float gs = epmoe_nvfp4_global_sf(epmoe_amax(&x[t * K], K));
+        epmoe_nvfp4_quantize_row(&x[t * K], K, gs, &c_ref[t * K / 2], &s_ref[t * K / 16]);
+        inv_ref[t] = 1.0f / gs;
+        uint8_t *q = &q_records[t * q_rec.bytes];
+        memcpy(q + q_rec.codes_offset, &c_ref[t * K / 2], K / 2);
+        memcpy(q + q_rec.sf_offset, &s_ref[t * K / 16], K / 16);
+        memcpy(q + q_rec.inv_gs_offset, &inv_ref[t], 4);
+        memcpy(&f_records[t * f_rec.bytes], &x[t * K], K * 4);
+    }
+    std::vector<int32_t> token_of_row(cap);
+    for (int64_t r = 0; r < cap; r++) token_of_row[r] = (int32_t)epmoe_rng_below(&rng, T);
+    int64_t *doff = dev_copy(offsets, n + 1), *dcnt = dev_copy(counts, n);
+    int32_t *dtor = dev_copy(token_of_row.data(), cap);
+    uint8_t *dq = dev_copy(q_records.data(), q_records.size());
+    uint8_t *df = dev_copy(f_records.data(), f_records.size());
+    for (int from_fp32 = 0; from_fp32 < 2; from_fp32++) {
+        uint8_t *dcodes = dev_alloc<uint8_t>(cap * K / 2), *dsf = dev_alloc<uint8_t>(cap * K / 16);
+        float *dinv = dev_alloc<float>(cap);
+        cudaMemset(dcodes, 0xff, cap * K / 2), cudaMemset(dsf, 0xff, cap * K / 16);
+        cudaMemset(dinv, 0xff, cap * 4);
+        if (from_fp32)
+            GT_OK(epmoe_cuda_nvfp4_quantize_rows((const float *)df, f_rec.bytes / 4, cap, K,
+                                                 dtor, doff, dcnt, n, NULL, dcodes, dsf, dinv,
+                                                 NULL, 0));
+        else
+            GT_OK(epmoe_cuda_nvfp4_gather_rows(dq, q_rec.bytes, q_rec.codes_offset,
+                                               q_rec.sf_offset, q_rec.inv_gs_offset, K, dtor,
+                                               doff, dcnt, n, cap, dcodes, dsf, dinv, 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        std::vector<uint8_t> codes(cap * K / 2), sf(cap * K / 16);
+        std::vector<float> inv(cap);
+        to_host(codes.data(), dcodes, codes.size());
+        to_host(sf.data(), dsf, sf.size());
+        to_host(inv.data(), dinv, cap);
+        int64_t wrong = 0, written_padding = 0, real_rows = 0;
+        for (int64_t e = 0; e < n; e++)
+            for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
+                const int64_t t = token_of_row[r];
+                if (r - offsets[e] < counts[e]) {
+                    real_rows++;
+                    wrong += memcmp(&c_ref[t * K / 2], &codes[r * K / 2], K / 2) != 0;
+                    wrong += memcmp(&s_ref[t * K / 16], &sf[r * K / 16], K / 16) != 0;
+                    wrong += f32_bits(inv[r]) != f32_bits(inv_ref[t]);
+                } else {
+                    for (int64_t i = 0; i < K / 2; i++) written_padding += codes[r * K / 2 + i] != 0xff;
+                    written_padding += f32_bits(inv[r]) != 0xffffffffu;
+                }
+            }
+        const char *how = from_fp32 ? "quantized from fp32 records" : "gathered from nvfp4 records";
+        GT_CHECK(wrong == 0, "%s: %lld fields of real rows differ from the CPU quantizer", how,
+                 (long long)wrong);
+        GT_CHECK(written_padding == 0, "%s: %lld padding bytes were written", how,
+                 (long long)written_padding);
+        printf("   %s: %lld real rows identical to the CPU quantizer\n", how, (long long)real_rows);
+        cudaFree(dcodes), cudaFree(dsf), cudaFree(dinv);
+    }
+    cudaFree(doff), cudaFree(dcnt), cudaFree(dtor), cudaFree(dq), cudaFree(df);
 }
 
 /* ---- padded layout --------------------------------------------------------------------- */
@@ -568,6 +654,7 @@ int main(void) {
     GT_RUN(test_routing_flags);
     GT_RUN(test_nvfp4_quantize_bit_identical);
     GT_RUN(test_nvfp4_quantize_padded_static);
+    GT_RUN(test_nvfp4_gather_records);
     GT_RUN(test_layout_matches_cpu);
     GT_RUN(test_swiglu_matches_cpu);
     GT_RUN(test_combine_bit_identical);

@@ -321,11 +321,15 @@ epmoe_status epmoe_gpu_experts(epmoe_gpu_context *ctx, const epmoe_gpu_layer *la
                                const float *x, int64_t T, cudaStream_t stream) {
     EPMOE_TRY(check_tokens(ctx, T));
     int64_t k = ctx->cfg.top_k < ctx->n_local ? ctx->cfg.top_k : ctx->n_local;
-    return epmoe_gpu_experts_rows(ctx, layer, x, T * k, stream);
+    epmoe_gpu_rows rows;
+    memset(&rows, 0, sizeof rows);
+    rows.x = x;
+    rows.x_stride = ctx->cfg.hidden_size;
+    return epmoe_gpu_experts_rows(ctx, layer, &rows, T * k, stream);
 }
 
 epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
-                                    const float *x, int64_t pairs_bound,
+                                    const epmoe_gpu_rows *rows, int64_t pairs_bound,
                                     cudaStream_t stream) {
     const epmoe_config *c = &ctx->cfg;
     epmoe_gpu_arena *a = &ctx->arena;
@@ -334,15 +338,26 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
     const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
 
-    /* Gather the token rows into the padded layout (quantizing them on the way). */
-    if (nvfp4)
+    /* Gather the source rows into the padded layout (quantizing them on the way, unless the
+     * sender did). */
+    if (rows->nvfp4) {
+        EPMOE_REQUIRE(nvfp4 && !static_scale, EPMOE_ERR_INVALID_ARG,
+                      "experts: rows quantized with per-row scales need act_quant = nvfp4 and "
+                      "act_scale = per_row");
+        EPMOE_TRY(epmoe_cuda_nvfp4_gather_rows(
+            rows->nvfp4, rows->nvfp4_stride, rows->codes_offset, rows->sf_offset,
+            rows->inv_gs_offset, H, a->token_of_row, a->padded_offsets, a->tokens_per_expert, n,
+            cap, a->a_codes, a->a_sf, a->a_scale, stream));
+    } else if (nvfp4) {
         EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
-            x, cap, H, a->token_of_row, a->padded_offsets, a->tokens_per_expert, n,
-            static_scale ? layer->w13_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
-            a->saturated, stream));
-    else
-        EPMOE_TRY(epmoe_cuda_permute_bf16(x, H, a->token_of_row, a->padded_offsets,
-                                          a->tokens_per_expert, n, cap, a->a_bf16, stream));
+            rows->x, rows->x_stride, cap, H, a->token_of_row, a->padded_offsets,
+            a->tokens_per_expert, n, static_scale ? layer->w13_input_scale : NULL, a->a_codes,
+            a->a_sf, a->a_scale, a->saturated, stream));
+    } else {
+        EPMOE_TRY(epmoe_cuda_permute_bf16(rows->x, rows->x_stride, H, a->token_of_row,
+                                          a->padded_offsets, a->tokens_per_expert, n, cap,
+                                          a->a_bf16, stream));
+    }
 
     epmoe_grouped_gemm_args g;
     memset(&g, 0, sizeof g);
@@ -372,7 +387,7 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
         EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,
                                     a->tokens_per_expert, n, a->act, NULL, stream));
         EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
-            a->act, cap, I, NULL, a->padded_offsets, a->tokens_per_expert, n,
+            a->act, I, cap, I, NULL, a->padded_offsets, a->tokens_per_expert, n,
             static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
             a->saturated, stream));
     } else {

@@ -128,11 +128,22 @@ epmoe_status epmoe_gpu_route(epmoe_gpu_context *ctx, const epmoe_gpu_layer *laye
 epmoe_status epmoe_gpu_plan(epmoe_gpu_context *ctx, int64_t T, cudaStream_t stream);
 epmoe_status epmoe_gpu_experts(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
                                const float *x, int64_t T, cudaStream_t stream);
-/* The experts stage on any source rows: x_rows[token_of_row[r]] feeds padded row r (the plan
- * stage, or the multi-GPU dispatch, fills token_of_row and the offsets); pairs_bound is the
- * most (row, expert) pairs this call can hold, a host value that fixes the launch shapes. */
+/* Source rows of the experts stage: source row token_of_row[r] feeds padded row r (the plan
+ * stage, or the multi-GPU dispatch, fills token_of_row and the offsets). Either fp32 rows, or
+ * rows already quantized to NVFP4 with per-row global scales (what the worker would compute
+ * itself; only valid with act_quant = nvfp4 and act_scale = per_row). */
+typedef struct {
+    const float *x;          /* fp32 rows, x_stride floats apart; NULL when nvfp4 is given */
+    int64_t x_stride;
+    const uint8_t *nvfp4;    /* quantized rows, nvfp4_stride bytes apart: codes (H/2 bytes),
+                                block scales (H/16) and 1/gs (fp32) at the offsets */
+    int64_t nvfp4_stride, codes_offset, sf_offset, inv_gs_offset;
+} epmoe_gpu_rows;
+
+/* The experts stage on any source rows; pairs_bound is the most (row, expert) pairs this call
+ * can hold, a host value that fixes the launch shapes. */
 epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
-                                    const float *x_rows, int64_t pairs_bound,
+                                    const epmoe_gpu_rows *rows, int64_t pairs_bound,
                                     cudaStream_t stream);
 epmoe_status epmoe_gpu_shared(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer,
                               const float *x, int64_t T, cudaStream_t stream);
