@@ -355,8 +355,13 @@ static void test_nvfp4_gather_records(void) {
     epmoe_dispatch_record q_rec, f_rec;
     GT_OK(epmoe_dispatch_record_layout(EPMOE_WIRE_NVFP4, K, k, &q_rec));
     GT_OK(epmoe_dispatch_record_layout(EPMOE_WIRE_F32, K, k, &f_rec));
-    GT_CHECK(q_rec.bytes % 16 == 0 && q_rec.bytes < f_rec.bytes / 6,
-             "record sizes: nvfp4 %lld, fp32 %lld bytes", (long long)q_rec.bytes,
+    /* payload 9K/16 + 4 bytes against 4K: 148 vs 1024 at K = 256 */
+    GT_CHECK(q_rec.bytes % 16 == 0 && f_rec.bytes % 16 == 0 &&
+                 q_rec.payload_bytes == K / 2 + K / 16 + 4 && f_rec.payload_bytes == 4 * K &&
+                 q_rec.meta_offset >= q_rec.inv_gs_offset + 4 &&
+                 q_rec.bytes >= q_rec.meta_offset + 4 * k,
+             "record layout: nvfp4 %lld bytes (payload %lld, meta at %lld), fp32 %lld bytes",
+             (long long)q_rec.bytes, (long long)q_rec.payload_bytes, (long long)q_rec.meta_offset,
              (long long)f_rec.bytes);
     std::vector<float> x(T * K);
     epmoe_fill_normal(&rng, x.data(), T * K, 1.0f);
