@@ -51,10 +51,13 @@ static uint32_t f32_bits(float f) {
 /* ---- gate logits ---------------------------------------------------------------------- */
 
 static void test_gate_logits_bit_identical(void) {
-    const int64_t shapes[][3] = {{37, 256, 256}, {5, 200, 67}, {129, 4096, 48}};
+    /* both kernel variants (T < 256 and T >= 256), tails of every tile dimension (T, E, and
+     * H not a multiple of the 32-wide slice) */
+    const int64_t shapes[][3] = {{37, 256, 256}, {5, 200, 67}, {129, 4096, 48}, {300, 1000, 130},
+                                 {256, 64, 64}};
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 11);
-    for (int s = 0; s < 3; s++) {
+    for (int s = 0; s < 5; s++) {
         int64_t T = shapes[s][0], H = shapes[s][1], E = shapes[s][2];
         float *x = (float *)malloc(T * H * 4), *w = (float *)malloc(E * H * 4);
         float *cpu = (float *)malloc(T * E * 4), *gpu = (float *)malloc(T * E * 4);
