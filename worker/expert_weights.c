@@ -94,6 +94,18 @@ static epmoe_status load_gate(const loader *ld, epmoe_layer_weights *w) {
                       "%s: %s: token %lld slot %lld holds expert %d, outside [0, %lld)",
                       file_of(ld, name), name, (long long)(i / k), (long long)(i % k),
                       (int)w->tid2eid[i], (long long)E);
+    /* Routing would reject such a row at forward time; a checkpoint that holds one is broken,
+     * so say so at load, naming the token. */
+    for (int64_t tok = 0; tok < V; tok++) {
+        const int32_t *row = w->tid2eid + tok * k;
+        for (int64_t a = 0; a < k; a++)
+            for (int64_t b = a + 1; b < k; b++)
+                EPMOE_REQUIRE(row[a] != row[b], EPMOE_ERR_FORMAT,
+                              "%s: %s: token %lld lists expert %d twice (slots %lld and %lld); "
+                              "a token's %lld experts must be distinct",
+                              file_of(ld, name), name, (long long)tok, (int)row[a], (long long)a,
+                              (long long)b, (long long)k);
+    }
     return EPMOE_OK;
 }
 

@@ -413,7 +413,7 @@ END_TEST
 
 typedef struct {
     const char *target; /* tensor to change */
-    enum { M_NAN_SCALAR, M_BYTE, M_DROP, M_RESHAPE, M_I32, M_F32_AT, M_BF16_NAN } kind;
+    enum { M_NAN_SCALAR, M_BYTE, M_DROP, M_RESHAPE, M_I32, M_I32_DUP, M_F32_AT, M_BF16_NAN } kind;
     size_t at;          /* element index */
     uint8_t byte;
     int32_t i32;
@@ -449,6 +449,7 @@ static void rewrite_layer(const char *src, int64_t layer, const epmoe_config *cf
             case M_BYTE: b[m->at] = m->byte; break;
             case M_BF16_NAN: b[2 * m->at] = 0xc0, b[2 * m->at + 1] = 0x7f; break;
             case M_I32: memcpy(b + 4 * m->at, &m->i32, 4); break;
+            case M_I32_DUP: memcpy(b + 4 * m->at, b + 4 * (m->at + 1), 4); break; /* = next */
             case M_DROP: continue;
             case M_RESHAPE: /* same bytes, [N, C] -> [N/2, 2C] */
                 shape[0] /= 2;
@@ -526,6 +527,10 @@ START_TEST(test_corrupt_nvfp4) {
     expect_load_error(nvfp4_dir, 0, "nvfp4",
                       (mutation){"layers.0.ffn.gate.tid2eid", M_I32, 7, 0, -1}, EPMOE_ERR_RANGE,
                       "-1");
+    /* element 12 = token 2 slot 0 (k = 6) takes slot 1's expert */
+    expect_load_error(nvfp4_dir, 0, "nvfp4",
+                      (mutation){"layers.0.ffn.gate.tid2eid", M_I32_DUP, 12, 0, 0},
+                      EPMOE_ERR_FORMAT, "token 2 lists expert");
     expect_load_error(nvfp4_dir, 1, "nvfp4",
                       (mutation){"layers.1.ffn.shared_experts.w2.weight", M_BF16_NAN, 10, 0, 0},
                       EPMOE_ERR_NUMERIC, "element 10");
