@@ -484,7 +484,7 @@ epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e) {
         {e->recv_records, (size_t)e->recv_rows_cap * (size_t)e->rec.bytes},
         {e->q_inv_gs, e->q_inv_gs ? (size_t)e->max_tokens * 4 : 0},
         {e->ret_send, (size_t)e->ret_send_cap * H * 4}, {e->ret_recv, (size_t)e->ret_recv_cap * H * 4},
-        {a->h, cap * 2 * I * 4}, {a->y, cap * H * 4}, {a->act, a->act ? cap * I * 4 : 0},
+        {a->h, cap * 2 * I * 4}, {a->y, cap * H * 4},
         {a->a_scale, a->a_scale ? cap * 4 : 0}, {a->weights, (size_t)(a->max_tokens * e->k) * 4},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)

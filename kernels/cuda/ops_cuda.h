@@ -118,6 +118,19 @@ epmoe_status epmoe_cuda_nvfp4_gather_rows(const uint8_t *src, int64_t src_stride
                                           int64_t cap_rows, uint8_t *codes, uint8_t *block_sf,
                                           float *inv_global_sf, cudaStream_t stream);
 
+/* SwiGLU (as epmoe_cuda_swiglu) and NVFP4 quantization (as epmoe_cuda_nvfp4_quantize_rows,
+ * padded mode, no gather) in one pass: h [cap_rows, 2I] -> codes/block_sf/inv_global_sf of the
+ * real rows, the same bits as the two kernels one after the other, without the fp32
+ * activation round trip through device memory. I * 4 bytes must fit in 48 KiB (I <= 12288). */
+epmoe_status epmoe_cuda_swiglu_nvfp4_quantize(const float *h, int64_t cap_rows, int64_t I,
+                                              float limit, int variant,
+                                              const int64_t *padded_offsets,
+                                              const int64_t *tokens_per_expert, int64_t n_local,
+                                              const float *static_input_scale, uint8_t *codes,
+                                              uint8_t *block_sf, float *inv_global_sf,
+                                              unsigned long long *saturated,
+                                              cudaStream_t stream);
+
 /* ---- SwiGLU (swiglu.cu) ------------------------------------------------------------------- */
 
 /* h[rows, 2I] (gate columns [0,I), up [I,2I)) -> out[rows, I], as epmoe_cpu_swiglu. With

@@ -9,6 +9,7 @@
 #include "common/nvfp4.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops_cuda.h"
+#include "kernels/cuda/swiglu_math.cuh"
 
 #define QUANT_THREADS 128
 
@@ -81,27 +82,17 @@ static __device__ __forceinline__ void load16(const float *src, float v[16]) {
     }
 }
 
-/* One block per row (dense rows, or every row of the padded layout of which padding returns at
- * once). Thread i quantizes 16-element blocks i, i + 128, ... */
-__global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t x_stride, int64_t K,
-                                           const int32_t *row_index,
-                                           const int64_t *padded_offsets,
-                                           const int64_t *tokens_per_expert, int64_t n_local,
-                                           const float *static_input_scale, uint8_t *codes,
-                                           uint8_t *block_sf, float *inv_global_sf,
-                                           unsigned long long *saturated) {
-    const int64_t row = blockIdx.x;
-    int64_t expert = 0;
-    if (padded_offsets) {
-        expert = epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row);
-        if (expert < 0) return; /* padding: never read by the GEMM */
-    }
-    const float *src = x + (row_index ? (int64_t)row_index[row] : row) * x_stride;
+/* Quantizes one row of K floats at src (global or shared memory, 16-byte aligned) with the
+ * whole block (QUANT_THREADS threads; thread i takes 16-element blocks i, i + 128, ...).
+ * static_inv_scale > 0: gs = 1 / it (a static per-expert scale); else gs from the row's amax.
+ * Returns this thread's count of saturated elements. Every thread of the block must call it. */
+static __device__ unsigned long long quantize_row(const float *src, int64_t K,
+                                                  float static_input_scale, uint8_t *codes_row,
+                                                  uint8_t *sf_row, float *inv_global_sf_row) {
     const int64_t n_blocks = K / 16;
-
     float gs;
-    if (static_input_scale) {
-        gs = __fdiv_rn(1.0f, static_input_scale[expert]);
+    if (static_input_scale > 0.0f) {
+        gs = __fdiv_rn(1.0f, static_input_scale);
     } else {
         float m = 0.0f;
         for (int64_t b = threadIdx.x; b < n_blocks; b += QUANT_THREADS) {
@@ -111,7 +102,6 @@ __global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t x_stride, int
         }
         gs = nvfp4_global_sf(block_max_abs(m));
     }
-
     unsigned long long n_saturated = 0;
     for (int64_t b = threadIdx.x; b < n_blocks; b += QUANT_THREADS) {
         float v[16];
@@ -128,11 +118,84 @@ __global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t x_stride, int
                 packed[i / 8] |= (uint32_t)e2m1_rn_satfinite(q) << (4 * (i % 8));
             }
         }
-        *(uint2 *)(codes + row * (K / 2) + b * 8) = make_uint2(packed[0], packed[1]);
-        block_sf[row * n_blocks + b] = sf;
+        *(uint2 *)(codes_row + b * 8) = make_uint2(packed[0], packed[1]);
+        sf_row[b] = sf;
     }
-    if (threadIdx.x == 0) inv_global_sf[row] = __fdiv_rn(1.0f, gs);
+    if (threadIdx.x == 0) *inv_global_sf_row = __fdiv_rn(1.0f, gs);
+    return n_saturated;
+}
+
+/* One block per row (dense rows, or every row of the padded layout of which padding returns at
+ * once). */
+__global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t x_stride, int64_t K,
+                                           const int32_t *row_index,
+                                           const int64_t *padded_offsets,
+                                           const int64_t *tokens_per_expert, int64_t n_local,
+                                           const float *static_input_scale, uint8_t *codes,
+                                           uint8_t *block_sf, float *inv_global_sf,
+                                           unsigned long long *saturated) {
+    const int64_t row = blockIdx.x;
+    int64_t expert = 0;
+    if (padded_offsets) {
+        expert = epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row);
+        if (expert < 0) return; /* padding: never read by the GEMM */
+    }
+    const float *src = x + (row_index ? (int64_t)row_index[row] : row) * x_stride;
+    unsigned long long n_saturated =
+        quantize_row(src, K, static_input_scale ? static_input_scale[expert] : 0.0f,
+                     codes + row * (K / 2), block_sf + row * (K / 16), inv_global_sf + row);
     if (saturated && n_saturated) atomicAdd(saturated, n_saturated);
+}
+
+/* The W2 input in one pass: SwiGLU of a row of h into shared memory, then its quantization
+ * (the activation never goes to device memory in fp32). One block per padded row. */
+__global__ void swiglu_nvfp4_quantize_kernel(const float *h, int64_t I, float limit, int variant,
+                                             const int64_t *padded_offsets,
+                                             const int64_t *tokens_per_expert, int64_t n_local,
+                                             const float *static_input_scale, uint8_t *codes,
+                                             uint8_t *block_sf, float *inv_global_sf,
+                                             unsigned long long *saturated) {
+    extern __shared__ __align__(16) float act_row[]; /* [I] */
+    const int64_t row = blockIdx.x;
+    const int64_t expert =
+        epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row);
+    if (expert < 0) return;
+    const float *gate = h + row * 2 * I, *up = gate + I;
+    for (int64_t c = threadIdx.x; c < I; c += blockDim.x)
+        act_row[c] = swiglu_one(gate[c], up[c], limit, variant);
+    __syncthreads();
+    unsigned long long n_saturated =
+        quantize_row(act_row, I, static_input_scale ? static_input_scale[expert] : 0.0f,
+                     codes + row * (I / 2), block_sf + row * (I / 16), inv_global_sf + row);
+    if (saturated && n_saturated) atomicAdd(saturated, n_saturated);
+}
+
+epmoe_status epmoe_cuda_swiglu_nvfp4_quantize(const float *h, int64_t cap_rows, int64_t I,
+                                              float limit, int variant,
+                                              const int64_t *padded_offsets,
+                                              const int64_t *tokens_per_expert, int64_t n_local,
+                                              const float *static_input_scale, uint8_t *codes,
+                                              uint8_t *block_sf, float *inv_global_sf,
+                                              unsigned long long *saturated,
+                                              cudaStream_t stream) {
+    EPMOE_REQUIRE(cap_rows >= 0 && I > 0 && I % 16 == 0 && padded_offsets && tokens_per_expert &&
+                      n_local > 0,
+                  EPMOE_ERR_INVALID_ARG,
+                  "swiglu+quantize: I=%lld (a multiple of 16), cap_rows=%lld, and the padded "
+                  "layout are required",
+                  (long long)I, (long long)cap_rows);
+    EPMOE_REQUIRE(variant == EPMOE_SWIGLU_DSV4 || variant == EPMOE_SWIGLU_STEP,
+                  EPMOE_ERR_INVALID_ARG, "swiglu+quantize: unknown variant %d", variant);
+    const size_t smem = (size_t)I * sizeof(float);
+    EPMOE_REQUIRE(smem <= 48 * 1024, EPMOE_ERR_UNSUPPORTED,
+                  "swiglu+quantize: I=%lld needs %zu bytes of shared memory (48 KiB at most)",
+                  (long long)I, smem);
+    if (cap_rows == 0) return EPMOE_OK;
+    swiglu_nvfp4_quantize_kernel<<<(unsigned)cap_rows, QUANT_THREADS, smem, stream>>>(
+        h, I, limit, variant, padded_offsets, tokens_per_expert, n_local, static_input_scale,
+        codes, block_sf, inv_global_sf, saturated);
+    CUDA_TRY_LAUNCH("swiglu_nvfp4_quantize_kernel");
+    return EPMOE_OK;
 }
 
 epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t x_stride, int64_t rows,

@@ -6,22 +6,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops_cuda.h"
-
-static __device__ __forceinline__ float silu(float g) {
-    return __fdiv_rn(g, __fadd_rn(1.0f, expf(-g)));
-}
-
-/* Clamps as comparisons, as the CPU: a NaN input stays NaN (fminf would hide it). */
-static __device__ __forceinline__ float clamp_upper(float x, float limit) {
-    return x > limit ? limit : x;
-}
-
-static __device__ __forceinline__ float swiglu_one(float g, float u, float limit, int variant) {
-    if (limit <= 0.0f) return __fmul_rn(silu(g), u);
-    u = u > limit ? limit : (u < -limit ? -limit : u);
-    if (variant == EPMOE_SWIGLU_STEP) return __fmul_rn(clamp_upper(silu(g), limit), u);
-    return __fmul_rn(silu(clamp_upper(g, limit)), u);
-}
+#include "kernels/cuda/swiglu_math.cuh"
 
 /* One block per row; padding rows of a padded layout return at once. */
 __global__ void swiglu_kernel(const float *h, int64_t I, float limit, int variant,

@@ -95,7 +95,6 @@ static void poison_arena(epmoe_gpu_context *ctx) {
     const int64_t H = ctx->cfg.hidden_size, I = ctx->cfg.moe_inter_size, cap = a->cap_rows;
     cudaMemset(a->h, 0xff, cap * 2 * I * 4);
     cudaMemset(a->y, 0xff, cap * H * 4);
-    if (a->act) cudaMemset(a->act, 0xff, cap * I * 4);
     if (a->a_scale) cudaMemset(a->a_scale, 0xff, cap * 4);
     cudaMemset(a->weights, 0xff, a->max_tokens * ctx->cfg.top_k * 4);
 }

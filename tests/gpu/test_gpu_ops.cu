@@ -431,6 +431,85 @@ static void test_nvfp4_gather_records(void) {
     cudaFree(doff), cudaFree(dcnt), cudaFree(dtor), cudaFree(dq), cudaFree(df);
 }
 
+/* The fused SwiGLU + NVFP4 quantization (the W2 input) against the two kernels it replaces,
+ * epmoe_cuda_swiglu then epmoe_cuda_nvfp4_quantize_rows (each checked against the CPU above;
+ * the GPU's expf may differ from the CPU's by an ulp, so the fused kernel must match the GPU
+ * path bit for bit, not the CPU): both variants, the clamp firing (|g|, |u| often past the
+ * limit), per-row and static scales (static too small, so saturation happens and the counts
+ * must agree), padding rows never written. */
+static void test_swiglu_nvfp4_fused(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 47);
+    const int64_t n = 3, I = 2048, pad = 128;
+    const int64_t counts[n] = {9, 0, 133};
+    int64_t offsets[n + 1];
+    epmoe_padded_offsets_from_counts(counts, n, pad, offsets);
+    const int64_t cap = offsets[n];
+    const float limit = 7.0f, input_scale[n] = {0.02f, 0.5f, 0.002f};
+    std::vector<float> h(cap * 2 * I);
+    epmoe_fill_normal(&rng, h.data(), h.size(), 6.0f);
+    int64_t *doff = dev_copy(offsets, n + 1), *dcnt = dev_copy(counts, n);
+    float *dh = dev_copy(h.data(), h.size()), *dis = dev_copy(input_scale, n);
+    float *dact = dev_alloc<float>(cap * I);
+    for (int variant = 0; variant < 2; variant++)
+        for (int is_static = 0; is_static < 2; is_static++) {
+            uint8_t *codes_d[2], *sf_d[2];
+            float *inv_d[2];
+            unsigned long long *sat_d[2], sat[2] = {0, 0};
+            for (int path = 0; path < 2; path++) {
+                codes_d[path] = dev_alloc<uint8_t>(cap * I / 2);
+                sf_d[path] = dev_alloc<uint8_t>(cap * I / 16);
+                inv_d[path] = dev_alloc<float>(cap);
+                sat_d[path] = dev_alloc<unsigned long long>(1);
+                cudaMemset(sat_d[path], 0, 8);
+            }
+            GT_OK(epmoe_cuda_swiglu_nvfp4_quantize(dh, cap, I, limit, variant, doff, dcnt, n,
+                                                   is_static ? dis : NULL, codes_d[0], sf_d[0],
+                                                   inv_d[0], sat_d[0], 0));
+            GT_OK(epmoe_cuda_swiglu(dh, cap, I, limit, variant, doff, dcnt, n, dact, NULL, 0));
+            GT_OK(epmoe_cuda_nvfp4_quantize_rows(dact, I, cap, I, NULL, doff, dcnt, n,
+                                                 is_static ? dis : NULL, codes_d[1], sf_d[1],
+                                                 inv_d[1], sat_d[1], 0));
+            GT_CUDA(cudaDeviceSynchronize());
+            std::vector<uint8_t> codes[2], sf[2];
+            std::vector<float> inv[2];
+            for (int path = 0; path < 2; path++) {
+                codes[path].resize(cap * I / 2), sf[path].resize(cap * I / 16), inv[path].resize(cap);
+                to_host(codes[path].data(), codes_d[path], codes[path].size());
+                to_host(sf[path].data(), sf_d[path], sf[path].size());
+                to_host(inv[path].data(), inv_d[path], cap);
+                to_host(&sat[path], sat_d[path], 1);
+            }
+            int64_t wrong = 0, written_padding = 0, real = 0;
+            for (int64_t e = 0; e < n; e++)
+                for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
+                    if (r - offsets[e] < counts[e]) {
+                        real++;
+                        wrong += memcmp(&codes[0][r * I / 2], &codes[1][r * I / 2], I / 2) != 0;
+                        wrong += memcmp(&sf[0][r * I / 16], &sf[1][r * I / 16], I / 16) != 0;
+                        wrong += f32_bits(inv[0][r]) != f32_bits(inv[1][r]);
+                        wrong += f32_bits(inv[0][r]) == 0xffffffffu; /* written at all */
+                    } else {
+                        for (int64_t i = 0; i < I / 2; i++) written_padding += codes[0][r * I / 2 + i] != 0xff;
+                        written_padding += f32_bits(inv[0][r]) != 0xffffffffu;
+                    }
+                }
+            const char *how = is_static ? "static" : "per-row";
+            GT_CHECK(wrong == 0, "variant %d, %s scales: %lld fields of %lld real rows differ from "
+                     "swiglu + quantize", variant, how, (long long)wrong, (long long)real);
+            GT_CHECK(written_padding == 0, "variant %d: %lld padding bytes written", variant,
+                     (long long)written_padding);
+            GT_CHECK(sat[0] == sat[1] && (!is_static || sat[0] > 0),
+                     "variant %d, %s scales: saturations fused %llu, two kernels %llu%s", variant,
+                     how, sat[0], sat[1], is_static ? " (want > 0)" : "");
+            printf("   variant %d, %s scales: %lld fused rows identical to swiglu + quantize, %llu "
+                   "saturated\n", variant, how, (long long)real, sat[0]);
+            for (int path = 0; path < 2; path++)
+                cudaFree(codes_d[path]), cudaFree(sf_d[path]), cudaFree(inv_d[path]), cudaFree(sat_d[path]);
+        }
+    cudaFree(doff), cudaFree(dcnt), cudaFree(dh), cudaFree(dis), cudaFree(dact);
+}
+
 /* ---- padded layout --------------------------------------------------------------------- */
 
 static void check_layout_case(const char *what, const int32_t *ids, int64_t T, int64_t k,
@@ -665,6 +744,7 @@ int main(void) {
     GT_RUN(test_nvfp4_gather_records);
     GT_RUN(test_layout_matches_cpu);
     GT_RUN(test_swiglu_matches_cpu);
+    GT_RUN(test_swiglu_nvfp4_fused);
     GT_RUN(test_combine_bit_identical);
     GT_RUN(test_shared_expert_vs_reference);
     return gt_finish();

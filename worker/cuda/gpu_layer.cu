@@ -66,7 +66,6 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     carve_add(p, "a_scale [cap] f32", &a->a_scale, nvfp4 ? (size_t)cap * 4 : 0);
     carve_add(p, "a_bf16 [cap,max(H,I)] bf16", &a->a_bf16, nvfp4 ? 0 : (size_t)(cap * K_max) * 2);
     carve_add(p, "h [cap,2I] f32", &a->h, (size_t)(cap * 2 * I) * 4);
-    carve_add(p, "act [cap,I] f32", &a->act, nvfp4 ? (size_t)(cap * I) * 4 : 0);
     carve_add(p, "y [cap,H] f32", &a->y, (size_t)(cap * H) * 4);
     carve_add(p, "shared_x [T,H] bf16", &a->shared_x_bf16, (size_t)(T * H) * 2 * (Is > 0));
     carve_add(p, "shared_h [T,2Is] f32", &a->shared_h, (size_t)(T * 2 * Is) * 4);
@@ -384,11 +383,9 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
 
     const float limit = (float)c->swiglu_limit;
     if (nvfp4) {
-        EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,
-                                    a->tokens_per_expert, n, a->act, NULL, stream));
-        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
-            a->act, I, cap, I, NULL, a->padded_offsets, a->tokens_per_expert, n,
-            static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
+        EPMOE_TRY(epmoe_cuda_swiglu_nvfp4_quantize(
+            a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets, a->tokens_per_expert,
+            n, static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
             a->saturated, stream));
     } else {
         EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,

@@ -59,7 +59,6 @@ typedef struct {
     float *a_scale;              /* [cap_rows] 1/gs per row */
     uint16_t *a_bf16;            /* [cap_rows, max(H, I)] (act_quant = high) */
     float *h;                    /* [cap_rows, 2I] W13 output */
-    float *act;                  /* [cap_rows, I] SwiGLU output (fp32, quantized next) */
     float *y;                    /* [cap_rows, H] W2 output */
     /* shared expert */
     uint16_t *shared_x_bf16;     /* [max_tokens, H] */
