@@ -158,13 +158,12 @@ static void bench_free(bench *b) {
     for (int i = 0; i < 4; i++) cudaEventDestroy(b->ev[i]);
 }
 
-/* host arrays: 0 ones, 1 iota, 2 rows to, 3 row displs out, 4 rows from, 5 row displs in,
+/* host arrays: 0 ones, 1 iota (both set by bench_make), 2 rows to, 3 row displs out, 4 rows from, 5 row displs in,
  * 6 pairs to, 7 pair displs out (return recv), 8 pairs from, 9 pair displs in (return send) */
 static void host_counts(bench *b, int fixed) {
     const int P = g_P;
     int64_t ro = 0, ri = 0, po = 0, pi = 0;
     for (int p = 0; p < P; p++) {
-        b->h[0][p] = 1, b->h[1][p] = p;
         int64_t rt = fixed ? b->T : b->h_counts[2 * p], pt = fixed ? b->T * b->k : b->h_counts[2 * p + 1];
         int64_t rf = fixed ? b->T : b->h_counts[2 * P + 2 * p];
         int64_t pf = fixed ? b->T * b->k : b->h_counts[2 * P + 2 * p + 1];
@@ -316,9 +315,8 @@ int main(int argc, char **argv) {
     cudaStream_t s;
     CU(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     epmoe_transport *t = NULL;
-    const int use_nccl = !shares && epmoe_transport_nccl_available();
-    if (use_nccl) CK(epmoe_transport_nccl_create(MPI_COMM_WORLD, device, s, 120.0, &t));
-    else CK(epmoe_transport_mpi_staged_create(MPI_COMM_WORLD, device, s, 120.0, &t));
+    CK(epmoe_device_transport_create(MPI_COMM_WORLD, device, shares, s, 120.0, &t));
+    const int use_nccl = strcmp(t->ops->name, "nccl") == 0;
     cudaDeviceProp prop;
     cudaGetDeviceProperties(&prop, device);
     if (g_rank == 0) {

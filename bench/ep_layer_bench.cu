@@ -56,10 +56,7 @@ int main(int argc, char **argv) {
     cudaStream_t stream;
     CHECK_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     epmoe_transport *t = NULL;
-    if (!shares && epmoe_transport_nccl_available())
-        CHECK_EPMOE(epmoe_transport_nccl_create(MPI_COMM_WORLD, device, stream, 300.0, &t));
-    else
-        CHECK_EPMOE(epmoe_transport_mpi_staged_create(MPI_COMM_WORLD, device, stream, 300.0, &t));
+    CHECK_EPMOE(epmoe_device_transport_create(MPI_COMM_WORLD, device, shares, stream, 300.0, &t));
 
     epmoe_expert_slice slice;
     CHECK_EPMOE(epmoe_slice_of_rank(cfg.n_routed_experts, P, rank, &slice));

@@ -14,14 +14,8 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 BUILD="${EPMOE_GPU_BUILD_DIR:-build-mpi-device}"
 source deploy/gpu-env.sh
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 NCCL_NVLS_ENABLE=0
-nccl_root=""
-if [ ! -e "$(dirname "$(command -v nvcc)")/../include/nccl.h" ]; then
-  nccl_root=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
-fi
-[ -n "$nccl_root" ] && export LD_LIBRARY_PATH="$nccl_root/lib:${LD_LIBRARY_PATH:-}"
 { cmake -S . -B "$BUILD" -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS="${EPMOE_CUDA_ARCHS:-90a}" \
-    -DEPMOE_SERVICE=OFF -DCMAKE_BUILD_TYPE=Release ${nccl_root:+-DNCCL_ROOT="$nccl_root"} &&
+    -DEPMOE_SERVICE=OFF -DCMAKE_BUILD_TYPE=Release ${EPMOE_NCCL_ROOT:+-DNCCL_ROOT="$EPMOE_NCCL_ROOT"} &&
   cmake --build "$BUILD" -j"$(nproc)" --target a2a_bench ep_layer_bench; } >"$OUT/ep_build.log" 2>&1 ||
   { tail -30 "$OUT/ep_build.log"; echo "BUILD FAILED"; exit 1; }
 n_gpus=$(nvidia-smi -L | wc -l)

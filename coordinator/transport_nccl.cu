@@ -695,3 +695,11 @@ epmoe_status epmoe_transport_nccl_create(MPI_Comm comm, int device, cudaStream_t
     return agree(t, comm, st, out);
 #endif
 }
+
+epmoe_status epmoe_device_transport_create(MPI_Comm comm, int device, int any_rank_shares,
+                                           cudaStream_t stream, double timeout_s,
+                                           epmoe_transport **out) {
+    if (!any_rank_shares && epmoe_transport_nccl_available())
+        return epmoe_transport_nccl_create(comm, device, stream, timeout_s, out);
+    return epmoe_transport_mpi_staged_create(comm, device, stream, timeout_s, out);
+}

@@ -53,6 +53,12 @@ epmoe_status epmoe_transport_nccl_create(MPI_Comm comm, int device, cudaStream_t
 epmoe_status epmoe_transport_mpi_staged_create(MPI_Comm comm, int device, cudaStream_t stream,
                                                double timeout_s, epmoe_transport **out);
 
+/* The transport for one rank per GPU: nccl when this build has it and no rank shares its GPU
+ * (any_rank_shares from epmoe_local_gpu), mpi-staged otherwise. Collective. */
+epmoe_status epmoe_device_transport_create(MPI_Comm comm, int device, int any_rank_shares,
+                                           cudaStream_t stream, double timeout_s,
+                                           epmoe_transport **out);
+
 /* 1 for the transports of this header (data on the device), 0 for any other. */
 int epmoe_transport_is_device(const epmoe_transport *t);
 /* 1 when the *_async calls may be captured in a CUDA graph on this transport. */

@@ -17,3 +17,11 @@ export LD_LIBRARY_PATH="$_epmoe_root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:
 export CPATH="$_epmoe_root/usr/include:$_epmoe_root/usr/include/x86_64-linux-gnu:${CPATH:-}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export NCCL_NVLS_ENABLE=0
+# NCCL: the CUDA toolkit's when it has nccl.h, else pip's nvidia-nccl (the GPU image has it),
+# else none (the NCCL transport is then not built). EPMOE_NCCL_ROOT is empty for the toolkit's.
+EPMOE_NCCL_ROOT=""
+if command -v nvcc >/dev/null && [ ! -e "$(dirname "$(command -v nvcc)")/../include/nccl.h" ]; then
+  EPMOE_NCCL_ROOT=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+fi
+[ -n "$EPMOE_NCCL_ROOT" ] && export LD_LIBRARY_PATH="$EPMOE_NCCL_ROOT/lib:$LD_LIBRARY_PATH"
+export EPMOE_NCCL_ROOT

@@ -16,8 +16,6 @@ mkdir -p "$OUT"
 BUILD="${EPMOE_GPU_BUILD_DIR:-build-mpi-device}"
 ARCHS="${EPMOE_CUDA_ARCHS:-90a}"
 source deploy/gpu-env.sh
-export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
-export NCCL_NVLS_ENABLE=0
 t_start=$(date +%s)
 {
   echo "== $(date -u) on $(hostname)"
@@ -26,17 +24,10 @@ t_start=$(date +%s)
   mpirun --version | head -1
 } 2>&1 | tee "$OUT/summary.txt"
 
-# NCCL: the CUDA toolkit's, else pip's nvidia-nccl (the GPU image has it), else none (the
-# suite then runs the mpi-staged transport only and says so).
-nccl_root=""
-if [ ! -e "$(dirname "$(command -v nvcc)")/../include/nccl.h" ]; then
-  nccl_root=$(python3 -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
-fi
-echo "NCCL_ROOT hint: ${nccl_root:-(CUDA toolkit)}" | tee -a "$OUT/summary.txt"
-[ -n "$nccl_root" ] && export LD_LIBRARY_PATH="$nccl_root/lib:${LD_LIBRARY_PATH:-}"
+echo "NCCL_ROOT hint: ${EPMOE_NCCL_ROOT:-(CUDA toolkit)}" | tee -a "$OUT/summary.txt"
 
 if ! { cmake -S . -B "$BUILD" -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS="$ARCHS" -DEPMOE_SERVICE=OFF \
-         -DCMAKE_BUILD_TYPE=RelWithDebInfo ${nccl_root:+-DNCCL_ROOT="$nccl_root"} &&
+         -DCMAKE_BUILD_TYPE=RelWithDebInfo ${EPMOE_NCCL_ROOT:+-DNCCL_ROOT="$EPMOE_NCCL_ROOT"} &&
        cmake --build "$BUILD" -j16 --target test_gpu_engine a2a_bench; } >"$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
   echo "BUILD FAILED (see build.log)" | tee -a "$OUT/summary.txt"

@@ -129,13 +129,10 @@ epmoe_status epmoe_cuda_gate_logits(const float *x, const float *gate_weight, in
     if (T == 0) return EPMOE_OK;
     /* The register-tiled kernel when it fills the GPU at least once (its blocks are few and
      * long), else the one-chain-per-thread kernel. Both give the same bits. */
-    static int n_sms = 0;
-    if (n_sms == 0) {
-        int device = 0;
-        CUDA_TRY(cudaGetDevice(&device), "gate logits: current device");
-        CUDA_TRY(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device),
-                 "gate logits: multiprocessor count");
-    }
+    int device = 0, n_sms = 0;
+    CUDA_TRY(cudaGetDevice(&device), "gate logits: current device");
+    CUDA_TRY(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device),
+             "gate logits: multiprocessor count");
     const unsigned e_blocks = (unsigned)((E + GATE_TX * GATE_EN - 1) / (GATE_TX * GATE_EN));
     const unsigned t_blocks = (unsigned)((T + GATE_TY * 4 - 1) / (GATE_TY * 4));
     if ((int64_t)e_blocks * t_blocks >= n_sms) {
