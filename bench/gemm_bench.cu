@@ -204,6 +204,21 @@ int main(int argc, char **argv) {
                 a.tokens_per_expert = d_counts;
                 a.out = out;
                 const double ms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm(&a, 0)); }, reps);
+                /* every sm_90 kernel at this shape, side by side (AUTO's choice is one of them) */
+                char kernel_ms[512];
+                int kpos = 0;
+                for (int k = EPMOE_GEMM_SM90_MMA_MT32; k <= EPMOE_GEMM_SM90_WGMMA_MT128; k++) {
+                    epmoe_grouped_gemm_args f = a;
+                    f.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
+                    if (epmoe_cuda_grouped_gemm_sm90(&f, 0) != EPMOE_OK) {
+                        (void)cudaGetLastError();
+                        continue; /* not available here (wgmma off Hopper) */
+                    }
+                    const double kms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm_sm90(&f, 0)); }, reps);
+                    kpos += snprintf(kernel_ms + kpos, sizeof kernel_ms - kpos, "%s\"%s\": %.5f",
+                                     kpos ? ", " : "", epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel), kms);
+                    printf("    %-28s %9.1f us\n", epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel), kms * 1e3);
+                }
                 const double flops = 2.0 * rows * m.E * N * K;
                 const double wbytes = (double)m.E * N * K * (0.5 + 1.0 / 16);
                 const double gbs = wbytes / (ms * 1e-3) / 1e9;
@@ -225,10 +240,10 @@ int main(int argc, char **argv) {
                        "\"rows_per_expert\": %lld, \"N\": %lld, \"K\": %lld, \"cap_rows\": %lld, "
                        "\"ours_ms\": %.5f, \"ours_weight_gbs\": %.2f, \"ours_tflops\": %.2f, "
                        "\"weight_bytes_nvfp4\": %.0f, \"cublas_bf16_ms\": %.5f, "
-                       "\"cublas_bf16_tflops\": %.2f, \"variant\": \"%s\"",
+                       "\"cublas_bf16_tflops\": %.2f, \"variant\": \"%s\", \"kernel_ms\": {%s}",
                        m.name, gname, (long long)m.E, (long long)rows, (long long)N, (long long)K,
                        (long long)cap, ms, gbs, tf, wbytes, cms, ctf,
-                       epmoe_grouped_gemm_sm90_variant(&a));
+                       epmoe_grouped_gemm_sm90_variant(&a), kernel_ms);
             }
         }
     }

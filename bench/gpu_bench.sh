@@ -28,9 +28,12 @@ cmake -S . -B $BUILD -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS=90a -DEPMOE_SERVICE=OFF 
       -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
 cmake --build $BUILD -j16 --target test_gemm gemm_bench > "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -40; exit 1; }
 # SASS check (no disassembler on the build machine): tensor-core and copy instructions, spills
-O=$(find $BUILD -name "gemm_sm90.cu.o" | head -1)
-cuobjdump --dump-sass "$O" > "$OUT/gemm_sm90.sass" 2>&1 && \
-  grep -oE "HMMA[.A-Z0-9]*|HGMMA[.A-Z0-9]*|LDGSTS[.A-Z0-9]*|LDS[.A-Z0-9]*|LDL|STL|HMUL2[.A-Z0-9_]*" "$OUT/gemm_sm90.sass" | sort | uniq -c
+for O in $(find $BUILD -name "gemm_sm90*.cu.o"); do
+  S="$OUT/$(basename "$O" .cu.o).sass"
+  echo "SASS instruction counts, $(basename "$O"):"
+  cuobjdump --dump-sass "$O" > "$S" 2>&1 && \
+    grep -oE "HMMA[.A-Z0-9]*|HGMMA[.A-Z0-9_]*|WARPGROUP[.A-Z]*|LDGSTS[.A-Z0-9]*|LDS[.A-Z0-9]*|LDL|STL|HMUL2[.A-Z0-9_]*" "$S" | sort | uniq -c
+done
 rc=0
 if [ $TEST = 1 ]; then
   ./$BUILD/tests/gpu/test_gemm 2>&1 | tee "$OUT/test_gemm.log" || rc=1

@@ -49,7 +49,9 @@ def main():
         sp = f"{speedup:7.2f}" if speedup else f"{'-':>7s}"
         print(f"{r['model']:9s} {r['gemm']:4s} {r['rows_per_expert']:5d} | {r['ours_ms'] * 1e3:8.1f} "
               f"{r['ours_weight_gbs']:6.0f} {frac * 100:5.1f} {r['ours_tflops']:7.1f} | {tt} | "
-              f"{r['cublas_bf16_tflops']:7.1f} | {sp} {verdict:>14s}")
+              f"{r['cublas_bf16_tflops']:7.1f} | {sp} {verdict:>14s}  [{r.get('variant', '')}]")
+        for name, kms in r.get("kernel_ms", {}).items():
+            print(f"{'':20s} {name:28s} {kms * 1e3:9.1f} us  {kms / r['ours_ms']:5.2f}x the chosen one's time")
     json.dump({"device": ours["device"], "copy_gbs": copy, "torch": torch_recs.get("torch"),
                "rows": rows_out}, open(sys.argv[3], "w"), indent=1)
 

@@ -16,106 +16,24 @@
  * decode step streams the weights once; a prefill chunk of 128 tokens reuses each dequantized
  * weight register 128 times.
  *
- * Exact dequantization to bf16 without a lookup table. An E2M1 nibble (s e1 e0 m) placed as
- * bf16 bits (s << 15) | (e1 e0 m << 6) has the value e2m1 * 2^-126 (the e = 0 code 0.5 lands
- * on a bf16 subnormal, which mul.bf16x2 handles). Multiplying by the bf16 S = sf * 2^118
- * gives e2m1 * sf * 2^-8: at most 6 significant bits, never below 2^-18, so exact. The 2^-8
- * per dequantized operand comes back as a power of two in the fp32 epilogue.
- *
- * K order. The reduction is a sum, so any permutation of k applied to both operands gives the
- * same products. Each thread dequantizes one 32-bit word (8 consecutive k) into the pairs
- * (k0,k4) (k1,k5) (k2,k6) (k3,k7); the token tile in shared memory is stored in the same
- * order, so A and B fragments are plain 32-bit registers and the bf16 pairing costs no shuffle.
- * Thread t of a quad owns k in [32t, 32t+32) of each 128-step: one 16-byte load per row and
- * exactly two NVFP4 scale blocks.
+ * The exact NVFP4 -> bf16 dequantization and the K order both operands share are explained in
+ * gemm_sm90_common.cuh. Thread t of a quad owns k in [32t, 32t+32) of each 128-step: one
+ * 16-byte load per row and exactly two NVFP4 scale blocks.
  */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm_sm90_common.cuh"
 #include "kernels/cuda/grouped_gemm.h"
+
+using namespace epmoe_sm90;
 
 namespace {
 
-constexpr int kStepK = 128;                        /* k elements per pipeline step */
 constexpr int kTileRowBytes = kStepK * 2 + 64;     /* bf16 row + pad: rows 2i, 2i+1 of a
                                                       16-byte load phase hit disjoint banks */
-constexpr int kMaxExperts = 1024;
-constexpr float kDequantFix = 256.0f;              /* 2^8 per dequantized operand */
-
-struct GemmParams {
-    int E, N, K;
-    int64_t cap_rows;
-    const uint8_t *a_codes, *a_sf;
-    const float *a_scale;
-    const __nv_bfloat16 *a_bf16;
-    const uint8_t *w_codes, *w_sf;
-    const float *w_scale;
-    int w_groups, w_split;
-    const int64_t *padded_offsets, *tokens_per_expert;
-    void *out;
-    int out_bf16;
-};
-
-__device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
-    uint32_t d;
-    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
-    return d;
-}
-
-/* bf16x2 of S = float(ue4m3 byte) * 2^118 in both halves (exact: 4 significant bits). The
- * byte shifted to bf16 bits (b << 4) is sf * 2^-120 (E = 0 lands on a bf16 subnormal, as the
- * E2M1 0.5 does); two exact multiplies by 2^119 give sf * 2^118. */
-__device__ __forceinline__ uint32_t sf_to_bf16x2(uint32_t byte) {
-    const uint32_t k2p119 = 0x7B007B00u;
-    return bf16x2_mul(bf16x2_mul((byte << 4) | (byte << 20), k2p119), k2p119);
-}
-
-/* 8 E2M1 codes (one word, element i in nibble i) -> bf16 pairs (i, i+4), times S. */
-__device__ __forceinline__ void dequant8(uint32_t w, uint32_t S, uint32_t out[4]) {
-    const uint32_t kMag = 0x01C001C0u, kSign = 0x80008000u;
-    out[0] = bf16x2_mul(((w << 6) & kMag) | ((w << 12) & kSign), S);
-    out[1] = bf16x2_mul(((w << 2) & kMag) | ((w << 8) & kSign), S);
-    out[2] = bf16x2_mul(((w >> 2) & kMag) | ((w << 4) & kSign), S);
-    out[3] = bf16x2_mul(((w >> 6) & kMag) | (w & kSign), S);
-}
-
-/* 8 bf16 (k0..k7 in four words) -> the same (i, i+4) pairing as dequant8. */
-__device__ __forceinline__ uint4 permute8(uint4 v) {
-    uint4 r;
-    r.x = __byte_perm(v.x, v.z, 0x5410);
-    r.y = __byte_perm(v.x, v.z, 0x7632);
-    r.z = __byte_perm(v.y, v.w, 0x5410);
-    r.w = __byte_perm(v.y, v.w, 0x7632);
-    return r;
-}
-
-__device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
-                                               uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
-                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) {
-    return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
-}
-
-__device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async8(void *smem_dst, const void *gmem_src) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
-}
 
 /* Shared-memory plan of one variant (bytes). Weight stage: BN rows x 64 code bytes, then
  * BN x 8 scale bytes. Token stage (NVFP4): MT x 64 code bytes, then MT x 4 x 8 scale bytes (each
@@ -161,38 +79,16 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     const int E = p.E, N = p.N, K = p.K;
     const int steps = K / kStepK;
 
-    /* Work list: each expert contributes ceil(count / MT) token chunks, each crossed with
-     * ceil(N / BN) weight tiles. Built on the device from the counts (no host sync). */
-    for (int e = threadIdx.x; e < E; e += kThreads) {
-        int64_t c = p.tokens_per_expert[e];
-        const int64_t room = p.padded_offsets[e + 1] - p.padded_offsets[e];
-        c = c < 0 ? 0 : (c > room ? room : c); /* never write outside the expert's rows */
-        chunk_start[e + 1] = (int)((c + MT - 1) / MT);
-    }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        chunk_start[0] = 0;
-        for (int e = 0; e < E; ++e) chunk_start[e + 1] += chunk_start[e];
-    }
-    __syncthreads();
+    build_chunk_list<MT>(p, chunk_start);
     const int n_tiles = (N + kBN - 1) / kBN;
     const int total = chunk_start[E] * n_tiles;
     const float fix = kFp4 ? kDequantFix * kDequantFix : kDequantFix;
 
     for (int item = blockIdx.x; item < total; item += gridDim.x) {
         const int chunk = item / n_tiles, nt = item % n_tiles;
-        int lo = 0, hi = E - 1; /* largest e with chunk_start[e] <= chunk */
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) / 2;
-            if (chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
-        }
-        const int e = lo;
-        const int c_in_e = chunk - chunk_start[e];
-        int64_t count = p.tokens_per_expert[e];
-        const int64_t room = p.padded_offsets[e + 1] - p.padded_offsets[e];
-        count = count > room ? room : count;
-        const int64_t row0 = p.padded_offsets[e] + (int64_t)c_in_e * MT;
-        const int mrows = (int)min((int64_t)MT, count - (int64_t)c_in_e * MT);
+        const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
+        const int e = ck.e, mrows = ck.mrows;
+        const int64_t row0 = ck.row0;
 
         const int n_warp = nt * kBN + warp * 32;
         const bool warp_active = n_warp < N;
@@ -401,7 +297,7 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
  * cap_rows - E*127 bounds the live rows. The choice depends on shapes only (capture-safe); every
  * variant is correct for any routing, a small-MT one re-reads an expert's weights once per MT
  * rows. */
-int sm90_variant(const epmoe_grouped_gemm_args *a) {
+int sm90_rows_per_chunk(const epmoe_grouped_gemm_args *a) {
     /* (E + 1): a caller may also round the capacity up to a multiple of the pad */
     const int64_t live_bound = a->cap_rows - (a->n_experts + 1) * (EPMOE_GEMM_PAD_ROWS - 1);
     if (live_bound <= 32 * a->n_experts) return 32;  /* decode, 3 blocks per SM */
@@ -409,14 +305,44 @@ int sm90_variant(const epmoe_grouped_gemm_args *a) {
     return 128;                                      /* prefill */
 }
 
+/* wgmma needs an sm_90a image, a compute capability 9.0 device and NVFP4 A (its token tile is
+ * built from NVFP4 codes). */
+bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
+    int device = 0, major = 0, minor = 0;
+    if (a->a_format != EPMOE_GEMM_A_NVFP4) return false;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return false;
+    }
+    return major == 9 && minor == 0 && epmoe_gemm_sm90_wgmma_compiled();
+}
+
 } // namespace
 
-extern "C" const char *epmoe_grouped_gemm_sm90_variant(const epmoe_grouped_gemm_args *a) {
-    switch (sm90_variant(a)) {
-    case 32: return "decode MT=32 BN=128";
-    case 64: return "decode MT=64 BN=128";
-    default: return "prefill MT=128 BN=256";
+extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
+    if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
+    switch (sm90_rows_per_chunk(a)) {
+    case 32: return EPMOE_GEMM_SM90_MMA_MT32;
+    case 64: return EPMOE_GEMM_SM90_MMA_MT64;
+    default: return wgmma_usable(a) ? EPMOE_GEMM_SM90_WGMMA_MT128 : EPMOE_GEMM_SM90_MMA_MT128;
     }
+}
+
+extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kernel k) {
+    switch (k) {
+    case EPMOE_GEMM_SM90_AUTO: return "auto";
+    case EPMOE_GEMM_SM90_MMA_MT32: return "decode MT=32 BN=128";
+    case EPMOE_GEMM_SM90_MMA_MT64: return "decode MT=64 BN=128";
+    case EPMOE_GEMM_SM90_MMA_MT128: return "prefill MT=128 BN=256";
+    case EPMOE_GEMM_SM90_WGMMA_MT128: return "prefill wgmma MT=128 BN=256";
+    }
+    return "unknown";
+}
+
+extern "C" const char *epmoe_grouped_gemm_sm90_variant(const epmoe_grouped_gemm_args *a) {
+    return epmoe_grouped_gemm_sm90_kernel_name(epmoe_grouped_gemm_sm90_select(a));
 }
 
 extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_args *a) {
@@ -461,39 +387,29 @@ extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_a
 extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_args *a,
                                                      cudaStream_t stream) {
     EPMOE_TRY(epmoe_grouped_gemm_check_args(a));
-    GemmParams p;
-    p.E = (int)a->n_experts;
-    p.N = (int)a->N;
-    p.K = (int)a->K;
-    p.cap_rows = a->cap_rows;
-    p.a_codes = a->a_codes;
-    p.a_sf = a->a_sf;
-    p.a_scale = a->a_scale;
-    p.a_bf16 = (const __nv_bfloat16 *)a->a_bf16;
-    p.w_codes = a->w_codes;
-    p.w_sf = a->w_sf;
-    p.w_scale = a->w_scale;
-    p.w_groups = (int)a->w_scale_groups;
-    p.w_split = (int)a->w_scale_split;
-    p.padded_offsets = a->padded_offsets;
-    p.tokens_per_expert = a->tokens_per_expert;
-    p.out = a->out;
-    p.out_bf16 = a->out_bf16;
+    const GemmParams p = make_params(a);
     if (a->cap_rows == 0) return EPMOE_OK;
 
     const bool fp4 = a->a_format == EPMOE_GEMM_A_NVFP4;
-    switch (sm90_variant(a)) {
-    case 32:
+    switch (epmoe_grouped_gemm_sm90_select(a)) {
+    case EPMOE_GEMM_SM90_MMA_MT32:
         return fp4 ? launch_variant<32, 4, 4, true, 3>(p, stream)
                    : launch_variant<32, 4, 4, false, 3>(p, stream);
-    case 64:
+    case EPMOE_GEMM_SM90_MMA_MT64:
         return fp4 ? launch_variant<64, 4, 4, true, 2>(p, stream)
                    : launch_variant<64, 4, 4, false, 2>(p, stream);
+    case EPMOE_GEMM_SM90_MMA_MT128:
+        return fp4 ? launch_variant<128, 8, 4, true, 1>(p, stream)
+                   : launch_variant<128, 8, 3, false, 1>(p, stream);
+    case EPMOE_GEMM_SM90_WGMMA_MT128:
+        EPMOE_REQUIRE(wgmma_usable(a), EPMOE_ERR_UNSUPPORTED,
+                      "grouped GEMM: the wgmma kernel needs NVFP4 A, a compute capability 9.0 "
+                      "device and a build for the 90a architecture");
+        return epmoe_gemm_sm90_wgmma_launch(p, stream);
     default:
         break;
     }
-    return fp4 ? launch_variant<128, 8, 4, true, 1>(p, stream)
-               : launch_variant<128, 8, 3, false, 1>(p, stream);
+    EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "grouped GEMM: unknown sm90_kernel %d", (int)a->sm90_kernel);
 }
 
 extern "C" epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *a,

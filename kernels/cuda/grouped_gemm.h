@@ -34,9 +34,11 @@
  *
  * Shapes: K a multiple of 128, N a multiple of 32; violations are EPMOE_ERR_INVALID_ARG.
  * Choosing a kernel variant (sm_90): cap_rows should be this batch's padded capacity
- * (epmoe_padded_capacity(rows, E, 128), common/layout.h): when it implies at most 64 live rows
- * per expert on average the decode variant runs, else the prefill one. Both are correct for any
- * routing; the choice depends on shapes only, so a captured graph stays valid.
+ * (epmoe_padded_capacity(rows, E, 128), common/layout.h): when it implies at most 32 / 64 live
+ * rows per expert on average a decode variant runs, else the prefill one (wgmma on a compute
+ * capability 9.0 device with NVFP4 A, mma.sync otherwise). All are correct for any routing and
+ * give the same bits (tests/gpu/test_gemm.cu compares them), so the choice, which depends on
+ * shapes only and keeps a captured graph valid, never changes a result.
  */
 #ifndef EPMOE_GROUPED_GEMM_H
 #define EPMOE_GROUPED_GEMM_H
@@ -57,6 +59,18 @@ typedef enum {
     EPMOE_GEMM_A_NVFP4 = 0, /* a_codes + a_sf + a_scale */
     EPMOE_GEMM_A_BF16 = 1   /* a_bf16 (+ optional a_scale) */
 } epmoe_gemm_a_format;
+
+/* The sm_90 path's kernels. AUTO picks from the shapes (below); the others force one, for the
+ * tests that compare them and the benchmark. Every kernel is correct for any routing; the
+ * forced choice must still fit the device (WGMMA needs compute capability 9.0, an sm_90a
+ * build and NVFP4 A: EPMOE_ERR_UNSUPPORTED otherwise). */
+typedef enum {
+    EPMOE_GEMM_SM90_AUTO = 0,
+    EPMOE_GEMM_SM90_MMA_MT32 = 1,   /* mma.sync, 32-token chunks x 128 weight rows (decode) */
+    EPMOE_GEMM_SM90_MMA_MT64 = 2,   /* mma.sync, 64 x 128 (decode) */
+    EPMOE_GEMM_SM90_MMA_MT128 = 3,  /* mma.sync, 128 x 256 (prefill, any sm_80+ device) */
+    EPMOE_GEMM_SM90_WGMMA_MT128 = 4 /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 A) */
+} epmoe_gemm_sm90_kernel;
 
 typedef struct {
     int64_t n_experts; /* E: local experts */
@@ -87,6 +101,8 @@ typedef struct {
     /* Output */
     void *out;    /* [cap_rows, N] fp32, or bf16 when out_bf16 != 0 */
     int out_bf16;
+
+    epmoe_gemm_sm90_kernel sm90_kernel; /* AUTO (0, what memset gives) unless forcing one */
 } epmoe_grouped_gemm_args;
 
 /* Validates args (shapes, pointers) without touching device memory. */
@@ -101,7 +117,13 @@ epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *args, cudaSt
 epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_args *args,
                                           cudaStream_t stream);
 
-/* Name of the sm_90 variant these args select (tests and benchmarks report it). */
+/* The sm_90 kernel these args select on the current device (resolves AUTO). */
+epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *args);
+
+/* Name of an sm_90 kernel (tests and benchmarks report it). */
+const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kernel kernel);
+
+/* Name of the sm_90 variant these args select (= kernel_name(select(args))). */
 const char *epmoe_grouped_gemm_sm90_variant(const epmoe_grouped_gemm_args *args);
 
 /* Blackwell path: tcgen05.mma kind::mxf4nvf4.block_scale with 128x4-swizzled scales.

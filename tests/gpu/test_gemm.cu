@@ -55,7 +55,8 @@ static void fill_codes(epmoe_rng *r, uint8_t *codes, size_t n) {
     for (size_t i = 0; i < n; i++) codes[i] = (uint8_t)epmoe_rng_below(r, 256);
 }
 
-static int variants_seen[3]; /* decode MT=32, decode MT=64, prefill */
+static int kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128 + 1]; /* chosen by AUTO, per kernel */
+static int wgmma_ran;                                      /* forced or chosen at least once */
 
 static float bf16_round(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
@@ -150,7 +151,9 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     args.out = d_out;
     args.out_bf16 = c.out_bf16;
     const char *variant = epmoe_grouped_gemm_sm90_variant(&args);
-    variants_seen[variant[0] == 'p' ? 2 : (strstr(variant, "MT=32") ? 0 : 1)] = 1;
+    const epmoe_gemm_sm90_kernel chosen = epmoe_grouped_gemm_sm90_select(&args);
+    kernels_seen[chosen] = 1;
+    if (chosen == EPMOE_GEMM_SM90_WGMMA_MT128) wgmma_ran = 1;
     GT_OK(epmoe_cuda_grouped_gemm(&args, 0));
     GT_CUDA(cudaDeviceSynchronize());
 
@@ -164,6 +167,39 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         }
     } else {
         GT_CUDA(cudaMemcpy(out.data(), d_out, out.size() * 4, cudaMemcpyDeviceToHost));
+    }
+
+    /* Every other sm_90 kernel, forced, must give the same bits everywhere (real rows equal,
+     * padding still poisoned): the engine's results may not depend on which kernel a batch
+     * shape selects. The wgmma kernel only where it can run (NVFP4 A on a 9.0 device). */
+    const size_t out_bytes = (size_t)cap * N * out_elem;
+    std::vector<uint8_t> poison_bytes(out_bytes), again(out_bytes), first(out_bytes);
+    GT_CUDA(cudaMemcpy(first.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
+    for (int k = EPMOE_GEMM_SM90_MMA_MT32; k <= EPMOE_GEMM_SM90_WGMMA_MT128; k++) {
+        if (k == chosen) continue;
+        epmoe_grouped_gemm_args forced = args;
+        forced.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
+        if (c.out_bf16) {
+            std::vector<uint16_t> p(cap * N, poison16);
+            memcpy(poison_bytes.data(), p.data(), out_bytes);
+        } else {
+            std::vector<float> p(cap * N);
+            epmoe_poison_f32(p.data(), p.size());
+            memcpy(poison_bytes.data(), p.data(), out_bytes);
+        }
+        GT_CUDA(cudaMemcpy(d_out, poison_bytes.data(), out_bytes, cudaMemcpyHostToDevice));
+        const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&forced, 0);
+        if (k == EPMOE_GEMM_SM90_WGMMA_MT128 && st == EPMOE_ERR_UNSUPPORTED) continue;
+        GT_OK(st);
+        GT_CUDA(cudaDeviceSynchronize());
+        GT_CUDA(cudaMemcpy(again.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
+        if (k == EPMOE_GEMM_SM90_WGMMA_MT128) wgmma_ran = 1;
+        size_t differ = 0;
+        for (size_t i = 0; i < out_bytes; i += out_elem)
+            if (memcmp(&first[i], &again[i], out_elem) != 0) differ++;
+        GT_CHECK(differ == 0, "%s: kernel '%s' differs from '%s' in %zu of %lld outputs", c.name,
+                 epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k), variant, differ,
+                 (long long)(cap * N));
     }
 
     /* reference over real rows; poison checks everywhere else */
@@ -296,10 +332,32 @@ static void test_flash_w2_decode(void) {
     run_case(c, 109);
 }
 
+/* the wgmma kernel's edges: N not a multiple of its 256-row tile (a warpgroup's tiles half or
+ * wholly past N), bf16 output, one-chunk experts and a ragged last chunk */
+static void test_prefill_fp4_w2_ragged_n(void) {
+    gemm_case c = {"prefill fp4 W2 N=352", 3, 352, 768, random_counts(17, 3, 100, 333), 0, 1, 0, 0, 0};
+    c.counts[2] = 128;
+    run_case(c, 110);
+}
+static void test_prefill_fp4_bf16_out(void) {
+    gemm_case c = {"prefill fp4 bf16-out", 2, 256, 512, random_counts(18, 2, 129, 300), 0, 2, 1, 0, 0};
+    run_case(c, 111);
+}
+
 static void test_variants_covered(void) {
-    GT_CHECK(variants_seen[0] && variants_seen[1] && variants_seen[2],
-             "not every sm_90 variant ran: MT=32 %d, MT=64 %d, MT=128 %d", variants_seen[0],
-             variants_seen[1], variants_seen[2]);
+    GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_MMA_MT32] && kernels_seen[EPMOE_GEMM_SM90_MMA_MT64] &&
+                 (kernels_seen[EPMOE_GEMM_SM90_MMA_MT128] || kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128]),
+             "AUTO did not choose every size class: MT=32 %d, MT=64 %d, MT=128 mma %d / wgmma %d",
+             kernels_seen[1], kernels_seen[2], kernels_seen[3], kernels_seen[4]);
+    int major = 0, minor = 0, dev = 0;
+    GT_CUDA(cudaGetDevice(&dev));
+    GT_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    GT_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
+    if (major == 9 && minor == 0) {
+        GT_CHECK(wgmma_ran, "a Hopper device, but the wgmma kernel never ran");
+        GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128],
+                 "a Hopper device, but AUTO never chose the wgmma kernel for prefill");
+    }
 }
 
 static void test_bad_args(void) {
@@ -326,6 +384,8 @@ int main(void) {
     GT_RUN(test_skew_one_expert);
     GT_RUN(test_all_empty);
     GT_RUN(test_flash_w2_decode);
+    GT_RUN(test_prefill_fp4_w2_ragged_n);
+    GT_RUN(test_prefill_fp4_bf16_out);
     GT_RUN(test_variants_covered);
     return gt_finish();
 }

@@ -1,0 +1,183 @@
+/* Device helpers shared by the Hopper grouped GEMM kernels (gemm_sm90.cu: mma.sync, every
+ * variant; gemm_sm90_wgmma.cu: wgmma, sm_90a prefill). One place for the exact NVFP4 -> bf16
+ * dequantization, the K order both operands share, the cp.async wrappers, and the device-built
+ * work list, so the two kernels cannot drift apart in what they compute.
+ *
+ * Exact dequantization to bf16 without a lookup table. An E2M1 nibble (s e1 e0 m) placed as
+ * bf16 bits (s << 15) | (e1 e0 m << 6) has the value e2m1 * 2^-126 (the e = 0 code 0.5 lands
+ * on a bf16 subnormal, which mul.bf16x2 handles). Multiplying by the bf16 S = sf * 2^118
+ * gives e2m1 * sf * 2^-8: at most 6 significant bits, never below 2^-18, so exact. The 2^-8
+ * per dequantized operand comes back as a power of two in the fp32 epilogue (kDequantFix).
+ *
+ * K order. The reduction is a sum, so any permutation of k applied to both operands gives the
+ * same products. dequant8 turns one 32-bit word (8 consecutive k) into the pairs (k0,k4)
+ * (k1,k5) (k2,k6) (k3,k7); the token operand is stored in the same order, so the bf16 pairing
+ * costs no shuffle. Both kernels feed the tensor cores the same k16 slices in the same order
+ * (slice 2q+s of a 128-step holds, for quad thread t, the pairs 2s and 2s+1 of word q of span
+ * [32t, 32t+32)), which is what lets their outputs agree bit for bit. */
+#ifndef EPMOE_GEMM_SM90_COMMON_CUH
+#define EPMOE_GEMM_SM90_COMMON_CUH
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels/cuda/grouped_gemm.h"
+
+/* Internal to the two GEMM translation units; the helpers have internal linkage (static). */
+namespace epmoe_sm90 {
+
+constexpr int kStepK = 128;                        /* k elements per pipeline step */
+constexpr int kMaxExperts = 1024;
+constexpr float kDequantFix = 256.0f;              /* 2^8 per dequantized operand */
+
+struct GemmParams {
+    int E, N, K;
+    int64_t cap_rows;
+    const uint8_t *a_codes, *a_sf;
+    const float *a_scale;
+    const __nv_bfloat16 *a_bf16;
+    const uint8_t *w_codes, *w_sf;
+    const float *w_scale;
+    int w_groups, w_split;
+    const int64_t *padded_offsets, *tokens_per_expert;
+    void *out;
+    int out_bf16;
+};
+
+static __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
+    uint32_t d;
+    asm("mul.rn.bf16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+    return d;
+}
+
+/* bf16x2 of S = float(ue4m3 byte) * 2^118 in both halves (exact: 4 significant bits). The
+ * byte shifted to bf16 bits (b << 4) is sf * 2^-120 (E = 0 lands on a bf16 subnormal, as the
+ * E2M1 0.5 does); two exact multiplies by 2^119 give sf * 2^118. */
+static __device__ __forceinline__ uint32_t sf_to_bf16x2(uint32_t byte) {
+    const uint32_t k2p119 = 0x7B007B00u;
+    return bf16x2_mul(bf16x2_mul((byte << 4) | (byte << 20), k2p119), k2p119);
+}
+
+/* 8 E2M1 codes (one word, element i in nibble i) -> bf16 pairs (i, i+4), times S. */
+static __device__ __forceinline__ void dequant8(uint32_t w, uint32_t S, uint32_t out[4]) {
+    const uint32_t kMag = 0x01C001C0u, kSign = 0x80008000u;
+    out[0] = bf16x2_mul(((w << 6) & kMag) | ((w << 12) & kSign), S);
+    out[1] = bf16x2_mul(((w << 2) & kMag) | ((w << 8) & kSign), S);
+    out[2] = bf16x2_mul(((w >> 2) & kMag) | ((w << 4) & kSign), S);
+    out[3] = bf16x2_mul(((w >> 6) & kMag) | (w & kSign), S);
+}
+
+/* 8 bf16 (k0..k7 in four words) -> the same (i, i+4) pairing as dequant8. */
+static __device__ __forceinline__ uint4 permute8(uint4 v) {
+    uint4 r;
+    r.x = __byte_perm(v.x, v.z, 0x5410);
+    r.y = __byte_perm(v.x, v.z, 0x7632);
+    r.z = __byte_perm(v.y, v.w, 0x5410);
+    r.w = __byte_perm(v.y, v.w, 0x7632);
+    return r;
+}
+
+static __device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t a[4], uint32_t b0,
+                                               uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+                 "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+static __device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) {
+    return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
+}
+
+static __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src));
+}
+static __device__ __forceinline__ void cp_async8(void *smem_dst, const void *gmem_src) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem_src));
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int kPending>
+static __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+}
+
+/* Work list of one launch: expert e contributes ceil(count_e / MT) token chunks, each crossed
+ * with the weight tiles. Built on the device from the counts (no host sync) into
+ * chunk_start[0..E]; every thread of the block must call it. */
+template <int MT>
+static __device__ __forceinline__ void build_chunk_list(const GemmParams &p, int *chunk_start) {
+    for (int e = threadIdx.x; e < p.E; e += blockDim.x) {
+        int64_t c = p.tokens_per_expert[e];
+        const int64_t room = p.padded_offsets[e + 1] - p.padded_offsets[e];
+        c = c < 0 ? 0 : (c > room ? room : c); /* never write outside the expert's rows */
+        chunk_start[e + 1] = (int)((c + MT - 1) / MT);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        chunk_start[0] = 0;
+        for (int e = 0; e < p.E; ++e) chunk_start[e + 1] += chunk_start[e];
+    }
+    __syncthreads();
+}
+
+/* The token chunk `chunk` of the list: its expert, first padded row and live row count. */
+struct Chunk {
+    int e;
+    int64_t row0;
+    int mrows;
+};
+template <int MT>
+static __device__ __forceinline__ Chunk find_chunk(const GemmParams &p, const int *chunk_start,
+                                            int chunk) {
+    int lo = 0, hi = p.E - 1; /* largest e with chunk_start[e] <= chunk */
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
+    }
+    Chunk c;
+    c.e = lo;
+    const int c_in_e = chunk - chunk_start[lo];
+    int64_t count = p.tokens_per_expert[lo];
+    const int64_t room = p.padded_offsets[lo + 1] - p.padded_offsets[lo];
+    count = count > room ? room : count;
+    c.row0 = p.padded_offsets[lo] + (int64_t)c_in_e * MT;
+    c.mrows = (int)min((int64_t)MT, count - (int64_t)c_in_e * MT);
+    return c;
+}
+
+/* The parameter block both kernels take, from validated public args. */
+static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
+    GemmParams p;
+    p.E = (int)a->n_experts;
+    p.N = (int)a->N;
+    p.K = (int)a->K;
+    p.cap_rows = a->cap_rows;
+    p.a_codes = a->a_codes;
+    p.a_sf = a->a_sf;
+    p.a_scale = a->a_scale;
+    p.a_bf16 = (const __nv_bfloat16 *)a->a_bf16;
+    p.w_codes = a->w_codes;
+    p.w_sf = a->w_sf;
+    p.w_scale = a->w_scale;
+    p.w_groups = (int)a->w_scale_groups;
+    p.w_split = (int)a->w_scale_split;
+    p.padded_offsets = a->padded_offsets;
+    p.tokens_per_expert = a->tokens_per_expert;
+    p.out = a->out;
+    p.out_bf16 = a->out_bf16;
+    return p;
+}
+
+/* The wgmma kernel (gemm_sm90_wgmma.cu), NVFP4 A only: token chunks of 128 rows, 256 weight
+ * rows per block. Requires a compute capability 9.0 device; the caller checks. */
+epmoe_status epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stream);
+
+/* 1 when this binary carries the sm_90a wgmma code (built with the 90a architecture). */
+int epmoe_gemm_sm90_wgmma_compiled(void);
+
+} // namespace epmoe_sm90
+
+#endif

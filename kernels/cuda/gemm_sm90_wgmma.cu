@@ -1,0 +1,346 @@
+/* Grouped NVFP4 GEMM for Hopper with wgmma (sm_90a): the prefill kernel. Contract in
+ * kernels/cuda/grouped_gemm.h; dequantization and K order in gemm_sm90_common.cuh.
+ *
+ * Same operand order as the mma.sync kernel (gemm_sm90.cu): weights are the M side, tokens the
+ * N side. Per work item (one expert, a chunk of up to 128 token rows, 256 weight rows), per
+ * step of 128 along K:
+ *   weights: global -> shared (cp.async, kStages deep) -> registers -> exact bf16 pairs, which
+ *            are wgmma's A operand straight from registers (m64 tiles, 2 per warpgroup)
+ *   tokens:  global -> shared (cp.async, same stages) -> exact bf16 tile in shared memory, in
+ *            wgmma's K-major 128-byte-swizzled layout -> wgmma's B operand (n = 128)
+ * wgmma runs asynchronously: the dequantization of the next 32 k of weights, and the token
+ * tile of the next step, are computed on the CUDA cores while the tensor cores work, which is
+ * what the mma.sync kernel cannot do (its dequantization and MMAs share the issue slots and
+ * wait on each other).
+ *
+ * Bits. Each k16 slice holds the same k values, in the same pairs, as the mma.sync kernel's,
+ * and slices are accumulated in the same order; tests/gpu/test_gemm.cu checks that the two
+ * kernels' outputs agree bit for bit, which keeps the engine's results independent of which
+ * variant a batch shape selects (and so of the rank count).
+ *
+ * Compiled for sm_90a only (wgmma does not exist elsewhere); in other architectures' passes the
+ * kernel body is empty and epmoe_gemm_sm90_wgmma_compiled() reports whether this binary holds
+ * the sm_90a code. */
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm_sm90_common.cuh"
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define EPMOE_WGMMA_DEVICE 1
+#else
+#define EPMOE_WGMMA_DEVICE 0
+#endif
+
+using namespace epmoe_sm90;
+
+namespace {
+
+constexpr int kSwizzleRowBytes = 128; /* one 64-k half of a token row: the swizzle width */
+
+/* Shared-memory plan (bytes from a 1024-aligned base). Two bf16 token tiles (double buffer),
+ * each two 64-k halves of MT rows x 128 B (1024-aligned: the swizzle pattern repeats every
+ * 8 rows x 128 B), then kStages weight stages (BN rows x 64 code bytes, then BN x 8 scale
+ * bytes) and kStages NVFP4 token stages (MT x 64 code bytes, then MT x 4 x 8 scale bytes). */
+template <int MT, int WT, int NWG, int kStages>
+struct WgmmaPlan {
+    static constexpr int kBN = NWG * WT * 64;
+    static constexpr int kTileHalf = MT * kSwizzleRowBytes;
+    static constexpr int kTile = 2 * kTileHalf;
+    static constexpr int kW = 2 * kTile;
+    static constexpr int kWStage = kBN * (64 + 8);
+    static constexpr int kT = kW + kStages * kWStage;
+    static constexpr int kTStage = MT * (64 + 32);
+    static constexpr int kBytes = kT + kStages * kTStage + 1024; /* + alignment slack */
+};
+
+#if EPMOE_WGMMA_DEVICE
+/* D[64 x 128] += A[64 x 16] (bf16, registers) * B[16 x 128] (bf16, shared memory, K-major,
+ * 128-byte swizzle, described by desc_b); fp32 accumulators. scale_d = 0 starts from zero. */
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
+                                                 uint64_t desc_b, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+                 "}, {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
+                 :
+                   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
+}
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
+}
+/* Keeps the compiler from moving accesses of the accumulators across the asynchronous MMAs. */
+template <int kN>
+__device__ __forceinline__ void fence_operands(float (&d)[kN]) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
+}
+/* Generic-proxy stores (the token tile) made visible to the async proxy (wgmma's reads). */
+__device__ __forceinline__ void fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+
+/* Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 B apart. */
+__device__ __forceinline__ uint64_t desc_k_major_sw128(uint32_t smem_addr) {
+    uint64_t d = (uint64_t)((smem_addr & 0x3FFFF) >> 4);
+    d |= (uint64_t)1 << 16;            /* leading byte offset: unused for swizzled K-major */
+    d |= (uint64_t)(1024 >> 4) << 32;  /* stride byte offset */
+    d |= (uint64_t)1 << 62;            /* 128-byte swizzle */
+    return d;
+}
+#endif
+
+/* MT token rows per chunk (wgmma N), WT m64 weight tiles per warpgroup, NWG warpgroups. */
+template <int MT, int WT, int NWG, int kStages>
+__global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const GemmParams p) {
+#if EPMOE_WGMMA_DEVICE
+    using Plan = WgmmaPlan<MT, WT, NWG, kStages>;
+    constexpr int kThreads = NWG * 128;
+    constexpr int kBN = Plan::kBN;
+    constexpr int kRows = 2 * WT; /* weight rows per thread: rows g and g+8 of each m64 tile */
+    /* (token row, 32-k span) units per thread; four consecutive threads share a row, so global
+     * loads are 64-byte contiguous and the swizzled tile stores conflict-free */
+    constexpr int kUnits = MT * 4 / kThreads;
+    static_assert(MT == 128, "the wgmma wrapper is m64n128k16");
+    static_assert((MT * 4) % kThreads == 0, "token staging must divide evenly");
+    static_assert(kStages >= 2, "pipeline needs two stages");
+
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    __shared__ int chunk_start[kMaxExperts + 1];
+    uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    const uint32_t smem_u32 = (uint32_t)__cvta_generic_to_shared(smem);
+
+    const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int E = p.E, N = p.N, K = p.K;
+    const int steps = K / kStepK;
+
+    build_chunk_list<MT>(p, chunk_start);
+    const int n_tiles = (N + kBN - 1) / kBN;
+    const int total = chunk_start[E] * n_tiles;
+    const float fix = kDequantFix * kDequantFix;
+
+    /* this thread's weight rows inside a block tile (r = 2i + half: m64 tile i, row g + 8*half) */
+    int lrow[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) lrow[r] = wg * WT * 64 + 64 * (r / 2) + 16 * wi + g + 8 * (r % 2);
+
+    for (int item = blockIdx.x; item < total; item += gridDim.x) {
+        const int chunk = item / n_tiles, nt = item % n_tiles;
+        const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
+        const int e = ck.e, mrows = ck.mrows;
+        const int64_t row0 = ck.row0;
+        const int n0 = nt * kBN;
+
+        auto issue_stage = [&](int step) {
+            if (step < steps) {
+                const int b = step % kStages;
+                uint8_t *wst = smem + Plan::kW + b * Plan::kWStage;
+#pragma unroll
+                for (int r = 0; r < kRows; ++r) {
+                    const int n = n0 + lrow[r];
+                    if (n < N) {
+                        const int64_t wr = (int64_t)e * N + n;
+                        cp_async16(wst + lrow[r] * 64 + 16 * t, p.w_codes + wr * (K / 2) + step * 64 + 16 * t);
+                        if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, p.w_sf + wr * (K / 16) + step * 8);
+                    }
+                }
+                uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
+#pragma unroll
+                for (int u = 0; u < kUnits; ++u) {
+                    const int unit = threadIdx.x + u * kThreads;
+                    const int tr = unit / 4, s = unit % 4;
+                    if (tr < mrows) {
+                        const int64_t row = row0 + tr;
+                        cp_async16(tst + tr * 64 + s * 16, p.a_codes + row * (K / 2) + step * 64 + s * 16);
+                        cp_async8(tst + MT * 64 + (tr * 4 + s) * 8, p.a_sf + row * (K / 16) + step * 8);
+                    }
+                }
+            }
+            cp_async_commit(); /* always: keeps the group count equal to the step count */
+        };
+
+        /* Own token units of a landed stage -> the swizzled bf16 tile. Word q of span s gives
+         * the pairs of slices 2q and 2q+1 at bytes 4s and 16 + 4s (gemm_sm90_common.cuh):
+         * 16-byte chunks 4(q%2) .. 4(q%2)+3 of half q/2, each XOR-swizzled by the row. */
+        auto convert_stage = [&](int step) {
+            const uint8_t *tst = smem + Plan::kT + (step % kStages) * Plan::kTStage;
+            uint8_t *tile = smem + (step & 1) * Plan::kTile;
+#pragma unroll
+            for (int u = 0; u < kUnits; ++u) {
+                const int unit = threadIdx.x + u * kThreads;
+                const int tr = unit / 4, s = unit % 4;
+                if (tr < mrows) {
+                    const uint4 codes = *(const uint4 *)(tst + tr * 64 + s * 16);
+                    const uint32_t sf2 = *(const uint16_t *)(tst + MT * 64 + (tr * 4 + s) * 8 + 2 * s);
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const uint32_t S = sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8));
+                        uint32_t o[4];
+                        dequant8(word_of(codes, q), S, o);
+                        uint8_t *row = tile + (q / 2) * Plan::kTileHalf + tr * kSwizzleRowBytes + 4 * s;
+#pragma unroll
+                        for (int m = 0; m < 4; ++m)
+                            *(uint32_t *)(row + ((((q % 2) * 4 + m) ^ (tr & 7)) << 4)) = o[m];
+                    }
+                }
+            }
+        };
+
+        float acc[WT][MT / 2];
+#pragma unroll
+        for (int i = 0; i < WT; ++i)
+#pragma unroll
+            for (int v = 0; v < MT / 2; ++v) acc[i][v] = 0.0f;
+
+        __syncthreads(); /* the previous item's last reads of shared memory are done */
+#pragma unroll
+        for (int s = 0; s < kStages - 1; ++s) issue_stage(s);
+        cp_async_wait<kStages - 2>(); /* stage 0 landed (own copies) */
+        convert_stage(0);
+        fence_proxy_async();
+
+        for (int step = 0; step < steps; ++step) {
+            /* tile[step] and weight stage `step` visible to all; step-1 fully consumed */
+            __syncthreads();
+            issue_stage(step + kStages - 1);
+            const uint8_t *wst = smem + Plan::kW + (step % kStages) * Plan::kWStage;
+            const uint32_t tile = smem_u32 + (step & 1) * Plan::kTile;
+            uint4 wq[kRows];
+            uint32_t S[kRows][2];
+#pragma unroll
+            for (int r = 0; r < kRows; ++r) {
+                wq[r] = *(const uint4 *)(wst + lrow[r] * 64 + 16 * t);
+                const uint32_t sf2 = *(const uint16_t *)(wst + kBN * 64 + lrow[r] * 8 + 2 * t);
+                S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
+                S[r][1] = sf_to_bf16x2(sf2 >> 8);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                uint32_t A[WT][2][4]; /* [m64 tile][k16 slice 2q+s][fragment] */
+#pragma unroll
+                for (int i = 0; i < WT; ++i) {
+                    uint32_t rg[4], rg8[4];
+                    dequant8(word_of(wq[2 * i], q), S[2 * i][q / 2], rg);
+                    dequant8(word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], rg8);
+#pragma unroll
+                    for (int s = 0; s < 2; ++s) {
+                        A[i][s][0] = rg[2 * s];
+                        A[i][s][1] = rg8[2 * s];
+                        A[i][s][2] = rg[2 * s + 1];
+                        A[i][s][3] = rg8[2 * s + 1];
+                    }
+                }
+                wgmma_fence();
+#pragma unroll
+                for (int s = 0; s < 2; ++s) {
+                    const int j = 2 * q + s; /* k16 slice of this step */
+                    const uint64_t desc =
+                        desc_k_major_sw128(tile + (j / 4) * Plan::kTileHalf + (j % 4) * 32);
+#pragma unroll
+                    for (int i = 0; i < WT; ++i) {
+                        fence_operands(acc[i]);
+                        wgmma_m64n128k16(acc[i], A[i][s], desc, 1);
+                        fence_operands(acc[i]);
+                    }
+                }
+                wgmma_commit();
+                wgmma_wait<1>(); /* slice pair q-1 done: its A registers may be reused */
+            }
+            if (step + 1 < steps) {
+                cp_async_wait<kStages - 2>(); /* stage step+1 landed (own copies) */
+                convert_stage(step + 1);
+                fence_proxy_async();
+            }
+            wgmma_wait<0>(); /* tile[step] and the accumulators are free */
+#pragma unroll
+            for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
+        }
+        cp_async_wait<0>();
+
+        /* Epilogue: fp32 tensor scales; only live token rows and real columns are written. */
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+            const int i = r / 2, half = r % 2;
+            const int n = n0 + lrow[r];
+            if (n >= N) continue;
+            const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
+            const float wscale = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
+#pragma unroll
+            for (int c = 0; c < MT / 8; ++c) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int tr = c * 8 + 2 * t + j;
+                    if (tr < mrows) {
+                        const int64_t row = row0 + tr;
+                        const float v = acc[i][4 * c + 2 * half + j] * wscale * p.a_scale[row];
+                        if (p.out_bf16)
+                            ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
+                        else
+                            ((float *)p.out)[row * N + n] = v;
+                    }
+                }
+            }
+        }
+    }
+#else
+    (void)p;
+#endif
+}
+
+constexpr int kMT = 128, kWT = 2, kNWG = 2, kStagesW = 4;
+
+} // namespace
+
+int epmoe_sm90::epmoe_gemm_sm90_wgmma_compiled(void) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>) !=
+        cudaSuccess) {
+        (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
+        return 0;
+    }
+    return attr.binaryVersion == 90;
+}
+
+epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stream) {
+    auto kernel = grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>;
+    using Plan = WgmmaPlan<kMT, kWT, kNWG, kStagesW>;
+    const int smem_bytes = Plan::kBytes;
+    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+             "raising the wgmma grouped GEMM's shared-memory limit");
+    int device = 0, sms = 0;
+    CUDA_TRY(cudaGetDevice(&device), "wgmma grouped GEMM launch");
+    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "reading the multiprocessor count");
+    /* Persistent grid, one block per SM: never more blocks than the largest work list. */
+    const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
+    const int64_t max_items = (p.cap_rows / kMT + p.E) * n_tiles;
+    int64_t blocks = sms;
+    if (blocks > max_items) blocks = max_items;
+    if (blocks < 1) blocks = 1;
+    kernel<<<(unsigned)blocks, kNWG * 128, smem_bytes, stream>>>(p);
+    CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a wgmma)");
+    return EPMOE_OK;
+}
