@@ -155,6 +155,8 @@ int main(int argc, char **argv) {
     CHECK_CUDA(cudaMalloc(&w_scale, 2 * 64 * 4));
     CHECK_CUDA(cudaMalloc(&out, max_out * 4));
     CHECK_CUDA(cudaMalloc(&cb_a, max_ak * 2));
+    void *a_ws; /* the wgmma kernel's bf16 copy of A */
+    CHECK_CUDA(cudaMalloc(&a_ws, max_ak * 2));
     CHECK_CUDA(cudaMalloc(&cb_w, max_nk * 2));
     CHECK_CUDA(cudaMalloc(&cb_out, max_out * 2));
     CHECK_CUDA(cudaMalloc(&d_offs, 65 * 8));
@@ -195,6 +197,7 @@ int main(int argc, char **argv) {
                 a.a_codes = a_codes;
                 a.a_sf = a_sf;
                 a.a_scale = a_scale;
+                a.a_workspace = a_ws;
                 a.w_codes = w_codes;
                 a.w_sf = w_sf;
                 a.w_scale = w_scale;

@@ -305,11 +305,13 @@ int sm90_rows_per_chunk(const epmoe_grouped_gemm_args *a) {
     return 128;                                      /* prefill */
 }
 
-/* wgmma needs an sm_90a image, a compute capability 9.0 device and NVFP4 A (its token tile is
- * built from NVFP4 codes). */
+/* wgmma needs an sm_90a image, a compute capability 9.0 device, NVFP4 A and the workspace its
+ * bf16 copy of A goes to. */
 bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
     int device = 0, major = 0, minor = 0;
-    if (a->a_format != EPMOE_GEMM_A_NVFP4) return false;
+    if (a->a_format != EPMOE_GEMM_A_NVFP4 || !a->a_workspace ||
+        ((uintptr_t)a->a_workspace & 15) != 0)
+        return false;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -323,11 +325,12 @@ bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
     if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
-    switch (sm90_rows_per_chunk(a)) {
-    case 32: return EPMOE_GEMM_SM90_MMA_MT32;
-    case 64: return EPMOE_GEMM_SM90_MMA_MT64;
-    default: return wgmma_usable(a) ? EPMOE_GEMM_SM90_WGMMA_MT128 : EPMOE_GEMM_SM90_MMA_MT128;
-    }
+    /* Measured on the H100 (bench/RESULTS.md, v4): wgmma beats mma.sync MT=64 from 64 rows per
+     * expert on (0.71-0.80x its time) and loses to MT=32 at 32 rows (1.04-1.18x). */
+    const int rows = sm90_rows_per_chunk(a);
+    if (rows == 32) return EPMOE_GEMM_SM90_MMA_MT32;
+    if (wgmma_usable(a)) return EPMOE_GEMM_SM90_WGMMA_MT128;
+    return rows == 64 ? EPMOE_GEMM_SM90_MMA_MT64 : EPMOE_GEMM_SM90_MMA_MT128;
 }
 
 extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kernel k) {
@@ -403,8 +406,9 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
                    : launch_variant<128, 8, 3, false, 1>(p, stream);
     case EPMOE_GEMM_SM90_WGMMA_MT128:
         EPMOE_REQUIRE(wgmma_usable(a), EPMOE_ERR_UNSUPPORTED,
-                      "grouped GEMM: the wgmma kernel needs NVFP4 A, a compute capability 9.0 "
-                      "device and a build for the 90a architecture");
+                      "grouped GEMM: the wgmma kernel needs NVFP4 A, a 16-byte aligned "
+                      "a_workspace, a compute capability 9.0 device and a build for the 90a "
+                      "architecture");
         return epmoe_gemm_sm90_wgmma_launch(p, stream);
     default:
         break;

@@ -43,6 +43,7 @@ struct GemmParams {
     const int64_t *padded_offsets, *tokens_per_expert;
     void *out;
     int out_bf16;
+    void *a_ws; /* [cap_rows, K] bf16 workspace of the wgmma kernel (NVFP4 A dequantized) */
 };
 
 static __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
@@ -168,11 +169,13 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     p.tokens_per_expert = a->tokens_per_expert;
     p.out = a->out;
     p.out_bf16 = a->out_bf16;
+    p.a_ws = a->a_workspace;
     return p;
 }
 
 /* The wgmma kernel (gemm_sm90_wgmma.cu), NVFP4 A only: token chunks of 128 rows, 256 weight
- * rows per block. Requires a compute capability 9.0 device; the caller checks. */
+ * rows per block; p.a_ws is required. Requires a compute capability 9.0 device; the caller
+ * checks. */
 epmoe_status epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stream);
 
 /* 1 when this binary carries the sm_90a wgmma code (built with the 90a architecture). */

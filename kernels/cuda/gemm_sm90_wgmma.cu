@@ -2,25 +2,27 @@
  * kernels/cuda/grouped_gemm.h; dequantization and K order in gemm_sm90_common.cuh.
  *
  * Same operand order as the mma.sync kernel (gemm_sm90.cu): weights are the M side, tokens the
- * N side. Per work item (one expert, a chunk of up to 128 token rows, 256 weight rows), per
- * step of 128 along K:
- *   weights: global -> shared (cp.async, kStages deep) -> registers -> exact bf16 pairs, which
- *            are wgmma's A operand straight from registers (m64 tiles, 2 per warpgroup)
- *   tokens:  global -> shared (cp.async, same stages) -> exact bf16 tile in shared memory, in
- *            wgmma's K-major 128-byte-swizzled layout -> wgmma's B operand (n = 128)
- * wgmma runs asynchronously: the dequantization of the next 32 k of weights, and the token
- * tile of the next step, are computed on the CUDA cores while the tensor cores work, which is
- * what the mma.sync kernel cannot do (its dequantization and MMAs share the issue slots and
- * wait on each other).
+ * N side. Two launches:
+ *   1. nvfp4_rows_to_bf16_kernel: every live NVFP4 A row -> exact bf16, in the K order below,
+ *      into the caller's workspace (once, instead of once per weight tile that meets the row).
+ *   2. grouped_gemm_wgmma_kernel, per work item (one expert, a chunk of up to 128 token rows,
+ *      256 weight rows), per step of 128 along K:
+ *        weights: global -> shared (cp.async) -> registers -> exact bf16 pairs = wgmma's A
+ *                 operand straight from registers (m64 tiles, 2 per warpgroup)
+ *        tokens:  bf16 workspace -> shared (cp.async, each 16-byte chunk at its place in
+ *                 wgmma's K-major 128-byte-swizzled layout) = wgmma's B operand (n = 128)
+ * wgmma runs asynchronously: the next 32 k of weights are dequantized on the CUDA cores while
+ * the tensor cores work, which the mma.sync kernel cannot do (its dequantization and MMAs share
+ * the issue slots and wait on each other).
  *
  * Bits. Each k16 slice holds the same k values, in the same pairs, as the mma.sync kernel's,
  * and slices are accumulated in the same order; tests/gpu/test_gemm.cu checks that the two
  * kernels' outputs agree bit for bit, which keeps the engine's results independent of which
- * variant a batch shape selects (and so of the rank count).
+ * kernel a batch shape selects (and so of the rank count).
  *
  * Compiled for sm_90a only (wgmma does not exist elsewhere); in other architectures' passes the
- * kernel body is empty and epmoe_gemm_sm90_wgmma_compiled() reports whether this binary holds
- * the sm_90a code. */
+ * kernel bodies are empty and epmoe_gemm_sm90_wgmma_compiled() reports whether this binary
+ * holds the sm_90a code. */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -40,20 +42,23 @@ namespace {
 
 constexpr int kSwizzleRowBytes = 128; /* one 64-k half of a token row: the swizzle width */
 
-/* Shared-memory plan (bytes from a 1024-aligned base). Two bf16 token tiles (double buffer),
- * each two 64-k halves of MT rows x 128 B (1024-aligned: the swizzle pattern repeats every
- * 8 rows x 128 B), then kStages weight stages (BN rows x 64 code bytes, then BN x 8 scale
- * bytes) and kStages NVFP4 token stages (MT x 64 code bytes, then MT x 4 x 8 scale bytes). */
+/* Shared-memory plan (bytes from a 1024-aligned base): kStages stages, each a bf16 token tile
+ * (two 64-k halves of MT rows x 128 B, 1024-aligned: the swizzle pattern repeats every 8 rows
+ * x 128 B) followed by the weight rows (BN x 64 code bytes, then BN x 8 scale bytes).
+ * MMAs stay in flight across the step barrier, so a stage is refilled only two steps after
+ * its last MMAs were issued: every warpgroup has waited for those before it arrives at the
+ * barrier (kAhead = kStages - 2 steps are prefetched). */
 template <int MT, int WT, int NWG, int kStages>
 struct WgmmaPlan {
     static constexpr int kBN = NWG * WT * 64;
     static constexpr int kTileHalf = MT * kSwizzleRowBytes;
     static constexpr int kTile = 2 * kTileHalf;
-    static constexpr int kW = 2 * kTile;
     static constexpr int kWStage = kBN * (64 + 8);
-    static constexpr int kT = kW + kStages * kWStage;
-    static constexpr int kTStage = MT * (64 + 32);
-    static constexpr int kBytes = kT + kStages * kTStage + 1024; /* + alignment slack */
+    static constexpr int kStage = kTile + kWStage;
+    static constexpr int kAhead = kStages - 2;
+    static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
+    static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
+    static_assert(kAhead >= 1, "the pipeline prefetches at least one step");
 };
 
 #if EPMOE_WGMMA_DEVICE
@@ -120,16 +125,19 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
     constexpr int kThreads = NWG * 128;
     constexpr int kBN = Plan::kBN;
     constexpr int kRows = 2 * WT; /* weight rows per thread: rows g and g+8 of each m64 tile */
-    /* (token row, 32-k span) units per thread; four consecutive threads share a row, so global
-     * loads are 64-byte contiguous and the swizzled tile stores conflict-free */
-    constexpr int kUnits = MT * 4 / kThreads;
+    /* 16-byte token chunks per thread and stage; 16 consecutive threads copy one row's 256
+     * bytes (coalesced), and the 8 of a 16-byte access phase land in 8 distinct swizzled
+     * columns (no bank conflicts) */
+    constexpr int kUnits = MT * 16 / kThreads;
     static_assert(MT == 128, "the wgmma wrapper is m64n128k16");
-    static_assert((MT * 4) % kThreads == 0, "token staging must divide evenly");
-    static_assert(kStages >= 2, "pipeline needs two stages");
+    static_assert((MT * 16) % kThreads == 0, "token staging must divide evenly");
 
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
-    uint8_t *smem = (uint8_t *)(((uintptr_t)smem_raw + 1023) & ~(uintptr_t)1023);
+    /* 1024-align by offsetting the shared array itself (not through an integer cast), so the
+     * compiler keeps shared-memory loads and stores (LDS/STS, not generic LD/ST) */
+    const uint32_t raw_u32 = (uint32_t)__cvta_generic_to_shared(smem_raw);
+    uint8_t *smem = smem_raw + ((1024u - (raw_u32 & 1023u)) & 1023u);
     const uint32_t smem_u32 = (uint32_t)__cvta_generic_to_shared(smem);
 
     const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
@@ -154,59 +162,37 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         const int64_t row0 = ck.row0;
         const int n0 = nt * kBN;
 
+        /* per-item bases; per-step and per-row offsets stay 32-bit */
+        const uint8_t *w_codes = p.w_codes + ((int64_t)e * N + n0) * (K / 2) + 16 * t;
+        const uint8_t *w_sf = p.w_sf + ((int64_t)e * N + n0) * (K / 16);
+        const uint8_t *a_rows = (const uint8_t *)p.a_ws + row0 * (int64_t)K * 2;
+
+        /* One stage: this thread's weight rows (16 code bytes each; quad leader t == 0 also the
+         * row's 8 scale bytes) and its 16-byte chunks of the bf16 token rows, each stored at its
+         * swizzled place in the tile (chunk c of a 256-byte row step -> half c/8, column
+         * (c%8) ^ (row%8)). */
         auto issue_stage = [&](int step) {
             if (step < steps) {
-                const int b = step % kStages;
-                uint8_t *wst = smem + Plan::kW + b * Plan::kWStage;
+                uint8_t *stage = smem + (step % kStages) * Plan::kStage;
+                uint8_t *wst = stage + Plan::kTile;
 #pragma unroll
                 for (int r = 0; r < kRows; ++r) {
-                    const int n = n0 + lrow[r];
-                    if (n < N) {
-                        const int64_t wr = (int64_t)e * N + n;
-                        cp_async16(wst + lrow[r] * 64 + 16 * t, p.w_codes + wr * (K / 2) + step * 64 + 16 * t);
-                        if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, p.w_sf + wr * (K / 16) + step * 8);
+                    if (n0 + lrow[r] < N) {
+                        cp_async16(wst + lrow[r] * 64 + 16 * t, w_codes + lrow[r] * (K / 2) + step * 64);
+                        if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, w_sf + lrow[r] * (K / 16) + step * 8);
                     }
                 }
-                uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
 #pragma unroll
                 for (int u = 0; u < kUnits; ++u) {
-                    const int unit = threadIdx.x + u * kThreads;
-                    const int tr = unit / 4, s = unit % 4;
-                    if (tr < mrows) {
-                        const int64_t row = row0 + tr;
-                        cp_async16(tst + tr * 64 + s * 16, p.a_codes + row * (K / 2) + step * 64 + s * 16);
-                        cp_async8(tst + MT * 64 + (tr * 4 + s) * 8, p.a_sf + row * (K / 16) + step * 8);
-                    }
+                    const int idx = threadIdx.x + u * kThreads;
+                    const int tr = idx / 16, c = idx % 16;
+                    if (tr < mrows)
+                        cp_async16(stage + (c / 8) * Plan::kTileHalf + tr * kSwizzleRowBytes +
+                                       (((c % 8) ^ (tr & 7)) << 4),
+                                   a_rows + tr * (K * 2) + step * 256 + c * 16);
                 }
             }
             cp_async_commit(); /* always: keeps the group count equal to the step count */
-        };
-
-        /* Own token units of a landed stage -> the swizzled bf16 tile. Word q of span s gives
-         * the pairs of slices 2q and 2q+1 at bytes 4s and 16 + 4s (gemm_sm90_common.cuh):
-         * 16-byte chunks 4(q%2) .. 4(q%2)+3 of half q/2, each XOR-swizzled by the row. */
-        auto convert_stage = [&](int step) {
-            const uint8_t *tst = smem + Plan::kT + (step % kStages) * Plan::kTStage;
-            uint8_t *tile = smem + (step & 1) * Plan::kTile;
-#pragma unroll
-            for (int u = 0; u < kUnits; ++u) {
-                const int unit = threadIdx.x + u * kThreads;
-                const int tr = unit / 4, s = unit % 4;
-                if (tr < mrows) {
-                    const uint4 codes = *(const uint4 *)(tst + tr * 64 + s * 16);
-                    const uint32_t sf2 = *(const uint16_t *)(tst + MT * 64 + (tr * 4 + s) * 8 + 2 * s);
-#pragma unroll
-                    for (int q = 0; q < 4; ++q) {
-                        const uint32_t S = sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8));
-                        uint32_t o[4];
-                        dequant8(word_of(codes, q), S, o);
-                        uint8_t *row = tile + (q / 2) * Plan::kTileHalf + tr * kSwizzleRowBytes + 4 * s;
-#pragma unroll
-                        for (int m = 0; m < 4; ++m)
-                            *(uint32_t *)(row + ((((q % 2) * 4 + m) ^ (tr & 7)) << 4)) = o[m];
-                    }
-                }
-            }
         };
 
         float acc[WT][MT / 2];
@@ -217,17 +203,16 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
 
         __syncthreads(); /* the previous item's last reads of shared memory are done */
 #pragma unroll
-        for (int s = 0; s < kStages - 1; ++s) issue_stage(s);
-        cp_async_wait<kStages - 2>(); /* stage 0 landed (own copies) */
-        convert_stage(0);
-        fence_proxy_async();
+        for (int s = 0; s < Plan::kAhead; ++s) issue_stage(s);
 
         for (int step = 0; step < steps; ++step) {
-            /* tile[step] and weight stage `step` visible to all; step-1 fully consumed */
+            cp_async_wait<Plan::kAhead - 1>(); /* own copies of stage `step` landed */
+            fence_proxy_async();               /* ... and visible to wgmma's reads */
+            /* stage `step` complete for all; every warpgroup's MMAs of step-2 are done */
             __syncthreads();
-            issue_stage(step + kStages - 1);
-            const uint8_t *wst = smem + Plan::kW + (step % kStages) * Plan::kWStage;
-            const uint32_t tile = smem_u32 + (step & 1) * Plan::kTile;
+            issue_stage(step + Plan::kAhead);
+            const uint8_t *wst = smem + (step % kStages) * Plan::kStage + Plan::kTile;
+            const uint32_t tile = smem_u32 + (step % kStages) * Plan::kStage;
             uint4 wq[kRows];
             uint32_t S[kRows][2];
 #pragma unroll
@@ -267,20 +252,24 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
                     }
                 }
                 wgmma_commit();
-                wgmma_wait<1>(); /* slice pair q-1 done: its A registers may be reused */
+                /* this warpgroup's slice pair q-1 is done: its A registers may be reused */
+                wgmma_wait<1>();
             }
-            if (step + 1 < steps) {
-                cp_async_wait<kStages - 2>(); /* stage step+1 landed (own copies) */
-                convert_stage(step + 1);
-                fence_proxy_async();
-            }
-            wgmma_wait<0>(); /* tile[step] and the accumulators are free */
-#pragma unroll
-            for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
         }
+        wgmma_wait<0>(); /* the accumulators are final */
+#pragma unroll
+        for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
         cp_async_wait<0>();
 
         /* Epilogue: fp32 tensor scales; only live token rows and real columns are written. */
+        float a_scale[MT / 4]; /* this thread's token rows 8c + 2t + j */
+#pragma unroll
+        for (int c = 0; c < MT / 8; ++c)
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int tr = c * 8 + 2 * t + j;
+                a_scale[2 * c + j] = tr < mrows ? p.a_scale[row0 + tr] : 0.0f;
+            }
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
             const int i = r / 2, half = r % 2;
@@ -295,7 +284,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
                     const int tr = c * 8 + 2 * t + j;
                     if (tr < mrows) {
                         const int64_t row = row0 + tr;
-                        const float v = acc[i][4 * c + 2 * half + j] * wscale * p.a_scale[row];
+                        const float v = acc[i][4 * c + 2 * half + j] * wscale * a_scale[2 * c + j];
                         if (p.out_bf16)
                             ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
                         else
@@ -308,6 +297,48 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
 #else
     (void)p;
 #endif
+}
+
+/* NVFP4 A rows -> exact bf16 in the kernel's K order, once per GEMM instead of once per
+ * (token chunk, weight tile): per 128-k step, 16-byte chunk c holds word q = c/4's pair m = c%4
+ * (gemm_sm90_common.cuh) for the quad threads t = 0..3, i.e. logical slice c/2, half c%2.
+ * Live rows only (padding rows are neither read nor written). One warp per row, lanes over the
+ * row's steps: coalesced 64-byte code reads. Launch shape from cap_rows only. */
+__global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParams p) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
+    const int K = p.K, steps = K / kStepK;
+    for (int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < p.cap_rows;
+         row += warps) {
+        if (row >= p.padded_offsets[p.E]) break; /* rows only grow */
+        int lo = 0, hi = p.E - 1; /* the expert holding this row: largest e with offset <= row */
+        while (lo < hi) {
+            const int mid = (lo + hi + 1) / 2;
+            if (p.padded_offsets[mid] <= row) lo = mid; else hi = mid - 1;
+        }
+        int64_t count = p.tokens_per_expert[lo];
+        const int64_t room = p.padded_offsets[lo + 1] - p.padded_offsets[lo];
+        count = count < 0 ? 0 : (count > room ? room : count);
+        if (row - p.padded_offsets[lo] >= count) continue; /* padding */
+        for (int step = lane; step < steps; step += 32) {
+            const uint8_t *codes = p.a_codes + row * (K / 2) + step * 64;
+            const uint8_t *sf = p.a_sf + row * (K / 16) + step * 8;
+            uint32_t o[4][4][4]; /* [span t][word q][pair m] */
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const uint4 w = *(const uint4 *)(codes + 16 * t);
+                const uint32_t sf2 = *(const uint16_t *)(sf + 2 * t);
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    dequant8(word_of(w, q), sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8)), o[t][q]);
+            }
+            uint4 *dst = (uint4 *)((uint8_t *)p.a_ws + (row * K + step * kStepK) * 2);
+#pragma unroll
+            for (int c = 0; c < 16; ++c)
+                dst[c] = make_uint4(o[0][c / 4][c % 4], o[1][c / 4][c % 4], o[2][c / 4][c % 4],
+                                    o[3][c / 4][c % 4]);
+        }
+    }
 }
 
 constexpr int kMT = 128, kWT = 2, kNWG = 2, kStagesW = 4;
@@ -340,6 +371,12 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaS
     int64_t blocks = sms;
     if (blocks > max_items) blocks = max_items;
     if (blocks < 1) blocks = 1;
+    /* A operand: NVFP4 -> bf16 into the workspace, then the GEMM */
+    int64_t prep_blocks = (p.cap_rows + 7) / 8; /* 8 rows (warps) per block */
+    if (prep_blocks > (int64_t)sms * 8) prep_blocks = (int64_t)sms * 8;
+    if (prep_blocks < 1) prep_blocks = 1;
+    nvfp4_rows_to_bf16_kernel<<<(unsigned)prep_blocks, 256, 0, stream>>>(p);
+    CUDA_TRY_LAUNCH("NVFP4 A -> bf16 for the wgmma grouped GEMM");
     kernel<<<(unsigned)blocks, kNWG * 128, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a wgmma)");
     return EPMOE_OK;

@@ -63,7 +63,7 @@ typedef enum {
 /* The sm_90 path's kernels. AUTO picks from the shapes (below); the others force one, for the
  * tests that compare them and the benchmark. Every kernel is correct for any routing; the
  * forced choice must still fit the device (WGMMA needs compute capability 9.0, an sm_90a
- * build and NVFP4 A: EPMOE_ERR_UNSUPPORTED otherwise). */
+ * build, NVFP4 A and a_workspace: EPMOE_ERR_UNSUPPORTED otherwise). */
 typedef enum {
     EPMOE_GEMM_SM90_AUTO = 0,
     EPMOE_GEMM_SM90_MMA_MT32 = 1,   /* mma.sync, 32-token chunks x 128 weight rows (decode) */
@@ -84,6 +84,9 @@ typedef struct {
     const uint8_t *a_sf;    /* [cap_rows, K/16] (NVFP4) */
     const float *a_scale;   /* [cap_rows]; required for NVFP4, optional (NULL = 1) for bf16 */
     const void *a_bf16;     /* [cap_rows, K] __nv_bfloat16 (BF16) */
+    void *a_workspace;      /* [cap_rows, K] bf16, 16-byte aligned, or NULL (NVFP4): where the
+                               wgmma kernel puts the exact bf16 of A (in its own K order) once
+                               per call; without it that kernel is not used */
 
     /* Weights */
     const uint8_t *w_codes;     /* [E, N, K/2] */

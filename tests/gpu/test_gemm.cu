@@ -97,13 +97,15 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     /* device */
     uint8_t *d_ac, *d_asf, *d_wc, *d_wsf;
     float *d_as, *d_ws;
-    void *d_ab, *d_out;
+    void *d_ab, *d_out, *d_abuf;
     int64_t *d_offs, *d_counts;
     const size_t out_elem = c.out_bf16 ? 2 : 4;
     GT_CUDA(cudaMalloc(&d_ac, a_codes.size()));
     GT_CUDA(cudaMalloc(&d_asf, a_sf.size()));
     GT_CUDA(cudaMalloc(&d_as, cap * sizeof(float)));
     GT_CUDA(cudaMalloc(&d_ab, cap * K * 2));
+    GT_CUDA(cudaMalloc(&d_abuf, cap * K * 2)); /* the wgmma kernel's bf16 A */
+    GT_CUDA(cudaMemset(d_abuf, 0xFF, cap * K * 2)); /* NaN bits: a row it failed to fill shows */
     GT_CUDA(cudaMalloc(&d_wc, w_codes.size()));
     GT_CUDA(cudaMalloc(&d_wsf, w_sf.size()));
     GT_CUDA(cudaMalloc(&d_ws, w_scale.size() * sizeof(float)));
@@ -141,6 +143,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     args.a_sf = d_asf;
     args.a_scale = d_as;
     args.a_bf16 = d_ab;
+    args.a_workspace = c.a_bf16 ? NULL : d_abuf;
     args.w_codes = d_wc;
     args.w_sf = d_wsf;
     args.w_scale = d_ws;
@@ -274,7 +277,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     GT_CHECK(elem_bound_fail == 0, "%s: %zu elements outside the per-element bound", c.name,
              elem_bound_fail);
 
-    cudaFree(d_ac); cudaFree(d_asf); cudaFree(d_as); cudaFree(d_ab); cudaFree(d_wc);
+    cudaFree(d_ac); cudaFree(d_asf); cudaFree(d_as); cudaFree(d_ab); cudaFree(d_abuf); cudaFree(d_wc);
     cudaFree(d_wsf); cudaFree(d_ws); cudaFree(d_out); cudaFree(d_offs); cudaFree(d_counts);
 }
 

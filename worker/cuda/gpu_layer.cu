@@ -64,7 +64,13 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     carve_add(p, "a_codes [cap,max(H,I)/2] e2m1", &a->a_codes, nvfp4 ? (size_t)(cap * K_max / 2) : 0);
     carve_add(p, "a_sf [cap,max(H,I)/16] ue4m3", &a->a_sf, nvfp4 ? (size_t)(cap * K_max / 16) : 0);
     carve_add(p, "a_scale [cap] f32", &a->a_scale, nvfp4 ? (size_t)cap * 4 : 0);
-    carve_add(p, "a_bf16 [cap,max(H,I)] bf16", &a->a_bf16, nvfp4 ? 0 : (size_t)(cap * K_max) * 2);
+    /* bf16 A: the W4A16 input, or on Hopper the wgmma GEMM's exact bf16 copy of NVFP4 A (it
+     * dequantizes each row once per call instead of once per weight tile) */
+    int major = 0;
+    CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx->device),
+             "reading the compute capability");
+    const int want_bf16_a = !nvfp4 || major == 9;
+    carve_add(p, "a_bf16 [cap,max(H,I)] bf16", &a->a_bf16, want_bf16_a ? (size_t)(cap * K_max) * 2 : 0);
     carve_add(p, "h [cap,2I] f32", &a->h, (size_t)(cap * 2 * I) * 4);
     carve_add(p, "y [cap,H] f32", &a->y, (size_t)(cap * H) * 4);
     carve_add(p, "shared_x [T,H] bf16", &a->shared_x_bf16, (size_t)(T * H) * 2 * (Is > 0));
@@ -117,7 +123,8 @@ epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64
         goto fail;
     }
     carve_plan plan;
-    plan_arena(ctx, a, &plan);
+    st = plan_arena(ctx, a, &plan);
+    if (st != EPMOE_OK) goto fail;
     a->bytes = carve_total(&plan);
     err = cudaMalloc(&a->base, a->bytes);
     if (err != cudaSuccess) {
@@ -367,6 +374,7 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     g.a_sf = a->a_sf;
     g.a_scale = nvfp4 ? a->a_scale : NULL;
     g.a_bf16 = a->a_bf16;
+    g.a_workspace = nvfp4 ? a->a_bf16 : NULL;
     g.padded_offsets = a->padded_offsets;
     g.tokens_per_expert = a->tokens_per_expert;
 

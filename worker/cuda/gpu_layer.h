@@ -57,7 +57,8 @@ typedef struct {
     uint8_t *a_codes;            /* [cap_rows, max(H, I) / 2] (act_quant = nvfp4) */
     uint8_t *a_sf;               /* [cap_rows, max(H, I) / 16] */
     float *a_scale;              /* [cap_rows] 1/gs per row */
-    uint16_t *a_bf16;            /* [cap_rows, max(H, I)] (act_quant = high) */
+    uint16_t *a_bf16;            /* [cap_rows, max(H, I)] (act_quant = high; on Hopper also
+                                    the wgmma GEMM's workspace for NVFP4 A) */
     float *h;                    /* [cap_rows, 2I] W13 output */
     float *y;                    /* [cap_rows, H] W2 output */
     /* shared expert */
