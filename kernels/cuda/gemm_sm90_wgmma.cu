@@ -170,26 +170,27 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         /* One stage: this thread's weight rows (16 code bytes each; quad leader t == 0 also the
          * row's 8 scale bytes) and its 16-byte chunks of the bf16 token rows, each stored at its
          * swizzled place in the tile (chunk c of a 256-byte row step -> half c/8, column
-         * (c%8) ^ (row%8)). */
+         * (c%8) ^ (row%8)). Rows past N or past the chunk's live rows are copied from the last
+         * valid row instead of being skipped: no branches in the loop, and their products land
+         * in accumulators the epilogue never writes. */
+        const int n_last = N - 1 - n0, tr_last = mrows - 1;
         auto issue_stage = [&](int step) {
             if (step < steps) {
                 uint8_t *stage = smem + (step % kStages) * Plan::kStage;
                 uint8_t *wst = stage + Plan::kTile;
 #pragma unroll
                 for (int r = 0; r < kRows; ++r) {
-                    if (n0 + lrow[r] < N) {
-                        cp_async16(wst + lrow[r] * 64 + 16 * t, w_codes + lrow[r] * (K / 2) + step * 64);
-                        if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, w_sf + lrow[r] * (K / 16) + step * 8);
-                    }
+                    const int src = min(lrow[r], n_last);
+                    cp_async16(wst + lrow[r] * 64 + 16 * t, w_codes + src * (K / 2) + step * 64);
+                    if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, w_sf + src * (K / 16) + step * 8);
                 }
 #pragma unroll
                 for (int u = 0; u < kUnits; ++u) {
                     const int idx = threadIdx.x + u * kThreads;
                     const int tr = idx / 16, c = idx % 16;
-                    if (tr < mrows)
-                        cp_async16(stage + (c / 8) * Plan::kTileHalf + tr * kSwizzleRowBytes +
-                                       (((c % 8) ^ (tr & 7)) << 4),
-                                   a_rows + tr * (K * 2) + step * 256 + c * 16);
+                    cp_async16(stage + (c / 8) * Plan::kTileHalf + tr * kSwizzleRowBytes +
+                                   (((c % 8) ^ (tr & 7)) << 4),
+                               a_rows + min(tr, tr_last) * (K * 2) + step * 256 + c * 16);
                 }
             }
             cp_async_commit(); /* always: keeps the group count equal to the step count */
