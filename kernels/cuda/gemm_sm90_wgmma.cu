@@ -263,34 +263,30 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         cp_async_wait<0>();
 
         /* Epilogue: fp32 tensor scales; only live token rows and real columns are written. */
-        float a_scale[MT / 4]; /* this thread's token rows 8c + 2t + j */
+        float wscale[kRows];
 #pragma unroll
-        for (int c = 0; c < MT / 8; ++c)
+        for (int r = 0; r < kRows; ++r) {
+            const int n = min(n0 + lrow[r], N - 1);
+            const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
+            wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
+        }
+#pragma unroll
+        for (int c = 0; c < MT / 8; ++c) {
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
                 const int tr = c * 8 + 2 * t + j;
-                a_scale[2 * c + j] = tr < mrows ? p.a_scale[row0 + tr] : 0.0f;
-            }
+                if (tr >= mrows) continue;
+                const int64_t row = row0 + tr;
+                const float as = p.a_scale[row];
 #pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-            const int i = r / 2, half = r % 2;
-            const int n = n0 + lrow[r];
-            if (n >= N) continue;
-            const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
-            const float wscale = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
-#pragma unroll
-            for (int c = 0; c < MT / 8; ++c) {
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int tr = c * 8 + 2 * t + j;
-                    if (tr < mrows) {
-                        const int64_t row = row0 + tr;
-                        const float v = acc[i][4 * c + 2 * half + j] * wscale * a_scale[2 * c + j];
-                        if (p.out_bf16)
-                            ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
-                        else
-                            ((float *)p.out)[row * N + n] = v;
-                    }
+                for (int r = 0; r < kRows; ++r) {
+                    const int n = n0 + lrow[r];
+                    if (n >= N) continue;
+                    const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as;
+                    if (p.out_bf16)
+                        ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
+                    else
+                        ((float *)p.out)[row * N + n] = v;
                 }
             }
         }
@@ -342,7 +338,7 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
     }
 }
 
-constexpr int kMT = 128, kWT = 2, kNWG = 2, kStagesW = 4;
+constexpr int kMT = 128, kWT = 1, kNWG = 4, kStagesW = 4;
 
 } // namespace
 
