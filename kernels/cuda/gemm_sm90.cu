@@ -201,18 +201,9 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                 for (int q = 0; q < 4; ++q) {
                     uint32_t A[2][2][4]; /* [m16 tile][k16 sub-step][fragment] */
 #pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        uint32_t rg[4], rg8[4];
-                        dequant8(word_of(wq[2 * i], q), S[2 * i][q / 2], rg);
-                        dequant8(word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], rg8);
-#pragma unroll
-                        for (int s = 0; s < 2; ++s) {
-                            A[i][s][0] = rg[2 * s];
-                            A[i][s][1] = rg8[2 * s];
-                            A[i][s][2] = rg[2 * s + 1];
-                            A[i][s][3] = rg8[2 * s + 1];
-                        }
-                    }
+                    for (int i = 0; i < 2; ++i)
+                        weight_fragments(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                         word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
 #pragma unroll
                     for (int c = 0; c < kNT8; ++c) {
                         if (c * 8 < mrows) {

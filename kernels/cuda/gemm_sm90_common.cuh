@@ -69,6 +69,24 @@ static __device__ __forceinline__ void dequant8(uint32_t w, uint32_t S, uint32_t
     out[3] = bf16x2_mul(((w >> 6) & kMag) | (w & kSign), S);
 }
 
+/* The A fragments (mma.m16n8k16 / wgmma register-A order) of the k16 slices 2q and 2q+1 of a
+ * 128-step for rows g and g+8 of an m16 tile: w_g, w_g8 are word q of the two rows' 32-k span of
+ * this quad thread, S_g, S_g8 their scale as from sf_to_bf16x2. Both kernels build their
+ * weight fragments here, so both give the tensor cores the same slices, hence the same bits. */
+static __device__ __forceinline__ void weight_fragments(uint32_t w_g, uint32_t S_g, uint32_t w_g8,
+                                                        uint32_t S_g8, uint32_t (&A)[2][4]) {
+    uint32_t rg[4], rg8[4];
+    dequant8(w_g, S_g, rg);
+    dequant8(w_g8, S_g8, rg8);
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        A[s][0] = rg[2 * s];      /* row g,   k pair (2t, 2t+1) */
+        A[s][1] = rg8[2 * s];     /* row g+8, k pair (2t, 2t+1) */
+        A[s][2] = rg[2 * s + 1];  /* row g,   k pair (2t+8, 2t+9) */
+        A[s][3] = rg8[2 * s + 1]; /* row g+8, k pair (2t+8, 2t+9) */
+    }
+}
+
 /* 8 bf16 (k0..k7 in four words) -> the same (i, i+4) pairing as dequant8. */
 static __device__ __forceinline__ uint4 permute8(uint4 v) {
     uint4 r;

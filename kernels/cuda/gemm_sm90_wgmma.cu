@@ -227,18 +227,9 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
             for (int q = 0; q < 4; ++q) {
                 uint32_t A[WT][2][4]; /* [m64 tile][k16 slice 2q+s][fragment] */
 #pragma unroll
-                for (int i = 0; i < WT; ++i) {
-                    uint32_t rg[4], rg8[4];
-                    dequant8(word_of(wq[2 * i], q), S[2 * i][q / 2], rg);
-                    dequant8(word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], rg8);
-#pragma unroll
-                    for (int s = 0; s < 2; ++s) {
-                        A[i][s][0] = rg[2 * s];
-                        A[i][s][1] = rg8[2 * s];
-                        A[i][s][2] = rg[2 * s + 1];
-                        A[i][s][3] = rg8[2 * s + 1];
-                    }
-                }
+                for (int i = 0; i < WT; ++i)
+                    weight_fragments(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                     word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
                 wgmma_fence();
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
