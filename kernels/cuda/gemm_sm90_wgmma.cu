@@ -8,7 +8,8 @@
  *   2. grouped_gemm_wgmma_kernel, per work item (one expert, a chunk of up to 128 token rows,
  *      256 weight rows), per step of 128 along K:
  *        weights: global -> shared (cp.async) -> registers -> exact bf16 pairs = wgmma's A
- *                 operand straight from registers (m64 tiles, 2 per warpgroup)
+ *                 operand straight from registers (one m64 tile per warpgroup, four
+ *                 warpgroups: 16 warps per SM to cover the dequantization latency)
  *        tokens:  bf16 workspace -> shared (cp.async, each 16-byte chunk at its place in
  *                 wgmma's K-major 128-byte-swizzled layout) = wgmma's B operand (n = 128)
  * wgmma runs asynchronously: the next 32 k of weights are dequantized on the CUDA cores while
