@@ -396,7 +396,8 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
         return fp4 ? launch_variant<128, 8, 4, true, 1>(p, stream)
                    : launch_variant<128, 8, 3, false, 1>(p, stream);
     case EPMOE_GEMM_SM90_WGMMA_MT128:
-        EPMOE_REQUIRE(wgmma_usable(a), EPMOE_ERR_UNSUPPORTED,
+        /* AUTO chose it only after wgmma_usable; a forced choice is checked here */
+        EPMOE_REQUIRE(a->sm90_kernel == EPMOE_GEMM_SM90_AUTO || wgmma_usable(a), EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the wgmma kernel needs NVFP4 A, a 16-byte aligned "
                       "a_workspace, a compute capability 9.0 device and a build for the 90a "
                       "architecture");

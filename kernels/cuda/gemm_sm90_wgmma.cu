@@ -30,6 +30,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm_sm90_common.cuh"
+#include "kernels/cuda/ops_cuda.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define EPMOE_WGMMA_DEVICE 1
@@ -299,16 +300,8 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
     const int K = p.K, steps = K / kStepK;
     for (int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < p.cap_rows;
          row += warps) {
-        if (row >= p.padded_offsets[p.E]) break; /* rows only grow */
-        int lo = 0, hi = p.E - 1; /* the expert holding this row: largest e with offset <= row */
-        while (lo < hi) {
-            const int mid = (lo + hi + 1) / 2;
-            if (p.padded_offsets[mid] <= row) lo = mid; else hi = mid - 1;
-        }
-        int64_t count = p.tokens_per_expert[lo];
-        const int64_t room = p.padded_offsets[lo + 1] - p.padded_offsets[lo];
-        count = count < 0 ? 0 : (count > room ? room : count);
-        if (row - p.padded_offsets[lo] >= count) continue; /* padding */
+        if (epmoe_cuda_expert_of_real_row(p.padded_offsets, p.tokens_per_expert, p.E, row) < 0)
+            continue; /* padding, or past the layout */
         for (int step = lane; step < steps; step += 32) {
             const uint8_t *codes = p.a_codes + row * (K / 2) + step * 64;
             const uint8_t *sf = p.a_sf + row * (K / 16) + step * 8;
