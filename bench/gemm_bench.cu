@@ -208,19 +208,25 @@ int main(int argc, char **argv) {
                 a.out = out;
                 const double ms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm(&a, 0)); }, reps);
                 /* every sm_90 kernel at this shape, side by side (AUTO's choice is one of them) */
-                char kernel_ms[512];
+                char kernel_ms[1024];
                 int kpos = 0;
-                for (int k = EPMOE_GEMM_SM90_MMA_MT32; k <= EPMOE_GEMM_SM90_WGMMA_MT128; k++) {
+                /* the decode kernel once more without the workspace (A converted in-kernel) */
+                for (int k = EPMOE_GEMM_SM90_MMA_MT32; k <= EPMOE_GEMM_SM90_KERNEL_COUNT; k++) {
                     epmoe_grouped_gemm_args f = a;
-                    f.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
+                    const bool no_ws = k == EPMOE_GEMM_SM90_KERNEL_COUNT;
+                    f.sm90_kernel = no_ws ? EPMOE_GEMM_SM90_MMA_MT32 : (epmoe_gemm_sm90_kernel)k;
+                    if (no_ws) f.a_workspace = NULL;
+                    char kname[96];
+                    snprintf(kname, sizeof kname, "%s%s", epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel),
+                             no_ws ? " no-ws" : "");
                     if (epmoe_cuda_grouped_gemm_sm90(&f, 0) != EPMOE_OK) {
                         (void)cudaGetLastError();
                         continue; /* not available here (wgmma off Hopper) */
                     }
                     const double kms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm_sm90(&f, 0)); }, reps);
                     kpos += snprintf(kernel_ms + kpos, sizeof kernel_ms - kpos, "%s\"%s\": %.5f",
-                                     kpos ? ", " : "", epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel), kms);
-                    printf("    %-28s %9.1f us\n", epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel), kms * 1e3);
+                                     kpos ? ", " : "", kname, kms);
+                    printf("    %-34s %9.1f us\n", kname, kms * 1e3);
                 }
                 const double flops = 2.0 * rows * m.E * N * K;
                 const double wbytes = (double)m.E * N * K * (0.5 + 1.0 / 16);

@@ -34,17 +34,31 @@ namespace {
 
 constexpr int kTileRowBytes = kStepK * 2 + 64;     /* bf16 row + pad: rows 2i, 2i+1 of a
                                                       16-byte load phase hit disjoint banks */
+constexpr int kWsRowBytes = kStepK * 2 + 16;       /* workspace row + pad: the 8 rows of an
+                                                      ldmatrix phase hit 8 distinct 16-byte
+                                                      bank groups */
+
+/* Where the token operand comes from. */
+enum TokenSource {
+    kTokNvfp4 = 0, /* NVFP4 codes + scales, dequantized into a bf16 tile by the kernel */
+    kTokBf16 = 1,  /* plain bf16 rows (W4A16), permuted into K order in place */
+    kTokWs = 2     /* NVFP4 A already dequantized once per call into the bf16 workspace, in K
+                      order (nvfp4_rows_to_bf16): copied and read by ldmatrix, no conversion
+                      on the GEMM's warps */
+};
 
 /* Shared-memory plan of one variant (bytes). Weight stage: BN rows x 64 code bytes, then
  * BN x 8 scale bytes. Token stage (NVFP4): MT x 64 code bytes, then MT x 4 x 8 scale bytes (each
  * unit copies its row's 8 scale bytes into its own slot, so no thread reads another's copy),
  * converted into a double-buffered bf16 tile; (bf16): the stage is itself the tile (each
  * thread permutes its own 16-byte chunks in place). */
-template <int MT, int NWARPS, int kStages, bool kFp4>
+template <int MT, int NWARPS, int kStages, int kTok>
 struct SmemPlan {
+    static constexpr bool kFp4 = kTok == kTokNvfp4;
     static constexpr int kBN = NWARPS * 32;
     static constexpr int kWStage = kBN * (64 + 8);
-    static constexpr int kTStage = kFp4 ? MT * (64 + 32) : MT * kTileRowBytes;
+    static constexpr int kTStage = kFp4 ? MT * (64 + 32)
+                                 : MT * (kTok == kTokWs ? kWsRowBytes : kTileRowBytes);
     static constexpr int kTile = MT * kTileRowBytes;
     static constexpr int kW = 0;
     static constexpr int kT = kW + kStages * kWStage;
@@ -54,10 +68,11 @@ struct SmemPlan {
 
 /* MT: token rows per work item; NWARPS: each warp owns 32 weight rows (two m16 tiles);
  * kStages: depth of the cp.async pipeline (steps of 128 k in flight). */
-template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
+template <int MT, int NWARPS, int kStages, int kTok, int kMinBlocks>
 __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     grouped_gemm_sm90_kernel(const GemmParams p) {
-    using Plan = SmemPlan<MT, NWARPS, kStages, kFp4>;
+    using Plan = SmemPlan<MT, NWARPS, kStages, kTok>;
+    constexpr bool kFp4 = kTok == kTokNvfp4;
     constexpr int kThreads = NWARPS * 32;
     constexpr int kBN = Plan::kBN;
     constexpr int kNT8 = MT / 8;
@@ -82,7 +97,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     build_chunk_list<MT>(p, chunk_start);
     const int n_tiles = (N + kBN - 1) / kBN;
     const int total = chunk_start[E] * n_tiles;
-    const float fix = kFp4 ? kDequantFix * kDequantFix : kDequantFix;
+    const float fix = kTok == kTokBf16 ? kDequantFix : kDequantFix * kDequantFix;
 
     for (int item = blockIdx.x; item < total; item += gridDim.x) {
         const int chunk = item / n_tiles, nt = item % n_tiles;
@@ -122,6 +137,12 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                             cp_async16(tst + tr * 64 + s * 16,
                                        p.a_codes + row * (K / 2) + step * 64 + s * 16);
                             cp_async8(tst + MT * 64 + (tr * 4 + s) * 8, p.a_sf + row * (K / 16) + step * 8);
+                        } else if constexpr (kTok == kTokWs) {
+                            /* chunks 4s..4s+3 of the row's 256 workspace bytes of this step */
+                            const uint8_t *src = (const uint8_t *)p.a_ws + (row * K + step * kStepK) * 2;
+#pragma unroll
+                            for (int q = 0; q < 4; ++q)
+                                cp_async16(tst + tr * kWsRowBytes + (4 * s + q) * 16, src + (4 * s + q) * 16);
                         } else {
                             const __nv_bfloat16 *src = p.a_bf16 + row * K + step * kStepK + s * 32;
 #pragma unroll
@@ -134,8 +155,10 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
             cp_async_commit(); /* always: keeps the group count equal to the step count */
         };
 
-        /* Own token units of a landed stage -> the bf16 tile in MMA order. */
+        /* Own token units of a landed stage -> the bf16 tile in MMA order (nothing to do for
+         * the workspace: it is in K order already). */
         auto convert_stage = [&](int step) {
+            if constexpr (kTok == kTokWs) return;
             const int b = step % kStages;
             uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
 #pragma unroll
@@ -207,8 +230,12 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
 #pragma unroll
                     for (int c = 0; c < kNT8; ++c) {
                         if (c * 8 < mrows) {
-                            const uint4 bv = *(const uint4 *)(tb + (c * 8 + g) * kTileRowBytes +
-                                                              (q * 4 + t) * 16);
+                            /* bv = pairs 0..3 of word q of span t for token row c*8+g */
+                            uint4 bv;
+                            if constexpr (kTok == kTokWs)
+                                bv = ldmatrix_x4(tb + (c * 8 + lane % 8) * kWsRowBytes + (4 * q + lane / 8) * 16);
+                            else
+                                bv = *(const uint4 *)(tb + (c * 8 + g) * kTileRowBytes + (q * 4 + t) * 16);
 #pragma unroll
                             for (int i = 0; i < 2; ++i) {
                                 mma_bf16_16816(acc[i][c], A[i][0], bv.x, bv.y);
@@ -256,10 +283,10 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     }
 }
 
-template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
+template <int MT, int NWARPS, int kStages, int kTok, int kMinBlocks>
 epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_sm90_kernel<MT, NWARPS, kStages, kFp4, kMinBlocks>;
-    const int smem_bytes = SmemPlan<MT, NWARPS, kStages, kFp4>::kBytes;
+    auto kernel = grouped_gemm_sm90_kernel<MT, NWARPS, kStages, kTok, kMinBlocks>;
+    const int smem_bytes = SmemPlan<MT, NWARPS, kStages, kTok>::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
              "raising the grouped GEMM's shared-memory limit");
     int device = 0, sms = 0, per_sm = 0;
@@ -278,12 +305,14 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
     int64_t blocks = (int64_t)sms * per_sm;
     if (blocks > max_items) blocks = max_items;
     if (blocks < 1) blocks = 1;
+    if (kTok == kTokWs) EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, stream));
     kernel<<<(unsigned)blocks, NWARPS * 32, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90)");
     return EPMOE_OK;
 }
 
-/* Token rows per work item of the variant that runs. cap_rows is the padded capacity of this
+/* Token rows per work item of the size class (256 exists for wgmma only; the mma.sync kernels
+ * run 128 there). cap_rows is the padded capacity of this
  * batch (common/layout.h epmoe_padded_capacity): at most E*(pad-1) of it is padding, so
  * cap_rows - E*127 bounds the live rows. The choice depends on shapes only (capture-safe); every
  * variant is correct for any routing, a small-MT one re-reads an expert's weights once per MT
@@ -293,16 +322,15 @@ int sm90_rows_per_chunk(const epmoe_grouped_gemm_args *a) {
     const int64_t live_bound = a->cap_rows - (a->n_experts + 1) * (EPMOE_GEMM_PAD_ROWS - 1);
     if (live_bound <= 32 * a->n_experts) return 32;  /* decode, 3 blocks per SM */
     if (live_bound <= 64 * a->n_experts) return 64;  /* decode, 2 blocks per SM */
-    return 128;                                      /* prefill */
+    if (live_bound <= 192 * a->n_experts) return 128;
+    return 256;                                      /* prefill (wgmma only; else 128) */
 }
 
 /* wgmma needs an sm_90a image, a compute capability 9.0 device, NVFP4 A and the workspace its
  * bf16 copy of A goes to. */
 bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
     int device = 0, major = 0, minor = 0;
-    if (a->a_format != EPMOE_GEMM_A_NVFP4 || !a->a_workspace ||
-        ((uintptr_t)a->a_workspace & 15) != 0)
-        return false;
+    if (a->a_format != EPMOE_GEMM_A_NVFP4 || !a->a_workspace) return false;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -316,11 +344,12 @@ bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
     if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
-    /* Measured on the H100 (bench/RESULTS.md, v4): wgmma beats mma.sync MT=64 from 64 rows per
-     * expert on (0.71-0.80x its time) and loses to MT=32 at 32 rows (1.04-1.18x). */
+    /* Measured on the H100 (bench/RESULTS.md, v4/v5): wgmma beats mma.sync MT=64 from 64 rows
+     * per expert on (0.71-0.80x its time) and loses to MT=32 at 32 rows (1.04-1.18x); its
+     * 256-token chunks win once an expert's rows fill them. */
     const int rows = sm90_rows_per_chunk(a);
     if (rows == 32) return EPMOE_GEMM_SM90_MMA_MT32;
-    if (wgmma_usable(a)) return EPMOE_GEMM_SM90_WGMMA_MT128;
+    if (wgmma_usable(a)) return rows == 256 ? EPMOE_GEMM_SM90_WGMMA_MT256 : EPMOE_GEMM_SM90_WGMMA_MT128;
     return rows == 64 ? EPMOE_GEMM_SM90_MMA_MT64 : EPMOE_GEMM_SM90_MMA_MT128;
 }
 
@@ -331,6 +360,8 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_MMA_MT64: return "decode MT=64 BN=128";
     case EPMOE_GEMM_SM90_MMA_MT128: return "prefill MT=128 BN=256";
     case EPMOE_GEMM_SM90_WGMMA_MT128: return "prefill wgmma MT=128 BN=256";
+    case EPMOE_GEMM_SM90_WGMMA_MT256: return "prefill wgmma MT=256 BN=128";
+    case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
 }
@@ -369,6 +400,8 @@ extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_a
         EPMOE_REQUIRE(((uintptr_t)a->a_codes & 15) == 0 && ((uintptr_t)a->a_sf & 1) == 0,
                       EPMOE_ERR_INVALID_ARG,
                       "grouped GEMM: a_codes must be 16-byte aligned and a_sf 2-byte aligned");
+        EPMOE_REQUIRE(((uintptr_t)a->a_workspace & 15) == 0, EPMOE_ERR_INVALID_ARG,
+                      "grouped GEMM: a_workspace must be 16-byte aligned (or NULL)");
     } else if (a->a_format == EPMOE_GEMM_A_BF16) {
         EPMOE_REQUIRE(a->a_bf16 && ((uintptr_t)a->a_bf16 & 15) == 0, EPMOE_ERR_INVALID_ARG,
                       "grouped GEMM: bf16 A needs a 16-byte aligned a_bf16");
@@ -384,24 +417,32 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
     const GemmParams p = make_params(a);
     if (a->cap_rows == 0) return EPMOE_OK;
 
-    const bool fp4 = a->a_format == EPMOE_GEMM_A_NVFP4;
-    switch (epmoe_grouped_gemm_sm90_select(a)) {
+    /* NVFP4 A with a workspace: dequantized once per call, then read as bf16 (bit-identical:
+     * the same dequantization, done once instead of once per weight tile) */
+    const int tok = a->a_format == EPMOE_GEMM_A_BF16 ? kTokBf16
+                    : a->a_workspace ? kTokWs : kTokNvfp4;
+    const epmoe_gemm_sm90_kernel kernel = epmoe_grouped_gemm_sm90_select(a);
+    switch (kernel) {
     case EPMOE_GEMM_SM90_MMA_MT32:
-        return fp4 ? launch_variant<32, 4, 4, true, 3>(p, stream)
-                   : launch_variant<32, 4, 4, false, 3>(p, stream);
+        return tok == kTokWs      ? launch_variant<32, 4, 4, kTokWs, 3>(p, stream)
+               : tok == kTokNvfp4 ? launch_variant<32, 4, 4, kTokNvfp4, 3>(p, stream)
+                                  : launch_variant<32, 4, 4, kTokBf16, 3>(p, stream);
     case EPMOE_GEMM_SM90_MMA_MT64:
-        return fp4 ? launch_variant<64, 4, 4, true, 2>(p, stream)
-                   : launch_variant<64, 4, 4, false, 2>(p, stream);
+        return tok == kTokWs      ? launch_variant<64, 4, 4, kTokWs, 2>(p, stream)
+               : tok == kTokNvfp4 ? launch_variant<64, 4, 4, kTokNvfp4, 2>(p, stream)
+                                  : launch_variant<64, 4, 4, kTokBf16, 2>(p, stream);
     case EPMOE_GEMM_SM90_MMA_MT128:
-        return fp4 ? launch_variant<128, 8, 4, true, 1>(p, stream)
-                   : launch_variant<128, 8, 3, false, 1>(p, stream);
+        return tok == kTokWs      ? launch_variant<128, 8, 4, kTokWs, 1>(p, stream)
+               : tok == kTokNvfp4 ? launch_variant<128, 8, 4, kTokNvfp4, 1>(p, stream)
+                                  : launch_variant<128, 8, 3, kTokBf16, 1>(p, stream);
     case EPMOE_GEMM_SM90_WGMMA_MT128:
+    case EPMOE_GEMM_SM90_WGMMA_MT256:
         /* AUTO chose it only after wgmma_usable; a forced choice is checked here */
         EPMOE_REQUIRE(a->sm90_kernel == EPMOE_GEMM_SM90_AUTO || wgmma_usable(a), EPMOE_ERR_UNSUPPORTED,
-                      "grouped GEMM: the wgmma kernel needs NVFP4 A, a 16-byte aligned "
-                      "a_workspace, a compute capability 9.0 device and a build for the 90a "
+                      "grouped GEMM: the wgmma kernel needs NVFP4 A, an a_workspace, a compute capability 9.0 device and a build for the 90a "
                       "architecture");
-        return epmoe_gemm_sm90_wgmma_launch(p, stream);
+        return epmoe_gemm_sm90_wgmma_launch(p, kernel == EPMOE_GEMM_SM90_WGMMA_MT256 ? 256 : 128,
+                                            stream);
     default:
         break;
     }

@@ -68,8 +68,10 @@ typedef enum {
     EPMOE_GEMM_SM90_AUTO = 0,
     EPMOE_GEMM_SM90_MMA_MT32 = 1,   /* mma.sync, 32-token chunks x 128 weight rows (decode) */
     EPMOE_GEMM_SM90_MMA_MT64 = 2,   /* mma.sync, 64 x 128 (decode) */
-    EPMOE_GEMM_SM90_MMA_MT128 = 3,  /* mma.sync, 128 x 256 (prefill, any sm_80+ device) */
-    EPMOE_GEMM_SM90_WGMMA_MT128 = 4 /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 A) */
+    EPMOE_GEMM_SM90_MMA_MT128 = 3,   /* mma.sync, 128 x 256 (prefill, any sm_80+ device) */
+    EPMOE_GEMM_SM90_WGMMA_MT128 = 4, /* wgmma, 128 x 256 (Hopper, NVFP4 A: 33-192 rows) */
+    EPMOE_GEMM_SM90_WGMMA_MT256 = 5, /* wgmma, 256 x 128 (Hopper, NVFP4 A: prefill) */
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 6 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {
@@ -85,8 +87,9 @@ typedef struct {
     const float *a_scale;   /* [cap_rows]; required for NVFP4, optional (NULL = 1) for bf16 */
     const void *a_bf16;     /* [cap_rows, K] __nv_bfloat16 (BF16) */
     void *a_workspace;      /* [cap_rows, K] bf16, 16-byte aligned, or NULL (NVFP4): where the
-                               wgmma kernel puts the exact bf16 of A (in its own K order) once
-                               per call; without it that kernel is not used */
+                               kernels put the exact bf16 of A (in their own K order) once per
+                               call, instead of once per weight tile; without it the wgmma
+                               kernels are not used and the others convert A themselves */
 
     /* Weights */
     const uint8_t *w_codes;     /* [E, N, K/2] */

@@ -55,8 +55,12 @@ static void fill_codes(epmoe_rng *r, uint8_t *codes, size_t n) {
     for (size_t i = 0; i < n; i++) codes[i] = (uint8_t)epmoe_rng_below(r, 256);
 }
 
-static int kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128 + 1]; /* chosen by AUTO, per kernel */
-static int wgmma_ran;                                      /* forced or chosen at least once */
+static int kernels_seen[EPMOE_GEMM_SM90_KERNEL_COUNT]; /* chosen by AUTO, per kernel */
+static int kernels_ran[EPMOE_GEMM_SM90_KERNEL_COUNT];  /* forced or chosen at least once */
+
+static bool is_wgmma(int k) {
+    return k == EPMOE_GEMM_SM90_WGMMA_MT128 || k == EPMOE_GEMM_SM90_WGMMA_MT256;
+}
 
 static float bf16_round(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
@@ -104,7 +108,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     GT_CUDA(cudaMalloc(&d_asf, a_sf.size()));
     GT_CUDA(cudaMalloc(&d_as, cap * sizeof(float)));
     GT_CUDA(cudaMalloc(&d_ab, cap * K * 2));
-    GT_CUDA(cudaMalloc(&d_abuf, cap * K * 2)); /* the wgmma kernel's bf16 A */
+    GT_CUDA(cudaMalloc(&d_abuf, cap * K * 2)); /* the kernels' bf16 A workspace */
     GT_CUDA(cudaMemset(d_abuf, 0xFF, cap * K * 2)); /* NaN bits: a row it failed to fill shows */
     GT_CUDA(cudaMalloc(&d_wc, w_codes.size()));
     GT_CUDA(cudaMalloc(&d_wsf, w_sf.size()));
@@ -160,7 +164,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     const char *variant = epmoe_grouped_gemm_sm90_variant(&args);
     const epmoe_gemm_sm90_kernel chosen = epmoe_grouped_gemm_sm90_select(&args);
     kernels_seen[chosen] = 1;
-    if (chosen == EPMOE_GEMM_SM90_WGMMA_MT128) wgmma_ran = 1;
+    kernels_ran[chosen] = 1;
     GT_OK(epmoe_cuda_grouped_gemm(&args, 0));
     GT_CUDA(cudaDeviceSynchronize());
 
@@ -178,26 +182,33 @@ static void run_case(const gemm_case &c, uint64_t seed) {
 
     /* Every other sm_90 kernel, forced, must give the same bits everywhere (real rows equal,
      * padding still poisoned): the engine's results may not depend on which kernel a batch
-     * shape selects. The wgmma kernel only where it can run (NVFP4 A on a 9.0 device). */
+     * shape selects. The wgmma kernel only where it can run (NVFP4 A on a 9.0 device). With
+     * NVFP4 A the mma.sync kernels run twice: reading the workspace, and converting A
+     * themselves (no workspace). The workspace is poisoned again before each run, so a kernel
+     * that reads a row the pre-pass did not write shows NaN. */
     std::vector<uint8_t> again(out_bytes), first(out_bytes);
     GT_CUDA(cudaMemcpy(first.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
-    for (int k = EPMOE_GEMM_SM90_MMA_MT32; k <= EPMOE_GEMM_SM90_WGMMA_MT128; k++) {
-        if (k == chosen) continue;
+    for (int run = 0; run < 2 * EPMOE_GEMM_SM90_KERNEL_COUNT; run++) {
+        const int k = run / 2, no_ws = run % 2;
+        if (k == EPMOE_GEMM_SM90_AUTO || (k == chosen && !no_ws)) continue;
+        if (no_ws && (c.a_bf16 || is_wgmma(k))) continue;
         epmoe_grouped_gemm_args forced = args;
         forced.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
+        if (no_ws) forced.a_workspace = NULL;
         GT_CUDA(cudaMemcpy(d_out, poison_bytes.data(), out_bytes, cudaMemcpyHostToDevice));
+        GT_CUDA(cudaMemset(d_abuf, 0xFF, cap * K * 2));
         const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&forced, 0);
-        if (k == EPMOE_GEMM_SM90_WGMMA_MT128 && st == EPMOE_ERR_UNSUPPORTED) continue;
+        if (is_wgmma(k) && st == EPMOE_ERR_UNSUPPORTED) continue;
         GT_OK(st);
         GT_CUDA(cudaDeviceSynchronize());
         GT_CUDA(cudaMemcpy(again.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
-        if (k == EPMOE_GEMM_SM90_WGMMA_MT128) wgmma_ran = 1;
+        kernels_ran[k] = 1;
         size_t differ = 0;
         for (size_t i = 0; i < out_bytes; i += out_elem)
             if (memcmp(&first[i], &again[i], out_elem) != 0) differ++;
-        GT_CHECK(differ == 0, "%s: kernel '%s' differs from '%s' in %zu of %lld outputs", c.name,
-                 epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k), variant, differ,
-                 (long long)(cap * N));
+        GT_CHECK(differ == 0, "%s: kernel '%s'%s differs from '%s' in %zu of %lld outputs", c.name,
+                 epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k),
+                 no_ws ? " (no workspace)" : "", variant, differ, (long long)(cap * N));
     }
 
     /* reference over real rows; poison checks everywhere else */
@@ -337,24 +348,35 @@ static void test_prefill_fp4_w2_ragged_n(void) {
     c.counts[2] = 128;
     run_case(c, 110);
 }
+/* between decode and prefill: AUTO's wgmma MT=128 class (33-192 rows per expert) */
+static void test_mid_fp4(void) {
+    gemm_case c = {"mid fp4 W13", 6, 384, 640, random_counts(19, 6, 40, 150), 0, 2, 0, 0, 0};
+    c.counts[4] = 0;
+    run_case(c, 112);
+}
 static void test_prefill_fp4_bf16_out(void) {
     gemm_case c = {"prefill fp4 bf16-out", 2, 256, 512, random_counts(18, 2, 129, 300), 0, 2, 1, 0, 0};
     run_case(c, 111);
 }
 
 static void test_variants_covered(void) {
-    GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_MMA_MT32] && kernels_seen[EPMOE_GEMM_SM90_MMA_MT64] &&
-                 (kernels_seen[EPMOE_GEMM_SM90_MMA_MT128] || kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128]),
-             "AUTO did not choose every size class: MT=32 %d, MT=64 %d, MT=128 mma %d / wgmma %d",
-             kernels_seen[1], kernels_seen[2], kernels_seen[3], kernels_seen[4]);
+    GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_MMA_MT32] &&
+                 (kernels_seen[EPMOE_GEMM_SM90_MMA_MT64] || kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128]) &&
+                 (kernels_seen[EPMOE_GEMM_SM90_MMA_MT128] || kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT256]),
+             "AUTO did not choose every size class: MT=32 %d, MT=64 %d, MT=128 mma %d / wgmma "
+             "%d, wgmma MT=256 %d", kernels_seen[1], kernels_seen[2], kernels_seen[3],
+             kernels_seen[4], kernels_seen[5]);
     int major = 0, minor = 0, dev = 0;
     GT_CUDA(cudaGetDevice(&dev));
     GT_CUDA(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     GT_CUDA(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev));
     if (major == 9 && minor == 0) {
-        GT_CHECK(wgmma_ran, "a Hopper device, but the wgmma kernel never ran");
-        GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128],
-                 "a Hopper device, but AUTO never chose the wgmma kernel for prefill");
+        GT_CHECK(kernels_ran[EPMOE_GEMM_SM90_WGMMA_MT128] && kernels_ran[EPMOE_GEMM_SM90_WGMMA_MT256],
+                 "a Hopper device, but a wgmma kernel never ran (MT=128 %d, MT=256 %d)",
+                 kernels_ran[4], kernels_ran[5]);
+        GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128] && kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT256],
+                 "a Hopper device, but AUTO never chose a wgmma kernel (MT=128 %d, MT=256 %d)",
+                 kernels_seen[4], kernels_seen[5]);
     }
 }
 
@@ -369,6 +391,20 @@ static void test_bad_args(void) {
     a.K = 256;
     GT_CHECK(epmoe_cuda_grouped_gemm(&a, 0) == EPMOE_ERR_INVALID_ARG, "NULL weights accepted");
     GT_CHECK(epmoe_cuda_grouped_gemm_sm100(&a, 0) != EPMOE_OK, "sm_100 entry accepted bad args");
+    /* every other argument valid (never dereferenced: the check fails first), the workspace
+     * misaligned */
+    alignas(16) static uint64_t dummy[64];
+    a.w_codes = a.w_sf = a.a_codes = a.a_sf = (const uint8_t *)dummy;
+    a.w_scale = a.a_scale = (const float *)dummy;
+    a.w_scale_groups = 1;
+    a.w_scale_split = a.N;
+    a.padded_offsets = a.tokens_per_expert = (const int64_t *)dummy;
+    a.out = dummy;
+    a.a_workspace = dummy;
+    GT_CHECK(epmoe_grouped_gemm_check_args(&a) == EPMOE_OK, "valid args rejected");
+    a.a_workspace = (uint8_t *)dummy + 8;
+    GT_CHECK(epmoe_grouped_gemm_check_args(&a) == EPMOE_ERR_INVALID_ARG,
+             "a misaligned a_workspace accepted");
 }
 
 int main(void) {
@@ -384,6 +420,7 @@ int main(void) {
     GT_RUN(test_flash_w2_decode);
     GT_RUN(test_prefill_fp4_w2_ragged_n);
     GT_RUN(test_prefill_fp4_bf16_out);
+    GT_RUN(test_mid_fp4);
     GT_RUN(test_variants_covered);
     return gt_finish();
 }
