@@ -210,15 +210,10 @@ int main(int argc, char **argv) {
                 /* every sm_90 kernel at this shape, side by side (AUTO's choice is one of them) */
                 char kernel_ms[1024];
                 int kpos = 0;
-                /* the decode kernel once more without the workspace (A converted in-kernel) */
-                for (int k = EPMOE_GEMM_SM90_MMA_MT32; k <= EPMOE_GEMM_SM90_KERNEL_COUNT; k++) {
+                for (int k = EPMOE_GEMM_SM90_MMA_MT32; k < EPMOE_GEMM_SM90_KERNEL_COUNT; k++) {
                     epmoe_grouped_gemm_args f = a;
-                    const bool no_ws = k == EPMOE_GEMM_SM90_KERNEL_COUNT;
-                    f.sm90_kernel = no_ws ? EPMOE_GEMM_SM90_MMA_MT32 : (epmoe_gemm_sm90_kernel)k;
-                    if (no_ws) f.a_workspace = NULL;
-                    char kname[96];
-                    snprintf(kname, sizeof kname, "%s%s", epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel),
-                             no_ws ? " no-ws" : "");
+                    f.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
+                    const char *kname = epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel);
                     if (epmoe_cuda_grouped_gemm_sm90(&f, 0) != EPMOE_OK) {
                         (void)cudaGetLastError();
                         continue; /* not available here (wgmma off Hopper) */

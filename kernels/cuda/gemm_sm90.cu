@@ -34,31 +34,17 @@ namespace {
 
 constexpr int kTileRowBytes = kStepK * 2 + 64;     /* bf16 row + pad: rows 2i, 2i+1 of a
                                                       16-byte load phase hit disjoint banks */
-constexpr int kWsRowBytes = kStepK * 2 + 16;       /* workspace row + pad: the 8 rows of an
-                                                      ldmatrix phase hit 8 distinct 16-byte
-                                                      bank groups */
-
-/* Where the token operand comes from. */
-enum TokenSource {
-    kTokNvfp4 = 0, /* NVFP4 codes + scales, dequantized into a bf16 tile by the kernel */
-    kTokBf16 = 1,  /* plain bf16 rows (W4A16), permuted into K order in place */
-    kTokWs = 2     /* NVFP4 A already dequantized once per call into the bf16 workspace, in K
-                      order (nvfp4_rows_to_bf16): copied and read by ldmatrix, no conversion
-                      on the GEMM's warps */
-};
 
 /* Shared-memory plan of one variant (bytes). Weight stage: BN rows x 64 code bytes, then
  * BN x 8 scale bytes. Token stage (NVFP4): MT x 64 code bytes, then MT x 4 x 8 scale bytes (each
  * unit copies its row's 8 scale bytes into its own slot, so no thread reads another's copy),
  * converted into a double-buffered bf16 tile; (bf16): the stage is itself the tile (each
  * thread permutes its own 16-byte chunks in place). */
-template <int MT, int NWARPS, int kStages, int kTok>
+template <int MT, int NWARPS, int kStages, bool kFp4>
 struct SmemPlan {
-    static constexpr bool kFp4 = kTok == kTokNvfp4;
     static constexpr int kBN = NWARPS * 32;
     static constexpr int kWStage = kBN * (64 + 8);
-    static constexpr int kTStage = kFp4 ? MT * (64 + 32)
-                                 : MT * (kTok == kTokWs ? kWsRowBytes : kTileRowBytes);
+    static constexpr int kTStage = kFp4 ? MT * (64 + 32) : MT * kTileRowBytes;
     static constexpr int kTile = MT * kTileRowBytes;
     static constexpr int kW = 0;
     static constexpr int kT = kW + kStages * kWStage;
@@ -68,11 +54,10 @@ struct SmemPlan {
 
 /* MT: token rows per work item; NWARPS: each warp owns 32 weight rows (two m16 tiles);
  * kStages: depth of the cp.async pipeline (steps of 128 k in flight). */
-template <int MT, int NWARPS, int kStages, int kTok, int kMinBlocks>
+template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
 __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     grouped_gemm_sm90_kernel(const GemmParams p) {
-    using Plan = SmemPlan<MT, NWARPS, kStages, kTok>;
-    constexpr bool kFp4 = kTok == kTokNvfp4;
+    using Plan = SmemPlan<MT, NWARPS, kStages, kFp4>;
     constexpr int kThreads = NWARPS * 32;
     constexpr int kBN = Plan::kBN;
     constexpr int kNT8 = MT / 8;
@@ -97,7 +82,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     build_chunk_list<MT>(p, chunk_start);
     const int n_tiles = (N + kBN - 1) / kBN;
     const int total = chunk_start[E] * n_tiles;
-    const float fix = kTok == kTokBf16 ? kDequantFix : kDequantFix * kDequantFix;
+    const float fix = kFp4 ? kDequantFix * kDequantFix : kDequantFix;
 
     for (int item = blockIdx.x; item < total; item += gridDim.x) {
         const int chunk = item / n_tiles, nt = item % n_tiles;
@@ -137,12 +122,6 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                             cp_async16(tst + tr * 64 + s * 16,
                                        p.a_codes + row * (K / 2) + step * 64 + s * 16);
                             cp_async8(tst + MT * 64 + (tr * 4 + s) * 8, p.a_sf + row * (K / 16) + step * 8);
-                        } else if constexpr (kTok == kTokWs) {
-                            /* chunks 4s..4s+3 of the row's 256 workspace bytes of this step */
-                            const uint8_t *src = (const uint8_t *)p.a_ws + (row * K + step * kStepK) * 2;
-#pragma unroll
-                            for (int q = 0; q < 4; ++q)
-                                cp_async16(tst + tr * kWsRowBytes + (4 * s + q) * 16, src + (4 * s + q) * 16);
                         } else {
                             const __nv_bfloat16 *src = p.a_bf16 + row * K + step * kStepK + s * 32;
 #pragma unroll
@@ -155,10 +134,8 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
             cp_async_commit(); /* always: keeps the group count equal to the step count */
         };
 
-        /* Own token units of a landed stage -> the bf16 tile in MMA order (nothing to do for
-         * the workspace: it is in K order already). */
+        /* Own token units of a landed stage -> the bf16 tile in MMA order. */
         auto convert_stage = [&](int step) {
-            if constexpr (kTok == kTokWs) return;
             const int b = step % kStages;
             uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
 #pragma unroll
@@ -230,12 +207,8 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
 #pragma unroll
                     for (int c = 0; c < kNT8; ++c) {
                         if (c * 8 < mrows) {
-                            /* bv = pairs 0..3 of word q of span t for token row c*8+g */
-                            uint4 bv;
-                            if constexpr (kTok == kTokWs)
-                                bv = ldmatrix_x4(tb + (c * 8 + lane % 8) * kWsRowBytes + (4 * q + lane / 8) * 16);
-                            else
-                                bv = *(const uint4 *)(tb + (c * 8 + g) * kTileRowBytes + (q * 4 + t) * 16);
+                            const uint4 bv = *(const uint4 *)(tb + (c * 8 + g) * kTileRowBytes +
+                                                              (q * 4 + t) * 16);
 #pragma unroll
                             for (int i = 0; i < 2; ++i) {
                                 mma_bf16_16816(acc[i][c], A[i][0], bv.x, bv.y);
@@ -283,10 +256,10 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     }
 }
 
-template <int MT, int NWARPS, int kStages, int kTok, int kMinBlocks>
+template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
 epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_sm90_kernel<MT, NWARPS, kStages, kTok, kMinBlocks>;
-    const int smem_bytes = SmemPlan<MT, NWARPS, kStages, kTok>::kBytes;
+    auto kernel = grouped_gemm_sm90_kernel<MT, NWARPS, kStages, kFp4, kMinBlocks>;
+    const int smem_bytes = SmemPlan<MT, NWARPS, kStages, kFp4>::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
              "raising the grouped GEMM's shared-memory limit");
     int device = 0, sms = 0, per_sm = 0;
@@ -305,7 +278,6 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
     int64_t blocks = (int64_t)sms * per_sm;
     if (blocks > max_items) blocks = max_items;
     if (blocks < 1) blocks = 1;
-    if (kTok == kTokWs) EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, stream));
     kernel<<<(unsigned)blocks, NWARPS * 32, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90)");
     return EPMOE_OK;
@@ -417,24 +389,18 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
     const GemmParams p = make_params(a);
     if (a->cap_rows == 0) return EPMOE_OK;
 
-    /* NVFP4 A with a workspace: dequantized once per call, then read as bf16 (bit-identical:
-     * the same dequantization, done once instead of once per weight tile) */
-    const int tok = a->a_format == EPMOE_GEMM_A_BF16 ? kTokBf16
-                    : a->a_workspace ? kTokWs : kTokNvfp4;
+    const bool fp4 = a->a_format == EPMOE_GEMM_A_NVFP4;
     const epmoe_gemm_sm90_kernel kernel = epmoe_grouped_gemm_sm90_select(a);
     switch (kernel) {
     case EPMOE_GEMM_SM90_MMA_MT32:
-        return tok == kTokWs      ? launch_variant<32, 4, 4, kTokWs, 3>(p, stream)
-               : tok == kTokNvfp4 ? launch_variant<32, 4, 4, kTokNvfp4, 3>(p, stream)
-                                  : launch_variant<32, 4, 4, kTokBf16, 3>(p, stream);
+        return fp4 ? launch_variant<32, 4, 4, true, 3>(p, stream)
+                   : launch_variant<32, 4, 4, false, 3>(p, stream);
     case EPMOE_GEMM_SM90_MMA_MT64:
-        return tok == kTokWs      ? launch_variant<64, 4, 4, kTokWs, 2>(p, stream)
-               : tok == kTokNvfp4 ? launch_variant<64, 4, 4, kTokNvfp4, 2>(p, stream)
-                                  : launch_variant<64, 4, 4, kTokBf16, 2>(p, stream);
+        return fp4 ? launch_variant<64, 4, 4, true, 2>(p, stream)
+                   : launch_variant<64, 4, 4, false, 2>(p, stream);
     case EPMOE_GEMM_SM90_MMA_MT128:
-        return tok == kTokWs      ? launch_variant<128, 8, 4, kTokWs, 1>(p, stream)
-               : tok == kTokNvfp4 ? launch_variant<128, 8, 4, kTokNvfp4, 1>(p, stream)
-                                  : launch_variant<128, 8, 3, kTokBf16, 1>(p, stream);
+        return fp4 ? launch_variant<128, 8, 4, true, 1>(p, stream)
+                   : launch_variant<128, 8, 3, false, 1>(p, stream);
     case EPMOE_GEMM_SM90_WGMMA_MT128:
     case EPMOE_GEMM_SM90_WGMMA_MT256:
         /* AUTO chose it only after wgmma_usable; a forced choice is checked here */

@@ -105,17 +105,6 @@ static __device__ __forceinline__ void mma_bf16_16816(float c[4], const uint32_t
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-/* Four 8x8 b16 matrices from shared memory: lane l gives the address of row l % 8 of matrix
- * l / 8; register j of lane (g, t) receives matrix j's row g, 32-bit word t. */
-static __device__ __forceinline__ uint4 ldmatrix_x4(const void *smem_row) {
-    const uint32_t a = (uint32_t)__cvta_generic_to_shared(smem_row);
-    uint4 r;
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "r"(a));
-    return r;
-}
-
 static __device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) {
     return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
 }
@@ -208,8 +197,7 @@ epmoe_status epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, int token_rows, c
 
 /* Every live NVFP4 A row -> exact bf16 in the kernels' K order (16-byte chunk c of a 128-k step
  * = pair c % 4 of word c / 4 for the quad threads t = 0..3, i.e. the k16 slices in order) into
- * p.a_ws; padding rows are not touched. Used by the wgmma kernel and by the mma.sync kernels
- * when the caller gives a workspace. */
+ * p.a_ws; padding rows are not touched. The wgmma kernels' first launch. */
 epmoe_status epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, cudaStream_t stream);
 
 /* 1 when this binary carries the sm_90a wgmma code (built with the 90a architecture). */

@@ -87,9 +87,8 @@ typedef struct {
     const float *a_scale;   /* [cap_rows]; required for NVFP4, optional (NULL = 1) for bf16 */
     const void *a_bf16;     /* [cap_rows, K] __nv_bfloat16 (BF16) */
     void *a_workspace;      /* [cap_rows, K] bf16, 16-byte aligned, or NULL (NVFP4): where the
-                               kernels put the exact bf16 of A (in their own K order) once per
-                               call, instead of once per weight tile; without it the wgmma
-                               kernels are not used and the others convert A themselves */
+                               wgmma kernels put the exact bf16 of A (in their own K order) once
+                               per call; without it they are not used */
 
     /* Weights */
     const uint8_t *w_codes;     /* [E, N, K/2] */

@@ -182,19 +182,15 @@ static void run_case(const gemm_case &c, uint64_t seed) {
 
     /* Every other sm_90 kernel, forced, must give the same bits everywhere (real rows equal,
      * padding still poisoned): the engine's results may not depend on which kernel a batch
-     * shape selects. The wgmma kernel only where it can run (NVFP4 A on a 9.0 device). With
-     * NVFP4 A the mma.sync kernels run twice: reading the workspace, and converting A
-     * themselves (no workspace). The workspace is poisoned again before each run, so a kernel
-     * that reads a row the pre-pass did not write shows NaN. */
+     * shape selects. The wgmma kernels only where they can run (NVFP4 A on a 9.0 device). The
+     * workspace is poisoned again before each run, so a kernel that reads a row its pre-pass did
+     * not write shows NaN. */
     std::vector<uint8_t> again(out_bytes), first(out_bytes);
     GT_CUDA(cudaMemcpy(first.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
-    for (int run = 0; run < 2 * EPMOE_GEMM_SM90_KERNEL_COUNT; run++) {
-        const int k = run / 2, no_ws = run % 2;
-        if (k == EPMOE_GEMM_SM90_AUTO || (k == chosen && !no_ws)) continue;
-        if (no_ws && (c.a_bf16 || is_wgmma(k))) continue;
+    for (int k = EPMOE_GEMM_SM90_MMA_MT32; k < EPMOE_GEMM_SM90_KERNEL_COUNT; k++) {
+        if (k == chosen) continue;
         epmoe_grouped_gemm_args forced = args;
         forced.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
-        if (no_ws) forced.a_workspace = NULL;
         GT_CUDA(cudaMemcpy(d_out, poison_bytes.data(), out_bytes, cudaMemcpyHostToDevice));
         GT_CUDA(cudaMemset(d_abuf, 0xFF, cap * K * 2));
         const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&forced, 0);
@@ -206,9 +202,9 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         size_t differ = 0;
         for (size_t i = 0; i < out_bytes; i += out_elem)
             if (memcmp(&first[i], &again[i], out_elem) != 0) differ++;
-        GT_CHECK(differ == 0, "%s: kernel '%s'%s differs from '%s' in %zu of %lld outputs", c.name,
-                 epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k),
-                 no_ws ? " (no workspace)" : "", variant, differ, (long long)(cap * N));
+        GT_CHECK(differ == 0, "%s: kernel '%s' differs from '%s' in %zu of %lld outputs", c.name,
+                 epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k), variant, differ,
+                 (long long)(cap * N));
     }
 
     /* reference over real rows; poison checks everywhere else */
