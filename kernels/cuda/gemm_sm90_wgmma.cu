@@ -56,8 +56,7 @@ constexpr int kSwizzleRowBytes = 128; /* one 64-k half of a token row: the swizz
 template <int MT, int WT, int NWG, int kStages, int kPipeK>
 struct WgmmaPlan {
     static_assert(kPipeK == 128 || kPipeK == 64, "a pipeline step is a K-order step or half");
-    static constexpr int kSplit = kStepK / kPipeK;     /* stages per K-order step (1 or 2) */
-    static constexpr int kHalves = 2 / kSplit;         /* 64-k token tile halves per stage */
+    static constexpr int kHalves = kPipeK / 64;        /* 64-k token tile halves per stage */
     static constexpr int kQ = kPipeK / 32;             /* words per span and row per stage */
     static constexpr int kWCode = kQ * 16;             /* code bytes per weight row per stage */
     static constexpr int kBN = NWG * WT * 64;
@@ -195,7 +194,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
     const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int E = p.E, N = p.N, K = p.K;
-    const int psteps = K / kPipeK; /* pipeline steps; K-order step ps / kSplit, half ps % kSplit */
+    const int psteps = K / kPipeK; /* pipeline steps; K-order step ps / kHalves, half ps % kHalves */
 
     build_chunk_list<MT>(p, chunk_start);
     const int n_tiles = (N + kBN - 1) / kBN;
@@ -228,7 +227,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         const int n_last = N - 1 - n0, tr_last = mrows - 1;
         auto issue_stage = [&](int ps) {
             if (ps < psteps) {
-                const int step = ps / Plan::kSplit, h = ps % Plan::kSplit;
+                const int step = ps / Plan::kHalves, h = ps % Plan::kHalves;
                 uint8_t *stage = smem + (ps % kStages) * Plan::kStage;
                 uint8_t *wst = stage + Plan::kTile;
 #pragma unroll
@@ -269,7 +268,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
             /* stage `ps` complete for all; every warpgroup's MMAs of ps-2 are done */
             __syncthreads();
             issue_stage(ps + Plan::kAhead);
-            const int h = ps % Plan::kSplit;
+            const int h = ps % Plan::kHalves;
             const uint8_t *wst = smem + (ps % kStages) * Plan::kStage + Plan::kTile;
             const uint32_t tile = smem_u32 + (ps % kStages) * Plan::kStage;
             /* words q = kQ*h + qq of this thread's span, and their scales (word q uses scale
