@@ -44,25 +44,18 @@ namespace {
 
 constexpr int kSwizzleRowBytes = 128; /* one 64-k half of a token row: the swizzle width */
 
-/* Shared-memory plan (bytes from a 1024-aligned base): kStages stages of kPipeK k each (128:
- * a whole K-order step; 64: one half of it, words q = 2h, 2h+1 of every span), each a bf16
- * token tile (one or two 64-k halves of MT rows x 128 B, 1024-aligned: the swizzle pattern
- * repeats every 8 rows x 128 B) followed by the weight rows (BN x kPipeK/2 code bytes, then
- * BN x 8 scale bytes: the 128-step's 8 bytes, copied whole for either half).
+/* Shared-memory plan (bytes from a 1024-aligned base): kStages stages, each a bf16 token tile
+ * (two 64-k halves of MT rows x 128 B, 1024-aligned: the swizzle pattern repeats every 8 rows
+ * x 128 B) followed by the weight rows (BN x 64 code bytes, then BN x 8 scale bytes).
  * MMAs stay in flight across the step barrier, so a stage is refilled only two steps after
  * its last MMAs were issued: every warpgroup has waited for those before it arrives at the
- * barrier (kAhead = kStages - 2 steps are prefetched). Half steps buy a deeper prefetch in
- * the same shared memory (measured: the 256-token tiles waited on their copies). */
-template <int MT, int WT, int NWG, int kStages, int kPipeK>
+ * barrier (kAhead = kStages - 2 steps are prefetched). */
+template <int MT, int WT, int NWG, int kStages>
 struct WgmmaPlan {
-    static_assert(kPipeK == 128 || kPipeK == 64, "a pipeline step is a K-order step or half");
-    static constexpr int kHalves = kPipeK / 64;        /* 64-k token tile halves per stage */
-    static constexpr int kQ = kPipeK / 32;             /* words per span and row per stage */
-    static constexpr int kWCode = kQ * 16;             /* code bytes per weight row per stage */
     static constexpr int kBN = NWG * WT * 64;
     static constexpr int kTileHalf = MT * kSwizzleRowBytes;
-    static constexpr int kTile = kHalves * kTileHalf;
-    static constexpr int kWStage = kBN * (kWCode + 8);
+    static constexpr int kTile = 2 * kTileHalf;
+    static constexpr int kWStage = kBN * (64 + 8);
     static constexpr int kStage = kTile + kWStage;
     static constexpr int kAhead = kStages - 2;
     static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
@@ -167,21 +160,19 @@ __device__ __forceinline__ uint64_t desc_k_major_sw128(uint32_t smem_addr) {
 #endif
 
 /* MT token rows per chunk (wgmma N), WT m64 weight tiles per warpgroup, NWG warpgroups. */
-template <int MT, int WT, int NWG, int kStages, int kPipeK>
+template <int MT, int WT, int NWG, int kStages>
 __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const GemmParams p) {
 #if EPMOE_WGMMA_DEVICE
-    using Plan = WgmmaPlan<MT, WT, NWG, kStages, kPipeK>;
+    using Plan = WgmmaPlan<MT, WT, NWG, kStages>;
     constexpr int kThreads = NWG * 128;
     constexpr int kBN = Plan::kBN;
     constexpr int kRows = 2 * WT; /* weight rows per thread: rows g and g+8 of each m64 tile */
-    /* 16-byte token chunks per row and stage (16 or 8), and per thread; consecutive threads
-     * copy one row's bytes (coalesced), and the 8 of a 16-byte access phase land in 8 distinct
-     * swizzled columns (no bank conflicts) */
-    constexpr int kRowChunks = kPipeK / 8;
-    constexpr int kUnits = MT * kRowChunks / kThreads;
-    constexpr int kQ = Plan::kQ, kWCode = Plan::kWCode;
+    /* 16-byte token chunks per thread and stage; 16 consecutive threads copy one row's 256
+     * bytes (coalesced), and the 8 of a 16-byte access phase land in 8 distinct swizzled
+     * columns (no bank conflicts) */
+    constexpr int kUnits = MT * 16 / kThreads;
     static_assert(MT == 128 || MT == 256, "the wgmma wrappers are m64n128k16 and m64n256k16");
-    static_assert((MT * kRowChunks) % kThreads == 0, "token staging must divide evenly");
+    static_assert((MT * 16) % kThreads == 0, "token staging must divide evenly");
 
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
@@ -194,7 +185,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
     const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
     const int E = p.E, N = p.N, K = p.K;
-    const int psteps = K / kPipeK; /* pipeline steps; K-order step ps / kHalves, half ps % kHalves */
+    const int steps = K / kStepK;
 
     build_chunk_list<MT>(p, chunk_start);
     const int n_tiles = (N + kBN - 1) / kBN;
@@ -218,35 +209,30 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         const uint8_t *w_sf = p.w_sf + ((int64_t)e * N + n0) * (K / 16);
         const uint8_t *a_rows = (const uint8_t *)p.a_ws + row0 * (int64_t)K * 2;
 
-        /* One stage: this thread's weight rows (kWCode / 4 code bytes each, at 16t + 8h of the
-         * row's 64-byte step; quad leader t == 0 also the step's 8 scale bytes) and its 16-byte
-         * chunks of the bf16 token rows, each stored at its swizzled place in the tile (chunk c
-         * of the stage's row bytes -> half c/8, column (c%8) ^ (row%8)). Rows past N or past the chunk's live rows are copied from the last
+        /* One stage: this thread's weight rows (16 code bytes each; quad leader t == 0 also the
+         * row's 8 scale bytes) and its 16-byte chunks of the bf16 token rows, each stored at its
+         * swizzled place in the tile (chunk c of a 256-byte row step -> half c/8, column
+         * (c%8) ^ (row%8)). Rows past N or past the chunk's live rows are copied from the last
          * valid row instead of being skipped: no branches in the loop, and their products land
          * in accumulators the epilogue never writes. */
         const int n_last = N - 1 - n0, tr_last = mrows - 1;
-        auto issue_stage = [&](int ps) {
-            if (ps < psteps) {
-                const int step = ps / Plan::kHalves, h = ps % Plan::kHalves;
-                uint8_t *stage = smem + (ps % kStages) * Plan::kStage;
+        auto issue_stage = [&](int step) {
+            if (step < steps) {
+                uint8_t *stage = smem + (step % kStages) * Plan::kStage;
                 uint8_t *wst = stage + Plan::kTile;
 #pragma unroll
                 for (int r = 0; r < kRows; ++r) {
                     const int src = min(lrow[r], n_last);
-                    const uint8_t *codes = w_codes + src * (K / 2) + step * 64;
-                    if constexpr (kQ == 4) cp_async16(wst + lrow[r] * kWCode + 16 * t, codes);
-                    else cp_async8(wst + lrow[r] * kWCode + 8 * t, codes + 8 * h);
-                    if (t == 0)
-                        cp_async8(wst + kBN * kWCode + lrow[r] * 8, w_sf + src * (K / 16) + step * 8);
+                    cp_async16(wst + lrow[r] * 64 + 16 * t, w_codes + src * (K / 2) + step * 64);
+                    if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, w_sf + src * (K / 16) + step * 8);
                 }
 #pragma unroll
                 for (int u = 0; u < kUnits; ++u) {
                     const int idx = threadIdx.x + u * kThreads;
-                    const int tr = idx / kRowChunks, c = idx % kRowChunks;
+                    const int tr = idx / 16, c = idx % 16;
                     cp_async16(stage + (c / 8) * Plan::kTileHalf + tr * kSwizzleRowBytes +
                                    (((c % 8) ^ (tr & 7)) << 4),
-                               a_rows + min(tr, tr_last) * (K * 2) + step * 256 +
-                                   (h * kRowChunks + c) * 16);
+                               a_rows + min(tr, tr_last) * (K * 2) + step * 256 + c * 16);
                 }
             }
             cp_async_commit(); /* always: keeps the group count equal to the step count */
@@ -262,44 +248,34 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
 #pragma unroll
         for (int s = 0; s < Plan::kAhead; ++s) issue_stage(s);
 
-        for (int ps = 0; ps < psteps; ++ps) {
-            cp_async_wait<Plan::kAhead - 1>(); /* own copies of stage `ps` landed */
+        for (int step = 0; step < steps; ++step) {
+            cp_async_wait<Plan::kAhead - 1>(); /* own copies of stage `step` landed */
             fence_proxy_async();               /* ... and visible to wgmma's reads */
-            /* stage `ps` complete for all; every warpgroup's MMAs of ps-2 are done */
+            /* stage `step` complete for all; every warpgroup's MMAs of step-2 are done */
             __syncthreads();
-            issue_stage(ps + Plan::kAhead);
-            const int h = ps % Plan::kHalves;
-            const uint8_t *wst = smem + (ps % kStages) * Plan::kStage + Plan::kTile;
-            const uint32_t tile = smem_u32 + (ps % kStages) * Plan::kStage;
-            /* words q = kQ*h + qq of this thread's span, and their scales (word q uses scale
-             * byte 2t + q/2 of the 128-step) */
-            uint32_t wq[kRows][kQ];
-            uint32_t S[kRows][kQ / 2];
+            issue_stage(step + Plan::kAhead);
+            const uint8_t *wst = smem + (step % kStages) * Plan::kStage + Plan::kTile;
+            const uint32_t tile = smem_u32 + (step % kStages) * Plan::kStage;
+            uint4 wq[kRows];
+            uint32_t S[kRows][2];
 #pragma unroll
             for (int r = 0; r < kRows; ++r) {
-                if constexpr (kQ == 4) {
-                    const uint4 v = *(const uint4 *)(wst + lrow[r] * kWCode + 16 * t);
-                    wq[r][0] = v.x; wq[r][1] = v.y; wq[r][2] = v.z; wq[r][3] = v.w;
-                    const uint32_t sf2 = *(const uint16_t *)(wst + kBN * kWCode + lrow[r] * 8 + 2 * t);
-                    S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
-                    S[r][1] = sf_to_bf16x2(sf2 >> 8);
-                } else {
-                    const uint2 v = *(const uint2 *)(wst + lrow[r] * kWCode + 8 * t);
-                    wq[r][0] = v.x; wq[r][1] = v.y;
-                    S[r][0] = sf_to_bf16x2(wst[kBN * kWCode + lrow[r] * 8 + 2 * t + h]);
-                }
+                wq[r] = *(const uint4 *)(wst + lrow[r] * 64 + 16 * t);
+                const uint32_t sf2 = *(const uint16_t *)(wst + kBN * 64 + lrow[r] * 8 + 2 * t);
+                S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
+                S[r][1] = sf_to_bf16x2(sf2 >> 8);
             }
 #pragma unroll
-            for (int q = 0; q < kQ; ++q) {
-                uint32_t A[WT][2][4]; /* [m64 tile][k16 slice 2q+s of this stage][fragment] */
+            for (int q = 0; q < 4; ++q) {
+                uint32_t A[WT][2][4]; /* [m64 tile][k16 slice 2q+s][fragment] */
 #pragma unroll
                 for (int i = 0; i < WT; ++i)
-                    weight_fragments(wq[2 * i][q], S[2 * i][q / 2], wq[2 * i + 1][q],
-                                     S[2 * i + 1][q / 2], A[i]);
+                    weight_fragments(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                     word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
                 wgmma_fence();
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
-                    const int j = 2 * q + s; /* k16 slice of this stage (its tile holds kQ*2) */
+                    const int j = 2 * q + s; /* k16 slice of this step */
                     const uint64_t desc =
                         desc_k_major_sw128(tile + (j / 4) * Plan::kTileHalf + (j % 4) * 32);
 #pragma unroll
@@ -391,18 +367,18 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
 /* The two configurations (measured on the H100, bench/RESULTS.md v4/v5):
  *   MT=128: 128-token chunks, four warpgroups of one m64 tile (256 weight rows per block,
  *           128 registers, 16 warps per SM), 4 stages; the better one up to ~192 rows/expert.
- *   MT=256: 256-token chunks, two warpgroups of one m64 tile (128 weight rows per block);
- *           each dequantized weight fragment feeds an n = 256 MMA, half the dequantization
- *           per FLOP of MT=128. 5 stages of 64 k (186 KB): three half steps prefetched. */
+ *   MT=256: 256-token chunks, two warpgroups of one m64 tile (128 weight rows per block),
+ *           3 stages (220 KB); each dequantized weight fragment feeds an n = 256 MMA, half the
+ *           dequantization per FLOP of MT=128. */
 template <int MT> struct WgmmaConfig;
-template <> struct WgmmaConfig<128> { static constexpr int kWT = 1, kNWG = 4, kStages = 4, kPipeK = 128; };
-template <> struct WgmmaConfig<256> { static constexpr int kWT = 1, kNWG = 2, kStages = 5, kPipeK = 64; };
+template <> struct WgmmaConfig<128> { static constexpr int kWT = 1, kNWG = 4, kStages = 4; };
+template <> struct WgmmaConfig<256> { static constexpr int kWT = 1, kNWG = 2, kStages = 3; };
 
 template <int MT>
 epmoe_status launch_config(const GemmParams &p, cudaStream_t stream) {
     using C = WgmmaConfig<MT>;
-    auto kernel = grouped_gemm_wgmma_kernel<MT, C::kWT, C::kNWG, C::kStages, C::kPipeK>;
-    using Plan = WgmmaPlan<MT, C::kWT, C::kNWG, C::kStages, C::kPipeK>;
+    auto kernel = grouped_gemm_wgmma_kernel<MT, C::kWT, C::kNWG, C::kStages>;
+    using Plan = WgmmaPlan<MT, C::kWT, C::kNWG, C::kStages>;
     const int smem_bytes = Plan::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
              "raising the wgmma grouped GEMM's shared-memory limit");
@@ -441,7 +417,7 @@ epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, cu
 int epmoe_sm90::epmoe_gemm_sm90_wgmma_compiled(void) {
     using C = WgmmaConfig<128>;
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<128, C::kWT, C::kNWG, C::kStages, C::kPipeK>) !=
+    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<128, C::kWT, C::kNWG, C::kStages>) !=
         cudaSuccess) {
         (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
         return 0;
