@@ -3,8 +3,9 @@
  *
  * Same operand order as the mma.sync kernel (gemm_sm90.cu): weights are the M side, tokens the
  * N side. Two launches:
- *   1. nvfp4_rows_to_bf16_kernel: every live NVFP4 A row -> exact bf16, in the K order below,
- *      into the caller's workspace (once, instead of once per weight tile that meets the row).
+ *   1. epmoe_nvfp4_rows_to_bf16_launch (gemm_sm90_prepass.cu): every live NVFP4 A row -> exact
+ *      bf16, in the slice order, into the caller's workspace (once, instead of once per weight
+ *      tile that meets the row).
  *   2. grouped_gemm_wgmma_kernel, per work item (one expert, a chunk of up to 128 token rows,
  *      256 weight rows), per step of 128 along K:
  *        weights: global -> shared (cp.async) -> registers -> exact bf16 pairs = wgmma's A
@@ -30,7 +31,6 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm_sm90_common.cuh"
-#include "kernels/cuda/ops_cuda.h"
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define EPMOE_WGMMA_DEVICE 1
@@ -90,46 +90,6 @@ __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t 
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
 
-/* The same with n = 256 (two 128-token halves of one chunk share each A fragment). */
-__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], const uint32_t (&a)[4],
-                                                 uint64_t desc_b, int scale_d) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %133, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63,"
-                 "%64,%65,%66,%67,%68,%69,%70,%71,%72,%73,%74,%75,%76,%77,%78,%79,"
-                 "%80,%81,%82,%83,%84,%85,%86,%87,%88,%89,%90,%91,%92,%93,%94,%95,"
-                 "%96,%97,%98,%99,%100,%101,%102,%103,%104,%105,%106,%107,%108,%109,%110,%111,"
-                 "%112,%113,%114,%115,%116,%117,%118,%119,%120,%121,%122,%123,%124,%125,%126,%127"
-                 "}, {%128,%129,%130,%131}, %132, p, 1, 1, 0;\n}\n"
-                 :
-                   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),
-                   "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
-                   "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),
-                   "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
-                   "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]),
-                   "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
-                   "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]),
-                   "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]),
-                   "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]),
-                   "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
-                   "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),
-                   "+f"(d[126]), "+f"(d[127])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() {
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
@@ -171,7 +131,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
      * bytes (coalesced), and the 8 of a 16-byte access phase land in 8 distinct swizzled
      * columns (no bank conflicts) */
     constexpr int kUnits = MT * 16 / kThreads;
-    static_assert(MT == 128 || MT == 256, "the wgmma wrappers are m64n128k16 and m64n256k16");
+    static_assert(MT == 128, "the wgmma wrapper is m64n128k16");
     static_assert((MT * 16) % kThreads == 0, "token staging must divide evenly");
 
     extern __shared__ __align__(1024) uint8_t smem_raw[];
@@ -281,8 +241,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
 #pragma unroll
                     for (int i = 0; i < WT; ++i) {
                         fence_operands(acc[i]);
-                        if constexpr (MT == 128) wgmma_m64n128k16(acc[i], A[i][s], desc, 1);
-                        else wgmma_m64n256k16(acc[i], A[i][s], desc, 1);
+                        wgmma_m64n128k16(acc[i], A[i][s], desc, 1);
                         fence_operands(acc[i]);
                     }
                 }
@@ -330,55 +289,23 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
 #endif
 }
 
-/* NVFP4 A rows -> exact bf16 in the kernel's K order, once per GEMM instead of once per
- * (token chunk, weight tile): per 128-k step, 16-byte chunk c holds word q = c/4's pair m = c%4
- * (gemm_sm90_common.cuh) for the quad threads t = 0..3, i.e. logical slice c/2, half c%2.
- * Live rows only (padding rows are neither read nor written). One warp per row, lanes over the
- * row's steps: coalesced 64-byte code reads. Launch shape from cap_rows only. */
-__global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParams p) {
-    const int lane = threadIdx.x % 32;
-    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
-    const int K = p.K, steps = K / kStepK;
-    for (int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < p.cap_rows;
-         row += warps) {
-        if (epmoe_cuda_expert_of_real_row(p.padded_offsets, p.tokens_per_expert, p.E, row) < 0)
-            continue; /* padding, or past the layout */
-        for (int step = lane; step < steps; step += 32) {
-            const uint8_t *codes = p.a_codes + row * (K / 2) + step * 64;
-            const uint8_t *sf = p.a_sf + row * (K / 16) + step * 8;
-            uint32_t o[4][4][4]; /* [span t][word q][pair m] */
-#pragma unroll
-            for (int t = 0; t < 4; ++t) {
-                const uint4 w = *(const uint4 *)(codes + 16 * t);
-                const uint32_t sf2 = *(const uint16_t *)(sf + 2 * t);
-#pragma unroll
-                for (int q = 0; q < 4; ++q)
-                    dequant8(word_of(w, q), sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8)), o[t][q]);
-            }
-            uint4 *dst = (uint4 *)((uint8_t *)p.a_ws + (row * K + step * kStepK) * 2);
-#pragma unroll
-            for (int c = 0; c < 16; ++c)
-                dst[c] = make_uint4(o[0][c / 4][c % 4], o[1][c / 4][c % 4], o[2][c / 4][c % 4],
-                                    o[3][c / 4][c % 4]);
-        }
+constexpr int kMT = 128, kWT = 1, kNWG = 4, kStagesW = 4;
+
+} // namespace
+
+int epmoe_sm90::epmoe_gemm_sm90_wgmma_compiled(void) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>) !=
+        cudaSuccess) {
+        (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
+        return 0;
     }
+    return attr.binaryVersion == 90;
 }
 
-/* The two configurations (measured on the H100, bench/RESULTS.md v4/v5):
- *   MT=128: 128-token chunks, four warpgroups of one m64 tile (256 weight rows per block,
- *           128 registers, 16 warps per SM), 4 stages; the better one up to ~192 rows/expert.
- *   MT=256: 256-token chunks, two warpgroups of one m64 tile (128 weight rows per block),
- *           3 stages (220 KB); each dequantized weight fragment feeds an n = 256 MMA, half the
- *           dequantization per FLOP of MT=128. */
-template <int MT> struct WgmmaConfig;
-template <> struct WgmmaConfig<128> { static constexpr int kWT = 1, kNWG = 4, kStages = 4; };
-template <> struct WgmmaConfig<256> { static constexpr int kWT = 1, kNWG = 2, kStages = 3; };
-
-template <int MT>
-epmoe_status launch_config(const GemmParams &p, cudaStream_t stream) {
-    using C = WgmmaConfig<MT>;
-    auto kernel = grouped_gemm_wgmma_kernel<MT, C::kWT, C::kNWG, C::kStages>;
-    using Plan = WgmmaPlan<MT, C::kWT, C::kNWG, C::kStages>;
+epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stream) {
+    auto kernel = grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>;
+    using Plan = WgmmaPlan<kMT, kWT, kNWG, kStagesW>;
     const int smem_bytes = Plan::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
              "raising the wgmma grouped GEMM's shared-memory limit");
@@ -388,45 +315,13 @@ epmoe_status launch_config(const GemmParams &p, cudaStream_t stream) {
              "reading the multiprocessor count");
     /* Persistent grid, one block per SM: never more blocks than the largest work list. */
     const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
-    const int64_t max_items = (p.cap_rows / MT + p.E) * n_tiles;
+    const int64_t max_items = (p.cap_rows / kMT + p.E) * n_tiles;
     int64_t blocks = sms;
     if (blocks > max_items) blocks = max_items;
     if (blocks < 1) blocks = 1;
-    /* A operand: NVFP4 -> bf16 into the workspace, then the GEMM */
-    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, stream));
-    kernel<<<(unsigned)blocks, C::kNWG * 128, smem_bytes, stream>>>(p);
+    /* A operand: NVFP4 -> bf16 into the workspace (slice order), then the GEMM */
+    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderSlices, stream));
+    kernel<<<(unsigned)blocks, kNWG * 128, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a wgmma)");
     return EPMOE_OK;
-}
-
-} // namespace
-
-epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, cudaStream_t stream) {
-    int device = 0, sms = 0;
-    CUDA_TRY(cudaGetDevice(&device), "NVFP4 A -> bf16 launch");
-    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "reading the multiprocessor count");
-    int64_t blocks = (p.cap_rows + 7) / 8; /* 8 rows (warps) per block */
-    if (blocks > (int64_t)sms * 8) blocks = (int64_t)sms * 8;
-    if (blocks < 1) blocks = 1;
-    nvfp4_rows_to_bf16_kernel<<<(unsigned)blocks, 256, 0, stream>>>(p);
-    CUDA_TRY_LAUNCH("NVFP4 A -> bf16 into the grouped GEMM's workspace");
-    return EPMOE_OK;
-}
-
-int epmoe_sm90::epmoe_gemm_sm90_wgmma_compiled(void) {
-    using C = WgmmaConfig<128>;
-    cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<128, C::kWT, C::kNWG, C::kStages>) !=
-        cudaSuccess) {
-        (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
-        return 0;
-    }
-    return attr.binaryVersion == 90;
-}
-
-epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, int token_rows,
-                                                      cudaStream_t stream) {
-    if (token_rows == 256) return launch_config<256>(p, stream);
-    return launch_config<128>(p, stream);
 }

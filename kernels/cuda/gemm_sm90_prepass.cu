@@ -1,0 +1,68 @@
+/* NVFP4 A -> its exact bf16 copy in one of the Hopper GEMM kernels' K orders (the orders are
+ * defined in gemm_sm90_common.cuh, AOrder). Run once per GEMM call by the kernels that read the
+ * copy instead of dequantizing A once per weight tile (wgmma, streaming decode). */
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm_sm90_common.cuh"
+#include "kernels/cuda/ops_cuda.h"
+
+using namespace epmoe_sm90;
+
+namespace {
+
+/* One warp per row, lanes over the row's 128-k steps (coalesced 64-byte code reads, each lane
+ * writes its step's 256 bytes). Live rows only. Launch shape from cap_rows only. */
+template <AOrder kOrder>
+__global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParams p) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
+    const int K = p.K, steps = K / kStepK;
+    for (int64_t row = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32; row < p.cap_rows;
+         row += warps) {
+        if (epmoe_cuda_expert_of_real_row(p.padded_offsets, p.tokens_per_expert, p.E, row) < 0)
+            continue; /* padding, or past the layout */
+        for (int step = lane; step < steps; step += 32) {
+            const uint8_t *codes = p.a_codes + row * (K / 2) + step * 64;
+            const uint8_t *sf = p.a_sf + row * (K / 16) + step * 8;
+            uint32_t o[4][4][4]; /* [span t][word q][pair m] */
+#pragma unroll
+            for (int t = 0; t < 4; ++t) {
+                const uint4 w = *(const uint4 *)(codes + 16 * t);
+                const uint32_t sf2 = *(const uint16_t *)(sf + 2 * t);
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    dequant8(word_of(w, q), sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8)), o[t][q]);
+            }
+            uint4 *dst = (uint4 *)((uint8_t *)p.a_ws + (row * K + step * kStepK) * 2);
+#pragma unroll
+            for (int c = 0; c < 16; ++c) {
+                const int q = c / 4, x = c % 4; /* x: pair m (slices) or span t (fragments) */
+                dst[c] = kOrder == kOrderSlices
+                             ? make_uint4(o[0][q][x], o[1][q][x], o[2][q][x], o[3][q][x])
+                             : make_uint4(o[x][q][0], o[x][q][1], o[x][q][2], o[x][q][3]);
+            }
+        }
+    }
+}
+
+} // namespace
+
+epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AOrder order,
+                                                         cudaStream_t stream) {
+    int device = 0, sms = 0;
+    CUDA_TRY(cudaGetDevice(&device), "NVFP4 A -> bf16 launch");
+    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "reading the multiprocessor count");
+    int64_t blocks = (p.cap_rows + 7) / 8; /* 8 rows (warps) per block */
+    if (blocks > (int64_t)sms * 8) blocks = (int64_t)sms * 8;
+    if (blocks < 1) blocks = 1;
+    if (order == kOrderSlices)
+        nvfp4_rows_to_bf16_kernel<kOrderSlices><<<(unsigned)blocks, 256, 0, stream>>>(p);
+    else
+        nvfp4_rows_to_bf16_kernel<kOrderFragments><<<(unsigned)blocks, 256, 0, stream>>>(p);
+    CUDA_TRY_LAUNCH("NVFP4 A -> bf16 into the grouped GEMM's workspace");
+    return EPMOE_OK;
+}
