@@ -19,6 +19,11 @@ def main():
     tmap = {(r["model"], r["gemm"], r["rows_per_expert"]): r for r in torch_recs["records"]}
     rows_out = []
     print(f"device: {ours['device']}   d2d copy: {copy:.0f} GB/s (read+write)")
+    for r in ours["records"]:
+        if r["kind"] == "probe":  # loads only, the decode kernels' pattern vs linear
+            print(f"weight-stream probe {r['model']:9s} {r['gemm']:4s}: decode pattern "
+                  f"{r['slab_gbs']:7.0f} GB/s ({r['slab_gbs'] / copy * 100:4.1f}% of copy), linear "
+                  f"{r['linear_gbs']:7.0f} GB/s ({r['linear_gbs'] / copy * 100:4.1f}%)")
     hdr = (f"{'model':9s} {'gemm':4s} {'rows':>5s} | {'ours us':>8s} {'wGB/s':>6s} {'%copy':>5s} "
            f"{'TFLOP/s':>7s} | {'torch us':>8s} {'TFLOP/s':>7s} | {'cuBLAS':>7s} | "
            f"{'x torch':>7s} {'target':>14s}")
