@@ -103,6 +103,57 @@ __global__ void probe_slab_kernel(const uint8_t *codes, const uint8_t *sf, int64
     }
     if (acc == 0x9E3779B9u) sink[0] = acc; /* keeps the loads */
 }
+/* The same slabs read in visits of 256 bytes per row (16 threads per row, four 128-k steps at
+ * a time), and slabs stored step-major (each warp's 32 rows x 64 bytes of a step contiguous):
+ * the two ways to make the decode stream longer. Same bytes, no compute. */
+__global__ void probe_visit256_kernel(const uint8_t *codes, const uint8_t *sf, int64_t rows, int K,
+                                      unsigned *sink) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
+    const int visits = K / 512;
+    unsigned acc = 0;
+    for (int64_t slab = warp; slab < rows / 32; slab += warps) {
+        const uint8_t *c = codes + (slab * 32 + lane / 16) * (int64_t)(K / 2) + 16 * (lane % 16);
+        const uint8_t *s = sf + (slab * 32 + lane) * (int64_t)(K / 16);
+        for (int v = 0; v < visits; ++v) {
+#pragma unroll
+            for (int r = 0; r < 16; ++r) { /* rows 2r, 2r+1 */
+                const uint4 x = __ldcs((const uint4 *)(c + 2 * r * (int64_t)(K / 2) + v * 256));
+                acc ^= x.x ^ x.y ^ x.z ^ x.w;
+            }
+            const uint2 y = __ldcs((const uint2 *)(s + v * 32)); /* this lane's row: 32 scale bytes */
+            const uint2 z = __ldcs((const uint2 *)(s + v * 32 + 8));
+            const uint2 w = __ldcs((const uint2 *)(s + v * 32 + 16));
+            const uint2 u = __ldcs((const uint2 *)(s + v * 32 + 24));
+            acc ^= y.x ^ y.y ^ z.x ^ z.y ^ w.x ^ w.y ^ u.x ^ u.y;
+        }
+    }
+    if (acc == 0x9E3779B9u) sink[0] = acc;
+}
+__global__ void probe_stepmajor_kernel(const uint8_t *codes, const uint8_t *sf, int64_t rows, int K,
+                                       unsigned *sink) {
+    const int lane = threadIdx.x % 32;
+    const int64_t warp = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) / 32;
+    const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
+    const int steps = K / 128;
+    unsigned acc = 0;
+    for (int64_t slab = warp; slab < rows / 32; slab += warps) {
+        const uint8_t *c = codes + slab * 32 * (int64_t)(K / 2) + 16 * lane;
+        const uint8_t *s = sf + slab * 32 * (int64_t)(K / 16) + 8 * lane;
+#pragma unroll 4
+        for (int step = 0; step < steps; ++step) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                const uint4 x = __ldcs((const uint4 *)(c + step * 2048 + r * 512));
+                acc ^= x.x ^ x.y ^ x.z ^ x.w;
+            }
+            const uint2 y = __ldcs((const uint2 *)(s + step * 256));
+            acc ^= y.x ^ y.y;
+        }
+    }
+    if (acc == 0x9E3779B9u) sink[0] = acc;
+}
 __global__ void probe_linear_kernel(const uint4 *p, int64_t n16, unsigned *sink) {
     unsigned acc = 0;
     for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n16;
@@ -226,24 +277,40 @@ int main(int argc, char **argv) {
                     probe_linear_kernel<<<sms * 8, 256>>>((const uint4 *)w_codes, rows * K / 32, sink);
                     probe_linear_kernel<<<sms * 8, 256>>>((const uint4 *)w_sf, rows * K / 256, sink);
                 }, reps);
+                const double v256_ms = median_ms([&] {
+                    probe_visit256_kernel<<<sms * 4, 128>>>(w_codes, w_sf, rows, (int)K, sink);
+                }, reps);
+                const double sm_ms = median_ms([&] {
+                    probe_stepmajor_kernel<<<sms * 4, 128>>>(w_codes, w_sf, rows, (int)K, sink);
+                }, reps);
                 CHECK_CUDA(cudaGetLastError());
-                printf("probe %-9s %-4s weights %.0f MB: decode pattern %.1f GB/s, linear %.1f GB/s\n",
-                       m.name, which == 0 ? "W13" : "W2", bytes / 1e6, bytes / (slab_ms * 1e-3) / 1e9,
-                       bytes / (lin_ms * 1e-3) / 1e9);
+                const double gb = bytes / 1e9;
+                printf("probe %-9s %-4s weights %.0f MB: decode pattern %.1f GB/s, 256-byte visits "
+                       "%.1f GB/s, step-major slabs %.1f GB/s, linear %.1f GB/s\n",
+                       m.name, which == 0 ? "W13" : "W2", bytes / 1e6, gb / (slab_ms * 1e-3),
+                       gb / (v256_ms * 1e-3), gb / (sm_ms * 1e-3), gb / (lin_ms * 1e-3));
                 RECORD("\"kind\": \"probe\", \"model\": \"%s\", \"gemm\": \"%s\", \"bytes\": %.0f, "
-                       "\"slab_gbs\": %.2f, \"linear_gbs\": %.2f", m.name, which == 0 ? "W13" : "W2",
-                       bytes, bytes / (slab_ms * 1e-3) / 1e9, bytes / (lin_ms * 1e-3) / 1e9);
+                       "\"slab_gbs\": %.2f, \"visit256_gbs\": %.2f, \"stepmajor_gbs\": %.2f, "
+                       "\"linear_gbs\": %.2f", m.name, which == 0 ? "W13" : "W2", bytes,
+                       gb / (slab_ms * 1e-3), gb / (v256_ms * 1e-3), gb / (sm_ms * 1e-3),
+                       gb / (lin_ms * 1e-3));
             }
         }
         CHECK_CUDA(cudaFree(sink));
     }
 
+    /* "ours" runs on the weights in the slab layout, as the layer uploads them; each kernel is
+     * also timed on the row-major tensors */
+    uint8_t *w_codes_slab, *w_sf_slab;
+    CHECK_CUDA(cudaMalloc(&w_codes_slab, max_nk_e / 2));
+    CHECK_CUDA(cudaMalloc(&w_sf_slab, max_nk_e / 16));
     printf("%-9s %-4s %5s | %9s %8s %7s | %9s %7s\n", "model", "gemm", "rows", "ours us",
            "GB/s", "TFLOP/s", "cublas us", "TFLOP/s");
     for (const Model &m : models) {
         for (int which = 0; which < 2; which++) {
             const char *gname = which == 0 ? "W13" : "W2";
             const int64_t N = which == 0 ? 2 * m.I : m.H, K = which == 0 ? m.H : m.I;
+            CHECK_EPMOE(epmoe_cuda_weights_to_slabs(w_codes, w_sf, m.E * N, K, w_codes_slab, w_sf_slab, 0));
             for (int64_t rows : rows_list) {
                 std::vector<int64_t> counts(m.E, rows), offs(m.E + 1);
                 epmoe_padded_offsets_from_counts(counts.data(), m.E, EPMOE_GEMM_PAD_ROWS, offs.data());
@@ -262,8 +329,9 @@ int main(int argc, char **argv) {
                 a.a_sf = a_sf;
                 a.a_scale = a_scale;
                 a.a_workspace = a_ws;
-                a.w_codes = w_codes;
-                a.w_sf = w_sf;
+                a.w_slabs = 1;
+                a.w_codes = w_codes_slab;
+                a.w_sf = w_sf_slab;
                 a.w_scale = w_scale;
                 a.w_scale_groups = which == 0 ? 2 : 1;
                 a.w_scale_split = which == 0 ? m.I : N;
@@ -274,10 +342,19 @@ int main(int argc, char **argv) {
                 /* every sm_90 kernel at this shape, side by side (AUTO's choice is one of them) */
                 char kernel_ms[1024];
                 int kpos = 0;
-                for (int k = EPMOE_GEMM_SM90_MMA_MT32; k < EPMOE_GEMM_SM90_KERNEL_COUNT; k++) {
+                for (int run = 0; run < 2 * (EPMOE_GEMM_SM90_KERNEL_COUNT - 1); run++) {
+                    const int k = 1 + run % (EPMOE_GEMM_SM90_KERNEL_COUNT - 1);
+                    const bool row_major = run >= EPMOE_GEMM_SM90_KERNEL_COUNT - 1;
                     epmoe_grouped_gemm_args f = a;
                     f.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
-                    const char *kname = epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel);
+                    if (row_major) {
+                        f.w_slabs = 0;
+                        f.w_codes = w_codes;
+                        f.w_sf = w_sf;
+                    }
+                    char kname[96];
+                    snprintf(kname, sizeof kname, "%s%s", epmoe_grouped_gemm_sm90_kernel_name(f.sm90_kernel),
+                             row_major ? " row-major" : "");
                     if (epmoe_cuda_grouped_gemm_sm90(&f, 0) != EPMOE_OK) {
                         (void)cudaGetLastError();
                         continue; /* not available here (wgmma off Hopper) */

@@ -93,9 +93,9 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
         const int n_warp = nt * kBN + warp * 32;
         const bool warp_active = n_warp < N;
         const int wrow = warp * 32 + g; /* this thread's first weight row inside the tile */
-        const uint8_t *wc = p.w_codes + ((int64_t)e * N + n_warp + g) * (K / 2) + 16 * t;
-        const uint8_t *ws = p.w_sf + ((int64_t)e * N + n_warp + g) * (K / 16);
-        const int64_t wc_row8 = 8 * (int64_t)(K / 2), ws_row8 = 8 * (int64_t)(K / 16);
+        /* rows n_warp + g + 8r (r < 4) of either weight layout */
+        const WeightWalk walk = weight_walk(p, e, n_warp + g, t);
+        const uint8_t *wc = p.w_codes + walk.code, *ws = p.w_sf + walk.sf;
 
         /* One pipeline stage: this thread's weight rows g+8r (16 code bytes each; quad
          * leader t == 0 also the row's 8 scale bytes) and its token units. */
@@ -106,9 +106,11 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                 if (warp_active) {
 #pragma unroll
                     for (int r = 0; r < 4; ++r) {
-                        cp_async16_l2_256(wst + (wrow + 8 * r) * 64 + 16 * t, wc + r * wc_row8 + step * 64);
+                        cp_async16_l2_256(wst + (wrow + 8 * r) * 64 + 16 * t,
+                                          wc + r * walk.code_row8 + step * walk.code_step);
                         if (t == 0)
-                            cp_async8(wst + kBN * 64 + (wrow + 8 * r) * 8, ws + r * ws_row8 + step * 8);
+                            cp_async8(wst + kBN * 64 + (wrow + 8 * r) * 8,
+                                      ws + r * walk.sf_row8 + step * walk.sf_step);
                     }
                 }
                 uint8_t *tst = smem + Plan::kT + b * Plan::kTStage;
@@ -354,6 +356,9 @@ extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_a
     EPMOE_REQUIRE(((uintptr_t)a->w_codes & 15) == 0 && ((uintptr_t)a->w_sf & 1) == 0,
                   EPMOE_ERR_INVALID_ARG,
                   "grouped GEMM: w_codes must be 16-byte aligned and w_sf 2-byte aligned");
+    EPMOE_REQUIRE(a->w_slabs == 0 || a->w_slabs == 1, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: w_slabs = %d, must be 0 (row-major) or 1 (slab layout)",
+                  a->w_slabs);
     EPMOE_REQUIRE(a->w_scale_groups == 1 || a->w_scale_groups == 2, EPMOE_ERR_INVALID_ARG,
                   "grouped GEMM: w_scale_groups = %lld, must be 1 or 2",
                   (long long)a->w_scale_groups);
@@ -417,7 +422,7 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm(const epmoe_grouped_gemm_args *a
              "reading the compute capability");
     /* Blackwell's native block-scaled MMA only where it was compiled in and the caller gave the
      * swizzled scales; Hopper (and anything else) takes the dequantizing path. */
-    if (major == 10 && a && a->w_sf_swizzled && a->a_format == EPMOE_GEMM_A_NVFP4 &&
+    if (major == 10 && a && a->w_sf_swizzled && !a->w_slabs && a->a_format == EPMOE_GEMM_A_NVFP4 &&
         a->N % 128 == 0 && epmoe_cuda_grouped_gemm_sm100_available())
         return epmoe_cuda_grouped_gemm_sm100(a, stream);
     return epmoe_cuda_grouped_gemm_sm90(a, stream);

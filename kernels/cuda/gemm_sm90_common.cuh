@@ -38,6 +38,7 @@ struct GemmParams {
     const float *a_scale;
     const __nv_bfloat16 *a_bf16;
     const uint8_t *w_codes, *w_sf;
+    int w_slabs; /* codes and scales in the slab layout (grouped_gemm.h) */
     const float *w_scale;
     int w_groups, w_split;
     const int64_t *padded_offsets, *tokens_per_expert;
@@ -129,6 +130,38 @@ static __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
 }
 
+/* Where weight row n of expert e keeps the 16 code bytes of span t (bytes [16t, 16t+16) of
+ * each 128-k step's 64) and the step's 8 scale bytes, in either layout: offsets at step 0 and
+ * the distance one step moves them. Rows n and n + 8 are row8_* apart when n % 32 < 24 (the
+ * kernels only step by 8 inside a 32-row group). One place for both layouts. */
+struct WeightWalk {
+    int64_t code, sf;           /* byte offsets into w_codes / w_sf at step 0 */
+    int code_step, sf_step;     /* bytes per 128-k step */
+    int64_t code_row8, sf_row8; /* bytes from row n to row n + 8 */
+};
+static __device__ __forceinline__ WeightWalk weight_walk(const GemmParams &p, int e, int n, int t) {
+    const int64_t row = (int64_t)e * p.N + n;
+    WeightWalk w;
+    if (p.w_slabs) {
+        const int64_t slab = row / 32, steps = p.K / kStepK;
+        const int i = (int)(row % 32);
+        w.code = (slab * steps) * 2048 + ((i / 8) * 32 + (i % 8) * 4 + t) * 16;
+        w.sf = (slab * steps) * 256 + i * 8;
+        w.code_step = 2048;
+        w.sf_step = 256;
+        w.code_row8 = 512;
+        w.sf_row8 = 64;
+    } else {
+        w.code = row * (p.K / 2) + 16 * t;
+        w.sf = row * (p.K / 16);
+        w.code_step = 64;
+        w.sf_step = 8;
+        w.code_row8 = 8 * (int64_t)(p.K / 2);
+        w.sf_row8 = 8 * (int64_t)(p.K / 16);
+    }
+    return w;
+}
+
 /* Work list of one launch: expert e contributes ceil(count_e / MT) token chunks, each crossed
  * with the weight tiles. Built on the device from the counts (no host sync) into
  * chunk_start[0..E]; every thread of the block must call it. */
@@ -186,6 +219,7 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     p.a_bf16 = (const __nv_bfloat16 *)a->a_bf16;
     p.w_codes = a->w_codes;
     p.w_sf = a->w_sf;
+    p.w_slabs = a->w_slabs;
     p.w_scale = a->w_scale;
     p.w_groups = (int)a->w_scale_groups;
     p.w_split = (int)a->w_scale_split;

@@ -164,9 +164,6 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         const int64_t row0 = ck.row0;
         const int n0 = nt * kBN;
 
-        /* per-item bases; per-step and per-row offsets stay 32-bit */
-        const uint8_t *w_codes = p.w_codes + ((int64_t)e * N + n0) * (K / 2) + 16 * t;
-        const uint8_t *w_sf = p.w_sf + ((int64_t)e * N + n0) * (K / 16);
         const uint8_t *a_rows = (const uint8_t *)p.a_ws + row0 * (int64_t)K * 2;
 
         /* One stage: this thread's weight rows (16 code bytes each; quad leader t == 0 also the
@@ -176,15 +173,24 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
          * valid row instead of being skipped: no branches in the loop, and their products land
          * in accumulators the epilogue never writes. */
         const int n_last = N - 1 - n0, tr_last = mrows - 1;
+        const uint8_t *w_codes[kRows], *w_sf[kRows]; /* this thread's rows at step 0 */
+        int code_step = 0, sf_step = 0;
+#pragma unroll
+        for (int r = 0; r < kRows; ++r) {
+            const WeightWalk walk = weight_walk(p, e, n0 + min(lrow[r], n_last), t);
+            w_codes[r] = p.w_codes + walk.code;
+            w_sf[r] = p.w_sf + walk.sf;
+            code_step = walk.code_step;
+            sf_step = walk.sf_step;
+        }
         auto issue_stage = [&](int step) {
             if (step < steps) {
                 uint8_t *stage = smem + (step % kStages) * Plan::kStage;
                 uint8_t *wst = stage + Plan::kTile;
 #pragma unroll
                 for (int r = 0; r < kRows; ++r) {
-                    const int src = min(lrow[r], n_last);
-                    cp_async16(wst + lrow[r] * 64 + 16 * t, w_codes + src * (K / 2) + step * 64);
-                    if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, w_sf + src * (K / 16) + step * 8);
+                    cp_async16(wst + lrow[r] * 64 + 16 * t, w_codes[r] + step * code_step);
+                    if (t == 0) cp_async8(wst + kBN * 64 + lrow[r] * 8, w_sf[r] + step * sf_step);
                 }
 #pragma unroll
                 for (int u = 0; u < kUnits; ++u) {

@@ -91,8 +91,10 @@ typedef struct {
                                per call; without it that kernel is not used */
 
     /* Weights */
-    const uint8_t *w_codes;     /* [E, N, K/2] */
-    const uint8_t *w_sf;        /* [E, N, K/16] linear (sm_90 path) */
+    const uint8_t *w_codes;     /* [E, N, K/2], or the slab layout when w_slabs */
+    const uint8_t *w_sf;        /* [E, N, K/16] linear (sm_90 path), or the slab layout */
+    int w_slabs;                /* 1: w_codes and w_sf in the step-major slab layout written by
+                                   epmoe_cuda_weights_to_slabs (sm_90 path only) */
     const uint8_t *w_sf_swizzled; /* [E][swizzled(N, K/16)] 128x4 layout for the sm_100 path;
                                      NULL: the sm_100 entry reports EPMOE_ERR_INVALID_ARG */
     const float *w_scale;       /* [E, w_scale_groups] */
@@ -109,6 +111,26 @@ typedef struct {
 
     epmoe_gemm_sm90_kernel sm90_kernel; /* AUTO (0, what memset gives) unless forcing one */
 } epmoe_grouped_gemm_args;
+
+/* The step-major slab layout of NVFP4 weights. Rows are grouped in slabs of 32 (N is a
+ * multiple of 32, so a slab never straddles two experts); slab j of the [E*N] rows stores its
+ * 128-k steps one after another:
+ *   codes: 2048 bytes per (slab, step): 16-byte unit (r*32 + 4g + t) holds bytes [16t, 16t+16)
+ *          of the step's 64 bytes of row 32j + g + 8r (g < 8, r < 4, t < 4) -- exactly what
+ *          the 32 lanes (g, t) of one warp load for rows g + 8r, so a decode warp's step is
+ *          one contiguous 2 KB read instead of 32 reads of 64 bytes from 32 rows.
+ *   scales: 256 bytes per (slab, step): row 32j + i's 8 scale bytes of the step at 8i.
+ * Same bytes as the row-major [E, N, K/2] / [E, N, K/16] tensors. Measured on the H100
+ * (bench/RESULTS.md, weight-stream probe): loads alone reach 54-60% of the copy bandwidth in
+ * the row-major decode pattern and 87-97% in this layout. */
+#define EPMOE_GEMM_SLAB_ROWS 32
+
+/* Row-major codes [rows, K/2] and scales [rows, K/16] (rows = E*N, a multiple of 32; K a
+ * multiple of 128) -> the slab layout, into separate buffers of the same sizes. Enqueues on
+ * `stream`. */
+epmoe_status epmoe_cuda_weights_to_slabs(const uint8_t *codes, const uint8_t *sf, int64_t rows,
+                                         int64_t K, uint8_t *slab_codes, uint8_t *slab_sf,
+                                         cudaStream_t stream);
 
 /* Validates args (shapes, pointers) without touching device memory. */
 epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_args *args);

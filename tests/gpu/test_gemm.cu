@@ -181,13 +181,26 @@ static void run_case(const gemm_case &c, uint64_t seed) {
      * padding still poisoned): the engine's results may not depend on which kernel a batch
      * shape selects. The wgmma kernels only where they can run (NVFP4 A on a 9.0 device). The
      * workspace is poisoned again before each run, so a kernel that reads a row its pre-pass did
-     * not write shows NaN. */
+     * not write shows NaN. Every kernel runs again on the same weights reordered into the slab
+     * layout (grouped_gemm.h) by the library's own function: same bits again. */
     std::vector<uint8_t> again(out_bytes), first(out_bytes);
     GT_CUDA(cudaMemcpy(first.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
-    for (int k = EPMOE_GEMM_SM90_MMA_MT32; k < EPMOE_GEMM_SM90_KERNEL_COUNT; k++) {
-        if (k == chosen) continue;
+    uint8_t *d_wc_slab, *d_wsf_slab;
+    GT_CUDA(cudaMalloc(&d_wc_slab, w_codes.size()));
+    GT_CUDA(cudaMalloc(&d_wsf_slab, w_sf.size()));
+    GT_CUDA(cudaMemset(d_wc_slab, 0x77, w_codes.size())); /* a unit it failed to move shows */
+    GT_CUDA(cudaMemset(d_wsf_slab, 0x7F, w_sf.size()));   /* (0x7F: NaN scale bytes) */
+    GT_OK(epmoe_cuda_weights_to_slabs(d_wc, d_wsf, E * N, K, d_wc_slab, d_wsf_slab, 0));
+    for (int run = 0; run < 2 * EPMOE_GEMM_SM90_KERNEL_COUNT; run++) {
+        const int k = run % EPMOE_GEMM_SM90_KERNEL_COUNT, slabs = run / EPMOE_GEMM_SM90_KERNEL_COUNT;
+        if (k == EPMOE_GEMM_SM90_AUTO ? !slabs : (k == chosen && !slabs)) continue;
         epmoe_grouped_gemm_args forced = args;
         forced.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
+        if (slabs) {
+            forced.w_slabs = 1;
+            forced.w_codes = d_wc_slab;
+            forced.w_sf = d_wsf_slab;
+        }
         GT_CUDA(cudaMemcpy(d_out, poison_bytes.data(), out_bytes, cudaMemcpyHostToDevice));
         GT_CUDA(cudaMemset(d_abuf, 0xFF, cap * K * 2));
         const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&forced, 0);
@@ -199,10 +212,12 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         size_t differ = 0;
         for (size_t i = 0; i < out_bytes; i += out_elem)
             if (memcmp(&first[i], &again[i], out_elem) != 0) differ++;
-        GT_CHECK(differ == 0, "%s: kernel '%s' differs from '%s' in %zu of %lld outputs", c.name,
-                 epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k), variant, differ,
-                 (long long)(cap * N));
+        GT_CHECK(differ == 0, "%s: kernel '%s' (%s weights) differs from '%s' in %zu of %lld outputs",
+                 c.name, epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k),
+                 slabs ? "slab" : "row-major", variant, differ, (long long)(cap * N));
     }
+    cudaFree(d_wc_slab);
+    cudaFree(d_wsf_slab);
 
     /* reference over real rows; poison checks everywhere else */
     std::vector<float> deq_w(K), deq_a(K);
@@ -400,6 +415,14 @@ static void test_bad_args(void) {
     a.a_workspace = (uint8_t *)dummy + 8;
     GT_CHECK(epmoe_grouped_gemm_check_args(&a) == EPMOE_ERR_INVALID_ARG,
              "a misaligned a_workspace accepted");
+    a.a_workspace = dummy;
+    a.w_slabs = 2;
+    GT_CHECK(epmoe_grouped_gemm_check_args(&a) == EPMOE_ERR_INVALID_ARG, "w_slabs = 2 accepted");
+    uint8_t *out8 = (uint8_t *)dummy;
+    GT_CHECK(epmoe_cuda_weights_to_slabs(out8, out8, 48, 256, out8, out8, 0) == EPMOE_ERR_INVALID_ARG,
+             "48 rows (not a multiple of 32) accepted by the slab reordering");
+    GT_CHECK(epmoe_cuda_weights_to_slabs(out8, out8, 64, 200, out8, out8, 0) == EPMOE_ERR_INVALID_ARG,
+             "K = 200 accepted by the slab reordering");
 }
 
 int main(void) {

@@ -175,6 +175,25 @@ void epmoe_gpu_context_free(epmoe_gpu_context *ctx) {
 
 /* ---- layer weights ----------------------------------------------------------------------- */
 
+/* Host row-major codes [rows, K/2] and scales [rows, K/16] -> the device slab layout: through
+ * a staging copy of both, reordered by epmoe_cuda_weights_to_slabs. */
+static epmoe_status upload_slabs(const uint8_t *codes, const uint8_t *sf, int64_t rows, int64_t K,
+                                 uint8_t *slab_codes, uint8_t *slab_sf) {
+    const size_t code_bytes = (size_t)(rows * K / 2), sf_bytes = (size_t)(rows * K / 16);
+    uint8_t *staging = NULL;
+    CUDA_TRY(cudaMalloc((void **)&staging, code_bytes + sf_bytes), "staging expert weights");
+    epmoe_status st = EPMOE_OK;
+    cudaError_t err = cudaMemcpy(staging, codes, code_bytes, cudaMemcpyHostToDevice);
+    if (err == cudaSuccess) err = cudaMemcpy(staging + code_bytes, sf, sf_bytes, cudaMemcpyHostToDevice);
+    if (err == cudaSuccess)
+        st = epmoe_cuda_weights_to_slabs(staging, staging + code_bytes, rows, K, slab_codes, slab_sf, 0);
+    if (err == cudaSuccess && st == EPMOE_OK) err = cudaDeviceSynchronize();
+    cudaFree(staging);
+    EPMOE_TRY(st);
+    CUDA_TRY(err, "uploading expert weights into the slab layout");
+    return EPMOE_OK;
+}
+
 epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
                                     epmoe_gpu_layer *out) {
     memset(out, 0, sizeof *out);
@@ -224,11 +243,12 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
         copies[n_copies].bytes = (nbytes);                                                      \
         n_copies++;                                                                             \
     } while (0)
-    ADD(w13_codes, w->w13_codes, (size_t)(n * 2 * I * H / 2));
-    ADD(w13_sf, w->w13_sf, (size_t)(n * 2 * I * H / 16));
+    /* expert codes and scales: carved here, uploaded below through the slab reordering */
+    ADD(w13_codes, NULL, (size_t)(n * 2 * I * H / 2));
+    ADD(w13_sf, NULL, (size_t)(n * 2 * I * H / 16));
     ADD(w13_scale_2, w->w13_scale_2, (size_t)(n * 2) * 4);
-    ADD(w2_codes, w->w2_codes, (size_t)(n * H * I / 2));
-    ADD(w2_sf, w->w2_sf, (size_t)(n * H * I / 16));
+    ADD(w2_codes, NULL, (size_t)(n * H * I / 2));
+    ADD(w2_sf, NULL, (size_t)(n * H * I / 16));
     ADD(w2_scale_2, w->w2_scale_2, (size_t)n * 4);
     ADD(w13_input_scale, w->w13_input_scale, static_scale ? (size_t)n * 4 : 0);
     ADD(w2_input_scale, w->w2_input_scale, static_scale ? (size_t)n * 4 : 0);
@@ -244,10 +264,12 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
     CUDA_TRY(cudaMalloc(&out->base, out->bytes), "allocating a layer's device weights");
     carve_assign(&plan, out->base);
     for (int i = 0; i < n_copies; i++)
-        if (copies[i].bytes)
+        if (copies[i].bytes && copies[i].src)
             CUDA_TRY(cudaMemcpy(*plan.entries[i].slot, copies[i].src, copies[i].bytes,
                                 cudaMemcpyHostToDevice),
                      plan.entries[i].name);
+    EPMOE_TRY(upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, out->w13_codes, out->w13_sf));
+    EPMOE_TRY(upload_slabs(w->w2_codes, w->w2_sf, n * H, I, out->w2_codes, out->w2_sf));
     if (Is > 0) {
         size_t n13 = (size_t)(2 * Is * H), n2 = (size_t)(H * Is);
         float *staging = NULL;
@@ -381,6 +403,7 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     /* h = x . W13^T, w1 (gate) columns scaled by w13_scale_2[e][0], w3 (up) by [e][1]. */
     g.N = 2 * I;
     g.K = H;
+    g.w_slabs = 1; /* both GEMMs' weights, see epmoe_gpu_layer */
     g.w_codes = layer->w13_codes;
     g.w_sf = layer->w13_sf;
     g.w_scale = layer->w13_scale_2;

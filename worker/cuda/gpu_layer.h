@@ -89,6 +89,8 @@ typedef struct {
     int hash_routed;          /* layer < n_hash_layers: ids from tid2eid */
     void *base;
     size_t bytes;
+    /* expert weights in the GEMMs' slab layout (kernels/cuda/grouped_gemm.h), the same bytes
+     * as the checkpoint's row-major tensors, reordered once at upload */
     uint8_t *w13_codes;       /* [n_local, 2I, H/2] */
     uint8_t *w13_sf;          /* [n_local, 2I, H/16] */
     float *w13_scale_2;       /* [n_local, 2] */
