@@ -285,7 +285,8 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
     return EPMOE_OK;
 }
 
-/* Token rows per work item of the variant that runs. cap_rows is the padded capacity of this
+/* Token rows per work item of the size class (16 exists for the streaming kernel only; the
+ * shared-memory kernel runs 32 there). cap_rows is the padded capacity of this
  * batch (common/layout.h epmoe_padded_capacity): at most E*(pad-1) of it is padding, so
  * cap_rows - E*127 bounds the live rows. The choice depends on shapes only (capture-safe); every
  * variant is correct for any routing, a small-MT one re-reads an expert's weights once per MT
@@ -293,6 +294,7 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
 int sm90_rows_per_chunk(const epmoe_grouped_gemm_args *a) {
     /* (E + 1): a caller may also round the capacity up to a multiple of the pad */
     const int64_t live_bound = a->cap_rows - (a->n_experts + 1) * (EPMOE_GEMM_PAD_ROWS - 1);
+    if (live_bound <= 16 * a->n_experts) return 16;  /* decode (streaming only; else 32) */
     if (live_bound <= 32 * a->n_experts) return 32;  /* decode, 3 blocks per SM */
     if (live_bound <= 64 * a->n_experts) return 64;  /* decode, 2 blocks per SM */
     return 128;                                      /* prefill */
@@ -319,7 +321,9 @@ extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_gro
     /* Measured on the H100 (bench/RESULTS.md, v4/v5): wgmma beats mma.sync MT=64 from 64 rows
      * per expert on (0.71-0.80x its time) and loses to MT=32 at 32 rows (1.04-1.18x). */
     const int rows = sm90_rows_per_chunk(a);
-    if (rows == 32) return EPMOE_GEMM_SM90_MMA_MT32;
+    const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
+    if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;
+    if (rows == 32) return stream ? EPMOE_GEMM_SM90_STREAM_MT32 : EPMOE_GEMM_SM90_MMA_MT32;
     if (wgmma_usable(a)) return EPMOE_GEMM_SM90_WGMMA_MT128;
     return rows == 64 ? EPMOE_GEMM_SM90_MMA_MT64 : EPMOE_GEMM_SM90_MMA_MT128;
 }
@@ -331,6 +335,8 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_MMA_MT64: return "decode MT=64 BN=128";
     case EPMOE_GEMM_SM90_MMA_MT128: return "prefill MT=128 BN=256";
     case EPMOE_GEMM_SM90_WGMMA_MT128: return "prefill wgmma MT=128 BN=256";
+    case EPMOE_GEMM_SM90_STREAM_MT16: return "decode stream MT=16";
+    case EPMOE_GEMM_SM90_STREAM_MT32: return "decode stream MT=32";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -408,6 +414,12 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
                       "grouped GEMM: the wgmma kernel needs NVFP4 A, an a_workspace, a compute capability 9.0 device and a build for the 90a "
                       "architecture");
         return epmoe_gemm_sm90_wgmma_launch(p, stream);
+    case EPMOE_GEMM_SM90_STREAM_MT16:
+    case EPMOE_GEMM_SM90_STREAM_MT32:
+        EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
+                      "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");
+        return epmoe_gemm_sm90_stream_launch(p, kernel == EPMOE_GEMM_SM90_STREAM_MT16 ? 16 : 32,
+                                             stream);
     default:
         break;
     }

@@ -231,11 +231,15 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     return p;
 }
 
-/* NVFP4 A -> its exact bf16 copy in p.a_ws, in the slice order: per live row and 128-k step,
- * 16-byte chunk 4q + m = pair m of word q for the quad threads t = 0..3, i.e. the k16 slices
- * in order, 32 bytes each (wgmma's K-major B operand). Padding rows are neither read nor
- * written. gemm_sm90_prepass.cu. */
-epmoe_status epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, cudaStream_t stream);
+/* The exact bf16 copy of NVFP4 A that some kernels read instead of converting A per weight
+ * tile: per live row and 128-k step, 16 chunks of 16 bytes (eight bf16) in one of two orders.
+ *   kOrderSlices:    chunk 4q + m = pair m of word q for the quad threads t = 0..3: the k16
+ *                    slices in order, 32 bytes each (wgmma's K-major B operand).
+ *   kOrderFragments: chunk 4q + t = pairs 0..3 of word q of span t: one mma.m16n8k16 thread's
+ *                    two B registers of slices 2q and 2q+1 (one 16-byte load per thread).
+ * Padding rows are neither read nor written. gemm_sm90_prepass.cu. */
+enum AOrder { kOrderSlices = 0, kOrderFragments = 1 };
+epmoe_status epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AOrder order, cudaStream_t stream);
 
 /* The wgmma kernel (gemm_sm90_wgmma.cu), NVFP4 A only: token chunks of 128 rows, 256 weight
  * rows per block; p.a_ws is required. Requires a compute capability 9.0 device; the caller
@@ -244,6 +248,11 @@ epmoe_status epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stre
 
 /* 1 when this binary carries the sm_90a wgmma code (built with the 90a architecture). */
 int epmoe_gemm_sm90_wgmma_compiled(void);
+
+/* The streaming decode kernel (gemm_sm90_stream.cu), NVFP4 A only: token chunks of token_rows
+ * (16 or 32) rows, one 32-row weight slab per warp, no shared-memory staging; p.a_ws is
+ * required. Any sm_80+ device. */
+epmoe_status epmoe_gemm_sm90_stream_launch(const GemmParams &p, int token_rows, cudaStream_t stream);
 
 } // namespace epmoe_sm90
 

@@ -1,6 +1,6 @@
-/* NVFP4 A -> its exact bf16 copy in the wgmma kernel's K order (the slice order,
- * gemm_sm90_common.cuh). Run once per GEMM call, so the wgmma kernel reads A as bf16 instead of
- * dequantizing it once per weight tile. */
+/* NVFP4 A -> its exact bf16 copy in one of the Hopper GEMM kernels' K orders (the orders are
+ * defined in gemm_sm90_common.cuh, AOrder). Run once per GEMM call by the kernels that read the
+ * copy instead of dequantizing A once per weight tile (wgmma, streaming decode). */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -15,6 +15,7 @@ namespace {
 
 /* One warp per row, lanes over the row's 128-k steps (coalesced 64-byte code reads, each lane
  * writes its step's 256 bytes). Live rows only. Launch shape from cap_rows only. */
+template <AOrder kOrder>
 __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParams p) {
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
@@ -37,16 +38,20 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
             }
             uint4 *dst = (uint4 *)((uint8_t *)p.a_ws + (row * K + step * kStepK) * 2);
 #pragma unroll
-            for (int c = 0; c < 16; ++c) /* word q = c/4, pair m = c%4, spans t = 0..3 */
-                dst[c] = make_uint4(o[0][c / 4][c % 4], o[1][c / 4][c % 4], o[2][c / 4][c % 4],
-                                    o[3][c / 4][c % 4]);
+            for (int c = 0; c < 16; ++c) {
+                const int q = c / 4, x = c % 4; /* x: pair m (slices) or span t (fragments) */
+                dst[c] = kOrder == kOrderSlices
+                             ? make_uint4(o[0][q][x], o[1][q][x], o[2][q][x], o[3][q][x])
+                             : make_uint4(o[x][q][0], o[x][q][1], o[x][q][2], o[x][q][3]);
+            }
         }
     }
 }
 
 } // namespace
 
-epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, cudaStream_t stream) {
+epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AOrder order,
+                                                         cudaStream_t stream) {
     int device = 0, sms = 0;
     CUDA_TRY(cudaGetDevice(&device), "NVFP4 A -> bf16 launch");
     CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
@@ -54,7 +59,10 @@ epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, cu
     int64_t blocks = (p.cap_rows + 7) / 8; /* 8 rows (warps) per block */
     if (blocks > (int64_t)sms * 8) blocks = (int64_t)sms * 8;
     if (blocks < 1) blocks = 1;
-    nvfp4_rows_to_bf16_kernel<<<(unsigned)blocks, 256, 0, stream>>>(p);
+    if (order == kOrderSlices)
+        nvfp4_rows_to_bf16_kernel<kOrderSlices><<<(unsigned)blocks, 256, 0, stream>>>(p);
+    else
+        nvfp4_rows_to_bf16_kernel<kOrderFragments><<<(unsigned)blocks, 256, 0, stream>>>(p);
     CUDA_TRY_LAUNCH("NVFP4 A -> bf16 into the grouped GEMM's workspace");
     return EPMOE_OK;
 }

@@ -326,7 +326,7 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaS
     if (blocks > max_items) blocks = max_items;
     if (blocks < 1) blocks = 1;
     /* A operand: NVFP4 -> bf16 into the workspace, then the GEMM */
-    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, stream));
+    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderSlices, stream));
     kernel<<<(unsigned)blocks, kNWG * 128, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a wgmma)");
     return EPMOE_OK;

@@ -63,7 +63,7 @@ typedef enum {
 /* The sm_90 path's kernels. AUTO picks from the shapes (below); the others force one, for the
  * tests that compare them and the benchmark. Every kernel is correct for any routing; the
  * forced choice must still fit the device (WGMMA needs compute capability 9.0, an sm_90a
- * build, NVFP4 A and a_workspace:
+ * build, NVFP4 A and a_workspace; STREAM needs NVFP4 A and a_workspace:
  * EPMOE_ERR_UNSUPPORTED otherwise). */
 typedef enum {
     EPMOE_GEMM_SM90_AUTO = 0,
@@ -71,7 +71,10 @@ typedef enum {
     EPMOE_GEMM_SM90_MMA_MT64 = 2,   /* mma.sync, 64 x 128 (decode) */
     EPMOE_GEMM_SM90_MMA_MT128 = 3,   /* mma.sync, 128 x 256 (prefill, any sm_80+ device) */
     EPMOE_GEMM_SM90_WGMMA_MT128 = 4, /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 A) */
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 5 /* one past the last kernel, for loops over them */
+    EPMOE_GEMM_SM90_STREAM_MT16 = 5, /* streaming decode, 16-token chunks x 32 rows per warp
+                                        (NVFP4 A and a_workspace) */
+    EPMOE_GEMM_SM90_STREAM_MT32 = 6, /* streaming decode, 32-token chunks (likewise) */
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 7 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {
@@ -87,8 +90,8 @@ typedef struct {
     const float *a_scale;   /* [cap_rows]; required for NVFP4, optional (NULL = 1) for bf16 */
     const void *a_bf16;     /* [cap_rows, K] __nv_bfloat16 (BF16) */
     void *a_workspace;      /* [cap_rows, K] bf16, 16-byte aligned, or NULL (NVFP4): where the
-                               wgmma kernel puts the exact bf16 of A (in its own K order) once
-                               per call; without it that kernel is not used */
+                               wgmma and streaming kernels put the exact bf16 of A (in their own
+                               K order) once per call; without it they are not used */
 
     /* Weights */
     const uint8_t *w_codes;     /* [E, N, K/2], or the slab layout when w_slabs */
