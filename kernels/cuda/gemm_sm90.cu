@@ -318,12 +318,13 @@ bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
     if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
-    /* Measured on the H100 (bench/RESULTS.md, v4/v5): wgmma beats mma.sync MT=64 from 64 rows
-     * per expert on (0.71-0.80x its time) and loses to MT=32 at 32 rows (1.04-1.18x). */
+    /* Measured on the H100 (bench/RESULTS.md, v4/v5): the streaming kernel beats mma.sync MT=32
+     * up to 16 rows per expert (0.76-0.95x its time at 8 rows) and loses at 32 (1.2x); wgmma
+     * beats mma.sync MT=64 from 64 rows on and loses to MT=32 at 32 rows. */
     const int rows = sm90_rows_per_chunk(a);
     const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;
-    if (rows == 32) return stream ? EPMOE_GEMM_SM90_STREAM_MT32 : EPMOE_GEMM_SM90_MMA_MT32;
+    if (rows == 32) return EPMOE_GEMM_SM90_MMA_MT32;
     if (wgmma_usable(a)) return EPMOE_GEMM_SM90_WGMMA_MT128;
     return rows == 64 ? EPMOE_GEMM_SM90_MMA_MT64 : EPMOE_GEMM_SM90_MMA_MT128;
 }
@@ -336,7 +337,6 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_MMA_MT128: return "prefill MT=128 BN=256";
     case EPMOE_GEMM_SM90_WGMMA_MT128: return "prefill wgmma MT=128 BN=256";
     case EPMOE_GEMM_SM90_STREAM_MT16: return "decode stream MT=16";
-    case EPMOE_GEMM_SM90_STREAM_MT32: return "decode stream MT=32";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -415,11 +415,9 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
                       "architecture");
         return epmoe_gemm_sm90_wgmma_launch(p, stream);
     case EPMOE_GEMM_SM90_STREAM_MT16:
-    case EPMOE_GEMM_SM90_STREAM_MT32:
         EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");
-        return epmoe_gemm_sm90_stream_launch(p, kernel == EPMOE_GEMM_SM90_STREAM_MT16 ? 16 : 32,
-                                             stream);
+        return epmoe_gemm_sm90_stream_launch(p, stream);
     default:
         break;
     }

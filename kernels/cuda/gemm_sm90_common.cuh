@@ -249,10 +249,10 @@ epmoe_status epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stre
 /* 1 when this binary carries the sm_90a wgmma code (built with the 90a architecture). */
 int epmoe_gemm_sm90_wgmma_compiled(void);
 
-/* The streaming decode kernel (gemm_sm90_stream.cu), NVFP4 A only: token chunks of token_rows
- * (16 or 32) rows, one 32-row weight slab per warp, no shared-memory staging; p.a_ws is
- * required. Any sm_80+ device. */
-epmoe_status epmoe_gemm_sm90_stream_launch(const GemmParams &p, int token_rows, cudaStream_t stream);
+/* The streaming decode kernel (gemm_sm90_stream.cu), NVFP4 A only: token chunks of 16 rows,
+ * one 32-row weight slab per warp, no shared-memory staging; p.a_ws is required. Any sm_80+
+ * device. */
+epmoe_status epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream);
 
 } // namespace epmoe_sm90
 

@@ -1,13 +1,13 @@
 /* Streaming decode grouped GEMM (any sm_80+ device; Hopper is what it is tuned on): the decode
- * kernel for NVFP4 A when the caller gives the bf16 workspace. Contract in grouped_gemm.h;
- * dequantization and K order in gemm_sm90_common.cuh.
+ * kernel for NVFP4 A at <= 16 rows per expert when the caller gives the bf16 workspace.
+ * Contract in grouped_gemm.h; dequantization and K order in gemm_sm90_common.cuh.
  *
  * Why a second decode kernel. The shared-memory kernel (gemm_sm90.cu) stages every 128-k step
- * of weights and tokens through shared memory behind a block barrier; at decode sizes it was
- * measured latency-bound (bench/RESULTS.md: 12 warps per SM, 0.9 eligible, DRAM 37%). Here
+ * of weights and tokens through shared memory behind a block barrier, 12 warps per SM. Here
  * nothing is shared between warps and there is no barrier after the work list is built:
  *   - each warp owns one (token chunk, 32 weight rows) work item at a time and streams its
  *     weight rows global -> registers (16-byte loads that bypass L1, kDepth steps in flight);
+ *     in the slab layout (grouped_gemm.h) one step of the warp's rows is 2 KB contiguous;
  *   - the token operand is the workspace copy of A in fragment order (prepass), so one
  *     16-byte load per (8 token rows, word q) is a thread's whole B operand of two k16
  *     slices; the warps of a block work on neighbouring weight rows of the same chunk, so
@@ -207,10 +207,9 @@ epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
 
 } // namespace
 
-epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, int token_rows,
-                                                       cudaStream_t stream) {
-    /* two steps of weights in flight per warp; MT=16 at 128 registers (16 warps per SM),
-     * MT=32 at 168 (12 warps per SM) */
-    if (token_rows == 16) return launch_stream<16, 8, 2, 2>(p, stream);
-    return launch_stream<32, 4, 2, 3>(p, stream);
+epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream) {
+    /* 16-token chunks, two steps of weights in flight per warp, 128 registers: 16 warps per SM.
+     * (An MT=32 instance at 168 registers, 12 warps per SM, lost to the shared-memory kernel
+     * at 32 rows by 1.2x on the H100: bench/RESULTS.md v5.) */
+    return launch_stream<16, 8, 2, 2>(p, stream);
 }

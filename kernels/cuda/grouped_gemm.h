@@ -73,8 +73,7 @@ typedef enum {
     EPMOE_GEMM_SM90_WGMMA_MT128 = 4, /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 A) */
     EPMOE_GEMM_SM90_STREAM_MT16 = 5, /* streaming decode, 16-token chunks x 32 rows per warp
                                         (NVFP4 A and a_workspace) */
-    EPMOE_GEMM_SM90_STREAM_MT32 = 6, /* streaming decode, 32-token chunks (likewise) */
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 7 /* one past the last kernel, for loops over them */
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 6 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {
