@@ -162,6 +162,41 @@ static __device__ __forceinline__ WeightWalk weight_walk(const GemmParams &p, in
     return w;
 }
 
+/* Epilogue of one warp of the mma.sync kernels: the m16n8k16 accumulators of 32 weight rows
+ * (two m16 tiles, columns n_warp + 16i + 8half + g) by kNT8 n8 token tiles (rows row0 + 8c +
+ * 2t + j) -> out, times the fp32 tensor scales (and the dequantization's powers of two, fix).
+ * Only live token rows (< mrows) are written. */
+template <int kNT8>
+static __device__ __forceinline__ void store_warp_tile(const GemmParams &p, const float (&acc)[2][kNT8][4],
+                                                int e, int n_warp, int64_t row0, int mrows,
+                                                float fix, int g, int t) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+            const int n = n_warp + 16 * i + 8 * half + g;
+            const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
+            const float wscale = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
+#pragma unroll
+            for (int c = 0; c < kNT8; ++c) {
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int tr = c * 8 + 2 * t + j;
+                    if (tr < mrows) {
+                        const int64_t row = row0 + tr;
+                        const float as = p.a_scale ? p.a_scale[row] : 1.0f;
+                        const float v = acc[i][c][2 * half + j] * wscale * as;
+                        if (p.out_bf16)
+                            ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
+                        else
+                            ((float *)p.out)[row * p.N + n] = v;
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* Work list of one launch: expert e contributes ceil(count_e / MT) token chunks, each crossed
  * with the weight tiles. Built on the device from the counts (no host sync) into
  * chunk_start[0..E]; every thread of the block must call it. */

@@ -155,31 +155,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
             }
         }
 
-        /* Epilogue: fp32 tensor scales; only live token rows are written. */
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-#pragma unroll
-            for (int half = 0; half < 2; ++half) {
-                const int n = n_warp + 16 * i + 8 * half + g;
-                const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
-                const float wscale = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
-#pragma unroll
-                for (int c = 0; c < kNT8; ++c) {
-#pragma unroll
-                    for (int j = 0; j < 2; ++j) {
-                        const int tr = c * 8 + 2 * t + j;
-                        if (tr < mrows) {
-                            const int64_t row = row0 + tr;
-                            const float v = acc[i][c][2 * half + j] * wscale * p.a_scale[row];
-                            if (p.out_bf16)
-                                ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
-                            else
-                                ((float *)p.out)[row * N + n] = v;
-                        }
-                    }
-                }
-            }
-        }
+        store_warp_tile<kNT8>(p, acc, e, n_warp, row0, mrows, fix, g, t);
     }
 }
 
