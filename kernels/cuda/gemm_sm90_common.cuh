@@ -1,7 +1,9 @@
-/* Device helpers shared by the Hopper grouped GEMM kernels (gemm_sm90.cu: mma.sync, every
- * variant; gemm_sm90_wgmma.cu: wgmma, sm_90a prefill). One place for the exact NVFP4 -> bf16
- * dequantization, the K order both operands share, the cp.async wrappers, and the device-built
- * work list, so the two kernels cannot drift apart in what they compute.
+/* Device helpers shared by the Hopper grouped GEMM kernels (gemm_sm90.cu: mma.sync through
+ * shared memory; gemm_sm90_stream.cu: mma.sync streaming decode; gemm_sm90_wgmma.cu: wgmma,
+ * sm_90a prefill; gemm_sm90_prepass.cu: A's bf16 copy). One place for the exact NVFP4 -> bf16
+ * dequantization, the K order both operands share, where a weight row's bytes are in either
+ * layout, the cp.async wrappers, the device-built work list and the mma.sync epilogue, so the
+ * kernels cannot drift apart in what they compute.
  *
  * Exact dequantization to bf16 without a lookup table. An E2M1 nibble (s e1 e0 m) placed as
  * bf16 bits (s << 15) | (e1 e0 m << 6) has the value e2m1 * 2^-126 (the e = 0 code 0.5 lands
