@@ -237,23 +237,17 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
     const int smem_bytes = SmemPlan<MT, NWARPS, kStages, kFp4>::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
              "raising the grouped GEMM's shared-memory limit");
-    int device = 0, sms = 0, per_sm = 0;
-    CUDA_TRY(cudaGetDevice(&device), "grouped GEMM launch");
-    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "reading the multiprocessor count");
+    int per_sm = 0;
     CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32,
                                                            smem_bytes),
              "grouped GEMM occupancy");
     if (per_sm < 1)
         EPMOE_FAIL(EPMOE_ERR_CUDA, "grouped GEMM variant MT=%d NWARPS=%d (%d B shared) does not "
                    "fit on an SM", MT, NWARPS, smem_bytes);
-    /* Persistent grid: never more blocks than the largest possible work list. */
     const int64_t n_tiles = (p.N + NWARPS * 32 - 1) / (NWARPS * 32);
-    const int64_t max_items = (p.cap_rows / MT + p.E) * n_tiles;
-    int64_t blocks = (int64_t)sms * per_sm;
-    if (blocks > max_items) blocks = max_items;
-    if (blocks < 1) blocks = 1;
-    kernel<<<(unsigned)blocks, NWARPS * 32, smem_bytes, stream>>>(p);
+    unsigned grid = 0;
+    EPMOE_TRY(persistent_grid(per_sm, (p.cap_rows / MT + p.E) * n_tiles, &grid));
+    kernel<<<grid, NWARPS * 32, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90)");
     return EPMOE_OK;
 }

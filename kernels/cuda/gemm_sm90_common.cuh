@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/grouped_gemm.h"
 
 /* Internal to the two GEMM translation units; the helpers have internal linkage (static). */
@@ -243,7 +244,21 @@ static __device__ __forceinline__ Chunk find_chunk(const GemmParams &p, const in
     return c;
 }
 
-/* The parameter block both kernels take, from validated public args. */
+/* Grid of a persistent launch: blocks_per_sm blocks on every SM of the current device, never
+ * more than max_blocks (what the largest possible work list needs), at least one. */
+static inline epmoe_status persistent_grid(int64_t blocks_per_sm, int64_t max_blocks, unsigned *grid) {
+    int device = 0, sms = 0;
+    CUDA_TRY(cudaGetDevice(&device), "grouped GEMM launch");
+    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
+             "reading the multiprocessor count");
+    int64_t blocks = sms * blocks_per_sm;
+    if (blocks > max_blocks) blocks = max_blocks;
+    if (blocks < 1) blocks = 1;
+    *grid = (unsigned)blocks;
+    return EPMOE_OK;
+}
+
+/* The parameter block every Hopper kernel takes, from validated public args. */
 static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     GemmParams p;
     p.E = (int)a->n_experts;

@@ -52,17 +52,12 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
 
 epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AOrder order,
                                                          cudaStream_t stream) {
-    int device = 0, sms = 0;
-    CUDA_TRY(cudaGetDevice(&device), "NVFP4 A -> bf16 launch");
-    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "reading the multiprocessor count");
-    int64_t blocks = (p.cap_rows + 7) / 8; /* 8 rows (warps) per block */
-    if (blocks > (int64_t)sms * 8) blocks = (int64_t)sms * 8;
-    if (blocks < 1) blocks = 1;
+    unsigned grid = 0; /* 8 rows (warps) per block, 8 blocks per SM at most */
+    EPMOE_TRY(persistent_grid(8, (p.cap_rows + 7) / 8, &grid));
     if (order == kOrderSlices)
-        nvfp4_rows_to_bf16_kernel<kOrderSlices><<<(unsigned)blocks, 256, 0, stream>>>(p);
+        nvfp4_rows_to_bf16_kernel<kOrderSlices><<<grid, 256, 0, stream>>>(p);
     else
-        nvfp4_rows_to_bf16_kernel<kOrderFragments><<<(unsigned)blocks, 256, 0, stream>>>(p);
+        nvfp4_rows_to_bf16_kernel<kOrderFragments><<<grid, 256, 0, stream>>>(p);
     CUDA_TRY_LAUNCH("NVFP4 A -> bf16 into the grouped GEMM's workspace");
     return EPMOE_OK;
 }

@@ -162,21 +162,17 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
 template <int MT, int NWARPS, int kDepth, int kMinBlocks>
 epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
     auto kernel = grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks>;
-    int device = 0, sms = 0, per_sm = 0;
-    CUDA_TRY(cudaGetDevice(&device), "streaming grouped GEMM launch");
-    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "reading the multiprocessor count");
+    int per_sm = 0;
     CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32, 0),
              "streaming grouped GEMM occupancy");
     if (per_sm < 1)
         EPMOE_FAIL(EPMOE_ERR_CUDA, "streaming grouped GEMM MT=%d does not fit on an SM", MT);
-    /* Persistent grid: never more warps than the largest possible work list. */
+    /* one work item per warp: never more warps than the largest possible work list */
     const int64_t max_items = (p.cap_rows / MT + p.E) * (p.N / 32);
-    int64_t blocks = (int64_t)sms * per_sm;
-    if (blocks > (max_items + NWARPS - 1) / NWARPS) blocks = (max_items + NWARPS - 1) / NWARPS;
-    if (blocks < 1) blocks = 1;
+    unsigned grid = 0;
+    EPMOE_TRY(persistent_grid(per_sm, (max_items + NWARPS - 1) / NWARPS, &grid));
     EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderFragments, stream));
-    kernel<<<(unsigned)blocks, NWARPS * 32, 0, stream>>>(p);
+    kernel<<<grid, NWARPS * 32, 0, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (streaming decode)");
     return EPMOE_OK;
 }

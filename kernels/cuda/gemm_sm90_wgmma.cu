@@ -315,19 +315,13 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaS
     const int smem_bytes = Plan::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
              "raising the wgmma grouped GEMM's shared-memory limit");
-    int device = 0, sms = 0;
-    CUDA_TRY(cudaGetDevice(&device), "wgmma grouped GEMM launch");
-    CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "reading the multiprocessor count");
-    /* Persistent grid, one block per SM: never more blocks than the largest work list. */
+    /* one block per SM */
     const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
-    const int64_t max_items = (p.cap_rows / kMT + p.E) * n_tiles;
-    int64_t blocks = sms;
-    if (blocks > max_items) blocks = max_items;
-    if (blocks < 1) blocks = 1;
+    unsigned grid = 0;
+    EPMOE_TRY(persistent_grid(1, (p.cap_rows / kMT + p.E) * n_tiles, &grid));
     /* A operand: NVFP4 -> bf16 into the workspace, then the GEMM */
     EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderSlices, stream));
-    kernel<<<(unsigned)blocks, kNWG * 128, smem_bytes, stream>>>(p);
+    kernel<<<grid, kNWG * 128, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a wgmma)");
     return EPMOE_OK;
 }

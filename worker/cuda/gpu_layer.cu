@@ -175,23 +175,16 @@ void epmoe_gpu_context_free(epmoe_gpu_context *ctx) {
 
 /* ---- layer weights ----------------------------------------------------------------------- */
 
-/* Host row-major codes [rows, K/2] and scales [rows, K/16] -> the device slab layout: through
- * a staging copy of both, reordered by epmoe_cuda_weights_to_slabs. */
+/* Host row-major codes [rows, K/2] and scales [rows, K/16] -> the device slab layout: copied
+ * into `staging` (rows*K*9/16 bytes at least), reordered by epmoe_cuda_weights_to_slabs on the
+ * default stream (so a later copy into the same staging waits for it). */
 static epmoe_status upload_slabs(const uint8_t *codes, const uint8_t *sf, int64_t rows, int64_t K,
-                                 uint8_t *slab_codes, uint8_t *slab_sf) {
+                                 uint8_t *staging, uint8_t *slab_codes, uint8_t *slab_sf) {
     const size_t code_bytes = (size_t)(rows * K / 2), sf_bytes = (size_t)(rows * K / 16);
-    uint8_t *staging = NULL;
-    CUDA_TRY(cudaMalloc((void **)&staging, code_bytes + sf_bytes), "staging expert weights");
-    epmoe_status st = EPMOE_OK;
-    cudaError_t err = cudaMemcpy(staging, codes, code_bytes, cudaMemcpyHostToDevice);
-    if (err == cudaSuccess) err = cudaMemcpy(staging + code_bytes, sf, sf_bytes, cudaMemcpyHostToDevice);
-    if (err == cudaSuccess)
-        st = epmoe_cuda_weights_to_slabs(staging, staging + code_bytes, rows, K, slab_codes, slab_sf, 0);
-    if (err == cudaSuccess && st == EPMOE_OK) err = cudaDeviceSynchronize();
-    cudaFree(staging);
-    EPMOE_TRY(st);
-    CUDA_TRY(err, "uploading expert weights into the slab layout");
-    return EPMOE_OK;
+    CUDA_TRY(cudaMemcpy(staging, codes, code_bytes, cudaMemcpyHostToDevice), "uploading expert codes");
+    CUDA_TRY(cudaMemcpy(staging + code_bytes, sf, sf_bytes, cudaMemcpyHostToDevice),
+             "uploading expert block scales");
+    return epmoe_cuda_weights_to_slabs(staging, staging + code_bytes, rows, K, slab_codes, slab_sf, 0);
 }
 
 epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
@@ -268,8 +261,20 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
             CUDA_TRY(cudaMemcpy(*plan.entries[i].slot, copies[i].src, copies[i].bytes,
                                 cudaMemcpyHostToDevice),
                      plan.entries[i].name);
-    EPMOE_TRY(upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, out->w13_codes, out->w13_sf));
-    EPMOE_TRY(upload_slabs(w->w2_codes, w->w2_sf, n * H, I, out->w2_codes, out->w2_sf));
+    {
+        /* one staging buffer for both expert tensors (W13 is the larger: 2I x H per expert) */
+        uint8_t *staging = NULL;
+        CUDA_TRY(cudaMalloc((void **)&staging, (size_t)(n * 2 * I * H / 2 + n * 2 * I * H / 16)),
+                 "staging expert weights");
+        epmoe_status st = upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, staging,
+                                       out->w13_codes, out->w13_sf);
+        if (st == EPMOE_OK)
+            st = upload_slabs(w->w2_codes, w->w2_sf, n * H, I, staging, out->w2_codes, out->w2_sf);
+        const cudaError_t err = st == EPMOE_OK ? cudaDeviceSynchronize() : cudaSuccess;
+        cudaFree(staging);
+        EPMOE_TRY(st);
+        CUDA_TRY(err, "reordering expert weights into the slab layout");
+    }
     if (Is > 0) {
         size_t n13 = (size_t)(2 * Is * H), n2 = (size_t)(H * Is);
         float *staging = NULL;
