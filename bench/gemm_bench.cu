@@ -3,7 +3,11 @@
  * copy (bytes read + written) and a cuBLAS bf16 GEMM of the same FLOPs (one [E*rows, K] x
  * [K, N] product). Writes one JSON record per measurement.
  *
- *   gemm_bench --json out.json [--reps 20] [--rows 8,16,...]
+ *   gemm_bench --json out.json [--reps 20] [--rows 8,16,...] [--kernels 4,6,9] [--no-row-major]
+ *
+ * Beside AUTO's choice, every sm_90 kernel of --kernels (epmoe_gemm_sm90_kernel values; default
+ * all) is forced and timed on the slab-layout weights and, unless --no-row-major, on the
+ * row-major ones; each forced run's output must equal AUTO's bit for bit (exit status 3 if not).
  *
  * Timing: CUDA events around each launch, 3 warm-up launches, median of --reps. Working sets
  * exceed the L2 on every call (the smallest weight set, Flash W2 in NVFP4, is 151 MB against a
@@ -164,19 +168,36 @@ __global__ void probe_linear_kernel(const uint4 *p, int64_t n16, unsigned *sink)
     if (acc == 0x9E3779B9u) sink[0] = acc;
 }
 
+/* Words of a that differ from b (every kernel must give AUTO's bits at full size too). */
+__global__ void count_diff_kernel(const uint32_t *a, const uint32_t *b, int64_t n, unsigned long long *diff) {
+    unsigned long long local = 0;
+    for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < n; i += (int64_t)gridDim.x * blockDim.x)
+        local += a[i] != b[i];
+    if (local) atomicAdd(diff, local);
+}
+
 int main(int argc, char **argv) {
     const char *json_path = "gemm_bench.json";
     int reps = 20;
     std::vector<int64_t> rows_list = {8, 16, 32, 64, 96, 768, 1536, 3072};
+    std::vector<int> kernel_list; /* sm_90 kernels timed beside AUTO (default: all) */
+    for (int k = 1; k < EPMOE_GEMM_SM90_KERNEL_COUNT; k++) kernel_list.push_back(k);
+    bool row_major_too = true;    /* each also on the row-major weights */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--kernels") && i + 1 < argc) {
+            kernel_list.clear();
+            for (char *tok = strtok(argv[++i], ","); tok; tok = strtok(NULL, ","))
+                kernel_list.push_back(atoi(tok));
+        } else if (!strcmp(argv[i], "--no-row-major")) row_major_too = false;
         else if (!strcmp(argv[i], "--rows") && i + 1 < argc) {
             rows_list.clear();
             for (char *tok = strtok(argv[++i], ","); tok; tok = strtok(NULL, ","))
                 rows_list.push_back(atoll(tok));
         } else {
-            fprintf(stderr, "usage: %s [--json path] [--reps n] [--rows a,b,c]\n", argv[0]);
+            fprintf(stderr, "usage: %s [--json path] [--reps n] [--rows a,b,c] [--kernels k1,k2,...] "
+                            "[--no-row-major]\n", argv[0]);
             return 2;
         }
     }
@@ -240,6 +261,11 @@ int main(int argc, char **argv) {
     CHECK_CUDA(cudaMalloc(&w_sf, max_nk_e / 16));
     CHECK_CUDA(cudaMalloc(&w_scale, 2 * 64 * 4));
     CHECK_CUDA(cudaMalloc(&out, max_out * 4));
+    float *out_auto; /* AUTO's output, against which every forced kernel's bits are compared */
+    CHECK_CUDA(cudaMalloc(&out_auto, max_out * 4));
+    unsigned long long *d_diff;
+    int any_kernel_differs = 0;
+    CHECK_CUDA(cudaMalloc(&d_diff, sizeof *d_diff));
     CHECK_CUDA(cudaMalloc(&cb_a, max_ak * 2));
     void *a_ws; /* the wgmma kernel's bf16 copy of A */
     CHECK_CUDA(cudaMalloc(&a_ws, max_ak * 2));
@@ -339,12 +365,16 @@ int main(int argc, char **argv) {
                 a.tokens_per_expert = d_counts;
                 a.out = out;
                 const double ms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm(&a, 0)); }, reps);
+                const int64_t out_words = cap * N;
+                CHECK_CUDA(cudaMemcpy(out_auto, out, out_words * 4, cudaMemcpyDeviceToDevice));
+                long long worst_diff = 0;
                 /* every sm_90 kernel at this shape, side by side (AUTO's choice is one of them) */
                 char kernel_ms[1024];
                 int kpos = 0;
-                for (int run = 0; run < 2 * (EPMOE_GEMM_SM90_KERNEL_COUNT - 1); run++) {
-                    const int k = 1 + run % (EPMOE_GEMM_SM90_KERNEL_COUNT - 1);
-                    const bool row_major = run >= EPMOE_GEMM_SM90_KERNEL_COUNT - 1;
+                const int nk = (int)kernel_list.size();
+                for (int run = 0; run < (row_major_too ? 2 : 1) * nk; run++) {
+                    const int k = kernel_list[run % nk];
+                    const bool row_major = run >= nk;
                     epmoe_grouped_gemm_args f = a;
                     f.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
                     if (row_major) {
@@ -360,9 +390,17 @@ int main(int argc, char **argv) {
                         continue; /* not available here (wgmma off Hopper) */
                     }
                     const double kms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm_sm90(&f, 0)); }, reps);
+                    unsigned long long diff = 0;
+                    CHECK_CUDA(cudaMemset(d_diff, 0, sizeof diff));
+                    count_diff_kernel<<<1024, 256>>>((const uint32_t *)out, (const uint32_t *)out_auto, out_words, d_diff);
+                    CHECK_CUDA(cudaMemcpy(&diff, d_diff, sizeof diff, cudaMemcpyDeviceToHost));
+                    worst_diff = std::max(worst_diff, (long long)diff);
+                    if (diff) any_kernel_differs = 1;
                     kpos += snprintf(kernel_ms + kpos, sizeof kernel_ms - kpos, "%s\"%s\": %.5f",
                                      kpos ? ", " : "", kname, kms);
-                    printf("    %-34s %9.1f us\n", kname, kms * 1e3);
+                    printf("    %-34s %9.1f us  %s\n", kname, kms * 1e3,
+                           diff ? "OUTPUT DIFFERS FROM AUTO" : "same bits as auto");
+                    if (diff) printf("    (%llu of %lld words differ)\n", diff, (long long)out_words);
                 }
                 const double flops = 2.0 * rows * m.E * N * K;
                 const double wbytes = (double)m.E * N * K * (0.5 + 1.0 / 16);
@@ -385,15 +423,20 @@ int main(int argc, char **argv) {
                        "\"rows_per_expert\": %lld, \"N\": %lld, \"K\": %lld, \"cap_rows\": %lld, "
                        "\"ours_ms\": %.5f, \"ours_weight_gbs\": %.2f, \"ours_tflops\": %.2f, "
                        "\"weight_bytes_nvfp4\": %.0f, \"cublas_bf16_ms\": %.5f, "
-                       "\"cublas_bf16_tflops\": %.2f, \"variant\": \"%s\", \"kernel_ms\": {%s}",
+                       "\"cublas_bf16_tflops\": %.2f, \"variant\": \"%s\", \"kernel_ms\": {%s}, "
+                       "\"max_words_differing_from_auto\": %lld",
                        m.name, gname, (long long)m.E, (long long)rows, (long long)N, (long long)K,
                        (long long)cap, ms, gbs, tf, wbytes, cms, ctf,
-                       epmoe_grouped_gemm_sm90_variant(&a), kernel_ms);
+                       epmoe_grouped_gemm_sm90_variant(&a), kernel_ms, worst_diff);
             }
         }
     }
     fprintf(js, "\n]}\n");
     fclose(js);
     CHECK_CUBLAS(cublasDestroy(blas));
+    if (any_kernel_differs) {
+        fprintf(stderr, "FAIL: a forced kernel's output differs from AUTO's (lines above)\n");
+        return 3;
+    }
     return 0;
 }

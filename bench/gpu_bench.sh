@@ -3,7 +3,8 @@
 # test suite, then time our grouped NVFP4 GEMMs, cuBLAS bf16 and a device-to-device copy
 # (bench/gemm_bench.cu) and torch._grouped_mm on bf16 weights (bench/torch_grouped_mm.py) at the
 # DeepSeek-V4-Flash / V4-Pro slice shapes, and print one table. JSON goes to $OUT (or ./out).
-#   bash bench/gpu_bench.sh [--rows 8,16,...] [--reps N] [--no-torch] [--no-test]
+#   bash bench/gpu_bench.sh [--rows 8,16,...] [--reps N] [--kernels 4,6,...] [--no-row-major]
+#                           [--no-torch] [--no-test]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source deploy/gpu-env.sh
@@ -13,10 +14,13 @@ ROWS=8,16,32,64,96,768,1536,3072
 REPS=20
 TORCH=1
 TEST=1
+KERNEL_ARGS=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --rows) ROWS="$2"; shift 2 ;;
     --reps) REPS="$2"; shift 2 ;;
+    --kernels) KERNEL_ARGS+=(--kernels "$2"); shift 2 ;;
+    --no-row-major) KERNEL_ARGS+=(--no-row-major); shift ;;
     --no-torch) TORCH=0; shift ;;
     --no-test) TEST=0; shift ;;
     *) echo "unknown argument $1"; exit 2 ;;
@@ -32,13 +36,14 @@ for O in $(find $BUILD -name "gemm_sm90*.cu.o"); do
   S="$OUT/$(basename "$O" .cu.o).sass"
   echo "SASS instruction counts, $(basename "$O"):"
   cuobjdump --dump-sass "$O" > "$S" 2>&1 && \
-    grep -oE "HMMA[.A-Z0-9]*|HGMMA[.A-Z0-9_]*|WARPGROUP[.A-Z]*|LDGSTS[.A-Z0-9]*|LDS[.A-Z0-9]*|LDL|STL|HMUL2[.A-Z0-9_]*" "$S" | sort | uniq -c
+    grep -oE "UBLKCP[.A-Z0-9]*|SYNCS[.A-Z0-9]*|HMMA[.A-Z0-9]*|HGMMA[.A-Z0-9_]*|WARPGROUP[.A-Z]*|LDGSTS[.A-Z0-9]*|LDS[.A-Z0-9]*|LDL|STL|HMUL2[.A-Z0-9_]*" "$S" | sort | uniq -c
 done
 rc=0
 if [ $TEST = 1 ]; then
-  ./$BUILD/tests/gpu/test_gemm 2>&1 | tee "$OUT/test_gemm.log" || rc=1
+  # a hung kernel traps after 10 s (mbar_wait); the timeout is the last resort
+  timeout 600 ./$BUILD/tests/gpu/test_gemm 2>&1 | tee "$OUT/test_gemm.log" || rc=1
 fi
-./$BUILD/bench/gemm_bench --json "$OUT/ours.json" --reps "$REPS" --rows "$ROWS" || exit 1
+./$BUILD/bench/gemm_bench --json "$OUT/ours.json" --reps "$REPS" --rows "$ROWS" "${KERNEL_ARGS[@]}" || exit 1
 if [ $TORCH = 1 ]; then
   PYTHONUNBUFFERED=1 python3 bench/torch_grouped_mm.py --json "$OUT/torch.json" --reps "$REPS" --rows "$ROWS" || exit 1
   python3 bench/report.py "$OUT/ours.json" "$OUT/torch.json" "$OUT/bench.json"

@@ -281,6 +281,14 @@ bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
     return major == 9 && minor == 0 && epmoe_gemm_sm90_wgmma_compiled();
 }
 
+/* The warp-specialized kernel also needs its own sm_90a image, slab-layout weights and the
+ * 16-byte alignment of everything its bulk copies move. */
+bool wgmma_ws_usable(const epmoe_grouped_gemm_args *a) {
+    return a->w_slabs && a->cap_rows % 8 == 0 && ((uintptr_t)a->w_codes & 15) == 0 &&
+           ((uintptr_t)a->w_sf & 15) == 0 && ((uintptr_t)a->a_workspace & 15) == 0 &&
+           wgmma_usable(a) && epmoe_gemm_sm90_ws_compiled();
+}
+
 } // namespace
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
@@ -292,6 +300,7 @@ extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_gro
     const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;
     if (rows == 32) return EPMOE_GEMM_SM90_MMA_MT32;
+    if (wgmma_ws_usable(a)) return EPMOE_GEMM_SM90_WS_MT128;
     if (wgmma_usable(a)) return EPMOE_GEMM_SM90_WGMMA_MT128;
     return rows == 64 ? EPMOE_GEMM_SM90_MMA_MT64 : EPMOE_GEMM_SM90_MMA_MT128;
 }
@@ -304,6 +313,10 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_MMA_MT128: return "prefill MT=128 BN=256";
     case EPMOE_GEMM_SM90_WGMMA_MT128: return "prefill wgmma MT=128 BN=256";
     case EPMOE_GEMM_SM90_STREAM_MT16: return "decode stream MT=16";
+    case EPMOE_GEMM_SM90_WS_MT16: return "wgmma-ws MT=16 BN=256";
+    case EPMOE_GEMM_SM90_WS_MT32: return "wgmma-ws MT=32 BN=256";
+    case EPMOE_GEMM_SM90_WS_MT64: return "wgmma-ws MT=64 BN=256";
+    case EPMOE_GEMM_SM90_WS_MT128: return "wgmma-ws MT=128 BN=256";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -381,6 +394,15 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
                       "grouped GEMM: the wgmma kernel needs NVFP4 A, an a_workspace, a compute capability 9.0 device and a build for the 90a "
                       "architecture");
         return epmoe_gemm_sm90_wgmma_launch(p, stream);
+    case EPMOE_GEMM_SM90_WS_MT16:
+    case EPMOE_GEMM_SM90_WS_MT32:
+    case EPMOE_GEMM_SM90_WS_MT64:
+    case EPMOE_GEMM_SM90_WS_MT128:
+        EPMOE_REQUIRE(a->sm90_kernel == EPMOE_GEMM_SM90_AUTO || wgmma_ws_usable(a), EPMOE_ERR_UNSUPPORTED,
+                      "grouped GEMM: the warp-specialized wgmma kernel needs NVFP4 A, an a_workspace, slab-layout weights, "
+                      "16-byte aligned weight codes, scales and workspace, cap_rows a multiple of 8, a compute capability 9.0 "
+                      "device and a build for the 90a architecture");
+        return epmoe_gemm_sm90_ws_launch(p, 16 << (kernel - EPMOE_GEMM_SM90_WS_MT16), stream);
     case EPMOE_GEMM_SM90_STREAM_MT16:
         EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");

@@ -1,6 +1,7 @@
 /* Device helpers shared by the Hopper grouped GEMM kernels (gemm_sm90.cu: mma.sync through
  * shared memory; gemm_sm90_stream.cu: mma.sync streaming decode; gemm_sm90_wgmma.cu: wgmma,
- * sm_90a prefill; gemm_sm90_prepass.cu: A's bf16 copy). One place for the exact NVFP4 -> bf16
+ * sm_90a prefill; gemm_sm90_ws.cu: warp-specialized wgmma, sm_90a prefill on slab weights;
+ * gemm_sm90_prepass.cu: A's bf16 copy). One place for the exact NVFP4 -> bf16
  * dequantization, the K order both operands share, where a weight row's bytes are in either
  * layout, the cp.async wrappers, the device-built work list and the mma.sync epilogue, so the
  * kernels cannot drift apart in what they compute.
@@ -289,8 +290,22 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
  *                    slices in order, 32 bytes each (wgmma's K-major B operand).
  *   kOrderFragments: chunk 4q + t = pairs 0..3 of word q of span t: one mma.m16n8k16 thread's
  *                    two B registers of slices 2q and 2q+1 (one 16-byte load per thread).
+ *   kOrderTileImage: the slice order, laid out as the warp-specialized wgmma kernel's shared
+ *                    token tile (a_tile_image_offset): for each step, 8-row groups of 2 KB
+ *                    one after another, so any run of 8-aligned rows of one step is one
+ *                    contiguous image that a single bulk copy moves. Needs cap_rows % 8 == 0.
  * Padding rows are neither read nor written. gemm_sm90_prepass.cu. */
-enum AOrder { kOrderSlices = 0, kOrderFragments = 1 };
+enum AOrder { kOrderSlices = 0, kOrderFragments = 1, kOrderTileImage = 2 };
+
+/* kOrderTileImage: byte offset of 16-byte chunk c (slice order, 0..15) of row `row`'s 128-k step
+ * `step`. An 8-row group's step is 2 KB: two 1 KB halves (k 0-63, 64-127) of 8 rows x 128 B,
+ * each 16-byte chunk at column (c % 8) ^ (row % 8) -- wgmma's K-major 128-byte swizzle, whose
+ * pattern repeats every 1 KB, so the image is valid at any 1024-aligned shared address. */
+static __host__ __device__ __forceinline__ int64_t a_tile_image_offset(int64_t row, int step, int c,
+                                                                       int64_t cap_rows) {
+    return ((int64_t)step * (cap_rows / 8) + row / 8) * 2048 + (c / 8) * 1024 + (row % 8) * 128 +
+           (((c % 8) ^ (int)(row % 8)) << 4);
+}
 epmoe_status epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AOrder order, cudaStream_t stream);
 
 /* The wgmma kernel (gemm_sm90_wgmma.cu), NVFP4 A only: token chunks of 128 rows, 256 weight
@@ -300,6 +315,16 @@ epmoe_status epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stre
 
 /* 1 when this binary carries the sm_90a wgmma code (built with the 90a architecture). */
 int epmoe_gemm_sm90_wgmma_compiled(void);
+
+/* The warp-specialized wgmma kernel (gemm_sm90_ws.cu), NVFP4 A and slab-layout weights only:
+ * token chunks of mt = 16, 32, 64 or 128 rows (the wgmma N), 256 weight rows per block, a
+ * producer warp moving stages with the bulk copy engine; p.a_ws is required (16-byte aligned,
+ * as are the weight codes and scales), cap_rows % 8 == 0. Requires a compute capability 9.0
+ * device; the caller checks. */
+epmoe_status epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream);
+
+/* 1 when this binary carries the sm_90a code of the warp-specialized kernel. */
+int epmoe_gemm_sm90_ws_compiled(void);
 
 /* The streaming decode kernel (gemm_sm90_stream.cu), NVFP4 A only: token chunks of 16 rows,
  * one 32-row weight slab per warp, no shared-memory staging; p.a_ws is required. Any sm_80+

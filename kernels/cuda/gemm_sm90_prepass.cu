@@ -36,13 +36,17 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
                 for (int q = 0; q < 4; ++q)
                     dequant8(word_of(w, q), sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8)), o[t][q]);
             }
-            uint4 *dst = (uint4 *)((uint8_t *)p.a_ws + (row * K + step * kStepK) * 2);
+            uint8_t *dst = (uint8_t *)p.a_ws + (row * K + step * kStepK) * 2;
 #pragma unroll
             for (int c = 0; c < 16; ++c) {
                 const int q = c / 4, x = c % 4; /* x: pair m (slices) or span t (fragments) */
-                dst[c] = kOrder == kOrderSlices
-                             ? make_uint4(o[0][q][x], o[1][q][x], o[2][q][x], o[3][q][x])
-                             : make_uint4(o[x][q][0], o[x][q][1], o[x][q][2], o[x][q][3]);
+                const uint4 v = kOrder == kOrderFragments
+                                    ? make_uint4(o[x][q][0], o[x][q][1], o[x][q][2], o[x][q][3])
+                                    : make_uint4(o[0][q][x], o[1][q][x], o[2][q][x], o[3][q][x]);
+                if (kOrder == kOrderTileImage)
+                    *(uint4 *)((uint8_t *)p.a_ws + a_tile_image_offset(row, step, c, p.cap_rows)) = v;
+                else
+                    *(uint4 *)(dst + 16 * c) = v;
             }
         }
     }
@@ -56,8 +60,10 @@ epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AO
     EPMOE_TRY(persistent_grid(8, (p.cap_rows + 7) / 8, &grid));
     if (order == kOrderSlices)
         nvfp4_rows_to_bf16_kernel<kOrderSlices><<<grid, 256, 0, stream>>>(p);
-    else
+    else if (order == kOrderFragments)
         nvfp4_rows_to_bf16_kernel<kOrderFragments><<<grid, 256, 0, stream>>>(p);
+    else
+        nvfp4_rows_to_bf16_kernel<kOrderTileImage><<<grid, 256, 0, stream>>>(p);
     CUDA_TRY_LAUNCH("NVFP4 A -> bf16 into the grouped GEMM's workspace");
     return EPMOE_OK;
 }

@@ -31,12 +31,7 @@
 
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm_sm90_common.cuh"
-
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define EPMOE_WGMMA_DEVICE 1
-#else
-#define EPMOE_WGMMA_DEVICE 0
-#endif
+#include "kernels/cuda/sm90a_async.cuh"
 
 using namespace epmoe_sm90;
 
@@ -62,62 +57,6 @@ struct WgmmaPlan {
     static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
     static_assert(kAhead >= 1, "the pipeline prefetches at least one step");
 };
-
-#if EPMOE_WGMMA_DEVICE
-/* D[64 x 128] += A[64 x 16] (bf16, registers) * B[16 x 128] (bf16, shared memory, K-major,
- * 128-byte swizzle, described by desc_b); fp32 accumulators. scale_d = 0 starts from zero. */
-__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
-                                                 uint64_t desc_b, int scale_d) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-                 "}, {%64,%65,%66,%67}, %68, p, 1, 1, 0;\n}\n"
-                 :
-                   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
-
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() {
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-}
-template <int kPending>
-__device__ __forceinline__ void wgmma_wait() {
-    asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(kPending) : "memory");
-}
-/* Keeps the compiler from moving accesses of the accumulators across the asynchronous MMAs. */
-template <int kN>
-__device__ __forceinline__ void fence_operands(float (&d)[kN]) {
-#pragma unroll
-    for (int i = 0; i < kN; ++i) asm volatile("" : "+f"(d[i])::"memory");
-}
-/* Generic-proxy stores (the token tile) made visible to the async proxy (wgmma's reads). */
-__device__ __forceinline__ void fence_proxy_async() {
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
-
-/* Shared-memory matrix descriptor: K-major, 128-byte swizzle, 8-row groups 1024 B apart. */
-__device__ __forceinline__ uint64_t desc_k_major_sw128(uint32_t smem_addr) {
-    uint64_t d = (uint64_t)((smem_addr & 0x3FFFF) >> 4);
-    d |= (uint64_t)1 << 16;            /* leading byte offset: unused for swizzled K-major */
-    d |= (uint64_t)(1024 >> 4) << 32;  /* stride byte offset */
-    d |= (uint64_t)1 << 62;            /* 128-byte swizzle */
-    return d;
-}
-#endif
 
 /* MT token rows per chunk (wgmma N), WT m64 weight tiles per warpgroup, NWG warpgroups. */
 template <int MT, int WT, int NWG, int kStages>

@@ -63,8 +63,8 @@ typedef enum {
 /* The sm_90 path's kernels. AUTO picks from the shapes (below); the others force one, for the
  * tests that compare them and the benchmark. Every kernel is correct for any routing; the
  * forced choice must still fit the device (WGMMA needs compute capability 9.0, an sm_90a
- * build, NVFP4 A and a_workspace; STREAM needs NVFP4 A and a_workspace:
- * EPMOE_ERR_UNSUPPORTED otherwise). */
+ * build, NVFP4 A and a_workspace; the WS kernels also slab weights; STREAM needs NVFP4 A and
+ * a_workspace: EPMOE_ERR_UNSUPPORTED otherwise). */
 typedef enum {
     EPMOE_GEMM_SM90_AUTO = 0,
     EPMOE_GEMM_SM90_MMA_MT32 = 1,   /* mma.sync, 32-token chunks x 128 weight rows (decode) */
@@ -73,7 +73,13 @@ typedef enum {
     EPMOE_GEMM_SM90_WGMMA_MT128 = 4, /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 A) */
     EPMOE_GEMM_SM90_STREAM_MT16 = 5, /* streaming decode, 16-token chunks x 32 rows per warp
                                         (NVFP4 A and a_workspace) */
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 6 /* one past the last kernel, for loops over them */
+    /* warp-specialized wgmma, MT-token chunks x 256 weight rows, a bulk-copy producer warp
+     * (Hopper: NVFP4 A, a_workspace, slab weights, cap_rows % 8 == 0) */
+    EPMOE_GEMM_SM90_WS_MT16 = 6,
+    EPMOE_GEMM_SM90_WS_MT32 = 7,
+    EPMOE_GEMM_SM90_WS_MT64 = 8,
+    EPMOE_GEMM_SM90_WS_MT128 = 9,
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 10 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {

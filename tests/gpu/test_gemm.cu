@@ -202,12 +202,15 @@ static void run_case(const gemm_case &c, uint64_t seed) {
             forced.w_codes = d_wc_slab;
             forced.w_sf = d_wsf_slab;
         }
+        if (k == EPMOE_GEMM_SM90_AUTO) kernels_seen[epmoe_grouped_gemm_sm90_select(&forced)] = 1;
         GT_CUDA(cudaMemcpy(d_out, poison_bytes.data(), out_bytes, cudaMemcpyHostToDevice));
         GT_CUDA(cudaMemset(d_abuf, 0xFF, cap * K * 2));
         const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&forced, 0);
-        /* wgmma: only on a 9.0 device with NVFP4 A; streaming: with NVFP4 A */
+        /* wgmma: only on a 9.0 device with NVFP4 A (the warp-specialized one also only on slab
+         * weights); streaming: with NVFP4 A */
         if (st == EPMOE_ERR_UNSUPPORTED &&
-            (k == EPMOE_GEMM_SM90_WGMMA_MT128 || (k == EPMOE_GEMM_SM90_STREAM_MT16 && c.a_bf16)))
+            (k == EPMOE_GEMM_SM90_WGMMA_MT128 || (k >= EPMOE_GEMM_SM90_WS_MT16 && (!slabs || c.a_bf16)) ||
+             (k == EPMOE_GEMM_SM90_STREAM_MT16 && c.a_bf16)))
             continue;
         GT_OK(st);
         GT_CUDA(cudaDeviceSynchronize());
@@ -377,6 +380,14 @@ static void test_prefill_fp4_bf16_out(void) {
     run_case(c, 111);
 }
 
+/* more work items than SMs, so the persistent kernels carry their pipelines (the
+ * warp-specialized kernel's stage ring and its mbarrier phases) across items; K = 384 is three
+ * 128-k steps, fewer than its four stages, so the ring also wraps inside items */
+static void test_prefill_many_items(void) {
+    gemm_case c = {"prefill fp4 many items", 6, 2048, 384, random_counts(21, 6, 200, 520), 0, 2, 0, 0, 0};
+    run_case(c, 114);
+}
+
 static void test_variants_covered(void) {
     GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_MMA_MT32] && kernels_seen[EPMOE_GEMM_SM90_STREAM_MT16] &&
                  (kernels_seen[EPMOE_GEMM_SM90_MMA_MT64] || kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128]) &&
@@ -392,6 +403,12 @@ static void test_variants_covered(void) {
         GT_CHECK(kernels_ran[EPMOE_GEMM_SM90_WGMMA_MT128], "a Hopper device, but the wgmma kernel never ran");
         GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128],
                  "a Hopper device, but AUTO never chose the wgmma kernel for prefill");
+        for (int k = EPMOE_GEMM_SM90_WS_MT16; k <= EPMOE_GEMM_SM90_WS_MT128; k++)
+            GT_CHECK(kernels_ran[k], "a Hopper device, but the warp-specialized kernel '%s' never ran",
+                     epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k));
+        GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WS_MT128],
+                 "a Hopper device, but AUTO never chose the warp-specialized wgmma kernel for "
+                 "prefill on slab weights");
     }
 }
 
@@ -445,6 +462,7 @@ int main(void) {
     GT_RUN(test_prefill_fp4_bf16_out);
     GT_RUN(test_mid_fp4);
     GT_RUN(test_decode_fp4_tiny);
+    GT_RUN(test_prefill_many_items);
     GT_RUN(test_variants_covered);
     return gt_finish();
 }

@@ -1,0 +1,281 @@
+/* Warp-specialized grouped NVFP4 GEMM for Hopper (sm_90a): the prefill kernel on slab-layout
+ * weights. Contract in kernels/cuda/grouped_gemm.h; dequantization and K order in
+ * gemm_sm90_common.cuh; the PTX wrappers in sm90a_async.cuh.
+ *
+ * Why a second wgmma kernel. The first (gemm_sm90_wgmma.cu) has every warp copy, dequantize and
+ * issue MMAs, with a block barrier per 128-k step; Nsight Compute shows its tensor pipe busy
+ * about half the time (bench/RESULTS.md, v4/v5). Here the roles are split, as in CUTLASS's
+ * warp-specialized mainloops:
+ *   - one producer warp, whose lane 0 moves each stage with the bulk copy engine: the token
+ *     tile (128 rows x 128 k of bf16, already laid out by the pre-pass exactly as wgmma reads
+ *     it, kOrderTileImage: one copy of up to 32 KB) and the weight tile (eight 32-row slabs:
+ *     2 KB of codes and 256 B of scales each, contiguous in the slab layout). Completion is
+ *     counted in bytes on the stage's "full" mbarrier; no thread waits on a copy it issued.
+ *   - two consumer warpgroups, 128 weight rows each (two m64 tiles): wait for a full stage,
+ *     dequantize their weight rows from shared memory into wgmma's register A operand, issue
+ *     m64n128k16 MMAs against the token tile, and release the stage on its "empty" mbarrier
+ *     once those MMAs have completed. No block barrier in the main loop, so the producer runs
+ *     up to kStages steps ahead, across work items and across the consumers' epilogue.
+ *
+ * Work item: (expert, chunk of up to 128 token rows, 256 weight rows), the same tiles, k16
+ * slices and slice order as the other Hopper kernels, so the output bits are theirs
+ * (tests/gpu/test_gemm.cu compares them). Only live rows and real columns are written. */
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm_sm90_common.cuh"
+#include "kernels/cuda/sm90a_async.cuh"
+
+using namespace epmoe_sm90;
+
+namespace {
+
+constexpr int kWsConsumerWGs = 2;                   /* each owns two m64 weight tiles */
+constexpr int kWsBN = kWsConsumerWGs * 2 * 64;      /* weight rows per work item */
+constexpr int kWsSlabs = kWsBN / EPMOE_GEMM_SLAB_ROWS;
+constexpr int kWsConsumerWarps = kWsConsumerWGs * 4;
+[[maybe_unused]] constexpr int kWsConsumerThreads = kWsConsumerWarps * 32;
+/* + a producer warpgroup (one warp of it works). Three warps per SM sub-partition would cap
+ * every thread at 168 registers; setmaxnreg moves them: the producers drop to 40 so that each
+ * consumer gets 232 (128 accumulators at MT = 128, the staged weight words, two slices of A). */
+constexpr int kWsThreads = kWsConsumerThreads + 128;
+[[maybe_unused]] constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
+
+/* One stage in shared memory (from a 1024-aligned base): the token tile image (MT/8 groups of
+ * 8 rows x 2 KB), the weight codes (kWsSlabs x 2 KB, the slab layout's step unit) and scales
+ * (kWsSlabs x 256 B). As many stages as fit in about 200 KB: at decode sizes the weights are
+ * nearly all of a stage, and the stages in flight are what keeps the DRAM busy. */
+template <int MT>
+struct WsPlan {
+    static constexpr int kTile = MT * 256;
+    static constexpr int kCodes = kWsSlabs * 2048;
+    static constexpr int kSf = kWsSlabs * 256;
+    static constexpr int kStage = kTile + kCodes + kSf;
+    static constexpr int kStages = (200 * 1024) / kStage;
+    static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
+    static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
+    static_assert(kStages >= 3, "the ring holds the consumers' two stages and one in flight");
+    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128, "a wgmma width with a wrapper");
+};
+
+/* MT token rows per chunk (the wgmma N). */
+template <int MT>
+__global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(const GemmParams p) {
+#if EPMOE_WGMMA_DEVICE
+    using Plan = WsPlan<MT>;
+    constexpr int kWsStages = Plan::kStages;
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    __shared__ int chunk_start[kMaxExperts + 1];
+    __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages], spare_bar;
+    const uint32_t raw_u32 = smem_u32(smem_raw);
+    uint8_t *smem = smem_raw + ((1024u - (raw_u32 & 1023u)) & 1023u);
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int E = p.E, N = p.N, K = p.K;
+    const int steps = K / kStepK;
+
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < kWsStages; ++s) {
+            mbar_init(&full_bar[s], 1);                  /* the producer's expect_tx arrival */
+            mbar_init(&empty_bar[s], kWsConsumerThreads); /* every consumer thread */
+        }
+        mbar_init(&spare_bar, kWsConsumerThreads);
+        mbar_init_fence();
+    }
+    build_chunk_list<MT>(p, chunk_start); /* its block barriers also publish the barriers */
+    const int n_tiles = (N + kWsBN - 1) / kWsBN;
+    const int total = chunk_start[E] * n_tiles;
+
+    if (warp >= kWsConsumerWarps) {
+        /* ---- producer: warp kWsConsumerWarps; lane j < 8 moves weight slab j, lane 31 the
+         * token tile, after lane 0 has announced the stage's bytes ---- */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kWsProducerRegs));
+        if (warp != kWsConsumerWarps) return;
+        const int64_t image_step = (p.cap_rows / 8) * 2048; /* bytes per step of the image */
+        int it = 0;                                         /* stage use counter */
+        for (int item = blockIdx.x; item < total; item += gridDim.x) {
+            const int chunk = item / n_tiles, nt = item % n_tiles;
+            const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
+            const int n0 = nt * kWsBN;
+            const int slabs = min(kWsBN, N - n0) / EPMOE_GEMM_SLAB_ROWS;
+            /* live rows rounded up to the 8-row group: inside the expert's padded block */
+            const uint32_t tile_bytes = (uint32_t)((ck.mrows + 7) / 8) * 2048;
+            const uint8_t *tile_src = (const uint8_t *)p.a_ws + (ck.row0 / 8) * 2048;
+            const int64_t slab = ((int64_t)ck.e * N + n0) / EPMOE_GEMM_SLAB_ROWS + lane;
+            const uint8_t *codes_src = p.w_codes + slab * steps * 2048;
+            const uint8_t *sf_src = p.w_sf + slab * steps * 256;
+            const uint32_t stage_bytes = tile_bytes + (uint32_t)slabs * (2048 + 256);
+            for (int step = 0; step < steps; ++step, ++it) {
+                const int s = it % kWsStages;
+                mbar_wait(&empty_bar[s], ((it / kWsStages) & 1) ^ 1);
+                uint8_t *stage = smem + s * Plan::kStage;
+                if (lane == 0) mbar_arrive_expect_tx(&full_bar[s], stage_bytes);
+                __syncwarp(); /* the bytes are announced before any of them can land */
+                if (lane < slabs) {
+                    bulk_copy_g2s(stage + Plan::kTile + lane * 2048, codes_src + step * 2048, 2048,
+                                  &full_bar[s]);
+                    bulk_copy_g2s(stage + Plan::kTile + Plan::kCodes + lane * 256,
+                                  sf_src + step * 256, 256, &full_bar[s]);
+                }
+                if (lane == 31)
+                    bulk_copy_g2s(stage, tile_src + step * image_step, tile_bytes, &full_bar[s]);
+            }
+        }
+        return;
+    }
+
+    /* ---- consumers: warpgroup wg owns weight rows [128 wg, 128 wg + 128) of the item ---- */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kWsConsumerRegs));
+    const int wg = warp / 4, wi = warp % 4, g = lane / 4, t = lane % 4;
+    const float fix = kDequantFix * kDequantFix;
+    /* this thread's rows r = 2i + h (m64 tile i, row g + 8h of the warp's 16): their place in
+     * the stage's slabs (slab, 16-byte code unit, scale byte pair) */
+    int lrow[4], code_off[4], sf_off[4];
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const int i = r / 2, h = r % 2;
+        lrow[r] = 128 * wg + 64 * i + 16 * wi + g + 8 * h;
+        const int slab = lrow[r] / 32, in_slab = lrow[r] % 32;
+        code_off[r] = Plan::kTile + slab * 2048 + ((in_slab / 8) * 32 + 4 * g + t) * 16;
+        sf_off[r] = Plan::kTile + Plan::kCodes + slab * 256 + in_slab * 8 + 2 * t;
+    }
+    const uint32_t smem_base = smem_u32(smem);
+
+    int it = 0;
+    for (int item = blockIdx.x; item < total; item += gridDim.x) {
+        const int chunk = item / n_tiles, nt = item % n_tiles;
+        const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
+        const int e = ck.e, mrows = ck.mrows;
+        const int64_t row0 = ck.row0;
+        const int n0 = nt * kWsBN;
+
+        float acc[2][MT / 2];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int v = 0; v < MT / 2; ++v) acc[i][v] = 0.0f;
+
+        for (int step = 0; step < steps; ++step, ++it) {
+            const int s = it % kWsStages;
+            mbar_wait(&full_bar[s], (it / kWsStages) & 1);
+            const uint8_t *stage = smem + s * Plan::kStage;
+            const uint32_t tile = smem_base + s * Plan::kStage;
+            uint4 wq[4];
+            uint32_t S[4][2];
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                wq[r] = *(const uint4 *)(stage + code_off[r]);
+                const uint32_t sf2 = *(const uint16_t *)(stage + sf_off[r]);
+                S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
+                S[r][1] = sf_to_bf16x2(sf2 >> 8);
+            }
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                uint32_t A[2][2][4]; /* [m64 tile][k16 slice 2q+s][fragment] */
+#pragma unroll
+                for (int i = 0; i < 2; ++i)
+                    weight_fragments(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                     word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
+                wgmma_fence();
+#pragma unroll
+                for (int sl = 0; sl < 2; ++sl) {
+                    const int j = 2 * q + sl; /* k16 slice of this step */
+                    const uint64_t desc =
+                        desc_k_major_sw128(tile + (j / 4) * 1024 + (j % 4) * 32, 2048);
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        fence_operands(acc[i]);
+                        wgmma_tile<MT>(acc[i], A[i][sl], desc, 1);
+                        fence_operands(acc[i]);
+                    }
+                }
+                wgmma_commit();
+                wgmma_wait<1>(); /* slice pair q-1 done: its A registers may be reused */
+                /* every MMA of the previous step has completed: release its stage. Every
+                 * consumer thread arrives, at an item's first step on a spare barrier nobody
+                 * waits for, and only after the step's last commit: a branch, or an arrival
+                 * between this step's MMAs, makes ptxas serialize them (warning C7513). */
+                if (q == 3)
+                    mbar_arrive(step > 0 ? &empty_bar[(it - 1) % kWsStages] : &spare_bar);
+            }
+        }
+        wgmma_wait<0>(); /* the accumulators are final; the last stage is free */
+#pragma unroll
+        for (int i = 0; i < 2; ++i) fence_operands(acc[i]);
+        mbar_arrive(&empty_bar[(it - 1) % kWsStages]); /* steps >= 1 (K >= 128) */
+
+        /* Epilogue: fp32 tensor scales; only live token rows and real columns are written. */
+        float wscale[4];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            const int n = min(n0 + lrow[r], N - 1);
+            const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
+            wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
+        }
+#pragma unroll
+        for (int c = 0; c < MT / 8; ++c) {
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+                const int tr = c * 8 + 2 * t + j;
+                if (tr >= mrows) continue;
+                const int64_t row = row0 + tr;
+                const float as = p.a_scale[row];
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const int n = n0 + lrow[r];
+                    if (n >= N) continue;
+                    const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as;
+                    if (p.out_bf16)
+                        ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
+                    else
+                        ((float *)p.out)[row * N + n] = v;
+                }
+            }
+        }
+    }
+#else
+    (void)p;
+#endif
+}
+
+} // namespace
+
+int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_ws_kernel<128>) != cudaSuccess) {
+        (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
+        return 0;
+    }
+    return attr.binaryVersion == 90;
+}
+
+namespace {
+template <int MT>
+epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
+    auto kernel = grouped_gemm_wgmma_ws_kernel<MT>;
+    const int smem_bytes = WsPlan<MT>::kBytes;
+    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+             "raising the warp-specialized wgmma GEMM's shared-memory limit");
+    const int64_t n_tiles = (p.N + kWsBN - 1) / kWsBN;
+    unsigned grid = 0; /* one block per SM */
+    EPMOE_TRY(persistent_grid(1, (p.cap_rows / MT + p.E) * n_tiles, &grid));
+    /* A operand: NVFP4 -> bf16, already in the shared tile's image, then the GEMM */
+    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderTileImage, stream));
+    kernel<<<grid, kWsThreads, smem_bytes, stream>>>(p);
+    CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a warp-specialized wgmma)");
+    return EPMOE_OK;
+}
+} // namespace
+
+epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream) {
+    switch (mt) {
+    case 16: return launch_ws<16>(p, stream);
+    case 32: return launch_ws<32>(p, stream);
+    case 64: return launch_ws<64>(p, stream);
+    case 128: return launch_ws<128>(p, stream);
+    default: break;
+    }
+    EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "warp-specialized wgmma GEMM: no %d-row token tile", mt);
+}
