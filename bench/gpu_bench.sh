@@ -29,15 +29,18 @@ done
 BUILD=build-gemm-dev
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
 cmake -S . -B $BUILD -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS=90a -DEPMOE_SERVICE=OFF \
-      -DCMAKE_BUILD_TYPE=Release > "$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; exit 1; }
-cmake --build $BUILD -j16 --target test_gemm gemm_bench > "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -40; exit 1; }
+      -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+cmake --build $BUILD -j16 --target test_gemm gemm_bench >> "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -40; exit 1; }
 # SASS check (no disassembler on the build machine): tensor-core and copy instructions, spills
+# (the SASS goes back as one archive: the device tool returns at most 8 files)
+mkdir -p /tmp/epmoe-sass
 for O in $(find $BUILD -name "gemm_sm90*.cu.o"); do
-  S="$OUT/$(basename "$O" .cu.o).sass"
+  S="/tmp/epmoe-sass/$(basename "$O" .cu.o).sass"
   echo "SASS instruction counts, $(basename "$O"):"
   cuobjdump --dump-sass "$O" > "$S" 2>&1 && \
     grep -oE "UBLKCP[.A-Z0-9]*|SYNCS[.A-Z0-9]*|HMMA[.A-Z0-9]*|HGMMA[.A-Z0-9_]*|WARPGROUP[.A-Z]*|LDGSTS[.A-Z0-9]*|LDS[.A-Z0-9]*|LDL|STL|HMUL2[.A-Z0-9_]*" "$S" | sort | uniq -c
 done
+tar -C /tmp -czf "$OUT/sass.tgz" epmoe-sass
 rc=0
 if [ $TEST = 1 ]; then
   # a hung kernel traps after 10 s (mbar_wait); the timeout is the last resort

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of one grouped-GEMM launch (run on the GPU machine, repo root):
 #   bash bench/ncu_gemm.sh [kernel-regex] [rows]      (defaults: the wgmma kernel, 768 rows)
+#   BENCH_ARGS="--kernels 9 --no-row-major" bash bench/ncu_gemm.sh ...   (fewer kernels run)
 # Profiles the 4th launch of the kernel whose mangled name matches (e.g. ILi256 picks a template
 # configuration) in gemm_bench (past its warm-up), V4-Flash
 # W13 at the given rows per expert; report in $OUT/ncu_<regex>_<rows>.txt.
@@ -20,7 +21,7 @@ NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   --section SpeedOfLight --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
   --section Occupancy --section SchedulerStats --section WarpStateStats --section LaunchStats \
   --section InstructionStats --section SourceCounters --print-details all \
-  ./$BUILD/bench/gemm_bench --json "$OUT/ncu_bench.json" --reps 1 --rows "$ROWS" \
+  ./$BUILD/bench/gemm_bench --json "$OUT/ncu_bench.json" --reps 1 --rows "$ROWS" ${BENCH_ARGS:-} \
   > "$OUT/ncu_${KERNEL}_${ROWS}.txt" 2>&1
 grep -iE "Duration|SM Frequency|Throughput|Pipe|Issue|Eligible|Stall|Warp Cycles|Executed Ipc" \
   "$OUT/ncu_${KERNEL}_${ROWS}.txt" | head -120

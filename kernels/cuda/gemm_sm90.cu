@@ -299,8 +299,10 @@ extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_gro
     const int rows = sm90_rows_per_chunk(a);
     const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;
+    if (wgmma_ws_usable(a))
+        return rows == 32 ? EPMOE_GEMM_SM90_WS_MT32
+                          : rows == 64 ? EPMOE_GEMM_SM90_WS_MT64 : EPMOE_GEMM_SM90_WS_MT128;
     if (rows == 32) return EPMOE_GEMM_SM90_MMA_MT32;
-    if (wgmma_ws_usable(a)) return EPMOE_GEMM_SM90_WS_MT128;
     if (wgmma_usable(a)) return EPMOE_GEMM_SM90_WGMMA_MT128;
     return rows == 64 ? EPMOE_GEMM_SM90_MMA_MT64 : EPMOE_GEMM_SM90_MMA_MT128;
 }

@@ -65,31 +65,39 @@ static __device__ __forceinline__ uint32_t sf_to_bf16x2(uint32_t byte) {
     return bf16x2_mul(bf16x2_mul((byte << 4) | (byte << 20), k2p119), k2p119);
 }
 
-/* 8 E2M1 codes (one word, element i in nibble i) -> bf16 pairs (i, i+4), times S. */
-static __device__ __forceinline__ void dequant8(uint32_t w, uint32_t S, uint32_t out[4]) {
+/* Pair m (elements m and m+4) of 8 E2M1 codes (one word, element i in nibble i) as bf16, times
+ * S. m is a compile-time constant in every caller. */
+static __device__ __forceinline__ uint32_t dequant_pair(uint32_t w, uint32_t S, int m) {
     const uint32_t kMag = 0x01C001C0u, kSign = 0x80008000u;
-    out[0] = bf16x2_mul(((w << 6) & kMag) | ((w << 12) & kSign), S);
-    out[1] = bf16x2_mul(((w << 2) & kMag) | ((w << 8) & kSign), S);
-    out[2] = bf16x2_mul(((w >> 2) & kMag) | ((w << 4) & kSign), S);
-    out[3] = bf16x2_mul(((w >> 6) & kMag) | (w & kSign), S);
+    const uint32_t bits = m == 0   ? ((w << 6) & kMag) | ((w << 12) & kSign)
+                          : m == 1 ? ((w << 2) & kMag) | ((w << 8) & kSign)
+                          : m == 2 ? ((w >> 2) & kMag) | ((w << 4) & kSign)
+                                   : ((w >> 6) & kMag) | (w & kSign);
+    return bf16x2_mul(bits, S);
 }
 
-/* The A fragments (mma.m16n8k16 / wgmma register-A order) of the k16 slices 2q and 2q+1 of a
- * 128-step for rows g and g+8 of an m16 tile: w_g, w_g8 are word q of the two rows' 32-k span of
- * this quad thread, S_g, S_g8 their scale as from sf_to_bf16x2. Both kernels build their
- * weight fragments here, so both give the tensor cores the same slices, hence the same bits. */
+/* 8 E2M1 codes (one word) -> bf16 pairs (i, i+4), times S. */
+static __device__ __forceinline__ void dequant8(uint32_t w, uint32_t S, uint32_t out[4]) {
+#pragma unroll
+    for (int m = 0; m < 4; ++m) out[m] = dequant_pair(w, S, m);
+}
+
+/* The A fragment (mma.m16n8k16 / wgmma register-A order) of k16 slice 2q+s of a 128-step for
+ * rows g and g+8 of an m16 tile: w_g, w_g8 are word q of the two rows' 32-k span of this quad
+ * thread, S_g, S_g8 their scale as from sf_to_bf16x2. Every kernel builds its weight fragments
+ * here, so all give the tensor cores the same slices, hence the same bits. */
+static __device__ __forceinline__ void weight_fragment_slice(uint32_t w_g, uint32_t S_g, uint32_t w_g8,
+                                                             uint32_t S_g8, int s, uint32_t (&A)[4]) {
+    A[0] = dequant_pair(w_g, S_g, 2 * s);       /* row g,   k pair (2t, 2t+1) */
+    A[1] = dequant_pair(w_g8, S_g8, 2 * s);     /* row g+8, k pair (2t, 2t+1) */
+    A[2] = dequant_pair(w_g, S_g, 2 * s + 1);   /* row g,   k pair (2t+8, 2t+9) */
+    A[3] = dequant_pair(w_g8, S_g8, 2 * s + 1); /* row g+8, k pair (2t+8, 2t+9) */
+}
+/* Both slices 2q, 2q+1 at once (A[s] = slice 2q+s). */
 static __device__ __forceinline__ void weight_fragments(uint32_t w_g, uint32_t S_g, uint32_t w_g8,
                                                         uint32_t S_g8, uint32_t (&A)[2][4]) {
-    uint32_t rg[4], rg8[4];
-    dequant8(w_g, S_g, rg);
-    dequant8(w_g8, S_g8, rg8);
 #pragma unroll
-    for (int s = 0; s < 2; ++s) {
-        A[s][0] = rg[2 * s];      /* row g,   k pair (2t, 2t+1) */
-        A[s][1] = rg8[2 * s];     /* row g+8, k pair (2t, 2t+1) */
-        A[s][2] = rg[2 * s + 1];  /* row g,   k pair (2t+8, 2t+9) */
-        A[s][3] = rg8[2 * s + 1]; /* row g+8, k pair (2t+8, 2t+9) */
-    }
+    for (int s = 0; s < 2; ++s) weight_fragment_slice(w_g, S_g, w_g8, S_g8, s, A[s]);
 }
 
 /* 8 bf16 (k0..k7 in four words) -> the same (i, i+4) pairing as dequant8. */

@@ -130,6 +130,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kWsConsumerRegs));
     const int wg = warp / 4, wi = warp % 4, g = lane / 4, t = lane % 4;
     const float fix = kDequantFix * kDequantFix;
+    constexpr int kASets = 4, kInFlight = kASets - 1; /* 8 slices per step: a multiple of kASets */
     /* this thread's rows r = 2i + h (m64 tile i, row g + 8h of the warp's 16): their place in
      * the stage's slabs (slab, 16-byte code unit, scale byte pair) */
     int lrow[4], code_off[4], sf_off[4];
@@ -152,6 +153,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         const int n0 = nt * kWsBN;
 
         float acc[2][MT / 2];
+        uint32_t A[kASets][2][4]; /* [register set][m64 tile][fragment] */
 #pragma unroll
         for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -171,35 +173,34 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
                 S[r][1] = sf_to_bf16x2(sf2 >> 8);
             }
+            /* One commit group per k16 slice (both m64 tiles), kInFlight groups in flight while
+             * the next slice is dequantized: slice j's A registers are set j % kASets, reused
+             * only once the group that read them (slice j - kASets) has completed. */
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                uint32_t A[2][2][4]; /* [m64 tile][k16 slice 2q+s][fragment] */
+            for (int j = 0; j < 8; ++j) {
+                const int q = j / 2, sl = j % 2;
+                wgmma_wait<kInFlight>(); /* slice j - kASets (this step or the last) is done */
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
-                    weight_fragments(word_of(wq[2 * i], q), S[2 * i][q / 2],
-                                     word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
+                    weight_fragment_slice(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                          word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], sl,
+                                          A[j % kASets][i]);
                 wgmma_fence();
+                const uint64_t desc = desc_k_major_sw128(tile + (j / 4) * 1024 + (j % 4) * 32, 2048);
 #pragma unroll
-                for (int sl = 0; sl < 2; ++sl) {
-                    const int j = 2 * q + sl; /* k16 slice of this step */
-                    const uint64_t desc =
-                        desc_k_major_sw128(tile + (j / 4) * 1024 + (j % 4) * 32, 2048);
-#pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        fence_operands(acc[i]);
-                        wgmma_tile<MT>(acc[i], A[i][sl], desc, 1);
-                        fence_operands(acc[i]);
-                    }
+                for (int i = 0; i < 2; ++i) {
+                    fence_operands(acc[i]);
+                    wgmma_tile<MT>(acc[i], A[j % kASets][i], desc, 1);
+                    fence_operands(acc[i]);
                 }
                 wgmma_commit();
-                wgmma_wait<1>(); /* slice pair q-1 done: its A registers may be reused */
-                /* every MMA of the previous step has completed: release its stage. Every
-                 * consumer thread arrives, at an item's first step on a spare barrier nobody
-                 * waits for, and only after the step's last commit: a branch, or an arrival
-                 * between this step's MMAs, makes ptxas serialize them (warning C7513). */
-                if (q == 3)
-                    mbar_arrive(step > 0 ? &empty_bar[(it - 1) % kWsStages] : &spare_bar);
             }
+            /* every MMA of the previous step has completed (slice 7 waited for slice 7 -
+             * kASets): release its stage. Every consumer thread arrives, at an item's first
+             * step on a spare barrier nobody waits for, and only after the step's last
+             * commit: a branch, or an arrival between this step's MMAs, makes ptxas serialize
+             * them (warning C7513). */
+            mbar_arrive(step > 0 ? &empty_bar[(it - 1) % kWsStages] : &spare_bar);
         }
         wgmma_wait<0>(); /* the accumulators are final; the last stage is free */
 #pragma unroll
