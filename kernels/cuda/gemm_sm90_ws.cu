@@ -36,7 +36,7 @@ constexpr int kWsConsumerWGs = 2;                   /* each owns two m64 weight 
 constexpr int kWsBN = kWsConsumerWGs * 2 * 64;      /* weight rows per work item */
 constexpr int kWsSlabs = kWsBN / EPMOE_GEMM_SLAB_ROWS;
 constexpr int kWsConsumerWarps = kWsConsumerWGs * 4;
-[[maybe_unused]] constexpr int kWsConsumerThreads = kWsConsumerWarps * 32;
+constexpr int kWsConsumerThreads = kWsConsumerWarps * 32;
 /* + a producer warpgroup (one warp of it works). Three warps per SM sub-partition would cap
  * every thread at 168 registers; setmaxnreg moves them: the producers drop to 40 so that each
  * consumer gets 232 (128 accumulators at MT = 128, the staged weight words, two slices of A). */
@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
     constexpr int kWsStages = Plan::kStages;
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
-    __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages], spare_bar;
+    __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages];
     const uint32_t raw_u32 = smem_u32(smem_raw);
     uint8_t *smem = smem_raw + ((1024u - (raw_u32 & 1023u)) & 1023u);
 
@@ -79,9 +79,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
     if (threadIdx.x == 0) {
         for (int s = 0; s < kWsStages; ++s) {
             mbar_init(&full_bar[s], 1);                  /* the producer's expect_tx arrival */
-            mbar_init(&empty_bar[s], kWsConsumerThreads); /* every consumer thread */
+            mbar_init(&empty_bar[s], kWsConsumerWarps); /* lane 0 of every consumer warp */
         }
-        mbar_init(&spare_bar, kWsConsumerThreads);
         mbar_init_fence();
     }
     build_chunk_list<MT>(p, chunk_start); /* its block barriers also publish the barriers */
@@ -196,16 +195,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 wgmma_commit();
             }
             /* every MMA of the previous step has completed (slice 7 waited for slice 7 -
-             * kASets): release its stage. Every consumer thread arrives, at an item's first
-             * step on a spare barrier nobody waits for, and only after the step's last
-             * commit: a branch, or an arrival between this step's MMAs, makes ptxas serialize
-             * them (warning C7513). */
-            mbar_arrive(step > 0 ? &empty_bar[(it - 1) % kWsStages] : &spare_bar);
+             * kASets): lane 0 of each warp releases its stage. Only after the step's last
+             * commit: an arrival between this step's MMAs makes ptxas serialize them (warning
+             * C7513). */
+            if (lane == 0 && step > 0) mbar_arrive(&empty_bar[(it - 1) % kWsStages]);
         }
         wgmma_wait<0>(); /* the accumulators are final; the last stage is free */
 #pragma unroll
         for (int i = 0; i < 2; ++i) fence_operands(acc[i]);
-        mbar_arrive(&empty_bar[(it - 1) % kWsStages]); /* steps >= 1 (K >= 128) */
+        if (lane == 0) mbar_arrive(&empty_bar[(it - 1) % kWsStages]); /* steps >= 1 */
 
         /* Epilogue: fp32 tensor scales; only live token rows and real columns are written. */
         float wscale[4];
