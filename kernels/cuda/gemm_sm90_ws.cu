@@ -32,39 +32,44 @@ using namespace epmoe_sm90;
 
 namespace {
 
-constexpr int kWsConsumerWGs = 2;                   /* each owns two m64 weight tiles */
-constexpr int kWsBN = kWsConsumerWGs * 2 * 64;      /* weight rows per work item */
-constexpr int kWsSlabs = kWsBN / EPMOE_GEMM_SLAB_ROWS;
+constexpr int kWsConsumerWGs = 2;
 constexpr int kWsConsumerWarps = kWsConsumerWGs * 4;
 constexpr int kWsConsumerThreads = kWsConsumerWarps * 32;
 /* + a producer warpgroup (one warp of it works). Three warps per SM sub-partition would cap
  * every thread at 168 registers; setmaxnreg moves them: the producers drop to 40 so that each
- * consumer gets 232 (128 accumulators at MT = 128, the staged weight words, two slices of A). */
+ * consumer gets 232 (up to 128 accumulators, the staged weight words, four slices of A). */
 constexpr int kWsThreads = kWsConsumerThreads + 128;
 [[maybe_unused]] constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
 
-/* One stage in shared memory (from a 1024-aligned base): the token tile image (MT/8 groups of
- * 8 rows x 2 KB), the weight codes (kWsSlabs x 2 KB, the slab layout's step unit) and scales
- * (kWsSlabs x 256 B). As many stages as fit in about 200 KB: at decode sizes the weights are
- * nearly all of a stage, and the stages in flight are what keeps the DRAM busy. */
-template <int MT>
+/* MT token rows per chunk (the wgmma N), WT m64 weight tiles per consumer warpgroup: an item
+ * is MT tokens x kBN weight rows. MT * WT <= 256 (the accumulators). One stage in shared memory
+ * (from a 1024-aligned base): the token tile image (MT/8 groups of 8 rows x 2 KB), the weight
+ * codes (kSlabs x 2 KB, the slab layout's step unit) and scales (kSlabs x 256 B). As many
+ * stages as fit in 220 KB: at decode sizes the weights are nearly all of a stage, and the
+ * stages in flight are what keeps the DRAM busy. */
+template <int MT, int WT>
 struct WsPlan {
+    static constexpr int kBN = kWsConsumerWGs * WT * 64;
+    static constexpr int kSlabs = kBN / EPMOE_GEMM_SLAB_ROWS;
     static constexpr int kTile = MT * 256;
-    static constexpr int kCodes = kWsSlabs * 2048;
-    static constexpr int kSf = kWsSlabs * 256;
+    static constexpr int kCodes = kSlabs * 2048;
+    static constexpr int kSf = kSlabs * 256;
     static constexpr int kStage = kTile + kCodes + kSf;
-    static constexpr int kStages = (200 * 1024) / kStage;
+    static constexpr int kStages = (220 * 1024) / kStage;
     static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
     static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
     static_assert(kStages >= 3, "the ring holds the consumers' two stages and one in flight");
-    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128, "a wgmma width with a wrapper");
+    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128 || MT == 256,
+                  "a wgmma width with a wrapper");
+    static_assert(MT * WT <= 256 && kSlabs <= 32, "accumulators, or one producer lane per slab");
 };
 
-/* MT token rows per chunk (the wgmma N). */
-template <int MT>
+template <int MT, int WT>
 __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(const GemmParams p) {
 #if EPMOE_WGMMA_DEVICE
-    using Plan = WsPlan<MT>;
+    using Plan = WsPlan<MT, WT>;
+    constexpr int kBN = Plan::kBN;
+    constexpr int kRows = 2 * WT; /* weight rows per thread: g and g + 8 of each m64 tile */
     constexpr int kWsStages = Plan::kStages;
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
@@ -84,11 +89,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         mbar_init_fence();
     }
     build_chunk_list<MT>(p, chunk_start); /* its block barriers also publish the barriers */
-    const int n_tiles = (N + kWsBN - 1) / kWsBN;
+    const int n_tiles = (N + kBN - 1) / kBN;
     const int total = chunk_start[E] * n_tiles;
 
     if (warp >= kWsConsumerWarps) {
-        /* ---- producer: warp kWsConsumerWarps; lane j < 8 moves weight slab j, lane 31 the
+        /* ---- producer: warp kWsConsumerWarps; lane j < kSlabs moves weight slab j, lane 31 the
          * token tile, after lane 0 has announced the stage's bytes ---- */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kWsProducerRegs));
         if (warp != kWsConsumerWarps) return;
@@ -97,8 +102,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         for (int item = blockIdx.x; item < total; item += gridDim.x) {
             const int chunk = item / n_tiles, nt = item % n_tiles;
             const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
-            const int n0 = nt * kWsBN;
-            const int slabs = min(kWsBN, N - n0) / EPMOE_GEMM_SLAB_ROWS;
+            const int n0 = nt * kBN;
+            const int slabs = min(kBN, N - n0) / EPMOE_GEMM_SLAB_ROWS;
             /* live rows rounded up to the 8-row group: inside the expert's padded block */
             const uint32_t tile_bytes = (uint32_t)((ck.mrows + 7) / 8) * 2048;
             const uint8_t *tile_src = (const uint8_t *)p.a_ws + (ck.row0 / 8) * 2048;
@@ -125,18 +130,18 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         return;
     }
 
-    /* ---- consumers: warpgroup wg owns weight rows [128 wg, 128 wg + 128) of the item ---- */
+    /* ---- consumers: warpgroup wg owns weight rows [64 WT wg, 64 WT (wg + 1)) of the item ---- */
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kWsConsumerRegs));
     const int wg = warp / 4, wi = warp % 4, g = lane / 4, t = lane % 4;
     const float fix = kDequantFix * kDequantFix;
     constexpr int kASets = 4, kInFlight = kASets - 1; /* 8 slices per step: a multiple of kASets */
     /* this thread's rows r = 2i + h (m64 tile i, row g + 8h of the warp's 16): their place in
      * the stage's slabs (slab, 16-byte code unit, scale byte pair) */
-    int lrow[4], code_off[4], sf_off[4];
+    int lrow[kRows], code_off[kRows], sf_off[kRows];
 #pragma unroll
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < kRows; ++r) {
         const int i = r / 2, h = r % 2;
-        lrow[r] = 128 * wg + 64 * i + 16 * wi + g + 8 * h;
+        lrow[r] = 64 * WT * wg + 64 * i + 16 * wi + g + 8 * h;
         const int slab = lrow[r] / 32, in_slab = lrow[r] % 32;
         code_off[r] = Plan::kTile + slab * 2048 + ((in_slab / 8) * 32 + 4 * g + t) * 16;
         sf_off[r] = Plan::kTile + Plan::kCodes + slab * 256 + in_slab * 8 + 2 * t;
@@ -149,12 +154,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
         const int e = ck.e, mrows = ck.mrows;
         const int64_t row0 = ck.row0;
-        const int n0 = nt * kWsBN;
+        const int n0 = nt * kBN;
 
-        float acc[2][MT / 2];
-        uint32_t A[kASets][2][4]; /* [register set][m64 tile][fragment] */
+        float acc[WT][MT / 2];
+        uint32_t A[kASets][WT][4]; /* [register set][m64 tile][fragment] */
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
+        for (int i = 0; i < WT; ++i)
 #pragma unroll
             for (int v = 0; v < MT / 2; ++v) acc[i][v] = 0.0f;
 
@@ -162,11 +167,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
             const int s = it % kWsStages;
             mbar_wait(&full_bar[s], (it / kWsStages) & 1);
             const uint8_t *stage = smem + s * Plan::kStage;
-            const uint32_t tile = smem_base + s * Plan::kStage;
-            uint4 wq[4];
-            uint32_t S[4][2];
+            const uint64_t desc0 = desc_k_major_sw128(smem_base + s * Plan::kStage, 2048);
+            uint4 wq[kRows];
+            uint32_t S[kRows][2];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
+            for (int r = 0; r < kRows; ++r) {
                 wq[r] = *(const uint4 *)(stage + code_off[r]);
                 const uint32_t sf2 = *(const uint16_t *)(stage + sf_off[r]);
                 S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
@@ -180,14 +185,16 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 const int q = j / 2, sl = j % 2;
                 wgmma_wait<kInFlight>(); /* slice j - kASets (this step or the last) is done */
 #pragma unroll
-                for (int i = 0; i < 2; ++i)
+                for (int i = 0; i < WT; ++i)
                     weight_fragment_slice(word_of(wq[2 * i], q), S[2 * i][q / 2],
                                           word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], sl,
                                           A[j % kASets][i]);
                 wgmma_fence();
-                const uint64_t desc = desc_k_major_sw128(tile + (j / 4) * 1024 + (j % 4) * 32, 2048);
+                /* slice j starts (j / 4) KB + 32 (j % 4) bytes into the tile (the descriptor
+                 * holds the address in 16-byte units, no carry out of its 14 bits) */
+                const uint64_t desc = desc0 + (((j / 4) * 1024 + (j % 4) * 32) >> 4);
 #pragma unroll
-                for (int i = 0; i < 2; ++i) {
+                for (int i = 0; i < WT; ++i) {
                     fence_operands(acc[i]);
                     wgmma_tile<MT>(acc[i], A[j % kASets][i], desc, 1);
                     fence_operands(acc[i]);
@@ -202,13 +209,13 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         }
         wgmma_wait<0>(); /* the accumulators are final; the last stage is free */
 #pragma unroll
-        for (int i = 0; i < 2; ++i) fence_operands(acc[i]);
+        for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
         if (lane == 0) mbar_arrive(&empty_bar[(it - 1) % kWsStages]); /* steps >= 1 */
 
         /* Epilogue: fp32 tensor scales; only live token rows and real columns are written. */
-        float wscale[4];
+        float wscale[kRows];
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < kRows; ++r) {
             const int n = min(n0 + lrow[r], N - 1);
             const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
             wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
@@ -222,7 +229,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 const int64_t row = row0 + tr;
                 const float as = p.a_scale[row];
 #pragma unroll
-                for (int r = 0; r < 4; ++r) {
+                for (int r = 0; r < kRows; ++r) {
                     const int n = n0 + lrow[r];
                     if (n >= N) continue;
                     const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as;
@@ -243,7 +250,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
 
 int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_ws_kernel<128>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_ws_kernel<128, 2>) != cudaSuccess) {
         (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
         return 0;
     }
@@ -251,29 +258,32 @@ int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
 }
 
 namespace {
-template <int MT>
+template <int MT, int WT>
 epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_wgmma_ws_kernel<MT>;
-    const int smem_bytes = WsPlan<MT>::kBytes;
-    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
+    auto kernel = grouped_gemm_wgmma_ws_kernel<MT, WT>;
+    using Plan = WsPlan<MT, WT>;
+    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes),
              "raising the warp-specialized wgmma GEMM's shared-memory limit");
-    const int64_t n_tiles = (p.N + kWsBN - 1) / kWsBN;
+    const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
     unsigned grid = 0; /* one block per SM */
     EPMOE_TRY(persistent_grid(1, (p.cap_rows / MT + p.E) * n_tiles, &grid));
     /* A operand: NVFP4 -> bf16, already in the shared tile's image, then the GEMM */
     EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderTileImage, stream));
-    kernel<<<grid, kWsThreads, smem_bytes, stream>>>(p);
+    kernel<<<grid, kWsThreads, Plan::kBytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a warp-specialized wgmma)");
     return EPMOE_OK;
 }
 } // namespace
 
+/* Two m64 weight tiles per warpgroup (256-row items) up to 128-token chunks; one (128-row
+ * items) at 256, where the accumulators are full. */
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream) {
     switch (mt) {
-    case 16: return launch_ws<16>(p, stream);
-    case 32: return launch_ws<32>(p, stream);
-    case 64: return launch_ws<64>(p, stream);
-    case 128: return launch_ws<128>(p, stream);
+    case 16: return launch_ws<16, 2>(p, stream);
+    case 32: return launch_ws<32, 2>(p, stream);
+    case 64: return launch_ws<64, 2>(p, stream);
+    case 128: return launch_ws<128, 2>(p, stream);
+    case 256: return launch_ws<256, 1>(p, stream);
     default: break;
     }
     EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "warp-specialized wgmma GEMM: no %d-row token tile", mt);
