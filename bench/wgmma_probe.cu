@@ -1,0 +1,181 @@
+/* What the tensor cores give the grouped GEMM's MMA pattern with nothing else in the way: no
+ * global memory, no dequantization, no pipeline. One block per SM, two consumer warpgroups
+ * of two m64 tiles each against one 128-token bf16 tile in shared memory (the WS kernel's
+ * shape, gemm_sm90_ws.cu), m64n128k16 bf16 MMAs with fp32 accumulators, in four modes:
+ *   ss         A and B from shared memory, one fence and commit per 128-k step (how a plain
+ *              bf16 GEMM such as cuBLAS's issues them)
+ *   rs         A from registers (fixed), one fence and commit per 128-k step
+ *   rs-slice   A from registers, a fence, a commit and wait_group<3> per k16 slice: the WS
+ *              kernel's issue pattern, without its dequantization
+ *   rs-dequant the same with the A registers rebuilt every slice by the real dequantization
+ *              (weight_fragment_slice on register-resident codes): the WS kernel's consumer
+ *              with its data already in registers
+ * Prints TFLOP/s per mode and the ratio to ss. Shared memory holds random bf16 in [1, 2)
+ * (never zeros: the tensor cores run faster on zeros).
+ *   wgmma_probe [--iters N] */
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "bench/bench_check.h"
+#include "kernels/cuda/gemm_sm90_common.cuh"
+#include "kernels/cuda/sm90a_async.cuh"
+
+using namespace epmoe_sm90;
+
+namespace {
+
+enum Mode { kSS = 0, kRS = 1, kRSSlice = 2, kRSDequant = 3 };
+const char *const kModeName[] = {"ss", "rs", "rs-slice", "rs-dequant"};
+constexpr int kTileBytes = 128 * 256; /* 128 rows x 128 k of bf16, 8-row groups of 2 KB */
+
+#if EPMOE_WGMMA_DEVICE
+__device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(desc_a), "l"(desc_b));
+}
+#endif
+
+/* smem: the token tile (B), then each warpgroup's two m64 x 128-k weight tiles (A, ss only). */
+template <int kMode>
+__global__ void __launch_bounds__(256, 1) probe_kernel(int steps, const uint32_t *seed, float *sink) {
+#if EPMOE_WGMMA_DEVICE
+    extern __shared__ __align__(1024) uint8_t smem_raw[];
+    uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+    const int wg = threadIdx.x / 128, lane = threadIdx.x % 32;
+    /* random bf16 in [1, 2): exponent 127, random mantissa */
+    for (int i = threadIdx.x; i < (kTileBytes + 2 * kTileBytes) / 2; i += blockDim.x)
+        ((uint16_t *)smem)[i] = (uint16_t)(0x3F80u | ((seed[0] * 2654435761u + i * 40503u) >> 9 & 0x7Fu));
+    __syncthreads();
+    fence_proxy_async();
+    const uint32_t b_base = smem_u32(smem), a_base = b_base + kTileBytes + wg * kTileBytes;
+    const uint64_t desc_b0 = desc_k_major_sw128(b_base, 2048);
+    uint64_t desc_a0[2];
+    for (int i = 0; i < 2; ++i) desc_a0[i] = desc_k_major_sw128(a_base + i * (kTileBytes / 2), 2048);
+    uint32_t A[4][2][4];
+    uint32_t codes[4];
+    for (int r = 0; r < 4; ++r) codes[r] = seed[1 + r] ^ (threadIdx.x * 0x9E3779B9u);
+    const uint32_t S = sf_to_bf16x2(0x38u); /* ue4m3 1.0 */
+    for (int s = 0; s < 4; ++s)
+        for (int i = 0; i < 2; ++i)
+            for (int f = 0; f < 4; ++f) A[s][i][f] = 0x3F803F80u ^ (lane << (f + i));
+    float acc[2][64];
+    for (int i = 0; i < 2; ++i)
+        for (int v = 0; v < 64; ++v) acc[i][v] = 0.0f;
+
+    for (int step = 0; step < steps; ++step) {
+        if (kMode == kSS || kMode == kRS) wgmma_fence();
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+            const uint64_t off = ((j / 4) * 1024 + (j % 4) * 32) >> 4;
+            if (kMode == kRSSlice || kMode == kRSDequant) {
+                wgmma_wait<3>();
+                if (kMode == kRSDequant)
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+                        weight_fragment_slice(codes[2 * i] + step, S, codes[2 * i + 1] ^ step, S, j % 2,
+                                              A[j % 4][i]);
+                wgmma_fence();
+            }
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+                fence_operands(acc[i]);
+#if EPMOE_WGMMA_DEVICE
+                if (kMode == kSS) wgmma_ss_m64n128k16(acc[i], desc_a0[i] + off, desc_b0 + off);
+                else wgmma_m64n128k16(acc[i], A[j % 4][i], desc_b0 + off, 1);
+#endif
+                fence_operands(acc[i]);
+            }
+            if (kMode == kRSSlice || kMode == kRSDequant) wgmma_commit();
+        }
+        if (kMode == kSS || kMode == kRS) {
+            wgmma_commit();
+            wgmma_wait<1>();
+        }
+    }
+    wgmma_wait<0>();
+    for (int i = 0; i < 2; ++i) fence_operands(acc[i]);
+    float sum = 0.0f;
+    for (int i = 0; i < 2; ++i)
+        for (int v = 0; v < 64; ++v) sum += acc[i][v];
+    if (sum == 1.2345f) sink[0] = sum; /* keeps the MMAs alive */
+#else
+    (void)steps, (void)seed, (void)sink;
+#endif
+}
+
+template <int kMode>
+double run(int steps, const uint32_t *seed, float *sink, int sms) {
+    const int smem = 3 * kTileBytes + 1024;
+    CHECK_CUDA(cudaFuncSetAttribute(probe_kernel<kMode>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+    cudaEvent_t a, b;
+    CHECK_CUDA(cudaEventCreate(&a));
+    CHECK_CUDA(cudaEventCreate(&b));
+    probe_kernel<kMode><<<sms, 256, smem>>>(steps / 10, seed, sink); /* warm-up */
+    CHECK_CUDA(cudaGetLastError());
+    float best = 1e30f;
+    for (int rep = 0; rep < 5; ++rep) {
+        CHECK_CUDA(cudaEventRecord(a));
+        probe_kernel<kMode><<<sms, 256, smem>>>(steps, seed, sink);
+        CHECK_CUDA(cudaEventRecord(b));
+        CHECK_CUDA(cudaEventSynchronize(b));
+        float ms = 0;
+        CHECK_CUDA(cudaEventElapsedTime(&ms, a, b));
+        if (ms < best) best = ms;
+    }
+    CHECK_CUDA(cudaEventDestroy(a));
+    CHECK_CUDA(cudaEventDestroy(b));
+    /* per step: 2 warpgroups x 2 tiles x 8 slices of 64 x 128 x 16 */
+    const double flops = 2.0 * 64 * 128 * 16 * 32 * (double)steps * sms;
+    return flops / (best * 1e-3) / 1e12;
+}
+
+} // namespace
+
+int main(int argc, char **argv) {
+    int steps = 20000;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--iters") && i + 1 < argc) steps = atoi(argv[++i]);
+        else {
+            fprintf(stderr, "usage: %s [--iters steps]\n", argv[0]);
+            return 2;
+        }
+    }
+    cudaDeviceProp prop;
+    CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
+    uint32_t *seed;
+    float *sink;
+    CHECK_CUDA(cudaMalloc(&seed, 64));
+    CHECK_CUDA(cudaMalloc(&sink, 4));
+    const uint32_t h_seed[8] = {12345u, 0x9E3779B9u, 0x7F4A7C15u, 0x85EBCA6Bu, 0xC2B2AE35u, 1u, 2u, 3u};
+    CHECK_CUDA(cudaMemcpy(seed, h_seed, sizeof h_seed, cudaMemcpyHostToDevice));
+    const double tf[4] = {run<kSS>(steps, seed, sink, prop.multiProcessorCount),
+                          run<kRS>(steps, seed, sink, prop.multiProcessorCount),
+                          run<kRSSlice>(steps, seed, sink, prop.multiProcessorCount),
+                          run<kRSDequant>(steps, seed, sink, prop.multiProcessorCount)};
+    printf("wgmma probe on %s (%d SMs), %d steps of 128 k per block, best of 5:\n", prop.name,
+           prop.multiProcessorCount, steps);
+    for (int m = 0; m < 4; ++m)
+        printf("  %-10s %7.1f TFLOP/s  %.2fx ss\n", kModeName[m], tf[m], tf[m] / tf[0]);
+    return 0;
+}
