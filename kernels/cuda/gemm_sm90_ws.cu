@@ -1,25 +1,27 @@
-/* Warp-specialized grouped NVFP4 GEMM for Hopper (sm_90a): the prefill kernel on slab-layout
- * weights. Contract in kernels/cuda/grouped_gemm.h; dequantization and K order in
- * gemm_sm90_common.cuh; the PTX wrappers in sm90a_async.cuh.
+/* Warp-specialized grouped NVFP4 GEMM for Hopper (sm_90a) on slab-layout weights: AUTO's
+ * kernel from 17 rows per expert up (token chunks of MT = 32, 64 or 128 rows; a 16-row instance
+ * exists for the tests and the benchmark). Contract in kernels/cuda/grouped_gemm.h;
+ * dequantization and K order in gemm_sm90_common.cuh; the PTX wrappers in sm90a_async.cuh.
  *
  * Why a second wgmma kernel. The first (gemm_sm90_wgmma.cu) has every warp copy, dequantize and
- * issue MMAs, with a block barrier per 128-k step; Nsight Compute shows its tensor pipe busy
- * about half the time (bench/RESULTS.md, v4/v5). Here the roles are split, as in CUTLASS's
+ * issue MMAs, with a block barrier per 128-k step. Here the roles are split, as in CUTLASS's
  * warp-specialized mainloops:
- *   - one producer warp, whose lane 0 moves each stage with the bulk copy engine: the token
- *     tile (128 rows x 128 k of bf16, already laid out by the pre-pass exactly as wgmma reads
- *     it, kOrderTileImage: one copy of up to 32 KB) and the weight tile (eight 32-row slabs:
- *     2 KB of codes and 256 B of scales each, contiguous in the slab layout). Completion is
- *     counted in bytes on the stage's "full" mbarrier; no thread waits on a copy it issued.
+ *   - one producer warp moves each stage with the bulk copy engine: lane j < 8 weight slab j
+ *     (2 KB of codes, 256 B of scales: one 128-k step of 32 rows, contiguous in the slab
+ *     layout), lane 31 the token tile (MT rows x 128 k of bf16, laid out by the pre-pass exactly
+ *     as wgmma reads it, kOrderTileImage: one copy). Completion is counted in bytes on the
+ *     stage's "full" mbarrier; no thread waits on a copy it issued.
  *   - two consumer warpgroups, 128 weight rows each (two m64 tiles): wait for a full stage,
- *     dequantize their weight rows from shared memory into wgmma's register A operand, issue
- *     m64n128k16 MMAs against the token tile, and release the stage on its "empty" mbarrier
- *     once those MMAs have completed. No block barrier in the main loop, so the producer runs
- *     up to kStages steps ahead, across work items and across the consumers' epilogue.
+ *     dequantize their weight rows from shared memory into wgmma's register A operand one k16
+ *     slice at a time, issue m64nMTk16 MMAs against the token tile with three slices in
+ *     flight, and release the stage on its "empty" mbarrier once its MMAs have completed. No
+ *     block barrier in the main loop: the producer runs up to kStages - 2 steps ahead, across
+ *     work items and across the consumers' epilogue.
  *
- * Work item: (expert, chunk of up to 128 token rows, 256 weight rows), the same tiles, k16
- * slices and slice order as the other Hopper kernels, so the output bits are theirs
- * (tests/gpu/test_gemm.cu compares them). Only live rows and real columns are written. */
+ * Work item: (expert, chunk of up to MT token rows, 256 weight rows). The k16 slices and their
+ * order are those of every other Hopper kernel, so the output bits are theirs
+ * (tests/gpu/test_gemm.cu and bench/gemm_bench.cu compare them). Only live rows and real
+ * columns are written. */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -41,15 +43,17 @@ constexpr int kWsConsumerThreads = kWsConsumerWarps * 32;
 constexpr int kWsThreads = kWsConsumerThreads + 128;
 [[maybe_unused]] constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
 
-/* MT token rows per chunk (the wgmma N), WT m64 weight tiles per consumer warpgroup: an item
- * is MT tokens x kBN weight rows. MT * WT <= 256 (the accumulators). One stage in shared memory
- * (from a 1024-aligned base): the token tile image (MT/8 groups of 8 rows x 2 KB), the weight
+/* MT token rows per chunk (the wgmma N); each consumer warpgroup owns kWT = 2 m64 weight tiles,
+ * so an item is MT tokens x kBN = 256 weight rows (a 256-token instance with one tile per
+ * warpgroup, half the dequantization per FLOP, measured no faster: bench/RESULTS.md v6). One
+ * stage in shared memory (from a 1024-aligned base): the token tile image (MT/8 groups of 8 rows x 2 KB), the weight
  * codes (kSlabs x 2 KB, the slab layout's step unit) and scales (kSlabs x 256 B). As many
  * stages as fit in 220 KB: at decode sizes the weights are nearly all of a stage, and the
  * stages in flight are what keeps the DRAM busy. */
-template <int MT, int WT>
+constexpr int kWT = 2;
+template <int MT>
 struct WsPlan {
-    static constexpr int kBN = kWsConsumerWGs * WT * 64;
+    static constexpr int kBN = kWsConsumerWGs * kWT * 64;
     static constexpr int kSlabs = kBN / EPMOE_GEMM_SLAB_ROWS;
     static constexpr int kTile = MT * 256;
     static constexpr int kCodes = kSlabs * 2048;
@@ -59,15 +63,15 @@ struct WsPlan {
     static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
     static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
     static_assert(kStages >= 3, "the ring holds the consumers' two stages and one in flight");
-    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128 || MT == 256,
-                  "a wgmma width with a wrapper");
-    static_assert(MT * WT <= 256 && kSlabs <= 32, "accumulators, or one producer lane per slab");
+    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128, "a wgmma width with a wrapper");
+    static_assert(kSlabs <= 31, "one producer lane per slab, lane 31 for the token tile");
 };
 
-template <int MT, int WT>
+template <int MT>
 __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(const GemmParams p) {
 #if EPMOE_WGMMA_DEVICE
-    using Plan = WsPlan<MT, WT>;
+    using Plan = WsPlan<MT>;
+    constexpr int WT = kWT;
     constexpr int kBN = Plan::kBN;
     constexpr int kRows = 2 * WT; /* weight rows per thread: g and g + 8 of each m64 tile */
     constexpr int kWsStages = Plan::kStages;
@@ -250,7 +254,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
 
 int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
     cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_ws_kernel<128, 2>) != cudaSuccess) {
+    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_ws_kernel<128>) != cudaSuccess) {
         (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
         return 0;
     }
@@ -258,10 +262,10 @@ int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
 }
 
 namespace {
-template <int MT, int WT>
+template <int MT>
 epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_wgmma_ws_kernel<MT, WT>;
-    using Plan = WsPlan<MT, WT>;
+    auto kernel = grouped_gemm_wgmma_ws_kernel<MT>;
+    using Plan = WsPlan<MT>;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes),
              "raising the warp-specialized wgmma GEMM's shared-memory limit");
     const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
@@ -275,15 +279,12 @@ epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
 }
 } // namespace
 
-/* Two m64 weight tiles per warpgroup (256-row items) up to 128-token chunks; one (128-row
- * items) at 256, where the accumulators are full. */
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream) {
     switch (mt) {
-    case 16: return launch_ws<16, 2>(p, stream);
-    case 32: return launch_ws<32, 2>(p, stream);
-    case 64: return launch_ws<64, 2>(p, stream);
-    case 128: return launch_ws<128, 2>(p, stream);
-    case 256: return launch_ws<256, 1>(p, stream);
+    case 16: return launch_ws<16>(p, stream);
+    case 32: return launch_ws<32>(p, stream);
+    case 64: return launch_ws<64>(p, stream);
+    case 128: return launch_ws<128>(p, stream);
     default: break;
     }
     EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "warp-specialized wgmma GEMM: no %d-row token tile", mt);

@@ -79,8 +79,7 @@ typedef enum {
     EPMOE_GEMM_SM90_WS_MT32 = 7,
     EPMOE_GEMM_SM90_WS_MT64 = 8,
     EPMOE_GEMM_SM90_WS_MT128 = 9,
-    EPMOE_GEMM_SM90_WS_MT256 = 10,    /* (256 tokens x 128 weight rows) */
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 11 /* one past the last kernel, for loops over them */
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 10 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {
