@@ -271,7 +271,9 @@ int main(int argc, char **argv) {
         CHECK_CUDA(cudaMalloc(&dst, bytes));
         fill_bytes<<<1024, 256>>>((uint8_t *)src, bytes, 1, 0);
         CHECK_CUDA(cudaDeviceSynchronize());
-        const double ms = median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream)); }, reps);
+        /* eagerly: a memcpy node inside a graph goes to the copy engines, measured here at
+         * 2.8 TB/s on the H200 against 4.2 TB/s for the eager (SM) copy */
+        const double ms = eager_median_ms([&] { CHECK_CUDA(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, g_stream)); }, reps);
         const double gbs = 2.0 * bytes / (ms * 1e-3) / 1e9;
         printf("d2d copy: %.1f GB/s (read+write)\n", gbs);
         RECORD("\"kind\": \"copy\", \"bytes_moved\": %zu, \"ms\": %.5f, \"gbs\": %.2f", 2 * bytes, ms, gbs);
