@@ -293,9 +293,11 @@ bool wgmma_ws_usable(const epmoe_grouped_gemm_args *a) {
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
     if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
-    /* Measured on the H100 (bench/RESULTS.md, v4/v5): the streaming kernel beats mma.sync MT=32
-     * up to 16 rows per expert (0.76-0.95x its time at 8 rows) and loses at 32 (1.2x); wgmma
-     * beats mma.sync MT=64 from 64 rows on and loses to MT=32 at 32 rows. */
+    /* Measured (bench/RESULTS.md v5 on the H100, v6 on the H200): the streaming kernel beats
+     * mma.sync MT=32 and the warp-specialized MT=16 kernel up to 16 rows per expert; from 17 rows
+     * on, on slab weights, the warp-specialized kernel with the class's token tile beats what ran
+     * there before (mma.sync MT=32 at 32 rows: 0.85-1.0x its time; the first wgmma kernel at 64
+     * rows: 0.84-0.94x, at 768-3072 rows: 0.91-1.03x). Row-major weights keep the older kernels. */
     const int rows = sm90_rows_per_chunk(a);
     const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;

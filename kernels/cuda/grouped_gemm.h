@@ -34,10 +34,12 @@
  *
  * Shapes: K a multiple of 128, N a multiple of 32; violations are EPMOE_ERR_INVALID_ARG.
  * Choosing a kernel variant (sm_90): cap_rows should be this batch's padded capacity
- * (epmoe_padded_capacity(rows, E, 128), common/layout.h): when it implies at most 32 / 64 live
- * rows per expert on average a decode variant runs, else the prefill one (wgmma on a compute
- * capability 9.0 device with NVFP4 A, mma.sync otherwise). All are correct for any routing and
- * give the same bits (tests/gpu/test_gemm.cu compares them), so the choice, which depends on
+ * (epmoe_padded_capacity(rows, E, 128), common/layout.h): it bounds the live rows per expert on
+ * average, and the class (16, 32, 64 or more) picks the kernel: the streaming decode kernel up to
+ * 16; above, on a compute capability 9.0 device with NVFP4 A, the warp-specialized wgmma kernel
+ * with a 32-, 64- or 128-token tile (slab weights) or the first wgmma kernel (row-major), and the
+ * mma.sync kernels otherwise. All are correct for any routing and give the same bits
+ * (tests/gpu/test_gemm.cu and bench/gemm_bench.cu compare them), so the choice, which depends on
  * shapes only and keeps a captured graph valid, never changes a result.
  */
 #ifndef EPMOE_GROUPED_GEMM_H
