@@ -18,22 +18,27 @@ import torch
 MODELS = [("V4-Flash", 4096, 2048, 32), ("V4-Pro", 7168, 3072, 48)]
 
 
-def eager_median_ms(fn, reps):
-    """One event pair around each eager call: host-side launch work included."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
+def median_batch_ms(run, reps, calls_per_run):
+    """Median over reps of the event-timed run(), per call."""
     times = []
     for _ in range(reps):
         a = torch.cuda.Event(enable_timing=True)
         b = torch.cuda.Event(enable_timing=True)
         a.record()
-        fn()
+        run()
         b.record()
         b.synchronize()
-        times.append(a.elapsed_time(b))
+        times.append(a.elapsed_time(b) / calls_per_run)
     times.sort()
     return times[len(times) // 2]
+
+
+def eager_median_ms(fn, reps):
+    """One event pair around each eager call: host-side launch work included."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    return median_batch_ms(fn, reps, 1)
 
 
 def graph_median_ms(fn, reps, batch=3):
@@ -50,18 +55,11 @@ def graph_median_ms(fn, reps, batch=3):
         fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a = torch.cuda.Event(enable_timing=True)
-        b = torch.cuda.Event(enable_timing=True)
-        a.record()
+
+    def replays():
         for _ in range(batch):
             graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / batch)
-    times.sort()
-    return times[len(times) // 2]
+    return median_batch_ms(replays, reps, batch)
 
 
 def main():

@@ -32,29 +32,6 @@ enum Mode { kSS = 0, kRS = 1, kRSSlice = 2, kRSDequant = 3 };
 const char *const kModeName[] = {"ss", "rs", "rs-slice", "rs-dequant"};
 constexpr int kTileBytes = 128 * 256; /* 128 rows x 128 k of bf16, 8-row groups of 2 KB */
 
-#if EPMOE_WGMMA_DEVICE
-__device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], uint64_t desc_a, uint64_t desc_b) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
-                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
-                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
-                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-                 : "l"(desc_a), "l"(desc_b));
-}
-#endif
 
 /* smem: the token tile (B), then each warpgroup's two m64 x 128-k weight tiles (A, ss only). */
 template <int kMode>
@@ -101,7 +78,7 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(int steps, const uint32_t
             for (int i = 0; i < 2; ++i) {
                 fence_operands(acc[i]);
 #if EPMOE_WGMMA_DEVICE
-                if (kMode == kSS) wgmma_ss_m64n128k16(acc[i], desc_a0[i] + off, desc_b0 + off);
+                if (kMode == kSS) wgmma_ss_m64n128k16(acc[i], desc_a0[i] + off, desc_b0 + off, 1);
                 else wgmma_m64n128k16(acc[i], A[j % 4][i], desc_b0 + off, 1);
 #endif
                 fence_operands(acc[i]);

@@ -209,6 +209,44 @@ static __device__ __forceinline__ void store_warp_tile(const GemmParams &p, cons
     }
 }
 
+/* Epilogue of a thread of the wgmma kernels: the m64nMTk16 accumulators of its WT m64 tiles
+ * (rows lrow[2i] and lrow[2i+1] = g and g + 8 of tile i, weight rows n0 + lrow[r]; columns
+ * 8c + 2t + j = token rows row0 + 8c + 2t + j) -> out, times the fp32 tensor scales (and the
+ * dequantization's powers of two, fix). Only live token rows (< mrows) and real columns
+ * (< N) are written. */
+template <int WT, int MT>
+static __device__ __forceinline__ void store_wgmma_tiles(const GemmParams &p, const float (&acc)[WT][MT / 2],
+                                                  const int (&lrow)[2 * WT], int e, int n0,
+                                                  int64_t row0, int mrows, float fix, int t) {
+    float wscale[2 * WT];
+#pragma unroll
+    for (int r = 0; r < 2 * WT; ++r) {
+        const int n = min(n0 + lrow[r], p.N - 1);
+        const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
+        wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
+    }
+#pragma unroll
+    for (int c = 0; c < MT / 8; ++c) {
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int tr = c * 8 + 2 * t + j;
+            if (tr >= mrows) continue;
+            const int64_t row = row0 + tr;
+            const float as = p.a_scale[row];
+#pragma unroll
+            for (int r = 0; r < 2 * WT; ++r) {
+                const int n = n0 + lrow[r];
+                if (n >= p.N) continue;
+                const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as;
+                if (p.out_bf16)
+                    ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
+                else
+                    ((float *)p.out)[row * p.N + n] = v;
+            }
+        }
+    }
+}
+
 /* Work list of one launch: expert e contributes ceil(count_e / MT) token chunks, each crossed
  * with the weight tiles. Built on the device from the counts (no host sync) into
  * chunk_start[0..E]; every thread of the block must call it. */

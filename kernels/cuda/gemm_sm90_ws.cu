@@ -216,34 +216,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
         if (lane == 0) mbar_arrive(&empty_bar[(it - 1) % kWsStages]); /* steps >= 1 */
 
-        /* Epilogue: fp32 tensor scales; only live token rows and real columns are written. */
-        float wscale[kRows];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-            const int n = min(n0 + lrow[r], N - 1);
-            const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
-            wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
-        }
-#pragma unroll
-        for (int c = 0; c < MT / 8; ++c) {
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int tr = c * 8 + 2 * t + j;
-                if (tr >= mrows) continue;
-                const int64_t row = row0 + tr;
-                const float as = p.a_scale[row];
-#pragma unroll
-                for (int r = 0; r < kRows; ++r) {
-                    const int n = n0 + lrow[r];
-                    if (n >= N) continue;
-                    const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as;
-                    if (p.out_bf16)
-                        ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(v);
-                    else
-                        ((float *)p.out)[row * N + n] = v;
-                }
-            }
-        }
+        store_wgmma_tiles<WT, MT>(p, acc, lrow, e, n0, row0, mrows, fix, t);
     }
 #else
     (void)p;
