@@ -225,37 +225,23 @@ static __device__ __forceinline__ void store_wgmma_tiles(const GemmParams &p, co
         const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
         wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
     }
-    /* the activation scales of four n8 column blocks (8 token rows of this thread) first, then
-     * their stores: one load latency per 8 token rows instead of one per row (the compiler had
-     * put each load just before its row's stores); four blocks, not all, so that the
-     * 128-register kernel does not spill */
-    constexpr int kCB = MT / 8 < 4 ? MT / 8 : 4;
 #pragma unroll
-    for (int c0 = 0; c0 < MT / 8; c0 += kCB) {
-        float as[kCB][2];
+    for (int c = 0; c < MT / 8; ++c) {
 #pragma unroll
-        for (int cc = 0; cc < kCB; ++cc)
+        for (int j = 0; j < 2; ++j) {
+            const int tr = c * 8 + 2 * t + j;
+            if (tr >= mrows) continue;
+            const int64_t row = row0 + tr;
+            const float as = p.a_scale[row];
 #pragma unroll
-            for (int j = 0; j < 2; ++j)
-                as[cc][j] = p.a_scale[row0 + min((c0 + cc) * 8 + 2 * t + j, mrows - 1)];
-#pragma unroll
-        for (int cc = 0; cc < kCB; ++cc) {
-            const int c = c0 + cc;
-#pragma unroll
-            for (int j = 0; j < 2; ++j) {
-                const int tr = c * 8 + 2 * t + j;
-                if (tr >= mrows) continue;
-                const int64_t row = row0 + tr;
-#pragma unroll
-                for (int r = 0; r < 2 * WT; ++r) {
-                    const int n = n0 + lrow[r];
-                    if (n >= p.N) continue;
-                    const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as[cc][j];
-                    if (p.out_bf16)
-                        ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
-                    else
-                        ((float *)p.out)[row * p.N + n] = v;
-                }
+            for (int r = 0; r < 2 * WT; ++r) {
+                const int n = n0 + lrow[r];
+                if (n >= p.N) continue;
+                const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as;
+                if (p.out_bf16)
+                    ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
+                else
+                    ((float *)p.out)[row * p.N + n] = v;
             }
         }
     }
