@@ -60,15 +60,34 @@ __global__ void fill_bf16(__nv_bfloat16 *p, size_t n, uint32_t seed) {
 
 static cudaStream_t g_stream; /* every timed launch goes here (graph capture needs a real stream) */
 
+/* Median over reps of the event-timed run() on g_stream, divided by the calls it makes. */
 template <typename F>
-static double median_ms(F &&launch, int reps) {
-    /* Device time per call: the calls are captured once into a CUDA graph (as the layer runs
-     * them) and replayed kBatch times back to back between two events, so host-side launch
-     * work overlaps the device work instead of being timed; median over reps batches. */
-    constexpr int kBatch = 3;
+static double median_event_ms(F &&run, int reps, int calls_per_run) {
     cudaEvent_t a, b;
     CHECK_CUDA(cudaEventCreate(&a));
     CHECK_CUDA(cudaEventCreate(&b));
+    std::vector<float> ms(reps);
+    for (int i = 0; i < reps; i++) {
+        CHECK_CUDA(cudaEventRecord(a, g_stream));
+        run();
+        CHECK_CUDA(cudaEventRecord(b, g_stream));
+        CHECK_CUDA(cudaEventSynchronize(b));
+        CHECK_CUDA(cudaEventElapsedTime(&ms[i], a, b));
+        ms[i] /= calls_per_run;
+    }
+    CHECK_CUDA(cudaGetLastError());
+    std::sort(ms.begin(), ms.end());
+    CHECK_CUDA(cudaEventDestroy(a));
+    CHECK_CUDA(cudaEventDestroy(b));
+    return ms[reps / 2];
+}
+
+/* Device time per call: the calls are captured once into a CUDA graph (as the layer runs them)
+ * and replayed kBatch times back to back between two events, so host-side launch work overlaps
+ * the device work instead of being timed; median over reps batches. */
+template <typename F>
+static double median_ms(F &&launch, int reps) {
+    constexpr int kBatch = 3;
     for (int i = 0; i < 3; i++) launch();
     CHECK_CUDA(cudaStreamSynchronize(g_stream));
     cudaGraph_t graph;
@@ -79,43 +98,19 @@ static double median_ms(F &&launch, int reps) {
     CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
     CHECK_CUDA(cudaGraphLaunch(exec, g_stream)); /* upload */
     CHECK_CUDA(cudaStreamSynchronize(g_stream));
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        CHECK_CUDA(cudaEventRecord(a, g_stream));
+    const double ms = median_event_ms([&] {
         for (int j = 0; j < kBatch; j++) CHECK_CUDA(cudaGraphLaunch(exec, g_stream));
-        CHECK_CUDA(cudaEventRecord(b, g_stream));
-        CHECK_CUDA(cudaEventSynchronize(b));
-        CHECK_CUDA(cudaEventElapsedTime(&ms[i], a, b));
-        ms[i] /= kBatch;
-    }
-    CHECK_CUDA(cudaGetLastError());
-    std::sort(ms.begin(), ms.end());
+    }, reps, kBatch);
     CHECK_CUDA(cudaGraphExecDestroy(exec));
     CHECK_CUDA(cudaGraphDestroy(graph));
-    CHECK_CUDA(cudaEventDestroy(a));
-    CHECK_CUDA(cudaEventDestroy(b));
-    return ms[reps / 2];
+    return ms;
 }
 
 /* The same call launched eagerly, one event pair around each: what a caller that does not use
  * graphs sees, host-side launch work included (reported beside the graph time). */
 template <typename F>
 static double eager_median_ms(F &&launch, int reps) {
-    cudaEvent_t a, b;
-    CHECK_CUDA(cudaEventCreate(&a));
-    CHECK_CUDA(cudaEventCreate(&b));
-    std::vector<float> ms(reps);
-    for (int i = 0; i < reps; i++) {
-        CHECK_CUDA(cudaEventRecord(a, g_stream));
-        launch();
-        CHECK_CUDA(cudaEventRecord(b, g_stream));
-        CHECK_CUDA(cudaEventSynchronize(b));
-        CHECK_CUDA(cudaEventElapsedTime(&ms[i], a, b));
-    }
-    std::sort(ms.begin(), ms.end());
-    CHECK_CUDA(cudaEventDestroy(a));
-    CHECK_CUDA(cudaEventDestroy(b));
-    return ms[reps / 2];
+    return median_event_ms(launch, reps, 1);
 }
 
 struct Model {

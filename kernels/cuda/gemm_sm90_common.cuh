@@ -305,6 +305,18 @@ static inline epmoe_status persistent_grid(int64_t blocks_per_sm, int64_t max_bl
     return EPMOE_OK;
 }
 
+/* 1 when `kernel` (a __global__ function of this binary) has sm_90 machine code for the current
+ * device, i.e. it was built for the 90a architecture and runs on a compute capability 9.0 GPU;
+ * 0 when no image fits (not an error of the caller's: the error is cleared). */
+static inline int kernel_has_sm90_image(const void *kernel) {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return attr.binaryVersion == 90;
+}
+
 /* The parameter block every Hopper kernel takes, from validated public args. */
 static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     GemmParams p;

@@ -36,17 +36,16 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
                 for (int q = 0; q < 4; ++q)
                     dequant8(word_of(w, q), sf_to_bf16x2(q < 2 ? (sf2 & 0xFFu) : (sf2 >> 8)), o[t][q]);
             }
-            uint8_t *dst = (uint8_t *)p.a_ws + (row * K + step * kStepK) * 2;
 #pragma unroll
             for (int c = 0; c < 16; ++c) {
                 const int q = c / 4, x = c % 4; /* x: pair m (slices) or span t (fragments) */
                 const uint4 v = kOrder == kOrderFragments
                                     ? make_uint4(o[x][q][0], o[x][q][1], o[x][q][2], o[x][q][3])
                                     : make_uint4(o[0][q][x], o[1][q][x], o[2][q][x], o[3][q][x]);
-                if (kOrder == kOrderTileImage)
-                    *(uint4 *)((uint8_t *)p.a_ws + a_tile_image_offset(row, step, c, p.cap_rows)) = v;
-                else
-                    *(uint4 *)(dst + 16 * c) = v;
+                const int64_t offset = kOrder == kOrderTileImage
+                                           ? a_tile_image_offset(row, step, c, p.cap_rows)
+                                           : (row * K + step * kStepK) * 2 + 16 * c;
+                *(uint4 *)((uint8_t *)p.a_ws + offset) = v;
             }
         }
     }

@@ -212,13 +212,7 @@ constexpr int kMT = 128, kWT = 1, kNWG = 4, kStagesW = 4;
 } // namespace
 
 int epmoe_sm90::epmoe_gemm_sm90_wgmma_compiled(void) {
-    cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>) !=
-        cudaSuccess) {
-        (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
-        return 0;
-    }
-    return attr.binaryVersion == 90;
+    return kernel_has_sm90_image((const void *)grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>);
 }
 
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stream) {

@@ -46,10 +46,10 @@ constexpr int kWsThreads = kWsConsumerThreads + 128;
 /* MT token rows per chunk (the wgmma N); each consumer warpgroup owns kWT = 2 m64 weight tiles,
  * so an item is MT tokens x kBN = 256 weight rows (a 256-token instance with one tile per
  * warpgroup, half the dequantization per FLOP, measured no faster: bench/RESULTS.md v6). One
- * stage in shared memory (from a 1024-aligned base): the token tile image (MT/8 groups of 8 rows x 2 KB), the weight
- * codes (kSlabs x 2 KB, the slab layout's step unit) and scales (kSlabs x 256 B). As many
- * stages as fit in 220 KB: at decode sizes the weights are nearly all of a stage, and the
- * stages in flight are what keeps the DRAM busy. */
+ * stage in shared memory (from a 1024-aligned base): the token tile image (MT/8 groups of 8
+ * rows x 2 KB), the weight codes (kSlabs x 2 KB, the slab layout's step unit) and scales
+ * (kSlabs x 256 B). As many stages as fit in 220 KB: at decode sizes the weights are nearly
+ * all of a stage, and the stages in flight are what keeps the DRAM busy. */
 constexpr int kWT = 2;
 template <int MT>
 struct WsPlan {
@@ -226,12 +226,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
 } // namespace
 
 int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
-    cudaFuncAttributes attr;
-    if (cudaFuncGetAttributes(&attr, grouped_gemm_wgmma_ws_kernel<128>) != cudaSuccess) {
-        (void)cudaGetLastError(); /* no image for this device: not an error of the caller's */
-        return 0;
-    }
-    return attr.binaryVersion == 90;
+    return kernel_has_sm90_image((const void *)grouped_gemm_wgmma_ws_kernel<128>);
 }
 
 namespace {
