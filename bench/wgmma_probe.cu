@@ -70,8 +70,8 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(int steps, const uint32_t
                 if (kMode == kRSDequant)
 #pragma unroll
                     for (int i = 0; i < 2; ++i)
-                        weight_fragment_slice(codes[2 * i] + step, S, codes[2 * i + 1] ^ step, S, j % 2,
-                                              A[j % 4][i]);
+                        weight_fragment_slice<true>(codes[2 * i] + step, S, codes[2 * i + 1] ^ step,
+                                                    S, j % 2, A[j % 4][i]);
                 wgmma_fence();
             }
 #pragma unroll

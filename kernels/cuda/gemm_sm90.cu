@@ -53,8 +53,9 @@ struct SmemPlan {
 };
 
 /* MT: token rows per work item; NWARPS: each warp owns 32 weight rows (two m16 tiles);
- * kStages: depth of the cp.async pipeline (steps of 128 k in flight). */
-template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
+ * kStages: depth of the cp.async pipeline (steps of 128 k in flight); kSlabs: the weights are in
+ * the slab layout and its bit order. */
+template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks, bool kSlabs>
 __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     grouped_gemm_sm90_kernel(const GemmParams p) {
     using Plan = SmemPlan<MT, NWARPS, kStages, kFp4>;
@@ -204,8 +205,9 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                     uint32_t A[2][2][4]; /* [m16 tile][k16 sub-step][fragment] */
 #pragma unroll
                     for (int i = 0; i < 2; ++i)
-                        weight_fragments(word_of(wq[2 * i], q), S[2 * i][q / 2],
-                                         word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
+                        weight_fragments<kSlabs>(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                                 word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2],
+                                                 A[i]);
 #pragma unroll
                     for (int c = 0; c < kNT8; ++c) {
                         if (c * 8 < mrows) {
@@ -231,9 +233,9 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     }
 }
 
-template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
-epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_sm90_kernel<MT, NWARPS, kStages, kFp4, kMinBlocks>;
+template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks, bool kSlabs>
+epmoe_status launch_instance(const GemmParams &p, cudaStream_t stream) {
+    auto kernel = grouped_gemm_sm90_kernel<MT, NWARPS, kStages, kFp4, kMinBlocks, kSlabs>;
     const int smem_bytes = SmemPlan<MT, NWARPS, kStages, kFp4>::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),
              "raising the grouped GEMM's shared-memory limit");
@@ -250,6 +252,12 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
     kernel<<<grid, NWARPS * 32, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90)");
     return EPMOE_OK;
+}
+/* The instance for the weights' layout. */
+template <int MT, int NWARPS, int kStages, bool kFp4, int kMinBlocks>
+epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
+    return p.w_slabs ? launch_instance<MT, NWARPS, kStages, kFp4, kMinBlocks, true>(p, stream)
+                     : launch_instance<MT, NWARPS, kStages, kFp4, kMinBlocks, false>(p, stream);
 }
 
 /* Token rows per work item of the size class (16 exists for the streaming kernel only; the

@@ -59,21 +59,74 @@ static __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
 
 /* bf16x2 of S = float(ue4m3 byte) * 2^118 in both halves (exact: 4 significant bits). The
  * byte shifted to bf16 bits (b << 4) is sf * 2^-120 (E = 0 lands on a bf16 subnormal, as the
- * E2M1 0.5 does); two exact multiplies by 2^119 give sf * 2^118. */
+ * E2M1 0.5 does); two exact multiplies by 2^119 give sf * 2^118. byte < 256, so the two
+ * shifted copies are one multiply (the FMA pipe, not the busier integer ALU). */
 static __device__ __forceinline__ uint32_t sf_to_bf16x2(uint32_t byte) {
     const uint32_t k2p119 = 0x7B007B00u;
-    return bf16x2_mul(bf16x2_mul((byte << 4) | (byte << 20), k2p119), k2p119);
+    return bf16x2_mul(bf16x2_mul(byte * 0x00100010u, k2p119), k2p119);
+}
+
+/* The slab layout's bit order (grouped_gemm.h). Extracting a pair from nibble order costs two
+ * shifts and two logic ops; placing a word's 32 bits at upload so that each pair needs one
+ * shift and one mask was checked exhaustively to be impossible (no four translates of the
+ * eight target bits, kPairBits, tile 32 bits; nor 64 with funnel shifts). The best found (same
+ * search, tests/gpu/test_slab_bits.cu checks it): pairs 0, 1, 2 come out with one shift or
+ * rotation and one mask, pair 3 with a rotation and two logic ops -- 13 instructions per word
+ * with the multiplies instead of 19, 7 of them on the integer ALU pipe instead of ~12. Pair m
+ * is brought to its bf16 bits by shifting left (rotating, m = 2, 3) by kSlabPairShift[m]; pair
+ * 3's bits 8 and 24 are stored in place. */
+constexpr uint32_t kPairBits = 0x81C081C0u; /* sign 15, e1 e0 m 8:6, and the same + 16 */
+constexpr uint32_t kSlabPair3InPlace = 0x01000100u;
+static __host__ __device__ __forceinline__ int slab_pair_shift(int m) {
+    return m == 0 ? 2 : m == 1 ? 6 : m == 2 ? 12 : 8;
+}
+
+/* Where the slab bit order keeps bit b (0 = m, 1 = e0, 2 = e1, 3 = sign) of code i (0..7, nibble
+ * i of the row-major word): the bf16 bit it must land on, moved back by its pair's shift. */
+static __host__ __device__ __forceinline__ int slab_code_bit(int i, int b) {
+    const int target = (i / 4) * 16 + (b == 3 ? 15 : 6 + b);
+    const bool in_place = i % 4 == 3 && ((kSlabPair3InPlace >> target) & 1u);
+    const int shift = in_place ? 0 : slab_pair_shift(i % 4);
+    return (target - shift + 32) % 32;
+}
+
+/* A row-major code word (code i in nibble i) in the slab bit order. Run at upload. */
+static __host__ __device__ __forceinline__ uint32_t slab_code_word(uint32_t nibbles) {
+    uint32_t w = 0;
+    for (int i = 0; i < 8; ++i)
+        for (int b = 0; b < 4; ++b) w |= ((nibbles >> (4 * i + b)) & 1u) << slab_code_bit(i, b);
+    return w;
+}
+
+static __host__ __device__ __forceinline__ uint32_t rotl32(uint32_t w, int s) {
+    return (w << s) | (w >> (32 - s));
+}
+
+/* The bf16x2 bits (before the scale multiply) of pair m (codes m and m+4) of a word in nibble
+ * order (row-major weights, activations) or in the slab bit order. */
+static __host__ __device__ __forceinline__ uint32_t nibble_pair_bits(uint32_t w, int m) {
+    const uint32_t kMag = 0x01C001C0u, kSign = 0x80008000u;
+    return m == 0   ? ((w << 6) & kMag) | ((w << 12) & kSign)
+           : m == 1 ? ((w << 2) & kMag) | ((w << 8) & kSign)
+           : m == 2 ? ((w >> 2) & kMag) | ((w << 4) & kSign)
+                    : ((w >> 6) & kMag) | (w & kSign);
+}
+static __host__ __device__ __forceinline__ uint32_t slab_pair_bits(uint32_t w, int m) {
+    return m == 0   ? (w << 2) & kPairBits
+           : m == 1 ? (w << 6) & kPairBits
+           : m == 2 ? rotl32(w, 12) & kPairBits
+                    : (rotl32(w, 8) & (kPairBits & ~kSlabPair3InPlace)) | (w & kSlabPair3InPlace);
 }
 
 /* Pair m (elements m and m+4) of 8 E2M1 codes (one word, element i in nibble i) as bf16, times
  * S. m is a compile-time constant in every caller. */
 static __device__ __forceinline__ uint32_t dequant_pair(uint32_t w, uint32_t S, int m) {
-    const uint32_t kMag = 0x01C001C0u, kSign = 0x80008000u;
-    const uint32_t bits = m == 0   ? ((w << 6) & kMag) | ((w << 12) & kSign)
-                          : m == 1 ? ((w << 2) & kMag) | ((w << 8) & kSign)
-                          : m == 2 ? ((w >> 2) & kMag) | ((w << 4) & kSign)
-                                   : ((w >> 6) & kMag) | (w & kSign);
-    return bf16x2_mul(bits, S);
+    return bf16x2_mul(nibble_pair_bits(w, m), S);
+}
+/* The same for a weight word, in the slab bit order when kSlabBits. */
+template <bool kSlabBits>
+static __device__ __forceinline__ uint32_t weight_pair(uint32_t w, uint32_t S, int m) {
+    return bf16x2_mul(kSlabBits ? slab_pair_bits(w, m) : nibble_pair_bits(w, m), S);
 }
 
 /* 8 E2M1 codes (one word) -> bf16 pairs (i, i+4), times S. */
@@ -84,20 +137,23 @@ static __device__ __forceinline__ void dequant8(uint32_t w, uint32_t S, uint32_t
 
 /* The A fragment (mma.m16n8k16 / wgmma register-A order) of k16 slice 2q+s of a 128-step for
  * rows g and g+8 of an m16 tile: w_g, w_g8 are word q of the two rows' 32-k span of this quad
- * thread, S_g, S_g8 their scale as from sf_to_bf16x2. Every kernel builds its weight fragments
- * here, so all give the tensor cores the same slices, hence the same bits. */
+ * thread (in the slab bit order when kSlabBits), S_g, S_g8 their scale as from sf_to_bf16x2.
+ * Every kernel builds its weight fragments here, so all give the tensor cores the same slices,
+ * hence the same bits. */
+template <bool kSlabBits>
 static __device__ __forceinline__ void weight_fragment_slice(uint32_t w_g, uint32_t S_g, uint32_t w_g8,
                                                              uint32_t S_g8, int s, uint32_t (&A)[4]) {
-    A[0] = dequant_pair(w_g, S_g, 2 * s);       /* row g,   k pair (2t, 2t+1) */
-    A[1] = dequant_pair(w_g8, S_g8, 2 * s);     /* row g+8, k pair (2t, 2t+1) */
-    A[2] = dequant_pair(w_g, S_g, 2 * s + 1);   /* row g,   k pair (2t+8, 2t+9) */
-    A[3] = dequant_pair(w_g8, S_g8, 2 * s + 1); /* row g+8, k pair (2t+8, 2t+9) */
+    A[0] = weight_pair<kSlabBits>(w_g, S_g, 2 * s);       /* row g,   k pair (2t, 2t+1) */
+    A[1] = weight_pair<kSlabBits>(w_g8, S_g8, 2 * s);     /* row g+8, k pair (2t, 2t+1) */
+    A[2] = weight_pair<kSlabBits>(w_g, S_g, 2 * s + 1);   /* row g,   k pair (2t+8, 2t+9) */
+    A[3] = weight_pair<kSlabBits>(w_g8, S_g8, 2 * s + 1); /* row g+8, k pair (2t+8, 2t+9) */
 }
 /* Both slices 2q, 2q+1 at once (A[s] = slice 2q+s). */
+template <bool kSlabBits>
 static __device__ __forceinline__ void weight_fragments(uint32_t w_g, uint32_t S_g, uint32_t w_g8,
                                                         uint32_t S_g8, uint32_t (&A)[2][4]) {
 #pragma unroll
-    for (int s = 0; s < 2; ++s) weight_fragment_slice(w_g, S_g, w_g8, S_g8, s, A[s]);
+    for (int s = 0; s < 2; ++s) weight_fragment_slice<kSlabBits>(w_g, S_g, w_g8, S_g8, s, A[s]);
 }
 
 /* 8 bf16 (k0..k7 in four words) -> the same (i, i+4) pairing as dequant8. */

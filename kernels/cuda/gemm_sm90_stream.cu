@@ -48,8 +48,8 @@ __device__ __forceinline__ uint4 ld_token16(const void *ptr) {
 }
 
 /* MT token rows per chunk; NWARPS warps per block (independent); kDepth steps of weights in
- * flight per warp. */
-template <int MT, int NWARPS, int kDepth, int kMinBlocks>
+ * flight per warp; kSlabs: the weights are in the slab layout and its bit order. */
+template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
 __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     grouped_gemm_stream_kernel(const GemmParams p) {
     constexpr int kNT8 = MT / 8;
@@ -122,8 +122,8 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                 uint32_t A[2][2][4]; /* [m16 tile][k16 slice][fragment] */
 #pragma unroll
                 for (int i = 0; i < 2; ++i)
-                    weight_fragments(word_of(w[2 * i], q), S[2 * i][q / 2], word_of(w[2 * i + 1], q),
-                                     S[2 * i + 1][q / 2], A[i]);
+                    weight_fragments<kSlabs>(word_of(w[2 * i], q), S[2 * i][q / 2],
+                                             word_of(w[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
 #pragma unroll
                 for (int c = 0; c < kNT8; ++c) {
                     if (c < live_c) {
@@ -159,9 +159,9 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     }
 }
 
-template <int MT, int NWARPS, int kDepth, int kMinBlocks>
+template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
 epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks>;
+    auto kernel = grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>;
     int per_sm = 0;
     CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32, 0),
              "streaming grouped GEMM occupancy");
@@ -183,5 +183,6 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cuda
     /* 16-token chunks, two steps of weights in flight per warp, 128 registers: 16 warps per SM.
      * (An MT=32 instance at 168 registers, 12 warps per SM, lost to the shared-memory kernel
      * at 32 rows by 1.2x on the H100: bench/RESULTS.md v5.) */
-    return launch_stream<16, 8, 2, 2>(p, stream);
+    return p.w_slabs ? launch_stream<16, 8, 2, 2, true>(p, stream)
+                     : launch_stream<16, 8, 2, 2, false>(p, stream);
 }

@@ -58,8 +58,9 @@ struct WgmmaPlan {
     static_assert(kAhead >= 1, "the pipeline prefetches at least one step");
 };
 
-/* MT token rows per chunk (wgmma N), WT m64 weight tiles per warpgroup, NWG warpgroups. */
-template <int MT, int WT, int NWG, int kStages>
+/* MT token rows per chunk (wgmma N), WT m64 weight tiles per warpgroup, NWG warpgroups; kSlabs:
+ * the weights are in the slab layout and its bit order. */
+template <int MT, int WT, int NWG, int kStages, bool kSlabs>
 __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const GemmParams p) {
 #if EPMOE_WGMMA_DEVICE
     using Plan = WgmmaPlan<MT, WT, NWG, kStages>;
@@ -175,8 +176,8 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
                 uint32_t A[WT][2][4]; /* [m64 tile][k16 slice 2q+s][fragment] */
 #pragma unroll
                 for (int i = 0; i < WT; ++i)
-                    weight_fragments(word_of(wq[2 * i], q), S[2 * i][q / 2],
-                                     word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
+                    weight_fragments<kSlabs>(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                             word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
                 wgmma_fence();
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {
@@ -212,11 +213,13 @@ constexpr int kMT = 128, kWT = 1, kNWG = 4, kStagesW = 4;
 } // namespace
 
 int epmoe_sm90::epmoe_gemm_sm90_wgmma_compiled(void) {
-    return kernel_has_sm90_image((const void *)grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>);
+    return kernel_has_sm90_image(
+        (const void *)grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW, false>);
 }
 
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW>;
+    auto kernel = p.w_slabs ? grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW, true>
+                            : grouped_gemm_wgmma_kernel<kMT, kWT, kNWG, kStagesW, false>;
     using Plan = WgmmaPlan<kMT, kWT, kNWG, kStagesW>;
     const int smem_bytes = Plan::kBytes;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes),

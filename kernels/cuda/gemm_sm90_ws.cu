@@ -190,9 +190,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 wgmma_wait<kInFlight>(); /* slice j - kASets (this step or the last) is done */
 #pragma unroll
                 for (int i = 0; i < WT; ++i)
-                    weight_fragment_slice(word_of(wq[2 * i], q), S[2 * i][q / 2],
-                                          word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], sl,
-                                          A[j % kASets][i]);
+                    weight_fragment_slice<true>(word_of(wq[2 * i], q), S[2 * i][q / 2],
+                                                word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], sl,
+                                                A[j % kASets][i]);
                 wgmma_fence();
                 /* slice j starts (j / 4) KB + 32 (j % 4) bytes into the tile (the descriptor
                  * holds the address in 16-byte units, no carry out of its 14 bits) */

@@ -129,8 +129,11 @@ typedef struct {
  *          of the step's 64 bytes of row 32j + g + 8r (g < 8, r < 4, t < 4) -- exactly what
  *          the 32 lanes (g, t) of one warp load for rows g + 8r, so a decode warp's step is
  *          one contiguous 2 KB read instead of 32 reads of 64 bytes from 32 rows.
+ *          Each 4-byte word (8 consecutive k) keeps its 32 bits in the slab bit order
+ *          (gemm_sm90_common.cuh, slab_code_word), in which the kernels dequantize a word in
+ *          13 instructions instead of 19.
  *   scales: 256 bytes per (slab, step): row 32j + i's 8 scale bytes of the step at 8i.
- * Same bytes as the row-major [E, N, K/2] / [E, N, K/16] tensors. Measured on the H100
+ * Same bits as the row-major [E, N, K/2] / [E, N, K/16] tensors, moved. Measured on the H100
  * (bench/RESULTS.md, weight-stream probe): loads alone reach 54-60% of the copy bandwidth in
  * the row-major decode pattern and 87-97% in this layout. */
 #define EPMOE_GEMM_SLAB_ROWS 32

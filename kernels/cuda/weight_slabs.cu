@@ -1,12 +1,15 @@
 /* Row-major NVFP4 weights -> the step-major slab layout the Hopper GEMM kernels read fastest.
  * The layout is defined in grouped_gemm.h (epmoe_cuda_weights_to_slabs); the kernels find a
- * row's bytes in it with weight_walk (gemm_sm90_common.cuh). Run once, when a layer's weights
- * are uploaded. */
+ * row's bytes in it with weight_walk (gemm_sm90_common.cuh), and each code word's bits in the
+ * slab bit order (slab_code_word, same header). Run once, when a layer's weights are uploaded. */
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/gemm_sm90_common.cuh"
 #include "kernels/cuda/grouped_gemm.h"
+
+using epmoe_sm90::slab_code_word;
 
 namespace {
 
@@ -20,7 +23,9 @@ __global__ void codes_to_slabs_kernel(const uint4 *codes, int64_t units, int ste
         const int64_t slab = block / steps;
         const int step = (int)(block % steps);
         const int64_t row = slab * EPMOE_GEMM_SLAB_ROWS + g + 8 * r;
-        slab_codes[u] = codes[(row * row_bytes + step * 64 + 16 * t) / 16];
+        const uint4 v = codes[(row * row_bytes + step * 64 + 16 * t) / 16];
+        slab_codes[u] = make_uint4(slab_code_word(v.x), slab_code_word(v.y), slab_code_word(v.z),
+                                   slab_code_word(v.w));
     }
 }
 
