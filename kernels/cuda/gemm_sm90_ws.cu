@@ -63,7 +63,8 @@ struct WsPlan {
     static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
     static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
     static_assert(kStages >= 3, "the ring holds the consumers' two stages and one in flight");
-    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128, "a wgmma width with a wrapper");
+    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 96 || MT == 128,
+                  "a wgmma width with a wrapper");
     static_assert(kSlabs <= 31, "one producer lane per slab, lane 31 for the token tile");
 };
 
@@ -188,6 +189,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
             for (int j = 0; j < 8; ++j) {
                 const int q = j / 2, sl = j % 2;
                 wgmma_wait<kInFlight>(); /* slice j - kASets (this step or the last) is done */
+                /* from slice 3 on, only this step's slices are pending: every MMA of the
+                 * previous step has completed, and lane 0 of each warp releases its stage (a
+                 * predicated arrival: a branch here would serialize the MMAs, C7513) */
+                if (j == 3)
+                    mbar_arrive_if(&empty_bar[(it + kWsStages - 1) % kWsStages], lane == 0 && step > 0);
 #pragma unroll
                 for (int i = 0; i < WT; ++i)
                     weight_fragment_slice<true>(word_of(wq[2 * i], q), S[2 * i][q / 2],
@@ -205,11 +211,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 }
                 wgmma_commit();
             }
-            /* every MMA of the previous step has completed (slice 7 waited for slice 7 -
-             * kASets): lane 0 of each warp releases its stage. Only after the step's last
-             * commit: an arrival between this step's MMAs makes ptxas serialize them (warning
-             * C7513). */
-            if (lane == 0 && step > 0) mbar_arrive(&empty_bar[(it - 1) % kWsStages]);
         }
         wgmma_wait<0>(); /* the accumulators are final; the last stage is free */
 #pragma unroll
@@ -252,6 +253,7 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, 
     case 16: return launch_ws<16>(p, stream);
     case 32: return launch_ws<32>(p, stream);
     case 64: return launch_ws<64>(p, stream);
+    case 96: return launch_ws<96>(p, stream);
     case 128: return launch_ws<128>(p, stream);
     default: break;
     }
