@@ -261,7 +261,7 @@ epmoe_status launch_variant(const GemmParams &p, cudaStream_t stream) {
 }
 
 /* Token rows per work item of the size class (16 exists for the streaming kernel only; the
- * shared-memory kernel runs 32 there; 96 for the warp-specialized kernel only, 128 elsewhere). cap_rows is the padded capacity of this
+ * shared-memory kernel runs 32 there). cap_rows is the padded capacity of this
  * batch (common/layout.h epmoe_padded_capacity): at most E*(pad-1) of it is padding, so
  * cap_rows - E*127 bounds the live rows. The choice depends on shapes only (capture-safe); every
  * variant is correct for any routing, a small-MT one re-reads an expert's weights once per MT
@@ -272,7 +272,6 @@ int sm90_rows_per_chunk(const epmoe_grouped_gemm_args *a) {
     if (live_bound <= 16 * a->n_experts) return 16;  /* decode (streaming only; else 32) */
     if (live_bound <= 32 * a->n_experts) return 32;  /* decode, 3 blocks per SM */
     if (live_bound <= 64 * a->n_experts) return 64;  /* decode, 2 blocks per SM */
-    if (live_bound <= 96 * a->n_experts) return 96;  /* the WS kernel's 96-token tile; 128 else */
     return 128;                                      /* prefill */
 }
 
@@ -288,11 +287,6 @@ bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
         return false;
     }
     return major == 9 && minor == 0 && epmoe_gemm_sm90_wgmma_compiled();
-}
-
-/* The token tile (rows per work item) of a warp-specialized kernel. */
-int ws_token_tile(epmoe_gemm_sm90_kernel k) {
-    return k == EPMOE_GEMM_SM90_WS_MT96 ? 96 : 16 << (k - EPMOE_GEMM_SM90_WS_MT16);
 }
 
 /* The warp-specialized kernel also needs its own sm_90a image, slab-layout weights and the
@@ -316,10 +310,8 @@ extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_gro
     const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;
     if (wgmma_ws_usable(a))
-        return rows == 32   ? EPMOE_GEMM_SM90_WS_MT32
-               : rows == 64 ? EPMOE_GEMM_SM90_WS_MT64
-               : rows == 96 ? EPMOE_GEMM_SM90_WS_MT96
-                            : EPMOE_GEMM_SM90_WS_MT128;
+        return rows == 32 ? EPMOE_GEMM_SM90_WS_MT32
+                          : rows == 64 ? EPMOE_GEMM_SM90_WS_MT64 : EPMOE_GEMM_SM90_WS_MT128;
     if (rows == 32) return EPMOE_GEMM_SM90_MMA_MT32;
     if (wgmma_usable(a)) return EPMOE_GEMM_SM90_WGMMA_MT128;
     return rows == 64 ? EPMOE_GEMM_SM90_MMA_MT64 : EPMOE_GEMM_SM90_MMA_MT128;
@@ -337,7 +329,6 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_WS_MT32: return "wgmma-ws MT=32 BN=256";
     case EPMOE_GEMM_SM90_WS_MT64: return "wgmma-ws MT=64 BN=256";
     case EPMOE_GEMM_SM90_WS_MT128: return "wgmma-ws MT=128 BN=256";
-    case EPMOE_GEMM_SM90_WS_MT96: return "wgmma-ws MT=96 BN=256";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -419,12 +410,11 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
     case EPMOE_GEMM_SM90_WS_MT32:
     case EPMOE_GEMM_SM90_WS_MT64:
     case EPMOE_GEMM_SM90_WS_MT128:
-    case EPMOE_GEMM_SM90_WS_MT96:
         EPMOE_REQUIRE(a->sm90_kernel == EPMOE_GEMM_SM90_AUTO || wgmma_ws_usable(a), EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the warp-specialized wgmma kernel needs NVFP4 A, an a_workspace, slab-layout weights, "
                       "16-byte aligned weight codes, scales and workspace, cap_rows a multiple of 8, a compute capability 9.0 "
                       "device and a build for the 90a architecture");
-        return epmoe_gemm_sm90_ws_launch(p, ws_token_tile(kernel), stream);
+        return epmoe_gemm_sm90_ws_launch(p, 16 << (kernel - EPMOE_GEMM_SM90_WS_MT16), stream);
     case EPMOE_GEMM_SM90_STREAM_MT16:
         EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");

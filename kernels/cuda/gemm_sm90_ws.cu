@@ -63,8 +63,7 @@ struct WsPlan {
     static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
     static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
     static_assert(kStages >= 3, "the ring holds the consumers' two stages and one in flight");
-    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 96 || MT == 128,
-                  "a wgmma width with a wrapper");
+    static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128, "a wgmma width with a wrapper");
     static_assert(kSlabs <= 31, "one producer lane per slab, lane 31 for the token tile");
 };
 
@@ -193,7 +192,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                  * previous step has completed, and lane 0 of each warp releases its stage (a
                  * predicated arrival: a branch here would serialize the MMAs, C7513) */
                 if (j == 3)
-                    mbar_arrive_if(&empty_bar[(it + kWsStages - 1) % kWsStages], lane == 0 && step > 0);
+                    mbar_arrive_if(&empty_bar[(it + kWsStages - 1) % kWsStages],
+                                   lane == 0 && step > 0);
 #pragma unroll
                 for (int i = 0; i < WT; ++i)
                     weight_fragment_slice<true>(word_of(wq[2 * i], q), S[2 * i][q / 2],
@@ -253,7 +253,6 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, 
     case 16: return launch_ws<16>(p, stream);
     case 32: return launch_ws<32>(p, stream);
     case 64: return launch_ws<64>(p, stream);
-    case 96: return launch_ws<96>(p, stream);
     case 128: return launch_ws<128>(p, stream);
     default: break;
     }

@@ -81,8 +81,7 @@ typedef enum {
     EPMOE_GEMM_SM90_WS_MT32 = 7,
     EPMOE_GEMM_SM90_WS_MT64 = 8,
     EPMOE_GEMM_SM90_WS_MT128 = 9,
-    EPMOE_GEMM_SM90_WS_MT96 = 10, /* the same with a 96-token tile (m64n96k16) */
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 11 /* one past the last kernel, for loops over them */
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 10 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {

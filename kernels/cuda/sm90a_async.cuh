@@ -59,25 +59,6 @@ static __device__ __forceinline__ void wgmma_m64n64k16(float (&d)[32], const uin
                    "+f"(d[30]), "+f"(d[31])
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
 }
-static __device__ __forceinline__ void wgmma_m64n96k16(float (&d)[48], const uint32_t (&a)[4],
-                                                       uint64_t desc_b, int scale_d) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n96k16.f32.bf16.bf16 {"
-                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
-                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
-                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47"
-                 "}, {%48,%49,%50,%51}, %52, p, 1, 1, 0;\n}\n"
-                 :
-                   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
-                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
-                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
-                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
-                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
-                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
-                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
-}
 static __device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], const uint32_t (&a)[4],
                                                        uint64_t desc_b, int scale_d) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
@@ -129,12 +110,10 @@ static __device__ __forceinline__ void wgmma_ss_m64n128k16(float (&d)[64], uint6
 template <int kN>
 static __device__ __forceinline__ void wgmma_tile(float (&d)[kN / 2], const uint32_t (&a)[4],
                                                   uint64_t desc_b, int scale_d) {
-    static_assert(kN == 16 || kN == 32 || kN == 64 || kN == 96 || kN == 128,
-                  "no wrapper for this width");
+    static_assert(kN == 16 || kN == 32 || kN == 64 || kN == 128, "no wrapper for this width");
     if constexpr (kN == 16) wgmma_m64n16k16(d, a, desc_b, scale_d);
     else if constexpr (kN == 32) wgmma_m64n32k16(d, a, desc_b, scale_d);
     else if constexpr (kN == 64) wgmma_m64n64k16(d, a, desc_b, scale_d);
-    else if constexpr (kN == 96) wgmma_m64n96k16(d, a, desc_b, scale_d);
     else wgmma_m64n128k16(d, a, desc_b, scale_d);
 }
 
@@ -189,8 +168,9 @@ static __device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
 /* An arrival only where `pred` holds, as a predicated instruction, not a branch: a branch
  * between wgmma instructions makes ptxas serialize them (C7513). */
 static __device__ __forceinline__ void mbar_arrive_if(uint64_t *bar, bool pred) {
-    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}"
-                 ::"r"(smem_u32(bar)), "r"((uint32_t)pred)
+    asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %1, 0;\n"
+                 " @p mbarrier.arrive.shared::cta.b64 _, [%0];\n}" ::"r"(smem_u32(bar)),
+                 "r"((uint32_t)pred)
                  : "memory");
 }
 /* One arrival that also announces `bytes` of bulk copies completing on this phase. */
