@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything issue 5 measures, in one device call (run on the GPU machine, repo root, carry
-# .carry): the GEMM benchmark with its test suite and the wgmma probe (bench/gpu_bench.sh),
+# .carry): the GEMM benchmark with its test suite and the wgmma probe (bench/gpu_bench.sh), the
+# streaming kernel beside its ring variants at decode sizes,
 # SM clock and power sampled while our prefill kernel and cuBLAS run back to back, the whole
 # GPU suite (deploy/gpu-test.sh) and the whole-layer benchmark (bench/layer_bench.sh).
 # Everything lands in $OUT/all.tgz (the device tool returns at most 8 files); bench.json,
@@ -15,6 +16,10 @@ export OUT=/tmp/epmoe-all
 rm -rf "$OUT"; mkdir -p "$OUT"
 rc=0
 bash bench/gpu_bench.sh --reps "$REPS" --kernels 1,4,5,6,7,8,9 --no-row-major > "$OUT/gpu_bench.log" 2>&1 || rc=1
+# the streaming kernel beside its ring variants (forced; AUTO keeps the kept one until these are
+# measured), decode sizes only: at prefill sizes every streaming kernel takes 10-20x AUTO's time
+./build-gemm-dev/bench/gemm_bench --json "$OUT/stream_ring.json" --reps "$REPS" --rows 8,16,32 \
+  --kernels 5,6,10,11 --no-row-major > "$OUT/stream_ring.log" 2>&1 || rc=1
 # clocks: our prefill kernel (AUTO, then forced), then cuBLAS, at one shape, 300 launches each
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -lms 50 > "$OUT/clocks.txt" &
 smi=$!
@@ -26,6 +31,7 @@ bash bench/layer_bench.sh --reps "$REPS" > "$OUT/layer_bench.log" 2>&1 || rc=1
 tar -C /tmp -czf "$FINAL_OUT/all.tgz" epmoe-all
 cp "$OUT/bench.json" "$OUT/summary.txt" "$OUT/clocks.txt" "$FINAL_OUT/" 2>/dev/null
 cat "$OUT/summary.txt" "$OUT/wgmma_probe.txt"
+grep -E "^V4|decode stream|wgmma-ws MT=16|DIFFERS" "$OUT/stream_ring.log"
 grep -A60 "^model .*x torch" "$OUT/gpu_bench.log" | grep -E "^V4"
 grep -hE "^ *(V4|rows|preset)|tokens/s" "$OUT"/layer_dsv4-*.txt | head -30
 exit $rc

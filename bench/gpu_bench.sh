@@ -30,7 +30,7 @@ BUILD=build-gemm-dev
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee "$OUT/gpu.txt"
 cmake -S . -B $BUILD -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS=90a -DEPMOE_SERVICE=OFF \
       -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
-cmake --build $BUILD -j16 --target test_gemm test_slab_bits gemm_bench wgmma_probe >> "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -40; exit 1; }
+cmake --build $BUILD -j16 --target test_gemm test_slab_bits test_stream_schedule gemm_bench wgmma_probe >> "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -40; exit 1; }
 # SASS check (no disassembler on the build machine): tensor-core and copy instructions, spills
 # (the SASS goes back as one archive: the device tool returns at most 8 files)
 mkdir -p /tmp/epmoe-sass
@@ -45,6 +45,7 @@ rc=0
 if [ $TEST = 1 ]; then
   # a hung kernel traps after 10 s (mbar_wait); the timeout is the last resort
   ./$BUILD/tests/gpu/test_slab_bits 2>&1 | tail -1 | tee "$OUT/test_slab_bits.log" || rc=1
+  ./$BUILD/tests/gpu/test_stream_schedule 2>&1 | tail -1 | tee "$OUT/test_stream_schedule.log" || rc=1
   timeout 600 ./$BUILD/tests/gpu/test_gemm 2>&1 | tee "$OUT/test_gemm.log" || rc=1
 fi
 # the tensor cores' rate for our MMA pattern alone (register A vs shared A, per-slice fences)

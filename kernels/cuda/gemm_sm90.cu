@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
         const bool warp_active = n_warp < N;
         const int wrow = warp * 32 + g; /* this thread's first weight row inside the tile */
         /* rows n_warp + g + 8r (r < 4) of either weight layout */
-        const WeightWalk walk = weight_walk(p, e, n_warp + g, t);
+        const WeightWalk walk = weight_walk<kSlabs>(p, e, n_warp + g, t);
         const uint8_t *wc = p.w_codes + walk.code, *ws = p.w_sf + walk.sf;
 
         /* One pipeline stage: this thread's weight rows g+8r (16 code bytes each; quad
@@ -329,6 +329,8 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_WS_MT32: return "wgmma-ws MT=32 BN=256";
     case EPMOE_GEMM_SM90_WS_MT64: return "wgmma-ws MT=64 BN=256";
     case EPMOE_GEMM_SM90_WS_MT128: return "wgmma-ws MT=128 BN=256";
+    case EPMOE_GEMM_SM90_STREAM_RING_MT16: return "decode stream ring MT=16";
+    case EPMOE_GEMM_SM90_STREAM_RING_MT8: return "decode stream ring MT=8";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -419,6 +421,12 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
         EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");
         return epmoe_gemm_sm90_stream_launch(p, stream);
+    case EPMOE_GEMM_SM90_STREAM_RING_MT16:
+    case EPMOE_GEMM_SM90_STREAM_RING_MT8:
+        EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
+                      "grouped GEMM: the ring streaming decode kernel needs NVFP4 A and an a_workspace");
+        return epmoe_gemm_sm90_stream_ring_launch(p, kernel == EPMOE_GEMM_SM90_STREAM_RING_MT16 ? 16 : 8,
+                                                  stream);
     default:
         break;
     }

@@ -199,18 +199,21 @@ static __device__ __forceinline__ void cp_async_wait() {
 }
 
 /* Where weight row n of expert e keeps the 16 code bytes of span t (bytes [16t, 16t+16) of
- * each 128-k step's 64) and the step's 8 scale bytes, in either layout: offsets at step 0 and
- * the distance one step moves them. Rows n and n + 8 are row8_* apart when n % 32 < 24 (the
- * kernels only step by 8 inside a 32-row group). One place for both layouts. */
+ * each 128-k step's 64) and the step's 8 scale bytes, in either layout (kSlabs: the slab
+ * layout, a compile-time choice so that the distances below are constants in the kernels'
+ * address arithmetic): offsets at step 0 and the distance one step moves them. Rows n and
+ * n + 8 are row8_* apart when n % 32 < 24 (the kernels only step by 8 inside a 32-row group).
+ * One place for both layouts; each kernel instance takes kSlabs from p.w_slabs at launch. */
 struct WeightWalk {
     int64_t code, sf;           /* byte offsets into w_codes / w_sf at step 0 */
     int code_step, sf_step;     /* bytes per 128-k step */
     int64_t code_row8, sf_row8; /* bytes from row n to row n + 8 */
 };
+template <bool kSlabs>
 static __device__ __forceinline__ WeightWalk weight_walk(const GemmParams &p, int e, int n, int t) {
     const int64_t row = (int64_t)e * p.N + n;
     WeightWalk w;
-    if (p.w_slabs) {
+    if (kSlabs) {
         const int64_t slab = row / 32, steps = p.K / kStepK;
         const int i = (int)(row % 32);
         w.code = (slab * steps) * 2048 + ((i / 8) * 32 + (i % 8) * 4 + t) * 16;
@@ -322,6 +325,19 @@ static __device__ __forceinline__ void build_chunk_list(const GemmParams &p, int
     __syncthreads();
 }
 
+/* The expert that owns chunk `chunk` of the work list chunk_start[0..E]: the largest e with
+ * chunk_start[e] <= chunk (experts without chunks have chunk_start[e] == chunk_start[e + 1], so
+ * they are skipped). Reads the shared list only; tests/gpu/test_stream_schedule.cu checks it
+ * on the host against a scan. */
+static __host__ __device__ __forceinline__ int chunk_expert(const int *chunk_start, int E, int chunk) {
+    int lo = 0, hi = E - 1;
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
 /* The token chunk `chunk` of the list: its expert, first padded row and live row count. */
 struct Chunk {
     int e;
@@ -331,11 +347,7 @@ struct Chunk {
 template <int MT>
 static __device__ __forceinline__ Chunk find_chunk(const GemmParams &p, const int *chunk_start,
                                             int chunk) {
-    int lo = 0, hi = p.E - 1; /* largest e with chunk_start[e] <= chunk */
-    while (lo < hi) {
-        const int mid = (lo + hi + 1) / 2;
-        if (chunk_start[mid] <= chunk) lo = mid; else hi = mid - 1;
-    }
+    const int lo = chunk_expert(chunk_start, p.E, chunk);
     Chunk c;
     c.e = lo;
     const int c_in_e = chunk - chunk_start[lo];
@@ -444,6 +456,11 @@ int epmoe_gemm_sm90_ws_compiled(void);
  * one 32-row weight slab per warp, no shared-memory staging; p.a_ws is required. Any sm_80+
  * device. */
 epmoe_status epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream);
+
+/* Its ring variant (same file): a weight cursor that runs across work items and the token
+ * fragments copied a step ahead into each thread's shared-memory slots; token chunks of mt = 16
+ * or 8 rows. NVFP4 A only, p.a_ws required. Any sm_80+ device. */
+epmoe_status epmoe_gemm_sm90_stream_ring_launch(const GemmParams &p, int mt, cudaStream_t stream);
 
 } // namespace epmoe_sm90
 

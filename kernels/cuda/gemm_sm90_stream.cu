@@ -18,8 +18,11 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include <type_traits>
+
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/gemm_sm90_common.cuh"
+#include "kernels/cuda/gemm_sm90_stream_schedule.cuh"
 
 using namespace epmoe_sm90;
 
@@ -74,7 +77,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
         const int live_c = (mrows + 7) / 8; /* n8 token tiles with live rows */
 
         /* rows g + 8r of the slab, span t (either layout); the span's scale bytes 2t, 2t+1 */
-        const WeightWalk walk = weight_walk(p, e, n_warp + g, t);
+        const WeightWalk walk = weight_walk<kSlabs>(p, e, n_warp + g, t);
         const uint8_t *wc = p.w_codes + walk.code, *ws = p.w_sf + walk.sf + 2 * t;
         /* token row c*8 + g, fragment chunk 4q + t of each 256-byte step. Rows past mrows in
          * the last tile are padding or the next chunk's rows: inside the padded layout, and
@@ -159,6 +162,197 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     }
 }
 
+/* ---- The ring variant (EPMOE_GEMM_SM90_STREAM_RING_MT16 / _MT8; forced only until measured:
+ * bench/RESULTS.md v8). The kept kernel above stalls in two places (Nsight Compute, v7 step 2):
+ * on the ring's first use of a step (the weight bytes were asked for one compute step earlier,
+ * and a new item starts with an empty ring) and on the token fragments, asked for a word ahead
+ * from L1/L2 (42% L1 hits). Here one weight cursor runs across items, so the next item's first
+ * steps are in flight while this one finishes, and each thread copies its own token fragments
+ * of the next step into its own shared-memory slots (cp.async, no barrier: a thread reads only
+ * what it copied), so the MMAs wait on shared memory, not on L2. The schedule is in
+ * gemm_sm90_stream_schedule.cuh and is run on the host by tests/gpu/test_stream_schedule.cu.
+ * Same k16 slices in the same order: the same bits as every other kernel. ---- */
+
+/* One work item: (token chunk, 32-row weight slab). */
+struct StreamItem {
+    int e, mrows, n_warp;
+    int64_t row0;
+};
+template <int MT>
+__device__ __forceinline__ StreamItem stream_item(const GemmParams &p, const int *chunk_start, int item,
+                                                  int n_slabs) {
+    const Chunk ck = find_chunk<MT>(p, chunk_start, item / n_slabs);
+    StreamItem s;
+    s.e = ck.e;
+    s.mrows = ck.mrows;
+    s.row0 = ck.row0;
+    s.n_warp = (item % n_slabs) * 32;
+    return s;
+}
+
+/* cp.async with "memory" clobbers: the shared-memory reads of the token slots are plain loads,
+ * which the compiler must not move across the copy, the commit or the wait. */
+__device__ __forceinline__ void cp_async16_ca(void *smem_dst, const void *gmem_src) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit_ordered() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all_but_newest() {
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+}
+
+/* Bytes of token slots per block: kDepth stages x kNT8 tiles x 4 words x 16 bytes a thread. */
+template <int MT, int NWARPS, int kDepth>
+constexpr int stream_ring_smem_bytes() {
+    return kDepth * (MT / 8) * 4 * NWARPS * 32 * 16;
+}
+
+template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
+__global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
+    grouped_gemm_stream_ring_kernel(const GemmParams p) {
+    constexpr int kNT8 = MT / 8;
+    constexpr int kThreads = NWARPS * 32;
+    static_assert(kDepth == 2 || kDepth == 3, "the step loop below is unrolled for 2 or 3 slots");
+    __shared__ int chunk_start[kMaxExperts + 1];
+    extern __shared__ uint4 tok_slots[]; /* [kDepth][kNT8][4 words][kThreads] */
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int g = lane / 4, t = lane % 4;
+    const int E = p.E, K = p.K;
+    const int steps = K / kStepK;
+
+    build_chunk_list<MT>(p, chunk_start);
+    const int n_slabs = p.N / 32; /* N is a multiple of 32 (checked) */
+    const int total = chunk_start[E] * n_slabs;
+    const int stride = gridDim.x * NWARPS;
+    const float fix = kDequantFix * kDequantFix;
+    StreamCursor ccur = {(int)blockIdx.x * NWARPS + warp, 0}; /* compute */
+    if (ccur.item >= total) return;                      /* no block barrier below */
+
+    /* the layout's step and row distances, the same for every item */
+    const WeightWalk walk0 = weight_walk<kSlabs>(p, 0, g, t);
+    const int64_t tk_row8 = 8 * (int64_t)K * 2;
+
+    /* weight cursor: rows g + 8r of the item's slab, span t, at wc / ws */
+    StreamCursor wcur = ccur;
+    const uint8_t *wc, *ws;
+    auto seek = [&](int item) {
+        const int e = chunk_expert(chunk_start, E, item / n_slabs);
+        const WeightWalk w = weight_walk<kSlabs>(p, e, (item % n_slabs) * 32 + g, t);
+        wc = p.w_codes + w.code;
+        ws = p.w_sf + w.sf + 2 * t;
+    };
+    seek(wcur.item);
+    auto load_next = [&](uint4 (&w)[4], uint32_t (&s)[4]) {
+        if (wcur.item >= total) return;
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            w[r] = ld_stream16(wc + r * walk0.code_row8 + wcur.step * walk0.code_step);
+            s[r] = ld_stream_u16(ws + r * walk0.sf_row8 + wcur.step * walk0.sf_step);
+        }
+        if (wcur.advance(steps, stride) && wcur.item < total) seek(wcur.item);
+    };
+
+    /* the item being computed and the next one (whose tokens are copied during this one's last
+     * step); their rows come from global memory, asked for an item ahead */
+    StreamItem cur = stream_item<MT>(p, chunk_start, ccur.item, n_slabs);
+    StreamItem nxt = cur;
+    if (ccur.item + stride < total) nxt = stream_item<MT>(p, chunk_start, ccur.item + stride, n_slabs);
+
+    /* token row 8c + g of the item, fragment chunk 4q + t of each 256-byte step (kOrderFragments;
+     * rows past mrows in the last tile are padding or the next chunk's rows: inside the padded
+     * layout, and their products land in accumulators the epilogue never writes) */
+    auto slot = [&](int stage, int c, int q) -> uint4 & {
+        return tok_slots[((stage * kNT8 + c) * 4 + q) * kThreads + threadIdx.x];
+    };
+    auto copy_tokens = [&](const StreamItem &it, int step, int stage) {
+        const int live = (it.mrows + 7) / 8;
+        const uint8_t *tk = (const uint8_t *)p.a_ws + (it.row0 + g) * (int64_t)K * 2 + 16 * t;
+#pragma unroll
+        for (int c = 0; c < kNT8; ++c)
+            if (c < live)
+#pragma unroll
+                for (int q = 0; q < 4; ++q)
+                    cp_async16_ca(&slot(stage, c, q), tk + c * tk_row8 + step * 256 + q * 64);
+        cp_async_commit_ordered();
+    };
+
+    float acc[2][kNT8][4];
+    auto zero_acc = [&] {
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int c = 0; c < kNT8; ++c)
+#pragma unroll
+                for (int v = 0; v < 4; ++v) acc[i][c][v] = 0.0f;
+    };
+    zero_acc();
+
+    auto compute = [&](int stage, const uint4 (&w)[4], const uint32_t (&s)[4]) {
+        const int live_c = (cur.mrows + 7) / 8;
+        uint32_t S[4][2];
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+            S[r][0] = sf_to_bf16x2(s[r] & 0xFFu);
+            S[r][1] = sf_to_bf16x2(s[r] >> 8);
+        }
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+            uint32_t A[2][2][4]; /* [m16 tile][k16 slice][fragment] */
+#pragma unroll
+            for (int i = 0; i < 2; ++i)
+                weight_fragments<kSlabs>(word_of(w[2 * i], q), S[2 * i][q / 2],
+                                         word_of(w[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
+#pragma unroll
+            for (int c = 0; c < kNT8; ++c) {
+                if (c < live_c) {
+                    const uint4 b = slot(stage, c, q); /* B of slices 2q, 2q+1 */
+#pragma unroll
+                    for (int i = 0; i < 2; ++i) {
+                        mma_bf16_16816(acc[i][c], A[i][0], b.x, b.y);
+                        mma_bf16_16816(acc[i][c], A[i][1], b.z, b.w);
+                    }
+                }
+            }
+        }
+    };
+
+    uint4 wb[kDepth][4];
+    uint32_t sb[kDepth][4];
+#pragma unroll
+    for (int d = 0; d < kDepth; ++d) load_next(wb[d], sb[d]);
+    copy_tokens(cur, 0, 0);
+
+    /* one global step in ring slot D (a constant, so the ring stays in registers); true once
+     * this warp's work is done */
+    auto one_step = [&](auto slot_constant) -> bool {
+        constexpr int d = decltype(slot_constant)::value;
+        StreamCursor tcur = ccur; /* the token cursor: the next global step */
+        const bool tokens_of_next_item = tcur.advance(steps, stride);
+        if (tcur.item < total) copy_tokens(tokens_of_next_item ? nxt : cur, tcur.step, (d + 1) % kDepth);
+        else cp_async_commit_ordered(); /* an empty group keeps "all but the newest" meaning this step */
+        cp_async_wait_all_but_newest();
+        compute(d, wb[d], sb[d]);
+        load_next(wb[d], sb[d]);
+        if (ccur.advance(steps, stride)) {
+            store_warp_tile<kNT8>(p, acc, cur.e, cur.n_warp, cur.row0, cur.mrows, fix, g, t);
+            if (ccur.item >= total) return true;
+            cur = nxt;
+            if (ccur.item + stride < total) nxt = stream_item<MT>(p, chunk_start, ccur.item + stride, n_slabs);
+            zero_acc();
+        }
+        return false;
+    };
+    for (;;) {
+        if (one_step(std::integral_constant<int, 0>{})) return;
+        if (one_step(std::integral_constant<int, 1>{})) return;
+        if constexpr (kDepth == 3)
+            if (one_step(std::integral_constant<int, 2>{})) return;
+    }
+}
+
 template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
 epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
     auto kernel = grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>;
@@ -177,6 +371,28 @@ epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
     return EPMOE_OK;
 }
 
+
+template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
+epmoe_status launch_stream_ring(const GemmParams &p, cudaStream_t stream) {
+    auto kernel = grouped_gemm_stream_ring_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>;
+    constexpr int smem = stream_ring_smem_bytes<MT, NWARPS, kDepth>();
+    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "raising the ring streaming grouped GEMM's shared-memory limit");
+    int per_sm = 0;
+    CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32, smem),
+             "ring streaming grouped GEMM occupancy");
+    if (per_sm < 1)
+        EPMOE_FAIL(EPMOE_ERR_CUDA, "ring streaming grouped GEMM MT=%d does not fit on an SM", MT);
+    /* one work item per warp: never more warps than the largest possible work list */
+    const int64_t max_items = (p.cap_rows / MT + p.E) * (p.N / 32);
+    unsigned grid = 0;
+    EPMOE_TRY(persistent_grid(per_sm, (max_items + NWARPS - 1) / NWARPS, &grid));
+    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderFragments, stream));
+    kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
+    CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (ring streaming decode)");
+    return EPMOE_OK;
+}
+
 } // namespace
 
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream) {
@@ -185,4 +401,18 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cuda
      * at 32 rows by 1.2x on the H100: bench/RESULTS.md v5.) */
     return p.w_slabs ? launch_stream<16, 8, 2, 2, true>(p, stream)
                      : launch_stream<16, 8, 2, 2, false>(p, stream);
+}
+
+epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_ring_launch(const GemmParams &p, int mt,
+                                                            cudaStream_t stream) {
+    /* 16 tokens: two weight steps in flight (125 registers, no spill; three spill 64 bytes);
+     * 8 tokens: three (no spill). 8 warps, 2 blocks per SM: 16 warps, as the kept kernel. Token
+     * slots 64 KB (MT=16) or 48 KB (MT=8) a block. */
+    if (mt == 16)
+        return p.w_slabs ? launch_stream_ring<16, 8, 2, 2, true>(p, stream)
+                         : launch_stream_ring<16, 8, 2, 2, false>(p, stream);
+    if (mt == 8)
+        return p.w_slabs ? launch_stream_ring<8, 8, 3, 2, true>(p, stream)
+                         : launch_stream_ring<8, 8, 3, 2, false>(p, stream);
+    EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "ring streaming GEMM: no %d-row token chunk", mt);
 }

@@ -117,7 +117,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         int code_step = 0, sf_step = 0;
 #pragma unroll
         for (int r = 0; r < kRows; ++r) {
-            const WeightWalk walk = weight_walk(p, e, n0 + min(lrow[r], n_last), t);
+            const WeightWalk walk = weight_walk<kSlabs>(p, e, n0 + min(lrow[r], n_last), t);
             w_codes[r] = p.w_codes + walk.code;
             w_sf[r] = p.w_sf + walk.sf;
             code_step = walk.code_step;

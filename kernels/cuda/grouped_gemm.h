@@ -81,7 +81,12 @@ typedef enum {
     EPMOE_GEMM_SM90_WS_MT32 = 7,
     EPMOE_GEMM_SM90_WS_MT64 = 8,
     EPMOE_GEMM_SM90_WS_MT128 = 9,
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 10 /* one past the last kernel, for loops over them */
+    /* the streaming kernel's ring variant: its weight loads run on into the next work item and
+     * each thread copies its token fragments a step ahead into shared memory (NVFP4 A and
+     * a_workspace); 16- or 8-token chunks. Forced only: not yet measured (bench/RESULTS.md v8) */
+    EPMOE_GEMM_SM90_STREAM_RING_MT16 = 10,
+    EPMOE_GEMM_SM90_STREAM_RING_MT8 = 11,
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 12 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {

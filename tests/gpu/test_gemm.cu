@@ -207,10 +207,12 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         GT_CUDA(cudaMemset(d_abuf, 0xFF, cap * K * 2));
         const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&forced, 0);
         /* wgmma: only on a 9.0 device with NVFP4 A (the warp-specialized one also only on slab
-         * weights); streaming: with NVFP4 A */
+         * weights); streaming (either variant): with NVFP4 A */
+        const bool ws = k >= EPMOE_GEMM_SM90_WS_MT16 && k <= EPMOE_GEMM_SM90_WS_MT128;
+        const bool stream = k == EPMOE_GEMM_SM90_STREAM_MT16 || k == EPMOE_GEMM_SM90_STREAM_RING_MT16 ||
+                            k == EPMOE_GEMM_SM90_STREAM_RING_MT8;
         if (st == EPMOE_ERR_UNSUPPORTED &&
-            (k == EPMOE_GEMM_SM90_WGMMA_MT128 || (k >= EPMOE_GEMM_SM90_WS_MT16 && (!slabs || c.a_bf16)) ||
-             (k == EPMOE_GEMM_SM90_STREAM_MT16 && c.a_bf16)))
+            (k == EPMOE_GEMM_SM90_WGMMA_MT128 || (ws && (!slabs || c.a_bf16)) || (stream && c.a_bf16)))
             continue;
         GT_OK(st);
         GT_CUDA(cudaDeviceSynchronize());
@@ -369,6 +371,14 @@ static void test_decode_fp4_tiny(void) {
     c.counts[5] = 0;
     run_case(c, 113);
 }
+/* K = 128: one step per work item, fewer than the ring streaming kernels' weight slots (2 or
+ * 3), so their weight loads run two or three items ahead of the compute; 2 experts empty */
+static void test_decode_fp4_one_step(void) {
+    gemm_case c = {"decode fp4 K=128", 7, 160, 128, random_counts(22, 7, 1, 30), 0, 2, 0, 0, 0};
+    c.counts[1] = 0;
+    c.counts[6] = 0;
+    run_case(c, 115);
+}
 /* between decode and prefill: AUTO's wgmma class (33-128 rows per expert on average) */
 static void test_mid_fp4(void) {
     gemm_case c = {"mid fp4 W13", 6, 384, 640, random_counts(19, 6, 40, 150), 0, 2, 0, 0, 0};
@@ -389,6 +399,10 @@ static void test_prefill_many_items(void) {
 }
 
 static void test_variants_covered(void) {
+    /* every kernel that runs on any sm_80+ device ran, forced, on both weight layouts */
+    for (int k = EPMOE_GEMM_SM90_STREAM_RING_MT16; k <= EPMOE_GEMM_SM90_STREAM_RING_MT8; k++)
+        GT_CHECK(kernels_ran[k], "the streaming kernel '%s' never ran",
+                 epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k));
     GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_MMA_MT32] && kernels_seen[EPMOE_GEMM_SM90_STREAM_MT16] &&
                  (kernels_seen[EPMOE_GEMM_SM90_MMA_MT64] || kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128]) &&
                  (kernels_seen[EPMOE_GEMM_SM90_MMA_MT128] || kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128]),
@@ -462,6 +476,7 @@ int main(void) {
     GT_RUN(test_prefill_fp4_bf16_out);
     GT_RUN(test_mid_fp4);
     GT_RUN(test_decode_fp4_tiny);
+    GT_RUN(test_decode_fp4_one_step);
     GT_RUN(test_prefill_many_items);
     GT_RUN(test_variants_covered);
     return gt_finish();
