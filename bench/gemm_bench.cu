@@ -4,13 +4,15 @@
  * [K, N] product). Writes one JSON record per measurement.
  *
  *   gemm_bench --json out.json [--reps 20] [--rows 8,16,...] [--kernels 4,6,9] [--no-row-major]
+ *              [--warm-ms 200]
  *
  * Beside AUTO's choice, every sm_90 kernel of --kernels (epmoe_gemm_sm90_kernel values; default
  * all) is forced and timed on the slab-layout weights and, unless --no-row-major, on the
  * row-major ones; each forced run's output must equal AUTO's bit for bit (exit status 3 if not).
  *
- * Timing: 3 warm-up calls, then the call captured into a CUDA graph (as the layer runs it) and
- * replayed back to back, events around each batch of 3 replays, median of --reps batches: device
+ * Timing: 3 warm-up calls, then the call captured into a CUDA graph (as the layer runs it),
+ * replayed for --warm-ms (the clock settles), then replayed back to back, events around each
+ * batch of 3 replays, median of --reps batches: device
  * time per call. AUTO's call is also timed launched eagerly ("eager", host-side launch work
  * included), as bench/torch_grouped_mm.py times torch both ways. Working sets
  * exceed the L2 on every call (the smallest weight set, Flash W2 in NVFP4, is 151 MB against a
@@ -82,9 +84,17 @@ static double median_event_ms(F &&run, int reps, int calls_per_run) {
     return ms[reps / 2];
 }
 
-/* Device time per call: the calls are captured once into a CUDA graph (as the layer runs them)
- * and replayed kBatch times back to back between two events, so host-side launch work overlaps
- * the device work instead of being timed; median over reps batches. */
+/* Milliseconds of graph replays before the timed batches (--warm-ms). Without them the first
+ * call timed after a shape change (AUTO's) took up to 1.18x the time of the same kernel forced
+ * later at the same shape (v7 log, Pro W13 and W2 at 8 rows, right after the 3072-row shapes
+ * that run at the 700 W cap and 1.44-1.46 GHz; bench/RESULTS.md v8), so every call is timed
+ * after running on its own for a while. torch_grouped_mm.py warms the same way. */
+static double g_warm_ms = 200.0;
+
+/* Device time per call: the calls are captured once into a CUDA graph (as the layer runs them),
+ * replayed for g_warm_ms, then replayed kBatch times back to back between two events, so
+ * host-side launch work overlaps the device work instead of being timed; median over reps
+ * batches. */
 template <typename F>
 static double median_ms(F &&launch, int reps) {
     constexpr int kBatch = 3;
@@ -98,6 +108,10 @@ static double median_ms(F &&launch, int reps) {
     CHECK_CUDA(cudaGraphInstantiate(&exec, graph, 0));
     CHECK_CUDA(cudaGraphLaunch(exec, g_stream)); /* upload */
     CHECK_CUDA(cudaStreamSynchronize(g_stream));
+    for (double warmed = 0.0; warmed < g_warm_ms;)
+        warmed += kBatch * median_event_ms([&] {
+            for (int j = 0; j < kBatch; j++) CHECK_CUDA(cudaGraphLaunch(exec, g_stream));
+        }, 1, kBatch);
     const double ms = median_event_ms([&] {
         for (int j = 0; j < kBatch; j++) CHECK_CUDA(cudaGraphLaunch(exec, g_stream));
     }, reps, kBatch);
@@ -222,6 +236,7 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--warm-ms") && i + 1 < argc) g_warm_ms = atof(argv[++i]);
         else if (!strcmp(argv[i], "--kernels") && i + 1 < argc) {
             kernel_list.clear();
             for (char *tok = strtok(argv[++i], ","); tok; tok = strtok(NULL, ","))
@@ -233,7 +248,7 @@ int main(int argc, char **argv) {
                 rows_list.push_back(atoll(tok));
         } else {
             fprintf(stderr, "usage: %s [--json path] [--reps n] [--rows a,b,c] [--kernels k1,k2,...] "
-                            "[--no-row-major]\n", argv[0]);
+                            "[--no-row-major] [--warm-ms ms]\n", argv[0]);
             return 2;
         }
     }
