@@ -4,6 +4,7 @@
 #ifndef EPMOE_GPU_TEST_H
 #define EPMOE_GPU_TEST_H
 
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -53,6 +54,15 @@ static int gt_passed = 0, gt_failed = 0;
         fprintf(stdout, "   %s: %s\n", #fn, gt_failed == gt_before_ ? "ok" : "FAILED");         \
         fflush(stdout);                                                                         \
     } while (0)
+
+/* xorshift32, the host-only programs' random numbers: a fixed start, so a failure repeats. */
+static uint32_t gt_rng_state = 0x12345678u;
+static inline uint32_t gt_next_u32(void) {
+    gt_rng_state ^= gt_rng_state << 13;
+    gt_rng_state ^= gt_rng_state >> 17;
+    gt_rng_state ^= gt_rng_state << 5;
+    return gt_rng_state;
+}
 
 /* 1 when a device is usable; else prints why and the summary line, and the caller exits 77. */
 static int gt_have_device(void) {

@@ -12,14 +12,6 @@
 
 using namespace epmoe_sm90;
 
-static uint32_t rng_state = 0x12345678u;
-static uint32_t next_u32(void) { /* xorshift32 */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 17;
-    rng_state ^= rng_state << 5;
-    return rng_state;
-}
-
 /* The E2M1 value of a nibble (bit 3 the sign), from the format's definition. */
 static float e2m1_value(uint32_t nibble) {
     static const float kMag[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
@@ -57,7 +49,7 @@ static void test_every_pair(void) {
         for (uint32_t lo = 0; lo < 16; ++lo)
             for (uint32_t hi = 0; hi < 16; ++hi)
                 for (int rep = 0; rep < 64; ++rep) {
-                    uint32_t w = next_u32();
+                    uint32_t w = gt_next_u32();
                     w &= ~((0xFu << (4 * m)) | (0xFu << (4 * (m + 4))));
                     w |= (lo << (4 * m)) | (hi << (4 * (m + 4)));
                     const uint32_t ref = nibble_pair_bits(w, m);
@@ -78,7 +70,7 @@ static void test_every_pair(void) {
 static void test_random_words(void) {
     int bad = 0;
     for (int n = 0; n < 1 << 20; ++n) {
-        const uint32_t w = next_u32(), s = slab_code_word(w);
+        const uint32_t w = gt_next_u32(), s = slab_code_word(w);
         for (int m = 0; m < 4; ++m) bad += slab_pair_bits(s, m) != nibble_pair_bits(w, m);
     }
     GT_CHECK(bad == 0, "%d of %d random pair extractions differ", bad, 4 << 20);

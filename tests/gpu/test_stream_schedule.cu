@@ -20,21 +20,13 @@
 
 using namespace epmoe_sm90;
 
-static uint32_t rng_state = 0x9E3779B9u;
-static uint32_t next_u32(void) { /* xorshift32 */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 17;
-    rng_state ^= rng_state << 5;
-    return rng_state;
-}
-
 /* chunk_expert against a scan: the expert whose chunks [start_e, start_e+1) hold the chunk */
 static void test_chunk_expert(void) {
     int bad = 0, checked = 0;
     for (int trial = 0; trial < 400; ++trial) {
-        const int E = 1 + (int)(next_u32() % 40);
+        const int E = 1 + (int)(gt_next_u32() % 40);
         std::vector<int> start(E + 1, 0);
-        for (int e = 0; e < E; ++e) start[e + 1] = start[e] + (next_u32() % 3 == 0 ? 0 : (int)(next_u32() % 5));
+        for (int e = 0; e < E; ++e) start[e + 1] = start[e] + (gt_next_u32() % 3 == 0 ? 0 : (int)(gt_next_u32() % 5));
         for (int chunk = 0; chunk < start[E]; ++chunk) {
             int owner = -1;
             for (int e = 0; e < E; ++e)
@@ -97,13 +89,13 @@ static int replay_warp(int kDepth, int first, int stride, int total, int steps, 
 static void test_schedule(void) {
     int bad = 0, configs = 0, crossing = 0;
     for (int trial = 0; trial < 300; ++trial) {
-        const int E = 1 + (int)(next_u32() % 12);
+        const int E = 1 + (int)(gt_next_u32() % 12);
         std::vector<int> start(E + 1, 0);
-        for (int e = 0; e < E; ++e) start[e + 1] = start[e] + (next_u32() % 4 == 0 ? 0 : 1 + (int)(next_u32() % 4));
-        const int n_slabs = 1 + (int)(next_u32() % 8);
+        for (int e = 0; e < E; ++e) start[e + 1] = start[e] + (gt_next_u32() % 4 == 0 ? 0 : 1 + (int)(gt_next_u32() % 4));
+        const int n_slabs = 1 + (int)(gt_next_u32() % 8);
         const int total = start[E] * n_slabs;
-        const int steps = 1 + (int)(next_u32() % 6); /* K = 128 .. 768: shorter and longer than the ring */
-        const int warps = 1 + (int)(next_u32() % 24);  /* the grid's warps: more or fewer than items */
+        const int steps = 1 + (int)(gt_next_u32() % 6); /* K = 128 .. 768: shorter and longer than the ring */
+        const int warps = 1 + (int)(gt_next_u32() % 24);  /* the grid's warps: more or fewer than items */
         for (int kDepth = 2; kDepth <= 3; ++kDepth) {
             std::vector<int> computed(total > 0 ? total : 1, 0);
             for (int w = 0; w < warps; ++w)
