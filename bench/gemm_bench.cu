@@ -86,8 +86,8 @@ static double median_event_ms(F &&run, int reps, int calls_per_run) {
 
 /* Milliseconds of graph replays before the timed batches (--warm-ms). Without them the first
  * call timed after a shape change (AUTO's) took up to 1.18x the time of the same kernel forced
- * later at the same shape (v7 log, Pro W13 and W2 at 8 rows, right after the 3072-row shapes
- * that run at the 700 W cap and 1.44-1.46 GHz; bench/RESULTS.md v8), so every call is timed
+ * later at the same shape (v7 log: Pro W13 and W2 at 8 rows, right after the power-capped
+ * 3072-row shapes; the cause is not measured, bench/RESULTS.md v8), so every call is timed
  * after running on its own for a while. torch_grouped_mm.py warms the same way. */
 static double g_warm_ms = 200.0;
 

@@ -4,8 +4,8 @@
 
 A: [E*rows, K] bf16, W: [E, N, K] bf16 (passed as W.transpose(1, 2), i.e. [E, K, N] column-major
 per expert), offs: int32 cumulative row ends. 3 warm-ups, then the call captured into a CUDA graph,
-replayed for --warm-ms (200) so the clock settles, then replayed in batches of 3 between events (device time per call, as gemm_bench times ours),
-and launched eagerly with events around each call (torch_eager_ms); medians.
+replayed for --warm-ms (200) so the clock settles, then replayed in batches of 3 between events
+(device time per call, as gemm_bench times ours), and launched eagerly with events around each call (torch_eager_ms); medians.
 The bf16 weight sets are 0.5-4.2 GB, far above the L2, so repeated calls stream them from HBM.
 If torch rejects groups whose row count is not a multiple of 16 (older builds), the groups are
 padded to 16 rows and the record says so (FLOPs are still counted for the real rows).

@@ -170,12 +170,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
         };
 
         float acc[2][kNT8][4];
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int c = 0; c < kNT8; ++c)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) acc[i][c][v] = 0.0f;
+        zero_warp_tile<kNT8>(acc);
 
         __syncthreads(); /* the previous item's last reads of shared memory are done */
 #pragma unroll
@@ -197,27 +192,18 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
                 for (int r = 0; r < 4; ++r) {
                     wq[r] = *(const uint4 *)(wst + (wrow + 8 * r) * 64 + 16 * t);
                     const uint32_t sf2 = *(const uint16_t *)(wst + kBN * 64 + (wrow + 8 * r) * 8 + 2 * t);
-                    S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
-                    S[r][1] = sf_to_bf16x2(sf2 >> 8);
+                    sf_pair_to_bf16x2(sf2, S[r]);
                 }
 #pragma unroll
                 for (int q = 0; q < 4; ++q) {
                     uint32_t A[2][2][4]; /* [m16 tile][k16 sub-step][fragment] */
-#pragma unroll
-                    for (int i = 0; i < 2; ++i)
-                        weight_fragments<kSlabs>(word_of(wq[2 * i], q), S[2 * i][q / 2],
-                                                 word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2],
-                                                 A[i]);
+                    word_fragments<kSlabs, 2>(wq, S, q, A);
 #pragma unroll
                     for (int c = 0; c < kNT8; ++c) {
                         if (c * 8 < mrows) {
                             const uint4 bv = *(const uint4 *)(tb + (c * 8 + g) * kTileRowBytes +
                                                               (q * 4 + t) * 16);
-#pragma unroll
-                            for (int i = 0; i < 2; ++i) {
-                                mma_bf16_16816(acc[i][c], A[i][0], bv.x, bv.y);
-                                mma_bf16_16816(acc[i][c], A[i][1], bv.z, bv.w);
-                            }
+                            mma_word<kNT8>(acc, c, A, bv);
                         }
                     }
                 }

@@ -65,6 +65,12 @@ static __device__ __forceinline__ uint32_t sf_to_bf16x2(uint32_t byte) {
     const uint32_t k2p119 = 0x7B007B00u;
     return bf16x2_mul(bf16x2_mul(byte * 0x00100010u, k2p119), k2p119);
 }
+/* A weight row's two scale bytes of its 32-k span in one 128-k step (bytes 2t, 2t+1, loaded as
+ * one 16-bit value) as S[0] (words 0-1 of the span) and S[1] (words 2-3). */
+static __device__ __forceinline__ void sf_pair_to_bf16x2(uint32_t sf2, uint32_t (&S)[2]) {
+    S[0] = sf_to_bf16x2(sf2 & 0xFFu);
+    S[1] = sf_to_bf16x2(sf2 >> 8);
+}
 
 /* The slab layout's bit order (grouped_gemm.h). Extracting a pair from nibble order costs two
  * shifts and two logic ops; placing a word's 32 bits at upload so that each pair needs one
@@ -178,6 +184,43 @@ static __device__ __forceinline__ uint32_t word_of(const uint4 &v, int q) {
     return q == 0 ? v.x : q == 1 ? v.y : q == 2 ? v.z : v.w;
 }
 
+/* Word q of a 128-k step for WT tiles of 16 rows each (mma.sync m16 tiles, or a wgmma m64
+ * tile's 16 rows of this warp): A[i][s] = slice 2q+s of tile i, from the span words w[2i]
+ * (row g) and w[2i+1] (row g+8) and their scales S as from sf_pair_to_bf16x2. */
+template <bool kSlabBits, int WT>
+static __device__ __forceinline__ void word_fragments(const uint4 (&w)[2 * WT], const uint32_t (&S)[2 * WT][2],
+                                                      int q, uint32_t (&A)[WT][2][4]) {
+#pragma unroll
+    for (int i = 0; i < WT; ++i)
+        weight_fragments<kSlabBits>(word_of(w[2 * i], q), S[2 * i][q / 2], word_of(w[2 * i + 1], q),
+                                    S[2 * i + 1][q / 2], A[i]);
+}
+
+/* The accumulators of a warp's tile on the mma.sync kernels (two m16 weight tiles x kNT8 n8
+ * token tiles), zeroed at a work item's start. */
+template <int kNT8>
+static __device__ __forceinline__ void zero_warp_tile(float (&acc)[2][kNT8][4]) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int c = 0; c < kNT8; ++c)
+#pragma unroll
+            for (int v = 0; v < 4; ++v) acc[i][c][v] = 0.0f;
+}
+
+/* Word q of a step on the mma.sync kernels: both m16 weight tiles' slices 2q, 2q+1 (A, from
+ * word_fragments) against n8 token tile c, whose B of those slices is b (one 16-byte load of
+ * the fragment order), into acc[i][c]. */
+template <int kNT8>
+static __device__ __forceinline__ void mma_word(float (&acc)[2][kNT8][4], int c, const uint32_t (&A)[2][2][4],
+                                                const uint4 &b) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        mma_bf16_16816(acc[i][c], A[i][0], b.x, b.y);
+        mma_bf16_16816(acc[i][c], A[i][1], b.z, b.w);
+    }
+}
+
 static __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src));
@@ -192,10 +235,19 @@ static __device__ __forceinline__ void cp_async8(void *smem_dst, const void *gme
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem_src));
 }
-static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+/* 16 bytes through L1 (.ca), for data other warps of the SM read too. With a "memory" clobber,
+ * as commit and wait have: a kernel that reads the copies with plain loads and no block
+ * barrier between (the ring streaming kernel) must not see them moved across. */
+static __device__ __forceinline__ void cp_async16_ca(void *smem_dst, const void *gmem_src) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src) : "memory");
+}
+static __device__ __forceinline__ void cp_async_commit() {
+    asm volatile("cp.async.commit_group;" ::: "memory");
+}
 template <int kPending>
 static __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kPending));
+    asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 /* Where weight row n of expert e keeps the 16 code bytes of span t (bytes [16t, 16t+16) of

@@ -96,12 +96,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
         };
 
         float acc[2][kNT8][4];
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int c = 0; c < kNT8; ++c)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) acc[i][c][v] = 0.0f;
+        zero_warp_tile<kNT8>(acc);
 
         auto compute = [&](int step, const uint4 (&w)[4], const uint32_t (&s)[4]) {
             /* B of slices 2q, 2q+1 per n8 tile; word q+1's loads are issued before word q's
@@ -115,28 +110,15 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
             load_b(0, bv);
             uint32_t S[4][2];
 #pragma unroll
-            for (int r = 0; r < 4; ++r) {
-                S[r][0] = sf_to_bf16x2(s[r] & 0xFFu);
-                S[r][1] = sf_to_bf16x2(s[r] >> 8);
-            }
+            for (int r = 0; r < 4; ++r) sf_pair_to_bf16x2(s[r], S[r]);
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 if (q + 1 < 4) load_b(q + 1, bv_next);
                 uint32_t A[2][2][4]; /* [m16 tile][k16 slice][fragment] */
+                word_fragments<kSlabs, 2>(w, S, q, A);
 #pragma unroll
-                for (int i = 0; i < 2; ++i)
-                    weight_fragments<kSlabs>(word_of(w[2 * i], q), S[2 * i][q / 2],
-                                             word_of(w[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
-#pragma unroll
-                for (int c = 0; c < kNT8; ++c) {
-                    if (c < live_c) {
-#pragma unroll
-                        for (int i = 0; i < 2; ++i) {
-                            mma_bf16_16816(acc[i][c], A[i][0], bv[c].x, bv[c].y);
-                            mma_bf16_16816(acc[i][c], A[i][1], bv[c].z, bv[c].w);
-                        }
-                    }
-                }
+                for (int c = 0; c < kNT8; ++c)
+                    if (c < live_c) mma_word<kNT8>(acc, c, A, bv[c]);
 #pragma unroll
                 for (int c = 0; c < kNT8; ++c) bv[c] = bv_next[c];
             }
@@ -188,19 +170,6 @@ __device__ __forceinline__ StreamItem stream_item(const GemmParams &p, const int
     s.row0 = ck.row0;
     s.n_warp = (item % n_slabs) * 32;
     return s;
-}
-
-/* cp.async with "memory" clobbers: the shared-memory reads of the token slots are plain loads,
- * which the compiler must not move across the copy, the commit or the wait. */
-__device__ __forceinline__ void cp_async16_ca(void *smem_dst, const void *gmem_src) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit_ordered() {
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_all_but_newest() {
-    asm volatile("cp.async.wait_group 1;" ::: "memory");
 }
 
 /* Bytes of token slots per block: kDepth stages x kNT8 tiles x 4 words x 16 bytes a thread. */
@@ -276,46 +245,27 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
 #pragma unroll
                 for (int q = 0; q < 4; ++q)
                     cp_async16_ca(&slot(stage, c, q), tk + c * tk_row8 + step * 256 + q * 64);
-        cp_async_commit_ordered();
+        cp_async_commit();
     };
 
     float acc[2][kNT8][4];
-    auto zero_acc = [&] {
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-            for (int c = 0; c < kNT8; ++c)
-#pragma unroll
-                for (int v = 0; v < 4; ++v) acc[i][c][v] = 0.0f;
-    };
-    zero_acc();
+    zero_warp_tile<kNT8>(acc);
 
     auto compute = [&](int stage, const uint4 (&w)[4], const uint32_t (&s)[4]) {
         const int live_c = (cur.mrows + 7) / 8;
         uint32_t S[4][2];
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-            S[r][0] = sf_to_bf16x2(s[r] & 0xFFu);
-            S[r][1] = sf_to_bf16x2(s[r] >> 8);
-        }
+        for (int r = 0; r < 4; ++r) sf_pair_to_bf16x2(s[r], S[r]);
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
             uint32_t A[2][2][4]; /* [m16 tile][k16 slice][fragment] */
+            word_fragments<kSlabs, 2>(w, S, q, A);
 #pragma unroll
-            for (int i = 0; i < 2; ++i)
-                weight_fragments<kSlabs>(word_of(w[2 * i], q), S[2 * i][q / 2],
-                                         word_of(w[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
-#pragma unroll
-            for (int c = 0; c < kNT8; ++c) {
+            for (int c = 0; c < kNT8; ++c)
                 if (c < live_c) {
                     const uint4 b = slot(stage, c, q); /* B of slices 2q, 2q+1 */
-#pragma unroll
-                    for (int i = 0; i < 2; ++i) {
-                        mma_bf16_16816(acc[i][c], A[i][0], b.x, b.y);
-                        mma_bf16_16816(acc[i][c], A[i][1], b.z, b.w);
-                    }
+                    mma_word<kNT8>(acc, c, A, b);
                 }
-            }
         }
     };
 
@@ -332,8 +282,8 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
         StreamCursor tcur = ccur; /* the token cursor: the next global step */
         const bool tokens_of_next_item = tcur.advance(steps, stride);
         if (tcur.item < total) copy_tokens(tokens_of_next_item ? nxt : cur, tcur.step, (d + 1) % kDepth);
-        else cp_async_commit_ordered(); /* an empty group keeps "all but the newest" meaning this step */
-        cp_async_wait_all_but_newest();
+        else cp_async_commit(); /* an empty group: wait<1> below still means "this step's" */
+        cp_async_wait<1>();
         compute(d, wb[d], sb[d]);
         load_next(wb[d], sb[d]);
         if (ccur.advance(steps, stride)) {
@@ -341,7 +291,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
             if (ccur.item >= total) return true;
             cur = nxt;
             if (ccur.item + stride < total) nxt = stream_item<MT>(p, chunk_start, ccur.item + stride, n_slabs);
-            zero_acc();
+            zero_warp_tile<kNT8>(acc);
         }
         return false;
     };
@@ -353,44 +303,39 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     }
 }
 
-template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
-epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>;
-    int per_sm = 0;
-    CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32, 0),
-             "streaming grouped GEMM occupancy");
-    if (per_sm < 1)
-        EPMOE_FAIL(EPMOE_ERR_CUDA, "streaming grouped GEMM MT=%d does not fit on an SM", MT);
-    /* one work item per warp: never more warps than the largest possible work list */
-    const int64_t max_items = (p.cap_rows / MT + p.E) * (p.N / 32);
-    unsigned grid = 0;
-    EPMOE_TRY(persistent_grid(per_sm, (max_items + NWARPS - 1) / NWARPS, &grid));
-    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderFragments, stream));
-    kernel<<<grid, NWARPS * 32, 0, stream>>>(p);
-    CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (streaming decode)");
-    return EPMOE_OK;
-}
-
-
-template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
-epmoe_status launch_stream_ring(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_stream_ring_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>;
-    constexpr int smem = stream_ring_smem_bytes<MT, NWARPS, kDepth>();
-    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-             "raising the ring streaming grouped GEMM's shared-memory limit");
+/* Either streaming kernel with smem bytes of dynamic shared memory: the occupancy's blocks on
+ * every SM, never more warps than the largest possible work list (one item per warp), after
+ * the pre-pass that writes A's bf16 copy in fragment order. */
+template <int MT, int NWARPS, typename Kernel>
+epmoe_status launch_streaming(Kernel kernel, int smem, const GemmParams &p, cudaStream_t stream,
+                              const char *what) {
+    if (smem > 0)
+        CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+                 "raising the streaming grouped GEMM's shared-memory limit");
     int per_sm = 0;
     CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32, smem),
-             "ring streaming grouped GEMM occupancy");
-    if (per_sm < 1)
-        EPMOE_FAIL(EPMOE_ERR_CUDA, "ring streaming grouped GEMM MT=%d does not fit on an SM", MT);
-    /* one work item per warp: never more warps than the largest possible work list */
+             "streaming grouped GEMM occupancy");
+    if (per_sm < 1) EPMOE_FAIL(EPMOE_ERR_CUDA, "%s MT=%d does not fit on an SM", what, MT);
     const int64_t max_items = (p.cap_rows / MT + p.E) * (p.N / 32);
     unsigned grid = 0;
     EPMOE_TRY(persistent_grid(per_sm, (max_items + NWARPS - 1) / NWARPS, &grid));
     EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderFragments, stream));
     kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
-    CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (ring streaming decode)");
+    CUDA_TRY_LAUNCH(what);
     return EPMOE_OK;
+}
+
+template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
+epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
+    return launch_streaming<MT, NWARPS>(grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>,
+                                        0, p, stream, "grouped NVFP4 GEMM (streaming decode)");
+}
+
+template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
+epmoe_status launch_stream_ring(const GemmParams &p, cudaStream_t stream) {
+    return launch_streaming<MT, NWARPS>(grouped_gemm_stream_ring_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>,
+                                        stream_ring_smem_bytes<MT, NWARPS, kDepth>(), p, stream,
+                                        "grouped NVFP4 GEMM (ring streaming decode)");
 }
 
 } // namespace

@@ -168,16 +168,12 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
             for (int r = 0; r < kRows; ++r) {
                 wq[r] = *(const uint4 *)(wst + lrow[r] * 64 + 16 * t);
                 const uint32_t sf2 = *(const uint16_t *)(wst + kBN * 64 + lrow[r] * 8 + 2 * t);
-                S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
-                S[r][1] = sf_to_bf16x2(sf2 >> 8);
+                sf_pair_to_bf16x2(sf2, S[r]);
             }
 #pragma unroll
             for (int q = 0; q < 4; ++q) {
                 uint32_t A[WT][2][4]; /* [m64 tile][k16 slice 2q+s][fragment] */
-#pragma unroll
-                for (int i = 0; i < WT; ++i)
-                    weight_fragments<kSlabs>(word_of(wq[2 * i], q), S[2 * i][q / 2],
-                                             word_of(wq[2 * i + 1], q), S[2 * i + 1][q / 2], A[i]);
+                word_fragments<kSlabs, WT>(wq, S, q, A);
                 wgmma_fence();
 #pragma unroll
                 for (int s = 0; s < 2; ++s) {

@@ -178,8 +178,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
             for (int r = 0; r < kRows; ++r) {
                 wq[r] = *(const uint4 *)(stage + code_off[r]);
                 const uint32_t sf2 = *(const uint16_t *)(stage + sf_off[r]);
-                S[r][0] = sf_to_bf16x2(sf2 & 0xFFu);
-                S[r][1] = sf_to_bf16x2(sf2 >> 8);
+                sf_pair_to_bf16x2(sf2, S[r]);
             }
             /* One commit group per k16 slice (both m64 tiles), kInFlight groups in flight while
              * the next slice is dequantized: slice j's A registers are set j % kASets, reused
