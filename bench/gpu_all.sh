@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything issue 5 measures, in one device call (run on the GPU machine, repo root, carry
-# .carry): the GEMM benchmark with its test suite and the wgmma probe (bench/gpu_bench.sh), the
-# streaming kernel beside its ring variants at decode sizes,
+# .carry): the GEMM benchmark with its test suite and the wgmma probe (bench/gpu_bench.sh), AUTO's
+# decode kernels launched beside their pre-pass and after it (the overlap, side by side), the
+# streaming kernel's per-instruction stalls at 8 rows (Nsight Compute),
 # SM clock and power sampled while our prefill kernel and cuBLAS run back to back, the whole
 # GPU suite (deploy/gpu-test.sh) and the whole-layer benchmark (bench/layer_bench.sh).
 # Everything lands in $OUT/all.tgz (the device tool returns at most 8 files); bench.json,
@@ -16,10 +17,12 @@ export OUT=/tmp/epmoe-all
 rm -rf "$OUT"; mkdir -p "$OUT"
 rc=0
 bash bench/gpu_bench.sh --reps "$REPS" --kernels 1,4,5,6,7,8,9 --no-row-major > "$OUT/gpu_bench.log" 2>&1 || rc=1
-# the streaming kernel beside its ring variants (forced; AUTO keeps the kept one until these are
-# measured), decode sizes only: at prefill sizes every streaming kernel takes 10-20x AUTO's time
-./build-gemm-dev/bench/gemm_bench --json "$OUT/stream_ring.json" --reps "$REPS" --rows 8,16,32 \
-  --kernels 5,6,10,11 --no-row-major > "$OUT/stream_ring.log" 2>&1 || rc=1
+# the kernels AUTO picks up to 96 rows, each launched beside its pre-pass (default) and only after
+# it (serial launch): what the programmatic dependent launch saves, in one run
+./build-gemm-dev/bench/gemm_bench --json "$OUT/overlap.json" --reps "$REPS" --rows 8,16,32,96 \
+  --kernels 5,7,9 --no-row-major --serial-too > "$OUT/overlap.log" 2>&1 || rc=1
+# where the streaming kernel's warps wait, per instruction, at 8 rows per expert
+OUT="$OUT" bash bench/ncu_source.sh grouped_gemm_stream_kernel 8 5 ncu_stream_8 > "$OUT/ncu_stream_8_top.txt" 2>&1 || rc=1
 # clocks: our prefill kernel (AUTO, then forced), then cuBLAS, at one shape, 300 launches each
 nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -lms 50 > "$OUT/clocks.txt" &
 smi=$!
@@ -31,7 +34,8 @@ bash bench/layer_bench.sh --reps "$REPS" > "$OUT/layer_bench.log" 2>&1 || rc=1
 tar -C /tmp -czf "$FINAL_OUT/all.tgz" epmoe-all
 cp "$OUT/bench.json" "$OUT/summary.txt" "$OUT/clocks.txt" "$FINAL_OUT/" 2>/dev/null
 cat "$OUT/summary.txt" "$OUT/wgmma_probe.txt"
-grep -E "^V4|decode stream|wgmma-ws MT=16|DIFFERS" "$OUT/stream_ring.log"
+grep -E "^V4|decode stream|wgmma-ws MT=(32|128)|DIFFERS" "$OUT/overlap.log"
+head -40 "$OUT/ncu_stream_8_top.txt"
 grep -A60 "^model .*x torch" "$OUT/gpu_bench.log" | grep -E "^V4"
 grep -hE "^ *(V4|rows|preset)|tokens/s" "$OUT"/layer_dsv4-*.txt | head -30
 exit $rc

@@ -287,7 +287,7 @@ bool wgmma_ws_usable(const epmoe_grouped_gemm_args *a) {
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
     if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
-    /* Measured (bench/RESULTS.md v5 on the H100, v6 on the H200): the streaming kernel beats
+    /* Measured (bench/RESULTS.md v5 and v8 on the H100, v6 on the H200): the streaming kernel beats
      * mma.sync MT=32 and the warp-specialized MT=16 kernel up to 16 rows per expert; from 17 rows
      * on, on slab weights, the warp-specialized kernel with the class's token tile beats what ran
      * there before (mma.sync MT=32 at 32 rows: 0.85-1.0x its time; the first wgmma kernel at 64
@@ -315,8 +315,6 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_WS_MT32: return "wgmma-ws MT=32 BN=256";
     case EPMOE_GEMM_SM90_WS_MT64: return "wgmma-ws MT=64 BN=256";
     case EPMOE_GEMM_SM90_WS_MT128: return "wgmma-ws MT=128 BN=256";
-    case EPMOE_GEMM_SM90_STREAM_RING_MT16: return "decode stream ring MT=16";
-    case EPMOE_GEMM_SM90_STREAM_RING_MT8: return "decode stream ring MT=8";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -407,12 +405,6 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
         EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");
         return epmoe_gemm_sm90_stream_launch(p, stream);
-    case EPMOE_GEMM_SM90_STREAM_RING_MT16:
-    case EPMOE_GEMM_SM90_STREAM_RING_MT8:
-        EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
-                      "grouped GEMM: the ring streaming decode kernel needs NVFP4 A and an a_workspace");
-        return epmoe_gemm_sm90_stream_ring_launch(p, kernel == EPMOE_GEMM_SM90_STREAM_RING_MT16 ? 16 : 8,
-                                                  stream);
     default:
         break;
     }

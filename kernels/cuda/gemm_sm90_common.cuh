@@ -49,6 +49,7 @@ struct GemmParams {
     void *out;
     int out_bf16;
     void *a_ws; /* [cap_rows, K] bf16 workspace of the wgmma kernel (NVFP4 A dequantized) */
+    int serial_launch; /* host only: no programmatic dependent launch after the pre-pass */
 };
 
 static __device__ __forceinline__ uint32_t bf16x2_mul(uint32_t a, uint32_t b) {
@@ -459,6 +460,7 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     p.out = a->out;
     p.out_bf16 = a->out_bf16;
     p.a_ws = a->a_workspace;
+    p.serial_launch = a->serial_launch;
     return p;
 }
 
@@ -505,14 +507,48 @@ epmoe_status epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t
 int epmoe_gemm_sm90_ws_compiled(void);
 
 /* The streaming decode kernel (gemm_sm90_stream.cu), NVFP4 A only: token chunks of 16 rows,
- * one 32-row weight slab per warp, no shared-memory staging; p.a_ws is required. Any sm_80+
- * device. */
+ * one 32-row weight slab per warp at a time, weights streamed to registers, tokens copied a
+ * step ahead into shared memory; p.a_ws is required. Any sm_80+ device. */
 epmoe_status epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream);
 
-/* Its ring variant (same file): a weight cursor that runs across work items and the token
- * fragments copied a step ahead into each thread's shared-memory slots; token chunks of mt = 16
- * or 8 rows. NVFP4 A only, p.a_ws required. Any sm_80+ device. */
-epmoe_status epmoe_gemm_sm90_stream_ring_launch(const GemmParams &p, int mt, cudaStream_t stream);
+/* Programmatic dependent launch after the pre-pass (sm_90+). The pre-pass lets the next kernel
+ * launch as soon as all its blocks run; a kernel launched with launch_after_prepass does what
+ * does not depend on A's bf16 copy (its work list, its first weight loads) while the pre-pass
+ * runs, and calls wait_for_prepass() before it first reads p.a_ws: that waits for the pre-pass
+ * grid to complete and its writes to be visible. Without the launch attribute (serial_launch,
+ * or a device below 9.0) the wait returns at once. The pre-pass is launched plainly, so every
+ * kernel before it has completed when the GEMM starts: its routing layout, a_scale and out are
+ * safe to touch before the wait. */
+static __device__ __forceinline__ void prepass_let_next_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+static __device__ __forceinline__ void wait_for_prepass() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+template <typename Kernel>
+static inline epmoe_status launch_after_prepass(Kernel kernel, unsigned grid, int threads, int smem,
+                                                const GemmParams &p, cudaStream_t stream) {
+    int device = 0, major = 0;
+    CUDA_TRY(cudaGetDevice(&device), "grouped GEMM launch");
+    CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+             "reading the compute capability");
+    cudaLaunchAttribute overlap;
+    overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    overlap.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(grid);
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = (size_t)smem;
+    config.stream = stream;
+    config.attrs = &overlap;
+    config.numAttrs = major >= 9 && !p.serial_launch ? 1 : 0;
+    CUDA_TRY(cudaLaunchKernelEx(&config, kernel, p), "launching a grouped GEMM after its pre-pass");
+    return EPMOE_OK;
+}
 
 } // namespace epmoe_sm90
 

@@ -17,6 +17,7 @@ namespace {
  * writes its step's 256 bytes). Live rows only. Launch shape from cap_rows only. */
 template <AOrder kOrder>
 __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParams p) {
+    prepass_let_next_launch(); /* the GEMM's work list and first weight loads need none of this */
     const int lane = threadIdx.x % 32;
     const int64_t warps = (int64_t)gridDim.x * blockDim.x / 32;
     const int K = p.K, steps = K / kStepK;

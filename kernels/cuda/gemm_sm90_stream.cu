@@ -1,19 +1,25 @@
-/* Streaming decode grouped GEMM (any sm_80+ device; Hopper is what it is tuned on): the decode
+/* Streaming decode grouped GEMM (any sm_80+ device; Hopper is what it is tuned on): AUTO's
  * kernel for NVFP4 A at <= 16 rows per expert when the caller gives the bf16 workspace.
  * Contract in grouped_gemm.h; dequantization and K order in gemm_sm90_common.cuh.
  *
  * Why a second decode kernel. The shared-memory kernel (gemm_sm90.cu) stages every 128-k step
  * of weights and tokens through shared memory behind a block barrier, 12 warps per SM. Here
  * nothing is shared between warps and there is no barrier after the work list is built:
- *   - each warp owns one (token chunk, 32 weight rows) work item at a time and streams its
+ *   - each warp owns one (16-token chunk, 32 weight rows) work item at a time and streams its
  *     weight rows global -> registers (16-byte loads that bypass L1, kDepth steps in flight);
- *     in the slab layout (grouped_gemm.h) one step of the warp's rows is 2 KB contiguous;
- *   - the token operand is the workspace copy of A in fragment order (prepass), so one
- *     16-byte load per (8 token rows, word q) is a thread's whole B operand of two k16
- *     slices; the warps of a block work on neighbouring weight rows of the same chunk, so
- *     those loads hit L1 after the first warp.
- * The MMAs see the same k16 slices in the same order as every other Hopper kernel, so the
- * output bits are the same (test_gemm checks it). */
+ *     in the slab layout (grouped_gemm.h) one step of the warp's rows is 2 KB contiguous. One
+ *     weight cursor runs across the warp's work items, so the next item's first steps are in
+ *     flight while this one finishes (a fresh ring per item stalled on every item's first
+ *     step: Nsight Compute, bench/RESULTS.md v7);
+ *   - the token operand is the workspace copy of A in fragment order (pre-pass): one 16-byte
+ *     piece per (8 token rows, word q) is a thread's whole B operand of two k16 slices. Each
+ *     thread copies its own pieces of the next step into its own shared-memory slots
+ *     (cp.async; no barrier, a thread reads only what it copied), so the MMAs wait on shared
+ *     memory, not on L2 (loading them a word ahead from L1/L2 was the other stall of v7).
+ * Measured against the kernel without the two (v8, H100): the same time at 8 rows per expert,
+ * 0.83-0.96x its time at 16. The schedule is in gemm_sm90_stream_schedule.cuh and is replayed
+ * on the host by tests/gpu/test_stream_schedule.cu. The MMAs see the same k16 slices in the same
+ * order as every other Hopper kernel, so the output bits are the same (test_gemm checks it). */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -41,120 +47,6 @@ __device__ __forceinline__ uint32_t ld_stream_u16(const void *ptr) {
     asm volatile("ld.global.nc.L1::no_allocate.u16 %0, [%1];" : "=r"(r) : "l"(ptr));
     return r;
 }
-/* Token fragments are read by every warp working on the chunk: through L1. */
-__device__ __forceinline__ uint4 ld_token16(const void *ptr) {
-    uint4 r;
-    asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-                 : "l"(ptr));
-    return r;
-}
-
-/* MT token rows per chunk; NWARPS warps per block (independent); kDepth steps of weights in
- * flight per warp; kSlabs: the weights are in the slab layout and its bit order. */
-template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
-__global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
-    grouped_gemm_stream_kernel(const GemmParams p) {
-    constexpr int kNT8 = MT / 8;
-    __shared__ int chunk_start[kMaxExperts + 1];
-
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int g = lane / 4, t = lane % 4;
-    const int E = p.E, N = p.N, K = p.K;
-    const int steps = K / kStepK;
-
-    build_chunk_list<MT>(p, chunk_start);
-    const int n_slabs = N / 32; /* N is a multiple of 32 (checked) */
-    const int total = chunk_start[E] * n_slabs;
-    const float fix = kDequantFix * kDequantFix;
-
-    for (int item = blockIdx.x * NWARPS + warp; item < total; item += gridDim.x * NWARPS) {
-        const int chunk = item / n_slabs, slab = item % n_slabs;
-        const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
-        const int e = ck.e, mrows = ck.mrows;
-        const int64_t row0 = ck.row0;
-        const int n_warp = slab * 32;
-        const int live_c = (mrows + 7) / 8; /* n8 token tiles with live rows */
-
-        /* rows g + 8r of the slab, span t (either layout); the span's scale bytes 2t, 2t+1 */
-        const WeightWalk walk = weight_walk<kSlabs>(p, e, n_warp + g, t);
-        const uint8_t *wc = p.w_codes + walk.code, *ws = p.w_sf + walk.sf + 2 * t;
-        /* token row c*8 + g, fragment chunk 4q + t of each 256-byte step. Rows past mrows in
-         * the last tile are padding or the next chunk's rows: inside the padded layout, and
-         * their products land in accumulators the epilogue never writes. */
-        const uint8_t *tk = (const uint8_t *)p.a_ws + (row0 + g) * (int64_t)K * 2 + 16 * t;
-        const int64_t tk_row8 = 8 * (int64_t)K * 2;
-
-        auto load = [&](int step, uint4 (&w)[4], uint32_t (&s)[4]) {
-            if (step < steps) {
-#pragma unroll
-                for (int r = 0; r < 4; ++r) {
-                    w[r] = ld_stream16(wc + r * walk.code_row8 + step * walk.code_step);
-                    s[r] = ld_stream_u16(ws + r * walk.sf_row8 + step * walk.sf_step);
-                }
-            }
-        };
-
-        float acc[2][kNT8][4];
-        zero_warp_tile<kNT8>(acc);
-
-        auto compute = [&](int step, const uint4 (&w)[4], const uint32_t (&s)[4]) {
-            /* B of slices 2q, 2q+1 per n8 tile; word q+1's loads are issued before word q's
-             * MMAs */
-            uint4 bv[kNT8], bv_next[kNT8];
-            auto load_b = [&](int q, uint4 (&b)[kNT8]) {
-#pragma unroll
-                for (int c = 0; c < kNT8; ++c)
-                    if (c < live_c) b[c] = ld_token16(tk + c * tk_row8 + step * 256 + q * 64);
-            };
-            load_b(0, bv);
-            uint32_t S[4][2];
-#pragma unroll
-            for (int r = 0; r < 4; ++r) sf_pair_to_bf16x2(s[r], S[r]);
-#pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                if (q + 1 < 4) load_b(q + 1, bv_next);
-                uint32_t A[2][2][4]; /* [m16 tile][k16 slice][fragment] */
-                word_fragments<kSlabs, 2>(w, S, q, A);
-#pragma unroll
-                for (int c = 0; c < kNT8; ++c)
-                    if (c < live_c) mma_word<kNT8>(acc, c, A, bv[c]);
-#pragma unroll
-                for (int c = 0; c < kNT8; ++c) bv[c] = bv_next[c];
-            }
-        };
-
-        /* a ring of kDepth register stages, indexed statically by unrolling d */
-        uint4 wb[kDepth][4];
-        uint32_t sb[kDepth][4];
-#pragma unroll
-        for (int d = 0; d < kDepth; ++d) load(d, wb[d], sb[d]);
-        for (int step0 = 0; step0 < steps; step0 += kDepth) {
-#pragma unroll
-            for (int d = 0; d < kDepth; ++d) {
-                const int step = step0 + d;
-                if (step < steps) {
-                    compute(step, wb[d], sb[d]);
-                    load(step + kDepth, wb[d], sb[d]);
-                }
-            }
-        }
-
-        store_warp_tile<kNT8>(p, acc, e, n_warp, row0, mrows, fix, g, t);
-    }
-}
-
-/* ---- The ring variant (EPMOE_GEMM_SM90_STREAM_RING_MT16 / _MT8; forced only until measured:
- * bench/RESULTS.md v8). The kept kernel above stalls in two places (Nsight Compute, v7 step 2):
- * on the ring's first use of a step (the weight bytes were asked for one compute step earlier,
- * and a new item starts with an empty ring) and on the token fragments, asked for a word ahead
- * from L1/L2 (42% L1 hits). Here one weight cursor runs across items, so the next item's first
- * steps are in flight while this one finishes, and each thread copies its own token fragments
- * of the next step into its own shared-memory slots (cp.async, no barrier: a thread reads only
- * what it copied), so the MMAs wait on shared memory, not on L2. The schedule is in
- * gemm_sm90_stream_schedule.cuh and is run on the host by tests/gpu/test_stream_schedule.cu.
- * Same k16 slices in the same order: the same bits as every other kernel. ---- */
-
 /* One work item: (token chunk, 32-row weight slab). */
 struct StreamItem {
     int e, mrows, n_warp;
@@ -174,13 +66,13 @@ __device__ __forceinline__ StreamItem stream_item(const GemmParams &p, const int
 
 /* Bytes of token slots per block: kDepth stages x kNT8 tiles x 4 words x 16 bytes a thread. */
 template <int MT, int NWARPS, int kDepth>
-constexpr int stream_ring_smem_bytes() {
+constexpr int stream_smem_bytes() {
     return kDepth * (MT / 8) * 4 * NWARPS * 32 * 16;
 }
 
 template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
 __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
-    grouped_gemm_stream_ring_kernel(const GemmParams p) {
+    grouped_gemm_stream_kernel(const GemmParams p) {
     constexpr int kNT8 = MT / 8;
     constexpr int kThreads = NWARPS * 32;
     static_assert(kDepth == 2 || kDepth == 3, "the step loop below is unrolled for 2 or 3 slots");
@@ -198,7 +90,10 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     const int stride = gridDim.x * NWARPS;
     const float fix = kDequantFix * kDequantFix;
     StreamCursor ccur = {(int)blockIdx.x * NWARPS + warp, 0}; /* compute */
-    if (ccur.item >= total) return;                      /* no block barrier below */
+    if (ccur.item >= total) { /* no block barrier below */
+        wait_for_prepass();   /* so that this grid's end still means the pre-pass's end */
+        return;
+    }
 
     /* the layout's step and row distances, the same for every item */
     const WeightWalk walk0 = weight_walk<kSlabs>(p, 0, g, t);
@@ -273,6 +168,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     uint32_t sb[kDepth][4];
 #pragma unroll
     for (int d = 0; d < kDepth; ++d) load_next(wb[d], sb[d]);
+    wait_for_prepass(); /* everything above ran beside the pre-pass; the tokens are its output */
     copy_tokens(cur, 0, 0);
 
     /* one global step in ring slot D (a constant, so the ring stays in registers); true once
@@ -303,61 +199,34 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     }
 }
 
-/* Either streaming kernel with smem bytes of dynamic shared memory: the occupancy's blocks on
- * every SM, never more warps than the largest possible work list (one item per warp), after
- * the pre-pass that writes A's bf16 copy in fragment order. */
-template <int MT, int NWARPS, typename Kernel>
-epmoe_status launch_streaming(Kernel kernel, int smem, const GemmParams &p, cudaStream_t stream,
-                              const char *what) {
-    if (smem > 0)
-        CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-                 "raising the streaming grouped GEMM's shared-memory limit");
+/* The streaming kernel: the occupancy's blocks on every SM, never more warps than the largest
+ * possible work list (one item per warp), launched while the pre-pass that writes A's bf16 copy
+ * in fragment order still runs (launch_after_prepass). */
+template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
+epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
+    auto kernel = grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>;
+    constexpr int smem = stream_smem_bytes<MT, NWARPS, kDepth>();
+    CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+             "raising the streaming grouped GEMM's shared-memory limit");
     int per_sm = 0;
     CUDA_TRY(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, NWARPS * 32, smem),
              "streaming grouped GEMM occupancy");
-    if (per_sm < 1) EPMOE_FAIL(EPMOE_ERR_CUDA, "%s MT=%d does not fit on an SM", what, MT);
+    if (per_sm < 1) EPMOE_FAIL(EPMOE_ERR_CUDA, "the streaming grouped GEMM (MT=%d) does not fit on an SM", MT);
     const int64_t max_items = (p.cap_rows / MT + p.E) * (p.N / 32);
     unsigned grid = 0;
     EPMOE_TRY(persistent_grid(per_sm, (max_items + NWARPS - 1) / NWARPS, &grid));
     EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderFragments, stream));
-    kernel<<<grid, NWARPS * 32, smem, stream>>>(p);
-    CUDA_TRY_LAUNCH(what);
-    return EPMOE_OK;
-}
-
-template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
-epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
-    return launch_streaming<MT, NWARPS>(grouped_gemm_stream_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>,
-                                        0, p, stream, "grouped NVFP4 GEMM (streaming decode)");
-}
-
-template <int MT, int NWARPS, int kDepth, int kMinBlocks, bool kSlabs>
-epmoe_status launch_stream_ring(const GemmParams &p, cudaStream_t stream) {
-    return launch_streaming<MT, NWARPS>(grouped_gemm_stream_ring_kernel<MT, NWARPS, kDepth, kMinBlocks, kSlabs>,
-                                        stream_ring_smem_bytes<MT, NWARPS, kDepth>(), p, stream,
-                                        "grouped NVFP4 GEMM (ring streaming decode)");
+    return launch_after_prepass(kernel, grid, NWARPS * 32, smem, p, stream);
 }
 
 } // namespace
 
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream) {
-    /* 16-token chunks, two steps of weights in flight per warp, 128 registers: 16 warps per SM.
-     * (An MT=32 instance at 168 registers, 12 warps per SM, lost to the shared-memory kernel
-     * at 32 rows by 1.2x on the H100: bench/RESULTS.md v5.) */
+    /* 16-token chunks, two weight steps in flight per warp (122 registers, no spill; three
+     * spill), 8 warps, 2 blocks per SM: 16 warps per SM; token slots 64 KB a block. (An 8-token
+     * instance with three steps in flight measured 0.98-1.0x this one's time at 8 rows and
+     * 1.3-1.5x at 16, a 32-token one at 168 registers lost to the shared-memory kernel at 32
+     * rows: bench/RESULTS.md v8, v5.) */
     return p.w_slabs ? launch_stream<16, 8, 2, 2, true>(p, stream)
                      : launch_stream<16, 8, 2, 2, false>(p, stream);
-}
-
-epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_ring_launch(const GemmParams &p, int mt,
-                                                            cudaStream_t stream) {
-    /* 16 tokens: two weight steps in flight (125 registers, no spill; three spill 64 bytes);
-     * 8 tokens: three (no spill). 8 warps, 2 blocks per SM: 16 warps, as the kept kernel. Token
-     * slots 64 KB (MT=16) or 48 KB (MT=8) a block. */
-    if (mt == 16)
-        return p.w_slabs ? launch_stream_ring<16, 8, 2, 2, true>(p, stream)
-                         : launch_stream_ring<16, 8, 2, 2, false>(p, stream);
-    if (mt == 8)
-        return p.w_slabs ? launch_stream_ring<8, 8, 3, 2, true>(p, stream)
-                         : launch_stream_ring<8, 8, 3, 2, false>(p, stream);
-    EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "ring streaming GEMM: no %d-row token chunk", mt);
 }

@@ -1,4 +1,4 @@
-/* How the ring streaming kernel (gemm_sm90_stream.cu, grouped_gemm_stream_ring_kernel) walks its
+/* How the streaming kernel (gemm_sm90_stream.cu, grouped_gemm_stream_kernel) walks its
  * work, in host-and-device code so that tests/gpu/test_stream_schedule.cu can run the kernel's
  * sequence of calls on the host (in CI, no GPU needed).
  *

@@ -101,6 +101,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
          * token tile, after lane 0 has announced the stage's bytes ---- */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(kWsProducerRegs));
         if (warp != kWsConsumerWarps) return;
+        /* the token tiles are the pre-pass's output (launch_after_prepass); the consumers read
+         * only what this warp's copies bring */
+        wait_for_prepass();
         const int64_t image_step = (p.cap_rows / 8) * 2048; /* bytes per step of the image */
         int it = 0;                                         /* stage use counter */
         for (int item = blockIdx.x; item < total; item += gridDim.x) {
@@ -239,11 +242,10 @@ epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
     const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
     unsigned grid = 0; /* one block per SM */
     EPMOE_TRY(persistent_grid(1, (p.cap_rows / MT + p.E) * n_tiles, &grid));
-    /* A operand: NVFP4 -> bf16, already in the shared tile's image, then the GEMM */
+    /* A operand: NVFP4 -> bf16, already in the shared tile's image, then the GEMM, launched
+     * while that runs */
     EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderTileImage, stream));
-    kernel<<<grid, kWsThreads, Plan::kBytes, stream>>>(p);
-    CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a warp-specialized wgmma)");
-    return EPMOE_OK;
+    return launch_after_prepass(kernel, grid, kWsThreads, Plan::kBytes, p, stream);
 }
 } // namespace
 

@@ -73,20 +73,16 @@ typedef enum {
     EPMOE_GEMM_SM90_MMA_MT64 = 2,   /* mma.sync, 64 x 128 (decode) */
     EPMOE_GEMM_SM90_MMA_MT128 = 3,   /* mma.sync, 128 x 256 (prefill, any sm_80+ device) */
     EPMOE_GEMM_SM90_WGMMA_MT128 = 4, /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 A) */
-    EPMOE_GEMM_SM90_STREAM_MT16 = 5, /* streaming decode, 16-token chunks x 32 rows per warp
-                                        (NVFP4 A and a_workspace) */
+    EPMOE_GEMM_SM90_STREAM_MT16 = 5, /* streaming decode, 16-token chunks x 32 rows per warp,
+                                        weights streamed to registers across work items, tokens
+                                        a step ahead in shared memory (NVFP4 A, a_workspace) */
     /* warp-specialized wgmma, MT-token chunks x 256 weight rows, a bulk-copy producer warp
      * (Hopper: NVFP4 A, a_workspace, slab weights, cap_rows % 8 == 0) */
     EPMOE_GEMM_SM90_WS_MT16 = 6,
     EPMOE_GEMM_SM90_WS_MT32 = 7,
     EPMOE_GEMM_SM90_WS_MT64 = 8,
     EPMOE_GEMM_SM90_WS_MT128 = 9,
-    /* the streaming kernel's ring variant: its weight loads run on into the next work item and
-     * each thread copies its token fragments a step ahead into shared memory (NVFP4 A and
-     * a_workspace); 16- or 8-token chunks. Forced only: not yet measured (bench/RESULTS.md v8) */
-    EPMOE_GEMM_SM90_STREAM_RING_MT16 = 10,
-    EPMOE_GEMM_SM90_STREAM_RING_MT8 = 11,
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 12 /* one past the last kernel, for loops over them */
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 10 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {
@@ -125,6 +121,10 @@ typedef struct {
     int out_bf16;
 
     epmoe_gemm_sm90_kernel sm90_kernel; /* AUTO (0, what memset gives) unless forcing one */
+    int serial_launch; /* 0 (default): on sm_90+ the kernels that read a_workspace launch while
+                          the pre-pass that writes it still runs (programmatic dependent launch)
+                          and wait for it only where they first read it; 1: launch after it,
+                          for the benchmark's side-by-side and for ruling the overlap out */
 } epmoe_grouped_gemm_args;
 
 /* The step-major slab layout of NVFP4 weights. Rows are grouped in slabs of 32 (N is a

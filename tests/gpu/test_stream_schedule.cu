@@ -1,7 +1,7 @@
-/* The ring streaming kernel's schedule (kernels/cuda/gemm_sm90_stream_schedule.cuh and
+/* The streaming kernel's schedule (kernels/cuda/gemm_sm90_stream_schedule.cuh and
  * chunk_expert in gemm_sm90_common.cuh): host-only, so it runs in CI too (no device needed).
  *
- * Each warp of grouped_gemm_stream_ring_kernel walks its work items as one sequence of global
+ * Each warp of grouped_gemm_stream_kernel walks its work items as one sequence of global
  * steps with three cursors (weights kDepth steps ahead, tokens one step ahead, compute). Here
  * the kernel's sequence of cursor moves is replayed on the host for random work lists (empty
  * experts, steps shorter and longer than the ring, more items than warps and fewer), with the
@@ -44,7 +44,7 @@ struct Tag {
 };
 
 /* One warp of the kernel, replayed: the same calls in the same order as
- * grouped_gemm_stream_ring_kernel (prime kDepth weight slots, copy step 0's tokens, then per
+ * grouped_gemm_stream_kernel (prime kDepth weight slots, copy step 0's tokens, then per
  * global step: copy the next step's tokens into the next stage, compute, load into the slot
  * just used, move the compute cursor). Returns the number of mismatches. */
 static int replay_warp(int kDepth, int first, int stride, int total, int steps, int n_slabs,
