@@ -287,7 +287,7 @@ bool wgmma_ws_usable(const epmoe_grouped_gemm_args *a) {
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
     if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
-    /* Measured (bench/RESULTS.md v5 and v8 on the H100, v6 on the H200): the streaming kernel beats
+    /* Measured (bench/RESULTS.md v5 and v9 on the H100, v6 on the H200): the streaming kernel beats
      * mma.sync MT=32 and the warp-specialized MT=16 kernel up to 16 rows per expert; from 17 rows
      * on, on slab weights, the warp-specialized kernel with the class's token tile beats what ran
      * there before (mma.sync MT=32 at 32 rows: 0.85-1.0x its time; the first wgmma kernel at 64

@@ -16,8 +16,8 @@
  *     thread copies its own pieces of the next step into its own shared-memory slots
  *     (cp.async; no barrier, a thread reads only what it copied), so the MMAs wait on shared
  *     memory, not on L2 (loading them a word ahead from L1/L2 was the other stall of v7).
- * Measured against the kernel without the two (v8, H100): the same time at 8 rows per expert,
- * 0.83-0.96x its time at 16. The schedule is in gemm_sm90_stream_schedule.cuh and is replayed
+ * Measured against the kernel without the two (bench/RESULTS.md v9, H100): 0.95-1.0x its time
+ * at 8 rows per expert, 0.89-1.01x at 16. The schedule is in gemm_sm90_stream_schedule.cuh and is replayed
  * on the host by tests/gpu/test_stream_schedule.cu. The MMAs see the same k16 slices in the same
  * order as every other Hopper kernel, so the output bits are the same (test_gemm checks it). */
 #include <cuda_bf16.h>
@@ -225,8 +225,8 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cuda
     /* 16-token chunks, two weight steps in flight per warp (122 registers, no spill; three
      * spill), 8 warps, 2 blocks per SM: 16 warps per SM; token slots 64 KB a block. (An 8-token
      * instance with three steps in flight measured 0.98-1.0x this one's time at 8 rows and
-     * 1.3-1.5x at 16, a 32-token one at 168 registers lost to the shared-memory kernel at 32
-     * rows: bench/RESULTS.md v8, v5.) */
+     * 1.28-1.36x at 16, a 32-token one at 168 registers lost to the shared-memory kernel at 32
+     * rows: bench/RESULTS.md v9, v5.) */
     return p.w_slabs ? launch_stream<16, 8, 2, 2, true>(p, stream)
                      : launch_stream<16, 8, 2, 2, false>(p, stream);
 }
