@@ -3,15 +3,22 @@
 # .carry): the GEMM benchmark with its test suite and the wgmma probe (bench/gpu_bench.sh), AUTO's
 # decode kernels launched beside their pre-pass and after it (the overlap, side by side), the
 # streaming kernel's per-instruction stalls at 8 rows (Nsight Compute),
-# SM clock and power sampled while our prefill kernel and cuBLAS run back to back, the whole
+# (with --clocks) SM clock and power sampled while our prefill kernel runs, the whole
 # GPU suite (deploy/gpu-test.sh) and the whole-layer benchmark (bench/layer_bench.sh).
 # Everything lands in $OUT/all.tgz (the device tool returns at most 8 files); bench.json,
-# the test summary and the clock samples also lie beside it.
-#   bash bench/gpu_all.sh [--reps N]
+# the test summary (and the clock samples) also lie beside it.
+#   bash bench/gpu_all.sh [--reps N] [--clocks]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPS=10
-[ "${1:-}" = --reps ] && REPS="$2"
+CLOCKS=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --reps) REPS="$2"; shift 2 ;;
+    --clocks) CLOCKS=1; shift ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+  esac
+done
 FINAL_OUT="${OUT:-$PWD/out}"
 export OUT=/tmp/epmoe-all
 rm -rf "$OUT"; mkdir -p "$OUT"
@@ -23,12 +30,14 @@ bash bench/gpu_bench.sh --reps "$REPS" --kernels 1,4,5,6,7,8,9 --no-row-major > 
   --kernels 5,7,9 --no-row-major --serial-too > "$OUT/overlap.log" 2>&1 || rc=1
 # where the streaming kernel's warps wait, per instruction, at 8 rows per expert
 OUT="$OUT" bash bench/ncu_source.sh grouped_gemm_stream_kernel 8 5 ncu_stream_8 > "$OUT/ncu_stream_8_top.txt" 2>&1 || rc=1
-# clocks: our prefill kernel (AUTO, then forced), then cuBLAS, at one shape, 300 launches each
-nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -lms 50 > "$OUT/clocks.txt" &
-smi=$!
-./build-gemm-dev/bench/gemm_bench --json "$OUT/clock_bench.json" --reps 300 --rows 768 --kernels 9 \
-  --no-row-major > "$OUT/clock_bench.log" 2>&1 || rc=1
-kill $smi
+# clocks under load: bash bench/gpu_all.sh --clocks (v6/v9 measured them; optional since)
+if [ "$CLOCKS" = 1 ]; then
+  nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -lms 50 > "$OUT/clocks.txt" &
+  smi=$!
+  ./build-gemm-dev/bench/gemm_bench --json "$OUT/clock_bench.json" --reps 300 --rows 768 --kernels 9 \
+    --no-row-major > "$OUT/clock_bench.log" 2>&1 || rc=1
+  kill $smi
+fi
 bash deploy/gpu-test.sh > "$OUT/gpu_test.log" 2>&1 || rc=1
 bash bench/layer_bench.sh --reps "$REPS" > "$OUT/layer_bench.log" 2>&1 || rc=1
 tar -C /tmp -czf "$FINAL_OUT/all.tgz" epmoe-all
