@@ -38,27 +38,80 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
 #define GATE_TX 16  /* threads along experts: 64 experts a block */
 #define GATE_TY 16  /* threads along tokens */
 
-/* Small batches: a 16x16 tile of (token, expert) outputs per block, one fmaf chain per thread,
- * x and Wg through shared memory in 16-wide slices of h. More blocks than the register-tiled
- * kernel below, which matters when T x E is small (decode, or a slice with few experts): there
- * the tiled kernel ran 1.9x slower (256 vs 136 us at 43 tokens x 32 experts). */
+/* Small batches: a 16x16 tile of (token, expert) outputs per block, one fmaf chain per thread.
+ * More blocks than the register-tiled kernel below, which matters when T x E is small (decode,
+ * or a slice with few experts): there the tiled kernel ran 1.9x slower (256 vs 136 us at 43
+ * tokens x 32 experts). Few tokens also make few threads (43 tokens x 256 experts: 11 K chains,
+ * under 100 an SM), so the loads cannot hide behind other warps; they hide behind the chain:
+ * x and Wg come through a ring of GATE_SMALL_STAGES shared-memory slices of GATE_SMALL_KS h,
+ * copied (cp.async, zero-filled past T, E or H) GATE_SMALL_STAGES - 1 slices ahead of the fmafs,
+ * one barrier a slice. Staging 16 h at a time behind two barriers, each slice waiting out a
+ * load's whole latency, took 135 us at 43 tokens on the H100 and the same at 512 tokens
+ * (bench/RESULTS.md, whole layer): latency, not work. The chain itself is H dependent fmafs. */
 #define GATE_SMALL_TILE 16
+#define GATE_SMALL_KS 64    /* h per slice */
+#define GATE_SMALL_STAGES 4 /* slices in the ring */
+#define GATE_SMALL_ROW (GATE_SMALL_KS + 4) /* floats a row: 16-byte rows, reads conflict-free */
 
-__global__ void gate_logits_small_kernel(const float *x, const float *gate_weight, int64_t T,
-                                         int64_t H, int64_t E, float *logits) {
-    __shared__ float x_tile[GATE_SMALL_TILE][GATE_SMALL_TILE + 1]; /* [token][h] */
-    __shared__ float w_tile[GATE_SMALL_TILE][GATE_SMALL_TILE + 1]; /* [expert][h] */
-    int tx = threadIdx.x, ty = threadIdx.y;
-    int64_t t0 = (int64_t)blockIdx.y * GATE_SMALL_TILE, e0 = (int64_t)blockIdx.x * GATE_SMALL_TILE;
+/* 4 bytes global -> shared, asynchronously; zeros instead when !valid (src is then not read) */
+__device__ __forceinline__ void cp_async4_or_zero(float *smem_dst, const float *gmem_src, bool valid) {
+    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(gmem_src),
+                 "r"(valid ? 4 : 0)
+                 : "memory");
+}
+
+__global__ void __launch_bounds__(GATE_SMALL_TILE *GATE_SMALL_TILE)
+    gate_logits_small_kernel(const float *x, const float *gate_weight, int64_t T, int64_t H,
+                             int64_t E, float *logits) {
+    constexpr int kTile = GATE_SMALL_TILE, kKS = GATE_SMALL_KS, kStages = GATE_SMALL_STAGES;
+    __shared__ __align__(16) float x_ring[kStages][kTile][GATE_SMALL_ROW]; /* [token][h] */
+    __shared__ __align__(16) float w_ring[kStages][kTile][GATE_SMALL_ROW]; /* [expert][h] */
+    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
+    const int64_t t0 = (int64_t)blockIdx.y * kTile, e0 = (int64_t)blockIdx.x * kTile;
+    const int64_t slices = (H + kKS - 1) / kKS;
+
+    /* slice s -> stage s % kStages; consecutive threads copy consecutive h of one row */
+    auto copy_slice = [&](int64_t s) {
+        const int st = (int)(s % kStages);
+        for (int i = tid; i < kTile * kKS; i += kTile * kTile) {
+            const int row = i / kKS, hh = i % kKS;
+            const int64_t h = s * kKS + hh;
+            const bool x_ok = t0 + row < T && h < H, w_ok = e0 + row < E && h < H;
+            cp_async4_or_zero(&x_ring[st][row][hh], x_ok ? x + (t0 + row) * H + h : x, x_ok);
+            cp_async4_or_zero(&w_ring[st][row][hh], w_ok ? gate_weight + (e0 + row) * H + h : gate_weight,
+                              w_ok);
+        }
+    };
+    for (int s = 0; s < kStages - 1; ++s) {
+        if (s < slices) copy_slice(s);
+        asm volatile("cp.async.commit_group;" ::: "memory"); /* one group a slice, even empty */
+    }
+
     float acc = 0.0f;
-    for (int64_t h0 = 0; h0 < H; h0 += GATE_SMALL_TILE) {
-        int64_t h = h0 + tx;
-        x_tile[ty][tx] = (t0 + ty < T && h < H) ? x[(t0 + ty) * H + h] : 0.0f;
-        w_tile[ty][tx] = (e0 + ty < E && h < H) ? gate_weight[(e0 + ty) * H + h] : 0.0f;
+    for (int64_t s = 0; s < slices; ++s) {
+        /* groups committed so far: kStages - 1 + s, the last kStages - 2 may still fly: slice s
+         * (this thread's copies) has landed; the barrier makes it everyone's, and frees the
+         * stage that slice s - 1 was read from for slice s + kStages - 1 */
+        asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 2) : "memory");
         __syncthreads();
-        int n = (int)(H - h0 < GATE_SMALL_TILE ? H - h0 : GATE_SMALL_TILE);
-        for (int j = 0; j < n; j++) acc = fmaf(x_tile[ty][j], w_tile[tx][j], acc);
-        __syncthreads();
+        if (s + kStages - 1 < slices) copy_slice(s + kStages - 1);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+        const int st = (int)(s % kStages);
+        const float *xr = x_ring[st][ty], *wr = w_ring[st][tx];
+        const int64_t left = H - s * kKS;
+        if (left >= kKS) {
+#pragma unroll
+            for (int j = 0; j < kKS; j += 4) {
+                const float4 xv = *(const float4 *)(xr + j), wv = *(const float4 *)(wr + j);
+                acc = fmaf(xv.x, wv.x, acc);
+                acc = fmaf(xv.y, wv.y, acc);
+                acc = fmaf(xv.z, wv.z, acc);
+                acc = fmaf(xv.w, wv.w, acc);
+            }
+        } else {
+            for (int j = 0; j < (int)left; j++) acc = fmaf(xr[j], wr[j], acc); /* none past H-1 */
+        }
     }
     if (t0 + ty < T && e0 + tx < E) logits[(t0 + ty) * E + e0 + tx] = acc;
 }

@@ -53,12 +53,14 @@ static uint32_t f32_bits(float f) {
 static void test_gate_logits_bit_identical(void) {
     /* both kernels (the register-tiled one runs when its 64x64 tiles number at least the
      * SMs: the last two shapes, 528 and 396 blocks), tails of every tile dimension (T, E, and
-     * H not a multiple of the slice) */
+     * H not a multiple of the slice, H shorter than the small kernel's ring of slices), and
+     * the decode shapes of V4-Flash and V4-Pro (chains of 4096 and 7168 fmafs) */
     const int64_t shapes[][3] = {{37, 256, 256}, {5, 200, 67}, {129, 4096, 48}, {300, 1000, 130},
+                                 {3, 100, 20}, {43, 4096, 256}, {64, 7168, 384},
                                  {8448, 64, 256}, {8400, 100, 130}};
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 11);
-    for (int s = 0; s < 6; s++) {
+    for (int s = 0; s < (int)(sizeof shapes / sizeof shapes[0]); s++) {
         int64_t T = shapes[s][0], H = shapes[s][1], E = shapes[s][2];
         float *x = (float *)malloc(T * H * 4), *w = (float *)malloc(E * H * 4);
         float *cpu = (float *)malloc(T * E * 4), *gpu = (float *)malloc(T * E * 4);
