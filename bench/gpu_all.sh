@@ -38,9 +38,6 @@ pack
 ./build-gemm-dev/bench/gemm_bench --json "$OUT/overlap.json" --reps "$REPS" --rows 8,16,32,96 \
   --kernels 5,7,9 --no-row-major --serial-too > "$OUT/overlap.log" 2>&1 || rc=1
 pack
-# (--ncu) where the streaming kernel's warps wait, per instruction, at 8 rows per expert
-[ "$NCU" = 1 ] && { OUT="$OUT" bash bench/ncu_source.sh grouped_gemm_stream_kernel 8 5 ncu_stream_8 \
-  > "$OUT/ncu_stream_8_top.txt" 2>&1 || rc=1; }
 # clocks under load: bash bench/gpu_all.sh --clocks (v6/v9 measured them; optional since)
 if [ "$CLOCKS" = 1 ]; then
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -lms 50 > "$OUT/clocks.txt" &
@@ -51,6 +48,9 @@ if [ "$CLOCKS" = 1 ]; then
 fi
 bash bench/layer_bench.sh --reps "$REPS" > "$OUT/layer_bench.log" 2>&1 || rc=1
 pack
+# (--ncu) where the streaming kernel's warps wait, per instruction, at 8 rows per expert
+[ "$NCU" = 1 ] && { OUT="$OUT" bash bench/ncu_source.sh grouped_gemm_stream_kernel 8 5 ncu_stream_8 \
+  > "$OUT/ncu_stream_8_top.txt" 2>&1 || rc=1; pack; }
 cp "$OUT/bench.json" "$OUT/summary.txt" "$OUT/clocks.txt" "$FINAL_OUT/" 2>/dev/null
 cat "$OUT/summary.txt" "$OUT/wgmma_probe.txt"
 grep -E "^V4|decode stream|wgmma-ws MT=(32|128)|DIFFERS" "$OUT/overlap.log"
