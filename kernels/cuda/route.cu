@@ -45,16 +45,12 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
  * under 100 an SM), so the loads cannot hide behind other warps; they hide behind the chain:
  * x and Wg come through a ring of GATE_SMALL_STAGES shared-memory slices of GATE_SMALL_KS h,
  * copied (cp.async, zero-filled past T, E or H) GATE_SMALL_STAGES - 1 slices ahead of the fmafs,
- * one barrier a slice, and each slice's lines are asked into L2 GATE_SMALL_PREFETCH slices
- * before that (prefetch.global.L2: no registers, no shared memory), so the copies wait on L2,
- * not on DRAM. Staging 16 h at a time behind two barriers, each slice waiting out a load's
- * whole latency, took 135 us at 43 tokens on the H100 and the same at 512 tokens; the ring
- * without the L2 prefetch 64 us (bench/RESULTS.md v9, whole layer): latency, not work. The
- * chain itself is H dependent fmafs (4096 at V4-Flash: about 8 us). */
+ * one barrier a slice. Staging 16 h at a time behind two barriers, each slice waiting out a
+ * load's whole latency, took 135 us at 43 tokens on the H100 and the same at 512 tokens
+ * (bench/RESULTS.md, whole layer): latency, not work. The chain itself is H dependent fmafs. */
 #define GATE_SMALL_TILE 16
-#define GATE_SMALL_KS 64       /* h per slice */
-#define GATE_SMALL_STAGES 4    /* slices in the ring */
-#define GATE_SMALL_PREFETCH 12 /* slices asked into L2 ahead of the fmafs */
+#define GATE_SMALL_KS 64    /* h per slice */
+#define GATE_SMALL_STAGES 4 /* slices in the ring */
 #define GATE_SMALL_ROW (GATE_SMALL_KS + 4) /* floats a row: 16-byte rows, reads conflict-free */
 
 /* 4 bytes global -> shared, asynchronously; zeros instead when !valid (src is then not read) */
@@ -87,19 +83,6 @@ __global__ void __launch_bounds__(GATE_SMALL_TILE *GATE_SMALL_TILE)
                               w_ok);
         }
     };
-    /* piece i < 64 of slice s: the 128-byte line (i % 2) of row i / 2 of the tile's 16 token
-     * rows and 16 expert rows */
-    auto prefetch_piece = [&](int64_t s, int i) {
-        const int row = i / 2;
-        const int64_t h = s * kKS + (i % 2) * 32;
-        if (s >= slices || h >= H) return;
-        const float *line = NULL;
-        if (row < kTile && t0 + row < T) line = x + (t0 + row) * H + h;
-        if (row >= kTile && e0 + row - kTile < E) line = gate_weight + (e0 + row - kTile) * H + h;
-        if (line) asm volatile("prefetch.global.L2 [%0];" ::"l"(line));
-    };
-    for (int i = tid; i < (GATE_SMALL_PREFETCH - (kStages - 1)) * 64; i += kTile * kTile)
-        prefetch_piece(kStages - 1 + i / 64, i % 64);
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < slices) copy_slice(s);
         asm volatile("cp.async.commit_group;" ::: "memory"); /* one group a slice, even empty */
@@ -114,7 +97,6 @@ __global__ void __launch_bounds__(GATE_SMALL_TILE *GATE_SMALL_TILE)
         __syncthreads();
         if (s + kStages - 1 < slices) copy_slice(s + kStages - 1);
         asm volatile("cp.async.commit_group;" ::: "memory");
-        if (tid < 64) prefetch_piece(s + GATE_SMALL_PREFETCH, tid);
         const int st = (int)(s % kStages);
         const float *xr = x_ring[st][ty], *wr = w_ring[st][tx];
         const int64_t left = H - s * kKS;
