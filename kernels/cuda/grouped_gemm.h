@@ -121,10 +121,11 @@ typedef struct {
     int out_bf16;
 
     epmoe_gemm_sm90_kernel sm90_kernel; /* AUTO (0, what memset gives) unless forcing one */
-    int serial_launch; /* 0 (default): on sm_90+ the kernels that read a_workspace launch while
-                          the pre-pass that writes it still runs (programmatic dependent launch)
-                          and wait for it only where they first read it; 1: launch after it,
-                          for the benchmark's side-by-side and for ruling the overlap out */
+    int serial_launch; /* 0 (default): on sm_90+ the streaming and warp-specialized kernels
+                          launch while the pre-pass that writes a_workspace still runs
+                          (programmatic dependent launch) and wait for it only where they first
+                          read it; 1: they launch after it, for the benchmark's side-by-side
+                          and for ruling the overlap out */
 } epmoe_grouped_gemm_args;
 
 /* The step-major slab layout of NVFP4 weights. Rows are grouped in slabs of 32 (N is a
