@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# A/B trial of a change that is not on main yet, in one device call (GPU machine, repo root,
+# carry .carry): the tree as it is (A) and the tree with a patch applied (B). Each is built,
+# its GPU op and GEMM suites run, then the whole layer (both presets, decode sizes) and AUTO's
+# streaming GEMM at 8 and 16 rows (overlapped and serial launch) are timed, A then B, on the
+# same machine. A change goes to main only with its B/A figures in bench/RESULTS.md.
+#   bash bench/trial.sh <patch> [--reps N]
+# The patches wait in bench/trials/ (each says in its diff what it changes; RESULTS says why).
+# Everything lands in $OUT/trial.tgz (plus a summary on stdout).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 1 ] && [ -f "$1" ] || { echo "usage: bash bench/trial.sh <patch> [--reps N]"; exit 2; }
+PATCH="$(realpath "$1")"
+REPS=10
+[ "${2:-}" = --reps ] && REPS="$3"
+source deploy/gpu-env.sh
+FINAL_OUT="${OUT:-$PWD/out}"
+mkdir -p "$FINAL_OUT"
+R=/tmp/epmoe-trial
+rm -rf "$R"; mkdir -p "$R"
+BUILD=build-trial
+pack() { tar -C /tmp -czf "$FINAL_OUT/trial.tgz" epmoe-trial; }
+rc=0
+
+# build, check and time the tree as it is now, as variant $1
+variant() {
+  local v="$1"
+  { cmake -S . -B $BUILD -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS=90a -DEPMOE_SERVICE=OFF \
+      -DCMAKE_BUILD_TYPE=Release && \
+    cmake --build $BUILD -j"$(nproc)" --target test_gpu_ops test_gemm layer_bench gemm_bench; } \
+    > "$R/build_$v.log" 2>&1 || { echo "$v: build failed"; tail -20 "$R/build_$v.log"; rc=1; return; }
+  for t in test_gpu_ops test_gemm; do
+    timeout 600 ./$BUILD/tests/gpu/$t > "$R/${t}_$v.log" 2>&1 || rc=1
+    echo "$v $t: $(tail -1 "$R/${t}_$v.log")"
+  done
+  for preset in dsv4-flash dsv4-pro; do
+    ./$BUILD/bench/layer_bench --preset $preset --rows 8,32,96 --reps "$REPS" \
+      --json "$R/layer_${preset}_$v.json" > "$R/layer_${preset}_$v.txt" 2>&1 || rc=1
+  done
+  ./$BUILD/bench/gemm_bench --json "$R/gemm_$v.json" --reps "$REPS" --rows 8,16 --kernels 5 \
+    --no-row-major --serial-too > "$R/gemm_$v.log" 2>&1 || rc=1
+  pack
+}
+
+variant A
+patch -p1 < "$PATCH" > "$R/patch.log" 2>&1 || { echo "the patch does not apply:"; cat "$R/patch.log"; exit 1; }
+variant B
+patch -R -p1 < "$PATCH" > /dev/null 2>&1
+
+for v in A B; do
+  echo "== $v"
+  grep -h -A4 "rows/exp" "$R"/layer_*_$v.txt
+  grep -E "^V4|decode stream" "$R/gemm_$v.log"
+done
+exit $rc
