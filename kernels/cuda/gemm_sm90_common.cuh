@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/grouped_gemm.h"
 
@@ -220,35 +221,6 @@ static __device__ __forceinline__ void mma_word(float (&acc)[2][kNT8][4], int c,
         mma_bf16_16816(acc[i][c], A[i][0], b.x, b.y);
         mma_bf16_16816(acc[i][c], A[i][1], b.z, b.w);
     }
-}
-
-static __device__ __forceinline__ void cp_async16(void *smem_dst, const void *gmem_src) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src));
-}
-/* The same, asking the L2 to fetch the 256 bytes around the source: for weight rows read 64
- * bytes per step, the following steps then hit L2. */
-static __device__ __forceinline__ void cp_async16_l2_256(void *smem_dst, const void *gmem_src) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(s), "l"(gmem_src));
-}
-static __device__ __forceinline__ void cp_async8(void *smem_dst, const void *gmem_src) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(s), "l"(gmem_src));
-}
-/* 16 bytes through L1 (.ca), for data other warps of the SM read too. With a "memory" clobber,
- * as commit and wait have: a kernel that reads the copies with plain loads and no block
- * barrier between (the ring streaming kernel) must not see them moved across. */
-static __device__ __forceinline__ void cp_async16_ca(void *smem_dst, const void *gmem_src) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem_src) : "memory");
-}
-static __device__ __forceinline__ void cp_async_commit() {
-    asm volatile("cp.async.commit_group;" ::: "memory");
-}
-template <int kPending>
-static __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
 
 /* Where weight row n of expert e keeps the 16 code bytes of span t (bytes [16t, 16t+16) of

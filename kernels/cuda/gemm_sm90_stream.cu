@@ -75,7 +75,7 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     grouped_gemm_stream_kernel(const GemmParams p) {
     constexpr int kNT8 = MT / 8;
     constexpr int kThreads = NWARPS * 32;
-    static_assert(kDepth == 2 || kDepth == 3, "the step loop below is unrolled for 2 or 3 slots");
+    static_assert(kDepth == 2, "the step loop below is unrolled for 2 slots");
     __shared__ int chunk_start[kMaxExperts + 1];
     extern __shared__ uint4 tok_slots[]; /* [kDepth][kNT8][4 words][kThreads] */
 
@@ -194,8 +194,6 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     for (;;) {
         if (one_step(std::integral_constant<int, 0>{})) return;
         if (one_step(std::integral_constant<int, 1>{})) return;
-        if constexpr (kDepth == 3)
-            if (one_step(std::integral_constant<int, 2>{})) return;
     }
 }
 
@@ -222,7 +220,7 @@ epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
 } // namespace
 
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream) {
-    /* 16-token chunks, two weight steps in flight per warp (122 registers, no spill; three
+    /* 16-token chunks, two weight steps in flight per warp (125-127 registers, no spill; three
      * spill), 8 warps, 2 blocks per SM: 16 warps per SM; token slots 64 KB a block. (An 8-token
      * instance with three steps in flight measured 0.98-1.0x this one's time at 8 rows and
      * 1.28-1.36x at 16, a 32-token one at 168 registers lost to the shared-memory kernel at 32

@@ -2,6 +2,7 @@
  * operation for operation so that ids equal the CPU's). */
 #include <math.h>
 
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops_cuda.h"
 
@@ -55,14 +56,6 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
 #define GATE_SMALL_STAGES 4 /* slices in the ring */
 #define GATE_SMALL_ROW (GATE_SMALL_KS + 4) /* floats a row: 16-byte rows, reads conflict-free */
 
-/* 4 bytes global -> shared, asynchronously; zeros instead when !valid (src is then not read) */
-__device__ __forceinline__ void cp_async4_or_zero(float *smem_dst, const float *gmem_src, bool valid) {
-    const uint32_t dst = (uint32_t)__cvta_generic_to_shared(smem_dst);
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(dst), "l"(gmem_src),
-                 "r"(valid ? 4 : 0)
-                 : "memory");
-}
-
 __global__ void __launch_bounds__(GATE_SMALL_TILE *GATE_SMALL_TILE)
     gate_logits_small_kernel(const float *x, const float *gate_weight, int64_t T, int64_t H,
                              int64_t E, float *logits) {
@@ -87,7 +80,7 @@ __global__ void __launch_bounds__(GATE_SMALL_TILE *GATE_SMALL_TILE)
     };
     for (int s = 0; s < kStages - 1; ++s) {
         if (s < slices) copy_slice(s);
-        asm volatile("cp.async.commit_group;" ::: "memory"); /* one group a slice, even empty */
+        cp_async_commit(); /* one group a slice, even empty */
     }
 
     float acc = 0.0f;
@@ -95,10 +88,10 @@ __global__ void __launch_bounds__(GATE_SMALL_TILE *GATE_SMALL_TILE)
         /* groups committed so far: kStages - 1 + s, the last kStages - 2 may still fly: slice s
          * (this thread's copies) has landed; the barrier makes it everyone's, and frees the
          * stage that slice s - 1 was read from for slice s + kStages - 1 */
-        asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 2) : "memory");
+        cp_async_wait<kStages - 2>();
         __syncthreads();
         if (s + kStages - 1 < slices) copy_slice(s + kStages - 1);
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        cp_async_commit();
         const int st = (int)(s % kStages);
         const float *xr = x_ring[st][ty], *wr = w_ring[st][tx];
         const int64_t left = H - s * kKS;
