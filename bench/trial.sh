@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# A/B trial of a change that is not on main yet, in one device call (GPU machine, repo root,
-# carry .carry): the tree as it is (A) and the tree with a patch applied (B). Each is built,
-# its GPU op and GEMM suites run, then the whole layer (both presets, decode sizes) and AUTO's
-# streaming GEMM at 8 and 16 rows (overlapped and serial launch) are timed, A then B, on the
+# A/B trial of changes that are not on main yet, in one device call (GPU machine, repo root,
+# carry .carry): the tree as it is (A) and the tree with each patch applied on its own (B1, B2,
+# ...; one build directory, so a patch costs an incremental build). Each variant is built, its
+# GPU op and GEMM suites run, then the whole layer (both presets, decode sizes) and AUTO's
+# streaming GEMM at 8 and 16 rows (overlapped and serial launch) are timed, A first, on the
 # same machine. A change goes to main only with its B/A figures in bench/RESULTS.md.
-#   bash bench/trial.sh <patch> [--reps N]
+#   bash bench/trial.sh <patch> [<patch> ...] [--reps N]
 # The patches wait in bench/trials/ (each says in its diff what it changes; RESULTS says why).
-# Everything lands in $OUT/trial.tgz (plus a summary on stdout).
+# Everything lands in $OUT/trial.tgz (plus a summary on stdout); variant Bi is the i-th patch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-[ $# -ge 1 ] && [ -f "$1" ] || { echo "usage: bash bench/trial.sh <patch> [--reps N]"; exit 2; }
-PATCH="$(realpath "$1")"
+PATCHES=()
 REPS=10
-[ "${2:-}" = --reps ] && REPS="$3"
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --reps) REPS="$2"; shift 2 ;;
+    *) [ -f "$1" ] || { echo "no patch file $1"; exit 2; }; PATCHES+=("$(realpath "$1")"); shift ;;
+  esac
+done
+[ ${#PATCHES[@]} -ge 1 ] || { echo "usage: bash bench/trial.sh <patch> [<patch> ...] [--reps N]"; exit 2; }
 source deploy/gpu-env.sh
 FINAL_OUT="${OUT:-$PWD/out}"
 mkdir -p "$FINAL_OUT"
@@ -43,11 +49,19 @@ variant() {
 }
 
 variant A
-patch -p1 < "$PATCH" > "$R/patch.log" 2>&1 || { echo "the patch does not apply:"; cat "$R/patch.log"; exit 1; }
-variant B
-patch -R -p1 < "$PATCH" > /dev/null 2>&1
+VARIANTS=(A)
+i=0
+for PATCH in "${PATCHES[@]}"; do
+  i=$((i + 1))
+  echo "B$i = $(basename "$PATCH")" | tee -a "$R/variants.txt"
+  patch -p1 < "$PATCH" > "$R/patch_B$i.log" 2>&1 || { echo "B$i does not apply:"; cat "$R/patch_B$i.log"; rc=1; continue; }
+  variant "B$i"
+  VARIANTS+=("B$i")
+  patch -R -p1 < "$PATCH" > /dev/null 2>&1
+done
+pack
 
-for v in A B; do
+for v in "${VARIANTS[@]}"; do
   echo "== $v"
   grep -h -A4 "rows/exp" "$R"/layer_*_$v.txt
   grep -E "^V4|decode stream" "$R/gemm_$v.log"

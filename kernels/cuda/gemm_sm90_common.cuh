@@ -473,7 +473,8 @@ int epmoe_gemm_sm90_wgmma_compiled(void);
  * producer warp moving stages with the bulk copy engine; p.a_ws is required (16-byte aligned,
  * as are the weight codes and scales), cap_rows % 8 == 0. Requires a compute capability 9.0
  * device; the caller checks. */
-epmoe_status epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream);
+epmoe_status epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, bool ping_pong,
+                                       cudaStream_t stream);
 
 /* 1 when this binary carries the sm_90a code of the warp-specialized kernel. */
 int epmoe_gemm_sm90_ws_compiled(void);

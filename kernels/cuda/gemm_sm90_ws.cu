@@ -21,7 +21,17 @@
  * Work item: (expert, chunk of up to MT token rows, 256 weight rows). The k16 slices and their
  * order are those of every other Hopper kernel, so the output bits are theirs
  * (tests/gpu/test_gemm.cu and bench/gemm_bench.cu compare them). Only live rows and real
- * columns are written. */
+ * columns are written.
+ *
+ * Ping-pong instance (kPingPong, MT = 128, CUTLASS's "pingpong" schedule). Above, both
+ * warpgroups finish an item together, so the tensor pipe idles while they both store (5-12% of
+ * a V4-Flash prefill call, bench/RESULTS.md v6). Here an item is 128 weight rows and the block's
+ * items alternate between the warpgroups: the producer fills the ring with one item's steps
+ * after the other's, and a warpgroup issues its item's MMAs only after the other has issued all
+ * of its previous item's (the turn barriers), so one warpgroup's epilogue runs under the
+ * other's MMAs. The order also keeps the ring's phase parities unambiguous: a warpgroup never
+ * waits on a stage more than one round ahead of the last one waited on. The price is the token
+ * tile, loaded once per 128 weight rows instead of per 256 (L2 traffic, not DRAM). */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -51,9 +61,10 @@ constexpr int kWsThreads = kWsConsumerThreads + 128;
  * (kSlabs x 256 B). As many stages as fit in 220 KB: at decode sizes the weights are nearly
  * all of a stage, and the stages in flight are what keeps the DRAM busy. */
 constexpr int kWT = 2;
-template <int MT>
+template <int MT, bool kPingPong = false>
 struct WsPlan {
-    static constexpr int kBN = kWsConsumerWGs * kWT * 64;
+    /* weight rows per item: both warpgroups' (cooperative) or one warpgroup's (ping-pong) */
+    static constexpr int kBN = (kPingPong ? 1 : kWsConsumerWGs) * kWT * 64;
     static constexpr int kSlabs = kBN / EPMOE_GEMM_SLAB_ROWS;
     static constexpr int kTile = MT * 256;
     static constexpr int kCodes = kSlabs * 2048;
@@ -67,10 +78,12 @@ struct WsPlan {
     static_assert(kSlabs <= 31, "one producer lane per slab, lane 31 for the token tile");
 };
 
-template <int MT>
+template <int MT, bool kPingPong>
 __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(const GemmParams p) {
 #if EPMOE_WGMMA_DEVICE
-    using Plan = WsPlan<MT>;
+    using Plan = WsPlan<MT, kPingPong>;
+    /* consumer warps that read each stage (and release it) */
+    constexpr int kStageReaders = kPingPong ? 4 : kWsConsumerWarps;
     constexpr int WT = kWT;
     constexpr int kBN = Plan::kBN;
     constexpr int kRows = 2 * WT; /* weight rows per thread: g and g + 8 of each m64 tile */
@@ -78,6 +91,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
     __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages];
+    /* ping-pong: turn_bar[w] completes a phase each time warpgroup w has issued an item's MMAs */
+    __shared__ __align__(8) uint64_t turn_bar[kWsConsumerWGs];
     const uint32_t raw_u32 = smem_u32(smem_raw);
     uint8_t *smem = smem_raw + ((1024u - (raw_u32 & 1023u)) & 1023u);
 
@@ -88,8 +103,9 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
     if (threadIdx.x == 0) {
         for (int s = 0; s < kWsStages; ++s) {
             mbar_init(&full_bar[s], 1);                  /* the producer's expect_tx arrival */
-            mbar_init(&empty_bar[s], kWsConsumerWarps); /* lane 0 of every consumer warp */
+            mbar_init(&empty_bar[s], kStageReaders); /* lane 0 of every reading warp */
         }
+        for (int w = 0; w < kWsConsumerWGs; ++w) mbar_init(&turn_bar[w], 4);
         mbar_init_fence();
     }
     build_chunk_list<MT>(p, chunk_start); /* its block barriers also publish the barriers */
@@ -148,15 +164,26 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
         const int i = r / 2, h = r % 2;
-        lrow[r] = 64 * WT * wg + 64 * i + 16 * wi + g + 8 * h;
+        lrow[r] = (kPingPong ? 0 : 64 * WT * wg) + 64 * i + 16 * wi + g + 8 * h;
         const int slab = lrow[r] / 32, in_slab = lrow[r] % 32;
         code_off[r] = Plan::kTile + slab * 2048 + ((in_slab / 8) * 32 + 4 * g + t) * 16;
         sf_off[r] = Plan::kTile + Plan::kCodes + slab * 256 + in_slab * 8 + 2 * t;
     }
     const uint32_t smem_base = smem_u32(smem);
 
-    int it = 0;
-    for (int item = blockIdx.x; item < total; item += gridDim.x) {
+    int it = 0;   /* stage use counter, over every item of the block (the producer's) */
+    int own = 0;  /* ping-pong: items this warpgroup has taken */
+    for (int item = blockIdx.x, local = 0; item < total; item += gridDim.x, ++local) {
+        if (kPingPong && local % kWsConsumerWGs != wg) {
+            it += steps; /* the other warpgroup's item */
+            continue;
+        }
+        if (kPingPong) {
+            /* warpgroup 1's n-th item follows warpgroup 0's n-th, warpgroup 0's n-th follows
+             * warpgroup 1's (n-1)-th */
+            if (wg == 1) mbar_wait(&turn_bar[0], own & 1);
+            else if (own > 0) mbar_wait(&turn_bar[1], (own - 1) & 1);
+        }
         const int chunk = item / n_tiles, nt = item % n_tiles;
         const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
         const int e = ck.e, mrows = ck.mrows;
@@ -214,6 +241,12 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 wgmma_commit();
             }
         }
+        /* every MMA of the item is issued: the other warpgroup's turn, while this one drains
+         * and stores */
+        if (kPingPong) {
+            mbar_arrive_if(&turn_bar[wg], lane == 0);
+            ++own;
+        }
         wgmma_wait<0>(); /* the accumulators are final; the last stage is free */
 #pragma unroll
         for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
@@ -229,14 +262,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
 } // namespace
 
 int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
-    return kernel_has_sm90_image((const void *)grouped_gemm_wgmma_ws_kernel<128>);
+    return kernel_has_sm90_image((const void *)grouped_gemm_wgmma_ws_kernel<128, false>);
 }
 
 namespace {
-template <int MT>
+template <int MT, bool kPingPong = false>
 epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_wgmma_ws_kernel<MT>;
-    using Plan = WsPlan<MT>;
+    auto kernel = grouped_gemm_wgmma_ws_kernel<MT, kPingPong>;
+    using Plan = WsPlan<MT, kPingPong>;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes),
              "raising the warp-specialized wgmma GEMM's shared-memory limit");
     const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
@@ -249,7 +282,12 @@ epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
 }
 } // namespace
 
-epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream) {
+epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, bool ping_pong,
+                                                   cudaStream_t stream) {
+    if (ping_pong) {
+        if (mt == 128) return launch_ws<128, true>(p, stream);
+        EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "ping-pong wgmma GEMM: no %d-row token tile", mt);
+    }
     switch (mt) {
     case 16: return launch_ws<16>(p, stream);
     case 32: return launch_ws<32>(p, stream);
