@@ -5,16 +5,22 @@
 # GPU op and GEMM suites run, then the whole layer (both presets, decode sizes) and AUTO's
 # streaming GEMM at 8 and 16 rows (overlapped and serial launch) are timed, A first, on the
 # same machine. A change goes to main only with its B/A figures in bench/RESULTS.md.
-#   bash bench/trial.sh <patch> [<patch> ...] [--reps N]
+#   bash bench/trial.sh <patch> [<patch> ...] [--reps N] [--gemm-rows 8,16] [--gemm-kernels 5]
+# (--gemm-rows/--gemm-kernels: what gemm_bench times beside AUTO, e.g. prefill rows 768,3072
+# and the WS kernels 9,10 for a change to the prefill kernels)
 # The patches wait in bench/trials/ (each says in its diff what it changes; RESULTS says why).
 # Everything lands in $OUT/trial.tgz (plus a summary on stdout); variant Bi is the i-th patch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PATCHES=()
 REPS=10
+GEMM_ROWS=8,16
+GEMM_KERNELS=5
 while [ $# -gt 0 ]; do
   case "$1" in
     --reps) REPS="$2"; shift 2 ;;
+    --gemm-rows) GEMM_ROWS="$2"; shift 2 ;;
+    --gemm-kernels) GEMM_KERNELS="$2"; shift 2 ;;
     *) [ -f "$1" ] || { echo "no patch file $1"; exit 2; }; PATCHES+=("$(realpath "$1")"); shift ;;
   esac
 done
@@ -43,7 +49,7 @@ variant() {
     ./$BUILD/bench/layer_bench --preset $preset --rows 8,32,96 --reps "$REPS" \
       --json "$R/layer_${preset}_$v.json" > "$R/layer_${preset}_$v.txt" 2>&1 || rc=1
   done
-  ./$BUILD/bench/gemm_bench --json "$R/gemm_$v.json" --reps "$REPS" --rows 8,16 --kernels 5 \
+  ./$BUILD/bench/gemm_bench --json "$R/gemm_$v.json" --reps "$REPS" --rows "$GEMM_ROWS" --kernels "$GEMM_KERNELS" \
     --no-row-major --serial-too > "$R/gemm_$v.log" 2>&1 || rc=1
   pack
 }
@@ -64,6 +70,6 @@ pack
 for v in "${VARIANTS[@]}"; do
   echo "== $v"
   grep -h -A4 "rows/exp" "$R"/layer_*_$v.txt
-  grep -E "^V4|decode stream" "$R/gemm_$v.log"
+  grep -E "^V4|decode stream|wgmma-ws" "$R/gemm_$v.log"
 done
 exit $rc
