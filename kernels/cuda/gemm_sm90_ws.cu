@@ -153,7 +153,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         return;
     }
 
-    /* ---- consumers: warpgroup wg owns weight rows [64 WT wg, 64 WT (wg + 1)) of the item ---- */
+    /* ---- consumers: warpgroup wg owns weight rows [64 WT wg, 64 WT (wg + 1)) of the item
+     * (ping-pong: all 64 WT rows of every other item) ---- */
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kWsConsumerRegs));
     const int wg = warp / 4, wi = warp % 4, g = lane / 4, t = lane % 4;
     const float fix = kDequantFix * kDequantFix;
