@@ -7,7 +7,8 @@
 # same machine. A change goes to main only with its B/A figures in bench/RESULTS.md.
 #   bash bench/trial.sh <patch> [<patch> ...] [--reps N] [--gemm-rows 8,16] [--gemm-kernels 5]
 # (--gemm-rows/--gemm-kernels: what gemm_bench times beside AUTO, e.g. prefill rows 768,3072
-# and the WS kernels 9,10 for a change to the prefill kernels)
+# and the WS kernels 9,10 for a change to the prefill kernels; --no-layer skips the whole-layer
+# timing, for a change the GEMM timing alone decides)
 # The patches wait in bench/trials/ (each says in its diff what it changes; RESULTS says why).
 # Everything lands in $OUT/trial.tgz (plus a summary on stdout); variant Bi is the i-th patch.
 set -uo pipefail
@@ -16,11 +17,13 @@ PATCHES=()
 REPS=10
 GEMM_ROWS=8,16
 GEMM_KERNELS=5
+LAYER=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --reps) REPS="$2"; shift 2 ;;
     --gemm-rows) GEMM_ROWS="$2"; shift 2 ;;
     --gemm-kernels) GEMM_KERNELS="$2"; shift 2 ;;
+    --no-layer) LAYER=0; shift ;;
     *) [ -f "$1" ] || { echo "no patch file $1"; exit 2; }; PATCHES+=("$(realpath "$1")"); shift ;;
   esac
 done
@@ -45,7 +48,7 @@ variant() {
     timeout 600 ./$BUILD/tests/gpu/$t > "$R/${t}_$v.log" 2>&1 || rc=1
     echo "$v $t: $(tail -1 "$R/${t}_$v.log")"
   done
-  for preset in dsv4-flash dsv4-pro; do
+  [ "$LAYER" = 1 ] && for preset in dsv4-flash dsv4-pro; do
     ./$BUILD/bench/layer_bench --preset $preset --rows 8,32,96 --reps "$REPS" \
       --json "$R/layer_${preset}_$v.json" > "$R/layer_${preset}_$v.txt" 2>&1 || rc=1
   done
@@ -69,7 +72,7 @@ pack
 
 for v in "${VARIANTS[@]}"; do
   echo "== $v"
-  grep -h -A4 "rows/exp" "$R"/layer_*_$v.txt
+  [ "$LAYER" = 1 ] && grep -h -A4 "rows/exp" "$R"/layer_*_$v.txt
   grep -E "^V4|decode stream|wgmma-ws" "$R/gemm_$v.log"
 done
 exit $rc
