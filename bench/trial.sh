@@ -8,7 +8,7 @@
 #   bash bench/trial.sh <patch> [<patch> ...] [--reps N] [--gemm-rows 8,16] [--gemm-kernels 5]
 # (--gemm-rows/--gemm-kernels: what gemm_bench times beside AUTO, e.g. prefill rows 768,3072
 # and the WS kernels 9,10 for a change to the prefill kernels; --no-layer skips the whole-layer
-# timing, for a change the GEMM timing alone decides)
+# timing, for a change the GEMM timing alone decides; --layer-rows 8,32,96 its rows per expert)
 # The patches wait in bench/trials/ (each says in its diff what it changes; RESULTS says why).
 # Everything lands in $OUT/trial.tgz (plus a summary on stdout); variant Bi is the i-th patch.
 set -uo pipefail
@@ -18,12 +18,14 @@ REPS=10
 GEMM_ROWS=8,16
 GEMM_KERNELS=5
 LAYER=1
+LAYER_ROWS=8,32,96
 while [ $# -gt 0 ]; do
   case "$1" in
     --reps) REPS="$2"; shift 2 ;;
     --gemm-rows) GEMM_ROWS="$2"; shift 2 ;;
     --gemm-kernels) GEMM_KERNELS="$2"; shift 2 ;;
     --no-layer) LAYER=0; shift ;;
+    --layer-rows) LAYER_ROWS="$2"; shift 2 ;;
     *) [ -f "$1" ] || { echo "no patch file $1"; exit 2; }; PATCHES+=("$(realpath "$1")"); shift ;;
   esac
 done
@@ -49,7 +51,7 @@ variant() {
     echo "$v $t: $(tail -1 "$R/${t}_$v.log")"
   done
   [ "$LAYER" = 1 ] && for preset in dsv4-flash dsv4-pro; do
-    ./$BUILD/bench/layer_bench --preset $preset --rows 8,32,96 --reps "$REPS" \
+    ./$BUILD/bench/layer_bench --preset $preset --rows "$LAYER_ROWS" --reps "$REPS" \
       --json "$R/layer_${preset}_$v.json" > "$R/layer_${preset}_$v.txt" 2>&1 || rc=1
   done
   ./$BUILD/bench/gemm_bench --json "$R/gemm_$v.json" --reps "$REPS" --rows "$GEMM_ROWS" --kernels "$GEMM_KERNELS" \

@@ -315,7 +315,6 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_WS_MT32: return "wgmma-ws MT=32 BN=256";
     case EPMOE_GEMM_SM90_WS_MT64: return "wgmma-ws MT=64 BN=256";
     case EPMOE_GEMM_SM90_WS_MT128: return "wgmma-ws MT=128 BN=256";
-    case EPMOE_GEMM_SM90_WS_PP_MT128: return "wgmma-ws ping-pong MT=128 BN=128";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -397,13 +396,11 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
     case EPMOE_GEMM_SM90_WS_MT32:
     case EPMOE_GEMM_SM90_WS_MT64:
     case EPMOE_GEMM_SM90_WS_MT128:
-    case EPMOE_GEMM_SM90_WS_PP_MT128:
         EPMOE_REQUIRE(a->sm90_kernel == EPMOE_GEMM_SM90_AUTO || wgmma_ws_usable(a), EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the warp-specialized wgmma kernel needs NVFP4 A, an a_workspace, slab-layout weights, "
                       "16-byte aligned weight codes, scales and workspace, cap_rows a multiple of 8, a compute capability 9.0 "
                       "device and a build for the 90a architecture");
-        if (kernel == EPMOE_GEMM_SM90_WS_PP_MT128) return epmoe_gemm_sm90_ws_launch(p, 128, true, stream);
-        return epmoe_gemm_sm90_ws_launch(p, 16 << (kernel - EPMOE_GEMM_SM90_WS_MT16), false, stream);
+        return epmoe_gemm_sm90_ws_launch(p, 16 << (kernel - EPMOE_GEMM_SM90_WS_MT16), stream);
     case EPMOE_GEMM_SM90_STREAM_MT16:
         EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");

@@ -331,6 +331,82 @@ static __device__ __forceinline__ void store_wgmma_tiles(const GemmParams &p, co
     }
 }
 
+/* The same epilogue for bf16 output, through 1 KB of shared memory per warp (smem_warp,
+ * 16-byte aligned): the scattered 2-byte stores above become 16-byte ones. A warp's 16 weight
+ * rows of a tile are 16 consecutive columns of 32 output rows at a time: stmatrix.trans writes
+ * the bf16 fragments transposed (one 16-byte row per token and 8 columns), and each lane then
+ * stores two 16-byte pieces, two lanes per token row, 32 bytes per row: whole sectors. The
+ * values and their rounding are those of store_wgmma_tiles, so the bits are too. The halves
+ * of a token's 32 bytes swap on tokens 4-7 of every 8 (bank groups of the 8 rows that one
+ * matrix stores). N % 32 == 0, so a warp's 16 columns are all real or all past N. */
+template <int WT, int MT>
+static __device__ __forceinline__ void store_wgmma_tiles_bf16_staged(
+    const GemmParams &p, const float (&acc)[WT][MT / 2], const int (&lrow)[2 * WT], int e, int n0,
+    int64_t row0, int mrows, float fix, int lane, uint32_t smem_warp) {
+    static_assert(MT % 32 == 0, "32 token rows per round");
+    const int g = lane / 4, t = lane % 4;
+    float wscale[2 * WT];
+#pragma unroll
+    for (int r = 0; r < 2 * WT; ++r) {
+        const int n = min(n0 + lrow[r], p.N - 1);
+        const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
+        wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
+    }
+    /* the shared-memory place of (token lt of the round, column half h): 32 bytes per token */
+    auto piece = [](int lt, int h) { return (uint32_t)(lt * 32 + 16 * (h ^ ((lt >> 2) & 1))); };
+    /* stmatrix x4: matrix m = lane / 8 gets its row lane % 8 (a token) from this lane's address;
+     * matrix m holds token block 2q + m / 2 of the round and column half m % 2 */
+    const int m = lane / 8, k = lane % 8;
+    __nv_bfloat16 *out = (__nv_bfloat16 *)p.out;
+#pragma unroll
+    for (int i = 0; i < WT; ++i) {
+        const int n_base = n0 + lrow[2 * i] - g; /* the warp's first column of tile i */
+        const bool n_live = n_base < p.N;
+#pragma unroll
+        for (int round = 0; round < MT / 32; ++round) {
+            uint32_t frag[2][4];
+#pragma unroll
+            for (int cc = 0; cc < 4; ++cc) {
+                const int c = 4 * round + cc;
+                float as[2];
+#pragma unroll
+                for (int j = 0; j < 2; ++j) {
+                    const int tr = c * 8 + 2 * t + j;
+                    as[j] = tr < mrows ? p.a_scale[row0 + tr] : 0.0f;
+                }
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+                    const float v0 = acc[i][4 * c + 2 * h] * wscale[2 * i + h] * as[0];
+                    const float v1 = acc[i][4 * c + 2 * h + 1] * wscale[2 * i + h] * as[1];
+                    const __nv_bfloat162 b = __floats2bfloat162_rn(v0, v1);
+                    frag[cc / 2][2 * (cc % 2) + h] = *(const uint32_t *)&b;
+                }
+            }
+#pragma unroll
+            for (int q = 0; q < 2; ++q) {
+                const uint32_t addr = smem_warp + piece(8 * (2 * q + m / 2) + k, m % 2);
+                asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+                             ::"r"(addr), "r"(frag[q][0]), "r"(frag[q][1]), "r"(frag[q][2]),
+                             "r"(frag[q][3])
+                             : "memory");
+            }
+            __syncwarp();
+#pragma unroll
+            for (int k2 = 0; k2 < 2; ++k2) {
+                const int pc = lane + 32 * k2, lt = pc / 2, h = pc % 2;
+                uint4 v;
+                asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+                             : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+                             : "r"(smem_warp + piece(lt, h)));
+                const int tr = 32 * round + lt;
+                if (n_live && tr < mrows)
+                    *(uint4 *)(out + (row0 + tr) * p.N + n_base + 8 * h) = v;
+            }
+            __syncwarp(); /* the next round's stmatrix overwrites what was just read */
+        }
+    }
+}
+
 /* Work list of one launch: expert e contributes ceil(count_e / MT) token chunks, each crossed
  * with the weight tiles. Built on the device from the counts (no host sync) into
  * chunk_start[0..E]; every thread of the block must call it. */
@@ -473,8 +549,7 @@ int epmoe_gemm_sm90_wgmma_compiled(void);
  * producer warp moving stages with the bulk copy engine; p.a_ws is required (16-byte aligned,
  * as are the weight codes and scales), cap_rows % 8 == 0. Requires a compute capability 9.0
  * device; the caller checks. */
-epmoe_status epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, bool ping_pong,
-                                       cudaStream_t stream);
+epmoe_status epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream);
 
 /* 1 when this binary carries the sm_90a code of the warp-specialized kernel. */
 int epmoe_gemm_sm90_ws_compiled(void);

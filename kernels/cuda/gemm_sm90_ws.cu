@@ -21,17 +21,11 @@
  * Work item: (expert, chunk of up to MT token rows, 256 weight rows). The k16 slices and their
  * order are those of every other Hopper kernel, so the output bits are theirs
  * (tests/gpu/test_gemm.cu and bench/gemm_bench.cu compare them). Only live rows and real
- * columns are written.
- *
- * Ping-pong instance (kPingPong, MT = 128, CUTLASS's "pingpong" schedule). Above, both
- * warpgroups finish an item together, so the tensor pipe idles while they both store (5-12% of
- * a V4-Flash prefill call, bench/RESULTS.md v6). Here an item is 128 weight rows and the block's
- * items alternate between the warpgroups: the producer fills the ring with one item's steps
- * after the other's, and a warpgroup issues its item's MMAs only after the other has issued all
- * of its previous item's (the turn barriers), so one warpgroup's epilogue runs under the
- * other's MMAs. The order also keeps the ring's phase parities unambiguous: a warpgroup never
- * waits on a stage more than one round ahead of the last one waited on. The price is the token
- * tile, loaded once per 128 weight rows instead of per 256 (L2 traffic, not DRAM). */
+ * columns are written; bf16 output leaves through shared memory in 16-byte stores
+ * (store_wgmma_tiles_bf16_staged: 0.97-1.0x the time of direct 2-byte stores, bench/RESULTS.md
+ * v10). A ping-pong instance (128-row items alternating between the warpgroups, one's epilogue
+ * under the other's MMAs) was built and measured 1.04-1.20x slower (v10): one warpgroup alone
+ * does not keep the tensor pipe as busy as two interleaved. */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -61,29 +55,31 @@ constexpr int kWsThreads = kWsConsumerThreads + 128;
  * (kSlabs x 256 B). As many stages as fit in 220 KB: at decode sizes the weights are nearly
  * all of a stage, and the stages in flight are what keeps the DRAM busy. */
 constexpr int kWT = 2;
-template <int MT, bool kPingPong = false>
+template <int MT>
 struct WsPlan {
-    /* weight rows per item: both warpgroups' (cooperative) or one warpgroup's (ping-pong) */
-    static constexpr int kBN = (kPingPong ? 1 : kWsConsumerWGs) * kWT * 64;
+    static constexpr int kBN = kWsConsumerWGs * kWT * 64;
     static constexpr int kSlabs = kBN / EPMOE_GEMM_SLAB_ROWS;
     static constexpr int kTile = MT * 256;
     static constexpr int kCodes = kSlabs * 2048;
     static constexpr int kSf = kSlabs * 256;
     static constexpr int kStage = kTile + kCodes + kSf;
     static constexpr int kStages = (220 * 1024) / kStage;
-    static constexpr int kBytes = kStages * kStage + 1024; /* + alignment slack */
+    /* the bf16 epilogue's 1 KB per consumer warp (store_wgmma_tiles_bf16_staged), where it fits
+     * beside the stages, the static shared memory (5 KB) and the 227 KB limit: all but MT = 16 */
+    static constexpr int kEpi = kWsConsumerWarps * 1024;
+    static constexpr bool kStagedStore = kStages * kStage + kEpi + 1024 + 6 * 1024 <= 227 * 1024;
+    static constexpr int kBytes = kStages * kStage + (kStagedStore ? kEpi : 0) +
+                                  1024; /* + alignment slack */
     static_assert(kStage % 1024 == 0, "token tiles must stay 1024-aligned");
     static_assert(kStages >= 3, "the ring holds the consumers' two stages and one in flight");
     static_assert(MT == 16 || MT == 32 || MT == 64 || MT == 128, "a wgmma width with a wrapper");
     static_assert(kSlabs <= 31, "one producer lane per slab, lane 31 for the token tile");
 };
 
-template <int MT, bool kPingPong>
+template <int MT>
 __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(const GemmParams p) {
 #if EPMOE_WGMMA_DEVICE
-    using Plan = WsPlan<MT, kPingPong>;
-    /* consumer warps that read each stage (and release it) */
-    constexpr int kStageReaders = kPingPong ? 4 : kWsConsumerWarps;
+    using Plan = WsPlan<MT>;
     constexpr int WT = kWT;
     constexpr int kBN = Plan::kBN;
     constexpr int kRows = 2 * WT; /* weight rows per thread: g and g + 8 of each m64 tile */
@@ -91,8 +87,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
     __shared__ __align__(8) uint64_t full_bar[kWsStages], empty_bar[kWsStages];
-    /* ping-pong: turn_bar[w] completes a phase each time warpgroup w has issued an item's MMAs */
-    __shared__ __align__(8) uint64_t turn_bar[kWsConsumerWGs];
     const uint32_t raw_u32 = smem_u32(smem_raw);
     uint8_t *smem = smem_raw + ((1024u - (raw_u32 & 1023u)) & 1023u);
 
@@ -103,9 +97,8 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
     if (threadIdx.x == 0) {
         for (int s = 0; s < kWsStages; ++s) {
             mbar_init(&full_bar[s], 1);                  /* the producer's expect_tx arrival */
-            mbar_init(&empty_bar[s], kStageReaders); /* lane 0 of every reading warp */
+            mbar_init(&empty_bar[s], kWsConsumerWarps); /* lane 0 of every consumer warp */
         }
-        for (int w = 0; w < kWsConsumerWGs; ++w) mbar_init(&turn_bar[w], 4);
         mbar_init_fence();
     }
     build_chunk_list<MT>(p, chunk_start); /* its block barriers also publish the barriers */
@@ -153,8 +146,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
         return;
     }
 
-    /* ---- consumers: warpgroup wg owns weight rows [64 WT wg, 64 WT (wg + 1)) of the item
-     * (ping-pong: all 64 WT rows of every other item) ---- */
+    /* ---- consumers: warpgroup wg owns weight rows [64 WT wg, 64 WT (wg + 1)) of the item ---- */
     asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(kWsConsumerRegs));
     const int wg = warp / 4, wi = warp % 4, g = lane / 4, t = lane % 4;
     const float fix = kDequantFix * kDequantFix;
@@ -165,26 +157,15 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
         const int i = r / 2, h = r % 2;
-        lrow[r] = (kPingPong ? 0 : 64 * WT * wg) + 64 * i + 16 * wi + g + 8 * h;
+        lrow[r] = 64 * WT * wg + 64 * i + 16 * wi + g + 8 * h;
         const int slab = lrow[r] / 32, in_slab = lrow[r] % 32;
         code_off[r] = Plan::kTile + slab * 2048 + ((in_slab / 8) * 32 + 4 * g + t) * 16;
         sf_off[r] = Plan::kTile + Plan::kCodes + slab * 256 + in_slab * 8 + 2 * t;
     }
     const uint32_t smem_base = smem_u32(smem);
 
-    int it = 0;   /* stage use counter, over every item of the block (the producer's) */
-    int own = 0;  /* ping-pong: items this warpgroup has taken */
-    for (int item = blockIdx.x, local = 0; item < total; item += gridDim.x, ++local) {
-        if (kPingPong && local % kWsConsumerWGs != wg) {
-            it += steps; /* the other warpgroup's item */
-            continue;
-        }
-        if (kPingPong) {
-            /* warpgroup 1's n-th item follows warpgroup 0's n-th, warpgroup 0's n-th follows
-             * warpgroup 1's (n-1)-th */
-            if (wg == 1) mbar_wait(&turn_bar[0], own & 1);
-            else if (own > 0) mbar_wait(&turn_bar[1], (own - 1) & 1);
-        }
+    int it = 0;
+    for (int item = blockIdx.x; item < total; item += gridDim.x) {
         const int chunk = item / n_tiles, nt = item % n_tiles;
         const Chunk ck = find_chunk<MT>(p, chunk_start, chunk);
         const int e = ck.e, mrows = ck.mrows;
@@ -242,17 +223,19 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
                 wgmma_commit();
             }
         }
-        /* every MMA of the item is issued: the other warpgroup's turn, while this one drains
-         * and stores */
-        if (kPingPong) {
-            mbar_arrive_if(&turn_bar[wg], lane == 0);
-            ++own;
-        }
         wgmma_wait<0>(); /* the accumulators are final; the last stage is free */
 #pragma unroll
         for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
         if (lane == 0) mbar_arrive(&empty_bar[(it - 1) % kWsStages]); /* steps >= 1 */
 
+        if constexpr (Plan::kStagedStore) {
+            if (p.out_bf16) {
+                store_wgmma_tiles_bf16_staged<WT, MT>(p, acc, lrow, e, n0, row0, mrows, fix, lane,
+                                                      smem_base + kWsStages * Plan::kStage +
+                                                          warp * 1024);
+                continue;
+            }
+        }
         store_wgmma_tiles<WT, MT>(p, acc, lrow, e, n0, row0, mrows, fix, t);
     }
 #else
@@ -263,14 +246,14 @@ __global__ void __launch_bounds__(kWsThreads, 1) grouped_gemm_wgmma_ws_kernel(co
 } // namespace
 
 int epmoe_sm90::epmoe_gemm_sm90_ws_compiled(void) {
-    return kernel_has_sm90_image((const void *)grouped_gemm_wgmma_ws_kernel<128, false>);
+    return kernel_has_sm90_image((const void *)grouped_gemm_wgmma_ws_kernel<128>);
 }
 
 namespace {
-template <int MT, bool kPingPong = false>
+template <int MT>
 epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
-    auto kernel = grouped_gemm_wgmma_ws_kernel<MT, kPingPong>;
-    using Plan = WsPlan<MT, kPingPong>;
+    auto kernel = grouped_gemm_wgmma_ws_kernel<MT>;
+    using Plan = WsPlan<MT>;
     CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, Plan::kBytes),
              "raising the warp-specialized wgmma GEMM's shared-memory limit");
     const int64_t n_tiles = (p.N + Plan::kBN - 1) / Plan::kBN;
@@ -283,12 +266,7 @@ epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
 }
 } // namespace
 
-epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, bool ping_pong,
-                                                   cudaStream_t stream) {
-    if (ping_pong) {
-        if (mt == 128) return launch_ws<128, true>(p, stream);
-        EPMOE_FAIL(EPMOE_ERR_INVALID_ARG, "ping-pong wgmma GEMM: no %d-row token tile", mt);
-    }
+epmoe_status epmoe_sm90::epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t stream) {
     switch (mt) {
     case 16: return launch_ws<16>(p, stream);
     case 32: return launch_ws<32>(p, stream);

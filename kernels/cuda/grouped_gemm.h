@@ -82,10 +82,7 @@ typedef enum {
     EPMOE_GEMM_SM90_WS_MT32 = 7,
     EPMOE_GEMM_SM90_WS_MT64 = 8,
     EPMOE_GEMM_SM90_WS_MT128 = 9,
-    /* the same with 128-row items that alternate between its two consumer warpgroups, one's
-     * epilogue under the other's MMAs (ping-pong; same requirements) */
-    EPMOE_GEMM_SM90_WS_PP_MT128 = 10,
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 11 /* one past the last kernel, for loops over them */
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 10 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {

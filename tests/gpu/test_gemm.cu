@@ -213,7 +213,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&forced, 0);
         /* wgmma: only on a 9.0 device with NVFP4 A (the warp-specialized one also only on slab
          * weights); streaming: with NVFP4 A */
-        const bool ws = k >= EPMOE_GEMM_SM90_WS_MT16 && k <= EPMOE_GEMM_SM90_WS_PP_MT128;
+        const bool ws = k >= EPMOE_GEMM_SM90_WS_MT16 && k <= EPMOE_GEMM_SM90_WS_MT128;
         const bool stream = k == EPMOE_GEMM_SM90_STREAM_MT16;
         if (st == EPMOE_ERR_UNSUPPORTED &&
             (k == EPMOE_GEMM_SM90_WGMMA_MT128 || (ws && (!slabs || c.a_bf16)) || (stream && c.a_bf16)))
@@ -420,7 +420,7 @@ static void test_variants_covered(void) {
         GT_CHECK(kernels_ran[EPMOE_GEMM_SM90_WGMMA_MT128], "a Hopper device, but the wgmma kernel never ran");
         GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WGMMA_MT128],
                  "a Hopper device, but AUTO never chose the wgmma kernel for prefill");
-        for (int k = EPMOE_GEMM_SM90_WS_MT16; k <= EPMOE_GEMM_SM90_WS_PP_MT128; k++)
+        for (int k = EPMOE_GEMM_SM90_WS_MT16; k <= EPMOE_GEMM_SM90_WS_MT128; k++)
             GT_CHECK(kernels_ran[k], "a Hopper device, but the warp-specialized kernel '%s' never ran",
                      epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k));
         GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WS_MT128],
