@@ -10,6 +10,10 @@
  *   rs-dequant the same with the A registers rebuilt every slice by the real dequantization
  *              (weight_fragment_slice on register-resident codes): the WS kernel's consumer
  *              with its data already in registers
+ *   rs-dequant-1wg  the same with one warpgroup per SM instead of two: what a warpgroup
+ *              alone issues (the ping-pong schedule of bench/RESULTS.md v10 runs one at a time)
+ *   rs-dequant-smem the same (two warpgroups) with each step's codes and scale bytes read
+ *              from shared memory and the scales converted, as the WS consumer does
  * Prints TFLOP/s per mode and the ratio to ss. Shared memory holds random bf16 in [1, 2)
  * (never zeros: the tensor cores run faster on zeros).
  *   wgmma_probe [--iters N] */
@@ -28,8 +32,11 @@ using namespace epmoe_sm90;
 
 namespace {
 
-enum Mode { kSS = 0, kRS = 1, kRSSlice = 2, kRSDequant = 3 };
-const char *const kModeName[] = {"ss", "rs", "rs-slice", "rs-dequant"};
+enum Mode { kSS = 0, kRS = 1, kRSSlice = 2, kRSDequant = 3, kRSDequant1WG = 4, kRSDequantSmem = 5 };
+constexpr int kModes = 6;
+const char *const kModeName[] = {"ss", "rs", "rs-slice", "rs-dequant", "rs-dequant-1wg",
+                                 "rs-dequant-smem"};
+constexpr int warpgroups_of(int mode) { return mode == kRSDequant1WG ? 1 : 2; }
 constexpr int kTileBytes = 128 * 256; /* 128 rows x 128 k of bf16, 8-row groups of 2 KB */
 
 
@@ -60,18 +67,39 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(int steps, const uint32_t
     for (int i = 0; i < 2; ++i)
         for (int v = 0; v < 64; ++v) acc[i][v] = 0.0f;
 
+    constexpr bool kDequant = kMode == kRSDequant || kMode == kRSDequant1WG || kMode == kRSDequantSmem;
     for (int step = 0; step < steps; ++step) {
         if (kMode == kSS || kMode == kRS) wgmma_fence();
+        /* rs-dequant-smem: this step's 16-byte code unit and scale pair per row from shared
+         * memory (the ss weight tiles' bytes, at a step-dependent place), as the WS consumer */
+        uint4 wq[4];
+        uint32_t Ss[4][2];
+        if (kMode == kRSDequantSmem) {
+            const uint8_t *wbase = smem + kTileBytes + ((step * 512 + threadIdx.x * 16) & 32767);
+#pragma unroll
+            for (int r = 0; r < 4; ++r) {
+                wq[r] = *(const uint4 *)(wbase + r * 4096);
+                sf_pair_to_bf16x2(*(const uint16_t *)(wbase + 32768 + r * 2) & 0x3F3Fu, Ss[r]);
+            }
+        }
 #pragma unroll
         for (int j = 0; j < 8; ++j) {
             const uint64_t off = ((j / 4) * 1024 + (j % 4) * 32) >> 4;
-            if (kMode == kRSSlice || kMode == kRSDequant) {
+            if (kMode == kRSSlice || kDequant) {
                 wgmma_wait<3>();
-                if (kMode == kRSDequant)
+                if (kMode == kRSDequantSmem) {
+                    const int q = j / 2;
+#pragma unroll
+                    for (int i = 0; i < 2; ++i)
+                        weight_fragment_slice<true>(word_of(wq[2 * i], q), Ss[2 * i][q / 2],
+                                                    word_of(wq[2 * i + 1], q), Ss[2 * i + 1][q / 2],
+                                                    j % 2, A[j % 4][i]);
+                } else if (kDequant) {
 #pragma unroll
                     for (int i = 0; i < 2; ++i)
                         weight_fragment_slice<true>(codes[2 * i] + step, S, codes[2 * i + 1] ^ step,
                                                     S, j % 2, A[j % 4][i]);
+                }
                 wgmma_fence();
             }
 #pragma unroll
@@ -83,7 +111,7 @@ __global__ void __launch_bounds__(256, 1) probe_kernel(int steps, const uint32_t
 #endif
                 fence_operands(acc[i]);
             }
-            if (kMode == kRSSlice || kMode == kRSDequant) wgmma_commit();
+            if (kMode == kRSSlice || kDequant) wgmma_commit();
         }
         if (kMode == kSS || kMode == kRS) {
             wgmma_commit();
@@ -108,12 +136,13 @@ double run(int steps, const uint32_t *seed, float *sink, int sms) {
     cudaEvent_t a, b;
     CHECK_CUDA(cudaEventCreate(&a));
     CHECK_CUDA(cudaEventCreate(&b));
-    probe_kernel<kMode><<<sms, 256, smem>>>(steps / 10, seed, sink); /* warm-up */
+    const int threads = 128 * warpgroups_of(kMode);
+    probe_kernel<kMode><<<sms, threads, smem>>>(steps / 10, seed, sink); /* warm-up */
     CHECK_CUDA(cudaGetLastError());
     float best = 1e30f;
     for (int rep = 0; rep < 5; ++rep) {
         CHECK_CUDA(cudaEventRecord(a));
-        probe_kernel<kMode><<<sms, 256, smem>>>(steps, seed, sink);
+        probe_kernel<kMode><<<sms, threads, smem>>>(steps, seed, sink);
         CHECK_CUDA(cudaEventRecord(b));
         CHECK_CUDA(cudaEventSynchronize(b));
         float ms = 0;
@@ -122,8 +151,8 @@ double run(int steps, const uint32_t *seed, float *sink, int sms) {
     }
     CHECK_CUDA(cudaEventDestroy(a));
     CHECK_CUDA(cudaEventDestroy(b));
-    /* per step: 2 warpgroups x 2 tiles x 8 slices of 64 x 128 x 16 */
-    const double flops = 2.0 * 64 * 128 * 16 * 32 * (double)steps * sms;
+    /* per step: each warpgroup's 2 tiles x 8 slices of 64 x 128 x 16 */
+    const double flops = 2.0 * 64 * 128 * 16 * 16 * warpgroups_of(kMode) * (double)steps * sms;
     return flops / (best * 1e-3) / 1e12;
 }
 
@@ -146,13 +175,16 @@ int main(int argc, char **argv) {
     CHECK_CUDA(cudaMalloc(&sink, 4));
     const uint32_t h_seed[8] = {12345u, 0x9E3779B9u, 0x7F4A7C15u, 0x85EBCA6Bu, 0xC2B2AE35u, 1u, 2u, 3u};
     CHECK_CUDA(cudaMemcpy(seed, h_seed, sizeof h_seed, cudaMemcpyHostToDevice));
-    const double tf[4] = {run<kSS>(steps, seed, sink, prop.multiProcessorCount),
-                          run<kRS>(steps, seed, sink, prop.multiProcessorCount),
-                          run<kRSSlice>(steps, seed, sink, prop.multiProcessorCount),
-                          run<kRSDequant>(steps, seed, sink, prop.multiProcessorCount)};
+    const int sms = prop.multiProcessorCount;
+    const double tf[kModes] = {run<kSS>(steps, seed, sink, sms),
+                               run<kRS>(steps, seed, sink, sms),
+                               run<kRSSlice>(steps, seed, sink, sms),
+                               run<kRSDequant>(steps, seed, sink, sms),
+                               run<kRSDequant1WG>(steps, seed, sink, sms),
+                               run<kRSDequantSmem>(steps, seed, sink, sms)};
     printf("wgmma probe on %s (%d SMs), %d steps of 128 k per block, best of 5:\n", prop.name,
            prop.multiProcessorCount, steps);
-    for (int m = 0; m < 4; ++m)
-        printf("  %-10s %7.1f TFLOP/s  %.2fx ss\n", kModeName[m], tf[m], tf[m] / tf[0]);
+    for (int m = 0; m < kModes; ++m)
+        printf("  %-15s %7.1f TFLOP/s  %.2fx ss\n", kModeName[m], tf[m], tf[m] / tf[0]);
     return 0;
 }
