@@ -8,7 +8,8 @@
 #   bash bench/trial.sh <patch> [<patch> ...] [--reps N] [--gemm-rows 8,16] [--gemm-kernels 5]
 # (--gemm-rows/--gemm-kernels: what gemm_bench times beside AUTO, e.g. prefill rows 768,3072
 # and the WS kernels 9,10 for a change to the prefill kernels; --no-layer skips the whole-layer
-# timing, for a change the GEMM timing alone decides; --layer-rows 8,32,96 its rows per expert)
+# timing, for a change the GEMM timing alone decides; --layer-rows 8,32,96 its rows per expert;
+# --no-test skips the suites, for the ablation patches, which break the output on purpose)
 # The patches wait in bench/trials/ (each says in its diff what it changes; RESULTS says why).
 # Everything lands in $OUT/trial.tgz (plus a summary on stdout); variant Bi is the i-th patch.
 set -uo pipefail
@@ -19,6 +20,7 @@ GEMM_ROWS=8,16
 GEMM_KERNELS=5
 LAYER=1
 LAYER_ROWS=8,32,96
+TEST=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --reps) REPS="$2"; shift 2 ;;
@@ -26,6 +28,7 @@ while [ $# -gt 0 ]; do
     --gemm-kernels) GEMM_KERNELS="$2"; shift 2 ;;
     --no-layer) LAYER=0; shift ;;
     --layer-rows) LAYER_ROWS="$2"; shift 2 ;;
+    --no-test) TEST=0; shift ;;
     *) [ -f "$1" ] || { echo "no patch file $1"; exit 2; }; PATCHES+=("$(realpath "$1")"); shift ;;
   esac
 done
@@ -46,7 +49,7 @@ variant() {
       -DCMAKE_BUILD_TYPE=Release && \
     cmake --build $BUILD -j"$(nproc)" --target test_gpu_ops test_gemm layer_bench gemm_bench; } \
     > "$R/build_$v.log" 2>&1 || { echo "$v: build failed"; tail -20 "$R/build_$v.log"; rc=1; return; }
-  for t in test_gpu_ops test_gemm; do
+  [ "$TEST" = 1 ] && for t in test_gpu_ops test_gemm; do
     timeout 600 ./$BUILD/tests/gpu/$t > "$R/${t}_$v.log" 2>&1 || rc=1
     echo "$v $t: $(tail -1 "$R/${t}_$v.log")"
   done
