@@ -258,6 +258,23 @@ static __device__ __forceinline__ WeightWalk weight_walk(const GemmParams &p, in
     return w;
 }
 
+/* The activation scales of a thread's token rows row0 + 8(c0 + c) + 2t + j (c < kC, j < 2; 1
+ * for bf16 A, 0 past the live rows), loaded together before the stores that use them. Loaded
+ * beside the stores, each load waited for the store before it (out and a_scale may alias, so
+ * the compiler cannot hoist them): one L2 round trip per token row, 10% of all warp samples of
+ * the WS kernel at V4-Flash prefill (bench/RESULTS.md v11). */
+template <int kC>
+static __device__ __forceinline__ void load_row_scales(const GemmParams &p, int64_t row0, int mrows,
+                                                       int t, int c0, float (&as)[kC][2]) {
+#pragma unroll
+    for (int c = 0; c < kC; ++c)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) {
+            const int tr = (c0 + c) * 8 + 2 * t + j;
+            as[c][j] = tr >= mrows ? 0.0f : p.a_scale ? p.a_scale[row0 + tr] : 1.0f;
+        }
+}
+
 /* Epilogue of one warp of the mma.sync kernels: the m16n8k16 accumulators of 32 weight rows
  * (two m16 tiles, columns n_warp + 16i + 8half + g) by kNT8 n8 token tiles (rows row0 + 8c +
  * 2t + j) -> out, times the fp32 tensor scales (and the dequantization's powers of two, fix).
@@ -266,6 +283,8 @@ template <int kNT8>
 static __device__ __forceinline__ void store_warp_tile(const GemmParams &p, const float (&acc)[2][kNT8][4],
                                                 int e, int n_warp, int64_t row0, int mrows,
                                                 float fix, int g, int t) {
+    float as[kNT8][2];
+    load_row_scales<kNT8>(p, row0, mrows, t, 0, as);
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
 #pragma unroll
@@ -280,8 +299,7 @@ static __device__ __forceinline__ void store_warp_tile(const GemmParams &p, cons
                     const int tr = c * 8 + 2 * t + j;
                     if (tr < mrows) {
                         const int64_t row = row0 + tr;
-                        const float as = p.a_scale ? p.a_scale[row] : 1.0f;
-                        const float v = acc[i][c][2 * half + j] * wscale * as;
+                        const float v = acc[i][c][2 * half + j] * wscale * as[c][j];
                         if (p.out_bf16)
                             ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
                         else
@@ -297,8 +315,9 @@ static __device__ __forceinline__ void store_warp_tile(const GemmParams &p, cons
  * (rows lrow[2i] and lrow[2i+1] = g and g + 8 of tile i, weight rows n0 + lrow[r]; columns
  * 8c + 2t + j = token rows row0 + 8c + 2t + j) -> out, times the fp32 tensor scales (and the
  * dequantization's powers of two, fix). Only live token rows (< mrows) and real columns
- * (< N) are written. */
-template <int WT, int MT>
+ * (< N) are written. The activation scales are loaded kBatch x 8 token rows at a time (all at
+ * once by default; the 128-register wgmma kernel takes four batches, or it spills). */
+template <int WT, int MT, int kBatch = MT / 8>
 static __device__ __forceinline__ void store_wgmma_tiles(const GemmParams &p, const float (&acc)[WT][MT / 2],
                                                   const int (&lrow)[2 * WT], int e, int n0,
                                                   int64_t row0, int mrows, float fix, int t) {
@@ -309,23 +328,28 @@ static __device__ __forceinline__ void store_wgmma_tiles(const GemmParams &p, co
         const int grp = (p.w_groups > 1 && n >= p.w_split) ? 1 : 0;
         wscale[r] = p.w_scale[(int64_t)e * p.w_groups + grp] * fix;
     }
+    static_assert((MT / 8) % kBatch == 0, "whole batches of 8 token rows");
 #pragma unroll
-    for (int c = 0; c < MT / 8; ++c) {
+    for (int c0 = 0; c0 < MT / 8; c0 += kBatch) {
+        float as[kBatch][2];
+        load_row_scales<kBatch>(p, row0, mrows, t, c0, as);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) {
-            const int tr = c * 8 + 2 * t + j;
-            if (tr >= mrows) continue;
-            const int64_t row = row0 + tr;
-            const float as = p.a_scale[row];
+        for (int c = c0; c < c0 + kBatch; ++c) {
 #pragma unroll
-            for (int r = 0; r < 2 * WT; ++r) {
-                const int n = n0 + lrow[r];
-                if (n >= p.N) continue;
-                const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as;
-                if (p.out_bf16)
-                    ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
-                else
-                    ((float *)p.out)[row * p.N + n] = v;
+            for (int j = 0; j < 2; ++j) {
+                const int tr = c * 8 + 2 * t + j;
+                if (tr >= mrows) continue;
+                const int64_t row = row0 + tr;
+#pragma unroll
+                for (int r = 0; r < 2 * WT; ++r) {
+                    const int n = n0 + lrow[r];
+                    if (n >= p.N) continue;
+                    const float v = acc[r / 2][4 * c + 2 * (r % 2) + j] * wscale[r] * as[c - c0][j];
+                    if (p.out_bf16)
+                        ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
+                    else
+                        ((float *)p.out)[row * p.N + n] = v;
+                }
             }
         }
     }
@@ -358,6 +382,8 @@ static __device__ __forceinline__ void store_wgmma_tiles_bf16_staged(
      * matrix m holds token block 2q + m / 2 of the round and column half m % 2 */
     const int m = lane / 8, k = lane % 8;
     __nv_bfloat16 *out = (__nv_bfloat16 *)p.out;
+    float as[MT / 8][2];
+    load_row_scales<MT / 8>(p, row0, mrows, t, 0, as);
 #pragma unroll
     for (int i = 0; i < WT; ++i) {
         const int n_base = n0 + lrow[2 * i] - g; /* the warp's first column of tile i */
@@ -368,16 +394,10 @@ static __device__ __forceinline__ void store_wgmma_tiles_bf16_staged(
 #pragma unroll
             for (int cc = 0; cc < 4; ++cc) {
                 const int c = 4 * round + cc;
-                float as[2];
-#pragma unroll
-                for (int j = 0; j < 2; ++j) {
-                    const int tr = c * 8 + 2 * t + j;
-                    as[j] = tr < mrows ? p.a_scale[row0 + tr] : 0.0f;
-                }
 #pragma unroll
                 for (int h = 0; h < 2; ++h) {
-                    const float v0 = acc[i][4 * c + 2 * h] * wscale[2 * i + h] * as[0];
-                    const float v1 = acc[i][4 * c + 2 * h + 1] * wscale[2 * i + h] * as[1];
+                    const float v0 = acc[i][4 * c + 2 * h] * wscale[2 * i + h] * as[c][0];
+                    const float v1 = acc[i][4 * c + 2 * h + 1] * wscale[2 * i + h] * as[c][1];
                     const __nv_bfloat162 b = __floats2bfloat162_rn(v0, v1);
                     frag[cc / 2][2 * (cc % 2) + h] = *(const uint32_t *)&b;
                 }

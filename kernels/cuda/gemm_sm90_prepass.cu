@@ -56,8 +56,13 @@ __global__ void __launch_bounds__(256) nvfp4_rows_to_bf16_kernel(const GemmParam
 
 epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AOrder order,
                                                          cudaStream_t stream) {
-    unsigned grid = 0; /* 8 rows (warps) per block, 8 blocks per SM at most */
-    EPMOE_TRY(persistent_grid(8, (p.cap_rows + 7) / 8, &grid));
+    /* 8 rows (warps) per block, 2 blocks per SM at most (a grid-stride loop over the rows):
+     * 512 threads leave room on every SM for the GEMM block launched after it
+     * (launch_after_prepass) to start its set-up while this runs. Measured against 8 blocks
+     * per SM: 0.96-0.98x the GEMM call's time at prefill and 32-96 rows, 0.98-1.0x at 8-16
+     * (bench/RESULTS.md v11) */
+    unsigned grid = 0;
+    EPMOE_TRY(persistent_grid(2, (p.cap_rows + 7) / 8, &grid));
     if (order == kOrderSlices)
         nvfp4_rows_to_bf16_kernel<kOrderSlices><<<grid, 256, 0, stream>>>(p);
     else if (order == kOrderFragments)

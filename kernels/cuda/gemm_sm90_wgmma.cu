@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
         for (int i = 0; i < WT; ++i) fence_operands(acc[i]);
         cp_async_wait<0>();
 
-        store_wgmma_tiles<WT, MT>(p, acc, lrow, e, n0, row0, mrows, fix, t);
+        store_wgmma_tiles<WT, MT, (MT / 8 >= 4 ? 4 : MT / 8)>(p, acc, lrow, e, n0, row0, mrows, fix, t);
     }
 #else
     (void)p;

@@ -21,11 +21,12 @@
  * Work item: (expert, chunk of up to MT token rows, 256 weight rows). The k16 slices and their
  * order are those of every other Hopper kernel, so the output bits are theirs
  * (tests/gpu/test_gemm.cu and bench/gemm_bench.cu compare them). Only live rows and real
- * columns are written; bf16 output leaves through shared memory in 16-byte stores
- * (store_wgmma_tiles_bf16_staged: 0.97-1.0x the time of direct 2-byte stores, bench/RESULTS.md
- * v10). A ping-pong instance (128-row items alternating between the warpgroups, one's epilogue
- * under the other's MMAs) was built and measured 1.04-1.20x slower (v10): one warpgroup alone
- * does not keep the tensor pipe as busy as two interleaved. */
+ * columns are written. bf16 output (out_bf16; the layer writes fp32) leaves through shared
+ * memory in 16-byte stores (store_wgmma_tiles_bf16_staged, not timed: bench/RESULTS.md v11).
+ * A ping-pong instance (128-row items alternating between the warpgroups, one's epilogue under
+ * the other's MMAs) measured 1.04-1.20x slower (v10), although one warpgroup alone issues the
+ * MMA pattern at 0.98x of two (wgmma_probe, v11); it loads the token tile once per 128 weight
+ * rows instead of 256 and hands a turn over at every item. */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
