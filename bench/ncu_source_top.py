@@ -68,8 +68,9 @@ def ws_regions(data, col, samples, total):
         else:
             split["producer"] += n
     print("by region: " + ", ".join(f"{k} {100 * v / total:.1f}%" for k, v in split.items()))
+    # the retry loop's try_wait is the next one in the code
     print("first try_wait at a step start: executed", data[first][col["Instructions Executed"]],
-          "times, retried", data[first + 3][col["Instructions Executed"]] if first + 3 < len(data) else "?")
+          "times, retried", data[waits[1]][col["Instructions Executed"]])
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # ...; one build directory, so a patch costs an incremental build). Each variant is built and
 # its GPU op and GEMM suites run; then the whole layer (both presets, decode sizes) and AUTO's
 # GEMM at 8 and 16 rows (overlapped and serial launch) are timed for every variant in turn, on
-# the same machine, in rounds (A B1 B2 .., then .. B2 B1 A). A change goes to main only with its B/A figures in bench/RESULTS.md.
+# the same machine, in rounds (A B1 B2 .., then .. B2 B1 A). A change goes to main only with
+# its B/A figures in bench/RESULTS.md.
 #   bash bench/trial.sh <patch> [<patch> ...] [--reps N] [--gemm-rows 8,16] [--gemm-kernels 5]
 # (--gemm-rows/--gemm-kernels: what gemm_bench times beside AUTO, e.g. prefill rows 768,3072
 # and the WS kernels 9,10 for a change to the prefill kernels; --no-layer skips the whole-layer
