@@ -1,5 +1,5 @@
 /* End-to-end expert-parallel layer throughput on 1 or more GPUs (issue 6's scaling figure), an
- * MPI program: one rank per GPU, coordinator/gpu_engine.h in throughput mode over NCCL.
+ * MPI program: one rank per GPU, coordinator/engine/gpu_engine.h in throughput mode over NCCL.
  *
  *   mpirun -np P ep_layer_bench [--preset dsv4-flash] [--tokens 4096] [--iters 10]
  *
@@ -24,8 +24,8 @@
 #include "bench/bench_weights.h"
 #include "common/config.h"
 #include "common/layout.h"
-#include "coordinator/gpu_engine.h"
-#include "coordinator/transport_nccl.h"
+#include "coordinator/engine/gpu_engine.h"
+#include "coordinator/transport/device.h"
 
 static double now_s() {
     struct timespec ts;

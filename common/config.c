@@ -11,6 +11,7 @@ static const char *const swiglu_names[] = {"dsv4", "step", NULL};
 static const char *const weight_format_names[] = {"nvfp4", "mxfp4", NULL};
 static const char *const act_quant_names[] = {"nvfp4", "high", NULL};
 static const char *const act_scale_names[] = {"per_row", "static", NULL};
+static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
 
 #define OFF(field) offsetof(epmoe_config, field)
 #define M EPMOE_CFG_MODEL
@@ -62,10 +63,17 @@ static const epmoe_cfg_entry table[] = {
     {"cpu_weight_cache_mb", EPMOE_CFG_INT, R, OFF(cpu_weight_cache_mb), 0, 1 << 20, "1024", NULL,
      "CPU path: keep every local expert dequantized if all layers fit in this many MiB per rank "
      "(0 = dequantize per forward)"},
+    {"backend", EPMOE_CFG_ENUM, R, OFF(backend), 0, 0, "auto", backend_names,
+     "where the layers run: cpu (MPI ranks), cuda (one rank per GPU), or auto (cuda when this "
+     "build has CUDA and every rank sees a GPU, else cpu)"},
+    {"decode_tokens", EPMOE_CFG_INT, R, OFF(decode_tokens), 0, 4096, "32", NULL,
+     "cuda backend: forwards whose largest per-rank shard is at most this many tokens replay a "
+     "captured CUDA graph with a fixed capacity of this many tokens per peer (0 = never)"},
     {"collective_timeout_s", EPMOE_CFG_DOUBLE, R, OFF(collective_timeout_s), 0.0, 86400.0, "300",
      NULL,
-     "GPU transports (nccl, mpi-staged): a collective not finished after this many seconds (a "
-     "peer died or hung) is aborted with an error naming the timeout (0 = wait forever)"},
+     "every transport (mpi, nccl, mpi-staged): a collective not finished after this many seconds "
+     "(a peer died or hung) is abandoned with an error naming the step and, where the transport "
+     "can tell, the silent peers; the job cannot continue after it (0 = wait forever)"},
 };
 
 #undef M

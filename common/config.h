@@ -34,6 +34,9 @@ typedef enum { EPMOE_ACT_NVFP4 = 0, EPMOE_ACT_HIGH = 1 } epmoe_act_quant;
  * calibrated input_scale (block scales saturate and are counted, never Inf). */
 typedef enum { EPMOE_ACT_SCALE_PER_ROW = 0, EPMOE_ACT_SCALE_STATIC = 1 } epmoe_act_scale;
 
+/* Where the layers run (coordinator/engine/backend.h). */
+typedef enum { EPMOE_BACKEND_AUTO = 0, EPMOE_BACKEND_CPU = 1, EPMOE_BACKEND_CUDA = 2 } epmoe_backend_kind;
+
 typedef struct {
     /* model */
     char preset[32];
@@ -59,6 +62,8 @@ typedef struct {
     int64_t max_tokens_per_rank; /* sizes the worst-case buffers (dropless) */
     int64_t seed;
     int64_t cpu_weight_cache_mb; /* dequantized expert weights kept per rank (CPU path) */
+    int64_t backend;           /* epmoe_backend_kind */
+    int64_t decode_tokens;     /* cuda: per-rank capacity of the captured decode graph */
     double collective_timeout_s; /* GPU transports: abort a collective unfinished after this */
 } epmoe_config;
 

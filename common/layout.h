@@ -27,6 +27,9 @@ typedef struct {
 /* P > E is an error (a rank would own nothing and the layout would be ambiguous). */
 epmoe_status epmoe_slice_of_rank(int64_t n_experts, int n_ranks, int rank,
                                  epmoe_expert_slice *out);
+/* The driver's token shards of a batch of T: rank r holds rows [start, start + count),
+ * contiguous and balanced like the expert slices, so outputs gather back in input order. */
+void epmoe_shard_of_rank(int64_t T, int n_ranks, int rank, int64_t *start, int64_t *count);
 /* Owner rank of a global expert id; ids outside [0, E) are EPMOE_ERR_RANGE. */
 epmoe_status epmoe_owner_of_expert(int64_t n_experts, int n_ranks, int64_t expert, int *rank);
 /* local = global - start, checked against the slice (seed bug 8). */

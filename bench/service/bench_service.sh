@@ -18,12 +18,12 @@ delay_us=${DELAY_US:-2000}
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export OMPI_MCA_btl_vader_single_copy_mechanism=none OMPI_MCA_btl=self,vader OMPI_MCA_pml=ob1
 export OPENBLAS_NUM_THREADS=1 no_proxy=127.0.0.1,localhost
-serve=$build/coordinator/service/epmoe-serve
-client=$build/coordinator/service/epmoe-client
+serve=$build/bin/epmoe-serve
+client=$build/bin/epmoe-client
 work=$(mktemp -d /tmp/epmoe-bench-service.XXXXXX)
 trap 'rm -rf "$work"' EXIT
 ckpt=$work/tiny
-"$build/epmoe-gen" --preset tiny --out "$ckpt" >/dev/null
+"$build/bin/epmoe-gen" --preset tiny --out "$ckpt" >/dev/null
 
 start_server() { # $1: extra args
   rm -f "$work/ready"

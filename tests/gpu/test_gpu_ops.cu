@@ -715,13 +715,33 @@ static void test_shared_expert_vs_reference(void) {
         GT_CHECK(cublasCreate(&cublas) == CUBLAS_STATUS_SUCCESS, "cublasCreate");
         const size_t ws_bytes = 32u << 20;
         void *ws = dev_alloc<uint8_t>(ws_bytes);
-        float *dx = dev_copy(x, T * H), *dy = dev_alloc<float>(T * H);
+        /* batch invariance: T2 rows repeating x's T rows, over more than one chunk */
+        const int64_t T2 = EPMOE_SHARED_CHUNK_ROWS + 188;
+        const int64_t Ts = (T2 + EPMOE_SHARED_CHUNK_ROWS - 1) / EPMOE_SHARED_CHUNK_ROWS *
+                           EPMOE_SHARED_CHUNK_ROWS;
+        float *x2 = (float *)malloc((size_t)(T2 * H) * 4), *y2 = (float *)malloc((size_t)(T2 * H) * 4);
+        for (int64_t t = 0; t < T2; t++) memcpy(x2 + t * H, x + (t % T) * H, (size_t)H * 4);
+        float *dx = dev_copy(x, T * H), *dy = dev_alloc<float>(Ts * H);
+        float *dx2 = dev_copy(x2, T2 * H);
         uint16_t *d13 = dev_copy(w13_b, 2 * Is * H), *d2 = dev_copy(w2_b, H * Is);
-        epmoe_cuda_shared_scratch sc = {dev_alloc<uint16_t>(T * H), dev_alloc<float>(T * 2 * Is),
-                                        dev_alloc<uint16_t>(T * Is)};
+        epmoe_cuda_shared_scratch sc = {dev_alloc<uint16_t>(Ts * H), dev_alloc<float>(Ts * 2 * Is),
+                                        dev_alloc<uint16_t>(Ts * Is)};
+        GT_CUDA(cudaMemset(dy, 0xff, (size_t)(Ts * H) * 4));
+        GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx2, T2, H, Is, d13, d2, L, v, &sc, dy, 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        to_host(y2, dy, T2 * H);
+        GT_CUDA(cudaMemset(dy, 0xff, (size_t)(Ts * H) * 4));
         GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx, T, H, Is, d13, d2, L, v, &sc, dy, 0));
         GT_CUDA(cudaDeviceSynchronize());
         to_host(y, dy, T * H);
+        int64_t differ = 0;
+        for (int64_t i = 0; i < T2 * H; i++)
+            differ += memcmp(&y2[i], &y[(i / H) % T * H + i % H], 4) != 0;
+        GT_CHECK(differ == 0,
+                 "shared expert: %lld of %lld outputs differ between a batch of %lld and one of "
+                 "%lld rows (not batch-invariant)",
+                 (long long)differ, (long long)(T2 * H), (long long)T, (long long)T2);
+        free(x2), free(y2), cudaFree(dx2);
         size_t unwritten = epmoe_count_unwritten_f32(y, T * H);
         double err = epmoe_rel_l2_f32_f64(y, ref, T * H);
         GT_CHECK(unwritten == 0, "shared expert: %zu outputs unwritten", unwritten);

@@ -19,8 +19,8 @@
 #include "common/checkpoint.h"
 #include "common/layout.h"
 #include "common/safetensors.h"
-#include "coordinator/engine.h"
-#include "coordinator/transport_mpi.h"
+#include "coordinator/engine/cpu_engine.h"
+#include "coordinator/transport/mpi.h"
 #include "kernels/ops.h"
 #include "tests/ref/ref_layer.h"
 #include "tests/support/test_support.h"
@@ -112,11 +112,11 @@ static void run_case(const engine_case *c) {
     load_layer(dir, &run_cfg, c->layer, &slice, &w, c->skew);
     run_cfg.max_tokens_per_rank = cfg.max_tokens_per_rank;
     epmoe_transport *tr = NULL;
-    ck_assert(epmoe_transport_mpi_create(MPI_COMM_WORLD, &tr) == EPMOE_OK);
+    ck_assert(epmoe_transport_mpi_create(MPI_COMM_WORLD, 300.0, &tr) == EPMOE_OK);
     /* the engine indexes weights by layer: give it an array whose entry `layer` is ours */
     epmoe_layer_weights layers[2] = {w, w};
-    epmoe_engine *eng = NULL;
-    ck_assert_msg(epmoe_engine_create(&run_cfg, tr, layers, 2, &eng) == EPMOE_OK, "%s",
+    epmoe_cpu_engine *eng = NULL;
+    ck_assert_msg(epmoe_cpu_engine_create(&run_cfg, tr, layers, 2, &eng) == EPMOE_OK, "%s",
                   epmoe_last_error());
 
     /* inputs: made on rank 0, sharded */
@@ -142,7 +142,7 @@ static void run_case(const engine_case *c) {
     float *y = malloc((size_t)(my_count * H + 1) * sizeof(float));
     epmoe_poison_f32(y, (size_t)(my_count * H));
     int64_t *expert_counts = calloc((size_t)E, sizeof(int64_t));
-    epmoe_status st = epmoe_engine_layer_forward(eng, c->layer, x_all + my_start * H,
+    epmoe_status st = epmoe_cpu_engine_layer_forward(eng, c->layer, x_all + my_start * H,
                                                  tid_all + my_start, my_count, y, NULL,
                                                  expert_counts);
     int local_ok = st == EPMOE_OK, all_ok = 0;
@@ -166,8 +166,8 @@ static void run_case(const engine_case *c) {
     MPI_Reduce(expert_counts, counts_all, (int)E, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
 
     /* row accounting over all ranks */
-    epmoe_engine_counters ctr, sum;
-    epmoe_engine_get_counters(eng, &ctr);
+    epmoe_cpu_engine_counters ctr, sum;
+    epmoe_cpu_engine_get_counters(eng, &ctr);
     MPI_Allreduce(&ctr, &sum, 6, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
 
     char why[512] = "";
@@ -180,13 +180,13 @@ static void run_case(const engine_case *c) {
         load_layer(dir, &full_cfg, c->layer, &all, &wf, c->skew);
         full_cfg.max_tokens_per_rank = cfg.max_tokens_per_rank;
         epmoe_transport *self_tr = NULL;
-        ck_assert(epmoe_transport_mpi_create(MPI_COMM_SELF, &self_tr) == EPMOE_OK);
+        ck_assert(epmoe_transport_mpi_create(MPI_COMM_SELF, 300.0, &self_tr) == EPMOE_OK);
         epmoe_layer_weights flayers[2] = {wf, wf};
-        epmoe_engine *self_eng = NULL;
-        ck_assert(epmoe_engine_create(&full_cfg, self_tr, flayers, 2, &self_eng) == EPMOE_OK);
+        epmoe_cpu_engine *self_eng = NULL;
+        ck_assert(epmoe_cpu_engine_create(&full_cfg, self_tr, flayers, 2, &self_eng) == EPMOE_OK);
         float *y1 = malloc((size_t)(T_all * H + 1) * sizeof(float));
         epmoe_poison_f32(y1, (size_t)(T_all * H));
-        ck_assert_msg(epmoe_engine_layer_forward(self_eng, c->layer, x_all, tid_all, T_all, y1,
+        ck_assert_msg(epmoe_cpu_engine_layer_forward(self_eng, c->layer, x_all, tid_all, T_all, y1,
                                                  NULL, NULL) == EPMOE_OK,
                       "%s", epmoe_last_error());
 
@@ -255,7 +255,7 @@ static void run_case(const engine_case *c) {
                 "case %s P=%d T=%lld: rel L2 %.3g, ids equal %s, clamp hits %lld, saturated %lld\n",
                 c->name, world_size, (long long)T_all, err, id_mismatch ? "no" : "yes",
                 (long long)epmoe_ref_clamp_hits, (long long)sum.saturated_elements);
-        epmoe_engine_destroy(self_eng);
+        epmoe_cpu_engine_destroy(self_eng);
         self_tr->ops->destroy(self_tr);
         epmoe_layer_weights_free(&wf);
         free(y1);
@@ -268,7 +268,7 @@ static void run_case(const engine_case *c) {
     MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
     MPI_Bcast(why, sizeof why, MPI_CHAR, 0, MPI_COMM_WORLD);
 
-    epmoe_engine_destroy(eng);
+    epmoe_cpu_engine_destroy(eng);
     tr->ops->destroy(tr);
     epmoe_layer_weights_free(&w);
     free(x_all);

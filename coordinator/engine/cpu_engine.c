@@ -1,4 +1,4 @@
-#include "coordinator/engine.h"
+#include "coordinator/engine/cpu_engine.h"
 
 #include <math.h>
 #include <mpi.h> /* MPI_Wtime only: the wire goes through the transport */
@@ -18,7 +18,7 @@ typedef struct {
     size_t bytes;        /* header + H floats */
 } row_format;
 
-struct epmoe_engine {
+struct epmoe_cpu_engine {
     epmoe_config cfg;
     epmoe_transport *transport;
     const epmoe_layer_weights *layers;
@@ -54,22 +54,22 @@ struct epmoe_engine {
     int64_t *peer_cursor;   /* [P] */
 
     epmoe_expert_scratch *scratch;
-    epmoe_engine_counters counters;
+    epmoe_cpu_engine_counters counters;
     int64_t buffer_bytes;
 };
 
-static void *engine_alloc(epmoe_engine *e, size_t bytes, int *failed) {
+static void *engine_alloc(epmoe_cpu_engine *e, size_t bytes, int *failed) {
     void *p = malloc(bytes ? bytes : 1);
     if (!p) *failed = 1;
     e->buffer_bytes += (int64_t)bytes;
     return p;
 }
 
-epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *transport,
+epmoe_status epmoe_cpu_engine_create(const epmoe_config *cfg, epmoe_transport *transport,
                                  const epmoe_layer_weights *layers, int64_t n_layers,
-                                 epmoe_engine **out) {
+                                 epmoe_cpu_engine **out) {
     EPMOE_REQUIRE(n_layers >= 1, EPMOE_ERR_INVALID_ARG, "engine needs at least one layer");
-    epmoe_engine *e = calloc(1, sizeof *e);
+    epmoe_cpu_engine *e = calloc(1, sizeof *e);
     EPMOE_REQUIRE(e != NULL, EPMOE_ERR_OOM, "engine: out of memory");
     e->cfg = *cfg;
     e->transport = transport;
@@ -155,7 +155,7 @@ epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *trans
         *peer_arrays[i] = engine_alloc(e, (size_t)P * i64, &failed);
     if (failed) {
         int64_t bytes = e->buffer_bytes;
-        epmoe_engine_destroy(e);
+        epmoe_cpu_engine_destroy(e);
         EPMOE_FAIL(EPMOE_ERR_OOM,
                    "engine buffers need %.1f MiB for max_tokens_per_rank=%lld over %d ranks; "
                    "lower max_tokens_per_rank",
@@ -164,7 +164,7 @@ epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *trans
     st = epmoe_expert_scratch_create(H, cfg->moe_inter_size,
                                      cfg->n_shared_experts * cfg->moe_inter_size, &e->scratch);
     if (st != EPMOE_OK) {
-        epmoe_engine_destroy(e);
+        epmoe_cpu_engine_destroy(e);
         return st;
     }
     e->buffer_bytes += (int64_t)epmoe_expert_scratch_bytes(e->scratch);
@@ -172,7 +172,7 @@ epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *trans
     return EPMOE_OK;
 }
 
-void epmoe_engine_destroy(epmoe_engine *e) {
+void epmoe_cpu_engine_destroy(epmoe_cpu_engine *e) {
     if (!e) return;
     void *bufs[] = {e->logits,          e->ids,           e->weights,        e->owner,
                     e->y_index,         e->send_buf,      e->ret_recv,       e->shared_out,
@@ -186,9 +186,9 @@ void epmoe_engine_destroy(epmoe_engine *e) {
     free(e);
 }
 
-int64_t epmoe_engine_buffer_bytes(const epmoe_engine *e) { return e->buffer_bytes; }
+int64_t epmoe_cpu_engine_buffer_bytes(const epmoe_cpu_engine *e) { return e->buffer_bytes; }
 
-void epmoe_engine_get_counters(const epmoe_engine *e, epmoe_engine_counters *c) {
+void epmoe_cpu_engine_get_counters(const epmoe_cpu_engine *e, epmoe_cpu_engine_counters *c) {
     *c = e->counters;
 }
 
@@ -200,26 +200,27 @@ static void exclusive_prefix(const int64_t *counts, int n, int64_t *displs) {
     }
 }
 
-static int32_t *row_header(const epmoe_engine *e, uint8_t *buf, int64_t row) {
+static int32_t *row_header(const epmoe_cpu_engine *e, uint8_t *buf, int64_t row) {
     return (int32_t *)(buf + (size_t)row * e->row.bytes);
 }
 
-static float *row_hidden(const epmoe_engine *e, uint8_t *buf, int64_t row) {
+static float *row_hidden(const epmoe_cpu_engine *e, uint8_t *buf, int64_t row) {
     return (float *)(buf + (size_t)row * e->row.bytes + e->row.header_ints * sizeof(int32_t));
 }
 
 /* Route this rank's tokens and pack one row per (token, destination rank). */
-static epmoe_status route_and_plan(epmoe_engine *e, const epmoe_layer_weights *w,
+static epmoe_status route_and_plan(epmoe_cpu_engine *e, const epmoe_layer_weights *w,
                                    const float *x, const int32_t *token_ids, int64_t T,
                                    int64_t layer) {
     const int64_t k = e->k, H = e->H;
     epmoe_cpu_gemm_panels(x, T, H, w->gate_panels, e->E, e->logits);
-    if (layer < e->cfg.n_hash_layers) {
+    (void)layer;
+    if (w->layer < e->cfg.n_hash_layers) {
         EPMOE_REQUIRE(token_ids != NULL || T == 0, EPMOE_ERR_INVALID_ARG,
-                      "layer %lld is hash-routed and needs token ids", (long long)layer);
+                      "layer %lld is hash-routed and needs token ids", (long long)w->layer);
         EPMOE_REQUIRE(w->tid2eid != NULL, EPMOE_ERR_FORMAT,
                       "layer %lld is hash-routed but its checkpoint has no tid2eid table",
-                      (long long)layer);
+                      (long long)w->layer);
         EPMOE_TRY(epmoe_cpu_route_hash(&e->route, e->logits, w->tid2eid, w->vocab_size,
                                        token_ids, T, e->ids, e->weights));
     } else {
@@ -280,7 +281,7 @@ static epmoe_status route_and_plan(epmoe_engine *e, const epmoe_layer_weights *w
 
 /* Worker: received rows -> padded layout -> expert MLPs -> one output row per pair, in
  * arrival order, grouped by source rank. */
-static epmoe_status run_experts(epmoe_engine *e, const epmoe_layer_weights *w, int64_t R) {
+static epmoe_status run_experts(epmoe_cpu_engine *e, const epmoe_layer_weights *w, int64_t R) {
     const int64_t H = e->H, n_local = e->n_local;
     for (int64_t le = 0; le < n_local; le++) e->tokens_per_expert[le] = 0;
     int64_t pairs = 0;
@@ -339,25 +340,17 @@ static epmoe_status run_experts(epmoe_engine *e, const epmoe_layer_weights *w, i
 }
 
 /* Every rank agrees on failure before the next collective, so none waits forever. */
-static epmoe_status agree(epmoe_engine *e, epmoe_status local, int64_t layer, const char *stage) {
-    int any = 0;
-    char saved[1024];
-    snprintf(saved, sizeof saved, "%s", epmoe_last_error());
-    EPMOE_TRY(e->transport->ops->any_failed(e->transport, local != EPMOE_OK, &any));
-    if (local != EPMOE_OK) {
-        epmoe_set_error(local, __FILE__, __LINE__, "rank %d, layer %lld, %s: %s", e->rank,
-                        (long long)layer, stage, saved);
-        return local;
-    }
-    if (any)
-        EPMOE_FAIL(EPMOE_ERR_MPI, "layer %lld, %s: another rank failed (its error is on its log)",
-                   (long long)layer, stage);
-    return EPMOE_OK;
+static epmoe_status agree(epmoe_cpu_engine *e, epmoe_status local, int64_t layer, const char *stage) {
+    if (local != EPMOE_OK)
+        epmoe_add_context(local, "rank %d, layer %lld, %s", e->rank, (long long)layer, stage);
+    char what[64];
+    snprintf(what, sizeof what, "%s (layer %lld)", stage, (long long)layer);
+    return e->transport->ops->agree(e->transport, local, what);
 }
 
 static double now(void) { return MPI_Wtime(); }
 
-epmoe_status epmoe_engine_layer_forward(epmoe_engine *e, int64_t layer, const float *x,
+epmoe_status epmoe_cpu_engine_layer_forward(epmoe_cpu_engine *e, int64_t layer, const float *x,
                                         const int32_t *token_ids, int64_t T, float *out,
                                         epmoe_stage_times *times, int64_t *expert_counts) {
     EPMOE_REQUIRE(layer >= 0 && layer < e->n_layers, EPMOE_ERR_RANGE,
@@ -377,7 +370,7 @@ epmoe_status epmoe_engine_layer_forward(epmoe_engine *e, int64_t layer, const fl
                              "layer %lld: CPU weights not prepared", (long long)layer);
     else
         st = route_and_plan(e, w, x, token_ids, T, layer);
-    EPMOE_TRY(agree(e, st, layer, "route"));
+    EPMOE_TRY(agree(e, st, w->layer, "route"));
     if (expert_counts)
         for (int64_t i = 0; i < T * k; i++) expert_counts[e->ids[i]]++;
     double t1 = now();
@@ -396,7 +389,7 @@ epmoe_status epmoe_engine_layer_forward(epmoe_engine *e, int64_t layer, const fl
     double t2 = now();
 
     st = run_experts(e, w, R);
-    EPMOE_TRY(agree(e, st, layer, "experts"));
+    EPMOE_TRY(agree(e, st, w->layer, "experts"));
     double t3 = now();
 
     EPMOE_TRY(tr->ops->alltoallv(tr, e->ret_send, e->ret_send_counts, e->ret_send_displs,

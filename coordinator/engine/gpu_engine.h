@@ -1,6 +1,6 @@
 /* The expert-parallel MoE layer on GPUs: one MPI rank per GPU (or several ranks sharing one,
  * over the mpi-staged transport), every rank a coordinator for its tokens and a worker for its
- * experts, as coordinator/engine.h on the CPU:
+ * experts, as coordinator/engine/cpu_engine.h on the CPU:
  *
  *   route (device) -> device plan: one row per (token, destination rank) carrying the k ids in
  *   slot order (-1 where the slot is on another rank), rows and pairs per peer counted on the
@@ -44,7 +44,7 @@
 
 #include "common/config.h"
 #include "common/status.h"
-#include "coordinator/transport.h"
+#include "coordinator/transport/transport.h"
 #include "worker/expert_weights.h"
 
 #ifdef __cplusplus
@@ -53,9 +53,9 @@ extern "C" {
 
 typedef struct epmoe_gpu_engine epmoe_gpu_engine;
 
-/* transport: a device transport (coordinator/transport_nccl.h) bound to the stream this
+/* transport: a device transport (coordinator/transport/device.h) bound to the stream this
  * engine runs on, on `device`. layers[n_layers]: this rank's host weights (its slice:
- * epmoe_slice_of_rank(E, P, rank)), uploaded once. decode_tokens: the per-peer capacity of
+ * epmoe_slice_of_rank(E, P, rank)), uploaded once; or NULL (epmoe_gpu_engine_set_layer). decode_tokens: the per-peer capacity of
  * decode mode (0: decode mode unused), <= max_tokens_per_rank. The worker arena holds the worst
  * case: every token of every rank sent here, all its k slots on this rank. Collective. */
 epmoe_status epmoe_gpu_engine_create(const epmoe_config *cfg, epmoe_transport *transport,
@@ -92,8 +92,22 @@ void epmoe_gpu_engine_get_counters(const epmoe_gpu_engine *e, epmoe_gpu_engine_c
  * the next forward poisons its output. */
 epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e);
 
-/* For tests: the routing ids [T, k] of the last forward (device memory of the engine). */
+/* The routing ids [T, k] of the last forward (device memory of the engine). */
 const int32_t *epmoe_gpu_engine_ids(const epmoe_gpu_engine *e);
+
+/* Creation with layers = NULL leaves every layer empty: upload them one at a time here (the
+ * host copy can be freed afterwards). Not collective. For a fit check against cudaMemGetInfo:
+ * the device bytes a layer's weights take, and the temporary staging an upload adds. */
+epmoe_status epmoe_gpu_engine_set_layer(epmoe_gpu_engine *e, int64_t index,
+                                        const epmoe_layer_weights *w);
+int64_t epmoe_gpu_engine_layer_bytes(const epmoe_gpu_engine *e, const epmoe_layer_weights *w);
+int64_t epmoe_gpu_engine_staging_bytes(const epmoe_gpu_engine *e);
+
+/* Throughput mode records events[i] at the stage boundaries of every forward (NULL: none):
+ * 0 start, 1 routed+packed, 2 shared expert done, 3 rows dispatched, 4 experts done,
+ * 5 outputs returned and combined. */
+#define EPMOE_GPU_STAGE_EVENTS 6
+void epmoe_gpu_engine_set_stage_events(epmoe_gpu_engine *e, cudaEvent_t *events);
 
 #ifdef __cplusplus
 }

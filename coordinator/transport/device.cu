@@ -1,7 +1,7 @@
-/* Device transports (coordinator/transport_nccl.h): NCCL for one rank per GPU, mpi-staged
+/* Device transports (coordinator/transport/device.h): NCCL for one rank per GPU, mpi-staged
  * for ranks sharing a GPU, one watchdog for both. Built with EPMOE_HAVE_NCCL when CMake found
  * NCCL; without it only mpi-staged exists and epmoe_transport_nccl_create says so. */
-#include "coordinator/transport_nccl.h"
+#include "coordinator/transport/device.h"
 
 #include <limits.h>
 #include <stdio.h>
@@ -14,6 +14,7 @@
 #include <nccl.h>
 #endif
 
+#include "coordinator/transport/agree.h"
 #include "kernels/cuda/cuda_check.h"
 
 typedef enum { KIND_NCCL = 0, KIND_STAGED = 1 } device_kind;
@@ -86,7 +87,7 @@ static epmoe_status mpi_error(int rc, const char *what) {
 static device_impl *impl_of(const epmoe_transport *t) { return (device_impl *)t->impl; }
 
 static epmoe_status check_alive(const device_impl *d, const char *what) {
-    EPMOE_REQUIRE(!d->dead, d->kind == KIND_NCCL ? EPMOE_ERR_NCCL : EPMOE_ERR_MPI,
+    EPMOE_REQUIRE(!d->dead, EPMOE_ERR_PEER_LOST,
                   "%s: the %s transport is dead after an earlier collective failed or timed out",
                   what, d->kind == KIND_NCCL ? "nccl" : "mpi-staged");
     return EPMOE_OK;
@@ -113,7 +114,7 @@ static epmoe_status nccl_fail(device_impl *d, ncclResult_t r, const char *what) 
 
 static epmoe_status nccl_timeout(device_impl *d, const char *what) {
     nccl_abort(d);
-    EPMOE_FAIL(EPMOE_ERR_NCCL,
+    EPMOE_FAIL(EPMOE_ERR_PEER_LOST,
                "rank %d: %s did not finish within collective_timeout_s = %.1f s: a peer rank "
                "died or hung (NCCL does not say which); NCCL communicator aborted",
                d->rank, what, d->timeout_s);
@@ -225,7 +226,7 @@ static epmoe_status staged_exchange(device_impl *d, const void *send, const int6
             }
             d->dead = 1;
             MPI_Type_free(&elem);
-            EPMOE_FAIL(EPMOE_ERR_MPI,
+            EPMOE_FAIL(EPMOE_ERR_PEER_LOST,
                        "rank %d: %s did not finish within collective_timeout_s = %.1f s; no "
                        "data from peer rank(s) %s (died or hung); MPI requests abandoned",
                        d->rank, what, d->timeout_s, len ? peers : "(none missing: a send stalled)");
@@ -398,7 +399,7 @@ epmoe_status epmoe_device_transport_wait(epmoe_transport *t, const char *what) {
 #endif
         if (d->kind == KIND_STAGED && d->timeout_s > 0 && now_s() - start > limit) {
             d->dead = 1;
-            EPMOE_FAIL(EPMOE_ERR_MPI,
+            EPMOE_FAIL(EPMOE_ERR_PEER_LOST,
                        "rank %d: %s did not finish within %.1f s (collective_timeout_s = %.1f): "
                        "a peer rank died or hung",
                        d->rank, what, limit, d->timeout_s);
@@ -473,30 +474,17 @@ static epmoe_status device_alltoallv(epmoe_transport *t, const void *send,
     return epmoe_device_transport_wait(t, "all-to-all");
 }
 
-static epmoe_status device_any_failed(epmoe_transport *t, int local_failed, int *any_failed) {
+static epmoe_status device_agree(epmoe_transport *t, epmoe_status local, const char *what) {
     device_impl *d = impl_of(t);
-    EPMOE_TRY(check_alive(d, "status agreement"));
-    MPI_Request req;
-    int rc = MPI_Iallreduce(&local_failed, any_failed, 1, MPI_INT, MPI_MAX, d->comm, &req);
-    if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Iallreduce(status)");
-    const double start = now_s();
-    for (;;) {
-        int done = 0;
-        rc = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
-        if (rc != MPI_SUCCESS) return mpi_error(rc, "MPI_Test(status)");
-        if (done) return EPMOE_OK;
-        if (timed_out(d, start)) {
+    if (d->dead) return local != EPMOE_OK ? local : check_alive(d, what);
+    epmoe_status st = epmoe_agree(d->comm, local, what, d->timeout_s);
+    if (st == EPMOE_ERR_PEER_LOST) {
 #ifdef EPMOE_HAVE_NCCL
-            if (d->kind == KIND_NCCL) nccl_abort(d);
+        if (d->kind == KIND_NCCL) nccl_abort(d);
 #endif
-            d->dead = 1;
-            EPMOE_FAIL(d->kind == KIND_NCCL ? EPMOE_ERR_NCCL : EPMOE_ERR_MPI,
-                       "rank %d: status agreement (MPI_Iallreduce) did not finish within "
-                       "collective_timeout_s = %.1f s: a peer rank died or hung",
-                       d->rank, d->timeout_s);
-        }
-        pause_since(start);
+        d->dead = 1;
     }
+    return st;
 }
 
 /* Teardown order: wait for this rank's enqueued work (under the watchdog), finalize then
@@ -539,7 +527,7 @@ static const epmoe_transport_ops nccl_ops = {
     .name = "nccl",
     .exchange_counts = device_exchange_counts,
     .alltoallv = device_alltoallv,
-    .any_failed = device_any_failed,
+    .agree = device_agree,
     .destroy = device_destroy,
 };
 
@@ -547,7 +535,7 @@ static const epmoe_transport_ops staged_ops = {
     .name = "mpi-staged",
     .exchange_counts = device_exchange_counts,
     .alltoallv = device_alltoallv,
-    .any_failed = device_any_failed,
+    .agree = device_agree,
     .destroy = device_destroy,
 };
 

@@ -12,37 +12,37 @@
  * per-rank partial sum would change the association with P). It costs k/(distinct ranks hit)
  * times the combine bytes of partial sums.
  */
-#ifndef EPMOE_ENGINE_H
-#define EPMOE_ENGINE_H
+#ifndef EPMOE_CPU_ENGINE_H
+#define EPMOE_CPU_ENGINE_H
 
 #include <stdint.h>
 
 #include "common/config.h"
 #include "common/status.h"
-#include "coordinator/driver.h"
-#include "coordinator/transport.h"
+#include "coordinator/engine/backend.h"
+#include "coordinator/transport/transport.h"
 #include "worker/expert_weights.h"
 
 #ifdef __cplusplus
 extern "C" {
 #endif
 
-typedef struct epmoe_engine epmoe_engine;
+typedef struct epmoe_cpu_engine epmoe_cpu_engine;
 
 /* layers[n_layers]: this rank's weights of every layer (not owned). Buffers are sized for the
  * worst case of cfg->max_tokens_per_rank tokens on every rank, all routed to one expert. */
-epmoe_status epmoe_engine_create(const epmoe_config *cfg, epmoe_transport *transport,
+epmoe_status epmoe_cpu_engine_create(const epmoe_config *cfg, epmoe_transport *transport,
                                  const epmoe_layer_weights *layers, int64_t n_layers,
-                                 epmoe_engine **out);
-void epmoe_engine_destroy(epmoe_engine *e);
-int64_t epmoe_engine_buffer_bytes(const epmoe_engine *e);
+                                 epmoe_cpu_engine **out);
+void epmoe_cpu_engine_destroy(epmoe_cpu_engine *e);
+int64_t epmoe_cpu_engine_buffer_bytes(const epmoe_cpu_engine *e);
 
 /* Collective: every rank calls it for the same layer with its own T tokens (T may be 0,
  * T <= max_tokens_per_rank). token_ids required for hash layers. out may alias nothing.
  * times (optional) accumulates seconds; expert_counts (optional, [E]) accumulates how many of
  * this rank's tokens chose each expert. A failure on any rank makes every rank return an
  * error for this layer. */
-epmoe_status epmoe_engine_layer_forward(epmoe_engine *e, int64_t layer, const float *x,
+epmoe_status epmoe_cpu_engine_layer_forward(epmoe_cpu_engine *e, int64_t layer, const float *x,
                                         const int32_t *token_ids, int64_t T, float *out,
                                         epmoe_stage_times *times, int64_t *expert_counts);
 
@@ -51,8 +51,8 @@ epmoe_status epmoe_engine_layer_forward(epmoe_engine *e, int64_t layer, const fl
 typedef struct {
     int64_t rows_sent, rows_received, pairs_computed, rows_returned, rows_combined;
     int64_t saturated_elements;
-} epmoe_engine_counters;
-void epmoe_engine_get_counters(const epmoe_engine *e, epmoe_engine_counters *c);
+} epmoe_cpu_engine_counters;
+void epmoe_cpu_engine_get_counters(const epmoe_cpu_engine *e, epmoe_cpu_engine_counters *c);
 
 #ifdef __cplusplus
 }

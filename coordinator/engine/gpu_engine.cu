@@ -1,13 +1,13 @@
-/* The expert-parallel GPU layer (coordinator/gpu_engine.h): gpu_layer's route, expert and
+/* The expert-parallel GPU layer (coordinator/engine/gpu_engine.h): gpu_layer's route, expert and
  * shared-expert kernels around the dispatch kernels (kernels/cuda/dispatch.h) and a device
- * transport (coordinator/transport_nccl.h). */
-#include "coordinator/gpu_engine.h"
+ * transport (coordinator/transport/device.h). */
+#include "coordinator/engine/gpu_engine.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 #include "common/layout.h"
-#include "coordinator/transport_nccl.h"
+#include "coordinator/transport/device.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/dispatch.h"
 #include "kernels/cuda/grouped_gemm.h"
@@ -65,6 +65,7 @@ struct epmoe_gpu_engine {
         *h_dec_ret_recv_counts, *h_dec_ret_recv_displs;
 
     epmoe_gpu_engine_counters counters;
+    cudaEvent_t *stage_events; /* [EPMOE_GPU_STAGE_EVENTS] or NULL */
 };
 
 /* ---- creation -------------------------------------------------------------------------------- */
@@ -149,8 +150,9 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
                                        max64(e->ret_send_cap, T * k), log, &e->ctx));
     e->layers = (epmoe_gpu_layer *)calloc((size_t)e->n_layers, sizeof *e->layers);
     EPMOE_REQUIRE(e->layers, EPMOE_ERR_OOM, "gpu engine: out of host memory");
-    for (int64_t l = 0; l < e->n_layers; l++)
-        EPMOE_TRY(epmoe_gpu_layer_upload(e->ctx, &layers[l], &e->layers[l]));
+    if (layers)
+        for (int64_t l = 0; l < e->n_layers; l++)
+            EPMOE_TRY(epmoe_gpu_layer_upload(e->ctx, &layers[l], &e->layers[l]));
 
     const size_t Pz = (size_t)P, Tk = (size_t)(T * k), TP = (size_t)T * Pz;
     const size_t R = (size_t)e->recv_rows_cap, S = (size_t)e->send_rows_cap;
@@ -245,12 +247,7 @@ epmoe_status epmoe_gpu_engine_create(const epmoe_config *cfg, epmoe_transport *t
     e->decode_tokens = decode_tokens;
     e->n_layers = n_layers;
     epmoe_status st = create_local(e, cfg, layers, log);
-    int any = 0;
-    epmoe_status agreed = transport->ops->any_failed(transport, st != EPMOE_OK, &any);
-    if (st == EPMOE_OK && agreed != EPMOE_OK) st = agreed;
-    if (st == EPMOE_OK && any)
-        st = epmoe_set_error(EPMOE_ERR_INVALID_ARG, __FILE__, __LINE__,
-                             "rank %d: another rank failed to create its gpu engine", e->rank);
+    st = transport->ops->agree(transport, st, "create its gpu engine");
     if (st != EPMOE_OK) {
         epmoe_gpu_engine_destroy(e);
         return st;
@@ -333,11 +330,18 @@ static epmoe_status check_forward(const epmoe_gpu_engine *e, int64_t layer, int6
 }
 
 /* Route, plan and pack with the given sender bases; shared expert on the way. */
+/* Records stage boundary i when the caller asked for timing (throughput mode). */
+static epmoe_status mark(epmoe_gpu_engine *e, int i) {
+    if (e->stage_events) CUDA_TRY(cudaEventRecord(e->stage_events[i], e->stream), "stage event");
+    return EPMOE_OK;
+}
+
 static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer *L,
                                       const float *x, const int32_t *token_ids, int64_t T,
                                       int fixed) {
     epmoe_gpu_arena *a = &e->ctx->arena;
     cudaStream_t s = e->stream;
+    if (!fixed) EPMOE_TRY(mark(e, 0));
     EPMOE_TRY(epmoe_gpu_route(e->ctx, L, x, token_ids, T, s));
     EPMOE_TRY(epmoe_cuda_dispatch_plan(a->ids, T, e->k, e->rank_start, e->P, e->owner_of_pair,
                                        e->row_rank, e->pair_rank, e->send_counts, s));
@@ -357,8 +361,10 @@ static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer
                                        e->P, e->owner_of_pair, e->row_rank, e->pair_rank,
                                        send_row_base, ret_recv_base, e->send_records,
                                        e->ret_index_of_pair, s));
+    if (!fixed) EPMOE_TRY(mark(e, 1));
     /* The shared expert needs only the local tokens: it runs while the counts travel. */
     EPMOE_TRY(epmoe_gpu_shared(e->ctx, L, x, T, s));
+    if (!fixed) EPMOE_TRY(mark(e, 2));
     /* Counts: one (rows, pairs) element of 16 bytes per peer, device to device. */
     return epmoe_device_alltoallv_async(e->t, e->send_counts, e->h_ones, e->h_iota,
                                         e->recv_counts, e->h_ones, e->h_iota, 16,
@@ -412,12 +418,15 @@ epmoe_status epmoe_gpu_engine_forward(epmoe_gpu_engine *e, int64_t layer, const 
                                            e->h_send_displs, e->recv_records, e->h_recv_counts,
                                            e->h_recv_displs, (size_t)e->rec.bytes,
                                            "dispatch (rows)"));
+    EPMOE_TRY(mark(e, 3));
     EPMOE_TRY(worker(e, L, rows_in, e->recv_row_base, e->ret_send_base, pairs_in));
+    EPMOE_TRY(mark(e, 4));
     EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->ret_send, e->h_ret_send_counts,
                                            e->h_ret_send_displs, e->ret_recv,
                                            e->h_ret_recv_counts, e->h_ret_recv_displs,
                                            (size_t)e->H * 4, "return (expert outputs)"));
     EPMOE_TRY(combine(e, T, out));
+    EPMOE_TRY(mark(e, 5));
     e->counters.rows_sent += rows_out;
     e->counters.rows_received += rows_in;
     e->counters.pairs_computed += pairs_in;
@@ -470,6 +479,27 @@ void epmoe_gpu_engine_get_counters(const epmoe_gpu_engine *e, epmoe_gpu_engine_c
 }
 
 const int32_t *epmoe_gpu_engine_ids(const epmoe_gpu_engine *e) { return e->ctx->arena.ids; }
+
+epmoe_status epmoe_gpu_engine_set_layer(epmoe_gpu_engine *e, int64_t index,
+                                        const epmoe_layer_weights *w) {
+    EPMOE_REQUIRE(index >= 0 && index < e->n_layers, EPMOE_ERR_INVALID_ARG,
+                  "gpu engine: layer index %lld outside [0, %lld)", (long long)index,
+                  (long long)e->n_layers);
+    epmoe_gpu_layer_free(&e->layers[index]);
+    return epmoe_gpu_layer_upload(e->ctx, w, &e->layers[index]);
+}
+
+int64_t epmoe_gpu_engine_layer_bytes(const epmoe_gpu_engine *e, const epmoe_layer_weights *w) {
+    return epmoe_gpu_layer_bytes(e->ctx, w);
+}
+
+int64_t epmoe_gpu_engine_staging_bytes(const epmoe_gpu_engine *e) {
+    return epmoe_gpu_layer_staging_bytes(e->ctx);
+}
+
+void epmoe_gpu_engine_set_stage_events(epmoe_gpu_engine *e, cudaEvent_t *events) {
+    e->stage_events = events;
+}
 
 epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e) {
     epmoe_gpu_arena *a = &e->ctx->arena;

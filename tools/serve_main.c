@@ -19,7 +19,7 @@
 #include <unistd.h>
 
 #include "common/config.h"
-#include "coordinator/driver.h"
+#include "coordinator/engine/driver.h"
 #include "coordinator/service/serve_config.h"
 #include "coordinator/service/server.h"
 
@@ -34,8 +34,8 @@ static void usage(FILE *f) {
 static epmoe_status driver_forward(void *ctx, const float *x, const int32_t *token_ids,
                                    int64_t n_tokens, int64_t layer_begin, int64_t layer_end,
                                    float *out, epmoe_stage_times *times, int64_t *expert_counts) {
-    return epmoe_driver_forward(ctx, x, token_ids, n_tokens, layer_begin, layer_end, out, times,
-                                expert_counts);
+    return epmoe_driver_forward(ctx, x, EPMOE_DTYPE_F32, token_ids, n_tokens, layer_begin,
+                                layer_end, out, times, expert_counts);
 }
 
 /* "<grpc port> <metrics port> <pid>\n", written to a temporary name and renamed so a reader
@@ -112,7 +112,7 @@ int main(int argc, char **argv) {
     }
 
     epmoe_driver *d = NULL;
-    st = epmoe_driver_create(&cfg, checkpoint, MPI_COMM_WORLD, &d);
+    st = epmoe_driver_create(&cfg, checkpoint, MPI_COMM_WORLD, 0, -1, &d);
     if (st != EPMOE_OK) {
         fprintf(stderr, "epmoe-serve: rank %d: %s\n", rank, epmoe_last_error());
         MPI_Finalize();

@@ -1,4 +1,4 @@
-/* Device transports: coordinator/transport.h on DEVICE buffers, work enqueued on one CUDA
+/* Device transports: coordinator/transport/transport.h on DEVICE buffers, work enqueued on one CUDA
  * stream that the transport is bound to. Two implementations with the same calls:
  *
  *   nccl        one rank per GPU. Bootstrapped from MPI: rank 0 ncclGetUniqueId, MPI_Bcast,
@@ -23,8 +23,8 @@
  * peer stalled). After that the transport is dead: every later call fails at once, and the
  * caller is expected to exit non-zero.
  */
-#ifndef EPMOE_TRANSPORT_NCCL_H
-#define EPMOE_TRANSPORT_NCCL_H
+#ifndef EPMOE_TRANSPORT_DEVICE_H
+#define EPMOE_TRANSPORT_DEVICE_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -32,7 +32,7 @@
 #include <cuda_runtime.h>
 #include <mpi.h>
 
-#include "coordinator/transport.h"
+#include "coordinator/transport/transport.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -1,6 +1,7 @@
 /* The all-to-all seam between the engine and the wire. The engine plans what goes where and
- * packs rows; a transport only moves counts and bytes. MPI (CPU, host buffers) implements it
- * in transport_mpi.c; NCCL (GPU) will implement the same calls on device buffers.
+ * packs rows; a transport only moves counts and bytes. mpi.c implements it on host buffers;
+ * device.h (nccl, mpi-staged) on device buffers. Every wait is under the watchdog
+ * (collective_timeout_s): a peer that died or hung gives EPMOE_ERR_PEER_LOST, never a hang.
  */
 #ifndef EPMOE_TRANSPORT_H
 #define EPMOE_TRANSPORT_H
@@ -26,8 +27,9 @@ typedef struct {
     epmoe_status (*alltoallv)(epmoe_transport *t, const void *send, const int64_t *send_counts,
                               const int64_t *send_displs, void *recv, const int64_t *recv_counts,
                               const int64_t *recv_displs, size_t elem_bytes);
-    /* Every rank learns whether any rank failed (so that all leave a layer together). */
-    epmoe_status (*any_failed)(epmoe_transport *t, int local_failed, int *any_failed);
+    /* Every rank learns whether any rank failed `what`, and gets the lowest failing rank's
+     * status and message (coordinator/transport/agree.h), so that all leave a step together. */
+    epmoe_status (*agree)(epmoe_transport *t, epmoe_status local, const char *what);
     void (*destroy)(epmoe_transport *t);
 } epmoe_transport_ops;
 

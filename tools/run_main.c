@@ -18,7 +18,7 @@
 
 #include "common/config.h"
 #include "common/safetensors.h"
-#include "coordinator/driver.h"
+#include "coordinator/engine/driver.h"
 #include "worker/expert_weights.h"
 
 typedef struct {
@@ -60,8 +60,8 @@ static epmoe_status parse_args(int argc, char **argv, run_args *a) {
 
 typedef struct {
     int64_t T;
-    epmoe_dtype dtype;
-    float *x;
+    epmoe_dtype dtype; /* of x and of the output */
+    void *x;           /* [T, H] as read: the backend converts (on the device for cuda) */
     int32_t *token_ids;
 } run_input;
 
@@ -95,19 +95,14 @@ static epmoe_status read_input(const char *path, const epmoe_config *cfg, run_in
     if (st == EPMOE_OK) {
         in->T = hs->shape[0];
         in->dtype = hs->dtype;
-        size_t n = (size_t)(in->T * cfg->hidden_size);
-        in->x = malloc((n ? n : 1) * sizeof(float));
+        size_t bytes = (size_t)(in->T * cfg->hidden_size) * epmoe_dtype_size(hs->dtype);
+        in->x = malloc(bytes ? bytes : 1);
         in->token_ids = ids ? malloc((size_t)(in->T ? in->T : 1) * sizeof(int32_t)) : NULL;
         if (!in->x || (ids && !in->token_ids))
             st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "input: out of memory");
+        else
+            memcpy(in->x, hs->data, bytes);
     }
-    if (st == EPMOE_OK) st = epmoe_convert_to_f32(hs->dtype, hs->data, (size_t)(in->T * cfg->hidden_size), in->x);
-    for (int64_t i = 0; st == EPMOE_OK && i < in->T * cfg->hidden_size; i++)
-        if (!isfinite(in->x[i]))
-            st = epmoe_set_error(EPMOE_ERR_NUMERIC, __FILE__, __LINE__,
-                                 "%s: hidden_states[%lld, %lld] is %f (NaN/Inf not accepted)",
-                                 path, (long long)(i / cfg->hidden_size),
-                                 (long long)(i % cfg->hidden_size), (double)in->x[i]);
     if (st == EPMOE_OK && ids) {
         for (int64_t t = 0; t < in->T; t++) {
             int64_t v = ids->dtype == EPMOE_DTYPE_I32 ? ((const int32_t *)ids->data)[t]
@@ -125,22 +120,17 @@ static epmoe_status read_input(const char *path, const epmoe_config *cfg, run_in
     return st;
 }
 
-static epmoe_status write_output(const char *path, const run_input *in, const float *y,
+static epmoe_status write_output(const char *path, const run_input *in, const void *y,
                                  int64_t H) {
-    size_t n = (size_t)(in->T * H);
-    void *data = malloc((n ? n : 1) * epmoe_dtype_size(in->dtype));
-    EPMOE_REQUIRE(data != NULL, EPMOE_ERR_OOM, "output: out of memory");
-    epmoe_status st = epmoe_convert_from_f32(y, n, in->dtype, data);
     epmoe_st_writer *w = NULL;
-    if (st == EPMOE_OK) st = epmoe_st_writer_create(&w);
+    epmoe_status st = epmoe_st_writer_create(&w);
     int64_t shape[2] = {in->T, H};
-    if (st == EPMOE_OK) st = epmoe_st_writer_add(w, "hidden_states", in->dtype, 2, shape, data);
+    if (st == EPMOE_OK) st = epmoe_st_writer_add(w, "hidden_states", in->dtype, 2, shape, y);
     if (st == EPMOE_OK && in->token_ids)
         st = epmoe_st_writer_add(w, "token_ids", EPMOE_DTYPE_I32, 1, shape, in->token_ids);
     if (st == EPMOE_OK) st = epmoe_st_writer_metadata(w, "producer", "epmoe-run");
     if (st == EPMOE_OK) st = epmoe_st_writer_finish(w, path);
     epmoe_st_writer_free(w);
-    free(data);
     return st;
 }
 
@@ -195,7 +185,7 @@ int main(int argc, char **argv) {
 
     epmoe_driver *d = NULL;
     double t_load = MPI_Wtime();
-    st = epmoe_driver_create(&cfg, a.checkpoint, MPI_COMM_WORLD, &d);
+    st = epmoe_driver_create(&cfg, a.checkpoint, MPI_COMM_WORLD, a.layer_begin, a.layer_end, &d);
     if (st != EPMOE_OK) {
         fprintf(stderr, "epmoe-run: rank %d: %s\n", rank, epmoe_last_error());
         MPI_Finalize();
@@ -205,6 +195,7 @@ int main(int argc, char **argv) {
     if (rank != 0) {
         st = epmoe_driver_follow(d);
         if (st != EPMOE_OK) fprintf(stderr, "epmoe-run: rank %d: %s\n", rank, epmoe_last_error());
+        if (st != EPMOE_OK) MPI_Abort(MPI_COMM_WORLD, 1); /* the root may be gone or waiting */
         epmoe_driver_destroy(d);
         MPI_Finalize();
         return st == EPMOE_OK ? 0 : 1;
@@ -216,15 +207,17 @@ int main(int argc, char **argv) {
     const int64_t H = mc->hidden_size, E = mc->n_routed_experts;
     const int64_t begin = a.layer_begin, end = a.layer_end < 0 ? mc->n_layers : a.layer_end;
     const int64_t chunk = info.max_tokens_per_forward;
-    float *y = malloc((size_t)(in.T * H + 1) * sizeof(float));
+    const size_t row_bytes = (size_t)H * epmoe_dtype_size(in.dtype);
+    char *y = malloc((size_t)in.T * row_bytes + 1);
     int64_t *counts = calloc((size_t)((end - begin) * E), sizeof(int64_t));
     int64_t *chunk_counts = calloc((size_t)((end - begin) * E), sizeof(int64_t));
     epmoe_stage_times times = {0};
     double t0 = MPI_Wtime(), last_report = t0;
     for (int64_t t = 0; st == EPMOE_OK && (t < in.T || (in.T == 0 && t == 0)); t += chunk) {
         int64_t n = in.T - t < chunk ? in.T - t : chunk;
-        st = epmoe_driver_forward(d, in.x + t * H, in.token_ids ? in.token_ids + t : NULL, n,
-                                  begin, end, y + t * H, &times, chunk_counts);
+        st = epmoe_driver_forward(d, (const char *)in.x + (size_t)t * row_bytes, in.dtype,
+                                  in.token_ids ? in.token_ids + t : NULL, n, begin, end,
+                                  y + (size_t)t * row_bytes, &times, chunk_counts);
         for (int64_t i = 0; st == EPMOE_OK && i < (end - begin) * E; i++) counts[i] += chunk_counts[i];
         double now = MPI_Wtime();
         if (!a.quiet && (now - last_report > 2.0 || t + n >= in.T) && in.T > 0) {
@@ -247,10 +240,10 @@ int main(int argc, char **argv) {
             if (counts[i] > 0) hit++;
             if (counts[i] > max_load) max_load = counts[i];
         }
-        printf("epmoe-run: %lld tokens x layers [%lld, %lld) of %s on %d ranks "
-               "(%lld experts, top-%lld)\n",
+        printf("epmoe-run: %lld tokens x layers [%lld, %lld) of %s on %d ranks, backend %s "
+               "(%s) (%lld experts, top-%lld)\n",
                (long long)in.T, (long long)begin, (long long)end, mc->preset, n_ranks,
-               (long long)E, (long long)mc->top_k);
+               info.backend.name, info.backend.device_name, (long long)E, (long long)mc->top_k);
         printf("  experts hit: %lld of %lld (expert, layer) pairs; busiest expert got %lld tokens\n",
                (long long)hit, (long long)((end - begin) * E), (long long)max_load);
         printf("  time: load %.3f s, forward %.3f s (%.0f tokens/s); rank 0 stages: route %.3f, "
@@ -259,6 +252,8 @@ int main(int argc, char **argv) {
                times.dispatch, times.experts, times.combine, times.shared);
         printf("  output: %s\n", a.output);
     }
+    if (st == EPMOE_ERR_PEER_LOST) /* the followers cannot be released: end the whole job */
+        MPI_Abort(MPI_COMM_WORLD, 1);
     epmoe_status st2 = epmoe_driver_shutdown(d);
     if (st2 != EPMOE_OK && exit_code == 0) {
         fprintf(stderr, "epmoe-run: %s\n", epmoe_last_error());
