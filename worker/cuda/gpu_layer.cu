@@ -239,7 +239,7 @@ static epmoe_status check_layer_weights(const epmoe_gpu_context *ctx,
                                         const epmoe_layer_weights *w) {
     const epmoe_config *c = &ctx->cfg;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
-    const int64_t E = c->n_routed_experts, k = c->top_k, Is = ctx->shared_inter;
+    const int64_t E = c->n_routed_experts, Is = ctx->shared_inter;
     EPMOE_REQUIRE(w->hidden_size == H && w->inter_size == I && w->n_local == n &&
                       w->slice.start == ctx->expert_start && w->n_experts == E,
                   EPMOE_ERR_INVALID_ARG,
