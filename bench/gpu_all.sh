@@ -38,7 +38,7 @@ pack
 ./build-gemm-dev/bench/gemm_bench --json "$OUT/overlap.json" --reps "$REPS" --rows 8,16,32,96 \
   --kernels 5,7,9 --no-row-major --serial-too > "$OUT/overlap.log" 2>&1 || rc=1
 pack
-# clocks under load: bash bench/gpu_all.sh --clocks (v6/v9 measured them; optional since)
+# clocks under load: bash bench/gpu_all.sh --clocks (optional: docs/perf-history.md §1)
 if [ "$CLOCKS" = 1 ]; then
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -lms 50 > "$OUT/clocks.txt" &
   smi=$!
