@@ -1,4 +1,4 @@
-/* Grouped NVFP4 GEMMs for the routed experts (W13 and W2), DESIGN §1 step 4, §3, §7.
+/* Grouped NVFP4 GEMMs for the routed experts (W13 and W2), docs/design.md §2.4, §3.4, §5.3.
  *
  * One call computes, for every local expert e and every real row r of that expert
  * (rows [padded_offsets[e], padded_offsets[e] + tokens_per_expert[e])):
