@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Everything issue 5 measures, in one device call (run on the GPU machine, repo root, carry
-# .carry): the GEMM benchmark with its test suite and the wgmma probe (bench/gpu_bench.sh), AUTO's
-# decode kernels launched beside their pre-pass and after it (the overlap, side by side), (with
-# --ncu) the streaming kernel's per-instruction stalls at 8 rows (Nsight Compute),
-# (with --clocks) SM clock and power sampled while our prefill kernel runs, the whole
-# GPU suite (deploy/gpu-test.sh) and the whole-layer benchmark (bench/layer_bench.sh).
-# Everything lands in $OUT/all.tgz (the device tool returns at most 8 files); bench.json,
-# the test summary (and the clock samples) also lie beside it.
+# Everything issue 5 measures, in one run (on a GPU machine, from the repository root; needs
+# what deploy/gpu-test.sh needs, plus PyTorch for the torch anchor): the GEMM benchmark with
+# its test suite and the wgmma probe (bench/gpu_bench.sh), AUTO's decode kernels launched
+# beside their pre-pass and after it (the overlap, side by side), (with --ncu) the streaming
+# kernel's per-instruction stalls at 8 rows (Nsight Compute), (with --clocks) SM clock and
+# power sampled while our prefill kernel runs, the whole GPU suite (deploy/gpu-test.sh) and
+# the whole-layer benchmark (bench/layer_bench.sh).
+# Everything lands in one archive, $OUT/all.tgz (default ./out); bench.json, the test summary
+# (and the clock samples) also lie beside it.
 #   bash bench/gpu_all.sh [--reps N] [--clocks] [--ncu]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,8 +26,8 @@ FINAL_OUT="${OUT:-$PWD/out}"
 export OUT=/tmp/epmoe-all
 rm -rf "$OUT"; mkdir -p "$OUT"
 rc=0
-# packed again after every step, so that a run cut short by the device's time limit still
-# brings back what it measured
+# packed again after every step, so that a run cut short (a time limit) still leaves what it
+# measured
 pack() { tar -C /tmp -czf "$FINAL_OUT/all.tgz" epmoe-all; }
 # the whole GPU suite first: what the code computes matters before how fast
 bash deploy/gpu-test.sh > "$OUT/gpu_test.log" 2>&1 || rc=1
@@ -38,7 +39,7 @@ pack
 ./build-gemm-dev/bench/gemm_bench --json "$OUT/overlap.json" --reps "$REPS" --rows 8,16,32,96 \
   --kernels 5,7,9 --no-row-major --serial-too > "$OUT/overlap.log" 2>&1 || rc=1
 pack
-# clocks under load: bash bench/gpu_all.sh --clocks (v6/v9 measured them; optional since)
+# clocks under load: bash bench/gpu_all.sh --clocks (optional: docs/perf-history.md §1)
 if [ "$CLOCKS" = 1 ]; then
   nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw --format=csv,noheader -lms 50 > "$OUT/clocks.txt" &
   smi=$!

@@ -32,7 +32,7 @@ cmake -S . -B $BUILD -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS=90a -DEPMOE_SERVICE=OFF 
       -DCMAKE_BUILD_TYPE=Release > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 cmake --build $BUILD -j16 --target test_gemm test_slab_bits test_stream_schedule gemm_bench wgmma_probe >> "$OUT/build.log" 2>&1 || { grep -E "error" -A3 "$OUT/build.log" | head -40; exit 1; }
 # SASS check (no disassembler on the build machine): tensor-core and copy instructions, spills
-# (the SASS goes back as one archive: the device tool returns at most 8 files)
+# (the SASS goes into one archive, $OUT/sass.tgz)
 mkdir -p /tmp/epmoe-sass
 for O in $(find $BUILD -name "gemm_sm90*.cu.o"); do
   S="/tmp/epmoe-sass/$(basename "$O" .cu.o).sass"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The SASS of one CUDA file, on this (GPU-less) machine: compiles it for sm_90a with ptxas's
-# resource report and dumps its SASS with cuobjdump/nvdisasm from NVIDIA's pip wheels (the
-# CUDA toolkit here lacks them), unpacked once into .sass-tools/ (ignored by git).
+# The SASS of one CUDA file, on a machine with the CUDA toolkit and no GPU: compiles it for
+# sm_90a with ptxas's resource report and dumps its SASS with cuobjdump/nvdisasm from NVIDIA's
+# pip wheels (toolkits without them exist), unpacked once into .sass-tools/ (ignored by git).
 #   bash bench/sass_local.sh kernels/cuda/gemm_sm90_ws.cu [out.sass]
 # Prints ptxas's registers/spills per kernel and any C7513 (serialized wgmma) warning, then
 # the instruction counts that matter for the GEMMs; the whole SASS goes to out.sass.

@@ -1,4 +1,4 @@
-/* The checkpoint layout (DESIGN §4) in one place: tensor names, their dtypes and shapes, the
+/* The checkpoint layout (docs/design.md §4.1) in one place: tensor names, dtypes and shapes, the
  * metadata keys, and the synthetic checkpoint generator that writes exactly this layout.
  *
  * Tensors of MoE layer L (a checkpoint holds one file per layer, model-LLLLL.safetensors, or

@@ -1,5 +1,5 @@
 /* Configuration: one table declares every setting once, with its type, bounds, default and
- * help (common/config.c). Presets (DESIGN §2) are rows of overrides on top of the defaults; a
+ * help (common/config.c). Presets (docs/design.md §6) are rows of overrides on the defaults; a
  * checkpoint's metadata carries the model settings it was written with, and command-line
  * `--name value` pairs come last. Every program prints the effective values with
  * --print-config.

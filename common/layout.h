@@ -1,6 +1,6 @@
 /* Where things live: which rank owns which experts, and where each expert's rows sit in the
  * padded expert-contiguous layout. Every component (CPU and GPU, dispatch and compute, scale
- * assembly and GEMM) calls these; nothing recomputes them by hand (seed bugs 4, 8, 14).
+ * assembly and GEMM) calls these; nothing recomputes them (docs/design.md §9, rules 4, 8, 14).
  *
  * Offsets convention (the only one): an exclusive prefix of length n+1.
  *   offsets[0] = 0, offsets[e+1] = offsets[e] + count[e]; expert e's rows are
@@ -32,7 +32,7 @@ epmoe_status epmoe_slice_of_rank(int64_t n_experts, int n_ranks, int rank,
 void epmoe_shard_of_rank(int64_t T, int n_ranks, int rank, int64_t *start, int64_t *count);
 /* Owner rank of a global expert id; ids outside [0, E) are EPMOE_ERR_RANGE. */
 epmoe_status epmoe_owner_of_expert(int64_t n_experts, int n_ranks, int64_t expert, int *rank);
-/* local = global - start, checked against the slice (seed bug 8). */
+/* local = global - start, checked against the slice (rule 8). */
 epmoe_status epmoe_global_to_local(const epmoe_expert_slice *slice, int64_t global,
                                    int64_t *local);
 

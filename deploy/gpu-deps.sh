@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run HERE (a machine with apt): downloads the Debian packages that the GPU machine lacks
-# (jansson and Check) into .carry/debs, to be carried to the device with `carry: [.carry]`.
+# For a GPU machine that lacks jansson and Check and cannot install packages: run this on a
+# Debian machine with apt, from the repository root. It downloads their .debs into .carry/debs;
+# copy that folder into the GPU machine's checkout, where deploy/gpu-env.sh unpacks them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .carry/debs

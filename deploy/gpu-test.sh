@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Builds and runs the GPU suite on the GPU machine, from the repository root:
-#   bash deploy/gpu-test.sh            (device tool: run(command="bash deploy/gpu-test.sh",
-#                                        carry=[".carry"]))
-# Needs CUDA, CMake and MPI there; jansson and Check come from the carried .debs
-# (deploy/gpu-deps.sh makes them, deploy/gpu-env.sh unpacks them). Logs go to $OUT (or
-# ./out when $OUT is unset): build.log, one <test>.log per suite program, summary.txt.
+#   bash deploy/gpu-test.sh
+# Needs an NVIDIA GPU (sm_90 by default; EPMOE_CUDA_ARCHS), the CUDA toolkit, CMake and MPI;
+# jansson and Check from the system or as .debs in .carry/debs (deploy/gpu-deps.sh makes them,
+# deploy/gpu-env.sh unpacks them). Logs go to $OUT (default ./out): build.log, one <test>.log
+# per suite program, summary.txt.
 # Exit status: non-zero if the build or any suite program failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,4 +1,4 @@
-/* epmoe-serve: the long-running service (DESIGN §6).
+/* epmoe-serve: the long-running service (docs/design.md §4.6).
  *
  *   mpirun -np N epmoe-serve --checkpoint CKPT [--listen 127.0.0.1:50051]
  *        [--metrics-listen 127.0.0.1:9464] [--max-batch-tokens T] [--max-queue-delay-us U]

@@ -1,5 +1,5 @@
 /* The expert-parallel engine: one MoE layer over a transport, every rank both a coordinator
- * (for the tokens it holds) and a worker (for the experts it owns). DESIGN §1:
+ * (for the tokens it holds) and a worker (for the experts it owns). docs/design.md §2:
  *
  *   route  -> plan (owner rank of each slot; one row per destination rank, carrying the local
  *             expert ids of that rank in slot order) -> dispatch (all-to-all)

@@ -1,4 +1,4 @@
-/* Device kernels of the expert-parallel dispatch and return (DESIGN §1 steps 2, 3, 5), used by
+/* Device kernels of the expert-parallel dispatch and return (docs/design.md §2.2-§2.5), used by
  * coordinator/engine/gpu_engine.cu. Every launch shape depends on host sizes only (T, top_k, P, the
  * receive capacity), never on routing, so all of it may be captured in a CUDA graph.
  *

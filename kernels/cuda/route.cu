@@ -47,10 +47,10 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
  * x and Wg come through a ring of GATE_SMALL_STAGES shared-memory slices of GATE_SMALL_KS h,
  * copied (cp.async, zero-filled past T, E or H) GATE_SMALL_STAGES - 1 slices ahead of the fmafs,
  * one barrier a slice. Staging 16 h at a time behind two barriers, each slice waiting out a
- * load's whole latency, took 135 us at 43 tokens on the H100 and the same at 512 tokens; this
- * ring 64 us (bench/RESULTS.md v9, the layer's route stage): latency, not work, in both. The
- * chain itself is H dependent fmafs (4096 at V4-Flash: about 8 us), so the ring still waits on
- * DRAM; asking each slice's lines into L2 further ahead is the next step (not yet measured). */
+ * load's whole latency, took twice this ring's time, the same at 43 and 512 tokens: latency,
+ * not work, in both (docs/perf-history.md §2). The chain itself is H dependent fmafs, so the
+ * ring still waits on DRAM; asking each slice's lines into L2 further ahead was measured
+ * slower (the ring already has them in flight). */
 #define GATE_SMALL_TILE 16
 #define GATE_SMALL_KS 64    /* h per slice */
 #define GATE_SMALL_STAGES 4 /* slices in the ring */

@@ -1,4 +1,4 @@
-/* Shared expert (DESIGN §1 step 6) on the device: bf16 operands through cuBLAS with fp32
+/* Shared expert (docs/design.md §2.6) on the device: bf16 operands through cuBLAS with fp32
  * accumulation, the routed experts' clamped SwiGLU in between. Row-major [T, K] x [N, K]^T is
  * the column-major product W^T(op T) . X(op N) with m = N, n = T, k = K. */
 #include <cuda_bf16.h>

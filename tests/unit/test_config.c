@@ -21,7 +21,7 @@ START_TEST(defaults_are_in_bounds_and_valid) {
         for (int j = 0; j < i; j++) ck_assert_msg(strcmp(t[i].name, t[j].name), "%s twice", t[i].name);
     }
     ck_assert_msg(epmoe_config_validate(&cfg) == EPMOE_OK, "%s", epmoe_last_error());
-    ck_assert_int_eq(cfg.n_routed_experts, 256); /* tiny keeps 256 experts (DESIGN §2) */
+    ck_assert_int_eq(cfg.n_routed_experts, 256); /* tiny keeps 256 experts (docs/design.md §6) */
 }
 END_TEST
 

@@ -1,4 +1,4 @@
-/* One MoE layer on one GPU (DESIGN §1 steps 1, 2, 4, 5, 6 for a rank that holds its experts):
+/* One MoE layer on one GPU (docs/design.md §2 without the all-to-alls, on a rank's own experts):
  * a device arena shared by all layers, per-layer device weights uploaded once, and a forward
  * split into the stages that the multi-GPU path will separate with its all-to-alls:
  *
