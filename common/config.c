@@ -346,6 +346,20 @@ epmoe_status epmoe_config_parse_args(epmoe_config *cfg, int *argc, char **argv,
         }
         EPMOE_TRY(epmoe_config_preset(cfg, value));
     }
+    /* Runtime settings from the environment (EPMOE_BACKEND=cuda, ...), so a job script or a
+     * test harness can choose them for every program at once; the command line wins. */
+    for (int i = 0; i < TABLE_N; i++) {
+        if (table[i].scope != EPMOE_CFG_RUNTIME) continue;
+        char var[80] = "EPMOE_";
+        size_t n = strlen(var);
+        for (const char *c = table[i].name; *c && n + 1 < sizeof var; c++)
+            var[n++] = (char)(*c >= 'a' && *c <= 'z' ? *c - 'a' + 'A' : *c);
+        var[n] = 0;
+        const char *value = getenv(var);
+        if (!value || !*value) continue;
+        epmoe_status st = epmoe_cfg_table_set(cfg, table, TABLE_N, table[i].name, value);
+        if (st != EPMOE_OK) return epmoe_add_context(st, "environment variable %s", var);
+    }
     int out = 1;
     for (int i = 1; i < *argc; i++) {
         if (strcmp(argv[i], "--print-config") == 0) {

@@ -113,7 +113,8 @@ epmoe_status epmoe_config_validate(const epmoe_config *cfg);
 /* "name = value   # help" for every entry, model settings first. */
 void epmoe_config_print(const epmoe_config *cfg, FILE *out);
 
-/* Command-line helper shared by the programs: consumes every `--name value` (or
+/* Command-line helper shared by the programs: applies runtime settings given in the
+ * environment as EPMOE_<NAME> (EPMOE_BACKEND=cpu), then consumes every `--name value` (or
  * `--name=value`) whose name is a config entry, plus `--preset NAME` (applied first wherever it
  * appears) and leaves other arguments in argv (argc updated). Sets *print_config when
  * --print-config was given. */

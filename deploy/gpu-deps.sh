@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# For a GPU machine that lacks jansson and Check and cannot install packages: run this on a
-# Debian machine with apt, from the repository root. It downloads their .debs into .carry/debs;
-# copy that folder into the GPU machine's checkout, where deploy/gpu-env.sh unpacks them.
+# For a GPU machine without a package registry: downloads (on a Debian 12 machine with apt) the
+# Debian packages that such a machine lacks into .carry/debs, to be copied along with the tree.
+# deploy/gpu-env.sh unpacks them there under /tmp/epmoe-deps (never into /).
+#   jansson, Check           the core build and the unit suites
+#   protobuf-c, gRPC core    the service (epmoe-serve, epmoe-client) and their runtime libraries
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p .carry/debs
 cd .carry/debs
-apt-get download libjansson4 libjansson-dev check libsubunit0 libsubunit-dev
+apt-get download libjansson4 libjansson-dev check libsubunit0 libsubunit-dev \
+  libgrpc29 libgrpc-dev libabsl20220623 libc-ares2 libprotobuf32 libprotoc32 libre2-9 \
+  libprotobuf-c1 libprotobuf-c-dev protobuf-c-compiler

@@ -120,14 +120,19 @@ static epmoe_status read_input(const char *path, const epmoe_config *cfg, run_in
     return st;
 }
 
+/* hidden_states and token_ids as they came, plus expert_counts [layers, E] (I64): how many of
+ * the tokens each expert received in each layer of the range (routing, visible to the user). */
 static epmoe_status write_output(const char *path, const run_input *in, const void *y,
-                                 int64_t H) {
+                                 int64_t H, const int64_t *counts, int64_t n_layers, int64_t E) {
     epmoe_st_writer *w = NULL;
     epmoe_status st = epmoe_st_writer_create(&w);
     int64_t shape[2] = {in->T, H};
     if (st == EPMOE_OK) st = epmoe_st_writer_add(w, "hidden_states", in->dtype, 2, shape, y);
     if (st == EPMOE_OK && in->token_ids)
         st = epmoe_st_writer_add(w, "token_ids", EPMOE_DTYPE_I32, 1, shape, in->token_ids);
+    int64_t counts_shape[2] = {n_layers, E};
+    if (st == EPMOE_OK)
+        st = epmoe_st_writer_add(w, "expert_counts", EPMOE_DTYPE_I64, 2, counts_shape, counts);
     if (st == EPMOE_OK) st = epmoe_st_writer_metadata(w, "producer", "epmoe-run");
     if (st == EPMOE_OK) st = epmoe_st_writer_finish(w, path);
     epmoe_st_writer_free(w);
@@ -230,7 +235,7 @@ int main(int argc, char **argv) {
     }
     double elapsed = MPI_Wtime() - t0;
     int exit_code = 0;
-    if (st == EPMOE_OK) st = write_output(a.output, &in, y, H);
+    if (st == EPMOE_OK) st = write_output(a.output, &in, y, H, counts, end - begin, E);
     if (st != EPMOE_OK) {
         fprintf(stderr, "epmoe-run: %s: %s\n", epmoe_status_name(st), epmoe_last_error());
         exit_code = 1;

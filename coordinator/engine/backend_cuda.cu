@@ -353,7 +353,7 @@ static epmoe_status create_local(epmoe_backend *b, cuda_backend *c, const epmoe_
     cudaDeviceProp prop;
     CUDA_TRY(cudaGetDeviceProperties(&prop, c->device), "reading the GPU's properties");
     b->info.device = c->device;
-    snprintf(b->info.device_name, sizeof b->info.device_name, "%s", prop.name);
+    snprintf(b->info.device_name, sizeof b->info.device_name, "%.95s", prop.name);
     CUDA_TRY(cudaStreamCreateWithFlags(&c->stream, cudaStreamNonBlocking), "creating a stream");
     EPMOE_TRY(epmoe_device_transport_create(c->comm, c->device, shares, c->stream,
                                             c->cfg.collective_timeout_s, &c->transport));
