@@ -60,7 +60,7 @@ static const epmoe_cfg_entry table[] = {
      "tokens one rank holds at most per forward; sizes the worst-case buffers"},
     {"seed", EPMOE_CFG_INT, R, OFF(seed), 0, 1e15, "1234", NULL,
      "seed for synthetic weights and inputs"},
-    {"cpu_weight_cache_mb", EPMOE_CFG_INT, R, OFF(cpu_weight_cache_mb), 0, 1 << 20, "1024", NULL,
+    {"cpu_weight_cache_mib", EPMOE_CFG_INT, R, OFF(cpu_weight_cache_mib), 0, 1 << 20, "1024", NULL,
      "CPU path: keep every local expert dequantized if all layers fit in this many MiB per rank "
      "(0 = dequantize per forward)"},
     {"backend", EPMOE_CFG_ENUM, R, OFF(backend), 0, 0, "auto", backend_names,

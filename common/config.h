@@ -61,7 +61,7 @@ typedef struct {
     int64_t act_scale;         /* epmoe_act_scale */
     int64_t max_tokens_per_rank; /* sizes the worst-case buffers (dropless) */
     int64_t seed;
-    int64_t cpu_weight_cache_mb; /* dequantized expert weights kept per rank (CPU path) */
+    int64_t cpu_weight_cache_mib; /* dequantized expert weights kept per rank (CPU path) */
     int64_t backend;           /* epmoe_backend_kind */
     int64_t decode_tokens;     /* cuda: per-rank capacity of the captured decode graph */
     double collective_timeout_s; /* GPU transports: abort a collective unfinished after this */

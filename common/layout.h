@@ -30,6 +30,19 @@ epmoe_status epmoe_slice_of_rank(int64_t n_experts, int n_ranks, int rank,
 /* The driver's token shards of a batch of T: rank r holds rows [start, start + count),
  * contiguous and balanced like the expert slices, so outputs gather back in input order. */
 void epmoe_shard_of_rank(int64_t T, int n_ranks, int rank, int64_t *start, int64_t *count);
+/* Dropless worst cases of one rank's dispatch buffers (rule 22), the one place both engines
+ * size them from: a token goes to at most min(k, P) ranks, once each; a worker receives at most
+ * every token of every rank, each carrying at most min(k, n_local) of its experts; a token gets
+ * back one output per slot. Counts of rows or pairs, not bytes. */
+typedef struct {
+    int64_t send_rows;   /* max_tokens x min(k, P) */
+    int64_t recv_rows;   /* P x max_tokens */
+    int64_t pairs;       /* recv_rows x min(k, n_local): expert outputs computed and sent back */
+    int64_t return_rows; /* max_tokens x k: expert outputs received back */
+} epmoe_dispatch_capacity;
+epmoe_dispatch_capacity epmoe_dispatch_capacity_of(int64_t max_tokens, int64_t top_k, int n_ranks,
+                                                   int64_t n_local);
+
 /* Owner rank of a global expert id; ids outside [0, E) are EPMOE_ERR_RANGE. */
 epmoe_status epmoe_owner_of_expert(int64_t n_experts, int n_ranks, int64_t expert, int *rank);
 /* local = global - start, checked against the slice (rule 8). */

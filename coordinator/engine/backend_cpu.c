@@ -1,6 +1,6 @@
 /* The cpu backend: coordinator/engine/cpu_engine.h over the MPI transport, weights in host
  * memory (dense weights packed into panels; experts dequantized into a cache when every layer
- * fits cpu_weight_cache_mb). */
+ * fits cpu_weight_cache_mib). */
 #include <stdlib.h>
 #include <string.h>
 
@@ -98,7 +98,7 @@ static epmoe_status create_local(epmoe_backend *b, cpu_backend *c, const epmoe_s
         cache_bytes += epmoe_layer_weights_cache_bytes(&c->layers[l]);
         weight_bytes += epmoe_layer_weights_bytes(&c->layers[l]);
     }
-    if (cache_bytes <= c->cfg.cpu_weight_cache_mb * (int64_t)(1 << 20)) {
+    if (cache_bytes <= c->cfg.cpu_weight_cache_mib * (int64_t)(1 << 20)) {
         for (int64_t l = 0; l < n; l++)
             EPMOE_TRY(epmoe_layer_weights_cache_experts_cpu(&c->layers[l]));
         weight_bytes += cache_bytes;

@@ -121,14 +121,14 @@ epmoe_status epmoe_cpu_engine_create(const epmoe_config *cfg, epmoe_transport *t
     e->row.header_ints = (size_t)(1 + e->k);
     e->row.bytes = e->row.header_ints * sizeof(int32_t) + (size_t)e->H * sizeof(float);
 
-    /* Worst cases (dropless, rule 22): a token goes to at most min(k, P) ranks; a worker gets
-     * at most every token of every rank, each with at most min(k, n_local) of its experts. */
+    /* Worst cases (dropless, rule 22): common/layout.h */
     const int64_t T = e->max_tokens, k = e->k, P = e->P, H = e->H;
-    e->send_rows_cap = T * (k < P ? k : P);
-    e->recv_rows_cap = P * T;
-    e->pairs_cap = e->recv_rows_cap * (k < e->n_local ? k : e->n_local);
+    const epmoe_dispatch_capacity cap = epmoe_dispatch_capacity_of(T, k, (int)P, e->n_local);
+    e->send_rows_cap = cap.send_rows;
+    e->recv_rows_cap = cap.recv_rows;
+    e->pairs_cap = cap.pairs;
     e->padded_cap = epmoe_padded_capacity(e->pairs_cap, e->n_local, cfg->expert_pad_rows);
-    e->ret_recv_cap = T * k;
+    e->ret_recv_cap = cap.return_rows;
 
     int failed = 0;
     size_t f = sizeof(float), i64 = sizeof(int64_t), i32 = sizeof(int32_t);

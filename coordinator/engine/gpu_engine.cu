@@ -18,7 +18,7 @@
 
 struct epmoe_gpu_engine {
     epmoe_config cfg;
-    epmoe_transport *t;
+    epmoe_transport *transport;
     cudaStream_t stream;
     int P, rank, device;
     int64_t H, k, max_tokens, decode_tokens;
@@ -137,12 +137,13 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
         e->h_dec_ret_send_displs[p] = (int64_t)p * C * e->k_local;
     }
 
-    /* Worst cases (dropless): a token reaches at most min(k, P) ranks; each peer sends every one
-     * of its tokens here at most once, each with at most k_local pairs. */
-    e->send_rows_cap = max64(T * min64(k, P), (int64_t)P * C);
-    e->recv_rows_cap = (int64_t)P * T;
-    e->ret_send_cap = e->recv_rows_cap * e->k_local;
-    e->ret_recv_cap = max64(T * k, dec_ret_recv_total);
+    /* Worst cases (dropless, common/layout.h); decode mode also sends and receives whole blocks
+     * of its capacity C per peer */
+    const epmoe_dispatch_capacity cap = epmoe_dispatch_capacity_of(T, k, P, e->n_local);
+    e->send_rows_cap = max64(cap.send_rows, (int64_t)P * C);
+    e->recv_rows_cap = cap.recv_rows;
+    e->ret_send_cap = cap.pairs;
+    e->ret_recv_cap = max64(cap.return_rows, dec_ret_recv_total);
 
     /* The arena's expert rows: the worst case received, and at least T*k (its own checks of
      * the local route and shared-expert stages ask for that). */
@@ -216,7 +217,7 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
                 "rows on the wire %s (%lld bytes a row), combine rows fp32 (%lld bytes), "
                 "buffers %.1f MiB (send %lld rows, receive %lld rows, return %lld + %lld "
                 "pairs), decode capacity %lld tokens per peer\n",
-                e->rank, P, e->device, e->t->ops->name, (long long)e->expert_start,
+                e->rank, P, e->device, e->transport->ops->name, (long long)e->expert_start,
                 (long long)(e->expert_start + e->n_local), epmoe_wire_format_name(e->rec.format),
                 (long long)e->rec.bytes, (long long)(4 * H), e->bytes / 1048576.0,
                 (long long)e->send_rows_cap, (long long)e->recv_rows_cap,
@@ -236,7 +237,7 @@ epmoe_status epmoe_gpu_engine_create(const epmoe_config *cfg, epmoe_transport *t
     epmoe_gpu_engine *e = (epmoe_gpu_engine *)calloc(1, sizeof *e);
     EPMOE_REQUIRE(e, EPMOE_ERR_OOM, "gpu engine: out of host memory");
     e->cfg = *cfg;
-    e->t = transport;
+    e->transport = transport;
     e->stream = epmoe_device_transport_stream(transport);
     e->P = transport->n_ranks;
     e->rank = transport->rank;
@@ -366,7 +367,7 @@ static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer
     EPMOE_TRY(epmoe_gpu_shared(e->ctx, L, x, T, s));
     if (!fixed) EPMOE_TRY(mark(e, 2));
     /* Counts: one (rows, pairs) element of 16 bytes per peer, device to device. */
-    return epmoe_device_alltoallv_async(e->t, e->send_counts, e->h_ones, e->h_iota,
+    return epmoe_device_alltoallv_async(e->transport, e->send_counts, e->h_ones, e->h_iota,
                                         e->recv_counts, e->h_ones, e->h_iota, 16,
                                         "exchange of counts");
 }
@@ -388,7 +389,7 @@ epmoe_status epmoe_gpu_engine_forward(epmoe_gpu_engine *e, int64_t layer, const 
                              cudaMemcpyDeviceToHost, s), "copying the send counts");
     CUDA_TRY(cudaMemcpyAsync(e->h_counts + 2 * P, e->recv_counts, 2 * (size_t)P * 8,
                              cudaMemcpyDeviceToHost, s), "copying the receive counts");
-    EPMOE_TRY(epmoe_device_transport_wait(e->t, "exchange of counts"));
+    EPMOE_TRY(epmoe_device_transport_wait(e->transport, "exchange of counts"));
 
     /* Host sizes of every block; a count no sender could have produced is a broken peer. */
     int64_t rows_out = 0, rows_in = 0, pairs_out = 0, pairs_in = 0;
@@ -414,14 +415,14 @@ epmoe_status epmoe_gpu_engine_forward(epmoe_gpu_engine *e, int64_t layer, const 
                   (long long)rows_out, (long long)pairs_out, (long long)T);
 
     EPMOE_TRY(epmoe_cuda_dispatch_bases(e->recv_counts, P, e->recv_row_base, e->ret_send_base, s));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_records, e->h_send_counts,
+    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->send_records, e->h_send_counts,
                                            e->h_send_displs, e->recv_records, e->h_recv_counts,
                                            e->h_recv_displs, (size_t)e->rec.bytes,
                                            "dispatch (rows)"));
     EPMOE_TRY(mark(e, 3));
     EPMOE_TRY(worker(e, L, rows_in, e->recv_row_base, e->ret_send_base, pairs_in));
     EPMOE_TRY(mark(e, 4));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->ret_send, e->h_ret_send_counts,
+    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->ret_send, e->h_ret_send_counts,
                                            e->h_ret_send_displs, e->ret_recv,
                                            e->h_ret_recv_counts, e->h_ret_recv_displs,
                                            (size_t)e->H * 4, "return (expert outputs)"));
@@ -442,14 +443,14 @@ epmoe_status epmoe_gpu_engine_forward_decode(epmoe_gpu_engine *e, int64_t layer,
     const epmoe_gpu_layer *L = &e->layers[layer];
     const int64_t C = e->decode_tokens;
     EPMOE_TRY(coordinator_front(e, L, x, token_ids, T, 1));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->send_records, e->h_dec_rows,
+    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->send_records, e->h_dec_rows,
                                            e->h_dec_row_displs, e->recv_records, e->h_dec_rows,
                                            e->h_dec_row_displs, (size_t)e->rec.bytes,
                                            "decode dispatch (rows)"));
     /* Every peer block is C rows; the real ones are told by recv_counts on the device. */
     EPMOE_TRY(worker(e, L, (int64_t)e->P * C, e->fixed_recv_row_base, e->fixed_ret_send_base,
                      (int64_t)e->P * C * e->k_local));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->t, e->ret_send, e->h_dec_ret_send_counts,
+    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->ret_send, e->h_dec_ret_send_counts,
                                            e->h_dec_ret_send_displs, e->ret_recv,
                                            e->h_dec_ret_recv_counts, e->h_dec_ret_recv_displs,
                                            (size_t)e->H * 4, "decode return (expert outputs)"));
@@ -457,7 +458,7 @@ epmoe_status epmoe_gpu_engine_forward_decode(epmoe_gpu_engine *e, int64_t layer,
 }
 
 epmoe_status epmoe_gpu_engine_sync(epmoe_gpu_engine *e, unsigned long long *saturated) {
-    EPMOE_TRY(epmoe_device_transport_wait(e->t, "layer forward"));
+    EPMOE_TRY(epmoe_device_transport_wait(e->transport, "layer forward"));
     uint32_t flags = 0;
     CUDA_TRY(cudaMemcpy(&flags, e->dispatch_flags, 4, cudaMemcpyDeviceToHost),
              "reading the dispatch flags");

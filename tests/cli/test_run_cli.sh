@@ -24,7 +24,7 @@ for np in 2 3 4; do
   else fail "np=$np output differs from np=1"; fi
 done
 mpirun -np 2 "$build/epmoe-run" --checkpoint "$work/ckpt" --input "$work/in.safetensors" \
-  --output "$work/out_nocache.safetensors" --cpu_weight_cache_mb 0 --quiet >"$work/log_nc" 2>&1
+  --output "$work/out_nocache.safetensors" --cpu_weight_cache_mib 0 --quiet >"$work/log_nc" 2>&1
 if cmp -s "$work/out1.safetensors" "$work/out_nocache.safetensors"; then ok "no weight cache: bit-identical"
 else fail "dequantizing per forward changes the output"; fi
 mpirun -np 2 "$build/epmoe-run" --checkpoint "$work/ckpt" --input "$work/in.safetensors" \
