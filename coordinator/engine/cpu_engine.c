@@ -6,17 +6,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/dispatch_record.h"
 #include "common/layout.h"
 #include "kernels/ops.h"
 #include "worker/experts.h"
-
-/* A dispatched row on the wire: its header, then H floats.
- *   int32 n_experts                  experts of this token at the destination, 1..top_k
- *   int32 local_expert_ids[top_k]    in slot order; unused entries -1 */
-typedef struct {
-    size_t header_ints;  /* 1 + top_k */
-    size_t bytes;        /* header + H floats */
-} row_format;
 
 struct epmoe_cpu_engine {
     epmoe_config cfg;
@@ -27,7 +20,7 @@ struct epmoe_cpu_engine {
     int64_t H, E, k, max_tokens;
     int64_t n_local; /* this rank's slice size (same slice every layer) */
     epmoe_expert_slice slice;
-    row_format row;
+    epmoe_dispatch_record row; /* the wire format of a dispatched row (fp32 payload) */
     epmoe_route_params route;
 
     /* capacities (rows) */
@@ -39,7 +32,7 @@ struct epmoe_cpu_engine {
     float *weights;         /* [Tmax, k] */
     int32_t *owner;         /* [Tmax, k] owner rank of each slot */
     int64_t *y_index;       /* [Tmax, k] row of ret_recv holding the slot's output */
-    uint8_t *send_buf;      /* [send_rows_cap, row.bytes] */
+    uint8_t *send_buf;      /* [send_rows_cap, row.bytes] records */
     float *ret_recv;        /* [ret_recv_cap, H] */
     float *shared_out;      /* [Tmax, H] */
     /* worker side */
@@ -118,8 +111,11 @@ epmoe_status epmoe_cpu_engine_create(const epmoe_config *cfg, epmoe_transport *t
                 }
             }
     }
-    e->row.header_ints = (size_t)(1 + e->k);
-    e->row.bytes = e->row.header_ints * sizeof(int32_t) + (size_t)e->H * sizeof(float);
+    st = epmoe_dispatch_record_layout(EPMOE_WIRE_F32, e->H, e->k, &e->row);
+    if (st != EPMOE_OK) {
+        free(e);
+        return st;
+    }
 
     /* Worst cases (dropless, rule 22): common/layout.h */
     const int64_t T = e->max_tokens, k = e->k, P = e->P, H = e->H;
@@ -200,12 +196,13 @@ static void exclusive_prefix(const int64_t *counts, int n, int64_t *displs) {
     }
 }
 
-static int32_t *row_header(const epmoe_cpu_engine *e, uint8_t *buf, int64_t row) {
-    return (int32_t *)(buf + (size_t)row * e->row.bytes);
+/* A record's k global expert ids (slot order, -1 where the slot is on another rank). */
+static int32_t *row_ids(const epmoe_cpu_engine *e, uint8_t *buf, int64_t row) {
+    return (int32_t *)(buf + (size_t)row * (size_t)e->row.bytes + (size_t)e->row.meta_offset);
 }
 
 static float *row_hidden(const epmoe_cpu_engine *e, uint8_t *buf, int64_t row) {
-    return (float *)(buf + (size_t)row * e->row.bytes + e->row.header_ints * sizeof(int32_t));
+    return (float *)(buf + (size_t)row * (size_t)e->row.bytes);
 }
 
 /* Route this rank's tokens and pack one row per (token, destination rank). */
@@ -259,19 +256,12 @@ static epmoe_status route_and_plan(epmoe_cpu_engine *e, const epmoe_layer_weight
                 if (e->owner[t * k + q] == owner) first = 0;
             if (!first) continue;
             int64_t row = e->peer_cursor[owner]++;
-            int32_t *hdr = row_header(e, e->send_buf, row);
-            /* local ids are relative to the owner's slice */
-            epmoe_expert_slice owner_slice;
-            EPMOE_TRY(epmoe_slice_of_rank(e->E, e->P, owner, &owner_slice));
-            int32_t n = 0;
-            for (int64_t q = s; q < k; q++) {
-                if (e->owner[t * k + q] != owner) continue;
-                hdr[1 + n] = (int32_t)(e->ids[t * k + q] - owner_slice.start);
-                e->y_index[t * k + q] = pair_cursor[owner]++;
-                n++;
+            int32_t *ids = row_ids(e, e->send_buf, row);
+            for (int64_t q = 0; q < k; q++) {
+                const int here = e->owner[t * k + q] == owner;
+                ids[q] = here ? e->ids[t * k + q] : -1;
+                if (here) e->y_index[t * k + q] = pair_cursor[owner]++;
             }
-            hdr[0] = n;
-            for (int64_t q = 1 + n; q < 1 + k; q++) hdr[q] = -1;
             memcpy(row_hidden(e, e->send_buf, row), x + (size_t)t * (size_t)H,
                    (size_t)H * sizeof(float));
         }
@@ -286,19 +276,19 @@ static epmoe_status run_experts(epmoe_cpu_engine *e, const epmoe_layer_weights *
     for (int64_t le = 0; le < n_local; le++) e->tokens_per_expert[le] = 0;
     int64_t pairs = 0;
     for (int64_t i = 0; i < R; i++) {
-        const int32_t *hdr = row_header(e, e->recv_buf, i);
-        EPMOE_REQUIRE(hdr[0] >= 1 && hdr[0] <= e->k, EPMOE_ERR_INTERNAL,
-                      "received row %lld carries %d experts (1..%lld allowed)", (long long)i,
-                      hdr[0], (long long)e->k);
-        for (int32_t j = 0; j < hdr[0]; j++) {
-            EPMOE_REQUIRE(hdr[1 + j] >= 0 && hdr[1 + j] < n_local, EPMOE_ERR_RANGE,
-                          "received row %lld names local expert %d outside this rank's %lld "
-                          "experts (global [%lld, %lld))",
-                          (long long)i, hdr[1 + j], (long long)n_local,
-                          (long long)e->slice.start, (long long)e->slice.end);
-            e->tokens_per_expert[hdr[1 + j]]++;
-            pairs++;
+        const int32_t *ids = row_ids(e, e->recv_buf, i);
+        int64_t mine = 0;
+        for (int64_t q = 0; q < e->k; q++) {
+            if (ids[q] < 0) continue;
+            int64_t local = 0; /* the global -> local mapping, checked (rule 8) */
+            const epmoe_status st = epmoe_global_to_local(&e->slice, ids[q], &local);
+            if (st != EPMOE_OK) return epmoe_add_context(st, "received row %lld", (long long)i);
+            e->tokens_per_expert[local]++;
+            mine++;
         }
+        EPMOE_REQUIRE(mine >= 1, EPMOE_ERR_INTERNAL,
+                      "received row %lld carries no expert of this rank", (long long)i);
+        pairs += mine;
     }
     EPMOE_REQUIRE(pairs <= e->pairs_cap, EPMOE_ERR_INTERNAL,
                   "%lld (row, expert) pairs exceed the worst-case capacity %lld",
@@ -309,10 +299,11 @@ static epmoe_status run_experts(epmoe_cpu_engine *e, const epmoe_layer_weights *
 
     int64_t pair = 0;
     for (int64_t i = 0; i < R; i++) {
-        const int32_t *hdr = row_header(e, e->recv_buf, i);
+        const int32_t *ids = row_ids(e, e->recv_buf, i);
         const float *xrow = row_hidden(e, e->recv_buf, i);
-        for (int32_t j = 0; j < hdr[0]; j++) {
-            int64_t pos = e->fill[hdr[1 + j]]++;
+        for (int64_t q = 0; q < e->k; q++) {
+            if (ids[q] < 0) continue;
+            int64_t pos = e->fill[ids[q] - e->slice.start]++;
             e->pair_pos[pair++] = pos;
             memcpy(e->x_padded + (size_t)pos * (size_t)H, xrow, (size_t)H * sizeof(float));
         }
@@ -332,7 +323,7 @@ static epmoe_status run_experts(epmoe_cpu_engine *e, const epmoe_layer_weights *
     for (int p = 0; p < e->P; p++) {
         int64_t n = 0;
         for (int64_t r = 0; r < e->recv_counts[p]; r++, row++)
-            n += row_header(e, e->recv_buf, row)[0];
+            for (int64_t q = 0; q < e->k; q++) n += row_ids(e, e->recv_buf, row)[q] >= 0;
         e->ret_send_counts[p] = n;
     }
     exclusive_prefix(e->ret_send_counts, e->P, e->ret_send_displs);
@@ -382,7 +373,7 @@ epmoe_status epmoe_cpu_engine_layer_forward(epmoe_cpu_engine *e, int64_t layer, 
                   "%lld received rows exceed the worst-case capacity %lld", (long long)R,
                   (long long)e->recv_rows_cap);
     EPMOE_TRY(tr->ops->alltoallv(tr, e->send_buf, e->send_counts, e->send_displs, e->recv_buf,
-                                 e->recv_counts, e->recv_displs, e->row.bytes));
+                                 e->recv_counts, e->recv_displs, (size_t)e->row.bytes));
     int64_t sent = e->send_displs[e->P - 1] + e->send_counts[e->P - 1];
     e->counters.rows_sent += sent;
     e->counters.rows_received += R;
