@@ -9,7 +9,7 @@
  * shared expert. Time per forward = from a barrier to the end of epmoe_gpu_engine_sync (host
  * clock; the forward waits for its counts once), median of `iters` after 2 warm-ups, the
  * slowest rank's. tokens/s = P * tokens / that time. Run at P = 1 and P = 2 with the same
- * tokens per rank (weak scaling) and with P * tokens fixed (strong): bench/ep_scaling.sh.
+ * tokens per rank (weak scaling) and with P * tokens fixed (strong): bench/ep-scaling.sh.
  */
 #include <algorithm>
 #include <cstdio>

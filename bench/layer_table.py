@@ -1,4 +1,4 @@
-"""The table of bench/layer_vs_torch.sh from its outputs: python3 bench/layer_table.py OUT_DIR."""
+"""The table of bench/layer-vs-torch.sh from its outputs: python3 bench/layer_table.py OUT_DIR."""
 import json
 import os
 import re

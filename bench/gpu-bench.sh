@@ -3,7 +3,7 @@
 # test suite, then time our grouped NVFP4 GEMMs, cuBLAS bf16 and a device-to-device copy
 # (bench/gemm_bench.cu) and torch._grouped_mm on bf16 weights (bench/torch_grouped_mm.py) at the
 # DeepSeek-V4-Flash / V4-Pro slice shapes, and print one table. JSON goes to $OUT (or ./out).
-#   bash bench/gpu_bench.sh [--rows 8,16,...] [--reps N] [--kernels 4,6,...] [--no-row-major]
+#   bash bench/gpu-bench.sh [--rows 8,16,...] [--reps N] [--kernels 4,6,...] [--no-row-major]
 #                           [--no-torch] [--no-test]
 set -uo pipefail
 cd "$(dirname "$0")/.."

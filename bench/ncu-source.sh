@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Nsight Compute per-instruction (SASS) stall sampling of one grouped-GEMM launch (run on the
-# GPU machine, repo root):   bash bench/ncu_source.sh <kernel-regex> <rows> <kernel-id> <name>
+# GPU machine, repo root):   bash bench/ncu-source.sh <kernel-regex> <rows> <kernel-id> <name>
 # Profiles the 4th launch of the matching kernel in gemm_bench (--kernels <kernel-id>, slab
 # weights only), V4-Flash W13 at <rows> rows per expert; writes $OUT/<name>.csv (the source
 # page, SASS with its sampled stall reasons) and summarizes it (bench/ncu_source_top.py).

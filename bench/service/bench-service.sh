@@ -3,7 +3,7 @@
 # through epmoe-serve (gRPC on loopback), and the cost of the gRPC path over a direct batch run
 # of the same tokens (epmoe-run, whose forward time excludes loading).
 #
-#   bench/service/bench_service.sh [BUILD_DIR] [RANKS] [OUT.md]
+#   bench/service/bench-service.sh [BUILD_DIR] [RANKS] [OUT.md]
 #
 # Env: REQUESTS (per stream, default 50), TOKENS_MAX (request sizes 1..TOKENS_MAX, default 16),
 #      CONCURRENCY (default "1 2 4 8 16 32"), DELAY_US (max queue delay, default 2000).
@@ -43,7 +43,7 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
   echo
   echo "tiny preset (hidden 256, 256 experts, top-6, 4 layers, NVFP4 CPU path), $ranks ranks on"
   echo "\`$cpu\` ($(nproc) cores, load average $load when it started), loopback."
-  echo "\`bench/service/bench_service.sh $build $ranks\`: each stream sends $requests requests of"
+  echo "\`bench/service/bench-service.sh $build $ranks\`: each stream sends $requests requests of"
   echo "1..$tokens_max tokens (fp32) back to back; max queue delay ${delay_us} us."
   echo "gRPC path = client latency - server queue time - engine forward (epmoe_driver_forward, what"
   echo "a direct batch run spends on the same batch): protobuf, conversions, HTTP/2 on loopback."

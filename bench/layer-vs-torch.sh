@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole MoE layer on one GPU against the PyTorch anchor (bench/torch_layer.py), in one call,
 # for DeepSeek-V4-Flash and V4-Pro with every routed expert on the GPU:
-#   bash bench/layer_vs_torch.sh [BUILD_DIR]      (after deploy/gpu-test.sh built BUILD_DIR)
+#   bash bench/layer-vs-torch.sh [BUILD_DIR]      (after deploy/gpu-test.sh built BUILD_DIR)
 #  - epmoe graph-replayed: bench/layer_bench (each stage and the whole layer as CUDA graphs)
 #  - epmoe throughput mode: bench/ep_layer_bench on one rank (the engine the cuda backend runs)
 #  - PyTorch bf16: eager and CUDA-graph-replayed, the better is the anchor

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 6's benchmarks on the GPU machine (2+ GPUs for meaningful figures), from the repo root:
-#   bash bench/ep_scaling.sh
+#   bash bench/ep-scaling.sh
 # Needs what deploy/gpu-mpi-test.sh needs, on one host with 2 or more GPUs.
 # 1. bench/a2a_bench on every GPU: dispatch/combine at prefill size (4096 tokens/rank) next to a
 #    raw NCCL all-to-all of the same bytes, both wire formats; decode latency at 128 tokens/rank

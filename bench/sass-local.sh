@@ -2,12 +2,12 @@
 # The SASS of one CUDA file, on a machine with the CUDA toolkit and no GPU: compiles it for
 # sm_90a with ptxas's resource report and dumps its SASS with cuobjdump/nvdisasm from NVIDIA's
 # pip wheels (toolkits without them exist), unpacked once into .sass-tools/ (ignored by git).
-#   bash bench/sass_local.sh kernels/cuda/gemm_sm90_ws.cu [out.sass]
+#   bash bench/sass-local.sh kernels/cuda/gemm_sm90_ws.cu [out.sass]
 # Prints ptxas's registers/spills per kernel and any C7513 (serialized wgmma) warning, then
 # the instruction counts that matter for the GEMMs; the whole SASS goes to out.sass.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-SRC="${1:?usage: bash bench/sass_local.sh <file.cu> [out.sass]}"
+SRC="${1:?usage: bash bench/sass-local.sh <file.cu> [out.sass]}"
 OUT_SASS="${2:-/tmp/$(basename "$SRC" .cu).sass}"
 TOOLS=.sass-tools
 if [ ! -x "$TOOLS/nvidia/cu13/bin/nvdisasm" ]; then

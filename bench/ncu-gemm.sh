@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute profile of one grouped-GEMM launch (run on the GPU machine, repo root):
-#   bash bench/ncu_gemm.sh [kernel-regex] [rows]      (defaults: the wgmma kernel, 768 rows)
-#   BENCH_ARGS="--kernels 9 --no-row-major" bash bench/ncu_gemm.sh ...   (fewer kernels run)
+#   bash bench/ncu-gemm.sh [kernel-regex] [rows]      (defaults: the wgmma kernel, 768 rows)
+#   BENCH_ARGS="--kernels 9 --no-row-major" bash bench/ncu-gemm.sh ...   (fewer kernels run)
 # Profiles the 4th launch of the kernel whose mangled name matches (e.g. ILi256 picks a template
 # configuration) in gemm_bench (past its warm-up), V4-Flash
 # W13 at the given rows per expert; report in $OUT/ncu_<regex>_<rows>.txt.

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Whole-layer graph-replayed timing on the GPU machine (run from the repo root, after or
 # without deploy/gpu-test.sh; reuses its build dir): DeepSeek-V4-Flash and V4-Pro EP=8 slices.
-#   bash bench/layer_bench.sh [--reps N]
+#   bash bench/layer-bench.sh [--reps N]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
