@@ -66,7 +66,7 @@ static const epmoe_cfg_entry table[] = {
     {"backend", EPMOE_CFG_ENUM, R, OFF(backend), 0, 0, "auto", backend_names,
      "where the layers run: cpu (MPI ranks), cuda (one rank per GPU), or auto (cuda when this "
      "build has CUDA and every rank sees a GPU, else cpu)"},
-    {"decode_tokens", EPMOE_CFG_INT, R, OFF(decode_tokens), 0, 4096, "32", NULL,
+    {"decode_tokens", EPMOE_CFG_INT, R, OFF(decode_tokens), 0, 4096, "64", NULL,
      "cuda backend: forwards whose largest per-rank shard is at most this many tokens replay a "
      "captured CUDA graph with a fixed capacity of this many tokens per peer (0 = never)"},
     {"collective_timeout_s", EPMOE_CFG_DOUBLE, R, OFF(collective_timeout_s), 0.0, 86400.0, "300",
