@@ -6,7 +6,9 @@
  *   - within tolerance of the float64 reference, routing ids equal to the reference's,
  *   - every dispatched row came back exactly once (global counters),
  *   - no output element left unwritten (outputs poisoned first).
- * Assertions happen after the collectives, on every rank, so a failure cannot hang the others.
+ * Assertions happen after the collectives, on every rank, so a failure cannot hang the others;
+ * and every test case is guarded (tests/support/mpi_suite.h): a failure on any rank aborts the
+ * job before the next test, a hang ends at EPMOE_MPI_TEST_TIMEOUT_S.
  */
 #include <check.h>
 #include <math.h>
@@ -23,6 +25,7 @@
 #include "coordinator/transport/mpi.h"
 #include "kernels/ops.h"
 #include "tests/ref/ref_layer.h"
+#include "tests/support/mpi_suite.h"
 #include "tests/support/test_support.h"
 
 /* Relative L2 error allowed against the float64 reference. The implementation's products are
@@ -360,10 +363,29 @@ START_TEST(static_scales_and_step_variant) {
 }
 END_TEST
 
+/* The guard's own check (tests/CMakeLists.txt, mpi.guard_fails_fast): with
+ * EPMOE_MPI_DELIBERATE_FAILURE=1, rank 0 fails an assertion while the other ranks wait for it
+ * in a barrier. Unguarded, they waited there until ctest's timeout; guarded, the job ends at
+ * once, non-zero, with the failure printed. Never part of a normal run. */
+START_TEST(deliberate_failure_on_rank_0) {
+    ck_assert_msg(world_rank != 0, "deliberate failure on rank 0 (EPMOE_MPI_DELIBERATE_FAILURE)");
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+END_TEST
+
 static Suite *engine_suite(void) {
     Suite *s = suite_create("engine");
+    const char *deliberate = getenv("EPMOE_MPI_DELIBERATE_FAILURE");
+    if (deliberate && strcmp(deliberate, "1") == 0) {
+        TCase *d = tcase_create("deliberate");
+        epmoe_mpi_guard_tcase(d);
+        tcase_add_test(d, deliberate_failure_on_rank_0);
+        tcase_add_test(d, scored_layer_random); /* the next test: where an unguarded rank 0 went */
+        suite_add_tcase(s, d);
+        return s;
+    }
     TCase *tc = tcase_create("layer");
-    tcase_set_timeout(tc, 600);
+    epmoe_mpi_guard_tcase(tc);
     tcase_add_test(tc, scored_layer_random);
     tcase_add_test(tc, hash_layer_random);
     tcase_add_test(tc, clamp_fires_large_inputs);
@@ -384,11 +406,7 @@ int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world_size);
-    SRunner *sr = srunner_create(engine_suite());
-    srunner_set_fork_status(sr, CK_NOFORK);
-    srunner_run_all(sr, world_rank == 0 ? CK_NORMAL : CK_SILENT);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    int failed = epmoe_mpi_run_suite(engine_suite()); /* aborts every rank on a failure */
     MPI_Finalize();
-    return failed == 0 ? 0 : 1;
+    return failed;
 }
