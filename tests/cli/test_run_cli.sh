@@ -29,6 +29,12 @@ for np in 2 3 4; do
   if cmp -s "$work/out1.safetensors" "$work/out$np.safetensors"; then ok "np=$np output bit-identical to np=1"
   else fail "np=$np output differs from np=1"; fi
 done
+# hosts emulated on one: shared memory off, every byte over TCP (loopback)
+OMPI_MCA_btl=self,tcp OMPI_MCA_btl_tcp_if_include=lo mpirun -np 3 "$build/epmoe-run" \
+  --checkpoint "$work/ckpt" --input "$work/in.safetensors" --output "$work/out_tcp.safetensors" \
+  --quiet >"$work/log_tcp" 2>&1
+if cmp -s "$work/out1.safetensors" "$work/out_tcp.safetensors"; then ok "np=3 over TCP (no shared memory): bit-identical"
+else fail "np=3 over TCP differs from np=1 ($(tail -1 "$work/log_tcp"))"; fi
 mpirun -np 2 "$build/epmoe-run" --checkpoint "$work/ckpt" --input "$work/in.safetensors" \
   --output "$work/out_nocache.safetensors" --cpu_weight_cache_mb 0 --quiet >"$work/log_nc" 2>&1
 if cmp -s "$work/out1.safetensors" "$work/out_nocache.safetensors"; then ok "no weight cache: bit-identical"
