@@ -4,7 +4,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/nvfp4.h"
+#include "tests/ref/ref_formats.h"
 
 static double ref_score(double logit, int64_t scoring) {
     if (scoring == EPMOE_SCORING_SIGMOID) return 1.0 / (1.0 + exp(-logit));
@@ -91,32 +91,39 @@ static double ref_swiglu(double g, double u, double L, int64_t variant) {
 }
 
 /* The activation as the implementation feeds it to a GEMM: NVFP4 codes decided on fp32
- * values, then taken exactly (as doubles) with their scale. */
+ * values (tests/ref/ref_formats.h: the spec's fp32 order, the reference's own rounding), then
+ * taken exactly (as doubles) with their scales. */
 static void ref_quantize(const epmoe_config *cfg, const float *v, int64_t K, float static_scale,
                          double *out) {
     if (cfg->act_quant == EPMOE_ACT_HIGH) {
         for (int64_t i = 0; i < K; i++) out[i] = v[i];
         return;
     }
-    float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC ? 1.0f / static_scale
-                                                          : epmoe_nvfp4_global_sf(epmoe_amax(v, (size_t)K));
-    uint8_t *codes = malloc((size_t)K / 2), *sf = malloc((size_t)K / 16);
-    float *deq = malloc((size_t)K * sizeof(float));
-    epmoe_nvfp4_quantize_row(v, (size_t)K, gs, codes, sf);
-    epmoe_nvfp4_dequantize_row(codes, sf, (size_t)K, 1.0f, deq);
-    for (int64_t i = 0; i < K; i++) out[i] = (double)deq[i] / (double)gs;
+    float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC
+                   ? 1.0f / static_scale
+                   : epmoe_ref_nvfp4_global_sf(epmoe_ref_amax(v, (size_t)K));
+    uint8_t *codes = malloc((size_t)K), *sf = malloc((size_t)K / 16);
+    epmoe_ref_nvfp4_quantize(v, (size_t)K, gs, codes, sf);
+    for (int64_t i = 0; i < K; i++)
+        out[i] = epmoe_ref_e2m1_value(codes[i]) * epmoe_ref_e4m3_value(sf[i / 16]) / (double)gs;
     free(codes);
     free(sf);
-    free(deq);
 }
 
-/* Weight row n of an [N, K] NVFP4 matrix in doubles, with its tensor scale. */
+/* Weight row n of an [N, K] NVFP4 matrix in doubles, with its tensor scale, decoded by the
+ * reference's own E2M1 and E4M3. */
 static void ref_weight_row(const uint8_t *codes, const uint8_t *sf, int64_t n, int64_t K,
                            double scale_2, double *out) {
-    float *tmp = malloc((size_t)K * sizeof(float));
-    epmoe_nvfp4_dequantize_row(codes + n * (K / 2), sf + n * (K / 16), (size_t)K, 1.0f, tmp);
-    for (int64_t i = 0; i < K; i++) out[i] = (double)tmp[i] * scale_2;
-    free(tmp);
+    static double e2m1[16], e4m3[256]; /* the decodings, tabulated once (millions of calls) */
+    static int tabulated = 0;
+    if (!tabulated) {
+        for (int c = 0; c < 16; c++) e2m1[c] = epmoe_ref_e2m1_value((uint8_t)c);
+        for (int c = 0; c < 256; c++) e4m3[c] = epmoe_ref_e4m3_value((uint8_t)c);
+        tabulated = 1;
+    }
+    const uint8_t *row = codes + n * (K / 2), *row_sf = sf + n * (K / 16);
+    for (int64_t i = 0; i < K; i++)
+        out[i] = e2m1[epmoe_ref_nibble(row, (size_t)i)] * e4m3[row_sf[i / 16]] * scale_2;
 }
 
 epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,

@@ -1,8 +1,9 @@
 /* The float64 reference of one MoE layer, for tests only. It follows the same quantized math
  * as worker/experts.h (the activation quantizer decides codes from fp32 values, as the
  * implementation does), but computes scores, products, SwiGLU and sums in float64, routes
- * with its own full sort, and shares no code with the engine beyond the NVFP4 quantizer
- * (itself tested against an independent oracle). */
+ * with its own full sort, and shares no code with the engine: its number formats and NVFP4
+ * quantizer are its own (tests/ref/ref_formats.h, checked against the ml_dtypes oracle), so a
+ * quantizer bug in common/ cannot move the reference with it. */
 #ifndef EPMOE_REF_LAYER_H
 #define EPMOE_REF_LAYER_H
 
