@@ -1,9 +1,11 @@
 #include "tests/ref/ref_layer.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/checkpoint.h"
 #include "tests/ref/ref_formats.h"
 
 static double ref_score(double logit, int64_t scoring) {
@@ -194,4 +196,65 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
     if (!ids_out) free(ids);
     if (!weights_out) free(wts);
     return EPMOE_OK;
+}
+
+/* ---- the loaded expert weights against the checkpoint's bytes -------------------------------- */
+
+/* Value k of row n of a checkpoint projection, decoded from its own tensors. */
+static double ckpt_value(const epmoe_config *cfg, const epmoe_st_tensor *weight,
+                         const epmoe_st_tensor *scale, float scale_2, int64_t n, int64_t k,
+                         int64_t K) {
+    const uint8_t *codes = (const uint8_t *)weight->data + n * (K / 2);
+    double e2m1 = epmoe_ref_e2m1_value(epmoe_ref_nibble(codes, (size_t)k));
+    const uint8_t *s = scale->data;
+    if (cfg->weight_format == EPMOE_WEIGHTS_MXFP4)
+        return e2m1 * epmoe_ref_ue8m0_value(s[n * (K / 32) + k / 32]);
+    return e2m1 * epmoe_ref_e4m3_value(s[n * (K / 16) + k / 16]) * (double)scale_2;
+}
+
+int64_t epmoe_ref_check_loaded_experts(const epmoe_st_set *ckpt, const epmoe_config *cfg,
+                                       const epmoe_layer_weights *w, char *first, size_t cap) {
+    const int mx = cfg->weight_format == EPMOE_WEIGHTS_MXFP4;
+    const int64_t H = cfg->hidden_size, I = cfg->moe_inter_size;
+    const char *projs[3] = {"w1", "w3", "w2"};
+    int64_t bad = 0;
+    first[0] = '\0';
+    for (int64_t le = 0; le < w->n_local; le++) {
+        const int64_t e = w->slice.start + le;
+        for (int p = 0; p < 3; p++) {
+            char wname[160], sname[160], s2name[160];
+            epmoe_ckpt_expert_name(wname, sizeof wname, w->layer, e, projs[p], "weight");
+            epmoe_ckpt_expert_name(sname, sizeof sname, w->layer, e, projs[p],
+                                   mx ? "scale" : "weight_scale");
+            epmoe_ckpt_expert_name(s2name, sizeof s2name, w->layer, e, projs[p], "weight_scale_2");
+            const epmoe_st_tensor *wt = epmoe_st_set_find(ckpt, wname, NULL);
+            const epmoe_st_tensor *st = epmoe_st_set_find(ckpt, sname, NULL);
+            const epmoe_st_tensor *s2 = mx ? NULL : epmoe_st_set_find(ckpt, s2name, NULL);
+            if (!wt || !st || (!mx && !s2)) {
+                snprintf(first, cap, "layer %lld expert %lld %s: a tensor is missing",
+                         (long long)w->layer, (long long)e, projs[p]);
+                return -1;
+            }
+            const float scale_2 = mx ? 1.0f : *(const float *)s2->data;
+            /* where the engine keeps it: w13 rows [0, I) w1, [I, 2I) w3; w2 its own */
+            const int64_t N = p == 2 ? H : I, K = p == 2 ? I : H;
+            const uint8_t *codes = p == 2 ? w->w2_codes + le * H * (I / 2)
+                                          : w->w13_codes + (le * 2 * I + (p == 1 ? I : 0)) * (H / 2);
+            const uint8_t *sf = p == 2 ? w->w2_sf + le * H * (I / 16)
+                                       : w->w13_sf + (le * 2 * I + (p == 1 ? I : 0)) * (H / 16);
+            const double loaded_scale_2 = p == 2 ? w->w2_scale_2[le] : w->w13_scale_2[2 * le + p];
+            for (int64_t n = 0; n < N; n++) {
+                for (int64_t k = 0; k < K; k++) {
+                    double loaded = epmoe_ref_e2m1_value(epmoe_ref_nibble(codes + n * (K / 2), (size_t)k)) *
+                                    epmoe_ref_e4m3_value(sf[n * (K / 16) + k / 16]) * loaded_scale_2;
+                    double want = ckpt_value(cfg, wt, st, scale_2, n, k, K);
+                    if (loaded != want && bad++ == 0)
+                        snprintf(first, cap, "layer %lld expert %lld %s [%lld, %lld]: loaded %.9g, "
+                                 "checkpoint %.9g", (long long)w->layer, (long long)e, projs[p],
+                                 (long long)n, (long long)k, loaded, want);
+                }
+            }
+        }
+    }
+    return bad;
 }

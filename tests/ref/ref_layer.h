@@ -11,6 +11,7 @@
 
 #include "common/config.h"
 #include "common/status.h"
+#include "common/safetensors.h"
 #include "worker/expert_weights.h"
 
 /* w must hold every expert (slice [0, E)). out[T, H] in float64; ids_out[T, k] and
@@ -28,4 +29,12 @@ epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights 
                              const float *x, const int32_t *token_ids, int64_t T,
                              int32_t *ids_out, double *weights_out);
 
+
+/* The expert weights the engine loaded (w: its slice of layer w->layer, NVFP4, an MXFP4
+ * checkpoint converted at load) against the checkpoint's own tensors, both decoded with the
+ * reference's formats: NVFP4 .weight/.weight_scale (E4M3)/.weight_scale_2, or MXFP4
+ * .weight/.scale (UE8M0). The conversion is exact, so every value must be equal. Returns the
+ * number of values that differ (or -1 when a tensor is missing); `first` describes the first. */
+int64_t epmoe_ref_check_loaded_experts(const epmoe_st_set *ckpt, const epmoe_config *cfg,
+                                       const epmoe_layer_weights *w, char *first, size_t cap);
 #endif
