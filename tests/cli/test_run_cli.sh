@@ -123,6 +123,23 @@ cp -r "$work/ckpt" "$work/ckpt_trunc"
 f=$(ls "$work/ckpt_trunc"/*.safetensors | tail -1)
 truncate -s 100000 "$f"
 expect "truncated checkpoint"    2 2 "$(basename "$f")"     --checkpoint "$work/ckpt_trunc" "${io[@]}"
+# damaged checkpoints (tests/cli/ckpt_mutate.py edits headers and bytes); metadata is read by
+# rank 0 before loading (exit 2), tensors by the rank that owns them while loading (exit 1)
+mutate() { "$py" "$here/ckpt_mutate.py" "$work/ckpt" "$work/ckpt_bad" "$@" || fail "ckpt_mutate $*"; }
+mutate meta epmoe.hidden_size -
+expect "metadata missing"        2 2 "metadata epmoe.hidden_size is missing" --checkpoint "$work/ckpt_bad" "${io[@]}"
+mutate meta epmoe.format_version 2
+expect "format version"          2 2 "checkpoint format version 2" --checkpoint "$work/ckpt_bad" "${io[@]}"
+mutate meta epmoe.top_k 7x
+expect "metadata not a number"   2 2 "metadata epmoe.top_k" --checkpoint "$work/ckpt_bad" "${io[@]}"
+mutate drop layers.1.ffn.experts.200.w2.weight
+expect "expert tensor missing"   2 1 "tensor layers.1.ffn.experts.200.w2.weight not found" --checkpoint "$work/ckpt_bad" "${io[@]}"
+mutate dtype layers.1.ffn.experts.200.w1.weight_scale U8
+expect "scale dtype"             2 1 "layers.1.ffn.experts.200.w1.weight_scale: dtype U8, expected F8_E4M3" --checkpoint "$work/ckpt_bad" "${io[@]}"
+mutate shape layers.1.ffn.gate.weight 128,512
+expect "gate shape"              2 1 "layers.1.ffn.gate.weight: shape [128, 512], expected [256, 256]" --checkpoint "$work/ckpt_bad" "${io[@]}"
+mutate nan layers.0.ffn.gate.weight
+expect "NaN in a weight"         2 1 "layers.0.ffn.gate.weight: element 0 is nan" --checkpoint "$work/ckpt_bad" "${io[@]}"
 "$build/epmoe-gen" --preset tiny --n_layers 1 --n_routed_experts 4 --top_k 2 --out "$work/ckpt4" >/dev/null
 expect "more ranks than experts" 5 2 "5 ranks for 4 routed experts" --checkpoint "$work/ckpt4" "${io[@]}"
 # inputs
