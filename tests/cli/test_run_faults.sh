@@ -83,7 +83,8 @@ if run_with_fault stopped STOP; then
   grep -q "PEER_LOST: .*collective_timeout_s = $timeout_s" "$log" \
     && ok "stopped: a rank reports the lost peer (PEER_LOST after collective_timeout_s)" \
     || fail "stopped: no PEER_LOST: $(tail -8 "$log")"
-  grep -q "epmoe-run: rank [02]: lost peer: rank 1 did not answer" "$log" \
+  # rank 1 among the silent (on a loaded host a slow live rank could be listed too)
+  grep -Eq "epmoe-run: rank [02]: lost peer: rank ([0-9]+, )*1(, [0-9]+)* did not answer" "$log" \
     && ok "stopped: a surviving rank names rank 1" \
     || fail "stopped: rank 1 not named: $(tail -8 "$log")"
 fi
