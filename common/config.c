@@ -1,5 +1,6 @@
 #include "common/config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stddef.h>
@@ -134,7 +135,10 @@ static epmoe_status set_entry(void *base, const epmoe_cfg_entry *e, const char *
         char *end = NULL;
         errno = 0;
         long long v = strtoll(value, &end, 10);
-        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0', EPMOE_ERR_INVALID_ARG,
+        /* the whole text and nothing else: no leading blanks (strtoll skips them), no trailing
+         * characters ("12x", "5 ") */
+        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0' && !isspace((unsigned char)value[0]),
+                      EPMOE_ERR_INVALID_ARG,
                       "setting %s: '%s' is not an integer", e->name, value);
         EPMOE_REQUIRE((double)v >= e->min && (double)v <= e->max, EPMOE_ERR_INVALID_ARG,
                       "setting %s: %lld outside [%.0f, %.0f]", e->name, v, e->min, e->max);
@@ -145,7 +149,8 @@ static epmoe_status set_entry(void *base, const epmoe_cfg_entry *e, const char *
         char *end = NULL;
         errno = 0;
         double v = strtod(value, &end);
-        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0' && isfinite(v),
+        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0' && isfinite(v) &&
+                          !isspace((unsigned char)value[0]),
                       EPMOE_ERR_INVALID_ARG, "setting %s: '%s' is not a finite number", e->name,
                       value);
         EPMOE_REQUIRE(v >= e->min && v <= e->max, EPMOE_ERR_INVALID_ARG,
@@ -278,7 +283,9 @@ void epmoe_cfg_table_print(const void *base, const epmoe_cfg_entry *t, int n, in
         char value[300];
         epmoe_cfg_entry_format(base, &t[i], value, sizeof value);
         char bounds[96] = "";
-        if (t[i].type == EPMOE_CFG_INT || t[i].type == EPMOE_CFG_DOUBLE)
+        if (t[i].type == EPMOE_CFG_INT) /* integers as integers: 1048576, not 1.04858e+06 */
+            snprintf(bounds, sizeof bounds, " [%.0f..%.0f]", t[i].min, t[i].max);
+        else if (t[i].type == EPMOE_CFG_DOUBLE)
             snprintf(bounds, sizeof bounds, " [%g..%g]", t[i].min, t[i].max);
         fprintf(out, "%-22s = %-14s # %s%s (default '%s')\n", t[i].name, value, t[i].help,
                 bounds, t[i].def);

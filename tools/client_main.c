@@ -338,6 +338,17 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
 }
 
 int main(int argc, char **argv) {
+    /* --help and --version before anything else (no MPI, no server needed) */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("epmoe-client %s\n", EPMOE_VERSION);
+            return 0;
+        }
+    }
     client_args a;
     epmoe_status st = parse_args(argc, argv, &a);
     if (st != EPMOE_OK) {

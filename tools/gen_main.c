@@ -5,6 +5,8 @@
  *             [--skew X] [--any_setting value ...] [--print-config]
  *   epmoe-gen [--preset P] --input-out FILE --tokens T [--dtype f32|bf16|f16] [--seed S]
  */
+#include <ctype.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -13,6 +15,7 @@
 
 #include "common/checkpoint.h"
 #include "common/config.h"
+#include "common/paths.h"
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -52,8 +55,9 @@ static int fail(const char *what) {
 
 static int parse_int(const char *flag, const char *text, long long *out) {
     char *end = NULL;
+    errno = 0;
     long long v = strtoll(text, &end, 10);
-    if (end == text || *end != '\0') {
+    if (errno != 0 || end == text || *end != '\0' || isspace((unsigned char)text[0])) {
         fprintf(stderr, "epmoe-gen: %s '%s' is not an integer\n", flag, text);
         return 0;
     }
@@ -75,6 +79,17 @@ static int parse_dtype(const char *text, epmoe_dtype *out) {
 }
 
 int main(int argc, char **argv) {
+    /* --help and --version before anything else */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("epmoe-gen %s\n", EPMOE_VERSION);
+            return 0;
+        }
+    }
     epmoe_config cfg;
     epmoe_config_defaults(&cfg);
     int print_config = 0;
@@ -137,6 +152,13 @@ int main(int argc, char **argv) {
         return 2;
     }
 
+    /* output paths checked before any work: never a device node, symlink or directory */
+    if (out_dir && epmoe_check_output_dir(out_dir) != EPMOE_OK) return fail("--out");
+    if (input_out && tokens >= 1 &&
+        epmoe_check_output_file(input_out, (uint64_t)tokens * ((uint64_t)cfg.hidden_size *
+                                                                    epmoe_dtype_size(input_dtype) +
+                                                                4) + 4096) != EPMOE_OK)
+        return fail("--input-out");
     if (out_dir) {
         double t0 = now_seconds();
         progress prog = {t0, cfg.n_layers};

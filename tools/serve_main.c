@@ -71,6 +71,17 @@ static epmoe_status parse_rest(int argc, char **argv, const char **checkpoint, i
 }
 
 int main(int argc, char **argv) {
+    /* --help and --version before anything else (no MPI, no server needed) */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("epmoe-serve %s\n", EPMOE_VERSION);
+            return 0;
+        }
+    }
     /* Signals are blocked in every thread (MPI's, gRPC's, ours, all created later inherit the
      * mask); rank 0's main thread takes them with sigwait. Other ranks never act on them: the
      * root releases them once drained. */

@@ -175,6 +175,40 @@ static void test_routing_matches_cpu(void) {
     free(logits), free(bias), free(tied), free(tab), free(tok);
 }
 
+/* Every chosen logit far below 0 (issue 24, defect 11): the fp32 scores underflow, the weights
+ * are normalized in log space on both backends. Ids (decided by a bias with 0.01 gaps, or by the
+ * table) identical to the CPU's, weights within WEIGHT_REL_TOL of the CPU's (which the unit
+ * suite checks against float64), no device flag. */
+static void test_routing_very_negative_logits(void) {
+    const int64_t T = 64, E = 256, vocab = 32, k = 6;
+    const float levels[] = {-80.0f, -95.0f, -110.0f, -200.0f};
+    float *logits = (float *)malloc(T * E * 4), bias[256];
+    int32_t tab[32 * 6], tok[64];
+    for (int64_t e = 0; e < E; e++) bias[e] = 0.01f * (float)((e * 97) % E); /* a permutation */
+    for (int64_t v = 0; v < vocab; v++)
+        for (int64_t j = 0; j < k; j++) tab[v * k + j] = (int32_t)((v * 7 + j * 41) % E);
+    for (int64_t t = 0; t < T; t++) tok[t] = (int32_t)(t % vocab);
+    uint32_t r = 12345;
+    for (int si = 0; si < 2; si++) {
+        epmoe_route_params p = {E, k, si ? EPMOE_SCORING_SIGMOID : EPMOE_SCORING_SQRTSOFTPLUS, 1,
+                                1, 2.5f};
+        for (int li = 0; li < 4; li++) {
+            for (int64_t i = 0; i < T * E; i++) {
+                r = r * 1664525u + 1013904223u;
+                logits[i] = levels[li] + 6.0f * ((float)(r >> 8) / 16777216.0f - 0.5f);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "%s logits %g +- 3", si ? "sigmoid" : "sqrtsoftplus",
+                     (double)levels[li]);
+            compare_routing(what, &p, logits, bias, T, NULL, 0, NULL);
+            snprintf(what, sizeof what, "%s logits %g +- 3, hash", si ? "sigmoid" : "sqrtsoftplus",
+                     (double)levels[li]);
+            compare_routing(what, &p, logits, NULL, T, tab, vocab, tok);
+        }
+    }
+    free(logits);
+}
+
 /* Bad data cannot be returned without a sync: it raises a device flag and keeps ids in range. */
 static void test_routing_flags(void) {
     const int64_t T = 4, E = 64, k = 4, vocab = 10;
@@ -761,6 +795,7 @@ int main(void) {
     if (!gt_have_device()) return 77;
     GT_RUN(test_gate_logits_bit_identical);
     GT_RUN(test_routing_matches_cpu);
+    GT_RUN(test_routing_very_negative_logits);
     GT_RUN(test_routing_flags);
     GT_RUN(test_nvfp4_quantize_bit_identical);
     GT_RUN(test_nvfp4_quantize_padded_static);

@@ -1,10 +1,12 @@
 #include "tests/ref/ref_layer.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/nvfp4.h"
+#include "common/checkpoint.h"
+#include "tests/ref/ref_formats.h"
 
 static double ref_score(double logit, int64_t scoring) {
     if (scoring == EPMOE_SCORING_SIGMOID) return 1.0 / (1.0 + exp(-logit));
@@ -91,32 +93,39 @@ static double ref_swiglu(double g, double u, double L, int64_t variant) {
 }
 
 /* The activation as the implementation feeds it to a GEMM: NVFP4 codes decided on fp32
- * values, then taken exactly (as doubles) with their scale. */
+ * values (tests/ref/ref_formats.h: the spec's fp32 order, the reference's own rounding), then
+ * taken exactly (as doubles) with their scales. */
 static void ref_quantize(const epmoe_config *cfg, const float *v, int64_t K, float static_scale,
                          double *out) {
     if (cfg->act_quant == EPMOE_ACT_HIGH) {
         for (int64_t i = 0; i < K; i++) out[i] = v[i];
         return;
     }
-    float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC ? 1.0f / static_scale
-                                                          : epmoe_nvfp4_global_sf(epmoe_amax(v, (size_t)K));
-    uint8_t *codes = malloc((size_t)K / 2), *sf = malloc((size_t)K / 16);
-    float *deq = malloc((size_t)K * sizeof(float));
-    epmoe_nvfp4_quantize_row(v, (size_t)K, gs, codes, sf);
-    epmoe_nvfp4_dequantize_row(codes, sf, (size_t)K, 1.0f, deq);
-    for (int64_t i = 0; i < K; i++) out[i] = (double)deq[i] / (double)gs;
+    float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC
+                   ? 1.0f / static_scale
+                   : epmoe_ref_nvfp4_global_sf(epmoe_ref_amax(v, (size_t)K));
+    uint8_t *codes = malloc((size_t)K), *sf = malloc((size_t)K / 16);
+    epmoe_ref_nvfp4_quantize(v, (size_t)K, gs, codes, sf);
+    for (int64_t i = 0; i < K; i++)
+        out[i] = epmoe_ref_e2m1_value(codes[i]) * epmoe_ref_e4m3_value(sf[i / 16]) / (double)gs;
     free(codes);
     free(sf);
-    free(deq);
 }
 
-/* Weight row n of an [N, K] NVFP4 matrix in doubles, with its tensor scale. */
+/* Weight row n of an [N, K] NVFP4 matrix in doubles, with its tensor scale, decoded by the
+ * reference's own E2M1 and E4M3. */
 static void ref_weight_row(const uint8_t *codes, const uint8_t *sf, int64_t n, int64_t K,
                            double scale_2, double *out) {
-    float *tmp = malloc((size_t)K * sizeof(float));
-    epmoe_nvfp4_dequantize_row(codes + n * (K / 2), sf + n * (K / 16), (size_t)K, 1.0f, tmp);
-    for (int64_t i = 0; i < K; i++) out[i] = (double)tmp[i] * scale_2;
-    free(tmp);
+    static double e2m1[16], e4m3[256]; /* the decodings, tabulated once (millions of calls) */
+    static int tabulated = 0;
+    if (!tabulated) {
+        for (int c = 0; c < 16; c++) e2m1[c] = epmoe_ref_e2m1_value((uint8_t)c);
+        for (int c = 0; c < 256; c++) e4m3[c] = epmoe_ref_e4m3_value((uint8_t)c);
+        tabulated = 1;
+    }
+    const uint8_t *row = codes + n * (K / 2), *row_sf = sf + n * (K / 16);
+    for (int64_t i = 0; i < K; i++)
+        out[i] = e2m1[epmoe_ref_nibble(row, (size_t)i)] * e4m3[row_sf[i / 16]] * scale_2;
 }
 
 epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
@@ -187,4 +196,65 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
     if (!ids_out) free(ids);
     if (!weights_out) free(wts);
     return EPMOE_OK;
+}
+
+/* ---- the loaded expert weights against the checkpoint's bytes -------------------------------- */
+
+/* Value k of row n of a checkpoint projection, decoded from its own tensors. */
+static double ckpt_value(const epmoe_config *cfg, const epmoe_st_tensor *weight,
+                         const epmoe_st_tensor *scale, float scale_2, int64_t n, int64_t k,
+                         int64_t K) {
+    const uint8_t *codes = (const uint8_t *)weight->data + n * (K / 2);
+    double e2m1 = epmoe_ref_e2m1_value(epmoe_ref_nibble(codes, (size_t)k));
+    const uint8_t *s = scale->data;
+    if (cfg->weight_format == EPMOE_WEIGHTS_MXFP4)
+        return e2m1 * epmoe_ref_ue8m0_value(s[n * (K / 32) + k / 32]);
+    return e2m1 * epmoe_ref_e4m3_value(s[n * (K / 16) + k / 16]) * (double)scale_2;
+}
+
+int64_t epmoe_ref_check_loaded_experts(const epmoe_st_set *ckpt, const epmoe_config *cfg,
+                                       const epmoe_layer_weights *w, char *first, size_t cap) {
+    const int mx = cfg->weight_format == EPMOE_WEIGHTS_MXFP4;
+    const int64_t H = cfg->hidden_size, I = cfg->moe_inter_size;
+    const char *projs[3] = {"w1", "w3", "w2"};
+    int64_t bad = 0;
+    first[0] = '\0';
+    for (int64_t le = 0; le < w->n_local; le++) {
+        const int64_t e = w->slice.start + le;
+        for (int p = 0; p < 3; p++) {
+            char wname[160], sname[160], s2name[160];
+            epmoe_ckpt_expert_name(wname, sizeof wname, w->layer, e, projs[p], "weight");
+            epmoe_ckpt_expert_name(sname, sizeof sname, w->layer, e, projs[p],
+                                   mx ? "scale" : "weight_scale");
+            epmoe_ckpt_expert_name(s2name, sizeof s2name, w->layer, e, projs[p], "weight_scale_2");
+            const epmoe_st_tensor *wt = epmoe_st_set_find(ckpt, wname, NULL);
+            const epmoe_st_tensor *st = epmoe_st_set_find(ckpt, sname, NULL);
+            const epmoe_st_tensor *s2 = mx ? NULL : epmoe_st_set_find(ckpt, s2name, NULL);
+            if (!wt || !st || (!mx && !s2)) {
+                snprintf(first, cap, "layer %lld expert %lld %s: a tensor is missing",
+                         (long long)w->layer, (long long)e, projs[p]);
+                return -1;
+            }
+            const float scale_2 = mx ? 1.0f : *(const float *)s2->data;
+            /* where the engine keeps it: w13 rows [0, I) w1, [I, 2I) w3; w2 its own */
+            const int64_t N = p == 2 ? H : I, K = p == 2 ? I : H;
+            const uint8_t *codes = p == 2 ? w->w2_codes + le * H * (I / 2)
+                                          : w->w13_codes + (le * 2 * I + (p == 1 ? I : 0)) * (H / 2);
+            const uint8_t *sf = p == 2 ? w->w2_sf + le * H * (I / 16)
+                                       : w->w13_sf + (le * 2 * I + (p == 1 ? I : 0)) * (H / 16);
+            const double loaded_scale_2 = p == 2 ? w->w2_scale_2[le] : w->w13_scale_2[2 * le + p];
+            for (int64_t n = 0; n < N; n++) {
+                for (int64_t k = 0; k < K; k++) {
+                    double loaded = epmoe_ref_e2m1_value(epmoe_ref_nibble(codes + n * (K / 2), (size_t)k)) *
+                                    epmoe_ref_e4m3_value(sf[n * (K / 16) + k / 16]) * loaded_scale_2;
+                    double want = ckpt_value(cfg, wt, st, scale_2, n, k, K);
+                    if (loaded != want && bad++ == 0)
+                        snprintf(first, cap, "layer %lld expert %lld %s [%lld, %lld]: loaded %.9g, "
+                                 "checkpoint %.9g", (long long)w->layer, (long long)e, projs[p],
+                                 (long long)n, (long long)k, loaded, want);
+                }
+            }
+        }
+    }
+    return bad;
 }
