@@ -49,6 +49,12 @@ static epmoe_status mpi_check(int rc, const char *what) {
     return rc == MPI_SUCCESS ? EPMOE_OK : epmoe_mpi_error(rc, what);
 }
 
+/* The driver's own collectives wait under the watchdog too: a peer that died or hung between
+ * two forwards ends the job with EPMOE_ERR_PEER_LOST instead of a hang. */
+static epmoe_status collective_wait(epmoe_driver *d, MPI_Request *req, int n, const char *what) {
+    return epmoe_mpi_wait(req, n, NULL, d->cfg.collective_timeout_s, d->rank, what);
+}
+
 int epmoe_driver_rank(const epmoe_driver *d) { return d->rank; }
 const epmoe_config *epmoe_driver_config(const epmoe_driver *d) { return &d->cfg; }
 void epmoe_driver_get_info(const epmoe_driver *d, epmoe_driver_info *info) { *info = d->info; }
@@ -216,15 +222,19 @@ static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WO
                                             &row),
                         "MPI_Type_contiguous(row)"));
     MPI_Type_commit(&row);
-    int rc = MPI_Scatterv(x, d->shard_counts, d->shard_displs, row,
-                          root ? MPI_IN_PLACE : d->x_local, (int)my_count, row, 0, d->comm);
+    MPI_Request req[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
+    int rc = MPI_Iscatterv(x, d->shard_counts, d->shard_displs, row,
+                           root ? MPI_IN_PLACE : d->x_local, (int)my_count, row, 0, d->comm,
+                           &req[0]);
     if (rc == MPI_SUCCESS && has_ids)
-        rc = MPI_Scatterv(token_ids, d->shard_counts, d->shard_displs, MPI_INT32_T,
-                          root ? MPI_IN_PLACE : d->ids_local, (int)my_count, MPI_INT32_T, 0,
-                          d->comm);
-    if (rc != MPI_SUCCESS) {
+        rc = MPI_Iscatterv(token_ids, d->shard_counts, d->shard_displs, MPI_INT32_T,
+                           root ? MPI_IN_PLACE : d->ids_local, (int)my_count, MPI_INT32_T, 0,
+                           d->comm, &req[1]);
+    epmoe_status st = mpi_check(rc, "MPI_Iscatterv(hidden_states, token_ids)");
+    if (st == EPMOE_OK) st = collective_wait(d, req, 2, "scatter of the batch");
+    if (st != EPMOE_OK) {
         MPI_Type_free(&row);
-        return mpi_check(rc, "MPI_Scatterv(hidden_states, token_ids)");
+        return st;
     }
     const int64_t n_range = end - begin;
     if (want_counts) memset(d->counts_local, 0, (size_t)(n_range * E) * sizeof(int64_t));
@@ -241,18 +251,21 @@ static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WO
         .times = &local_times,
         .expert_counts = want_counts ? d->counts_local : NULL,
     };
-    epmoe_status st = d->backend->ops->forward(d->backend, &batch);
+    st = d->backend->ops->forward(d->backend, &batch);
     if (st == EPMOE_OK) { /* agreed: every rank gathers, or none does */
-        rc = MPI_Gatherv(root ? MPI_IN_PLACE : d->y_local, (int)my_count, row, out,
-                         d->shard_counts, d->shard_displs, row, 0, d->comm);
-        st = mpi_check(rc, "MPI_Gatherv(outputs)");
+        rc = MPI_Igatherv(root ? MPI_IN_PLACE : d->y_local, (int)my_count, row, out,
+                          d->shard_counts, d->shard_displs, row, 0, d->comm, &req[0]);
+        st = mpi_check(rc, "MPI_Igatherv(outputs)");
+        if (st == EPMOE_OK) st = collective_wait(d, req, 1, "gather of the outputs");
     }
     MPI_Type_free(&row);
     EPMOE_TRY(st);
-    if (want_counts)
-        EPMOE_TRY(mpi_check(MPI_Reduce(d->counts_local, expert_counts, (int)(n_range * E),
-                                       MPI_INT64_T, MPI_SUM, 0, d->comm),
-                            "MPI_Reduce(expert counts)"));
+    if (want_counts) {
+        rc = MPI_Ireduce(d->counts_local, expert_counts, (int)(n_range * E), MPI_INT64_T,
+                         MPI_SUM, 0, d->comm, &req[0]);
+        EPMOE_TRY(mpi_check(rc, "MPI_Ireduce(expert counts)"));
+        EPMOE_TRY(collective_wait(d, req, 1, "reduction of the expert counts"));
+    }
     if (times) {
         times->route += local_times.route;
         times->dispatch += local_times.dispatch;

@@ -41,15 +41,20 @@ epmoe_status epmoe_mpi_wait(MPI_Request *requests, int n, const int *peer_of_req
     }
     char peers[256] = "";
     if (peer_of_request) {
-        size_t used = 0;
-        for (int i = 0; i < n && used + 16 < sizeof peers; i++) {
-            if (requests[i] == MPI_REQUEST_NULL) continue;
-            int flag = 0;
-            MPI_Request_get_status(requests[i], &flag, MPI_STATUS_IGNORE);
-            if (flag) continue;
-            used += (size_t)snprintf(peers + used, sizeof peers - used, "%s%d", used ? ", " : "",
-                                     peer_of_request[i]);
+        /* a peer may have both a send and a receive pending: name it once */
+        int pending[64], n_pending = 0;
+        for (int i = 0; i < n && n_pending < 64; i++) {
+            int flag = 1;
+            if (requests[i] != MPI_REQUEST_NULL)
+                MPI_Request_get_status(requests[i], &flag, MPI_STATUS_IGNORE);
+            int seen = 0;
+            for (int j = 0; j < n_pending; j++) seen |= pending[j] == peer_of_request[i];
+            if (!flag && !seen) pending[n_pending++] = peer_of_request[i];
         }
+        size_t used = 0;
+        for (int i = 0; i < n_pending && used + 16 < sizeof peers; i++)
+            used += (size_t)snprintf(peers + used, sizeof peers - used, "%s%d", i ? ", " : "",
+                                     pending[i]);
     }
     if (peers[0])
         EPMOE_FAIL(EPMOE_ERR_PEER_LOST,
