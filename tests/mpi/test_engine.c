@@ -324,11 +324,12 @@ static void run_case(const engine_case *c) {
         }
         /* The wire, per peer, against the routing ids (issue 24, defect 14): the dispatch (the
          * first all-to-all) carries one row per (token, destination rank) holding any of the
-         * token's experts, each row a header of 1 + k int32 (the count and the local expert ids)
-         * and H fp32 values; the combine (the second) one row of H fp32 per (token, slot), from
-         * the slot's owner back to the token's holder. Self-sends included. */
+         * token's experts, each row a record of H fp32 values then the k int32 global expert
+         * ids, padded to 16 bytes (common/dispatch_record.h, written out here on purpose); the
+         * combine (the second) one row of H fp32 per (token, slot), from the slot's owner back
+         * to the token's holder. Self-sends included. */
         const int P = world_size;
-        const int64_t dispatch_row_bytes = (1 + k) * 4 + H * 4, combine_row_bytes = H * 4;
+        const int64_t dispatch_row_bytes = (H * 4 + k * 4 + 15) / 16 * 16, combine_row_bytes = H * 4;
         int64_t *want_dispatch = calloc((size_t)(P * P), sizeof(int64_t));
         int64_t *want_combine = calloc((size_t)(P * P), sizeof(int64_t));
         for (int src = 0; src < P; src++) {
