@@ -75,8 +75,9 @@ $(grep -c ': PASS' "$OUT/product.log") checks passed, $(grep -c 'FAIL' "$OUT/pro
 if [ -x "$BUILD/bin/epmoe-serve" ]; then
   t0=$(date +%s)
   (cd "$BUILD" && EPMOE_BACKEND=cuda timeout 900 ctest -R 'service\.(checkpoint|units|e2e)' \
-     --output-on-failure) >"$OUT/service.log" 2>&1
+     --output-on-failure -V) >"$OUT/service.log" 2>&1
   rc=$?
+  [ $rc -ne 0 ] && tar czf "$OUT/service-logs.tgz" -C "$BUILD/tests" service-data 2>/dev/null
   [ $rc -ne 0 ] && status=1
   echo "service suites on cuda: rc=$rc, $(( $(date +%s) - t0 )) s, \
 $(grep -E 'tests passed' "$OUT/service.log")" | tee -a "$S"

@@ -46,6 +46,8 @@ def main():
     g.add_argument("--tol", type=float)
     p.add_argument("--routing", action="store_true",
                    help="also require equal expert_counts (every layer, every expert)")
+    p.add_argument("--no-routing", action="store_true",
+                   help="with --identical: do not compare expert_counts (different layer ranges)")
     p.add_argument("--what", default="")
     args = p.parse_args()
     A, B = read(args.a), read(args.b)
@@ -61,7 +63,7 @@ def main():
     routing = counts_a is not None and counts_b is not None and \
         np.array_equal(counts_a[1], counts_b[1])
     if args.identical:
-        passed = identical and routing
+        passed = identical and (routing or args.no_routing)
     else:
         passed = ok and rel <= args.tol and (routing or not args.routing)
     print(f"{args.what}: {'PASS' if passed else 'FAIL'} rel_l2={rel:.3e} max_abs={maxabs:.3e} "
