@@ -356,14 +356,17 @@ int main(int argc, char **argv) {
         printf("preset %s\nn_ranks %d\nn_layers %lld\nn_hash_layers %lld\nhidden_size %lld\n"
                "n_routed_experts %lld\ntop_k %lld\nexperts_per_rank %lld..%lld\nvocab_size %lld\n"
                "max_request_tokens %lld\nmax_batch_tokens %lld\nmax_message_bytes %lld\n"
-               "weight_bytes_per_rank %lld\nbuffer_bytes_per_rank %lld\n",
+               "weight_bytes_per_rank %lld\nbuffer_bytes_per_rank %lld\nbackend %s\n"
+               "device_name %s\ntransport %s\ndecode_tokens %lld\nlayers_loaded %lld:%lld\n",
                info.preset, info.n_ranks, (long long)info.n_layers, (long long)info.n_hash_layers,
                (long long)info.hidden_size, (long long)info.n_routed_experts,
                (long long)info.top_k, (long long)info.experts_per_rank_min,
                (long long)info.experts_per_rank_max, (long long)info.vocab_size,
                (long long)info.max_request_tokens, (long long)info.max_batch_tokens,
                (long long)info.max_message_bytes, (long long)info.weight_bytes_per_rank,
-               (long long)info.buffer_bytes_per_rank);
+               (long long)info.buffer_bytes_per_rank, info.backend, info.device_name,
+               info.transport, (long long)info.decode_tokens, (long long)info.layer_begin,
+               (long long)info.layer_end);
     if (st == EPMOE_OK && a.health) {
         int code = 0, serving = 0;
         st = epmoe_client_health(ch, "", 10.0, &code, &serving);

@@ -89,7 +89,12 @@ struct epmoe_rpc_call {
     atomic_int cancelled;
     atomic_int replied;
     char method[128];
+    double arrival, reply_time;
     double deadline;
+    int arrived;      /* a real call (not a pending slot): its outcome is reported */
+    int replied_code; /* -1 until replied */
+    int send_ok;      /* the reply batch completed successfully */
+    int64_t units;
     uint8_t *request;
     size_t request_nbytes;
     grpc_byte_buffer *send_buffer;
@@ -119,7 +124,26 @@ struct epmoe_rpc_server {
 /* Calls we ask gRPC for ahead of time: that many can arrive at once without waiting. */
 #define PENDING_CALLS 32
 
+/* Reports how the call ended (once both its close notification and its reply are done). */
+static void report_outcome(epmoe_rpc_call *c) {
+    epmoe_rpc_server *s = c->server;
+    if (!c->arrived || !s->opt.finished) return;
+    const double now = epmoe_rpc_now();
+    epmoe_rpc_outcome o;
+    o.method = c->method;
+    o.replied_code = c->replied_code;
+    o.delivered = c->replied_code >= 0 && c->send_ok && !c->close_cancelled;
+    if (o.delivered)
+        o.code = c->replied_code;
+    else
+        o.code = now >= c->deadline ? EPMOE_RPC_DEADLINE_EXCEEDED : EPMOE_RPC_CANCELLED;
+    o.seconds = (c->replied_code >= 0 ? c->reply_time : now) - c->arrival;
+    o.units = c->units;
+    s->opt.finished(s->opt.user, &o);
+}
+
 static void call_free(epmoe_rpc_call *c) {
+    report_outcome(c);
     if (c->call) grpc_call_unref(c->call);
     grpc_call_details_destroy(&c->details);
     grpc_metadata_array_destroy(&c->request_metadata);
@@ -180,6 +204,9 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     memcpy(c->method, GRPC_SLICE_START_PTR(c->details.method), n);
     c->method[n] = '\0';
     c->deadline = deadline_seconds(c->details.deadline);
+    c->arrival = epmoe_rpc_now();
+    c->replied_code = -1;
+    c->arrived = 1;
     atomic_store(&c->refs, 2);
 
     grpc_op close_op;
@@ -187,6 +214,7 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     close_op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     close_op.data.recv_close_on_server.cancelled = &c->close_cancelled;
     if (start_batch(c, &close_op, 1, &c->tag_closed) != GRPC_CALL_OK) {
+        c->close_cancelled = 1;
         atomic_store(&c->cancelled, 1);
         atomic_fetch_sub(&c->refs, 1);
     }
@@ -200,7 +228,10 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
 
 static void on_recv_message(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     if (!success || !c->recv_buffer) {
-        epmoe_rpc_call_reply(c, EPMOE_RPC_CANCELLED, "no request message received", NULL, 0);
+        /* The client half-closed without a message, or the message was cut short (or the call
+         * broke: then nobody reads this, and the outcome says CANCELLED). */
+        epmoe_rpc_call_reply(c, EPMOE_RPC_INVALID_ARGUMENT,
+                             "request: no complete request message received", NULL, 0);
         return;
     }
     c->request = read_byte_buffer(c->recv_buffer, &c->request_nbytes);
@@ -231,7 +262,10 @@ static void *cq_thread(void *arg) {
                 atomic_store(&tag->call->cancelled, 1);
             call_release(tag->call);
             break;
-        case TAG_SENT: call_release(tag->call); break;
+        case TAG_SENT:
+            tag->call->send_ok = ev.success;
+            call_release(tag->call);
+            break;
         case TAG_SHUTDOWN:
             pthread_mutex_lock(&s->mu);
             s->shutdown_done = 1;
@@ -361,8 +395,12 @@ int epmoe_rpc_call_cancelled(const epmoe_rpc_call *c) {
     return atomic_load(&((epmoe_rpc_call *)c)->cancelled);
 }
 
+void epmoe_rpc_call_set_units(epmoe_rpc_call *c, int64_t units) { c->units = units; }
+
 void epmoe_rpc_call_reply(epmoe_rpc_call *c, int code, const char *message,
                           const uint8_t *response, size_t nbytes) {
+    c->replied_code = code;
+    c->reply_time = epmoe_rpc_now();
     atomic_store(&c->replied, 1);
     grpc_op ops[3];
     memset(ops, 0, sizeof ops);

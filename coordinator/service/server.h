@@ -7,6 +7,7 @@
 #ifndef EPMOE_SERVICE_SERVER_H
 #define EPMOE_SERVICE_SERVER_H
 
+#include <stddef.h>
 #include <stdint.h>
 
 #include "common/status.h"
@@ -24,6 +25,12 @@ typedef struct {
     int64_t vocab_size;
     epmoe_forward_fn forward;
     void *forward_ctx;
+    /* Optional: the engine failed for good (a lost or hung rank). Called once, from the
+     * batcher thread, after health turned NOT_SERVING and every waiting call was answered
+     * UNAVAILABLE; the program should then stop the service (epmoe_service_drain) and end the
+     * job non-zero so that the scheduler restarts it. */
+    void (*on_fatal)(void *ctx, epmoe_status st, const char *message);
+    void *on_fatal_ctx;
 } epmoe_service_options;
 
 typedef struct epmoe_service epmoe_service;
@@ -36,6 +43,12 @@ int64_t epmoe_service_max_batch_tokens(const epmoe_service *s);
 int64_t epmoe_service_max_request_tokens(const epmoe_service *s);
 /* Requests waiting for a batch. */
 int64_t epmoe_service_queue_depth(epmoe_service *s);
+/* Nonzero once the engine failed for good (see on_fatal). */
+int epmoe_service_failed(epmoe_service *s);
+
+/* Copies message to out (cap bytes) without the "file.c:123: " source locations that library
+ * errors carry: those are for the server's log, not for users. */
+void epmoe_service_user_message(char *out, size_t cap, const char *message);
 
 /* Graceful stop: health turns NOT_SERVING and new Forward calls get UNAVAILABLE; after
  * drain_linger_ms the queued requests are computed and answered, the port closes (calls

@@ -248,30 +248,43 @@ START_TEST(test_concurrent_clients_match_batch_job) {
         ok_tokens += st[i].ok_tokens;
     }
 
-    /* A deadline shorter than the work: hold the engine with a large request, then send one
-     * whose deadline passes while it waits in the queue. */
-    async_call big = {ch, 256, {0}};
-    pthread_t tb;
-    pthread_create(&tb, NULL, async_main, &big);
-    for (int i = 0; i < 3000; i++) { /* until the big one is in the engine */
+    /* A deadline shorter than the work: hold the engine with large requests (one forward each
+     * at this token budget), then send one whose 10 ms deadline passes behind them. On a fast
+     * machine it may still be answered in time; either way the counters must say what the
+     * client got (it is a timing race by nature: the gated unit test proves "not computed"). */
+    enum { BIG = 3 };
+    async_call big[BIG];
+    pthread_t tb[BIG];
+    for (int i = 0; i < BIG; i++) {
+        big[i] = (async_call){ch, 256, {0}};
+        pthread_create(&tb[i], NULL, async_main, &big[i]);
+    }
+    for (int i = 0; i < 3000; i++) { /* until they are all in the server */
         char *m = test_fetch_metrics(srv.metrics_port);
         ck_assert_ptr_nonnull(m);
         double inflight = test_metric_value(m, "epmoe_inflight_requests ");
-        double depth = test_metric_value(m, "epmoe_queue_depth ");
         free(m);
-        if (inflight == 1 && depth == 0) break;
+        if (inflight == BIG) break;
         usleep(2000);
     }
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 9);
     call_result late;
     call_forward(ch, &rng, 4, BAD_NONE, 0.01, &late);
-    ck_assert_int_eq(late.code, EPMOE_RPC_DEADLINE_EXCEEDED);
-    pthread_join(tb, NULL);
-    ck_assert_int_eq(big.r.code, EPMOE_RPC_OK);
-    ck_assert(big.r.rows_ok);
-    ok += 1;
-    ok_tokens += 256;
+    ck_assert_msg(late.code == EPMOE_RPC_DEADLINE_EXCEEDED || late.code == EPMOE_RPC_OK,
+                  "late call: %d %s", late.code, late.message);
+    if (late.code == EPMOE_RPC_OK) {
+        ck_assert(late.rows_ok);
+        ok += 1;
+        ok_tokens += 4;
+    }
+    for (int i = 0; i < BIG; i++) {
+        pthread_join(tb[i], NULL);
+        ck_assert_int_eq(big[i].r.code, EPMOE_RPC_OK);
+        ck_assert(big[i].r.rows_ok);
+        ok += 1;
+        ok_tokens += 256;
+    }
     /* Still serving. */
     call_result after;
     call_forward(ch, &rng, 3, BAD_NONE, 0, &after);
@@ -280,12 +293,22 @@ START_TEST(test_concurrent_clients_match_batch_job) {
     ok += 1;
     ok_tokens += 3;
 
-    /* The counters agree with what the clients saw; only answered rows were computed. */
-    char *m = test_fetch_metrics(srv.metrics_port);
+    /* The counters agree with what the clients saw: calls by the code they got, rows only of
+     * OK replies delivered (a call ends on the server just after its client has the reply, so
+     * wait, bounded, for the last ones to be counted). */
+    const char *series[] = {"epmoe_requests_total{method=\"Forward\",code=\"OK\"} ",
+                            "epmoe_requests_total{method=\"Forward\",code=\"INVALID_ARGUMENT\"} ",
+                            "epmoe_requests_total{method=\"Forward\",code=\"DEADLINE_EXCEEDED\"} ",
+                            "epmoe_tokens_total "};
+    const double want[] = {(double)ok, STREAMS, late.code == EPMOE_RPC_OK ? 0 : 1,
+                           (double)ok_tokens};
+    char *m = test_wait_metrics(srv.metrics_port, series, want, 4, 60);
     ck_assert_ptr_nonnull(m);
-    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_requests_total{method=\"Forward\",code=\"OK\"} "), ok);
-    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_requests_total{method=\"Forward\",code=\"INVALID_ARGUMENT\"} "), STREAMS);
-    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_tokens_total "), ok_tokens);
+    for (int i = 0; i < 4; i++) {
+        double v = test_metric_value(m, series[i]);
+        ck_assert_msg((v < 0 ? 0 : v) == want[i], "%s= %g, expected %g", series[i], v, want[i]);
+    }
+    ck_assert_ptr_null(strstr(m, "code=\"CANCELLED\""));
     ck_assert_ptr_nonnull(strstr(m, "epmoe_stage_seconds_count{stage=\"experts\"}"));
     ck_assert_ptr_nonnull(strstr(m, "epmoe_expert_tokens_total{layer=\"0\",expert=\"0\"}"));
     free(m);
@@ -379,10 +402,13 @@ START_TEST(test_drain_under_load) {
 }
 END_TEST
 
+static void teardown(void) { test_kill_all(); }
+
 static Suite *e2e_suite(void) {
     Suite *s = suite_create("service_e2e");
     TCase *tc = tcase_create("e2e");
     tcase_set_timeout(tc, 900);
+    tcase_add_checked_fixture(tc, NULL, teardown); /* runs after a failed assertion too */
     tcase_add_test(tc, test_concurrent_clients_match_batch_job);
     tcase_add_test(tc, test_drain_under_load);
     suite_add_tcase(s, tc);
@@ -390,6 +416,7 @@ static Suite *e2e_suite(void) {
 }
 
 int main(void) {
+    test_reaper_start(); /* before any thread: it forks */
     signal(SIGPIPE, SIG_IGN);
     SRunner *sr = srunner_create(e2e_suite());
     srunner_run_all(sr, CK_NORMAL);

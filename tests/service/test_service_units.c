@@ -113,7 +113,7 @@ END_TEST
 
 /* ---- request validation --------------------------------------------------------------------*/
 
-static const epmoe_wire_limits limits = {H, N_LAYERS, N_HASH, VOCAB, 32};
+static const epmoe_wire_limits limits = {H, N_LAYERS, N_HASH, VOCAB, 32, 0, 0};
 
 typedef struct {
     int64_t shape[3];
@@ -287,7 +287,9 @@ START_TEST(test_metrics_text) {
     epmoe_stage_times t = {0.001, 0.002, 0.003, 0.004, 0.005, 0.015};
     int64_t counts[3] = {4, 0, 7}; /* layer 1 only */
     epmoe_metrics_observe_batch(m, 2, 11, 0.02, &t, counts, 1, 2);
-    epmoe_metrics_gauges g = {5, 6, 1};
+    epmoe_metrics_count_tokens(m, 9); /* rows delivered: not what a forward computed */
+    epmoe_metrics_count_undelivered(m, EPMOE_METHOD_FORWARD, EPMOE_RPC_OK);
+    epmoe_metrics_gauges g = {5, 6, 1, 0};
     size_t len = 0;
     char *text = epmoe_metrics_render(m, &g, &len);
     ck_assert_ptr_nonnull(text);
@@ -304,7 +306,9 @@ START_TEST(test_metrics_text) {
         "epmoe_batch_tokens_bucket{le=\"8\"} 0\n",
         "epmoe_expert_tokens_total{layer=\"1\",expert=\"2\"} 7\n",
         "epmoe_expert_tokens_total{layer=\"0\",expert=\"0\"} 0\n",
-        "epmoe_tokens_total 11\n",
+        "epmoe_tokens_total 9\n",
+        "epmoe_replies_undelivered_total{method=\"Forward\",code=\"OK\"} 1\n",
+        "epmoe_engine_failed 0\n",
         "epmoe_queue_depth 5\n",
         "epmoe_inflight_requests 6\n",
         "epmoe_draining 1\n",
