@@ -47,6 +47,15 @@ epmoe_status epmoe_mpi_wait(MPI_Request *requests, int n, const int *peer_of_req
             int flag = 0;
             MPI_Request_get_status(requests[i], &flag, MPI_STATUS_IGNORE);
             if (flag) continue;
+            int seen = 0; /* a peer with several pending requests is named once */
+            for (int j = 0; j < i && !seen; j++) {
+                if (peer_of_request[j] != peer_of_request[i] || requests[j] == MPI_REQUEST_NULL)
+                    continue;
+                int done_j = 0;
+                MPI_Request_get_status(requests[j], &done_j, MPI_STATUS_IGNORE);
+                seen = !done_j;
+            }
+            if (seen) continue;
             used += (size_t)snprintf(peers + used, sizeof peers - used, "%s%d", used ? ", " : "",
                                      peer_of_request[i]);
         }

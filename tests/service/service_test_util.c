@@ -1,5 +1,8 @@
 #include "service_test_util.h"
 
+#include "common/rng.h"
+#include "common/safetensors.h"
+
 #include <arpa/inet.h>
 #include <check.h>
 #include <errno.h>
@@ -340,4 +343,74 @@ char *test_wait_metrics(int port, const char *const *series, const double *want,
         free(m);
         usleep(20000);
     }
+}
+
+static float *read_ref(const char *path, int64_t rows, int64_t H) {
+    epmoe_st_file *f = NULL;
+    ck_assert_msg(epmoe_st_open(path, &f) == EPMOE_OK, "%s", epmoe_last_error());
+    const epmoe_st_tensor *t = epmoe_st_find(f, "hidden_states");
+    ck_assert_ptr_nonnull(t);
+    ck_assert_int_eq(t->dtype, EPMOE_DTYPE_F32);
+    ck_assert_int_eq(t->shape[0], rows);
+    ck_assert_int_eq(t->shape[1], H);
+    float *y = malloc((size_t)(rows * H) * sizeof(float));
+    memcpy(y, t->data, (size_t)(rows * H) * sizeof(float));
+    epmoe_st_close(f);
+    return y;
+}
+
+const test_pool *test_pool_get(void) {
+    static test_pool p;
+    if (p.x) return &p;
+    const char *data = test_env("EPMOE_SERVICE_DATA");
+    snprintf(p.checkpoint, sizeof p.checkpoint, "%s/tiny", data);
+    epmoe_st_set *ckpt = NULL;
+    ck_assert_msg(epmoe_st_set_open(p.checkpoint, &ckpt) == EPMOE_OK, "%s", epmoe_last_error());
+    const char *h = epmoe_st_set_metadata(ckpt, "epmoe.hidden_size");
+    const char *v = epmoe_st_set_metadata(ckpt, "epmoe.vocab_size");
+    ck_assert_msg(h && v, "checkpoint metadata lacks hidden_size/vocab_size");
+    const int64_t H = atoll(h);
+    p.vocab = atoll(v);
+    epmoe_st_set_close(ckpt);
+
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 2024);
+    float *x = malloc((size_t)(TEST_POOL * H) * sizeof(float));
+    p.ids = malloc(TEST_POOL * sizeof(int32_t));
+    for (int64_t i = 0; i < TEST_POOL * H; i++)
+        x[i] = (float)((int)epmoe_rng_below(&rng, 257) - 128) / 64.0f;
+    for (int i = 0; i < TEST_POOL; i++)
+        p.ids[i] = (int32_t)epmoe_rng_below(&rng, (uint64_t)p.vocab);
+    /* per process: suites may run at the same time */
+    char in[1100], out_all[1100], out_13[1100], log[1100];
+    snprintf(in, sizeof in, "%s/pool-%ld.safetensors", data, (long)getpid());
+    snprintf(out_all, sizeof out_all, "%s/ref-all-%ld.safetensors", data, (long)getpid());
+    snprintf(out_13, sizeof out_13, "%s/ref-13-%ld.safetensors", data, (long)getpid());
+    snprintf(log, sizeof log, "%s/ref-%ld.log", data, (long)getpid());
+    epmoe_st_writer *w = NULL;
+    int64_t shape[2] = {TEST_POOL, H};
+    ck_assert_int_eq(epmoe_st_writer_create(&w), EPMOE_OK);
+    ck_assert_int_eq(epmoe_st_writer_add(w, "hidden_states", EPMOE_DTYPE_F32, 2, shape, x),
+                     EPMOE_OK);
+    ck_assert_int_eq(epmoe_st_writer_add(w, "token_ids", EPMOE_DTYPE_I32, 1, shape, p.ids),
+                     EPMOE_OK);
+    ck_assert_int_eq(epmoe_st_writer_finish(w, in), EPMOE_OK);
+    epmoe_st_writer_free(w);
+    const char *mpiexec = test_env("EPMOE_MPIEXEC"), *run = test_env("EPMOE_RUN");
+    char *argv_all[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", p.checkpoint,
+                        "--input", in, "--output", out_all, "--quiet", NULL};
+    unlink(out_all);
+    ck_assert_int_eq(test_run(argv_all, log, 600), 0);
+    char *argv_13[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", p.checkpoint,
+                       "--input", in, "--output", out_13, "--layers", "1:3", "--quiet", NULL};
+    unlink(out_13);
+    ck_assert_int_eq(test_run(argv_13, log, 600), 0);
+    p.ref_all = read_ref(out_all, TEST_POOL, H);
+    p.ref_13 = read_ref(out_13, TEST_POOL, H);
+    unlink(in);
+    unlink(out_all);
+    unlink(out_13);
+    p.H = H;
+    p.x = x;
+    return &p;
 }

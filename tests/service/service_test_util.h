@@ -12,6 +12,7 @@
 #ifndef EPMOE_SERVICE_TEST_UTIL_H
 #define EPMOE_SERVICE_TEST_UTIL_H
 
+#include <stdint.h>
 #include <sys/types.h>
 
 #define TEST_MAX_RANKS 16
@@ -57,5 +58,19 @@ char *test_wait_metrics(int port, const char *const *series, const double *want,
                         double timeout_seconds);
 const char *test_env(const char *name);
 double test_now(void);
+
+/* Rows every service suite sends, and the batch job's answers for them: TEST_POOL rows that are
+ * multiples of 1/64 in [-2, 2] (exact in fp32, bf16 and fp16), token ids, and `epmoe-run` (one
+ * rank) over all layers and over layers [1, 3) of the tiny checkpoint. Made once per process. */
+#define TEST_POOL 64
+typedef struct {
+    char checkpoint[1024];
+    int64_t H, vocab;
+    float *x;         /* [TEST_POOL, H] */
+    int32_t *ids;     /* [TEST_POOL] */
+    float *ref_all;   /* [TEST_POOL, H] */
+    float *ref_13;    /* [TEST_POOL, H] */
+} test_pool;
+const test_pool *test_pool_get(void);
 
 #endif

@@ -25,73 +25,21 @@
 #include "coordinator/service/grpc_adapter.h"
 #include "service_test_util.h"
 
-enum { POOL = 64, STREAMS = 32, REQUESTS = 25, MAX_T = 8 };
+enum { POOL = TEST_POOL, STREAMS = 32, REQUESTS = 25, MAX_T = 8 };
 
-static int64_t H, VOCAB;
-static float *pool_x;        /* [POOL, H] */
-static int32_t *pool_ids;    /* [POOL] */
-static float *ref_all;       /* epmoe-run, all layers */
-static float *ref_13;        /* epmoe-run, layers [1, 3) */
-static char checkpoint[1024];
+static int64_t H;
+static float *pool_x, *ref_all, *ref_13;
+static int32_t *pool_ids;
+static const char *checkpoint;
 
-static float *read_ref(const char *path, int64_t rows) {
-    epmoe_st_file *f = NULL;
-    ck_assert_msg(epmoe_st_open(path, &f) == EPMOE_OK, "%s", epmoe_last_error());
-    const epmoe_st_tensor *t = epmoe_st_find(f, "hidden_states");
-    ck_assert_ptr_nonnull(t);
-    ck_assert_int_eq(t->dtype, EPMOE_DTYPE_F32);
-    ck_assert_int_eq(t->shape[0], rows);
-    ck_assert_int_eq(t->shape[1], H);
-    float *y = malloc((size_t)(rows * H) * sizeof(float));
-    memcpy(y, t->data, (size_t)(rows * H) * sizeof(float));
-    epmoe_st_close(f);
-    return y;
-}
-
-/* The pool of rows and the batch job's answers for them (once per process). */
 static void setup_reference(void) {
-    if (pool_x) return;
-    const char *data = test_env("EPMOE_SERVICE_DATA");
-    snprintf(checkpoint, sizeof checkpoint, "%s/tiny", data);
-    epmoe_st_set *ckpt = NULL;
-    ck_assert_msg(epmoe_st_set_open(checkpoint, &ckpt) == EPMOE_OK, "%s", epmoe_last_error());
-    const char *h = epmoe_st_set_metadata(ckpt, "epmoe.hidden_size");
-    const char *v = epmoe_st_set_metadata(ckpt, "epmoe.vocab_size");
-    ck_assert_msg(h && v, "checkpoint metadata lacks hidden_size/vocab_size");
-    H = atoll(h);
-    VOCAB = atoll(v);
-    epmoe_st_set_close(ckpt);
-
-    epmoe_rng rng;
-    epmoe_rng_seed(&rng, 2024);
-    pool_x = malloc((size_t)(POOL * H) * sizeof(float));
-    pool_ids = malloc(POOL * sizeof(int32_t));
-    for (int64_t i = 0; i < POOL * H; i++)
-        pool_x[i] = (float)((int)epmoe_rng_below(&rng, 257) - 128) / 64.0f;
-    for (int i = 0; i < POOL; i++) pool_ids[i] = (int32_t)epmoe_rng_below(&rng, (uint64_t)VOCAB);
-    char in[1100], out_all[1100], out_13[1100], log[1100];
-    snprintf(in, sizeof in, "%s/pool.safetensors", data);
-    snprintf(out_all, sizeof out_all, "%s/ref-all.safetensors", data);
-    snprintf(out_13, sizeof out_13, "%s/ref-13.safetensors", data);
-    snprintf(log, sizeof log, "%s/ref.log", data);
-    epmoe_st_writer *w = NULL;
-    int64_t shape[2] = {POOL, H};
-    ck_assert_int_eq(epmoe_st_writer_create(&w), EPMOE_OK);
-    ck_assert_int_eq(epmoe_st_writer_add(w, "hidden_states", EPMOE_DTYPE_F32, 2, shape, pool_x),
-                     EPMOE_OK);
-    ck_assert_int_eq(epmoe_st_writer_add(w, "token_ids", EPMOE_DTYPE_I32, 1, shape, pool_ids),
-                     EPMOE_OK);
-    ck_assert_int_eq(epmoe_st_writer_finish(w, in), EPMOE_OK);
-    epmoe_st_writer_free(w);
-    const char *mpiexec = test_env("EPMOE_MPIEXEC"), *run = test_env("EPMOE_RUN");
-    char *argv_all[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", checkpoint,
-                        "--input", in, "--output", out_all, "--quiet", NULL};
-    ck_assert_int_eq(test_run(argv_all, log, 600), 0);
-    char *argv_13[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", checkpoint,
-                       "--input", in, "--output", out_13, "--layers", "1:3", "--quiet", NULL};
-    ck_assert_int_eq(test_run(argv_13, log, 600), 0);
-    ref_all = read_ref(out_all, POOL);
-    ref_13 = read_ref(out_13, POOL);
+    const test_pool *p = test_pool_get();
+    H = p->H;
+    pool_x = p->x;
+    pool_ids = p->ids;
+    ref_all = p->ref_all;
+    ref_13 = p->ref_13;
+    checkpoint = p->checkpoint;
 }
 
 /* ---- one request: random rows of the pool, checked against the reference --------------- */
