@@ -123,6 +123,17 @@ static void on_done(void *ctx, epmoe_serve_request *r, int code, const char *mes
             snprintf(err, sizeof err, "encoding the response: %s", epmoe_last_error());
             code = st == EPMOE_ERR_OOM ? EPMOE_RPC_RESOURCE_EXHAUSTED : EPMOE_RPC_INTERNAL;
             message = err;
+        } else if ((int64_t)nbytes > s->opt.cfg.max_message_bytes) {
+            /* gRPC would refuse to send it (RESOURCE_EXHAUSTED of its own): say why */
+            snprintf(err, sizeof err,
+                     "response: %zu bytes exceed max_message_bytes %lld; send fewer rows per "
+                     "request",
+                     nbytes, (long long)s->opt.cfg.max_message_bytes);
+            free(bytes);
+            bytes = NULL;
+            nbytes = 0;
+            code = EPMOE_RPC_RESOURCE_EXHAUSTED;
+            message = err;
         } else {
             epmoe_rpc_call_set_units(r->call, r->n_tokens);
         }

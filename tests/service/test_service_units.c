@@ -21,6 +21,7 @@
 #include "coordinator/service/server.h"
 #include "coordinator/service/wire.h"
 #include "epmoe.pb-c.h"
+#include "service_test_util.h"
 #include "tests/support/test_support.h"
 
 enum { H = 64, N_LAYERS = 4, N_HASH = 1, VOCAB = 100, E = 16 };
@@ -39,15 +40,21 @@ typedef struct {
     int gate_closed;   /* forwards wait while set */
     int inside;        /* forwards currently waiting at the gate or running */
     int64_t calls, rows, max_batch_rows;
+    int lost;          /* every forward fails with EPMOE_ERR_PEER_LOST */
 } test_engine;
 
-static test_engine engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0};
+static test_engine engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0};
+
+/* Like the real engine, rows beyond this magnitude fail the whole forward with a data error
+ * that names a row of the batch (not of any one request). */
+#define HUGE_ROW 1e30f
 
 static void engine_reset(void) {
     pthread_mutex_lock(&engine.mu);
     engine.gate_closed = 0;
     engine.inside = 0;
     engine.calls = engine.rows = engine.max_batch_rows = 0;
+    engine.lost = 0;
     pthread_mutex_unlock(&engine.mu);
 }
 
@@ -76,7 +83,15 @@ static epmoe_status engine_forward(void *ctx, const float *x, const int32_t *ids
     engine.rows += T;
     if (T > engine.max_batch_rows) engine.max_batch_rows = T;
     engine.inside--;
+    int lost = engine.lost;
     pthread_mutex_unlock(&engine.mu);
+    if (lost)
+        return epmoe_set_error(EPMOE_ERR_PEER_LOST, __FILE__, __LINE__,
+                               "rank 0: test: no answer from rank 2 (dead or hung)");
+    for (int64_t i = 0; i < T * H; i++)
+        if (fabsf(x[i]) > HUGE_ROW)
+            return epmoe_set_error(EPMOE_ERR_NUMERIC, __FILE__, __LINE__,
+                                   "routing: gate logit of token %lld is inf", (long long)(i / H));
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++)
             out[t * H + h] = expected_value(x[t * H + h], lb, le, ids, t);
@@ -457,9 +472,110 @@ START_TEST(test_batcher_queue_full_and_deadline) {
 }
 END_TEST
 
+typedef struct {
+    pthread_mutex_t mu;
+    char messages[8][512];
+    int fatal_calls;
+    char fatal_message[512];
+} message_log;
+
+static message_log mlog = {PTHREAD_MUTEX_INITIALIZER, {{0}}, 0, ""};
+
+/* Answers like batch_done, and keeps each request's message by its first value's index. */
+static void batch_done_keep(void *ctx, epmoe_serve_request *r, int code, const char *message) {
+    pthread_mutex_lock(&mlog.mu);
+    int slot = (int)r->x[0] & 7; /* the test puts the request's number in x[0] */
+    snprintf(mlog.messages[slot], sizeof mlog.messages[slot], "%s", message ? message : "");
+    pthread_mutex_unlock(&mlog.mu);
+    batch_done(ctx, r, code, message);
+}
+
+static void batch_fatal(void *ctx, epmoe_status st, const char *message) {
+    (void)ctx;
+    pthread_mutex_lock(&mlog.mu);
+    mlog.fatal_calls++;
+    snprintf(mlog.fatal_message, sizeof mlog.fatal_message, "%s: %s", epmoe_status_name(st),
+             message);
+    pthread_mutex_unlock(&mlog.mu);
+}
+
+/* One request's bad row fails only that request, naming its own row; the others of the batch
+ * are answered with their exact rows (issue 24, defect 1). */
+START_TEST(test_batcher_isolates_a_bad_request) {
+    pthread_mutex_init(&blog.mu, NULL);
+    blog_reset();
+    engine_reset();
+    epmoe_batcher_options o = batcher_options(64, 16, 0.0);
+    o.done = batch_done_keep;
+    epmoe_batcher *b = NULL;
+    ck_assert_int_eq(epmoe_batcher_start(&o, &b), EPMOE_OK);
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 13);
+    engine_gate(1);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    engine_wait_inside(); /* the seven below queue up behind it and form one batch */
+    int64_t calls_before = 0;
+    for (int i = 0; i < 7; i++) {
+        epmoe_serve_request *r = make_request(&rng, 5, 0, 4, 1);
+        r->x[0] = (float)i; /* the request's number, for batch_done_keep */
+        if (i == 4)
+            for (int64_t h = 0; h < H; h++) r->x[3 * H + h] = 3.0e38f; /* its row 3 */
+        ck_assert_int_eq(epmoe_batcher_push(b, r), EPMOE_OK);
+    }
+    calls_before = engine.calls;
+    engine_gate(0);
+    epmoe_batcher_stop(b);
+    ck_assert_int_eq(blog.answered, 8);
+    ck_assert_int_eq(blog.codes[EPMOE_RPC_OK], 7);
+    ck_assert_int_eq(blog.codes[EPMOE_RPC_INVALID_ARGUMENT], 1);
+    ck_assert_int_eq(blog.wrong, 0);
+    ck_assert_msg(strstr(mlog.messages[4], "hidden_states row 3:") != NULL, "%s",
+                  mlog.messages[4]);
+    /* split by requests then rows: a handful of extra forwards, not one per row */
+    ck_assert_int_le(engine.calls - calls_before, 1 + 2 * 3 + 3 + 1 + 1);
+    (void)calls_before;
+}
+END_TEST
+
+/* A lost rank fails the batch and the queue UNAVAILABLE, once, and refuses later pushes. */
+START_TEST(test_batcher_lost_rank_is_fatal) {
+    pthread_mutex_init(&blog.mu, NULL);
+    blog_reset();
+    engine_reset();
+    mlog.fatal_calls = 0;
+    epmoe_batcher_options o = batcher_options(8, 16, 0.0);
+    o.fatal = batch_fatal;
+    epmoe_batcher *b = NULL;
+    ck_assert_int_eq(epmoe_batcher_start(&o, &b), EPMOE_OK);
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 14);
+    engine_gate(1);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 2, 0, 4, 1)), EPMOE_OK);
+    engine_wait_inside();
+    for (int i = 0; i < 5; i++) /* 4 tokens each: two batches' worth */
+        ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 4, 0, 4, 1)), EPMOE_OK);
+    pthread_mutex_lock(&engine.mu);
+    engine.lost = 1;
+    pthread_mutex_unlock(&engine.mu);
+    engine_gate(0);
+    for (int i = 0; i < 20000 && blog.answered < 6; i++) usleep(1000);
+    ck_assert_int_eq(blog.answered, 6);
+    ck_assert_int_eq(blog.codes[EPMOE_RPC_UNAVAILABLE], 6);
+    ck_assert_int_eq(mlog.fatal_calls, 1);
+    ck_assert_ptr_nonnull(strstr(mlog.fatal_message, "rank 2"));
+    ck_assert_int_eq(engine.calls, 1); /* the engine is not called again */
+    epmoe_serve_request *late = make_request(&rng, 1, 0, 4, 1);
+    ck_assert_int_eq(epmoe_batcher_push(b, late), EPMOE_ERR_PEER_LOST);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "rank 2"));
+    epmoe_serve_request_free(late);
+    epmoe_batcher_stop(b);
+}
+END_TEST
+
 /* ---- the whole gRPC path -------------------------------------------------------------------*/
 
-static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int metrics) {
+static epmoe_service *start_service_with(int64_t max_queue, int64_t delay_us, int metrics,
+                                         int64_t max_message_bytes) {
     epmoe_service_options so;
     memset(&so, 0, sizeof so);
     epmoe_serve_config_defaults(&so.cfg);
@@ -468,7 +584,7 @@ static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int met
     so.cfg.max_batch_tokens = 48;
     so.cfg.max_queue = max_queue;
     so.cfg.max_queue_delay_us = delay_us;
-    so.cfg.max_message_bytes = 1 << 20;
+    so.cfg.max_message_bytes = max_message_bytes;
     so.cfg.drain_linger_ms = 0;
     snprintf(so.info.preset, sizeof so.info.preset, "unit");
     so.info.n_ranks = 1;
@@ -485,6 +601,10 @@ static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int met
     epmoe_status st = epmoe_service_start(&so, &s);
     ck_assert_msg(st == EPMOE_OK, "%s", epmoe_last_error());
     return s;
+}
+
+static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int metrics) {
+    return start_service_with(max_queue, delay_us, metrics, 1 << 20);
 }
 
 static epmoe_rpc_channel *connect_to(epmoe_service *s) {
@@ -719,6 +839,83 @@ START_TEST(test_grpc_queue_full_deadline_and_drain) {
 }
 END_TEST
 
+/* The counters say what the clients got (issue 24, defect 6): a deadline that passes in the
+ * queue is DEADLINE_EXCEEDED, not CANCELLED; a result computed for a caller that has gone is
+ * neither OK nor counted in epmoe_tokens_total; a reply that cannot be sent is not OK. */
+START_TEST(test_grpc_metrics_count_what_happened) {
+    engine_reset();
+    /* Requests of this size get responses just over the limit (the response adds timings). */
+    const int64_t T_BIG = 12;
+    call_job probe = job(NULL, T_BIG, EPMOE_DTYPE_F32, 40);
+    probe.with_ids = 0;
+    probe.layer_begin = 1;
+    probe.layer_end = 3;
+    size_t request_bytes = 0;
+    {
+        float *x = calloc((size_t)(T_BIG * H), sizeof(float));
+        epmoe_forward_args a = {"job-40", T_BIG, H, EPMOE_DTYPE_F32, x, NULL, 1, 3, 0};
+        uint8_t *b = NULL;
+        ck_assert_int_eq(epmoe_client_encode_forward(&a, &b, &request_bytes), EPMOE_OK);
+        free(b);
+        free(x);
+    }
+    epmoe_service *s = start_service_with(8, 0, 1, (int64_t)request_bytes + 4);
+    epmoe_rpc_channel *ch = connect_to(s);
+    const int mport = epmoe_service_metrics_port(s);
+
+    /* A in the engine and B in the queue, both with deadlines that pass while the engine is
+     * held: the clients get DEADLINE_EXCEEDED; A is computed (it was already running), but its
+     * reply can no longer be delivered. */
+    engine_gate(1);
+    call_job a = job(ch, 3, EPMOE_DTYPE_F32, 41), b = job(ch, 4, EPMOE_DTYPE_F32, 42);
+    a.timeout = b.timeout = 0.3;
+    pthread_t ta, tb;
+    pthread_create(&ta, NULL, forward_job, &a);
+    engine_wait_inside();
+    pthread_create(&tb, NULL, forward_job, &b);
+    wait_depth(s, 1);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    ck_assert_int_eq(a.code, EPMOE_RPC_DEADLINE_EXCEEDED);
+    ck_assert_int_eq(b.code, EPMOE_RPC_DEADLINE_EXCEEDED);
+    engine_gate(0);
+
+    /* C: its response would exceed max_message_bytes. */
+    probe.ch = ch;
+    forward_job(&probe);
+    ck_assert_msg(probe.code == EPMOE_RPC_RESOURCE_EXHAUSTED, "%d %s", probe.code, probe.message);
+    ck_assert_ptr_nonnull(strstr(probe.message, "max_message_bytes"));
+    /* D: fine. */
+    call_job d = job(ch, 5, EPMOE_DTYPE_F32, 43);
+    forward_job(&d);
+    ck_assert_int_eq(d.code, EPMOE_RPC_OK);
+    ck_assert(d.rows_ok);
+
+    const char *series[] = {
+        "epmoe_requests_total{method=\"Forward\",code=\"OK\"} ",
+        "epmoe_requests_total{method=\"Forward\",code=\"DEADLINE_EXCEEDED\"} ",
+        "epmoe_requests_total{method=\"Forward\",code=\"CANCELLED\"} ",
+        "epmoe_requests_total{method=\"Forward\",code=\"RESOURCE_EXHAUSTED\"} ",
+        "epmoe_tokens_total "};
+    const double want[] = {1, 2, 0, 1, 5};
+    char *m = test_wait_metrics(mport, series, want, 5, 30);
+    ck_assert_ptr_nonnull(m);
+    for (const char *line = m; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL)
+        if (strncmp(line, "epmoe_requests_total", 20) == 0 || strncmp(line, "epmoe_replies", 13) == 0 ||
+            strncmp(line, "epmoe_tokens_total", 18) == 0)
+            printf("%.*s\n", (int)strcspn(line, "\n"), line);
+    for (int i = 0; i < 5; i++) {
+        double v = test_metric_value(m, series[i]);
+        ck_assert_msg((v < 0 ? 0 : v) == want[i], "%s= %g, expected %g", series[i], v, want[i]);
+    }
+    /* A's computed result never reached its client */
+    ck_assert_ptr_nonnull(strstr(m, "epmoe_replies_undelivered_total{method=\"Forward\""));
+    free(m);
+    epmoe_rpc_channel_close(ch);
+    epmoe_service_drain(s);
+}
+END_TEST
+
 static Suite *service_suite(void) {
     Suite *s = suite_create("service_units");
     TCase *tc = tcase_create("units");
@@ -729,9 +926,12 @@ static Suite *service_suite(void) {
     tcase_add_test(tc, test_metrics_text);
     tcase_add_test(tc, test_batcher_batches_and_splits);
     tcase_add_test(tc, test_batcher_queue_full_and_deadline);
+    tcase_add_test(tc, test_batcher_isolates_a_bad_request);
+    tcase_add_test(tc, test_batcher_lost_rank_is_fatal);
     tcase_add_test(tc, test_grpc_info_health_forward);
     tcase_add_test(tc, test_grpc_max_message_size);
     tcase_add_test(tc, test_grpc_queue_full_deadline_and_drain);
+    tcase_add_test(tc, test_grpc_metrics_count_what_happened);
     suite_add_tcase(s, tc);
     return s;
 }
