@@ -285,6 +285,9 @@ epmoe_status epmoe_rpc_server_start(const epmoe_rpc_server_options *opt, epmoe_r
     EPMOE_REQUIRE(opt->max_message_bytes > 0 && opt->max_message_bytes <= INT32_MAX,
                   EPMOE_ERR_INVALID_ARG, "rpc server: max_message_bytes %lld outside [1, 2^31)",
                   (long long)opt->max_message_bytes);
+    EPMOE_REQUIRE(opt->memory_bytes >= opt->max_message_bytes, EPMOE_ERR_INVALID_ARG,
+                  "rpc server: memory_bytes %lld below max_message_bytes %lld",
+                  (long long)opt->memory_bytes, (long long)opt->max_message_bytes);
     epmoe_rpc_server *s = calloc(1, sizeof *s);
     EPMOE_REQUIRE(s != NULL, EPMOE_ERR_OOM, "rpc server: out of memory");
     s->opt = *opt;
@@ -293,7 +296,13 @@ epmoe_status epmoe_rpc_server_start(const epmoe_rpc_server_options *opt, epmoe_r
     pthread_cond_init(&s->cv, NULL);
     epmoe_rpc_library_init();
 
-    grpc_arg args[2];
+    /* gRPC core 1.51 checks GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH only once a message is whole:
+     * a client declaring 3 GiB is read into memory up to 3 GiB first (measured). What bounds
+     * that memory is the resource quota: once gRPC's buffers reach it, its reclaimer cancels a
+     * stream ("Buffers full"). So the server gets a quota of its own, memory_bytes. */
+    grpc_resource_quota *quota = grpc_resource_quota_create("epmoe-serve");
+    grpc_resource_quota_resize(quota, (size_t)opt->memory_bytes);
+    grpc_arg args[3];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -301,8 +310,13 @@ epmoe_status epmoe_rpc_server_start(const epmoe_rpc_server_options *opt, epmoe_r
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = (int)opt->max_message_bytes;
-    grpc_channel_args channel_args = {2, args};
+    args[2].type = GRPC_ARG_POINTER;
+    args[2].key = GRPC_ARG_RESOURCE_QUOTA;
+    args[2].value.pointer.p = quota;
+    args[2].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+    grpc_channel_args channel_args = {3, args};
     s->server = grpc_server_create(&channel_args, NULL);
+    grpc_resource_quota_unref(quota); /* the server holds its own reference */
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
     grpc_server_credentials *creds = grpc_insecure_server_credentials_create();

@@ -69,6 +69,7 @@ typedef void (*epmoe_rpc_finished)(void *user, const epmoe_rpc_outcome *outcome)
 typedef struct {
     const char *listen;          /* "127.0.0.1:50051"; port 0 picks a free port */
     int64_t max_message_bytes;   /* receive and send limit */
+    int64_t memory_bytes;        /* gRPC's buffers at most (resource quota), >= the above */
     int threads;                 /* completion-queue threads */
     epmoe_rpc_handler handler;
     epmoe_rpc_finished finished; /* optional: how each call ended (metrics) */

@@ -28,6 +28,11 @@ static const epmoe_cfg_entry table[] = {
      "requests waiting at most; more get RESOURCE_EXHAUSTED"},
     {"max_message_bytes", INT(max_message_bytes, 1024, 2147483647), "67108864", NULL,
      "largest gRPC message received or sent"},
+    {"rpc_memory_bytes", INT(rpc_memory_bytes, 0, 1099511627776.0), "0", NULL,
+     "memory gRPC may buffer for calls being received (its resource quota; a call that would "
+     "go beyond is cut): 0 = 4 x max_message_bytes, at least 64 MiB. gRPC enforces "
+     "max_message_bytes only once a message is whole, so this is what bounds a client "
+     "declaring a huge message"},
     {"rpc_threads", INT(rpc_threads, 1, 64), "2", NULL, "gRPC completion-queue threads"},
     {"drain_linger_ms", INT(drain_linger_ms, 0, 600000), "200", NULL,
      "after SIGTERM: how long health says NOT_SERVING and new calls get UNAVAILABLE before "

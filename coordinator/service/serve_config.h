@@ -22,6 +22,7 @@ typedef struct {
     int64_t max_queue_delay_us;
     int64_t max_queue;
     int64_t max_message_bytes;
+    int64_t rpc_memory_bytes;  /* gRPC buffers at most; 0: 4 x max_message_bytes, >= 64 MiB */
     int64_t rpc_threads;
     int64_t drain_linger_ms;
     int64_t drain_timeout_ms;

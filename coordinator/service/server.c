@@ -382,8 +382,14 @@ epmoe_status epmoe_service_start(const epmoe_service_options *opt, epmoe_service
         .ctx = s,
     };
     EPMOE_TRY_GOTO(st, epmoe_batcher_start(&bo, &s->batcher), fail);
-    epmoe_rpc_server_options ro = {c->listen, c->max_message_bytes, (int)c->rpc_threads, on_call,
-                                   on_finished, s};
+    int64_t memory = c->rpc_memory_bytes;
+    if (memory == 0) {
+        memory = 4 * c->max_message_bytes;
+        if (memory < (64 << 20)) memory = 64 << 20;
+    }
+    if (memory < c->max_message_bytes) memory = c->max_message_bytes;
+    epmoe_rpc_server_options ro = {c->listen, c->max_message_bytes, memory, (int)c->rpc_threads,
+                                   on_call, on_finished, s};
     EPMOE_TRY_GOTO(st, epmoe_rpc_server_start(&ro, &s->rpc, &s->port), fail);
     *out = s;
     return EPMOE_OK;
