@@ -1,4 +1,6 @@
-"""A request that declares a huge message must not make the server hold it (issue 24, defect 2).
+"""Hostile HTTP/2 clients, raw (issue 24, defects 2 and 8).
+
+1. A request that declares a huge message must not make the server hold it.
 
 gRPC core 1.51 checks max_message_bytes only once a message is whole: measured with this
 test, a 3 GiB length prefix made the server take in 512 MiB (and grow by as much) and it was
@@ -10,9 +12,14 @@ opens a Forward call, sends a length prefix of 3 GiB and then streams data as fa
 server's flow-control windows allow, while the server's RSS is watched. The server must end the
 stream (RST_STREAM, or trailers with END_STREAM) before it has taken more than its quota, and
 its RSS must not grow by anything like the declared size. A well-formed call afterwards is
-still served. Starts `mpiexec -np 1 epmoe-serve` with --max-message-bytes 1 MiB and
---rpc-memory-bytes 16 MiB and stops (or kills) it and its rank on every path. Run by ctest
-(service.prefix).
+still served.
+
+2. A call whose request message is missing (headers with END_STREAM) or cut short (a prefix
+declaring 100 bytes, 50 bytes, END_STREAM) is answered INVALID_ARGUMENT (grpc-status 3), not
+CANCELLED: the client sent a bad request, it did not cancel.
+
+Starts `mpiexec -np 1 epmoe-serve` with --max-message-bytes 1 MiB and --rpc-memory-bytes 16 MiB
+and stops (or kills) it and its rank on every path. Run by ctest (service.raw).
 """
 import argparse
 import os
@@ -33,7 +40,7 @@ RSS_GROWTH_LIMIT = QUOTA + (32 << 20)  # the server may not grow by more than th
 def env(name):
     value = os.environ.get(name)
     if not value:
-        sys.exit(f"test_huge_prefix: environment variable {name} is not set (run through ctest)")
+        sys.exit(f"test_raw_http2: environment variable {name} is not set (run through ctest)")
     return value
 
 
@@ -204,6 +211,45 @@ def huge_prefix_call(port, rank0):
     return sent, c.closed_by or ("connection closed" if c.goaway else None), rss0, rss_max
 
 
+def call_status(port, mode):
+    """(grpc-status, grpc-message) of a Forward whose message is missing or truncated. The
+    server's trailers are plain HPACK literals (gRPC core does not Huffman-code them), so a
+    byte search finds them; None if absent."""
+    import re
+    import select
+    c = Conn(port)
+    c.send(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(SETTINGS, 0, 0))
+    headers = b"".join(literal(n, v) for n, v in (
+        (":method", "POST"), (":scheme", "http"), (":path", "/epmoe.v1.Moe/Forward"),
+        (":authority", f"127.0.0.1:{port}"), ("content-type", "application/grpc"),
+        ("te", "trailers")))
+    if mode == "missing":
+        c.send(frame(HEADERS, END_HEADERS | END_STREAM, 1, headers))
+    else:
+        c.send(frame(HEADERS, END_HEADERS, 1, headers))
+        c.send(frame(DATA, END_STREAM, 1, struct.pack(">BI", 0, 100) + b"\x0a" * 50))
+    raw = b""
+    end = time.monotonic() + 30
+    while time.monotonic() < end and b"grpc-message" not in raw:
+        r, _, _ = select.select([c.sock], [], [], 0.2)
+        if r:
+            try:
+                chunk = c.sock.recv(1 << 16)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                break
+            raw += chunk
+    c.sock.close()
+    status = re.search(rb"grpc-status\x01([0-9])", raw)
+    message = re.search(rb"grpc-message([\x00-\x7f])", raw)
+    text = None
+    if message:
+        n = message.group(1)[0]
+        text = raw[message.end():message.end() + n].decode(errors="replace")
+    return (int(status.group(1)) if status else None), text
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="folder for scratch files")
@@ -242,6 +288,13 @@ def main():
             f"the server took {sent} bytes of a message declared {DECLARED} (quota {QUOTA})"
         assert growth < RSS_GROWTH_LIMIT, f"the server's RSS grew by {growth} bytes"
 
+        for mode in ("missing", "truncated"):
+            code, text = call_status(port, mode)
+            print(f"request message {mode}: grpc-status {code}: {text}")
+            assert code == 3, f"message {mode}: grpc-status {code} ({text}), expected 3 " \
+                "(INVALID_ARGUMENT)"
+            assert text and "request" in text, text
+
         # still serving
         r = subprocess.run([client, "--server", f"127.0.0.1:{port}", "--random-tokens", "4"],
                            capture_output=True, text=True, timeout=120)
@@ -256,7 +309,7 @@ def main():
             server.kill()
             server.wait()
         log.close()
-    print("test_huge_prefix: OK")
+    print("test_raw_http2: OK")
 
 
 if __name__ == "__main__":
