@@ -173,6 +173,13 @@ START_TEST(test_concurrent_clients_match_batch_job) {
     ck_assert_int_eq(info.n_ranks, 2);
     ck_assert_int_eq(info.hidden_size, H);
     ck_assert_int_eq(info.max_batch_tokens, 256);
+    /* the engine behind it */
+    ck_assert_str_eq(info.backend, "cpu");
+    ck_assert_str_eq(info.device_name, "host");
+    ck_assert_str_eq(info.transport, "mpi");
+    ck_assert_int_eq(info.decode_tokens, 0);
+    ck_assert_int_eq(info.layer_begin, 0);
+    ck_assert_int_eq(info.layer_end, 4);
     int code = -1, serving = -1;
     ck_assert_int_eq(epmoe_client_health(ch, "", 30, &code, &serving), EPMOE_OK);
     ck_assert_int_eq(serving, 1);
