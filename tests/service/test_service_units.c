@@ -3,7 +3,10 @@
  * forward can be held at a gate, so that queue-full, deadline and drain cases are
  * deterministic rather than timed. */
 #include <check.h>
+#include <arpa/inet.h>
 #include <math.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -916,6 +919,62 @@ START_TEST(test_grpc_metrics_count_what_happened) {
 }
 END_TEST
 
+typedef struct {
+    int port;
+    atomic_int sent;
+    int cut_by_server; /* the server closed the connection before we stopped */
+} trickler;
+
+/* A slow scraper: sends "GET /metrics HTTP/1.0\r\n" one byte every 100 ms, never finishing
+ * the request, for up to 15 s. */
+static void *trickle_main(void *arg) {
+    trickler *t = arg;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)t->port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    const char *req = "GET /metrics HTTP/1.0\r\n";
+    for (int i = 0; i < 150; i++) {
+        if (send(fd, req + (size_t)i % strlen(req), 1, MSG_NOSIGNAL) != 1) {
+            t->cut_by_server = 1;
+            break;
+        }
+        atomic_fetch_add(&t->sent, 1);
+        char c;
+        if (recv(fd, &c, 1, MSG_DONTWAIT) == 0) { /* closed by the server */
+            t->cut_by_server = 1;
+            break;
+        }
+        usleep(100000);
+    }
+    close(fd);
+    return NULL;
+}
+
+/* A scraper that trickles its request must not hold up the others (issue 24, defect 8): they
+ * are answered while it is still connected, and the server cuts it off after its deadline. */
+START_TEST(test_metrics_slow_client_does_not_block_scrapes) {
+    engine_reset();
+    epmoe_service *s = start_service(8, 0, 1);
+    trickler t = {epmoe_service_metrics_port(s), 0, 0};
+    pthread_t th;
+    pthread_create(&th, NULL, trickle_main, &t);
+    while (atomic_load(&t.sent) < 3) usleep(10000);
+    for (int i = 0; i < 3; i++) { /* test_fetch_metrics gives up after 10 s */
+        char *m = test_fetch_metrics(t.port);
+        ck_assert_msg(m != NULL, "scrape %d blocked behind the slow client", i);
+        ck_assert_ptr_nonnull(strstr(m, "epmoe_requests_total"));
+        free(m);
+    }
+    pthread_join(th, NULL);
+    ck_assert_msg(t.cut_by_server, "the slow client was never cut off");
+    epmoe_service_drain(s);
+}
+END_TEST
+
 static Suite *service_suite(void) {
     Suite *s = suite_create("service_units");
     TCase *tc = tcase_create("units");
@@ -932,6 +991,7 @@ static Suite *service_suite(void) {
     tcase_add_test(tc, test_grpc_max_message_size);
     tcase_add_test(tc, test_grpc_queue_full_deadline_and_drain);
     tcase_add_test(tc, test_grpc_metrics_count_what_happened);
+    tcase_add_test(tc, test_metrics_slow_client_does_not_block_scrapes);
     suite_add_tcase(s, tc);
     return s;
 }
