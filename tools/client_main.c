@@ -20,6 +20,7 @@
 #include "common/safetensors.h"
 #include "common/tensor.h"
 #include "coordinator/service/client.h"
+#include "coordinator/service/user_message.h"
 #include "coordinator/service/grpc_adapter.h"
 
 typedef struct {
@@ -249,7 +250,7 @@ static void *load_thread(void *arg) {
         s->st = epmoe_client_forward(s->ch, &fa, &r);
         s->latencies[i] = epmoe_rpc_now() - t0;
         if (s->st != EPMOE_OK) {
-            snprintf(s->error, sizeof s->error, "%s", epmoe_last_error());
+            epmoe_user_message(s->error, sizeof s->error, epmoe_last_error());
             break;
         }
         s->codes[r.code >= 0 && r.code < EPMOE_RPC_CODE_COUNT ? r.code : EPMOE_RPC_UNKNOWN]++;
@@ -337,11 +338,18 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
     return st;
 }
 
+/* Errors without the library's source locations: this is a user's program. */
+static void print_error(const char *message) {
+    char clean[1024];
+    epmoe_user_message(clean, sizeof clean, message);
+    fprintf(stderr, "epmoe-client: %s\n", clean);
+}
+
 int main(int argc, char **argv) {
     client_args a;
     epmoe_status st = parse_args(argc, argv, &a);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-client: %s\n", epmoe_last_error());
+        print_error(epmoe_last_error());
         usage(stderr);
         return 2;
     }
@@ -378,7 +386,7 @@ int main(int argc, char **argv) {
     if (st == EPMOE_OK && a.load) st = run_load(ch, &a, &info);
     epmoe_rpc_channel_close(ch);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-client: %s\n", epmoe_last_error());
+        print_error(epmoe_last_error());
         return 1;
     }
     return 0;

@@ -10,6 +10,7 @@
 
 #include "coordinator/service/grpc_adapter.h"
 #include "coordinator/service/metrics.h"
+#include "coordinator/service/user_message.h"
 #include "coordinator/service/wire.h"
 #include "epmoe.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -44,48 +45,12 @@ static epmoe_method method_of(const char *path) {
     return EPMOE_METHOD_OTHER;
 }
 
-/* Is p[0..] "name.c:123: " (a source location from epmoe_set_error)? Returns its length. */
-static size_t location_at(const char *p) {
-    size_t i = 0;
-    while ((p[i] >= 'a' && p[i] <= 'z') || (p[i] >= 'A' && p[i] <= 'Z') ||
-           (p[i] >= '0' && p[i] <= '9') || p[i] == '_' || p[i] == '.' || p[i] == '/' ||
-           p[i] == '-' || p[i] == '+')
-        i++;
-    static const char *const ext[] = {".c", ".cu", ".h", ".cc", ".cpp"};
-    int source = 0;
-    for (size_t e = 0; e < sizeof ext / sizeof ext[0]; e++) {
-        size_t n = strlen(ext[e]);
-        if (i > n && strncmp(p + i - n, ext[e], n) == 0) source = 1;
-    }
-    if (!source || p[i] != ':' || !(p[i + 1] >= '0' && p[i + 1] <= '9')) return 0;
-    i++;
-    while (p[i] >= '0' && p[i] <= '9') i++;
-    if (p[i] != ':' || p[i + 1] != ' ') return 0;
-    return i + 2;
-}
-
-void epmoe_service_user_message(char *out, size_t cap, const char *message) {
-    size_t o = 0;
-    if (cap == 0) return;
-    for (size_t i = 0; message[i] && o + 1 < cap;) {
-        int word_start = i == 0 || message[i - 1] == ' ' || message[i - 1] == '(' ||
-                         message[i - 1] == '"' || message[i - 1] == '\'';
-        size_t skip = word_start ? location_at(message + i) : 0;
-        if (skip) {
-            i += skip;
-            continue;
-        }
-        out[o++] = message[i++];
-    }
-    out[o] = '\0';
-}
-
 /* Every reply of the service goes through here: users get messages without source
  * locations; the log keeps them (log_level 2: every refused call; 1: server-side failures). */
 static void reply(epmoe_service *s, epmoe_rpc_call *call, int code, const char *message,
                   const uint8_t *bytes, size_t nbytes) {
     char clean[1024];
-    if (message) epmoe_service_user_message(clean, sizeof clean, message);
+    if (message) epmoe_user_message(clean, sizeof clean, message);
     const int64_t level = s->opt.cfg.log_level;
     if (code != EPMOE_RPC_OK && message &&
         (level >= 2 || (level >= 1 && code == EPMOE_RPC_INTERNAL)))

@@ -7,7 +7,6 @@
 #ifndef EPMOE_SERVICE_SERVER_H
 #define EPMOE_SERVICE_SERVER_H
 
-#include <stddef.h>
 #include <stdint.h>
 
 #include "common/status.h"
@@ -46,9 +45,6 @@ int64_t epmoe_service_queue_depth(epmoe_service *s);
 /* Nonzero once the engine failed for good (see on_fatal). */
 int epmoe_service_failed(epmoe_service *s);
 
-/* Copies message to out (cap bytes) without the "file.c:123: " source locations that library
- * errors carry: those are for the server's log, not for users. */
-void epmoe_service_user_message(char *out, size_t cap, const char *message);
 
 /* Graceful stop: health turns NOT_SERVING and new Forward calls get UNAVAILABLE; after
  * drain_linger_ms the queued requests are computed and answered, the port closes (calls

@@ -22,6 +22,7 @@
 #include "coordinator/service/metrics.h"
 #include "coordinator/service/serve_config.h"
 #include "coordinator/service/server.h"
+#include "coordinator/service/user_message.h"
 #include "coordinator/service/wire.h"
 #include "epmoe.pb-c.h"
 #include "service_test_util.h"
@@ -126,6 +127,35 @@ START_TEST(test_serve_config) {
     ck_assert_int_eq(argc, 3);
     ck_assert_str_eq(argv[1], "--other");
     ck_assert_str_eq(argv[2], "v");
+}
+END_TEST
+
+/* ---- messages for users --------------------------------------------------------------------*/
+
+START_TEST(test_user_message_strips_source_locations) {
+    struct {
+        const char *in, *out;
+    } cases[] = {
+        {"batcher.c:248: queue full", "queue full"},
+        {"engine forward failed (NUMERIC): rank 1 failed to route: /work/x/kernels/cpu/route.c:73: "
+         "routing: gate logit of token 3 is inf",
+         "engine forward failed (NUMERIC): rank 1 failed to route: routing: gate logit of token 3 "
+         "is inf"},
+        {"(agree.c:59: rank 1: lost)", "(rank 1: lost)"},
+        {"gpu_engine.cu:466: bad", "bad"},
+        {"token_ids[0]: 1024 outside [0, 1024)", "token_ids[0]: 1024 outside [0, 1024)"},
+        {"rank 0: file x.c has 3: fine", "rank 0: file x.c has 3: fine"},
+        {"ratio 1.5: ok; see notes.c:12:3 (no space)", "ratio 1.5: ok; see notes.c:12:3 (no space)"},
+        {"", ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char out[256];
+        epmoe_user_message(out, sizeof out, cases[i].in);
+        ck_assert_str_eq(out, cases[i].out);
+    }
+    char small[8];
+    epmoe_user_message(small, sizeof small, "wire.c:1: abcdefghijk");
+    ck_assert_str_eq(small, "abcdefg");
 }
 END_TEST
 
@@ -980,6 +1010,7 @@ static Suite *service_suite(void) {
     TCase *tc = tcase_create("units");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_serve_config);
+    tcase_add_test(tc, test_user_message_strips_source_locations);
     tcase_add_test(tc, test_wire_rejects_each_bad_field);
     tcase_add_test(tc, test_wire_decodes_good_requests);
     tcase_add_test(tc, test_metrics_text);
