@@ -126,9 +126,12 @@ def main():
         assert status.status == health_pb2.HealthCheckResponse.SERVING, status
         info = moe.Info(epmoe_pb2.InfoRequest(), timeout=30)
         assert info.n_ranks == args.ranks and info.preset == "tiny", info
+        assert (info.backend, info.transport, info.layer_begin, info.layer_end) == \
+            ("cpu", "mpi", 0, info.n_layers), info
         H, vocab = info.hidden_size, info.vocab_size
         print(f"Info: preset {info.preset}, {info.n_ranks} ranks, hidden {H}, "
-              f"{info.n_layers} layers, {info.n_routed_experts} experts")
+              f"{info.n_layers} layers, {info.n_routed_experts} experts, backend {info.backend} "
+              f"({info.device_name}, {info.transport})")
 
         x = (rng.integers(-128, 129, size=(T, H)) / 64.0).astype(np.float32)
         ids = rng.integers(0, vocab, size=T).astype(np.int32)
