@@ -177,7 +177,7 @@ static void go_broken(epmoe_batcher *b, epmoe_status st, const char *message) {
                  epmoe_status_name(st), message);
     }
     pthread_mutex_unlock(&b->mu);
-    if (first && b->opt.fatal) b->opt.fatal(b->opt.ctx, st, message);
+    if (first && b->opt.fatal) b->opt.fatal(b->opt.ctx, st, b->broken_message);
 }
 
 /* Request i failed alone with a data error: find its first bad row by bisection (rows are

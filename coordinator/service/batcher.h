@@ -74,7 +74,8 @@ typedef struct {
     /* Answers a request (code: an epmoe_rpc_code) and frees it with epmoe_serve_request_free.
      * Called on the batcher thread, or the pushing thread when the queue is full. */
     void (*done)(void *ctx, epmoe_serve_request *r, int code, const char *message);
-    /* Optional: the engine failed for good (status, message); called once, batcher thread. */
+    /* Optional: the engine failed for good; message is what the waiting calls were told.
+     * Called once, on the batcher thread. */
     void (*fatal)(void *ctx, epmoe_status st, const char *message);
     /* Nonzero when the request's client is gone (its result would be thrown away). */
     int (*cancelled)(void *ctx, const epmoe_serve_request *r);

@@ -30,7 +30,7 @@ struct epmoe_service {
     int port, metrics_port;
     atomic_int draining;
     atomic_int failed;            /* the engine failed for good (on_fatal) */
-    char failed_message[800];     /* written once before failed is set */
+    char failed_message[900];     /* written once before failed is set */
     atomic_llong inflight;
     /* Handlers push under this lock; the drain closes the batcher under it, so nobody pushes
      * into a batcher that is being freed. */
@@ -118,9 +118,7 @@ static int on_cancelled(void *ctx, const epmoe_serve_request *r) {
 
 static void on_fatal(void *ctx, epmoe_status st, const char *message) {
     epmoe_service *s = ctx;
-    snprintf(s->failed_message, sizeof s->failed_message,
-             "the engine failed and the server is restarting (%s): %s", epmoe_status_name(st),
-             message);
+    snprintf(s->failed_message, sizeof s->failed_message, "%s", message); /* the batcher's */
     atomic_store(&s->failed, 1);
     fprintf(stderr, "epmoe-serve: FATAL: %s\n", s->failed_message); /* with source locations */
     if (s->opt.on_fatal) s->opt.on_fatal(s->opt.on_fatal_ctx, st, message);
