@@ -901,7 +901,7 @@ START_TEST(test_grpc_metrics_count_what_happened) {
      * reply can no longer be delivered. */
     engine_gate(1);
     call_job a = job(ch, 3, EPMOE_DTYPE_F32, 41), b = job(ch, 4, EPMOE_DTYPE_F32, 42);
-    a.timeout = b.timeout = 0.3;
+    a.timeout = b.timeout = 1.0; /* long enough for B to be queued on a loaded machine */
     pthread_t ta, tb;
     pthread_create(&ta, NULL, forward_job, &a);
     engine_wait_inside();
