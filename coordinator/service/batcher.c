@@ -272,7 +272,11 @@ static void run_batch(epmoe_batcher *b, int64_t n_taken) {
                      start - r->enqueue_time);
             o->done(o->ctx, r, EPMOE_RPC_DEADLINE_EXCEEDED, msg);
         } else if (o->cancelled && o->cancelled(o->ctx, r)) {
-            o->done(o->ctx, r, EPMOE_RPC_CANCELLED, "cancelled by the client; not computed");
+            /* a client gives up at its deadline a little before the server's copy of it */
+            int deadline = start >= r->deadline - EPMOE_RPC_DEADLINE_SLACK;
+            o->done(o->ctx, r, deadline ? EPMOE_RPC_DEADLINE_EXCEEDED : EPMOE_RPC_CANCELLED,
+                    deadline ? "deadline passed in the queue; not computed"
+                             : "cancelled by the client; not computed");
         } else {
             b->batch[n++] = r;
             tokens += r->n_tokens;

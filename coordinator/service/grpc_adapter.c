@@ -90,6 +90,7 @@ struct epmoe_rpc_call {
     atomic_int replied;
     char method[128];
     double arrival, reply_time;
+    double closed_time; /* when the call ended on gRPC's side (TAG_CLOSED) */
     double deadline;
     int arrived;      /* a real call (not a pending slot): its outcome is reported */
     int replied_code; /* -1 until replied */
@@ -133,10 +134,12 @@ static void report_outcome(epmoe_rpc_call *c) {
     o.method = c->method;
     o.replied_code = c->replied_code;
     o.delivered = c->replied_code >= 0 && c->send_ok && !c->close_cancelled;
+    const double ended = c->closed_time > 0 ? c->closed_time : now;
     if (o.delivered)
         o.code = c->replied_code;
     else
-        o.code = now >= c->deadline ? EPMOE_RPC_DEADLINE_EXCEEDED : EPMOE_RPC_CANCELLED;
+        o.code = ended >= c->deadline - EPMOE_RPC_DEADLINE_SLACK ? EPMOE_RPC_DEADLINE_EXCEEDED
+                                                                 : EPMOE_RPC_CANCELLED;
     o.seconds = (c->replied_code >= 0 ? c->reply_time : now) - c->arrival;
     o.units = c->units;
     s->opt.finished(s->opt.user, &o);
@@ -258,6 +261,7 @@ static void *cq_thread(void *arg) {
         case TAG_CLOSED:
             /* Fires when the call ends: after our status was sent, or earlier when the client
              * cancelled, the deadline passed or the connection broke. */
+            tag->call->closed_time = epmoe_rpc_now();
             if (tag->call->close_cancelled || !atomic_load(&tag->call->replied))
                 atomic_store(&tag->call->cancelled, 1);
             call_release(tag->call);

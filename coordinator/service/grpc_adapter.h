@@ -43,6 +43,12 @@ const char *epmoe_rpc_code_name(int code); /* "OK", "INVALID_ARGUMENT", ... */
 /* Seconds on CLOCK_MONOTONIC: the clock deadlines are expressed in. */
 double epmoe_rpc_now(void);
 
+/* A client's deadline timer fires before the server's copy of the deadline does: the server
+ * counts the timeout from the request's arrival, later by its transit. So a client that gives
+ * up at its deadline is seen as cancelling shortly before it. A call cancelled within this
+ * many seconds of its deadline is taken for a deadline that passed. */
+#define EPMOE_RPC_DEADLINE_SLACK 0.1
+
 /* ---- server --------------------------------------------------------------------------------*/
 
 typedef struct epmoe_rpc_server epmoe_rpc_server;
@@ -58,7 +64,8 @@ typedef struct {
     const char *method;  /* the full method path ("" if it never arrived) */
     int replied_code;    /* the status the server sent or tried to send (-1: none) */
     int code;            /* what happened: replied_code when the reply went out; otherwise
-                          * DEADLINE_EXCEEDED once the deadline had passed, else CANCELLED */
+                          * DEADLINE_EXCEEDED when the call ended at its deadline (within
+                          * EPMOE_RPC_DEADLINE_SLACK), else CANCELLED */
     int delivered;       /* the reply (status, and message when OK) went out completely */
     double seconds;      /* from the call's arrival to its reply (or its end) */
     int64_t units;       /* what the handler set with epmoe_rpc_call_set_units (0 if not) */

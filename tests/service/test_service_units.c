@@ -911,6 +911,11 @@ START_TEST(test_grpc_metrics_count_what_happened) {
     pthread_join(tb, NULL);
     ck_assert_int_eq(a.code, EPMOE_RPC_DEADLINE_EXCEEDED);
     ck_assert_int_eq(b.code, EPMOE_RPC_DEADLINE_EXCEEDED);
+    /* The clients' cancellations travel on this connection; a call answered on it afterwards
+     * means the server has read them. Otherwise A's result could still be sent before the
+     * server learns its client is gone (a race no server can see: counted OK). */
+    int hcode = -1, serving = -1;
+    ck_assert_int_eq(epmoe_client_health(ch, "", 10, &hcode, &serving), EPMOE_OK);
     engine_gate(0);
 
     /* C: its response would exceed max_message_bytes. */
