@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian 12 machine for epmoe and builds it. Idempotent: run it again at will.
-#   - Debian packages: compiler, CMake, Open MPI, jansson, Check, protobuf-c, gRPC
+#   - Debian packages: compiler, CMake, Open MPI, jansson, Check, protobuf-c, gRPC, clang with
+#     libFuzzer (the fuzz suite)
 #   - a Python virtualenv (.venv) with the test oracles (ml_dtypes, numpy) and the stock
 #     gRPC client used by the client tests (grpcio, grpcio-tools), matplotlib for bench plots
 #   - a Release build in build/ (CUDA kernels too when nvcc is present)
@@ -10,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 packages=(build-essential cmake pkg-config git python3 python3-venv
           libopenmpi-dev openmpi-bin libjansson-dev check
-          libprotobuf-c-dev protobuf-c-compiler libgrpc-dev)
+          libprotobuf-c-dev protobuf-c-compiler libgrpc-dev
+          clang libclang-rt-14-dev)  # libFuzzer (tests/fuzz); without it fuzz.run is skipped
 
 if [ "${EPMOE_SKIP_APT:-0}" != 1 ]; then
   missing=()

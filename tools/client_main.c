@@ -20,6 +20,7 @@
 #include "common/safetensors.h"
 #include "common/tensor.h"
 #include "coordinator/service/client.h"
+#include "coordinator/service/user_message.h"
 #include "coordinator/service/grpc_adapter.h"
 
 typedef struct {
@@ -249,7 +250,7 @@ static void *load_thread(void *arg) {
         s->st = epmoe_client_forward(s->ch, &fa, &r);
         s->latencies[i] = epmoe_rpc_now() - t0;
         if (s->st != EPMOE_OK) {
-            snprintf(s->error, sizeof s->error, "%s", epmoe_last_error());
+            epmoe_user_message(s->error, sizeof s->error, epmoe_last_error());
             break;
         }
         s->codes[r.code >= 0 && r.code < EPMOE_RPC_CODE_COUNT ? r.code : EPMOE_RPC_UNKNOWN]++;
@@ -337,6 +338,13 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
     return st;
 }
 
+/* Errors without the library's source locations: this is a user's program. */
+static void print_error(const char *message) {
+    char clean[1024];
+    epmoe_user_message(clean, sizeof clean, message);
+    fprintf(stderr, "epmoe-client: %s\n", clean);
+}
+
 int main(int argc, char **argv) {
     /* --help and --version before anything else (no MPI, no server needed) */
     for (int i = 1; i < argc; i++) {
@@ -352,7 +360,7 @@ int main(int argc, char **argv) {
     client_args a;
     epmoe_status st = parse_args(argc, argv, &a);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-client: %s\n", epmoe_last_error());
+        print_error(epmoe_last_error());
         usage(stderr);
         return 2;
     }
@@ -367,14 +375,17 @@ int main(int argc, char **argv) {
         printf("preset %s\nn_ranks %d\nn_layers %lld\nn_hash_layers %lld\nhidden_size %lld\n"
                "n_routed_experts %lld\ntop_k %lld\nexperts_per_rank %lld..%lld\nvocab_size %lld\n"
                "max_request_tokens %lld\nmax_batch_tokens %lld\nmax_message_bytes %lld\n"
-               "weight_bytes_per_rank %lld\nbuffer_bytes_per_rank %lld\n",
+               "weight_bytes_per_rank %lld\nbuffer_bytes_per_rank %lld\nbackend %s\n"
+               "device_name %s\ntransport %s\ndecode_tokens %lld\nlayers_loaded %lld:%lld\n",
                info.preset, info.n_ranks, (long long)info.n_layers, (long long)info.n_hash_layers,
                (long long)info.hidden_size, (long long)info.n_routed_experts,
                (long long)info.top_k, (long long)info.experts_per_rank_min,
                (long long)info.experts_per_rank_max, (long long)info.vocab_size,
                (long long)info.max_request_tokens, (long long)info.max_batch_tokens,
                (long long)info.max_message_bytes, (long long)info.weight_bytes_per_rank,
-               (long long)info.buffer_bytes_per_rank);
+               (long long)info.buffer_bytes_per_rank, info.backend, info.device_name,
+               info.transport, (long long)info.decode_tokens, (long long)info.layer_begin,
+               (long long)info.layer_end);
     if (st == EPMOE_OK && a.health) {
         int code = 0, serving = 0;
         st = epmoe_client_health(ch, "", 10.0, &code, &serving);
@@ -386,7 +397,7 @@ int main(int argc, char **argv) {
     if (st == EPMOE_OK && a.load) st = run_load(ch, &a, &info);
     epmoe_rpc_channel_close(ch);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-client: %s\n", epmoe_last_error());
+        print_error(epmoe_last_error());
         return 1;
     }
     return 0;

@@ -8,6 +8,13 @@
  * its batcher thread while the other ranks follow. SIGTERM (or SIGINT) to rank 0 drains: health
  * turns NOT_SERVING, new calls get UNAVAILABLE, queued and in-flight calls are answered, then
  * rank 0 releases the followers and every rank exits 0.
+ *
+ * A lost or hung rank (collective_timeout_s, DESIGN §9): the root's service turns NOT_SERVING
+ * and answers every waiting call UNAVAILABLE naming the rank, then drains and ends the whole job
+ * with MPI_Abort (the other ranks may be stuck: nothing else can stop them), so mpirun / srun
+ * exit non-zero and the scheduler restarts the service. A follower that detects the loss first
+ * gives the root collective_timeout_s + 5 s to answer its callers, then aborts the job itself
+ * (the root may be the rank that hung).
  */
 #include <errno.h>
 #include <mpi.h>
@@ -16,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "common/config.h"
@@ -38,14 +46,17 @@ static epmoe_status driver_forward(void *ctx, const float *x, const int32_t *tok
                                 layer_end, out, times, expert_counts);
 }
 
-/* "<grpc port> <metrics port> <pid>\n", written to a temporary name and renamed so a reader
- * never sees half of it. */
-static epmoe_status write_ready_file(const char *path, int port, int metrics_port) {
+/* "<grpc port> <metrics port> <pid>\n<pid of rank 0> <pid of rank 1> ...\n", written to a
+ * temporary name and renamed so a reader never sees half of it. */
+static epmoe_status write_ready_file(const char *path, int port, int metrics_port,
+                                     const long *pids, int n_ranks) {
     char tmp[1100];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "w");
     EPMOE_REQUIRE(f != NULL, EPMOE_ERR_IO, "--ready-file %s: %s", tmp, strerror(errno));
     fprintf(f, "%d %d %ld\n", port, metrics_port, (long)getpid());
+    for (int r = 0; r < n_ranks; r++) fprintf(f, "%s%ld", r ? " " : "", pids[r]);
+    fprintf(f, "\n");
     int bad = fclose(f) != 0;
     EPMOE_REQUIRE(!bad && rename(tmp, path) == 0, EPMOE_ERR_IO, "--ready-file %s: %s", path,
                   strerror(errno));
@@ -70,6 +81,27 @@ static epmoe_status parse_rest(int argc, char **argv, const char **checkpoint, i
     return EPMOE_OK;
 }
 
+/* The service's on_fatal: wake the main thread (it waits in sigwait for these signals). */
+static void on_fatal(void *ctx, epmoe_status st, const char *message) {
+    (void)ctx;
+    (void)st;
+    (void)message; /* the service has logged it */
+    kill(getpid(), SIGUSR1);
+}
+
+/* A follower that lost a peer: the job cannot go on. */
+static int follower_lost(int rank, double timeout_s) {
+    fprintf(stderr,
+            "epmoe-serve: rank %d: %s; ending the job in %.0f s unless rank 0 does first\n",
+            rank, epmoe_last_error(), timeout_s + 5);
+    fflush(stderr);
+    struct timespec t = {(time_t)(timeout_s + 5), 0};
+    while (nanosleep(&t, &t) != 0) {
+    }
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    return 1;
+}
+
 int main(int argc, char **argv) {
     /* --help and --version before anything else (no MPI, no server needed) */
     for (int i = 1; i < argc; i++) {
@@ -89,6 +121,7 @@ int main(int argc, char **argv) {
     sigemptyset(&stop_signals);
     sigaddset(&stop_signals, SIGTERM);
     sigaddset(&stop_signals, SIGINT);
+    sigaddset(&stop_signals, SIGUSR1); /* the service's on_fatal */
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL);
 
     /* The batcher thread, not the main thread, calls the driver (one thread at a time). */
@@ -129,8 +162,18 @@ int main(int argc, char **argv) {
         MPI_Finalize();
         return 1;
     }
+    /* Every rank's pid, for the ready file (operators and tests signal single ranks). */
+    long pid = (long)getpid();
+    long *pids = rank == 0 ? calloc((size_t)n_ranks, sizeof *pids) : NULL;
+    if (rank == 0 && !pids) {
+        fprintf(stderr, "epmoe-serve: out of memory\n");
+        MPI_Abort(MPI_COMM_WORLD, 1);
+    }
+    MPI_Gather(&pid, 1, MPI_LONG, pids, 1, MPI_LONG, 0, MPI_COMM_WORLD);
     if (rank != 0) {
         st = epmoe_driver_follow(d);
+        if (st == EPMOE_ERR_PEER_LOST || st == EPMOE_ERR_MPI || st == EPMOE_ERR_NCCL)
+            return follower_lost(rank, epmoe_driver_config(d)->collective_timeout_s);
         if (st != EPMOE_OK) fprintf(stderr, "epmoe-serve: rank %d: %s\n", rank, epmoe_last_error());
         epmoe_driver_destroy(d);
         MPI_Finalize();
@@ -149,11 +192,13 @@ int main(int argc, char **argv) {
     so.vocab_size = mc->vocab_size;
     so.forward = driver_forward;
     so.forward_ctx = d;
+    so.on_fatal = on_fatal;
     epmoe_service *svc = NULL;
     st = epmoe_service_start(&so, &svc);
     if (st == EPMOE_OK && sc.ready_file[0])
         st = write_ready_file(sc.ready_file, epmoe_service_port(svc),
-                              epmoe_service_metrics_port(svc));
+                              epmoe_service_metrics_port(svc), pids, n_ranks);
+    free(pids);
     if (st != EPMOE_OK) {
         fprintf(stderr, "epmoe-serve: %s\n", epmoe_last_error());
         if (svc) epmoe_service_drain(svc);
@@ -176,6 +221,15 @@ int main(int argc, char **argv) {
 
     int sig = 0;
     while (sigwait(&stop_signals, &sig) != 0) {
+    }
+    if (sig == SIGUSR1 || epmoe_service_failed(svc)) {
+        /* Callers have been answered UNAVAILABLE; let the replies go out, then end every rank
+         * (the followers may be hung in a collective: only an abort reaches them). */
+        fprintf(stderr, "epmoe-serve: the engine failed: answering the waiting calls, then "
+                        "aborting the job so that it is restarted\n");
+        epmoe_service_drain(svc);
+        MPI_Abort(MPI_COMM_WORLD, 1);
+        return 1;
     }
     printf("epmoe-serve: %s: draining\n", sig == SIGTERM ? "SIGTERM" : "SIGINT");
     fflush(stdout);

@@ -26,17 +26,18 @@ struct epmoe_driver {
     int32_t *ids_local;
     int64_t *counts_local;        /* [n_layers * E] */
     int *shard_counts, *shard_displs; /* [P], in tokens, for scatter/gather */
+    MPI_Request *requests;            /* [2P]: scatter and gather */
+    int *request_peers;               /* [2P] */
 };
 
-/* The command broadcast is nonblocking and polled with short sleeps, so an idle follower
- * (a service waiting for requests) does not spin a core; the root uses the matching Ibcast
- * (MPI does not match blocking with nonblocking collectives). */
-static int command_bcast(int64_t cmd[], int words, MPI_Comm comm, int is_root) {
+/* A follower's side of the command broadcast: nonblocking and polled with short sleeps, so an
+ * idle follower (a service waiting for requests) does not spin a core; the root uses the
+ * matching Ibcast (root_command; MPI does not match blocking with nonblocking collectives). */
+static int command_bcast(int64_t cmd[], int words, MPI_Comm comm) {
     MPI_Request req;
     int rc = MPI_Ibcast(cmd, words, MPI_INT64_T, 0, comm, &req);
     if (rc != MPI_SUCCESS) return rc;
-    if (is_root) return MPI_Wait(&req, MPI_STATUS_IGNORE);
-    for (;;) {
+    for (;;) { /* no time limit: a follower waits as long as the service is idle */
         int done = 0;
         rc = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
         if (rc != MPI_SUCCESS || done) return rc;
@@ -49,10 +50,66 @@ static epmoe_status mpi_check(int rc, const char *what) {
     return rc == MPI_SUCCESS ? EPMOE_OK : epmoe_mpi_error(rc, what);
 }
 
-/* The driver's own collectives wait under the watchdog too: a peer that died or hung between
- * two forwards ends the job with EPMOE_ERR_PEER_LOST instead of a hang. */
-static epmoe_status collective_wait(epmoe_driver *d, MPI_Request *req, int n, const char *what) {
-    return epmoe_mpi_wait(req, n, NULL, d->cfg.collective_timeout_s, d->rank, what);
+/* The root's side of command_bcast, under the watchdog: a follower that died or hung must not
+ * keep the root (and the service's callers) waiting forever. */
+static epmoe_status root_command(epmoe_driver *d, int64_t cmd[], const char *what) {
+    MPI_Request req;
+    EPMOE_TRY(mpi_check(MPI_Ibcast(cmd, CMD_WORDS, MPI_INT64_T, 0, d->comm, &req), what));
+    return epmoe_mpi_wait(&req, 1, NULL, d->cfg.collective_timeout_s, d->rank, what);
+}
+
+/* Rows between the root and the followers travel point to point, each wait under the
+ * watchdog, the root's sends synchronous (MPI_Issend completes only once the follower has
+ * taken the message): a follower that died or hung is then named by rank within
+ * collective_timeout_s, instead of a blocking MPI_Scatterv/Gatherv waiting forever. */
+enum { TAG_ROWS = 7301, TAG_IDS = 7302, TAG_OUT = 7303 };
+
+static epmoe_status scatter_rows(epmoe_driver *d, const void *x, const int32_t *ids, int has_ids,
+                                 MPI_Datatype row, size_t row_bytes) {
+    MPI_Request *req = d->requests;
+    int *peer = d->request_peers, n = 0, rc = MPI_SUCCESS;
+    if (d->rank == 0) {
+        for (int p = 1; p < d->n_ranks && rc == MPI_SUCCESS; p++) {
+            peer[n] = p;
+            rc = MPI_Issend((const char *)x + (size_t)d->shard_displs[p] * row_bytes,
+                            d->shard_counts[p], row, p, TAG_ROWS, d->comm, &req[n++]);
+            if (rc == MPI_SUCCESS && has_ids) {
+                peer[n] = p;
+                rc = MPI_Issend(ids + d->shard_displs[p], d->shard_counts[p], MPI_INT32_T, p,
+                                TAG_IDS, d->comm, &req[n++]);
+            }
+        }
+    } else {
+        const int count = d->shard_counts[d->rank];
+        peer[n] = 0;
+        rc = MPI_Irecv(d->x_local, count, row, 0, TAG_ROWS, d->comm, &req[n++]);
+        if (rc == MPI_SUCCESS && has_ids) {
+            peer[n] = 0;
+            rc = MPI_Irecv(d->ids_local, count, MPI_INT32_T, 0, TAG_IDS, d->comm, &req[n++]);
+        }
+    }
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "MPI_Issend/Irecv(rows to the ranks)");
+    return epmoe_mpi_wait(req, n, peer, d->cfg.collective_timeout_s, d->rank,
+                          "sending the batch's rows to the ranks");
+}
+
+static epmoe_status gather_rows(epmoe_driver *d, void *out, MPI_Datatype row, size_t row_bytes) {
+    MPI_Request *req = d->requests;
+    int *peer = d->request_peers, n = 0, rc = MPI_SUCCESS;
+    if (d->rank == 0) {
+        for (int p = 1; p < d->n_ranks && rc == MPI_SUCCESS; p++) {
+            peer[n] = p;
+            rc = MPI_Irecv((char *)out + (size_t)d->shard_displs[p] * row_bytes,
+                           d->shard_counts[p], row, p, TAG_OUT, d->comm, &req[n++]);
+        }
+    } else {
+        peer[n] = 0;
+        rc = MPI_Isend(d->y_local, d->shard_counts[d->rank], row, 0, TAG_OUT, d->comm,
+                       &req[n++]);
+    }
+    if (rc != MPI_SUCCESS) return mpi_check(rc, "MPI_Isend/Irecv(outputs to the root)");
+    return epmoe_mpi_wait(req, n, peer, d->cfg.collective_timeout_s, d->rank,
+                          "gathering the outputs at the root");
 }
 
 int epmoe_driver_rank(const epmoe_driver *d) { return d->rank; }
@@ -71,6 +128,8 @@ void epmoe_driver_destroy(epmoe_driver *d) {
     free(d->counts_local);
     free(d->shard_counts);
     free(d->shard_displs);
+    free(d->requests);
+    free(d->request_peers);
     free(d);
 }
 
@@ -122,8 +181,10 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
     d->counts_local = malloc((size_t)(n_range * d->cfg.n_routed_experts) * sizeof(int64_t));
     d->shard_counts = malloc((size_t)d->n_ranks * sizeof(int));
     d->shard_displs = malloc((size_t)d->n_ranks * sizeof(int));
+    d->requests = malloc(2 * (size_t)d->n_ranks * sizeof *d->requests);
+    d->request_peers = malloc(2 * (size_t)d->n_ranks * sizeof *d->request_peers);
     st = d->x_local && d->y_local && d->ids_local && d->counts_local && d->shard_counts &&
-                 d->shard_displs
+                 d->shard_displs && d->requests && d->request_peers
              ? EPMOE_OK
              : epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__,
                                "driver shard buffers: out of memory");
@@ -222,16 +283,8 @@ static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WO
                                             &row),
                         "MPI_Type_contiguous(row)"));
     MPI_Type_commit(&row);
-    MPI_Request req[2] = {MPI_REQUEST_NULL, MPI_REQUEST_NULL};
-    int rc = MPI_Iscatterv(x, d->shard_counts, d->shard_displs, row,
-                           root ? MPI_IN_PLACE : d->x_local, (int)my_count, row, 0, d->comm,
-                           &req[0]);
-    if (rc == MPI_SUCCESS && has_ids)
-        rc = MPI_Iscatterv(token_ids, d->shard_counts, d->shard_displs, MPI_INT32_T,
-                           root ? MPI_IN_PLACE : d->ids_local, (int)my_count, MPI_INT32_T, 0,
-                           d->comm, &req[1]);
-    epmoe_status st = mpi_check(rc, "MPI_Iscatterv(hidden_states, token_ids)");
-    if (st == EPMOE_OK) st = collective_wait(d, req, 2, "scatter of the batch");
+    const size_t row_bytes = (size_t)H * epmoe_dtype_size(dtype);
+    epmoe_status st = scatter_rows(d, x, token_ids, has_ids, row, row_bytes);
     if (st != EPMOE_OK) {
         MPI_Type_free(&row);
         return st;
@@ -252,19 +305,17 @@ static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WO
         .expert_counts = want_counts ? d->counts_local : NULL,
     };
     st = d->backend->ops->forward(d->backend, &batch);
-    if (st == EPMOE_OK) { /* agreed: every rank gathers, or none does */
-        rc = MPI_Igatherv(root ? MPI_IN_PLACE : d->y_local, (int)my_count, row, out,
-                          d->shard_counts, d->shard_displs, row, 0, d->comm, &req[0]);
-        st = mpi_check(rc, "MPI_Igatherv(outputs)");
-        if (st == EPMOE_OK) st = collective_wait(d, req, 1, "gather of the outputs");
-    }
+    if (st == EPMOE_OK) /* agreed: every rank gathers, or none does */
+        st = gather_rows(d, out, row, row_bytes);
     MPI_Type_free(&row);
     EPMOE_TRY(st);
     if (want_counts) {
-        rc = MPI_Ireduce(d->counts_local, expert_counts, (int)(n_range * E), MPI_INT64_T,
-                         MPI_SUM, 0, d->comm, &req[0]);
-        EPMOE_TRY(mpi_check(rc, "MPI_Ireduce(expert counts)"));
-        EPMOE_TRY(collective_wait(d, req, 1, "reduction of the expert counts"));
+        MPI_Request req;
+        EPMOE_TRY(mpi_check(MPI_Ireduce(d->counts_local, expert_counts, (int)(n_range * E),
+                                        MPI_INT64_T, MPI_SUM, 0, d->comm, &req),
+                            "MPI_Ireduce(expert counts)"));
+        EPMOE_TRY(epmoe_mpi_wait(&req, 1, NULL, d->cfg.collective_timeout_s, d->rank,
+                                 "summing the expert counts"));
     }
     if (times) {
         times->route += local_times.route;
@@ -284,7 +335,7 @@ epmoe_status epmoe_driver_forward(epmoe_driver *d, const void *x, epmoe_dtype dt
     EPMOE_TRY(validate(d, dtype, token_ids, T, layer_begin, layer_end));
     int64_t cmd[CMD_WORDS] = {CMD_FORWARD,       T, layer_begin, layer_end, token_ids != NULL,
                               expert_counts != NULL, (int64_t)dtype};
-    EPMOE_TRY(mpi_check(command_bcast(cmd, CMD_WORDS, d->comm, 1), "MPI_Ibcast(command)"));
+    EPMOE_TRY(root_command(d, cmd, "MPI_Ibcast(command)"));
     return forward_collective(d, cmd, x, token_ids, out, times, expert_counts);
 }
 
@@ -292,7 +343,7 @@ epmoe_status epmoe_driver_follow(epmoe_driver *d) {
     EPMOE_REQUIRE(d->rank != 0, EPMOE_ERR_INVALID_ARG, "the root does not follow");
     for (;;) {
         int64_t cmd[CMD_WORDS];
-        EPMOE_TRY(mpi_check(command_bcast(cmd, CMD_WORDS, d->comm, 0), "MPI_Ibcast(command)"));
+        EPMOE_TRY(mpi_check(command_bcast(cmd, CMD_WORDS, d->comm), "MPI_Ibcast(command)"));
         if (cmd[0] == CMD_SHUTDOWN) return EPMOE_OK;
         EPMOE_REQUIRE(cmd[0] == CMD_FORWARD, EPMOE_ERR_INTERNAL, "unknown command %lld",
                       (long long)cmd[0]);
@@ -308,5 +359,5 @@ epmoe_status epmoe_driver_follow(epmoe_driver *d) {
 epmoe_status epmoe_driver_shutdown(epmoe_driver *d) {
     EPMOE_REQUIRE(d->rank == 0, EPMOE_ERR_INVALID_ARG, "only the root shuts the followers down");
     int64_t cmd[CMD_WORDS] = {CMD_SHUTDOWN, 0, 0, 0, 0, 0, 0};
-    return mpi_check(command_bcast(cmd, CMD_WORDS, d->comm, 1), "MPI_Ibcast(shutdown)");
+    return root_command(d, cmd, "MPI_Ibcast(shutdown)");
 }

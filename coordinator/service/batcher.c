@@ -18,11 +18,17 @@ struct epmoe_batcher {
     epmoe_serve_request *head, *tail;
     int64_t depth;
     int stopping;
+    int broken;               /* the engine failed for good: refuse everything */
+    char broken_message[900];
     /* the batch being computed (batcher thread only) */
     float *x, *out;
     int32_t *token_ids;
     int64_t *expert_counts;
-    epmoe_serve_request **batch;
+    epmoe_serve_request **batch; /* NULL once answered */
+    int64_t *row_of;             /* [max_queue + 1]: first batch row of each request */
+    int batch_has_ids;
+    int64_t batch_begin, batch_end, batch_tokens, batch_requests;
+    double batch_start;
 };
 
 void epmoe_serve_request_free(epmoe_serve_request *r) {
@@ -54,7 +60,7 @@ static int64_t take_batch(epmoe_batcher *b) {
         int64_t tokens = 0;
         for (epmoe_serve_request *r = b->head; r; r = r->next)
             if (same_range(r, b->head)) tokens += r->n_tokens;
-        if (tokens >= b->opt.max_batch_tokens || b->stopping) break;
+        if (tokens >= b->opt.max_batch_tokens || b->stopping || b->broken) break;
         double wait = b->head->enqueue_time + b->opt.max_queue_delay - epmoe_rpc_now();
         if (wait <= 0) break;
         struct timespec until;
@@ -83,32 +89,194 @@ static int64_t take_batch(epmoe_batcher *b) {
     return n;
 }
 
+/* Errors that depend on the values of the rows (the engine refused some): splitting the batch
+ * finds them. */
+static int is_data_error(epmoe_status st) {
+    return st == EPMOE_ERR_INVALID_ARG || st == EPMOE_ERR_RANGE || st == EPMOE_ERR_NUMERIC;
+}
+
+/* The job cannot go on (DESIGN §9): the service reports it and is restarted. */
+static int is_fatal(epmoe_status st) {
+    return st == EPMOE_ERR_PEER_LOST || st == EPMOE_ERR_MPI || st == EPMOE_ERR_NCCL;
+}
+
 static int rpc_code_for(epmoe_status st) {
-    switch (st) {
-    case EPMOE_ERR_INVALID_ARG:
-    case EPMOE_ERR_RANGE:
-    case EPMOE_ERR_NUMERIC: return EPMOE_RPC_INVALID_ARGUMENT;
-    case EPMOE_ERR_OOM: return EPMOE_RPC_RESOURCE_EXHAUSTED;
-    default: return EPMOE_RPC_INTERNAL;
+    if (is_data_error(st)) return EPMOE_RPC_INVALID_ARGUMENT;
+    if (is_fatal(st)) return EPMOE_RPC_UNAVAILABLE;
+    if (st == EPMOE_ERR_OOM) return EPMOE_RPC_RESOURCE_EXHAUSTED;
+    return EPMOE_RPC_INTERNAL;
+}
+
+static void answer(epmoe_batcher *b, int64_t i, int code, const char *message) {
+    epmoe_serve_request *r = b->batch[i];
+    b->batch[i] = NULL;
+    b->opt.done(b->opt.ctx, r, code, message);
+}
+
+/* One engine call on batch rows [row0, row0 + n); on failure *message holds why. */
+static epmoe_status forward_rows(epmoe_batcher *b, int64_t row0, int64_t n, char *message,
+                                 size_t cap) {
+    const epmoe_batcher_options *o = &b->opt;
+    const int64_t H = o->hidden_size;
+    epmoe_stage_times times;
+    memset(&times, 0, sizeof times);
+    double t0 = epmoe_rpc_now();
+    epmoe_status st = o->forward(o->forward_ctx, b->x + row0 * H,
+                                 b->batch_has_ids ? b->token_ids + row0 : NULL, n,
+                                 b->batch_begin, b->batch_end, b->out + row0 * H, &times,
+                                 b->expert_counts);
+    double seconds = epmoe_rpc_now() - t0;
+    if (st != EPMOE_OK) {
+        snprintf(message, cap, "%s", epmoe_last_error());
+        return st;
+    }
+    if (o->observe) {
+        int64_t requests = 0; /* overlapping the rows */
+        for (int64_t i = 0; i < b->batch_requests; i++)
+            requests += b->row_of[i] < row0 + n && b->row_of[i + 1] > row0;
+        o->observe(o->ctx, requests, n, seconds, &times, b->expert_counts, b->batch_begin,
+                   b->batch_end);
+    }
+    /* what each request reports: the forward it rode in */
+    for (int64_t i = 0; i < b->batch_requests; i++) {
+        epmoe_serve_request *r = b->batch[i];
+        if (!r || b->row_of[i] < row0 || b->row_of[i] >= row0 + n) continue;
+        r->forward_seconds = seconds;
+        r->stage_times = times;
+        r->batch_tokens = n;
+    }
+    return EPMOE_OK;
+}
+
+/* Hands request i its rows (computed in place in b->out). */
+static void answer_rows(epmoe_batcher *b, int64_t i, int64_t requests_in_forward) {
+    const epmoe_batcher_options *o = &b->opt;
+    epmoe_serve_request *r = b->batch[i];
+    size_t bytes = (size_t)(r->n_tokens * o->hidden_size) * sizeof(float);
+    r->out = malloc(bytes ? bytes : 1);
+    r->batch_requests = requests_in_forward;
+    if (!r->out) {
+        answer(b, i, EPMOE_RPC_RESOURCE_EXHAUSTED, "out of memory for the response");
+        return;
+    }
+    memcpy(r->out, b->out + b->row_of[i] * o->hidden_size, bytes);
+    if (o->cancelled && o->cancelled(o->ctx, r))
+        answer(b, i, EPMOE_RPC_CANCELLED, "cancelled by the client; result discarded");
+    else
+        answer(b, i, EPMOE_RPC_OK, NULL);
+}
+
+/* The engine failed for good: remember why and tell the front end (once). */
+static void go_broken(epmoe_batcher *b, epmoe_status st, const char *message) {
+    pthread_mutex_lock(&b->mu);
+    int first = !b->broken;
+    if (first) {
+        b->broken = 1;
+        snprintf(b->broken_message, sizeof b->broken_message,
+                 "the engine failed and the server is restarting (%s): %s",
+                 epmoe_status_name(st), message);
+    }
+    pthread_mutex_unlock(&b->mu);
+    if (first && b->opt.fatal) b->opt.fatal(b->opt.ctx, st, b->broken_message);
+}
+
+/* Request i failed alone with a data error: find its first bad row by bisection (rows are
+ * independent, so a part fails iff it holds a bad row) and answer it naming that row. */
+static void isolate_row(epmoe_batcher *b, int64_t i, epmoe_status st, const char *whole) {
+    const int64_t first = b->row_of[i], T = b->batch[i]->n_tokens;
+    char message[700], last[700];
+    snprintf(last, sizeof last, "%s", whole);
+    epmoe_status last_st = st;
+    int64_t lo = 0, hi = T; /* rows [lo, hi) of the request hold a bad row */
+    int tested_alone = T == 1;
+    while (hi - lo > 1) {
+        int64_t mid = lo + (hi - lo) / 2;
+        epmoe_status s2 = forward_rows(b, first + lo, mid - lo, message, sizeof message);
+        if (s2 == EPMOE_OK) {
+            lo = mid;
+            tested_alone = 0;
+        } else if (is_data_error(s2)) {
+            hi = mid;
+            tested_alone = hi - lo == 1;
+            snprintf(last, sizeof last, "%s", message);
+            last_st = s2;
+        } else {
+            if (is_fatal(s2)) go_broken(b, s2, message);
+            answer(b, i, rpc_code_for(s2), is_fatal(s2) ? b->broken_message : message);
+            return;
+        }
+    }
+    if (!tested_alone) {
+        epmoe_status s2 = forward_rows(b, first + lo, 1, message, sizeof message);
+        if (s2 == EPMOE_OK) { /* not row-wise after all: report the request as a whole */
+            char text[1200];
+            snprintf(text, sizeof text, "hidden_states: the engine refused this request (%s): %s",
+                     epmoe_status_name(st), whole);
+            answer(b, i, EPMOE_RPC_INVALID_ARGUMENT, text);
+            return;
+        }
+        if (!is_data_error(s2)) {
+            if (is_fatal(s2)) go_broken(b, s2, message);
+            answer(b, i, rpc_code_for(s2), is_fatal(s2) ? b->broken_message : message);
+            return;
+        }
+        snprintf(last, sizeof last, "%s", message);
+        last_st = s2;
+    }
+    char text[1200];
+    snprintf(text, sizeof text,
+             "hidden_states row %lld: the engine refused this row (%s; computed alone, so the "
+             "engine calls it token 0): %s",
+             (long long)lo, epmoe_status_name(last_st), last);
+    answer(b, i, EPMOE_RPC_INVALID_ARGUMENT, text);
+}
+
+/* Computes requests [i0, i1) of the batch in one forward; on a data error splits them. */
+static void compute(epmoe_batcher *b, int64_t i0, int64_t i1) {
+    char message[700];
+    const int64_t row0 = b->row_of[i0], rows = b->row_of[i1] - row0;
+    epmoe_status st = forward_rows(b, row0, rows, message, sizeof message);
+    if (st == EPMOE_OK) {
+        for (int64_t i = i0; i < i1; i++) answer_rows(b, i, i1 - i0);
+    } else if (is_fatal(st)) {
+        go_broken(b, st, message); /* the caller answers every request left */
+    } else if (is_data_error(st) && i1 - i0 > 1) {
+        int64_t mid = i0 + (i1 - i0) / 2;
+        compute(b, i0, mid);
+        if (!b->broken) compute(b, mid, i1);
+    } else if (is_data_error(st)) {
+        isolate_row(b, i0, st, message);
+    } else {
+        char text[1200];
+        snprintf(text, sizeof text, "engine forward failed (%s): %s", epmoe_status_name(st),
+                 message);
+        for (int64_t i = i0; i < i1; i++) answer(b, i, rpc_code_for(st), text);
     }
 }
 
 static void run_batch(epmoe_batcher *b, int64_t n_taken) {
     const epmoe_batcher_options *o = &b->opt;
     const int64_t H = o->hidden_size;
-    /* An expired request is not computed; a cancelled one neither (nobody would read it). */
+    /* An expired request is not computed; a cancelled one neither (nobody would read it). The
+     * deadline is checked first: gRPC flags a call whose deadline passed as cancelled too. */
     double start = epmoe_rpc_now();
     int64_t n = 0, tokens = 0;
     int all_have_ids = 1;
     for (int64_t i = 0; i < n_taken; i++) {
         epmoe_serve_request *r = b->batch[i];
         char msg[160];
-        if (o->cancelled && o->cancelled(o->ctx, r)) {
-            o->done(o->ctx, r, EPMOE_RPC_CANCELLED, "cancelled by the client; not computed");
+        if (b->broken) {
+            o->done(o->ctx, r, EPMOE_RPC_UNAVAILABLE, b->broken_message);
         } else if (start >= r->deadline) {
             snprintf(msg, sizeof msg, "deadline passed after %.6f s in the queue; not computed",
                      start - r->enqueue_time);
             o->done(o->ctx, r, EPMOE_RPC_DEADLINE_EXCEEDED, msg);
+        } else if (o->cancelled && o->cancelled(o->ctx, r)) {
+            /* a client gives up at its deadline a little before the server's copy of it */
+            int deadline = start >= r->deadline - EPMOE_RPC_DEADLINE_SLACK;
+            o->done(o->ctx, r, deadline ? EPMOE_RPC_DEADLINE_EXCEEDED : EPMOE_RPC_CANCELLED,
+                    deadline ? "deadline passed in the queue; not computed"
+                             : "cancelled by the client; not computed");
         } else {
             b->batch[n++] = r;
             tokens += r->n_tokens;
@@ -124,46 +292,19 @@ static void run_batch(epmoe_batcher *b, int64_t n_taken) {
         if (all_have_ids)
             memcpy(b->token_ids + row, r->token_ids, (size_t)r->n_tokens * sizeof(int32_t));
         r->queue_seconds = start - r->enqueue_time;
+        b->row_of[i] = row;
         row += r->n_tokens;
     }
-    const int64_t layer_begin = b->batch[0]->layer_begin, layer_end = b->batch[0]->layer_end;
-    epmoe_stage_times times;
-    memset(&times, 0, sizeof times);
-    double t0 = epmoe_rpc_now();
-    epmoe_status st = o->forward(o->forward_ctx, b->x, all_have_ids ? b->token_ids : NULL, tokens,
-                                 layer_begin, layer_end, b->out, &times, b->expert_counts);
-    double forward_seconds = epmoe_rpc_now() - t0;
-    if (st != EPMOE_OK) {
-        char msg[600];
-        snprintf(msg, sizeof msg, "engine forward failed (%s): %s", epmoe_status_name(st),
-                 epmoe_last_error());
-        for (int64_t i = 0; i < n; i++) o->done(o->ctx, b->batch[i], rpc_code_for(st), msg);
-        return;
-    }
-    if (o->observe)
-        o->observe(o->ctx, n, tokens, forward_seconds, &times, b->expert_counts, layer_begin,
-                   layer_end);
-    row = 0;
-    for (int64_t i = 0; i < n; i++) {
-        epmoe_serve_request *r = b->batch[i];
-        const int64_t rows = r->n_tokens; /* done() frees r */
-        size_t bytes = (size_t)(rows * H) * sizeof(float);
-        r->out = malloc(bytes ? bytes : 1);
-        r->forward_seconds = forward_seconds;
-        r->stage_times = times;
-        r->batch_tokens = tokens;
-        r->batch_requests = n;
-        if (!r->out) {
-            o->done(o->ctx, r, EPMOE_RPC_RESOURCE_EXHAUSTED, "out of memory for the response");
-        } else {
-            memcpy(r->out, b->out + row * H, bytes);
-            if (o->cancelled && o->cancelled(o->ctx, r))
-                o->done(o->ctx, r, EPMOE_RPC_CANCELLED, "cancelled by the client; result discarded");
-            else
-                o->done(o->ctx, r, EPMOE_RPC_OK, NULL);
-        }
-        row += rows;
-    }
+    b->row_of[n] = row;
+    b->batch_has_ids = all_have_ids;
+    b->batch_begin = b->batch[0]->layer_begin;
+    b->batch_end = b->batch[0]->layer_end;
+    b->batch_tokens = tokens;
+    b->batch_requests = n;
+    b->batch_start = start;
+    compute(b, 0, n);
+    for (int64_t i = 0; i < n; i++) /* left unanswered only by a fatal failure */
+        if (b->batch[i]) answer(b, i, EPMOE_RPC_UNAVAILABLE, b->broken_message);
 }
 
 static void *batcher_thread(void *arg) {
@@ -186,6 +327,7 @@ static void batcher_free(epmoe_batcher *b) {
     free(b->token_ids);
     free(b->expert_counts);
     free(b->batch);
+    free(b->row_of);
     pthread_mutex_destroy(&b->mu);
     pthread_cond_destroy(&b->cv);
     free(b);
@@ -219,7 +361,8 @@ epmoe_status epmoe_batcher_start(const epmoe_batcher_options *opt, epmoe_batcher
     b->token_ids = malloc(rows * sizeof(int32_t));
     b->expert_counts = calloc((size_t)(opt->n_layers * opt->n_routed_experts), sizeof(int64_t));
     b->batch = calloc((size_t)opt->max_queue, sizeof *b->batch);
-    if (!b->x || !b->out || !b->token_ids || !b->expert_counts || !b->batch) {
+    b->row_of = calloc((size_t)opt->max_queue + 1, sizeof *b->row_of);
+    if (!b->x || !b->out || !b->token_ids || !b->expert_counts || !b->batch || !b->row_of) {
         batcher_free(b);
         EPMOE_FAIL(EPMOE_ERR_OOM, "batcher: cannot allocate buffers for %lld tokens x %lld",
                    (long long)opt->max_batch_tokens, (long long)opt->hidden_size);
@@ -238,6 +381,11 @@ epmoe_status epmoe_batcher_push(epmoe_batcher *b, epmoe_serve_request *r) {
                   EPMOE_ERR_INVALID_ARG, "batcher: request of %lld tokens outside [1, %lld]",
                   (long long)r->n_tokens, (long long)b->opt.max_batch_tokens);
     pthread_mutex_lock(&b->mu);
+    if (b->broken) {
+        epmoe_set_error_text(EPMOE_ERR_PEER_LOST, b->broken_message);
+        pthread_mutex_unlock(&b->mu);
+        return EPMOE_ERR_PEER_LOST;
+    }
     if (b->stopping) {
         pthread_mutex_unlock(&b->mu);
         EPMOE_FAIL(EPMOE_ERR_UNSUPPORTED, "the server is draining");

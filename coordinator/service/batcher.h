@@ -6,6 +6,20 @@
  * with the same layer range fill the token budget or the oldest has waited max_queue_delay,
  * drops the expired and cancelled ones, concatenates the rest, runs one forward and hands each
  * request back its own rows. Results are batch-invariant, so batching changes no output.
+ *
+ * One request's bad rows never fail another request (DESIGN §9). When a forward fails with a
+ * data error (EPMOE_ERR_NUMERIC, RANGE or INVALID_ARG: the engine refused some rows' values),
+ * the batch is split in halves by request and each half computed again, down to single
+ * requests; a request that fails alone is bisected by rows to its first bad row, and only it is
+ * answered INVALID_ARGUMENT, naming that row of ITS request. This is exact because a row's
+ * result and its acceptance depend on that row alone (the engine is row-wise and
+ * batch-invariant), so every good request still gets the bits a run without the bad one gives.
+ * Cost: about 2 log2(requests) + log2(rows) extra forwards per bad request, and only when one
+ * fails; the engine's own messages name shard rows, which cannot be mapped back reliably.
+ *
+ * A lost peer (EPMOE_ERR_PEER_LOST, MPI or NCCL: the job cannot go on) is fatal: every request
+ * of the batch and of the queue is answered UNAVAILABLE with the engine's message, later pushes
+ * are refused, and options.fatal is called once.
  */
 #ifndef EPMOE_SERVICE_BATCHER_H
 #define EPMOE_SERVICE_BATCHER_H
@@ -40,7 +54,6 @@ struct epmoe_serve_request {
     /* the front end's own fields (the batcher does not read them) */
     char request_id[132];
     int wire_dtype;                 /* epmoe.v1.DType of the request, used for the response */
-    double received_time;
 };
 
 /* The engine call: epmoe_driver_forward's contract with a context pointer. */
@@ -61,6 +74,9 @@ typedef struct {
     /* Answers a request (code: an epmoe_rpc_code) and frees it with epmoe_serve_request_free.
      * Called on the batcher thread, or the pushing thread when the queue is full. */
     void (*done)(void *ctx, epmoe_serve_request *r, int code, const char *message);
+    /* Optional: the engine failed for good; message is what the waiting calls were told.
+     * Called once, on the batcher thread. */
+    void (*fatal)(void *ctx, epmoe_status st, const char *message);
     /* Nonzero when the request's client is gone (its result would be thrown away). */
     int (*cancelled)(void *ctx, const epmoe_serve_request *r);
     /* After every forward (optional): its wall time, stage times and tokens per expert
@@ -74,8 +90,9 @@ typedef struct {
 typedef struct epmoe_batcher epmoe_batcher;
 
 epmoe_status epmoe_batcher_start(const epmoe_batcher_options *opt, epmoe_batcher **out);
-/* Takes ownership of r. On a full queue (or a stopping batcher) returns EPMOE_ERR_OOM
- * (EPMOE_ERR_UNSUPPORTED) and leaves r with the caller. */
+/* Takes ownership of r. On a full queue returns EPMOE_ERR_OOM, on a stopping batcher
+ * EPMOE_ERR_UNSUPPORTED, after a fatal engine failure EPMOE_ERR_PEER_LOST (the message says
+ * why), and leaves r with the caller. */
 epmoe_status epmoe_batcher_push(epmoe_batcher *b, epmoe_serve_request *r);
 /* Requests waiting (not yet in a running batch). */
 int64_t epmoe_batcher_depth(epmoe_batcher *b);

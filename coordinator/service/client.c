@@ -145,6 +145,12 @@ epmoe_status epmoe_client_info(epmoe_rpc_channel *ch, double timeout_seconds,
     out->max_message_bytes = r->max_message_bytes;
     out->weight_bytes_per_rank = r->weight_bytes_per_rank;
     out->buffer_bytes_per_rank = r->buffer_bytes_per_rank;
+    snprintf(out->backend, sizeof out->backend, "%s", r->backend);
+    snprintf(out->device_name, sizeof out->device_name, "%s", r->device_name);
+    snprintf(out->transport, sizeof out->transport, "%s", r->transport);
+    out->decode_tokens = r->decode_tokens;
+    out->layer_begin = r->layer_begin;
+    out->layer_end = r->layer_end;
     epmoe__v1__info_response__free_unpacked(r, NULL);
     return EPMOE_OK;
 }

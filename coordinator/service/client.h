@@ -54,6 +54,9 @@ typedef struct {
     int64_t experts_per_rank_min, experts_per_rank_max, vocab_size;
     int64_t max_request_tokens, max_batch_tokens, max_message_bytes;
     int64_t weight_bytes_per_rank, buffer_bytes_per_rank;
+    char backend[16], device_name[96], transport[16]; /* the engine the root runs */
+    int64_t decode_tokens;        /* cuda decode-graph capacity per rank; 0: none */
+    int64_t layer_begin, layer_end; /* the layers loaded */
 } epmoe_info_reply;
 
 epmoe_status epmoe_client_info(epmoe_rpc_channel *ch, double timeout_seconds,

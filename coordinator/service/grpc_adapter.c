@@ -89,7 +89,13 @@ struct epmoe_rpc_call {
     atomic_int cancelled;
     atomic_int replied;
     char method[128];
+    double arrival, reply_time;
+    double closed_time; /* when the call ended on gRPC's side (TAG_CLOSED) */
     double deadline;
+    int arrived;      /* a real call (not a pending slot): its outcome is reported */
+    int replied_code; /* -1 until replied */
+    int send_ok;      /* the reply batch completed successfully */
+    int64_t units;
     uint8_t *request;
     size_t request_nbytes;
     grpc_byte_buffer *send_buffer;
@@ -119,7 +125,28 @@ struct epmoe_rpc_server {
 /* Calls we ask gRPC for ahead of time: that many can arrive at once without waiting. */
 #define PENDING_CALLS 32
 
+/* Reports how the call ended (once both its close notification and its reply are done). */
+static void report_outcome(epmoe_rpc_call *c) {
+    epmoe_rpc_server *s = c->server;
+    if (!c->arrived || !s->opt.finished) return;
+    const double now = epmoe_rpc_now();
+    epmoe_rpc_outcome o;
+    o.method = c->method;
+    o.replied_code = c->replied_code;
+    o.delivered = c->replied_code >= 0 && c->send_ok && !c->close_cancelled;
+    const double ended = c->closed_time > 0 ? c->closed_time : now;
+    if (o.delivered)
+        o.code = c->replied_code;
+    else
+        o.code = ended >= c->deadline - EPMOE_RPC_DEADLINE_SLACK ? EPMOE_RPC_DEADLINE_EXCEEDED
+                                                                 : EPMOE_RPC_CANCELLED;
+    o.seconds = (c->replied_code >= 0 ? c->reply_time : now) - c->arrival;
+    o.units = c->units;
+    s->opt.finished(s->opt.user, &o);
+}
+
 static void call_free(epmoe_rpc_call *c) {
+    report_outcome(c);
     if (c->call) grpc_call_unref(c->call);
     grpc_call_details_destroy(&c->details);
     grpc_metadata_array_destroy(&c->request_metadata);
@@ -180,6 +207,9 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     memcpy(c->method, GRPC_SLICE_START_PTR(c->details.method), n);
     c->method[n] = '\0';
     c->deadline = deadline_seconds(c->details.deadline);
+    c->arrival = epmoe_rpc_now();
+    c->replied_code = -1;
+    c->arrived = 1;
     atomic_store(&c->refs, 2);
 
     grpc_op close_op;
@@ -187,6 +217,7 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     close_op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     close_op.data.recv_close_on_server.cancelled = &c->close_cancelled;
     if (start_batch(c, &close_op, 1, &c->tag_closed) != GRPC_CALL_OK) {
+        c->close_cancelled = 1;
         atomic_store(&c->cancelled, 1);
         atomic_fetch_sub(&c->refs, 1);
     }
@@ -200,7 +231,10 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
 
 static void on_recv_message(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     if (!success || !c->recv_buffer) {
-        epmoe_rpc_call_reply(c, EPMOE_RPC_CANCELLED, "no request message received", NULL, 0);
+        /* The client half-closed without a message, or the message was cut short (or the call
+         * broke: then nobody reads this, and the outcome says CANCELLED). */
+        epmoe_rpc_call_reply(c, EPMOE_RPC_INVALID_ARGUMENT,
+                             "request: no complete request message received", NULL, 0);
         return;
     }
     c->request = read_byte_buffer(c->recv_buffer, &c->request_nbytes);
@@ -227,11 +261,15 @@ static void *cq_thread(void *arg) {
         case TAG_CLOSED:
             /* Fires when the call ends: after our status was sent, or earlier when the client
              * cancelled, the deadline passed or the connection broke. */
+            tag->call->closed_time = epmoe_rpc_now();
             if (tag->call->close_cancelled || !atomic_load(&tag->call->replied))
                 atomic_store(&tag->call->cancelled, 1);
             call_release(tag->call);
             break;
-        case TAG_SENT: call_release(tag->call); break;
+        case TAG_SENT:
+            tag->call->send_ok = ev.success;
+            call_release(tag->call);
+            break;
         case TAG_SHUTDOWN:
             pthread_mutex_lock(&s->mu);
             s->shutdown_done = 1;
@@ -251,6 +289,9 @@ epmoe_status epmoe_rpc_server_start(const epmoe_rpc_server_options *opt, epmoe_r
     EPMOE_REQUIRE(opt->max_message_bytes > 0 && opt->max_message_bytes <= INT32_MAX,
                   EPMOE_ERR_INVALID_ARG, "rpc server: max_message_bytes %lld outside [1, 2^31)",
                   (long long)opt->max_message_bytes);
+    EPMOE_REQUIRE(opt->memory_bytes >= opt->max_message_bytes, EPMOE_ERR_INVALID_ARG,
+                  "rpc server: memory_bytes %lld below max_message_bytes %lld",
+                  (long long)opt->memory_bytes, (long long)opt->max_message_bytes);
     epmoe_rpc_server *s = calloc(1, sizeof *s);
     EPMOE_REQUIRE(s != NULL, EPMOE_ERR_OOM, "rpc server: out of memory");
     s->opt = *opt;
@@ -259,7 +300,13 @@ epmoe_status epmoe_rpc_server_start(const epmoe_rpc_server_options *opt, epmoe_r
     pthread_cond_init(&s->cv, NULL);
     epmoe_rpc_library_init();
 
-    grpc_arg args[2];
+    /* gRPC core 1.51 checks GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH only once a message is whole:
+     * a client declaring 3 GiB is read into memory up to 3 GiB first (measured). What bounds
+     * that memory is the resource quota: once gRPC's buffers reach it, its reclaimer cancels a
+     * stream ("Buffers full"). So the server gets a quota of its own, memory_bytes. */
+    grpc_resource_quota *quota = grpc_resource_quota_create("epmoe-serve");
+    grpc_resource_quota_resize(quota, (size_t)opt->memory_bytes);
+    grpc_arg args[3];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -267,8 +314,13 @@ epmoe_status epmoe_rpc_server_start(const epmoe_rpc_server_options *opt, epmoe_r
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = (int)opt->max_message_bytes;
-    grpc_channel_args channel_args = {2, args};
+    args[2].type = GRPC_ARG_POINTER;
+    args[2].key = GRPC_ARG_RESOURCE_QUOTA;
+    args[2].value.pointer.p = quota;
+    args[2].value.pointer.vtable = grpc_resource_quota_arg_vtable();
+    grpc_channel_args channel_args = {3, args};
     s->server = grpc_server_create(&channel_args, NULL);
+    grpc_resource_quota_unref(quota); /* the server holds its own reference */
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
     grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
@@ -361,8 +413,12 @@ int epmoe_rpc_call_cancelled(const epmoe_rpc_call *c) {
     return atomic_load(&((epmoe_rpc_call *)c)->cancelled);
 }
 
+void epmoe_rpc_call_set_units(epmoe_rpc_call *c, int64_t units) { c->units = units; }
+
 void epmoe_rpc_call_reply(epmoe_rpc_call *c, int code, const char *message,
                           const uint8_t *response, size_t nbytes) {
+    c->replied_code = code;
+    c->reply_time = epmoe_rpc_now();
     atomic_store(&c->replied, 1);
     grpc_op ops[3];
     memset(ops, 0, sizeof ops);

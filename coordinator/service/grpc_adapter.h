@@ -43,6 +43,12 @@ const char *epmoe_rpc_code_name(int code); /* "OK", "INVALID_ARGUMENT", ... */
 /* Seconds on CLOCK_MONOTONIC: the clock deadlines are expressed in. */
 double epmoe_rpc_now(void);
 
+/* A client's deadline timer fires before the server's copy of the deadline does: the server
+ * counts the timeout from the request's arrival, later by its transit. So a client that gives
+ * up at its deadline is seen as cancelling shortly before it. A call cancelled within this
+ * many seconds of its deadline is taken for a deadline that passed. */
+#define EPMOE_RPC_DEADLINE_SLACK 0.1
+
 /* ---- server --------------------------------------------------------------------------------*/
 
 typedef struct epmoe_rpc_server epmoe_rpc_server;
@@ -52,11 +58,28 @@ typedef struct epmoe_rpc_call epmoe_rpc_call;
  * block for long; takes ownership of the call (answer it exactly once, from any thread). */
 typedef void (*epmoe_rpc_handler)(void *user, epmoe_rpc_call *call);
 
+/* How a call ended, reported once per call that arrived (handled or refused by the adapter
+ * itself), after its last event: what the client got as far as the server can know. */
+typedef struct {
+    const char *method;  /* the full method path ("" if it never arrived) */
+    int replied_code;    /* the status the server sent or tried to send (-1: none) */
+    int code;            /* what happened: replied_code when the reply went out; otherwise
+                          * DEADLINE_EXCEEDED when the call ended at its deadline (within
+                          * EPMOE_RPC_DEADLINE_SLACK), else CANCELLED */
+    int delivered;       /* the reply (status, and message when OK) went out completely */
+    double seconds;      /* from the call's arrival to its reply (or its end) */
+    int64_t units;       /* what the handler set with epmoe_rpc_call_set_units (0 if not) */
+} epmoe_rpc_outcome;
+
+typedef void (*epmoe_rpc_finished)(void *user, const epmoe_rpc_outcome *outcome);
+
 typedef struct {
     const char *listen;          /* "127.0.0.1:50051"; port 0 picks a free port */
     int64_t max_message_bytes;   /* receive and send limit */
+    int64_t memory_bytes;        /* gRPC's buffers at most (resource quota), >= the above */
     int threads;                 /* completion-queue threads */
     epmoe_rpc_handler handler;
+    epmoe_rpc_finished finished; /* optional: how each call ended (metrics) */
     void *user;
 } epmoe_rpc_server_options;
 
@@ -75,6 +98,8 @@ const uint8_t *epmoe_rpc_call_request(const epmoe_rpc_call *c, size_t *nbytes);
 double epmoe_rpc_call_deadline(const epmoe_rpc_call *c);
 /* Nonzero once the client cancelled, the deadline passed or the connection dropped. */
 int epmoe_rpc_call_cancelled(const epmoe_rpc_call *c);
+/* A number handed back in the call's outcome (the service: rows of an OK Forward reply). */
+void epmoe_rpc_call_set_units(epmoe_rpc_call *c, int64_t units);
 /* Sends the response message (if code is OK; may be NULL/0 for an empty message) and the
  * status, then releases the call. message: status details for errors (may be NULL). */
 void epmoe_rpc_call_reply(epmoe_rpc_call *c, int code, const char *message,

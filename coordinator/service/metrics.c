@@ -44,6 +44,7 @@ struct epmoe_metrics {
     pthread_mutex_t mu;
     int64_t n_layers, n_experts;
     uint64_t requests[EPMOE_METHOD_COUNT][EPMOE_RPC_CODE_COUNT];
+    uint64_t undelivered[EPMOE_METHOD_COUNT][EPMOE_RPC_CODE_COUNT];
     histogram request_seconds[EPMOE_METHOD_COUNT];
     histogram stage_seconds[STAGE_COUNT];
     histogram batch_tokens, batch_requests;
@@ -108,6 +109,20 @@ void epmoe_metrics_count_request(epmoe_metrics *m, epmoe_method method, int code
     pthread_mutex_unlock(&m->mu);
 }
 
+void epmoe_metrics_count_undelivered(epmoe_metrics *m, epmoe_method method, int code) {
+    if ((int)method < 0 || method >= EPMOE_METHOD_COUNT) method = EPMOE_METHOD_OTHER;
+    if (code < 0 || code >= EPMOE_RPC_CODE_COUNT) code = EPMOE_RPC_UNKNOWN;
+    pthread_mutex_lock(&m->mu);
+    m->undelivered[method][code]++;
+    pthread_mutex_unlock(&m->mu);
+}
+
+void epmoe_metrics_count_tokens(epmoe_metrics *m, int64_t n_tokens) {
+    pthread_mutex_lock(&m->mu);
+    m->tokens_total += (uint64_t)n_tokens;
+    pthread_mutex_unlock(&m->mu);
+}
+
 void epmoe_metrics_observe_queue(epmoe_metrics *m, double seconds) {
     pthread_mutex_lock(&m->mu);
     histogram_add(&m->stage_seconds[STAGE_QUEUE], seconds);
@@ -121,7 +136,6 @@ void epmoe_metrics_observe_batch(epmoe_metrics *m, int64_t n_requests, int64_t n
     pthread_mutex_lock(&m->mu);
     histogram_add(&m->batch_requests, (double)n_requests);
     histogram_add(&m->batch_tokens, (double)n_tokens);
-    m->tokens_total += (uint64_t)n_tokens;
     histogram_add(&m->stage_seconds[STAGE_FORWARD], forward_seconds);
     if (times) {
         histogram_add(&m->stage_seconds[STAGE_ROUTE], times->route);
@@ -200,6 +214,15 @@ char *epmoe_metrics_render(epmoe_metrics *m, const epmoe_metrics_gauges *g, size
             if (m->requests[i][c] || (c == EPMOE_RPC_OK && i == EPMOE_METHOD_FORWARD))
                 put(&t, "epmoe_requests_total{method=\"%s\",code=\"%s\"} %llu\n", method_names[i],
                     epmoe_rpc_code_name(c), (unsigned long long)m->requests[i][c]);
+    put(&t, "# HELP epmoe_replies_undelivered_total Replies that never reached their client "
+            "(client gone, deadline passed, or gRPC refused to send), by the code sent.\n");
+    put(&t, "# TYPE epmoe_replies_undelivered_total counter\n");
+    for (int i = 0; i < EPMOE_METHOD_COUNT; i++)
+        for (int c = 0; c < EPMOE_RPC_CODE_COUNT; c++)
+            if (m->undelivered[i][c])
+                put(&t, "epmoe_replies_undelivered_total{method=\"%s\",code=\"%s\"} %llu\n",
+                    method_names[i], epmoe_rpc_code_name(c),
+                    (unsigned long long)m->undelivered[i][c]);
     put(&t, "# HELP epmoe_request_seconds Receipt to reply, by method.\n");
     put(&t, "# TYPE epmoe_request_seconds histogram\n");
     for (int i = 0; i < EPMOE_METHOD_COUNT; i++) {
@@ -221,7 +244,8 @@ char *epmoe_metrics_render(epmoe_metrics *m, const epmoe_metrics_gauges *g, size
     put(&t, "# HELP epmoe_batch_requests Requests per engine forward.\n");
     put(&t, "# TYPE epmoe_batch_requests histogram\n");
     put_histogram(&t, "epmoe_batch_requests", "", &m->batch_requests);
-    put(&t, "# HELP epmoe_tokens_total Tokens computed.\n# TYPE epmoe_tokens_total counter\n");
+    put(&t, "# HELP epmoe_tokens_total Rows of OK Forward replies delivered to clients.\n"
+            "# TYPE epmoe_tokens_total counter\n");
     put(&t, "epmoe_tokens_total %llu\n", (unsigned long long)m->tokens_total);
     put(&t, "# HELP epmoe_expert_tokens_total Tokens routed to each expert, per layer.\n");
     put(&t, "# TYPE epmoe_expert_tokens_total counter\n");
@@ -240,6 +264,8 @@ char *epmoe_metrics_render(epmoe_metrics *m, const epmoe_metrics_gauges *g, size
             (long long)g->inflight_requests);
         put(&t, "# HELP epmoe_draining 1 after SIGTERM: new calls are refused.\n");
         put(&t, "# TYPE epmoe_draining gauge\nepmoe_draining %d\n", g->draining);
+        put(&t, "# HELP epmoe_engine_failed 1 once a rank was lost: the server is restarting.\n");
+        put(&t, "# TYPE epmoe_engine_failed gauge\nepmoe_engine_failed %d\n", g->failed);
     }
     if (t.failed) {
         free(t.data);
@@ -257,12 +283,26 @@ struct epmoe_metrics_http {
     pthread_t thread;
     epmoe_metrics_render_fn render;
     void *ctx;
+    /* connections being served, each on a detached thread */
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int conn_fds[EPMOE_METRICS_MAX_CONNECTIONS]; /* -1: free slot */
+    int active;
 };
 
-static void write_all(int fd, const char *data, size_t n) {
+static double monotonic_seconds(void) { return epmoe_rpc_now(); }
+
+/* Sends everything unless the connection fails or the reply deadline passes. */
+static void write_all(int fd, const char *data, size_t n, double deadline) {
     while (n > 0) {
-        ssize_t w = send(fd, data, n, MSG_NOSIGNAL);
-        if (w < 0 && errno == EINTR) continue;
+        double left = deadline - monotonic_seconds();
+        if (left <= 0) return;
+        struct pollfd p = {fd, POLLOUT, 0};
+        int r = poll(&p, 1, (int)(left * 1000) + 1);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return;
+        ssize_t w = send(fd, data, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (w < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
         if (w <= 0) return;
         data += w;
         n -= (size_t)w;
@@ -270,14 +310,20 @@ static void write_all(int fd, const char *data, size_t n) {
 }
 
 static void serve_one(epmoe_metrics_http *h, int fd) {
-    /* A scraper that sends nothing must not hold the thread. */
-    struct timeval tv = {2, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    /* The whole exchange has a deadline: a client that trickles its request (or reads the
+     * reply slowly) is cut off, and holds only its own thread meanwhile. */
+    const double deadline = monotonic_seconds() + EPMOE_METRICS_IO_TIMEOUT_S;
     char req[4096];
     size_t n = 0;
     while (n < sizeof req - 1) {
-        ssize_t r = recv(fd, req + n, sizeof req - 1 - n, 0);
-        if (r < 0 && errno == EINTR) continue;
+        double left = deadline - monotonic_seconds();
+        if (left <= 0) break;
+        struct pollfd p = {fd, POLLIN, 0};
+        int pr = poll(&p, 1, (int)(left * 1000) + 1);
+        if (pr < 0 && errno == EINTR) continue;
+        if (pr <= 0) break;
+        ssize_t r = recv(fd, req + n, sizeof req - 1 - n, MSG_DONTWAIT);
+        if (r < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)) continue;
         if (r <= 0) break;
         n += (size_t)r;
         req[n] = '\0';
@@ -293,13 +339,13 @@ static void serve_one(epmoe_metrics_http *h, int fd) {
                               "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4; "
                               "charset=utf-8\r\nContent-Length: %zu\r\nConnection: close\r\n\r\n",
                               len);
-            write_all(fd, header, (size_t)hn);
-            write_all(fd, body, len);
+            write_all(fd, header, (size_t)hn, deadline);
+            write_all(fd, body, len, deadline);
             free(body);
             return;
         }
         const char *err = "HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n";
-        write_all(fd, err, strlen(err));
+        write_all(fd, err, strlen(err), deadline);
         return;
     }
     const char *body = "not found: try GET /metrics\n";
@@ -307,8 +353,56 @@ static void serve_one(epmoe_metrics_http *h, int fd) {
                       "HTTP/1.0 404 Not Found\r\nContent-Type: text/plain\r\nContent-Length: "
                       "%zu\r\nConnection: close\r\n\r\n",
                       strlen(body));
-    write_all(fd, header, (size_t)hn);
-    write_all(fd, body, strlen(body));
+    write_all(fd, header, (size_t)hn, deadline);
+    write_all(fd, body, strlen(body), deadline);
+}
+
+typedef struct {
+    epmoe_metrics_http *h;
+    int slot;
+} http_conn;
+
+static void *conn_thread(void *arg) {
+    http_conn *c = arg;
+    epmoe_metrics_http *h = c->h;
+    serve_one(h, h->conn_fds[c->slot]);
+    pthread_mutex_lock(&h->mu);
+    close(h->conn_fds[c->slot]);
+    h->conn_fds[c->slot] = -1;
+    h->active--;
+    pthread_cond_broadcast(&h->cv);
+    pthread_mutex_unlock(&h->mu);
+    free(c);
+    return NULL;
+}
+
+/* Starts a thread for the connection; closes it at once when all slots are busy. */
+static void start_conn(epmoe_metrics_http *h, int fd) {
+    pthread_mutex_lock(&h->mu);
+    int slot = -1;
+    for (int i = 0; i < EPMOE_METRICS_MAX_CONNECTIONS && slot < 0; i++)
+        if (h->conn_fds[i] < 0) slot = i;
+    http_conn *c = slot >= 0 ? malloc(sizeof *c) : NULL;
+    if (!c) {
+        pthread_mutex_unlock(&h->mu);
+        close(fd);
+        return;
+    }
+    *c = (http_conn){h, slot};
+    h->conn_fds[slot] = fd;
+    h->active++;
+    pthread_attr_t attr;
+    pthread_attr_init(&attr);
+    pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+    pthread_t t;
+    if (pthread_create(&t, &attr, conn_thread, c) != 0) {
+        h->conn_fds[slot] = -1;
+        h->active--;
+        close(fd);
+        free(c);
+    }
+    pthread_attr_destroy(&attr);
+    pthread_mutex_unlock(&h->mu);
 }
 
 static void *http_thread(void *arg) {
@@ -320,9 +414,7 @@ static void *http_thread(void *arg) {
         if (r < 0 || fds[1].revents) break;
         if (fds[0].revents & POLLIN) {
             int fd = accept(h->listen_fd, NULL, NULL);
-            if (fd < 0) continue;
-            serve_one(h, fd);
-            close(fd);
+            if (fd >= 0) start_conn(h, fd);
         }
     }
     return NULL;
@@ -388,6 +480,9 @@ epmoe_status epmoe_metrics_http_start(const char *address, epmoe_metrics_render_
     h->listen_fd = fd;
     h->render = render;
     h->ctx = ctx;
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->cv, NULL);
+    for (int i = 0; i < EPMOE_METRICS_MAX_CONNECTIONS; i++) h->conn_fds[i] = -1;
     if (pthread_create(&h->thread, NULL, http_thread, h) != 0) {
         close(h->stop_pipe[0]);
         close(h->stop_pipe[1]);
@@ -405,6 +500,14 @@ void epmoe_metrics_http_stop(epmoe_metrics_http *h) {
     ssize_t w = write(h->stop_pipe[1], "x", 1);
     (void)w;
     pthread_join(h->thread, NULL);
+    /* Cut the connections still being served and wait for their threads to let go. */
+    pthread_mutex_lock(&h->mu);
+    for (int i = 0; i < EPMOE_METRICS_MAX_CONNECTIONS; i++)
+        if (h->conn_fds[i] >= 0) shutdown(h->conn_fds[i], SHUT_RDWR);
+    while (h->active > 0) pthread_cond_wait(&h->cv, &h->mu);
+    pthread_mutex_unlock(&h->mu);
+    pthread_mutex_destroy(&h->mu);
+    pthread_cond_destroy(&h->cv);
     close(h->stop_pipe[0]);
     close(h->stop_pipe[1]);
     close(h->listen_fd);

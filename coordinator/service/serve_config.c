@@ -16,7 +16,8 @@ static const epmoe_cfg_entry table[] = {
     {"metrics_listen", STR(metrics_listen), "", NULL,
      "Prometheus GET /metrics address HOST:PORT (empty: no metrics endpoint)"},
     {"ready_file", STR(ready_file), "", NULL,
-     "written once serving: '<grpc port> <metrics port> <pid of rank 0>'"},
+     "written once serving: '<grpc port> <metrics port> <pid of rank 0>', then a line with "
+     "the pid of every rank in rank order"},
     {"max_batch_tokens", INT(max_batch_tokens, 1, 1 << 24), "1024", NULL,
      "token budget of one engine forward (capped at the engine's max tokens per forward)"},
     {"max_request_tokens", INT(max_request_tokens, 0, 1 << 24), "0", NULL,
@@ -27,12 +28,20 @@ static const epmoe_cfg_entry table[] = {
      "requests waiting at most; more get RESOURCE_EXHAUSTED"},
     {"max_message_bytes", INT(max_message_bytes, 1024, 2147483647), "67108864", NULL,
      "largest gRPC message received or sent"},
+    {"rpc_memory_bytes", INT(rpc_memory_bytes, 0, 1099511627776.0), "0", NULL,
+     "memory gRPC may buffer for calls being received (its resource quota; a call that would "
+     "go beyond is cut): 0 = 4 x max_message_bytes, at least 64 MiB. gRPC enforces "
+     "max_message_bytes only once a message is whole, so this is what bounds a client "
+     "declaring a huge message"},
     {"rpc_threads", INT(rpc_threads, 1, 64), "2", NULL, "gRPC completion-queue threads"},
     {"drain_linger_ms", INT(drain_linger_ms, 0, 600000), "200", NULL,
      "after SIGTERM: how long health says NOT_SERVING and new calls get UNAVAILABLE before "
      "the queue is finished and the port closed"},
     {"drain_timeout_ms", INT(drain_timeout_ms, 0, 3600000), "30000", NULL,
      "after the queue is finished: how long answered calls get to flush before they are cut"},
+    {"log_level", INT(log_level, 0, 2), "1", NULL,
+     "server log (stderr): 0 quiet, 1 server-side failures, 2 also every refused call with its "
+     "full message (source locations included; users never see those)"},
 };
 
 #undef OFF

@@ -16,15 +16,17 @@ extern "C" {
 typedef struct {
     char listen[256];          /* gRPC address */
     char metrics_listen[256];  /* Prometheus HTTP address; "" = off */
-    char ready_file[1024];     /* written once serving: "grpc_port metrics_port pid" */
+    char ready_file[1024];     /* written once serving: "grpc_port metrics_port pid", pids */
     int64_t max_batch_tokens;
     int64_t max_request_tokens;
     int64_t max_queue_delay_us;
     int64_t max_queue;
     int64_t max_message_bytes;
+    int64_t rpc_memory_bytes;  /* gRPC buffers at most; 0: 4 x max_message_bytes, >= 64 MiB */
     int64_t rpc_threads;
     int64_t drain_linger_ms;
     int64_t drain_timeout_ms;
+    int64_t log_level;         /* 0 quiet, 1 server-side failures, 2 every refused call */
 } epmoe_serve_config;
 
 void epmoe_serve_config_defaults(epmoe_serve_config *c);

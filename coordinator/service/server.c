@@ -10,6 +10,7 @@
 
 #include "coordinator/service/grpc_adapter.h"
 #include "coordinator/service/metrics.h"
+#include "coordinator/service/user_message.h"
 #include "coordinator/service/wire.h"
 #include "epmoe.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"
@@ -28,6 +29,8 @@ struct epmoe_service {
     epmoe_rpc_server *rpc;
     int port, metrics_port;
     atomic_int draining;
+    atomic_int failed;            /* the engine failed for good (on_fatal) */
+    char failed_message[900];     /* written once before failed is set */
     atomic_llong inflight;
     /* Handlers push under this lock; the drain closes the batcher under it, so nobody pushes
      * into a batcher that is being freed. */
@@ -42,12 +45,30 @@ static epmoe_method method_of(const char *path) {
     return EPMOE_METHOD_OTHER;
 }
 
-static void reply(epmoe_service *s, epmoe_rpc_call *call, epmoe_method method,
-                  double received_time, int code, const char *message, const uint8_t *bytes,
-                  size_t nbytes) {
-    /* Counted first, so a client that reads /metrics after its reply sees its call. */
-    epmoe_metrics_count_request(s->metrics, method, code, epmoe_rpc_now() - received_time);
-    epmoe_rpc_call_reply(call, code, message, bytes, nbytes);
+/* Every reply of the service goes through here: users get messages without source
+ * locations; the log keeps them (log_level 2: every refused call; 1: server-side failures). */
+static void reply(epmoe_service *s, epmoe_rpc_call *call, int code, const char *message,
+                  const uint8_t *bytes, size_t nbytes) {
+    char clean[1024];
+    if (message) epmoe_user_message(clean, sizeof clean, message);
+    const int64_t level = s->opt.cfg.log_level;
+    if (code != EPMOE_RPC_OK && message &&
+        (level >= 2 || (level >= 1 && code == EPMOE_RPC_INTERNAL)))
+        fprintf(stderr, "epmoe-serve: %s %s: %s\n", epmoe_rpc_call_method(call),
+                epmoe_rpc_code_name(code), message);
+    epmoe_rpc_call_reply(call, code, message ? clean : NULL, bytes, nbytes);
+}
+
+/* How each call ended (after its reply went out, or could not): the metrics count what the
+ * client got, and rows only for OK replies that were delivered. */
+static void on_finished(void *user, const epmoe_rpc_outcome *o) {
+    epmoe_service *s = user;
+    epmoe_method m = method_of(o->method);
+    epmoe_metrics_count_request(s->metrics, m, o->code, o->seconds);
+    if (!o->delivered && o->replied_code >= 0)
+        epmoe_metrics_count_undelivered(s->metrics, m, o->replied_code);
+    if (o->delivered && o->code == EPMOE_RPC_OK && m == EPMOE_METHOD_FORWARD)
+        epmoe_metrics_count_tokens(s->metrics, o->units);
 }
 
 /* ---- batcher callbacks ---------------------------------------------------------------------*/
@@ -59,15 +80,32 @@ static void on_done(void *ctx, epmoe_serve_request *r, int code, const char *mes
     char err[600];
     if (code == EPMOE_RPC_OK) {
         epmoe_status st = epmoe_wire_encode_forward(r, s->opt.info.hidden_size, &bytes, &nbytes);
-        if (st != EPMOE_OK) {
+        if (st == EPMOE_ERR_NUMERIC) { /* this request's output cannot be sent: its error */
+            snprintf(err, sizeof err, "%s", epmoe_last_error());
+            code = EPMOE_RPC_INVALID_ARGUMENT;
+            message = err;
+        } else if (st != EPMOE_OK) {
             snprintf(err, sizeof err, "encoding the response: %s", epmoe_last_error());
             code = st == EPMOE_ERR_OOM ? EPMOE_RPC_RESOURCE_EXHAUSTED : EPMOE_RPC_INTERNAL;
             message = err;
+        } else if ((int64_t)nbytes > s->opt.cfg.max_message_bytes) {
+            /* gRPC would refuse to send it (RESOURCE_EXHAUSTED of its own): say why */
+            snprintf(err, sizeof err,
+                     "response: %zu bytes exceed max_message_bytes %lld; send fewer rows per "
+                     "request",
+                     nbytes, (long long)s->opt.cfg.max_message_bytes);
+            free(bytes);
+            bytes = NULL;
+            nbytes = 0;
+            code = EPMOE_RPC_RESOURCE_EXHAUSTED;
+            message = err;
+        } else {
+            epmoe_rpc_call_set_units(r->call, r->n_tokens);
         }
     }
-    if (code == EPMOE_RPC_OK || code == EPMOE_RPC_CANCELLED || code == EPMOE_RPC_INTERNAL)
+    if (r->queue_seconds > 0) /* it reached a batch */
         epmoe_metrics_observe_queue(s->metrics, r->queue_seconds);
-    reply(s, r->call, EPMOE_METHOD_FORWARD, r->received_time, code, message, bytes, nbytes);
+    reply(s, r->call, code, message, bytes, nbytes);
     free(bytes);
     atomic_fetch_sub(&s->inflight, 1);
     epmoe_serve_request_free(r);
@@ -76,6 +114,14 @@ static void on_done(void *ctx, epmoe_serve_request *r, int code, const char *mes
 static int on_cancelled(void *ctx, const epmoe_serve_request *r) {
     (void)ctx;
     return epmoe_rpc_call_cancelled(r->call);
+}
+
+static void on_fatal(void *ctx, epmoe_status st, const char *message) {
+    epmoe_service *s = ctx;
+    snprintf(s->failed_message, sizeof s->failed_message, "%s", message); /* the batcher's */
+    atomic_store(&s->failed, 1);
+    fprintf(stderr, "epmoe-serve: FATAL: %s\n", s->failed_message); /* with source locations */
+    if (s->opt.on_fatal) s->opt.on_fatal(s->opt.on_fatal_ctx, st, message);
 }
 
 static void on_batch(void *ctx, int64_t n_requests, int64_t n_tokens, double forward_seconds,
@@ -88,10 +134,14 @@ static void on_batch(void *ctx, int64_t n_requests, int64_t n_tokens, double for
 
 /* ---- methods -------------------------------------------------------------------------------*/
 
-static void handle_forward(epmoe_service *s, epmoe_rpc_call *call, double received) {
+static void handle_forward(epmoe_service *s, epmoe_rpc_call *call) {
+    if (atomic_load(&s->failed)) {
+        reply(s, call, EPMOE_RPC_UNAVAILABLE, s->failed_message, NULL, 0);
+        return;
+    }
     if (atomic_load(&s->draining)) {
-        reply(s, call, EPMOE_METHOD_FORWARD, received, EPMOE_RPC_UNAVAILABLE,
-              "the server is draining (SIGTERM): no new requests", NULL, 0);
+        reply(s, call, EPMOE_RPC_UNAVAILABLE, "the server is draining (SIGTERM): no new requests",
+              NULL, 0);
         return;
     }
     size_t nbytes;
@@ -100,16 +150,15 @@ static void handle_forward(epmoe_service *s, epmoe_rpc_call *call, double receiv
     char message[512];
     int code = epmoe_wire_decode_forward(bytes, nbytes, &s->limits, &r, message, sizeof message);
     if (code != EPMOE_RPC_OK) {
-        reply(s, call, EPMOE_METHOD_FORWARD, received, code, message, NULL, 0);
+        reply(s, call, code, message, NULL, 0);
         return;
     }
     r->call = call;
-    r->received_time = received;
     r->enqueue_time = epmoe_rpc_now();
     r->deadline = epmoe_rpc_call_deadline(call);
     if (r->enqueue_time >= r->deadline) {
         epmoe_serve_request_free(r);
-        reply(s, call, EPMOE_METHOD_FORWARD, received, EPMOE_RPC_DEADLINE_EXCEEDED,
+        reply(s, call, EPMOE_RPC_DEADLINE_EXCEEDED,
               "deadline passed before the request was queued; not computed", NULL, 0);
         return;
     }
@@ -122,22 +171,22 @@ static void handle_forward(epmoe_service *s, epmoe_rpc_call *call, double receiv
     atomic_fetch_sub(&s->inflight, 1);
     epmoe_serve_request_free(r);
     if (st == EPMOE_ERR_OOM)
-        reply(s, call, EPMOE_METHOD_FORWARD, received, EPMOE_RPC_RESOURCE_EXHAUSTED,
-              epmoe_last_error(), NULL, 0);
+        reply(s, call, EPMOE_RPC_RESOURCE_EXHAUSTED, epmoe_last_error(), NULL, 0);
+    else if (st == EPMOE_ERR_PEER_LOST)
+        reply(s, call, EPMOE_RPC_UNAVAILABLE, epmoe_last_error(), NULL, 0);
     else if (st == EPMOE_ERR_UNSUPPORTED)
-        reply(s, call, EPMOE_METHOD_FORWARD, received, EPMOE_RPC_UNAVAILABLE,
-              "the server is draining (SIGTERM): no new requests", NULL, 0);
+        reply(s, call, EPMOE_RPC_UNAVAILABLE, "the server is draining (SIGTERM): no new requests",
+              NULL, 0);
     else
-        reply(s, call, EPMOE_METHOD_FORWARD, received, EPMOE_RPC_INVALID_ARGUMENT,
-              epmoe_last_error(), NULL, 0);
+        reply(s, call, EPMOE_RPC_INVALID_ARGUMENT, epmoe_last_error(), NULL, 0);
 }
 
-static void handle_info(epmoe_service *s, epmoe_rpc_call *call, double received) {
+static void handle_info(epmoe_service *s, epmoe_rpc_call *call) {
     size_t nbytes;
     const uint8_t *bytes = epmoe_rpc_call_request(call, &nbytes);
     Epmoe__V1__InfoRequest *req = epmoe__v1__info_request__unpack(NULL, nbytes, bytes);
     if (!req) {
-        reply(s, call, EPMOE_METHOD_INFO, received, EPMOE_RPC_INVALID_ARGUMENT,
+        reply(s, call, EPMOE_RPC_INVALID_ARGUMENT,
               "request: not a valid epmoe.v1.InfoRequest message", NULL, 0);
         return;
     }
@@ -160,20 +209,26 @@ static void handle_info(epmoe_service *s, epmoe_rpc_call *call, double received)
     r.weight_bytes_per_rank = i->weight_bytes_per_rank;
     r.buffer_bytes_per_rank = i->buffer_bytes_per_rank;
     r.version = (char *)EPMOE_VERSION;
-    uint8_t buf[1024];
+    r.backend = (char *)i->backend.name;
+    r.device_name = (char *)i->backend.device_name;
+    r.transport = (char *)i->backend.transport;
+    r.decode_tokens = i->backend.decode_tokens;
+    r.layer_begin = i->layer_begin;
+    r.layer_end = i->layer_end;
+    uint8_t buf[2048];
     size_t len = epmoe__v1__info_response__get_packed_size(&r);
     if (len > sizeof buf) {
-        reply(s, call, EPMOE_METHOD_INFO, received, EPMOE_RPC_INTERNAL, "info too large", NULL, 0);
+        reply(s, call, EPMOE_RPC_INTERNAL, "info too large", NULL, 0);
         return;
     }
     epmoe__v1__info_response__pack(&r, buf);
-    reply(s, call, EPMOE_METHOD_INFO, received, EPMOE_RPC_OK, NULL, buf, len);
+    reply(s, call, EPMOE_RPC_OK, NULL, buf, len);
 }
 
-static void handle_health(epmoe_service *s, epmoe_rpc_call *call, double received) {
+static void handle_health(epmoe_service *s, epmoe_rpc_call *call) {
     const char *method = epmoe_rpc_call_method(call);
     if (strcmp(method, "/grpc.health.v1.Health/Check") != 0) {
-        reply(s, call, EPMOE_METHOD_HEALTH, received, EPMOE_RPC_UNIMPLEMENTED,
+        reply(s, call, EPMOE_RPC_UNIMPLEMENTED,
               "only grpc.health.v1.Health/Check is implemented", NULL, 0);
         return;
     }
@@ -182,7 +237,7 @@ static void handle_health(epmoe_service *s, epmoe_rpc_call *call, double receive
     Grpc__Health__V1__HealthCheckRequest *req =
         grpc__health__v1__health_check_request__unpack(NULL, nbytes, bytes);
     if (!req) {
-        reply(s, call, EPMOE_METHOD_HEALTH, received, EPMOE_RPC_INVALID_ARGUMENT,
+        reply(s, call, EPMOE_RPC_INVALID_ARGUMENT,
               "request: not a valid grpc.health.v1.HealthCheckRequest message", NULL, 0);
         return;
     }
@@ -194,30 +249,29 @@ static void handle_health(epmoe_service *s, epmoe_rpc_call *call, double receive
         char msg[256];
         snprintf(msg, sizeof msg, "service: unknown service '%s' (known: '' and 'epmoe.v1.Moe')",
                  service);
-        reply(s, call, EPMOE_METHOD_HEALTH, received, EPMOE_RPC_NOT_FOUND, msg, NULL, 0);
+        reply(s, call, EPMOE_RPC_NOT_FOUND, msg, NULL, 0);
         return;
     }
     Grpc__Health__V1__HealthCheckResponse r = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
-    r.status = atomic_load(&s->draining)
+    r.status = atomic_load(&s->draining) || atomic_load(&s->failed)
                    ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING
                    : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING;
     uint8_t buf[16];
     size_t len = grpc__health__v1__health_check_response__pack(&r, buf);
-    reply(s, call, EPMOE_METHOD_HEALTH, received, EPMOE_RPC_OK, NULL, buf, len);
+    reply(s, call, EPMOE_RPC_OK, NULL, buf, len);
 }
 
 static void on_call(void *user, epmoe_rpc_call *call) {
     epmoe_service *s = user;
-    double received = epmoe_rpc_now();
     const char *method = epmoe_rpc_call_method(call);
     switch (method_of(method)) {
-    case EPMOE_METHOD_FORWARD: handle_forward(s, call, received); break;
-    case EPMOE_METHOD_INFO: handle_info(s, call, received); break;
-    case EPMOE_METHOD_HEALTH: handle_health(s, call, received); break;
+    case EPMOE_METHOD_FORWARD: handle_forward(s, call); break;
+    case EPMOE_METHOD_INFO: handle_info(s, call); break;
+    case EPMOE_METHOD_HEALTH: handle_health(s, call); break;
     default: {
         char msg[256];
         snprintf(msg, sizeof msg, "unknown method '%s'", method);
-        reply(s, call, EPMOE_METHOD_OTHER, received, EPMOE_RPC_UNIMPLEMENTED, msg, NULL, 0);
+        reply(s, call, EPMOE_RPC_UNIMPLEMENTED, msg, NULL, 0);
     }
     }
 }
@@ -231,6 +285,7 @@ static char *render_metrics(void *ctx, size_t *len) {
     pthread_mutex_unlock(&s->front_mu);
     g.inflight_requests = atomic_load(&s->inflight);
     g.draining = atomic_load(&s->draining);
+    g.failed = atomic_load(&s->failed);
     return epmoe_metrics_render(s->metrics, &g, len);
 }
 
@@ -264,7 +319,8 @@ epmoe_status epmoe_service_start(const epmoe_service_options *opt, epmoe_service
                                 ? s->max_batch_tokens
                                 : c->max_request_tokens;
     s->limits = (epmoe_wire_limits){info->hidden_size, info->n_layers, info->n_hash_layers,
-                                    opt->vocab_size, s->max_request_tokens};
+                                    opt->vocab_size, s->max_request_tokens, info->layer_begin,
+                                    info->layer_end};
 
     epmoe_status st;
     EPMOE_TRY_GOTO(st, epmoe_metrics_create(info->n_layers, info->n_routed_experts, &s->metrics),
@@ -285,11 +341,18 @@ epmoe_status epmoe_service_start(const epmoe_service_options *opt, epmoe_service
         .done = on_done,
         .cancelled = on_cancelled,
         .observe = on_batch,
+        .fatal = on_fatal,
         .ctx = s,
     };
     EPMOE_TRY_GOTO(st, epmoe_batcher_start(&bo, &s->batcher), fail);
-    epmoe_rpc_server_options ro = {c->listen, c->max_message_bytes, (int)c->rpc_threads, on_call,
-                                   s};
+    int64_t memory = c->rpc_memory_bytes;
+    if (memory == 0) {
+        memory = 4 * c->max_message_bytes;
+        if (memory < (64 << 20)) memory = 64 << 20;
+    }
+    if (memory < c->max_message_bytes) memory = c->max_message_bytes;
+    epmoe_rpc_server_options ro = {c->listen, c->max_message_bytes, memory, (int)c->rpc_threads,
+                                   on_call, on_finished, s};
     EPMOE_TRY_GOTO(st, epmoe_rpc_server_start(&ro, &s->rpc, &s->port), fail);
     *out = s;
     return EPMOE_OK;
@@ -309,6 +372,8 @@ int64_t epmoe_service_queue_depth(epmoe_service *s) {
     pthread_mutex_unlock(&s->front_mu);
     return d;
 }
+
+int epmoe_service_failed(epmoe_service *s) { return atomic_load(&s->failed); }
 
 void epmoe_service_drain(epmoe_service *s) {
     if (!s) return;

@@ -24,6 +24,12 @@ typedef struct {
     int64_t vocab_size;
     epmoe_forward_fn forward;
     void *forward_ctx;
+    /* Optional: the engine failed for good (a lost or hung rank). Called once, from the
+     * batcher thread, after health turned NOT_SERVING and every waiting call was answered
+     * UNAVAILABLE; the program should then stop the service (epmoe_service_drain) and end the
+     * job non-zero so that the scheduler restarts it. */
+    void (*on_fatal)(void *ctx, epmoe_status st, const char *message);
+    void *on_fatal_ctx;
 } epmoe_service_options;
 
 typedef struct epmoe_service epmoe_service;
@@ -36,6 +42,9 @@ int64_t epmoe_service_max_batch_tokens(const epmoe_service *s);
 int64_t epmoe_service_max_request_tokens(const epmoe_service *s);
 /* Requests waiting for a batch. */
 int64_t epmoe_service_queue_depth(epmoe_service *s);
+/* Nonzero once the engine failed for good (see on_fatal). */
+int epmoe_service_failed(epmoe_service *s);
+
 
 /* Graceful stop: health turns NOT_SERVING and new Forward calls get UNAVAILABLE; after
  * drain_linger_ms the queued requests are computed and answered, the port closes (calls

@@ -30,6 +30,91 @@ static const char *wire_dtype_name(int wire) {
     }
 }
 
+/* Well-formed UTF-8 (RFC 3629: no overlongs, no surrogates, at most U+10FFFF) without NUL:
+ * what stock protobuf accepts in a string and what a C string can echo whole. Returns the
+ * offset of the first bad byte, or n. */
+static size_t first_bad_utf8(const uint8_t *p, size_t n) {
+    size_t i = 0;
+    while (i < n) {
+        uint8_t c = p[i];
+        size_t len;
+        uint32_t cp;
+        if (c == 0) return i;
+        if (c < 0x80) {
+            i++;
+            continue;
+        } else if (c >= 0xc2 && c <= 0xdf) {
+            len = 2;
+            cp = c & 0x1f;
+        } else if (c >= 0xe0 && c <= 0xef) {
+            len = 3;
+            cp = c & 0x0f;
+        } else if (c >= 0xf0 && c <= 0xf4) {
+            len = 4;
+            cp = c & 0x07;
+        } else {
+            return i;
+        }
+        if (i + len > n) return i;
+        for (size_t k = 1; k < len; k++) {
+            if ((p[i + k] & 0xc0) != 0x80) return i;
+            cp = cp << 6 | (p[i + k] & 0x3f);
+        }
+        if ((len == 3 && cp < 0x800) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)) ||
+            (cp >= 0xd800 && cp <= 0xdfff))
+            return i;
+        i += len;
+    }
+    return n;
+}
+
+/* Reads a base-128 varint; 0 when it runs past the end or is longer than 10 bytes. */
+static size_t read_varint(const uint8_t *p, size_t n, uint64_t *v) {
+    *v = 0;
+    for (size_t i = 0; i < n && i < 10; i++) {
+        *v |= (uint64_t)(p[i] & 0x7f) << (7 * i);
+        if (!(p[i] & 0x80)) return i + 1;
+    }
+    return 0;
+}
+
+/* The raw bytes of the last top-level length-delimited field `field` of a message (the value
+ * proto3 keeps), or NULL. protobuf-c hands strings over NUL-terminated, so a NUL inside would
+ * silently cut the string; the raw bytes show it. The message has already unpacked, so it is
+ * well-formed; malformed input just ends the scan. */
+static const uint8_t *raw_field(const uint8_t *p, size_t n, uint32_t field, size_t *len) {
+    const uint8_t *found = NULL;
+    size_t i = 0;
+    *len = 0;
+    while (i < n) {
+        uint64_t key, v;
+        size_t k = read_varint(p + i, n - i, &key);
+        if (!k) break;
+        i += k;
+        switch (key & 7) {
+        case 0: /* varint */
+            k = read_varint(p + i, n - i, &v);
+            if (!k) return found;
+            i += k;
+            break;
+        case 1: i += 8; break;
+        case 5: i += 4; break;
+        case 2:
+            k = read_varint(p + i, n - i, &v);
+            if (!k || v > n - i - k) return found;
+            i += k;
+            if ((key >> 3) == field) {
+                found = p + i;
+                *len = (size_t)v;
+            }
+            i += (size_t)v;
+            break;
+        default: return found;
+        }
+    }
+    return found;
+}
+
 #define BAD(...)                                                                                \
     do {                                                                                        \
         snprintf(message, message_cap, __VA_ARGS__);                                            \
@@ -47,9 +132,14 @@ int epmoe_wire_decode_forward(const uint8_t *bytes, size_t nbytes, const epmoe_w
     Epmoe__V1__ForwardRequest *msg = epmoe__v1__forward_request__unpack(NULL, nbytes, bytes);
     if (!msg) BAD("request: not a valid epmoe.v1.ForwardRequest message (%zu bytes)", nbytes);
 
-    size_t id_len = strlen(msg->request_id);
+    size_t id_len = 0;
+    const uint8_t *id = raw_field(bytes, nbytes, 1, &id_len);
     if (id_len > EPMOE_MAX_REQUEST_ID_BYTES)
         BAD("request_id: %zu bytes, at most %d", id_len, EPMOE_MAX_REQUEST_ID_BYTES);
+    size_t bad_at = id ? first_bad_utf8(id, id_len) : 0;
+    if (id && bad_at < id_len)
+        BAD("request_id: byte %zu (0x%02x) is %s; expected UTF-8 text without NUL", bad_at,
+            id[bad_at], id[bad_at] ? "not valid UTF-8" : "NUL");
     const Epmoe__V1__Tensor *t = msg->hidden_states;
     if (!t) BAD("hidden_states: missing");
     epmoe_dtype dtype;
@@ -74,14 +164,16 @@ int epmoe_wire_decode_forward(const uint8_t *bytes, size_t nbytes, const epmoe_w
         BAD("hidden_states.data: %zu bytes; shape [%lld, %lld] of %s needs %zu", t->data.len,
             (long long)T, (long long)H, wire_dtype_name((int)t->dtype), want);
 
+    const int64_t lo = lim->loaded_end > 0 ? lim->loaded_begin : 0;
+    const int64_t hi = lim->loaded_end > 0 ? lim->loaded_end : lim->n_layers;
     int64_t begin = msg->layer_begin;
-    int64_t end = msg->layer_end == 0 ? lim->n_layers : msg->layer_end;
-    if (begin < 0 || begin >= lim->n_layers)
-        BAD("layer_begin: %lld outside [0, %lld)", (long long)begin, (long long)lim->n_layers);
-    if (end <= begin || end > lim->n_layers)
-        BAD("layer_end: %lld; expected layer_begin %lld < layer_end <= n_layers %lld (or 0 for "
-            "all)",
-            (long long)msg->layer_end, (long long)begin, (long long)lim->n_layers);
+    int64_t end = msg->layer_end == 0 ? hi : msg->layer_end;
+    if (begin < lo || begin >= hi)
+        BAD("layer_begin: %lld outside the loaded layers [%lld, %lld)", (long long)begin,
+            (long long)lo, (long long)hi);
+    if (end <= begin || end > hi)
+        BAD("layer_end: %lld; expected layer_begin %lld < layer_end <= %lld (or 0 for all)",
+            (long long)msg->layer_end, (long long)begin, (long long)hi);
     const int need_ids = begin < lim->n_hash_layers;
     if (need_ids && msg->n_token_ids == 0)
         BAD("token_ids: missing, but layers [%lld, %lld) in the range route by token id",
@@ -126,7 +218,8 @@ int epmoe_wire_decode_forward(const uint8_t *bytes, size_t nbytes, const epmoe_w
     r->layer_begin = begin;
     r->layer_end = end;
     r->wire_dtype = (int)t->dtype;
-    memcpy(r->request_id, msg->request_id, id_len + 1);
+    if (id_len) memcpy(r->request_id, id, id_len);
+    r->request_id[id_len] = '\0';
 
 done:
     free(staging);
@@ -154,6 +247,31 @@ epmoe_status epmoe_wire_encode_forward(const epmoe_serve_request *r, int64_t hid
     if (st != EPMOE_OK) {
         free(data);
         return st;
+    }
+    /* An output the request's dtype cannot carry is an error of that request, never an Inf
+     * sent silently (a row the model blows up, or a value beyond fp16's 65504). */
+    const uint16_t exp_mask = dtype == EPMOE_DTYPE_F16 ? 0x7c00 : 0x7f80;
+    for (size_t i = 0; i < n; i++) {
+        uint16_t bits;
+        if (!isfinite(r->out[i])) {
+            free(data);
+            EPMOE_FAIL(EPMOE_ERR_NUMERIC,
+                       "hidden_states row %lld: output element %lld is %g: the row's values "
+                       "are out of range for this model",
+                       (long long)(i / (size_t)hidden_size), (long long)(i % (size_t)hidden_size),
+                       (double)r->out[i]);
+        }
+        if (dtype == EPMOE_DTYPE_F32) continue;
+        memcpy(&bits, data + 2 * i, 2);
+        if ((bits & exp_mask) == exp_mask) {
+            free(data);
+            EPMOE_FAIL(EPMOE_ERR_NUMERIC,
+                       "hidden_states.dtype: output row %lld element %lld = %g does not fit %s; "
+                       "ask for DTYPE_FP32%s",
+                       (long long)(i / (size_t)hidden_size), (long long)(i % (size_t)hidden_size),
+                       (double)r->out[i], wire_dtype_name(r->wire_dtype),
+                       dtype == EPMOE_DTYPE_F16 ? " or DTYPE_BF16" : "");
+        }
     }
     int64_t shape[2] = {r->n_tokens, hidden_size};
     Epmoe__V1__Tensor tensor = EPMOE__V1__TENSOR__INIT;

@@ -22,6 +22,7 @@ typedef struct {
     int64_t n_hash_layers;      /* layers [0, n_hash_layers) route by token id */
     int64_t vocab_size;
     int64_t max_request_tokens;
+    int64_t loaded_begin, loaded_end; /* the layers the server loaded; 0, 0: all */
 } epmoe_wire_limits;
 
 /* Decodes a serialized epmoe.v1.ForwardRequest. Returns a gRPC status code: OK with *out a new

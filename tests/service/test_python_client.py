@@ -68,6 +68,18 @@ def read_safetensors_f32(path, name):
     return np.frombuffer(data[b:e], dtype=np.float32).reshape(t["shape"])
 
 
+def kill_if_ours(pid):
+    """SIGCONT + SIGKILL to pid if it is still one of our programs (not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"epmoe" not in f.read():
+                return
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            os.kill(pid, sig)
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True, help="folder for the stubs and scratch files")
@@ -95,13 +107,16 @@ def main():
     server = subprocess.Popen([mpiexec, "-np", str(args.ranks), serve, "--checkpoint", ckpt,
                                "--listen", "127.0.0.1:0", "--ready-file", ready],
                               stdout=log, stderr=subprocess.STDOUT)
+    rank_pids = []
     try:
         deadline = time.monotonic() + 300
         while not os.path.exists(ready):
             assert server.poll() is None, "epmoe-serve exited before serving"
             assert time.monotonic() < deadline, "epmoe-serve not serving in time"
             time.sleep(0.05)
-        port, _, rank0 = (int(v) for v in open(ready).read().split())
+        lines = open(ready).read().splitlines()
+        port, _, rank0 = (int(v) for v in lines[0].split())
+        rank_pids = [int(v) for v in lines[1].split()]
         channel = grpc.insecure_channel(f"127.0.0.1:{port}",
                                         options=[("grpc.enable_http_proxy", 0)])
         health = health_pb2_grpc.HealthStub(channel)
@@ -111,9 +126,12 @@ def main():
         assert status.status == health_pb2.HealthCheckResponse.SERVING, status
         info = moe.Info(epmoe_pb2.InfoRequest(), timeout=30)
         assert info.n_ranks == args.ranks and info.preset == "tiny", info
+        assert (info.backend, info.transport, info.layer_begin, info.layer_end) == \
+            ("cpu", "mpi", 0, info.n_layers), info
         H, vocab = info.hidden_size, info.vocab_size
         print(f"Info: preset {info.preset}, {info.n_ranks} ranks, hidden {H}, "
-              f"{info.n_layers} layers, {info.n_routed_experts} experts")
+              f"{info.n_layers} layers, {info.n_routed_experts} experts, backend {info.backend} "
+              f"({info.device_name}, {info.transport})")
 
         x = (rng.integers(-128, 129, size=(T, H)) / 64.0).astype(np.float32)
         ids = rng.integers(0, vocab, size=T).astype(np.int32)
@@ -175,6 +193,10 @@ def main():
         assert rc == 0, f"mpiexec exited {rc}"
         print("SIGTERM: drained, every rank exited 0")
     finally:
+        # Every path, failures included: the ranks run in process groups of their own, so
+        # each is killed by pid (SIGCONT first in case one was stopped), then mpiexec.
+        for pid in rank_pids:
+            kill_if_ours(pid)
         if server.poll() is None:
             server.kill()
             server.wait()

@@ -25,73 +25,21 @@
 #include "coordinator/service/grpc_adapter.h"
 #include "service_test_util.h"
 
-enum { POOL = 64, STREAMS = 32, REQUESTS = 25, MAX_T = 8 };
+enum { POOL = TEST_POOL, STREAMS = 32, REQUESTS = 25, MAX_T = 8 };
 
-static int64_t H, VOCAB;
-static float *pool_x;        /* [POOL, H] */
-static int32_t *pool_ids;    /* [POOL] */
-static float *ref_all;       /* epmoe-run, all layers */
-static float *ref_13;        /* epmoe-run, layers [1, 3) */
-static char checkpoint[1024];
+static int64_t H;
+static float *pool_x, *ref_all, *ref_13;
+static int32_t *pool_ids;
+static const char *checkpoint;
 
-static float *read_ref(const char *path, int64_t rows) {
-    epmoe_st_file *f = NULL;
-    ck_assert_msg(epmoe_st_open(path, &f) == EPMOE_OK, "%s", epmoe_last_error());
-    const epmoe_st_tensor *t = epmoe_st_find(f, "hidden_states");
-    ck_assert_ptr_nonnull(t);
-    ck_assert_int_eq(t->dtype, EPMOE_DTYPE_F32);
-    ck_assert_int_eq(t->shape[0], rows);
-    ck_assert_int_eq(t->shape[1], H);
-    float *y = malloc((size_t)(rows * H) * sizeof(float));
-    memcpy(y, t->data, (size_t)(rows * H) * sizeof(float));
-    epmoe_st_close(f);
-    return y;
-}
-
-/* The pool of rows and the batch job's answers for them (once per process). */
 static void setup_reference(void) {
-    if (pool_x) return;
-    const char *data = test_env("EPMOE_SERVICE_DATA");
-    snprintf(checkpoint, sizeof checkpoint, "%s/tiny", data);
-    epmoe_st_set *ckpt = NULL;
-    ck_assert_msg(epmoe_st_set_open(checkpoint, &ckpt) == EPMOE_OK, "%s", epmoe_last_error());
-    const char *h = epmoe_st_set_metadata(ckpt, "epmoe.hidden_size");
-    const char *v = epmoe_st_set_metadata(ckpt, "epmoe.vocab_size");
-    ck_assert_msg(h && v, "checkpoint metadata lacks hidden_size/vocab_size");
-    H = atoll(h);
-    VOCAB = atoll(v);
-    epmoe_st_set_close(ckpt);
-
-    epmoe_rng rng;
-    epmoe_rng_seed(&rng, 2024);
-    pool_x = malloc((size_t)(POOL * H) * sizeof(float));
-    pool_ids = malloc(POOL * sizeof(int32_t));
-    for (int64_t i = 0; i < POOL * H; i++)
-        pool_x[i] = (float)((int)epmoe_rng_below(&rng, 257) - 128) / 64.0f;
-    for (int i = 0; i < POOL; i++) pool_ids[i] = (int32_t)epmoe_rng_below(&rng, (uint64_t)VOCAB);
-    char in[1100], out_all[1100], out_13[1100], log[1100];
-    snprintf(in, sizeof in, "%s/pool.safetensors", data);
-    snprintf(out_all, sizeof out_all, "%s/ref-all.safetensors", data);
-    snprintf(out_13, sizeof out_13, "%s/ref-13.safetensors", data);
-    snprintf(log, sizeof log, "%s/ref.log", data);
-    epmoe_st_writer *w = NULL;
-    int64_t shape[2] = {POOL, H};
-    ck_assert_int_eq(epmoe_st_writer_create(&w), EPMOE_OK);
-    ck_assert_int_eq(epmoe_st_writer_add(w, "hidden_states", EPMOE_DTYPE_F32, 2, shape, pool_x),
-                     EPMOE_OK);
-    ck_assert_int_eq(epmoe_st_writer_add(w, "token_ids", EPMOE_DTYPE_I32, 1, shape, pool_ids),
-                     EPMOE_OK);
-    ck_assert_int_eq(epmoe_st_writer_finish(w, in), EPMOE_OK);
-    epmoe_st_writer_free(w);
-    const char *mpiexec = test_env("EPMOE_MPIEXEC"), *run = test_env("EPMOE_RUN");
-    char *argv_all[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", checkpoint,
-                        "--input", in, "--output", out_all, "--quiet", NULL};
-    ck_assert_int_eq(test_run(argv_all, log, 600), 0);
-    char *argv_13[] = {(char *)mpiexec, "-np", "1", (char *)run, "--checkpoint", checkpoint,
-                       "--input", in, "--output", out_13, "--layers", "1:3", "--quiet", NULL};
-    ck_assert_int_eq(test_run(argv_13, log, 600), 0);
-    ref_all = read_ref(out_all, POOL);
-    ref_13 = read_ref(out_13, POOL);
+    const test_pool *p = test_pool_get();
+    H = p->H;
+    pool_x = p->x;
+    pool_ids = p->ids;
+    ref_all = p->ref_all;
+    ref_13 = p->ref_13;
+    checkpoint = p->checkpoint;
 }
 
 /* ---- one request: random rows of the pool, checked against the reference --------------- */
@@ -225,6 +173,13 @@ START_TEST(test_concurrent_clients_match_batch_job) {
     ck_assert_int_eq(info.n_ranks, 2);
     ck_assert_int_eq(info.hidden_size, H);
     ck_assert_int_eq(info.max_batch_tokens, 256);
+    /* the engine behind it */
+    ck_assert_str_eq(info.backend, "cpu");
+    ck_assert_str_eq(info.device_name, "host");
+    ck_assert_str_eq(info.transport, "mpi");
+    ck_assert_int_eq(info.decode_tokens, 0);
+    ck_assert_int_eq(info.layer_begin, 0);
+    ck_assert_int_eq(info.layer_end, 4);
     int code = -1, serving = -1;
     ck_assert_int_eq(epmoe_client_health(ch, "", 30, &code, &serving), EPMOE_OK);
     ck_assert_int_eq(serving, 1);
@@ -248,30 +203,43 @@ START_TEST(test_concurrent_clients_match_batch_job) {
         ok_tokens += st[i].ok_tokens;
     }
 
-    /* A deadline shorter than the work: hold the engine with a large request, then send one
-     * whose deadline passes while it waits in the queue. */
-    async_call big = {ch, 256, {0}};
-    pthread_t tb;
-    pthread_create(&tb, NULL, async_main, &big);
-    for (int i = 0; i < 3000; i++) { /* until the big one is in the engine */
+    /* A deadline shorter than the work: hold the engine with large requests (one forward each
+     * at this token budget), then send one whose 10 ms deadline passes behind them. On a fast
+     * machine it may still be answered in time; either way the counters must say what the
+     * client got (it is a timing race by nature: the gated unit test proves "not computed"). */
+    enum { BIG = 3 };
+    async_call big[BIG];
+    pthread_t tb[BIG];
+    for (int i = 0; i < BIG; i++) {
+        big[i] = (async_call){ch, 256, {0}};
+        pthread_create(&tb[i], NULL, async_main, &big[i]);
+    }
+    for (int i = 0; i < 3000; i++) { /* until they are all in the server */
         char *m = test_fetch_metrics(srv.metrics_port);
         ck_assert_ptr_nonnull(m);
         double inflight = test_metric_value(m, "epmoe_inflight_requests ");
-        double depth = test_metric_value(m, "epmoe_queue_depth ");
         free(m);
-        if (inflight == 1 && depth == 0) break;
+        if (inflight == BIG) break;
         usleep(2000);
     }
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 9);
     call_result late;
     call_forward(ch, &rng, 4, BAD_NONE, 0.01, &late);
-    ck_assert_int_eq(late.code, EPMOE_RPC_DEADLINE_EXCEEDED);
-    pthread_join(tb, NULL);
-    ck_assert_int_eq(big.r.code, EPMOE_RPC_OK);
-    ck_assert(big.r.rows_ok);
-    ok += 1;
-    ok_tokens += 256;
+    ck_assert_msg(late.code == EPMOE_RPC_DEADLINE_EXCEEDED || late.code == EPMOE_RPC_OK,
+                  "late call: %d %s", late.code, late.message);
+    if (late.code == EPMOE_RPC_OK) {
+        ck_assert(late.rows_ok);
+        ok += 1;
+        ok_tokens += 4;
+    }
+    for (int i = 0; i < BIG; i++) {
+        pthread_join(tb[i], NULL);
+        ck_assert_int_eq(big[i].r.code, EPMOE_RPC_OK);
+        ck_assert(big[i].r.rows_ok);
+        ok += 1;
+        ok_tokens += 256;
+    }
     /* Still serving. */
     call_result after;
     call_forward(ch, &rng, 3, BAD_NONE, 0, &after);
@@ -280,12 +248,32 @@ START_TEST(test_concurrent_clients_match_batch_job) {
     ok += 1;
     ok_tokens += 3;
 
-    /* The counters agree with what the clients saw; only answered rows were computed. */
-    char *m = test_fetch_metrics(srv.metrics_port);
+    /* The counters agree with what the clients saw: calls by the code they got, rows only of
+     * OK replies delivered (a call ends on the server just after its client has the reply, so
+     * wait, bounded, for the last ones to be counted). */
+    const char *series[] = {"epmoe_requests_total{method=\"Forward\",code=\"OK\"} ",
+                            "epmoe_requests_total{method=\"Forward\",code=\"INVALID_ARGUMENT\"} ",
+                            "epmoe_requests_total{method=\"Forward\",code=\"DEADLINE_EXCEEDED\"} ",
+                            "epmoe_tokens_total "};
+    double want[] = {(double)ok, STREAMS, late.code == EPMOE_RPC_OK ? 0 : 1, (double)ok_tokens};
+    char *m = test_wait_metrics(srv.metrics_port, series, want, 4, 60);
     ck_assert_ptr_nonnull(m);
-    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_requests_total{method=\"Forward\",code=\"OK\"} "), ok);
-    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_requests_total{method=\"Forward\",code=\"INVALID_ARGUMENT\"} "), STREAMS);
-    ck_assert_int_eq((int64_t)test_metric_value(m, "epmoe_tokens_total "), ok_tokens);
+    /* One race no server can see: a result sent in the instant between the client giving up
+     * at its deadline and the server reading that it did is delivered as far as gRPC knows
+     * (the server's copy of the deadline is later by the request's transit). Then the late
+     * call is counted OK with its 4 rows. */
+    if (late.code == EPMOE_RPC_DEADLINE_EXCEEDED &&
+        test_metric_value(m, series[2]) <= 0 && test_metric_value(m, series[0]) == ok + 1) {
+        want[0] = (double)(ok + 1);
+        want[2] = 0;
+        want[3] = (double)(ok_tokens + 4);
+        printf("the late call's reply raced its deadline: counted OK\n");
+    }
+    for (int i = 0; i < 4; i++) {
+        double v = test_metric_value(m, series[i]);
+        ck_assert_msg((v < 0 ? 0 : v) == want[i], "%s= %g, expected %g", series[i], v, want[i]);
+    }
+    ck_assert_ptr_null(strstr(m, "code=\"CANCELLED\""));
     ck_assert_ptr_nonnull(strstr(m, "epmoe_stage_seconds_count{stage=\"experts\"}"));
     ck_assert_ptr_nonnull(strstr(m, "epmoe_expert_tokens_total{layer=\"0\",expert=\"0\"}"));
     free(m);
@@ -379,10 +367,13 @@ START_TEST(test_drain_under_load) {
 }
 END_TEST
 
+static void teardown(void) { test_kill_all(); }
+
 static Suite *e2e_suite(void) {
     Suite *s = suite_create("service_e2e");
     TCase *tc = tcase_create("e2e");
     tcase_set_timeout(tc, 900);
+    tcase_add_checked_fixture(tc, NULL, teardown); /* runs after a failed assertion too */
     tcase_add_test(tc, test_concurrent_clients_match_batch_job);
     tcase_add_test(tc, test_drain_under_load);
     suite_add_tcase(s, tc);
@@ -390,6 +381,7 @@ static Suite *e2e_suite(void) {
 }
 
 int main(void) {
+    test_reaper_start(); /* before any thread: it forks */
     signal(SIGPIPE, SIG_IGN);
     SRunner *sr = srunner_create(e2e_suite());
     srunner_run_all(sr, CK_NORMAL);

@@ -3,7 +3,10 @@
  * forward can be held at a gate, so that queue-full, deadline and drain cases are
  * deterministic rather than timed. */
 #include <check.h>
+#include <arpa/inet.h>
 #include <math.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -19,8 +22,10 @@
 #include "coordinator/service/metrics.h"
 #include "coordinator/service/serve_config.h"
 #include "coordinator/service/server.h"
+#include "coordinator/service/user_message.h"
 #include "coordinator/service/wire.h"
 #include "epmoe.pb-c.h"
+#include "service_test_util.h"
 #include "tests/support/test_support.h"
 
 enum { H = 64, N_LAYERS = 4, N_HASH = 1, VOCAB = 100, E = 16 };
@@ -39,15 +44,21 @@ typedef struct {
     int gate_closed;   /* forwards wait while set */
     int inside;        /* forwards currently waiting at the gate or running */
     int64_t calls, rows, max_batch_rows;
+    int lost;          /* every forward fails with EPMOE_ERR_PEER_LOST */
 } test_engine;
 
-static test_engine engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0};
+static test_engine engine = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, 0, 0};
+
+/* Like the real engine, rows beyond this magnitude fail the whole forward with a data error
+ * that names a row of the batch (not of any one request). */
+#define HUGE_ROW 1e30f
 
 static void engine_reset(void) {
     pthread_mutex_lock(&engine.mu);
     engine.gate_closed = 0;
     engine.inside = 0;
     engine.calls = engine.rows = engine.max_batch_rows = 0;
+    engine.lost = 0;
     pthread_mutex_unlock(&engine.mu);
 }
 
@@ -76,7 +87,15 @@ static epmoe_status engine_forward(void *ctx, const float *x, const int32_t *ids
     engine.rows += T;
     if (T > engine.max_batch_rows) engine.max_batch_rows = T;
     engine.inside--;
+    int lost = engine.lost;
     pthread_mutex_unlock(&engine.mu);
+    if (lost)
+        return epmoe_set_error(EPMOE_ERR_PEER_LOST, __FILE__, __LINE__,
+                               "rank 0: test: no answer from rank 2 (dead or hung)");
+    for (int64_t i = 0; i < T * H; i++)
+        if (fabsf(x[i]) > HUGE_ROW)
+            return epmoe_set_error(EPMOE_ERR_NUMERIC, __FILE__, __LINE__,
+                                   "routing: gate logit of token %lld is inf", (long long)(i / H));
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < H; h++)
             out[t * H + h] = expected_value(x[t * H + h], lb, le, ids, t);
@@ -111,9 +130,38 @@ START_TEST(test_serve_config) {
 }
 END_TEST
 
+/* ---- messages for users --------------------------------------------------------------------*/
+
+START_TEST(test_user_message_strips_source_locations) {
+    struct {
+        const char *in, *out;
+    } cases[] = {
+        {"batcher.c:248: queue full", "queue full"},
+        {"engine forward failed (NUMERIC): rank 1 failed to route: /work/x/kernels/cpu/route.c:73: "
+         "routing: gate logit of token 3 is inf",
+         "engine forward failed (NUMERIC): rank 1 failed to route: routing: gate logit of token 3 "
+         "is inf"},
+        {"(agree.c:59: rank 1: lost)", "(rank 1: lost)"},
+        {"gpu_engine.cu:466: bad", "bad"},
+        {"token_ids[0]: 1024 outside [0, 1024)", "token_ids[0]: 1024 outside [0, 1024)"},
+        {"rank 0: file x.c has 3: fine", "rank 0: file x.c has 3: fine"},
+        {"ratio 1.5: ok; see notes.c:12:3 (no space)", "ratio 1.5: ok; see notes.c:12:3 (no space)"},
+        {"", ""},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        char out[256];
+        epmoe_user_message(out, sizeof out, cases[i].in);
+        ck_assert_str_eq(out, cases[i].out);
+    }
+    char small[8];
+    epmoe_user_message(small, sizeof small, "wire.c:1: abcdefghijk");
+    ck_assert_str_eq(small, "abcdefg");
+}
+END_TEST
+
 /* ---- request validation --------------------------------------------------------------------*/
 
-static const epmoe_wire_limits limits = {H, N_LAYERS, N_HASH, VOCAB, 32};
+static const epmoe_wire_limits limits = {H, N_LAYERS, N_HASH, VOCAB, 32, 0, 0};
 
 typedef struct {
     int64_t shape[3];
@@ -287,7 +335,9 @@ START_TEST(test_metrics_text) {
     epmoe_stage_times t = {0.001, 0.002, 0.003, 0.004, 0.005, 0.015};
     int64_t counts[3] = {4, 0, 7}; /* layer 1 only */
     epmoe_metrics_observe_batch(m, 2, 11, 0.02, &t, counts, 1, 2);
-    epmoe_metrics_gauges g = {5, 6, 1};
+    epmoe_metrics_count_tokens(m, 9); /* rows delivered: not what a forward computed */
+    epmoe_metrics_count_undelivered(m, EPMOE_METHOD_FORWARD, EPMOE_RPC_OK);
+    epmoe_metrics_gauges g = {5, 6, 1, 0};
     size_t len = 0;
     char *text = epmoe_metrics_render(m, &g, &len);
     ck_assert_ptr_nonnull(text);
@@ -304,7 +354,9 @@ START_TEST(test_metrics_text) {
         "epmoe_batch_tokens_bucket{le=\"8\"} 0\n",
         "epmoe_expert_tokens_total{layer=\"1\",expert=\"2\"} 7\n",
         "epmoe_expert_tokens_total{layer=\"0\",expert=\"0\"} 0\n",
-        "epmoe_tokens_total 11\n",
+        "epmoe_tokens_total 9\n",
+        "epmoe_replies_undelivered_total{method=\"Forward\",code=\"OK\"} 1\n",
+        "epmoe_engine_failed 0\n",
         "epmoe_queue_depth 5\n",
         "epmoe_inflight_requests 6\n",
         "epmoe_draining 1\n",
@@ -453,9 +505,110 @@ START_TEST(test_batcher_queue_full_and_deadline) {
 }
 END_TEST
 
+typedef struct {
+    pthread_mutex_t mu;
+    char messages[8][512];
+    int fatal_calls;
+    char fatal_message[512];
+} message_log;
+
+static message_log mlog = {PTHREAD_MUTEX_INITIALIZER, {{0}}, 0, ""};
+
+/* Answers like batch_done, and keeps each request's message by its first value's index. */
+static void batch_done_keep(void *ctx, epmoe_serve_request *r, int code, const char *message) {
+    pthread_mutex_lock(&mlog.mu);
+    int slot = (int)r->x[0] & 7; /* the test puts the request's number in x[0] */
+    snprintf(mlog.messages[slot], sizeof mlog.messages[slot], "%s", message ? message : "");
+    pthread_mutex_unlock(&mlog.mu);
+    batch_done(ctx, r, code, message);
+}
+
+static void batch_fatal(void *ctx, epmoe_status st, const char *message) {
+    (void)ctx;
+    pthread_mutex_lock(&mlog.mu);
+    mlog.fatal_calls++;
+    snprintf(mlog.fatal_message, sizeof mlog.fatal_message, "%s: %s", epmoe_status_name(st),
+             message);
+    pthread_mutex_unlock(&mlog.mu);
+}
+
+/* One request's bad row fails only that request, naming its own row; the others of the batch
+ * are answered with their exact rows (issue 24, defect 1). */
+START_TEST(test_batcher_isolates_a_bad_request) {
+    pthread_mutex_init(&blog.mu, NULL);
+    blog_reset();
+    engine_reset();
+    epmoe_batcher_options o = batcher_options(64, 16, 0.0);
+    o.done = batch_done_keep;
+    epmoe_batcher *b = NULL;
+    ck_assert_int_eq(epmoe_batcher_start(&o, &b), EPMOE_OK);
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 13);
+    engine_gate(1);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    engine_wait_inside(); /* the seven below queue up behind it and form one batch */
+    int64_t calls_before = 0;
+    for (int i = 0; i < 7; i++) {
+        epmoe_serve_request *r = make_request(&rng, 5, 0, 4, 1);
+        r->x[0] = (float)i; /* the request's number, for batch_done_keep */
+        if (i == 4)
+            for (int64_t h = 0; h < H; h++) r->x[3 * H + h] = 3.0e38f; /* its row 3 */
+        ck_assert_int_eq(epmoe_batcher_push(b, r), EPMOE_OK);
+    }
+    calls_before = engine.calls;
+    engine_gate(0);
+    epmoe_batcher_stop(b);
+    ck_assert_int_eq(blog.answered, 8);
+    ck_assert_int_eq(blog.codes[EPMOE_RPC_OK], 7);
+    ck_assert_int_eq(blog.codes[EPMOE_RPC_INVALID_ARGUMENT], 1);
+    ck_assert_int_eq(blog.wrong, 0);
+    ck_assert_msg(strstr(mlog.messages[4], "hidden_states row 3:") != NULL, "%s",
+                  mlog.messages[4]);
+    /* split by requests then rows: a handful of extra forwards, not one per row */
+    ck_assert_int_le(engine.calls - calls_before, 1 + 2 * 3 + 3 + 1 + 1);
+    (void)calls_before;
+}
+END_TEST
+
+/* A lost rank fails the batch and the queue UNAVAILABLE, once, and refuses later pushes. */
+START_TEST(test_batcher_lost_rank_is_fatal) {
+    pthread_mutex_init(&blog.mu, NULL);
+    blog_reset();
+    engine_reset();
+    mlog.fatal_calls = 0;
+    epmoe_batcher_options o = batcher_options(8, 16, 0.0);
+    o.fatal = batch_fatal;
+    epmoe_batcher *b = NULL;
+    ck_assert_int_eq(epmoe_batcher_start(&o, &b), EPMOE_OK);
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 14);
+    engine_gate(1);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 2, 0, 4, 1)), EPMOE_OK);
+    engine_wait_inside();
+    for (int i = 0; i < 5; i++) /* 4 tokens each: two batches' worth */
+        ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 4, 0, 4, 1)), EPMOE_OK);
+    pthread_mutex_lock(&engine.mu);
+    engine.lost = 1;
+    pthread_mutex_unlock(&engine.mu);
+    engine_gate(0);
+    for (int i = 0; i < 20000 && blog.answered < 6; i++) usleep(1000);
+    ck_assert_int_eq(blog.answered, 6);
+    ck_assert_int_eq(blog.codes[EPMOE_RPC_UNAVAILABLE], 6);
+    ck_assert_int_eq(mlog.fatal_calls, 1);
+    ck_assert_ptr_nonnull(strstr(mlog.fatal_message, "rank 2"));
+    ck_assert_int_eq(engine.calls, 1); /* the engine is not called again */
+    epmoe_serve_request *late = make_request(&rng, 1, 0, 4, 1);
+    ck_assert_int_eq(epmoe_batcher_push(b, late), EPMOE_ERR_PEER_LOST);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "rank 2"));
+    epmoe_serve_request_free(late);
+    epmoe_batcher_stop(b);
+}
+END_TEST
+
 /* ---- the whole gRPC path -------------------------------------------------------------------*/
 
-static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int metrics) {
+static epmoe_service *start_service_with(int64_t max_queue, int64_t delay_us, int metrics,
+                                         int64_t max_message_bytes) {
     epmoe_service_options so;
     memset(&so, 0, sizeof so);
     epmoe_serve_config_defaults(&so.cfg);
@@ -464,7 +617,7 @@ static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int met
     so.cfg.max_batch_tokens = 48;
     so.cfg.max_queue = max_queue;
     so.cfg.max_queue_delay_us = delay_us;
-    so.cfg.max_message_bytes = 1 << 20;
+    so.cfg.max_message_bytes = max_message_bytes;
     so.cfg.drain_linger_ms = 0;
     snprintf(so.info.preset, sizeof so.info.preset, "unit");
     so.info.n_ranks = 1;
@@ -481,6 +634,10 @@ static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int met
     epmoe_status st = epmoe_service_start(&so, &s);
     ck_assert_msg(st == EPMOE_OK, "%s", epmoe_last_error());
     return s;
+}
+
+static epmoe_service *start_service(int64_t max_queue, int64_t delay_us, int metrics) {
+    return start_service_with(max_queue, delay_us, metrics, 1 << 20);
 }
 
 static epmoe_rpc_channel *connect_to(epmoe_service *s) {
@@ -715,19 +872,162 @@ START_TEST(test_grpc_queue_full_deadline_and_drain) {
 }
 END_TEST
 
+/* The counters say what the clients got (issue 24, defect 6): a deadline that passes in the
+ * queue is DEADLINE_EXCEEDED, not CANCELLED; a result computed for a caller that has gone is
+ * neither OK nor counted in epmoe_tokens_total; a reply that cannot be sent is not OK. */
+START_TEST(test_grpc_metrics_count_what_happened) {
+    engine_reset();
+    /* Requests of this size get responses just over the limit (the response adds timings). */
+    const int64_t T_BIG = 12;
+    call_job probe = job(NULL, T_BIG, EPMOE_DTYPE_F32, 40);
+    probe.with_ids = 0;
+    probe.layer_begin = 1;
+    probe.layer_end = 3;
+    size_t request_bytes = 0;
+    {
+        float *x = calloc((size_t)(T_BIG * H), sizeof(float));
+        epmoe_forward_args a = {"job-40", T_BIG, H, EPMOE_DTYPE_F32, x, NULL, 1, 3, 0};
+        uint8_t *b = NULL;
+        ck_assert_int_eq(epmoe_client_encode_forward(&a, &b, &request_bytes), EPMOE_OK);
+        free(b);
+        free(x);
+    }
+    epmoe_service *s = start_service_with(8, 0, 1, (int64_t)request_bytes + 4);
+    epmoe_rpc_channel *ch = connect_to(s);
+    const int mport = epmoe_service_metrics_port(s);
+
+    /* A in the engine and B in the queue, both with deadlines that pass while the engine is
+     * held: the clients get DEADLINE_EXCEEDED; A is computed (it was already running), but its
+     * reply can no longer be delivered. */
+    engine_gate(1);
+    call_job a = job(ch, 3, EPMOE_DTYPE_F32, 41), b = job(ch, 4, EPMOE_DTYPE_F32, 42);
+    a.timeout = b.timeout = 1.0; /* long enough for B to be queued on a loaded machine */
+    pthread_t ta, tb;
+    pthread_create(&ta, NULL, forward_job, &a);
+    engine_wait_inside();
+    pthread_create(&tb, NULL, forward_job, &b);
+    wait_depth(s, 1);
+    pthread_join(ta, NULL);
+    pthread_join(tb, NULL);
+    ck_assert_int_eq(a.code, EPMOE_RPC_DEADLINE_EXCEEDED);
+    ck_assert_int_eq(b.code, EPMOE_RPC_DEADLINE_EXCEEDED);
+    /* The clients' cancellations travel on this connection; a call answered on it afterwards
+     * means the server has read them. Otherwise A's result could still be sent before the
+     * server learns its client is gone (a race no server can see: counted OK). */
+    int hcode = -1, serving = -1;
+    ck_assert_int_eq(epmoe_client_health(ch, "", 10, &hcode, &serving), EPMOE_OK);
+    engine_gate(0);
+
+    /* C: its response would exceed max_message_bytes. */
+    probe.ch = ch;
+    forward_job(&probe);
+    ck_assert_msg(probe.code == EPMOE_RPC_RESOURCE_EXHAUSTED, "%d %s", probe.code, probe.message);
+    ck_assert_ptr_nonnull(strstr(probe.message, "max_message_bytes"));
+    /* D: fine. */
+    call_job d = job(ch, 5, EPMOE_DTYPE_F32, 43);
+    forward_job(&d);
+    ck_assert_int_eq(d.code, EPMOE_RPC_OK);
+    ck_assert(d.rows_ok);
+
+    const char *series[] = {
+        "epmoe_requests_total{method=\"Forward\",code=\"OK\"} ",
+        "epmoe_requests_total{method=\"Forward\",code=\"DEADLINE_EXCEEDED\"} ",
+        "epmoe_requests_total{method=\"Forward\",code=\"CANCELLED\"} ",
+        "epmoe_requests_total{method=\"Forward\",code=\"RESOURCE_EXHAUSTED\"} ",
+        "epmoe_tokens_total "};
+    const double want[] = {1, 2, 0, 1, 5};
+    char *m = test_wait_metrics(mport, series, want, 5, 30);
+    ck_assert_ptr_nonnull(m);
+    for (const char *line = m; line && *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : NULL)
+        if (strncmp(line, "epmoe_requests_total", 20) == 0 || strncmp(line, "epmoe_replies", 13) == 0 ||
+            strncmp(line, "epmoe_tokens_total", 18) == 0)
+            printf("%.*s\n", (int)strcspn(line, "\n"), line);
+    for (int i = 0; i < 5; i++) {
+        double v = test_metric_value(m, series[i]);
+        ck_assert_msg((v < 0 ? 0 : v) == want[i], "%s= %g, expected %g", series[i], v, want[i]);
+    }
+    /* A's computed result never reached its client */
+    ck_assert_ptr_nonnull(strstr(m, "epmoe_replies_undelivered_total{method=\"Forward\""));
+    free(m);
+    epmoe_rpc_channel_close(ch);
+    epmoe_service_drain(s);
+}
+END_TEST
+
+typedef struct {
+    int port;
+    atomic_int sent;
+    int cut_by_server; /* the server closed the connection before we stopped */
+} trickler;
+
+/* A slow scraper: sends "GET /metrics HTTP/1.0\r\n" one byte every 100 ms, never finishing
+ * the request, for up to 15 s. */
+static void *trickle_main(void *arg) {
+    trickler *t = arg;
+    int fd = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons((uint16_t)t->port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&a, sizeof a), 0);
+    const char *req = "GET /metrics HTTP/1.0\r\n";
+    for (int i = 0; i < 150; i++) {
+        if (send(fd, req + (size_t)i % strlen(req), 1, MSG_NOSIGNAL) != 1) {
+            t->cut_by_server = 1;
+            break;
+        }
+        atomic_fetch_add(&t->sent, 1);
+        char c;
+        if (recv(fd, &c, 1, MSG_DONTWAIT) == 0) { /* closed by the server */
+            t->cut_by_server = 1;
+            break;
+        }
+        usleep(100000);
+    }
+    close(fd);
+    return NULL;
+}
+
+/* A scraper that trickles its request must not hold up the others (issue 24, defect 8): they
+ * are answered while it is still connected, and the server cuts it off after its deadline. */
+START_TEST(test_metrics_slow_client_does_not_block_scrapes) {
+    engine_reset();
+    epmoe_service *s = start_service(8, 0, 1);
+    trickler t = {epmoe_service_metrics_port(s), 0, 0};
+    pthread_t th;
+    pthread_create(&th, NULL, trickle_main, &t);
+    while (atomic_load(&t.sent) < 3) usleep(10000);
+    for (int i = 0; i < 3; i++) { /* test_fetch_metrics gives up after 10 s */
+        char *m = test_fetch_metrics(t.port);
+        ck_assert_msg(m != NULL, "scrape %d blocked behind the slow client", i);
+        ck_assert_ptr_nonnull(strstr(m, "epmoe_requests_total"));
+        free(m);
+    }
+    pthread_join(th, NULL);
+    ck_assert_msg(t.cut_by_server, "the slow client was never cut off");
+    epmoe_service_drain(s);
+}
+END_TEST
+
 static Suite *service_suite(void) {
     Suite *s = suite_create("service_units");
     TCase *tc = tcase_create("units");
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, test_serve_config);
+    tcase_add_test(tc, test_user_message_strips_source_locations);
     tcase_add_test(tc, test_wire_rejects_each_bad_field);
     tcase_add_test(tc, test_wire_decodes_good_requests);
     tcase_add_test(tc, test_metrics_text);
     tcase_add_test(tc, test_batcher_batches_and_splits);
     tcase_add_test(tc, test_batcher_queue_full_and_deadline);
+    tcase_add_test(tc, test_batcher_isolates_a_bad_request);
+    tcase_add_test(tc, test_batcher_lost_rank_is_fatal);
     tcase_add_test(tc, test_grpc_info_health_forward);
     tcase_add_test(tc, test_grpc_max_message_size);
     tcase_add_test(tc, test_grpc_queue_full_deadline_and_drain);
+    tcase_add_test(tc, test_grpc_metrics_count_what_happened);
+    tcase_add_test(tc, test_metrics_slow_client_does_not_block_scrapes);
     suite_add_tcase(s, tc);
     return s;
 }
