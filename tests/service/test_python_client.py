@@ -126,8 +126,10 @@ def main():
         assert status.status == health_pb2.HealthCheckResponse.SERVING, status
         info = moe.Info(epmoe_pb2.InfoRequest(), timeout=30)
         assert info.n_ranks == args.ranks and info.preset == "tiny", info
-        assert (info.backend, info.transport, info.layer_begin, info.layer_end) == \
-            ("cpu", "mpi", 0, info.n_layers), info
+        want = os.environ.get("EPMOE_BACKEND") or "cpu"
+        assert (info.backend, info.layer_begin, info.layer_end) == (want, 0, info.n_layers), info
+        assert info.transport == ("mpi" if want == "cpu" else "mpi-staged" if args.ranks > 1
+                                  else "nccl"), info
         H, vocab = info.hidden_size, info.vocab_size
         print(f"Info: preset {info.preset}, {info.n_ranks} ranks, hidden {H}, "
               f"{info.n_layers} layers, {info.n_routed_experts} experts, backend {info.backend} "
