@@ -4,8 +4,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "worker/expert_weights.h"
-
 static epmoe_status format_name(char *buf, size_t cap, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 

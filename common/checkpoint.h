@@ -64,6 +64,10 @@ int64_t epmoe_ckpt_shared_inter(const epmoe_config *cfg);
 /* Hash-routed layers carry tid2eid and no bias. */
 int epmoe_ckpt_layer_is_hash(const epmoe_config *cfg, int64_t layer);
 
+/* Reads the model settings stored in a checkpoint's metadata into cfg (model-scope entries
+ * only) and checks them against any the user set explicitly. */
+epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg);
+
 /* Writes the format version and every model-scope setting of cfg as metadata. */
 epmoe_status epmoe_ckpt_write_metadata(epmoe_st_writer *w, const epmoe_config *cfg);
 

@@ -16,6 +16,7 @@
 
 #include <stdint.h>
 
+#include "common/checkpoint.h" /* epmoe_config_from_checkpoint, for the loader's callers */
 #include "common/config.h"
 #include "common/layout.h"
 #include "common/safetensors.h"
@@ -80,10 +81,6 @@ int64_t epmoe_layer_weights_cache_bytes(const epmoe_layer_weights *w);
 /* Dequantizes every local expert into the panel cache (exactly the values a per-call
  * dequantization produces, so results do not change). */
 epmoe_status epmoe_layer_weights_cache_experts_cpu(epmoe_layer_weights *w);
-
-/* Reads the model settings stored in a checkpoint's metadata into cfg (model-scope entries
- * only) and checks them against any the user set explicitly. */
-epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg);
 
 #ifdef __cplusplus
 }
