@@ -190,7 +190,8 @@ static epmoe_status load_proj_mxfp4(const loader *ld, int64_t expert, const char
                       "%s: %s: block scale [%zu, %zu] is NaN (byte 0xff)", file_of(ld, name),
                       name, i / (size_t)(K / EPMOE_MXFP4_BLOCK),
                       i % (size_t)(K / EPMOE_MXFP4_BLOCK));
-    epmoe_status st = epmoe_mxfp4_to_nvfp4(e8m0, (size_t)N, (size_t)K, dst->sf, dst->scale_2);
+    epmoe_status st = epmoe_mxfp4_to_nvfp4(dst->codes, e8m0, (size_t)N, (size_t)K, dst->codes,
+                                           dst->sf, dst->scale_2, NULL);
     if (st != EPMOE_OK) return epmoe_add_context(st, "%s: %s", file_of(ld, name), name);
     dst->input_scale = 0.0f;
     return EPMOE_OK;
