@@ -747,6 +747,7 @@ typedef struct {
     const void *data;      /* or, deferred: */
     epmoe_st_fill_fn fill;
     void *fill_ctx;
+    int reserved;          /* the caller writes the bytes (epmoe_st_writer_layout) */
 } writer_entry;
 
 struct epmoe_st_writer {
@@ -781,7 +782,7 @@ void epmoe_st_writer_free(epmoe_st_writer *w) {
 
 static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype dtype, int ndim,
                                const int64_t *shape, const void *data, epmoe_st_fill_fn fill,
-                               void *ctx) {
+                               void *ctx, int reserved) {
     EPMOE_REQUIRE(name && name[0], EPMOE_ERR_INVALID_ARG, "tensor name is empty");
     EPMOE_REQUIRE(strcmp(name, ST_METADATA_KEY) != 0, EPMOE_ERR_INVALID_ARG,
                   "%s is reserved, not a tensor name", ST_METADATA_KEY);
@@ -798,7 +799,8 @@ static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype
         numel *= (size_t)shape[d];
     }
     size_t nbytes = numel * epmoe_dtype_size(dtype);
-    EPMOE_REQUIRE(nbytes == 0 || data || fill, EPMOE_ERR_INVALID_ARG, "%s: data is NULL", name);
+    EPMOE_REQUIRE(nbytes == 0 || data || fill || reserved, EPMOE_ERR_INVALID_ARG,
+                  "%s: data is NULL", name);
     if (w->n == w->cap) {
         int cap = w->cap ? 2 * w->cap : 64;
         writer_entry *grown = realloc(w->entries, (size_t)cap * sizeof *grown);
@@ -820,6 +822,7 @@ static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype
     e->data = data;
     e->fill = fill;
     e->fill_ctx = ctx;
+    e->reserved = reserved;
     w->data_size += nbytes;
     w->n++;
     return EPMOE_OK;
@@ -827,14 +830,19 @@ static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype
 
 epmoe_status epmoe_st_writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype dtype,
                                  int ndim, const int64_t *shape, const void *data) {
-    return writer_add(w, name, dtype, ndim, shape, data, NULL, NULL);
+    return writer_add(w, name, dtype, ndim, shape, data, NULL, NULL, 0);
+}
+
+epmoe_status epmoe_st_writer_add_reserved(epmoe_st_writer *w, const char *name,
+                                          epmoe_dtype dtype, int ndim, const int64_t *shape) {
+    return writer_add(w, name, dtype, ndim, shape, NULL, NULL, NULL, 1);
 }
 
 epmoe_status epmoe_st_writer_add_deferred(epmoe_st_writer *w, const char *name,
                                           epmoe_dtype dtype, int ndim, const int64_t *shape,
                                           epmoe_st_fill_fn fill, void *ctx) {
     EPMOE_REQUIRE(fill != NULL, EPMOE_ERR_INVALID_ARG, "%s: fill function is NULL", name);
-    return writer_add(w, name, dtype, ndim, shape, NULL, fill, ctx);
+    return writer_add(w, name, dtype, ndim, shape, NULL, fill, ctx, 0);
 }
 
 epmoe_status epmoe_st_writer_metadata(epmoe_st_writer *w, const char *key, const char *value) {
@@ -877,6 +885,31 @@ static epmoe_status writer_header(const epmoe_st_writer *w, char **text_out, siz
     *text_out = out;
     *len_out = padded;
     return EPMOE_OK;
+}
+
+epmoe_status epmoe_st_writer_layout(const epmoe_st_writer *w, char **head_out,
+                                    size_t *head_bytes, uint64_t *data_bytes) {
+    char *header = NULL;
+    size_t header_len = 0;
+    EPMOE_TRY(writer_header(w, &header, &header_len));
+    char *head = malloc(8 + header_len);
+    if (!head) {
+        free(header);
+        EPMOE_FAIL(EPMOE_ERR_OOM, "safetensors header of %d tensors", w->n);
+    }
+    for (int i = 0; i < 8; i++) head[i] = (char)(uint8_t)((uint64_t)header_len >> (8 * i));
+    memcpy(head + 8, header, header_len);
+    free(header);
+    *head_out = head;
+    *head_bytes = 8 + header_len;
+    *data_bytes = w->data_size;
+    return EPMOE_OK;
+}
+
+int epmoe_st_writer_count(const epmoe_st_writer *w) { return w->n; }
+
+uint64_t epmoe_st_writer_data_offset(const epmoe_st_writer *w, int i) {
+    return i >= 0 && i < w->n ? w->entries[i].begin : 0;
 }
 
 static epmoe_status write_all(FILE *fp, const void *data, size_t n, const char *path) {
@@ -926,6 +959,11 @@ static epmoe_status writer_body(const epmoe_st_writer *w, FILE *fp, const char *
 
 epmoe_status epmoe_st_writer_finish(epmoe_st_writer *w, const char *path) {
     EPMOE_REQUIRE(path != NULL, EPMOE_ERR_INVALID_ARG, "output path is NULL");
+    for (int i = 0; i < w->n; i++)
+        EPMOE_REQUIRE(!w->entries[i].reserved || w->entries[i].nbytes == 0, EPMOE_ERR_INVALID_ARG,
+                      "%s: %s is reserved: its bytes are the caller's to write "
+                      "(epmoe_st_writer_layout)",
+                      path, w->entries[i].name);
     size_t tmp_len = strlen(path) + 5;
     char *tmp = malloc(tmp_len);
     EPMOE_REQUIRE(tmp != NULL, EPMOE_ERR_OOM, "%s: path", path);

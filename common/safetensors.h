@@ -102,6 +102,18 @@ typedef epmoe_status (*epmoe_st_fill_fn)(void *ctx, const char *name, void *dst,
 epmoe_status epmoe_st_writer_add_deferred(epmoe_st_writer *w, const char *name,
                                           epmoe_dtype dtype, int ndim, const int64_t *shape,
                                           epmoe_st_fill_fn fill, void *ctx);
+/* For writers that fill a pre-sized file themselves (from several threads, with pwrite): a
+ * reserved tensor has a place in the header and the data section but no bytes from the writer;
+ * epmoe_st_writer_layout gives the file's head (8-byte length and the JSON header, to be
+ * written at offset 0, head_bytes long) and the data section's size; tensor i's bytes go at
+ * head_bytes + epmoe_st_writer_data_offset(w, i). finish refuses a writer with reserved
+ * tensors. */
+epmoe_status epmoe_st_writer_add_reserved(epmoe_st_writer *w, const char *name,
+                                          epmoe_dtype dtype, int ndim, const int64_t *shape);
+epmoe_status epmoe_st_writer_layout(const epmoe_st_writer *w, char **head_out,
+                                    size_t *head_bytes, uint64_t *data_bytes);
+int epmoe_st_writer_count(const epmoe_st_writer *w);
+uint64_t epmoe_st_writer_data_offset(const epmoe_st_writer *w, int i);
 epmoe_status epmoe_st_writer_metadata(epmoe_st_writer *w, const char *key, const char *value);
 epmoe_status epmoe_st_writer_finish(epmoe_st_writer *w, const char *path);
 void epmoe_st_writer_free(epmoe_st_writer *w);

@@ -80,7 +80,9 @@ static epmoe_expert_slice rank_slice(const epmoe_config *cfg) {
 static const epmoe_st_tensor *tensor_of(const epmoe_st_set *s, int64_t layer, int64_t expert,
                                         const char *proj, const char *what) {
     char name[160];
-    ck_assert_int_eq(epmoe_ckpt_expert_name(name, sizeof name, layer, expert, proj, what),
+    epmoe_config cfg;
+    epmoe_config_defaults(&cfg);
+    ck_assert_int_eq(epmoe_ckpt_expert_name(name, sizeof name, &cfg, layer, expert, proj, what),
                      EPMOE_OK);
     const epmoe_st_tensor *t = epmoe_st_set_find(s, name, NULL);
     ck_assert_msg(t != NULL, "%s missing", name);
@@ -97,22 +99,32 @@ static float scalar_of(const epmoe_st_tensor *t) {
 
 START_TEST(test_names) {
     char buf[160];
-    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, 3, 17, "w1", "weight_scale"),
+    epmoe_config cfg;
+    tiny_config(&cfg, "nvfp4");
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, &cfg, 1, 17, "w1", "weight_scale"),
                      EPMOE_OK);
-    ck_assert_str_eq(buf, "layers.3.ffn.experts.17.w1.weight_scale");
-    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, 0, "tid2eid"), EPMOE_OK);
+    ck_assert_str_eq(buf, "layers.1.ffn.experts.17.w1.weight_scale");
+    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, &cfg, 0, "tid2eid"), EPMOE_OK);
     ck_assert_str_eq(buf, "layers.0.ffn.gate.tid2eid");
-    ck_assert_int_eq(epmoe_ckpt_shared_name(buf, sizeof buf, 12, "w2", "weight"), EPMOE_OK);
+    ck_assert_int_eq(epmoe_ckpt_shared_name(buf, sizeof buf, &cfg, 12, "w2", "weight"), EPMOE_OK);
     ck_assert_str_eq(buf, "layers.12.ffn.shared_experts.w2.weight");
     ck_assert_int_eq(epmoe_ckpt_layer_file_name(buf, sizeof buf, 7), EPMOE_OK);
     ck_assert_str_eq(buf, "model-00007.safetensors");
-    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, 10, 3, 17, "w1", "weight"),
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, 10, &cfg, 3, 17, "w1", "weight"),
                      EPMOE_ERR_INVALID_ARG);
-    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, 3, 17, "w4", "weight"),
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, &cfg, 3, 17, "w4", "weight"),
                      EPMOE_ERR_INVALID_ARG);
-    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, 0, "scale"), EPMOE_ERR_INVALID_ARG);
+    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, &cfg, 0, "scale"), EPMOE_ERR_INVALID_ARG);
+    /* the MTP block's layers are the last n_mtp_layers, named mtp.N */
+    cfg.n_layers = 5;
+    cfg.n_mtp_layers = 2;
+    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, &cfg, 2, "bias"), EPMOE_OK);
+    ck_assert_str_eq(buf, "layers.2.ffn.gate.bias");
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, &cfg, 3, 9, "w2", "scale"), EPMOE_OK);
+    ck_assert_str_eq(buf, "mtp.0.ffn.experts.9.w2.scale");
+    ck_assert_int_eq(epmoe_ckpt_shared_name(buf, sizeof buf, &cfg, 4, "w1", "scale"), EPMOE_OK);
+    ck_assert_str_eq(buf, "mtp.1.ffn.shared_experts.w1.scale");
 
-    epmoe_config cfg;
     tiny_config(&cfg, "nvfp4");
     int64_t N, K;
     ck_assert_int_eq(epmoe_ckpt_expert_dims(&cfg, "w3", &N, &K), EPMOE_OK);
@@ -162,6 +174,7 @@ START_TEST(test_config_from_checkpoint) {
     s = open_set(path);
     ck_assert_int_eq(epmoe_config_from_checkpoint(s, &cfg), EPMOE_ERR_FORMAT);
     ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "epmoe.format_version"));
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "config.json"));
     ck_assert_ptr_nonnull(strstr(epmoe_last_error(), path));
     epmoe_st_set_close(s);
 
@@ -218,7 +231,7 @@ static void check_replicated(const epmoe_st_set *s, const epmoe_config *cfg,
     const float *dst[3] = {w->shared_w13, w->shared_w13 + Is * H, w->shared_w2};
     for (int p = 0; p < 3; p++) {
         char name[160];
-        ck_assert_int_eq(epmoe_ckpt_shared_name(name, sizeof name, layer, projs[p], "weight"),
+        ck_assert_int_eq(epmoe_ckpt_shared_name(name, sizeof name, cfg, layer, projs[p], "weight"),
                          EPMOE_OK);
         const epmoe_st_tensor *t = epmoe_st_set_find(s, name, NULL);
         ck_assert_ptr_nonnull(t);
