@@ -27,9 +27,9 @@ static void ref_topn(const double *key, const int *allowed, int64_t count, int64
     free(taken);
 }
 
-epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights *w,
-                             const float *x, const int32_t *token_ids, int64_t T,
-                             int32_t *ids_out, double *weights_out) {
+epmoe_status epmoe_ref_route_w(const epmoe_config *cfg, const epmoe_ref_weights *w,
+                               const float *x, const int32_t *token_ids, int64_t T,
+                               int32_t *ids_out, double *weights_out) {
     const int64_t H = cfg->hidden_size, E = cfg->n_routed_experts, k = cfg->top_k;
     const int hash = w->layer < cfg->n_hash_layers;
     double *s = malloc((size_t)E * sizeof(double)), *key = malloc((size_t)E * sizeof(double));
@@ -38,9 +38,9 @@ epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights 
         for (int64_t e = 0; e < E; e++) {
             double logit = 0;
             for (int64_t h = 0; h < H; h++)
-                logit += (double)x[t * H + h] * (double)w->gate_weight[e * H + h];
+                logit += (double)x[t * H + h] * w->gate[e * H + h];
             s[e] = ref_score(logit, cfg->scoring);
-            key[e] = s[e] + (w->gate_bias && !hash ? (double)w->gate_bias[e] : 0.0);
+            key[e] = s[e] + (w->bias && !hash ? w->bias[e] : 0.0);
             allowed[e] = 1;
         }
         int32_t *ids = ids_out + t * k;
@@ -110,24 +110,15 @@ static void ref_quantize(const epmoe_config *cfg, const float *v, int64_t K, flo
     free(deq);
 }
 
-/* Weight row n of an [N, K] NVFP4 matrix in doubles, with its tensor scale. */
-static void ref_weight_row(const uint8_t *codes, const uint8_t *sf, int64_t n, int64_t K,
-                           double scale_2, double *out) {
-    float *tmp = malloc((size_t)K * sizeof(float));
-    epmoe_nvfp4_dequantize_row(codes + n * (K / 2), sf + n * (K / 16), (size_t)K, 1.0f, tmp);
-    for (int64_t i = 0; i < K; i++) out[i] = (double)tmp[i] * scale_2;
-    free(tmp);
-}
-
-epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
-                                     const float *x, const int32_t *token_ids, int64_t T,
-                                     double *out, int32_t *ids_out, double *weights_out) {
+epmoe_status epmoe_ref_forward(const epmoe_config *cfg, const epmoe_ref_weights *w,
+                               const float *x, const int32_t *token_ids, int64_t T, double *out,
+                               int32_t *ids_out, double *weights_out) {
     const int64_t H = cfg->hidden_size, I = cfg->moe_inter_size, k = cfg->top_k;
-    EPMOE_REQUIRE(w->slice.start == 0 && w->slice.end == cfg->n_routed_experts,
-                  EPMOE_ERR_INVALID_ARG, "the reference needs every expert");
+    EPMOE_REQUIRE(w->E == cfg->n_routed_experts && w->H == H && w->I == I, EPMOE_ERR_INVALID_ARG,
+                  "the reference needs every expert of the configured shape");
     int32_t *ids = ids_out ? ids_out : malloc((size_t)(T * k) * sizeof(int32_t));
     double *wts = weights_out ? weights_out : malloc((size_t)(T * k) * sizeof(double));
-    EPMOE_TRY(epmoe_ref_route(cfg, w, x, token_ids, T, ids, wts));
+    EPMOE_TRY(epmoe_ref_route_w(cfg, w, x, token_ids, T, ids, wts));
 
     double *xq = malloc((size_t)H * sizeof(double)), *h = malloc((size_t)(2 * I) * sizeof(double));
     double *aq = malloc((size_t)I * sizeof(double)), *wrow = malloc((size_t)(H > I ? H : I) * sizeof(double));
@@ -137,10 +128,13 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
         for (int64_t c = 0; c < H; c++) o[c] = 0;
         for (int64_t j = 0; j < k; j++) {
             int64_t e = ids[t * k + j];
-            ref_quantize(cfg, x + t * H, H, w->w13_input_scale[e], xq);
-            const uint8_t *c13 = w->w13_codes + e * 2 * I * (H / 2), *s13 = w->w13_sf + e * 2 * I * (H / 16);
+            const epmoe_ref_proj *p1 = &w->proj[3 * e], *p3 = &w->proj[3 * e + 1],
+                                 *p2 = &w->proj[3 * e + 2];
+            /* w1 and w3 quantize the same input: the larger calibration serves both */
+            double in13 = p1->input_scale > p3->input_scale ? p1->input_scale : p3->input_scale;
+            ref_quantize(cfg, x + t * H, H, (float)in13, xq);
             for (int64_t n = 0; n < 2 * I; n++) {
-                ref_weight_row(c13, s13, n, H, w->w13_scale_2[2 * e + (n < I ? 0 : 1)], wrow);
+                epmoe_ref_proj_row(n < I ? p1 : p3, n < I ? n : n - I, H, wrow);
                 double acc = 0;
                 for (int64_t c = 0; c < H; c++) acc += xq[c] * wrow[c];
                 h[n] = acc;
@@ -149,10 +143,9 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
                 double a = ref_swiglu(h[n], h[I + n], cfg->swiglu_limit, cfg->swiglu_variant);
                 a32[n] = (float)a;
             }
-            ref_quantize(cfg, a32, I, w->w2_input_scale[e], aq);
-            const uint8_t *c2 = w->w2_codes + e * H * (I / 2), *s2 = w->w2_sf + e * H * (I / 16);
+            ref_quantize(cfg, a32, I, (float)p2->input_scale, aq);
             for (int64_t n = 0; n < H; n++) {
-                ref_weight_row(c2, s2, n, I, w->w2_scale_2[e], wrow);
+                epmoe_ref_proj_row(p2, n, I, wrow);
                 double acc = 0;
                 for (int64_t c = 0; c < I; c++) acc += aq[c] * wrow[c];
                 o[n] += wts[t * k + j] * acc;
@@ -161,7 +154,7 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
         /* shared expert, dense, same clamp */
         /* the config decides: a routed-only run (n_shared_experts = 0) of weights that carry a
          * shared expert must not add it */
-        const int64_t Is = cfg->n_shared_experts > 0 ? w->shared_inter : 0;
+        const int64_t Is = cfg->n_shared_experts > 0 ? w->Is : 0;
         if (Is > 0) {
             double *hs = malloc((size_t)(2 * Is) * sizeof(double));
             for (int64_t n = 0; n < 2 * Is; n++) {
@@ -187,4 +180,24 @@ epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_
     if (!ids_out) free(ids);
     if (!weights_out) free(wts);
     return EPMOE_OK;
+}
+
+epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
+                                     const float *x, const int32_t *token_ids, int64_t T,
+                                     double *out, int32_t *ids_out, double *weights_out) {
+    epmoe_ref_weights view;
+    EPMOE_TRY(epmoe_ref_weights_from_layer(cfg, w, &view));
+    epmoe_status st = epmoe_ref_forward(cfg, &view, x, token_ids, T, out, ids_out, weights_out);
+    epmoe_ref_weights_free(&view);
+    return st;
+}
+
+epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights *w,
+                             const float *x, const int32_t *token_ids, int64_t T,
+                             int32_t *ids_out, double *weights_out) {
+    epmoe_ref_weights view;
+    EPMOE_TRY(epmoe_ref_weights_from_layer(cfg, w, &view));
+    epmoe_status st = epmoe_ref_route_w(cfg, &view, x, token_ids, T, ids_out, weights_out);
+    epmoe_ref_weights_free(&view);
+    return st;
 }

@@ -10,10 +10,20 @@
 
 #include "common/config.h"
 #include "common/status.h"
+#include "tests/ref/ref_weights.h"
 #include "worker/expert_weights.h"
 
-/* w must hold every expert (slice [0, E)). out[T, H] in float64; ids_out[T, k] and
- * weights_out[T, k] (optional) receive the reference routing in slot order. */
+/* Every expert of one layer (ref_weights.h: read from a checkpoint of any layout, or viewed from
+ * loaded weights). out[T, H] in float64; ids_out[T, k] and weights_out[T, k] (optional)
+ * receive the reference routing in slot order. */
+epmoe_status epmoe_ref_forward(const epmoe_config *cfg, const epmoe_ref_weights *w,
+                               const float *x, const int32_t *token_ids, int64_t T, double *out,
+                               int32_t *ids_out, double *weights_out);
+epmoe_status epmoe_ref_route_w(const epmoe_config *cfg, const epmoe_ref_weights *w,
+                               const float *x, const int32_t *token_ids, int64_t T,
+                               int32_t *ids_out, double *weights_out);
+
+/* The same on a rank's loaded weights, which must hold every expert (slice [0, E)). */
 epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
                                      const float *x, const int32_t *token_ids, int64_t T,
                                      double *out, int32_t *ids_out, double *weights_out);
