@@ -352,7 +352,7 @@ static epmoe_status load_proj(loader *ld, int64_t expert, const char *proj, int6
         EPMOE_REQUIRE(!(has_nv && has_mx), EPMOE_ERR_FORMAT,
                       "%s: both %s (NVFP4) and %s (MXFP4) are in the checkpoint: which one the "
                       "weight belongs to is ambiguous",
-                      file_of(ld, nv), nv, mx);
+                      file_of(ld, mx), nv, mx);
         mxfp4 = has_mx;
     }
     return mxfp4 ? load_proj_mxfp4(ld, expert, proj, N, K, dst)
