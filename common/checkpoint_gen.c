@@ -83,20 +83,18 @@ static float approx_normal(epmoe_rng *r) {
 
 /* [N, K] weights: normal with std 1/sqrt(K) times a per-row factor 10^U(-1,1) (two decades,
  * so block and tensor scales vary), plus ~1 outlier per 8192 elements at 10..30 times its
- * row's std. */
-static void fill_weight(epmoe_rng *r, int64_t N, int64_t K, float *x) {
+ * row's std. row_std: N floats of scratch. */
+static void fill_weight(epmoe_rng *r, int64_t N, int64_t K, float *x, float *row_std) {
     float base = 1.0f / sqrtf((float)K);
     for (int64_t n = 0; n < N; n++) {
-        float row_std = base * powf(10.0f, 2.0f * epmoe_rng_uniform(r) - 1.0f);
-        for (int64_t k = 0; k < K; k++) x[n * K + k] = row_std * approx_normal(r);
+        row_std[n] = base * powf(10.0f, 2.0f * epmoe_rng_uniform(r) - 1.0f);
+        for (int64_t k = 0; k < K; k++) x[n * K + k] = row_std[n] * approx_normal(r);
     }
     int64_t outliers = 1 + N * K / 8192;
     for (int64_t i = 0; i < outliers; i++) {
         int64_t at = (int64_t)epmoe_rng_below(r, (uint64_t)(N * K));
         float sign = (epmoe_rng_next(r) & 1) ? 1.0f : -1.0f;
-        float row_amax = 0.0f; /* the row's scale, recovered from its values */
-        for (int64_t k = 0; k < K; k++) row_amax = fmaxf(row_amax, fabsf(x[at / K * K + k]));
-        x[at] = sign * (row_amax / 3.46f) * (10.0f + 20.0f * epmoe_rng_uniform(r));
+        x[at] = sign * row_std[at / K] * (10.0f + 20.0f * epmoe_rng_uniform(r));
     }
 }
 
@@ -128,7 +126,10 @@ static void fp8_block_quantize(float *x, int64_t N, int64_t K, int64_t b, uint8_
             int64_t k_end = (bj + 1) * b < K ? (bj + 1) * b : K;
             float amax = 0.0f;
             for (int64_t n = bi * b; n < n_end; n++)
-                for (int64_t k = bj * b; k < k_end; k++) amax = fmaxf(amax, fabsf(x[n * K + k]));
+                for (int64_t k = bj * b; k < k_end; k++) {
+                    float a = fabsf(x[n * K + k]);
+                    amax = a > amax ? a : amax;
+                }
             int e = 0;
             if (amax > 0.0f) {
                 frexpf(amax / EPMOE_E4M3_MAX, &e); /* amax/448 = m 2^e, m in [0.5, 1) */
@@ -512,6 +513,7 @@ static epmoe_status plan_build(gen_plan *p, const epmoe_config *cfg, const epmoe
 
 typedef struct {
     float *values;      /* [N, K] fp32, the largest projection */
+    float *row_std;     /* [N] */
     uint8_t *codes;     /* [N, K] bytes: FP4 pairs or FP8 */
     uint8_t *scales;    /* [N, K/16] or FP8 block scales */
     uint8_t *chunk;     /* MISC_CHUNK bytes */
@@ -522,6 +524,7 @@ typedef struct {
 
 static void scratch_free(scratch *s) {
     free(s->values);
+    free(s->row_std);
     free(s->codes);
     free(s->scales);
     free(s->chunk);
@@ -538,13 +541,15 @@ static epmoe_status scratch_alloc(scratch *s, const epmoe_config *cfg) {
     size_t gate = (size_t)(cfg->n_routed_experts * H);
     if (gate > nk) nk = gate;
     s->values = malloc(nk * sizeof(float));
+    int64_t rows = H > I ? H : I;
+    s->row_std = malloc((size_t)(rows > Is ? rows : Is) * sizeof(float));
     s->codes = malloc(nk * 4); /* FP8 codes, or a gate/bias/tid2eid staged as bytes */
     s->scales = malloc(nk / EPMOE_NVFP4_BLOCK + 64);
     s->chunk = malloc(MISC_CHUNK);
     s->sample_w = malloc((size_t)cfg->n_routed_experts * sizeof(double));
     s->taken = malloc((size_t)cfg->n_routed_experts);
     s->ids = malloc((size_t)(cfg->vocab_size * cfg->top_k) * sizeof(int32_t));
-    if (!s->values || !s->codes || !s->scales || !s->chunk || !s->sample_w || !s->taken ||
+    if (!s->values || !s->row_std || !s->codes || !s->scales || !s->chunk || !s->sample_w || !s->taken ||
         !s->ids) {
         scratch_free(s);
         EPMOE_FAIL(EPMOE_ERR_OOM, "generator scratch for [%lld, %lld] projections", (long long)H,
@@ -579,7 +584,7 @@ static epmoe_status produce_expert(const gen_plan *p, const gen_job *j, scratch 
     proj_dims(cfg, j->proj, &N, &K);
     epmoe_rng r;
     stream_seed(&r, (uint64_t)cfg->seed, j->layer, j->expert, STREAM_EXPERT_W1 + j->proj);
-    fill_weight(&r, N, K, s->values);
+    fill_weight(&r, N, K, s->values, s->row_std);
     if (cfg->weight_format == EPMOE_WEIGHTS_MXFP4) {
         for (int64_t n = 0; n < N; n++)
             epmoe_mxfp4_quantize_row(s->values + n * K, (size_t)K, s->codes + n * (K / 2),
@@ -612,7 +617,7 @@ static epmoe_status produce_shared(const gen_plan *p, const gen_job *j, scratch 
     shared_dims(cfg, j->proj, &N, &K);
     epmoe_rng r;
     stream_seed(&r, (uint64_t)cfg->seed, j->layer, -1, STREAM_SHARED_W1 + j->proj);
-    fill_weight(&r, N, K, s->values);
+    fill_weight(&r, N, K, s->values, s->row_std);
     fp8_block_quantize(s->values, N, K, cfg->fp8_block_size, s->codes, s->scales);
     if (p->real) {
         EPMOE_TRY(put(p, j->first, s->codes));
@@ -778,7 +783,7 @@ static double measure_rate(const gen_plan *p) {
     double t0 = now_seconds();
     epmoe_rng r;
     stream_seed(&r, (uint64_t)cfg->seed, 0, 0, STREAM_EXPERT_W1);
-    fill_weight(&r, N, K, s.values);
+    fill_weight(&r, N, K, s.values, s.row_std);
     float gs = epmoe_nvfp4_global_sf(epmoe_amax(s.values, (size_t)(N * K)));
     for (int64_t n = 0; n < N; n++) {
         if (cfg->weight_format == EPMOE_WEIGHTS_MXFP4)

@@ -60,14 +60,16 @@ size_t epmoe_nvfp4_quantize_row(const float *x, size_t K, float global_sf, uint8
         uint8_t sf = epmoe_float_to_e4m3_satfinite((global_sf * amax16) / EPMOE_E2M1_MAX);
         float sf_value = epmoe_e4m3_to_float(sf);
         block_sf[b] = sf;
-        for (size_t i = 0; i < EPMOE_NVFP4_BLOCK; i++) {
-            uint8_t code = 0;
-            if (sf_value != 0.0f) {
-                float scaled = (xb[i] * global_sf) / sf_value;
-                if (fabsf(scaled) > EPMOE_E2M1_MAX) saturated++;
-                code = epmoe_float_to_e2m1_satfinite(scaled);
-            }
-            put_nibble(codes, b * EPMOE_NVFP4_BLOCK + i, code);
+        uint8_t *out = codes + b * EPMOE_NVFP4_BLOCK / 2;
+        if (sf_value == 0.0f) {
+            memset(out, 0, EPMOE_NVFP4_BLOCK / 2);
+            continue;
+        }
+        for (size_t i = 0; i < EPMOE_NVFP4_BLOCK; i += 2) { /* even element in the low nibble */
+            float lo = (xb[i] * global_sf) / sf_value, hi = (xb[i + 1] * global_sf) / sf_value;
+            saturated += (fabsf(lo) > EPMOE_E2M1_MAX) + (fabsf(hi) > EPMOE_E2M1_MAX);
+            out[i / 2] = (uint8_t)(epmoe_e2m1_rn_satfinite_inline(lo) |
+                                   epmoe_e2m1_rn_satfinite_inline(hi) << 4);
         }
     }
     return saturated;
@@ -113,9 +115,10 @@ void epmoe_mxfp4_quantize_row(const float *x, size_t K, uint8_t *codes, uint8_t 
         /* Multiplying by 2^-shared_exp (a normal fp32 for every shared_exp in range) is exact
          * wherever the result can round to a nonzero code. */
         float inv_scale = pow2f(-shared_exp);
-        for (size_t i = 0; i < EPMOE_MXFP4_BLOCK; i++)
-            put_nibble(codes, b * EPMOE_MXFP4_BLOCK + i,
-                       epmoe_float_to_e2m1_satfinite(xb[i] * inv_scale));
+        uint8_t *out = codes + b * EPMOE_MXFP4_BLOCK / 2;
+        for (size_t i = 0; i < EPMOE_MXFP4_BLOCK; i += 2) /* even element in the low nibble */
+            out[i / 2] = (uint8_t)(epmoe_e2m1_rn_satfinite_inline(xb[i] * inv_scale) |
+                                   epmoe_e2m1_rn_satfinite_inline(xb[i + 1] * inv_scale) << 4);
     }
 }
 
