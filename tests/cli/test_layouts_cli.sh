@@ -83,5 +83,12 @@ cp -r "$work/deepseek" "$work/bad-config"
   "$work/bad-config/config.json"
 expect_refused "config.json disagreeing with the tensors" "config.json.*layers.0.ffn.experts.0.w1.weight" bad-config
 
+# epmoe-gen counts layers with --n-layers; --layers (epmoe-run's range) is refused, not guessed.
+out=$("$build/epmoe-gen" --preset tiny --layers 2 --out "$work/never" 2>&1); rc=$?
+if [ $rc -ne 0 ] && grep -q -- "--n-layers" <<<"$out" && [ ! -e "$work/never" ]; then ok "epmoe-gen --layers refused, pointing to --n-layers"
+else fail "epmoe-gen --layers: rc=$rc, $out"; fi
+grep -q "GiB in .* files" "$work/gen_deepseek.log" && ok "epmoe-gen prints the size and an estimate first" \
+  || fail "epmoe-gen did not print its plan: $(head -2 "$work/gen_deepseek.log")"
+
 echo "$passed passed, $failed failed"
 [ $failed -eq 0 ]
