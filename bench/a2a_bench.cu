@@ -1,5 +1,5 @@
 /* All-to-all benchmark of the expert-parallel dispatch and combine (kernels/cuda/dispatch.h over
- * a device transport, coordinator/transport_nccl.h), an MPI program: one rank per GPU.
+ * a device transport, coordinator/transport/device.h), an MPI program: one rank per GPU.
  *
  *   mpirun -np P a2a_bench [--tokens 4096] [--decode-tokens 128] [--iters 20]
  *
@@ -32,7 +32,7 @@ extern "C" {
 #include "common/rng.h"
 #include "kernels/ops.h"
 }
-#include "coordinator/transport_nccl.h"
+#include "coordinator/transport/device.h"
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/dispatch.h"
 #include "kernels/cuda/ops_cuda.h"

@@ -41,7 +41,7 @@ def run(cmd, env=None):
 def forward_seconds(build, ckpt, inp, out, ranks, repeat):
     best = None
     for _ in range(repeat):
-        text = run(["mpirun", "-np", str(ranks), f"{build}/epmoe-run", "--checkpoint", ckpt,
+        text = run(["mpirun", "-np", str(ranks), f"{build}/bin/epmoe-run", "--checkpoint", ckpt,
                     "--input", inp, "--output", out, "--quiet"], env=mpi_env())
         m = re.search(r"forward ([0-9.]+) s", text)
         if not m:
@@ -66,12 +66,12 @@ def main():
     ranks = [int(r) for r in a.ranks.split(",")]
     ckpt = os.path.join(a.out, f"ckpt-{a.preset}-{a.layers}")
     if not os.path.isdir(ckpt):
-        run([f"{a.build}/epmoe-gen", "--preset", a.preset, "--n_layers", str(a.layers), "--out", ckpt])
+        run([f"{a.build}/bin/epmoe-gen", "--preset", a.preset, "--n_layers", str(a.layers), "--out", ckpt])
 
     def make_input(tokens):
         path = os.path.join(a.out, f"in-{a.preset}-{tokens}.safetensors")
         if not os.path.exists(path):
-            run([f"{a.build}/epmoe-gen", "--preset", a.preset, "--input-out", path,
+            run([f"{a.build}/bin/epmoe-gen", "--preset", a.preset, "--input-out", path,
                  "--tokens", str(tokens), "--dtype", "bf16"])
         return path
 

@@ -1,5 +1,5 @@
 /* End-to-end expert-parallel layer throughput on 1 or more GPUs (issue 6's scaling figure), an
- * MPI program: one rank per GPU, coordinator/gpu_engine.h in throughput mode over NCCL.
+ * MPI program: one rank per GPU, coordinator/engine/gpu_engine.h in throughput mode over NCCL.
  *
  *   mpirun -np P ep_layer_bench [--preset dsv4-flash] [--tokens 4096] [--iters 10]
  *
@@ -9,7 +9,7 @@
  * shared expert. Time per forward = from a barrier to the end of epmoe_gpu_engine_sync (host
  * clock; the forward waits for its counts once), median of `iters` after 2 warm-ups, the
  * slowest rank's. tokens/s = P * tokens / that time. Run at P = 1 and P = 2 with the same
- * tokens per rank (weak scaling) and with P * tokens fixed (strong): bench/ep_scaling.sh.
+ * tokens per rank (weak scaling) and with P * tokens fixed (strong): bench/ep-scaling.sh.
  */
 #include <algorithm>
 #include <cstdio>
@@ -24,8 +24,8 @@
 #include "bench/bench_weights.h"
 #include "common/config.h"
 #include "common/layout.h"
-#include "coordinator/gpu_engine.h"
-#include "coordinator/transport_nccl.h"
+#include "coordinator/engine/gpu_engine.h"
+#include "coordinator/transport/device.h"
 
 static double now_s() {
     struct timespec ts;

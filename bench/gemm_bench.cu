@@ -85,10 +85,10 @@ static double median_event_ms(F &&run, int reps, int calls_per_run) {
 }
 
 /* Milliseconds of graph replays before the timed batches (--warm-ms). Without them the first
- * call timed after a shape change (AUTO's) took up to 1.18x the time of the same kernel forced
- * later at the same shape (v7 log: Pro W13 and W2 at 8 rows, right after the power-capped
- * 3072-row shapes; the cause is not measured, bench/RESULTS.md v8), so every call is timed
- * after running on its own for a while. torch_grouped_mm.py warms the same way. */
+ * call timed after a shape change (AUTO's) could take much longer than the same kernel forced
+ * later at the same shape (right after the power-capped prefill shapes; the cause is not
+ * measured: docs/perf-history.md §1), so every call is timed after running on its own for a
+ * while. torch_grouped_mm.py warms the same way. */
 static double g_warm_ms = 200.0;
 
 /* Device time per call: the calls are captured once into a CUDA graph (as the layer runs them),

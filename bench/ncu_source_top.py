@@ -1,4 +1,4 @@
-"""Summarizes an Nsight Compute source-page CSV (bench/ncu_source.sh): the share of each stall
+"""Summarizes an Nsight Compute source-page CSV (bench/ncu-source.sh): the share of each stall
 reason over all sampled warp cycles, then the instructions with the most samples, each with its
 top three stall reasons and the SASS around it.
 

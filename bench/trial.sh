@@ -1,23 +1,28 @@
 #!/usr/bin/env bash
-# A/B trial of changes that are not on main yet, in one device call (GPU machine, repo root,
-# carry .carry): the tree as it is (A) and the tree with each patch applied on its own (B1, B2,
-# ...; one build directory, so a patch costs an incremental build). Each variant is built and
-# its GPU op and GEMM suites run; then the whole layer (both presets, decode sizes) and AUTO's
-# GEMM at 8 and 16 rows (overlapped and serial launch) are timed for every variant in turn, on
-# the same machine, in rounds (A B1 B2 .., then .. B2 B1 A). A change goes to main only with
-# its B/A figures in bench/RESULTS.md.
-#   bash bench/trial.sh <patch> [<patch> ...] [--reps N] [--gemm-rows 8,16] [--gemm-kernels 5]
-# (--gemm-rows/--gemm-kernels: what gemm_bench times beside AUTO, e.g. prefill rows 768,3072
-# and the WS kernels 9,10 for a change to the prefill kernels; --no-layer skips the whole-layer
-# timing, for a change the GEMM timing alone decides; --layer-rows 8,32,96 its rows per expert;
-# --no-test skips the suites, for the ablation patches, which break the output on purpose;
-# --rounds N times every variant N times, the order reversed each round, because a variant timed
-# after another ran 1-3% faster in v10: a no-op change measured "0.97-1.0x" that way)
-# The patches wait in bench/trials/ (each says in its diff what it changes; RESULTS says why).
-# Everything lands in $OUT/trial.tgz (plus a summary on stdout); variant Bi is the i-th patch.
+# A/B comparison of two or more versions of the code on one GPU machine, in one run: each
+# version is built in its own build directory, its GPU op and GEMM suites run, then the whole
+# layer (both presets, decode sizes) and the GEMMs are timed for every version in turn, in
+# rounds whose order is reversed each round (A B1 B2 .., then .. B2 B1 A), because a version
+# timed right after another runs 1-3% faster (docs/perf-history.md §1).
+#
+#   bash bench/trial.sh <A> <B1> [<B2> ...] [--reps N] [--rounds N] [--gemm-rows 8,16]
+#                       [--gemm-kernels 5] [--no-layer] [--layer-rows 8,32,96] [--no-test]
+#
+# Each version is a git revision of this repository (a commit, branch or tag; exported with
+# `git archive`, so uncommitted changes are not part of it) or a directory holding a source
+# tree (for a machine without the repository's history: export the trees beforehand with
+# `git archive <rev> | tar -x -C <dir>`). The first is the baseline A; every ratio is Bi / A.
+# Options: --gemm-rows/--gemm-kernels: what gemm_bench times beside AUTO (e.g. prefill rows
+# 768,3072 and the WS kernel 9 for a change to the prefill kernels); --no-layer skips the
+# whole-layer timing; --layer-rows its rows per expert; --no-test skips the suites (for
+# timing-only ablations that break the output on purpose); --rounds N (default 2). A no-op
+# change measures 0.97-1.01x this way: effects under ~2% are not resolved by one run.
+#
+# Needs: a CUDA GPU (sm_90), the CUDA toolkit, CMake and MPI, and git when revisions are given.
+# Output: $OUT/trial.tgz (default ./out; every log, JSON and a variants.txt naming each version)
+# and a summary on stdout. B/A tables: python3 bench/trial_table.py <unpacked epmoe-trial>.
 set -uo pipefail
-cd "$(dirname "$0")/.."
-PATCHES=()
+VERSIONS=()
 REPS=10
 GEMM_ROWS=8,16
 GEMM_KERNELS=5
@@ -34,36 +39,60 @@ while [ $# -gt 0 ]; do
     --layer-rows) LAYER_ROWS="$2"; shift 2 ;;
     --no-test) TEST=0; shift ;;
     --rounds) ROUNDS="$2"; shift 2 ;;
-    *) [ -f "$1" ] || { echo "no patch file $1"; exit 2; }; PATCHES+=("$(realpath "$1")"); shift ;;
+    --*) echo "unknown option $1"; exit 2 ;;
+    *) if [ -d "$1" ]; then VERSIONS+=("$(realpath "$1")"); else VERSIONS+=("$1"); fi; shift ;;
   esac
 done
-[ ${#PATCHES[@]} -ge 1 ] || { echo "usage: bash bench/trial.sh <patch> [<patch> ...] [--reps N]"; exit 2; }
+[ ${#VERSIONS[@]} -ge 2 ] || {
+  echo "usage: bash bench/trial.sh <A> <B1> [<B2> ...] [options]  (git revisions or source directories)"
+  exit 2
+}
+cd "$(dirname "$0")/.."
 source deploy/gpu-env.sh
 FINAL_OUT="${OUT:-$PWD/out}"
 mkdir -p "$FINAL_OUT"
 R=/tmp/epmoe-trial
 rm -rf "$R"; mkdir -p "$R"
-BUILD=build-trial
 pack() { tar -C /tmp -czf "$FINAL_OUT/trial.tgz" epmoe-trial; }
 rc=0
 
-# build and check the tree as it is now, as variant $1; its benchmarks are kept in $R/bin_$1
-# (the libraries are static, so each copy is that variant alone)
+# the source tree of version $2 into $R/src_$1
+export_tree() {
+  local v="$1" what="$2"
+  mkdir -p "$R/src_$v"
+  if [ -d "$what" ]; then
+    cp -a "$what/." "$R/src_$v/"
+  elif git rev-parse --verify --quiet "$what^{commit}" > /dev/null; then
+    git archive "$what" | tar -x -C "$R/src_$v"
+  else
+    echo "$v: '$what' is neither a directory nor a git revision"; return 1
+  fi
+}
+
+# a program of build directory $1: programs land in bin/ (older trees: bench/, tests/gpu/)
+find_bin() {
+  local d
+  for d in bin bench tests/gpu; do [ -x "$1/$d/$2" ] && { echo "$1/$d/$2"; return 0; }; done
+  echo "$1/bin/$2"
+}
+
+# build and check version $1; its benchmarks are kept in $R/bin_$1 (the libraries are static,
+# so each copy is that version alone)
 variant() {
-  local v="$1"
-  { cmake -S . -B $BUILD -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS=90a -DEPMOE_SERVICE=OFF \
+  local v="$1" src="$R/src_$1" build="$R/build_$1"
+  { cmake -S "$src" -B "$build" -DEPMOE_CUDA=ON -DEPMOE_CUDA_ARCHS=90a -DEPMOE_SERVICE=OFF \
       -DCMAKE_BUILD_TYPE=Release && \
-    cmake --build $BUILD -j"$(nproc)" --target test_gpu_ops test_gemm layer_bench gemm_bench; } \
-    > "$R/build_$v.log" 2>&1 || { echo "$v: build failed"; tail -20 "$R/build_$v.log"; rc=1; return; }
+    cmake --build "$build" -j"$(nproc)" --target test_gpu_ops test_gemm layer_bench gemm_bench; } \
+    > "$R/build_$v.log" 2>&1 || { echo "$v: build failed"; tail -20 "$R/build_$v.log"; rc=1; return 1; }
   [ "$TEST" = 1 ] && for t in test_gpu_ops test_gemm; do
-    timeout 600 ./$BUILD/tests/gpu/$t > "$R/${t}_$v.log" 2>&1 || rc=1
+    timeout 600 "$(find_bin "$build" $t)" > "$R/${t}_$v.log" 2>&1 || rc=1
     echo "$v $t: $(tail -1 "$R/${t}_$v.log")"
   done
   mkdir -p "$R/bin_$v"
-  cp $BUILD/bench/layer_bench $BUILD/bench/gemm_bench "$R/bin_$v/"
+  cp "$(find_bin "$build" layer_bench)" "$(find_bin "$build" gemm_bench)" "$R/bin_$v/"
 }
 
-# time variant $1 once, as round $2 (files *_$1_r$2.*)
+# time version $1 once, as round $2 (files *_$1_r$2.*)
 timing() {
   local v="$1" k="$2"
   [ "$LAYER" = 1 ] && for preset in dsv4-flash dsv4-pro; do
@@ -74,18 +103,19 @@ timing() {
     --kernels "$GEMM_KERNELS" --no-row-major --serial-too > "$R/gemm_${v}_r$k.log" 2>&1 || rc=1
 }
 
-variant A
-VARIANTS=(A)
-i=0
-for PATCH in "${PATCHES[@]}"; do
-  i=$((i + 1))
-  echo "B$i = $(basename "$PATCH")" | tee -a "$R/variants.txt"
-  patch -p1 < "$PATCH" > "$R/patch_B$i.log" 2>&1 || { echo "B$i does not apply:"; cat "$R/patch_B$i.log"; rc=1; continue; }
-  variant "B$i"
-  VARIANTS+=("B$i")
-  patch -R -p1 < "$PATCH" > /dev/null 2>&1
+VARIANTS=()
+for i in "${!VERSIONS[@]}"; do
+  v=A; [ "$i" -gt 0 ] && v="B$i"
+  what="${VERSIONS[$i]}"
+  desc="$what"
+  [ -d "$what" ] || desc="$what ($(git rev-parse --short "$what^{commit}" 2>/dev/null))"
+  echo "$v = $desc"
+  export_tree "$v" "$what" || { rc=1; continue; }
+  variant "$v" && { VARIANTS+=("$v"); echo "$v = $desc" >> "$R/variants.txt"; }
+  rm -rf "$R/src_$v" "$R/build_$v"
 done
 pack
+[ "${VARIANTS[0]:-}" = A ] || { echo "the baseline A did not build"; exit 1; }
 
 ORDER=("${VARIANTS[@]}")
 for k in $(seq 1 "$ROUNDS"); do

@@ -1,10 +1,10 @@
-"""The B/A table of a bench/trial.sh run: for every GEMM shape, AUTO's time in variant A and each
-variant's time over A's in the same round (then their geometric mean over the rounds).
+"""The B/A table of a bench/trial.sh run: for every GEMM shape, AUTO's time in version A and each
+version's time over A's in the same round (then their geometric mean over the rounds).
 
     python3 bench/trial_table.py <unpacked epmoe-trial folder> [--markdown]
 
 Reads variants.txt and gemm_<variant>_r<round>.json (or gemm_<variant>.json, the single-round
-files of trial.sh before v11). A ratio below 1 is the variant being faster.
+files of older archives). A ratio below 1 is the version being faster.
 """
 import glob
 import json
@@ -24,7 +24,7 @@ def records(path):
 def main():
     folder = sys.argv[1]
     markdown = "--markdown" in sys.argv
-    names = {"A": "the tree as committed"}
+    names = {"A": "the baseline"}
     with open(os.path.join(folder, "variants.txt")) as f:
         for line in f:
             v, _, patch = line.strip().partition(" = ")

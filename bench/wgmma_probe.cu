@@ -11,7 +11,7 @@
  *              (weight_fragment_slice on register-resident codes): the WS kernel's consumer
  *              with its data already in registers
  *   rs-dequant-1wg  the same with one warpgroup per SM instead of two: what a warpgroup
- *              alone issues (the ping-pong schedule of bench/RESULTS.md v10 runs one at a time)
+ *              alone issues (a ping-pong schedule runs one at a time: docs/perf-history.md §4)
  *   rs-dequant-smem the same (two warpgroups) with each step's codes and scale bytes read
  *              from shared memory and the scales converted, as the WS consumer does
  * Prints TFLOP/s per mode and the ratio to ss. Shared memory holds random bf16 in [1, 2)

@@ -1,5 +1,5 @@
-/* The checkpoint layouts (DESIGN §4, docs/checkpoints.md) in one place: tensor names, the
- * metadata keys, reading a model directory's config.json, and the synthetic checkpoint
+/* The checkpoint layouts (docs/design.md §4.1, docs/checkpoints.md) in one place: tensor names,
+ * the metadata keys, reading a model directory's config.json, and the synthetic checkpoint
  * generator that writes every layout.
  *
  * Tensors of MoE layer L in epmoe-gen's own layout (one file per layer,

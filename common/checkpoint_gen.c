@@ -23,6 +23,7 @@
 #include "common/checkpoint.h"
 #include "common/formats.h"
 #include "common/nvfp4.h"
+#include "common/paths.h"
 #include "common/rng.h"
 
 #define NAME_CAP 160
@@ -824,11 +825,10 @@ static epmoe_status plan_write(gen_plan *p) {
     epmoe_status st = EPMOE_OK;
     for (int f = 0; f < p->n_files && st == EPMOE_OK; f++) {
         gen_file *file = &p->files[f];
-        file->fd = open(file->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-        if (file->fd < 0)
-            st = epmoe_set_error(EPMOE_ERR_IO, __FILE__, __LINE__, "%s: cannot create: %s",
-                                 file->tmp, strerror(errno));
-        else if (ftruncate(file->fd, (off_t)file->bytes) != 0)
+        /* never through a symlink or into a device planted at the temp name (common/paths.h) */
+        st = epmoe_open_regular_fd_for_write(file->tmp, &file->fd);
+        if (st != EPMOE_OK) break;
+        if (ftruncate(file->fd, (off_t)file->bytes) != 0)
             st = epmoe_set_error(EPMOE_ERR_IO, __FILE__, __LINE__,
                                  "%s: cannot size to %llu bytes: %s", file->tmp,
                                  (unsigned long long)file->bytes, strerror(errno));
@@ -891,9 +891,27 @@ static epmoe_status write_json(json_t *root, const char *dir, const char *file) 
     int n = snprintf(path, sizeof path, "%s/%s", dir, file);
     EPMOE_REQUIRE(root != NULL && n > 0 && (size_t)n < sizeof path, EPMOE_ERR_OOM, "%s/%s", dir,
                   file);
-    int rc = json_dump_file(root, path, JSON_INDENT(2));
+    /* like every output: to path.tmp, opened as a regular file only, then renamed over path */
+    char tmp[PATH_CAP + 8];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *fp = NULL;
+    epmoe_status st = epmoe_open_regular_for_write(tmp, &fp);
+    if (st != EPMOE_OK) {
+        json_decref(root);
+        return st;
+    }
+    int rc = json_dumpf(root, fp, JSON_INDENT(2));
     json_decref(root);
-    EPMOE_REQUIRE(rc == 0, EPMOE_ERR_IO, "%s: cannot write", path);
+    if (fclose(fp) != 0) rc = -1;
+    if (rc != 0) {
+        unlink(tmp);
+        EPMOE_FAIL(EPMOE_ERR_IO, "%s: cannot write", tmp);
+    }
+    if (rename(tmp, path) != 0) {
+        int err = errno;
+        unlink(tmp);
+        EPMOE_FAIL(EPMOE_ERR_IO, "cannot rename %s to %s: %s", tmp, path, strerror(err));
+    }
     return EPMOE_OK;
 }
 

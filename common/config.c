@@ -1,5 +1,6 @@
 #include "common/config.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <math.h>
 #include <stddef.h>
@@ -12,6 +13,7 @@ static const char *const weight_format_names[] = {"nvfp4", "mxfp4", NULL};
 static const char *const layout_names[] = {"epmoe", "deepseek", "nvidia-nvfp4", NULL};
 static const char *const act_quant_names[] = {"nvfp4", "high", NULL};
 static const char *const act_scale_names[] = {"per_row", "static", NULL};
+static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
 
 #define OFF(field) offsetof(epmoe_config, field)
 #define M EPMOE_CFG_MODEL
@@ -67,13 +69,20 @@ static const epmoe_cfg_entry table[] = {
      "tokens one rank holds at most per forward; sizes the worst-case buffers"},
     {"seed", EPMOE_CFG_INT, R, OFF(seed), 0, 1e15, "1234", NULL,
      "seed for synthetic weights and inputs"},
-    {"cpu_weight_cache_mb", EPMOE_CFG_INT, R, OFF(cpu_weight_cache_mb), 0, 1 << 20, "1024", NULL,
+    {"cpu_weight_cache_mib", EPMOE_CFG_INT, R, OFF(cpu_weight_cache_mib), 0, 1 << 20, "1024", NULL,
      "CPU path: keep every local expert dequantized if all layers fit in this many MiB per rank "
      "(0 = dequantize per forward)"},
+    {"backend", EPMOE_CFG_ENUM, R, OFF(backend), 0, 0, "auto", backend_names,
+     "where the layers run: cpu (MPI ranks), cuda (one rank per GPU), or auto (cuda when this "
+     "build has CUDA and every rank sees a GPU, else cpu)"},
+    {"decode_tokens", EPMOE_CFG_INT, R, OFF(decode_tokens), 0, 4096, "64", NULL,
+     "cuda backend: forwards whose largest per-rank shard is at most this many tokens replay a "
+     "captured CUDA graph with a fixed capacity of this many tokens per peer (0 = never)"},
     {"collective_timeout_s", EPMOE_CFG_DOUBLE, R, OFF(collective_timeout_s), 0.0, 86400.0, "300",
      NULL,
-     "GPU transports (nccl, mpi-staged): a collective not finished after this many seconds (a "
-     "peer died or hung) is aborted with an error naming the timeout (0 = wait forever)"},
+     "every transport (mpi, nccl, mpi-staged): a collective not finished after this many seconds "
+     "(a peer died or hung) is abandoned with an error naming the step and, where the transport "
+     "can tell, the silent peers; the job cannot continue after it (0 = wait forever)"},
 };
 
 #undef M
@@ -134,7 +143,10 @@ static epmoe_status set_entry(void *base, const epmoe_cfg_entry *e, const char *
         char *end = NULL;
         errno = 0;
         long long v = strtoll(value, &end, 10);
-        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0', EPMOE_ERR_INVALID_ARG,
+        /* the whole text and nothing else: no leading blanks (strtoll skips them), no trailing
+         * characters ("12x", "5 ") */
+        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0' && !isspace((unsigned char)value[0]),
+                      EPMOE_ERR_INVALID_ARG,
                       "setting %s: '%s' is not an integer", e->name, value);
         EPMOE_REQUIRE((double)v >= e->min && (double)v <= e->max, EPMOE_ERR_INVALID_ARG,
                       "setting %s: %lld outside [%.0f, %.0f]", e->name, v, e->min, e->max);
@@ -145,7 +157,8 @@ static epmoe_status set_entry(void *base, const epmoe_cfg_entry *e, const char *
         char *end = NULL;
         errno = 0;
         double v = strtod(value, &end);
-        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0' && isfinite(v),
+        EPMOE_REQUIRE(errno == 0 && end != value && *end == '\0' && isfinite(v) &&
+                          !isspace((unsigned char)value[0]),
                       EPMOE_ERR_INVALID_ARG, "setting %s: '%s' is not a finite number", e->name,
                       value);
         EPMOE_REQUIRE(v >= e->min && v <= e->max, EPMOE_ERR_INVALID_ARG,
@@ -292,7 +305,9 @@ void epmoe_cfg_table_print(const void *base, const epmoe_cfg_entry *t, int n, in
         char value[300];
         epmoe_cfg_entry_format(base, &t[i], value, sizeof value);
         char bounds[96] = "";
-        if (t[i].type == EPMOE_CFG_INT || t[i].type == EPMOE_CFG_DOUBLE)
+        if (t[i].type == EPMOE_CFG_INT) /* integers as integers: 1048576, not 1.04858e+06 */
+            snprintf(bounds, sizeof bounds, " [%.0f..%.0f]", t[i].min, t[i].max);
+        else if (t[i].type == EPMOE_CFG_DOUBLE)
             snprintf(bounds, sizeof bounds, " [%g..%g]", t[i].min, t[i].max);
         fprintf(out, "%-22s = %-14s # %s%s (default '%s')\n", t[i].name, value, t[i].help,
                 bounds, t[i].def);
@@ -359,6 +374,20 @@ epmoe_status epmoe_config_parse_args(epmoe_config *cfg, int *argc, char **argv,
             value = argv[i + 1];
         }
         EPMOE_TRY(epmoe_config_preset(cfg, value));
+    }
+    /* Runtime settings from the environment (EPMOE_BACKEND=cuda, ...), so a job script or a
+     * test harness can choose them for every program at once; the command line wins. */
+    for (int i = 0; i < TABLE_N; i++) {
+        if (table[i].scope != EPMOE_CFG_RUNTIME) continue;
+        char var[80] = "EPMOE_";
+        size_t n = strlen(var);
+        for (const char *c = table[i].name; *c && n + 1 < sizeof var; c++)
+            var[n++] = (char)(*c >= 'a' && *c <= 'z' ? *c - 'a' + 'A' : *c);
+        var[n] = 0;
+        const char *value = getenv(var);
+        if (!value || !*value) continue;
+        epmoe_status st = epmoe_cfg_table_set(cfg, table, TABLE_N, table[i].name, value);
+        if (st != EPMOE_OK) return epmoe_add_context(st, "environment variable %s", var);
     }
     int out = 1;
     for (int i = 1; i < *argc; i++) {

@@ -1,5 +1,5 @@
 /* Configuration: one table declares every setting once, with its type, bounds, default and
- * help (common/config.c). Presets (DESIGN §2) are rows of overrides on top of the defaults; a
+ * help (common/config.c). Presets (docs/design.md §6) are rows of overrides on the defaults; a
  * checkpoint's metadata carries the model settings it was written with, and command-line
  * `--name value` pairs come last. Every program prints the effective values with
  * --print-config.
@@ -43,6 +43,9 @@ typedef enum { EPMOE_ACT_NVFP4 = 0, EPMOE_ACT_HIGH = 1 } epmoe_act_quant;
  * calibrated input_scale (block scales saturate and are counted, never Inf). */
 typedef enum { EPMOE_ACT_SCALE_PER_ROW = 0, EPMOE_ACT_SCALE_STATIC = 1 } epmoe_act_scale;
 
+/* Where the layers run (coordinator/engine/backend.h). */
+typedef enum { EPMOE_BACKEND_AUTO = 0, EPMOE_BACKEND_CPU = 1, EPMOE_BACKEND_CUDA = 2 } epmoe_backend_kind;
+
 typedef struct {
     /* model */
     char preset[32];
@@ -70,7 +73,9 @@ typedef struct {
     int64_t act_scale;         /* epmoe_act_scale */
     int64_t max_tokens_per_rank; /* sizes the worst-case buffers (dropless) */
     int64_t seed;
-    int64_t cpu_weight_cache_mb; /* dequantized expert weights kept per rank (CPU path) */
+    int64_t cpu_weight_cache_mib; /* dequantized expert weights kept per rank (CPU path) */
+    int64_t backend;           /* epmoe_backend_kind */
+    int64_t decode_tokens;     /* cuda: per-rank capacity of the captured decode graph */
     double collective_timeout_s; /* GPU transports: abort a collective unfinished after this */
 } epmoe_config;
 
@@ -120,7 +125,8 @@ epmoe_status epmoe_config_validate(const epmoe_config *cfg);
 /* "name = value   # help" for every entry, model settings first. */
 void epmoe_config_print(const epmoe_config *cfg, FILE *out);
 
-/* Command-line helper shared by the programs: consumes every `--name value` (or
+/* Command-line helper shared by the programs: applies runtime settings given in the
+ * environment as EPMOE_<NAME> (EPMOE_BACKEND=cpu), then consumes every `--name value` (or
  * `--name=value`) whose name is a config entry, plus `--preset NAME` (applied first wherever it
  * appears) and leaves other arguments in argv (argc updated). Sets *print_config when
  * --print-config was given. */

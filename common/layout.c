@@ -15,6 +15,23 @@ epmoe_status epmoe_slice_of_rank(int64_t n_experts, int n_ranks, int rank,
     return EPMOE_OK;
 }
 
+void epmoe_shard_of_rank(int64_t T, int n_ranks, int rank, int64_t *start, int64_t *count) {
+    const int64_t base = T / n_ranks, extra = T % n_ranks;
+    *start = rank * base + (rank < extra ? rank : extra);
+    *count = base + (rank < extra ? 1 : 0);
+}
+
+epmoe_dispatch_capacity epmoe_dispatch_capacity_of(int64_t max_tokens, int64_t top_k, int n_ranks,
+                                                   int64_t n_local) {
+    const int64_t P = n_ranks, k_local = top_k < n_local ? top_k : n_local;
+    epmoe_dispatch_capacity c;
+    c.send_rows = max_tokens * (top_k < P ? top_k : P);
+    c.recv_rows = P * max_tokens;
+    c.pairs = c.recv_rows * k_local;
+    c.return_rows = max_tokens * top_k;
+    return c;
+}
+
 epmoe_status epmoe_owner_of_expert(int64_t n_experts, int n_ranks, int64_t expert, int *rank) {
     EPMOE_REQUIRE(expert >= 0 && expert < n_experts, EPMOE_ERR_RANGE,
                   "expert id %lld outside [0, %lld)", (long long)expert, (long long)n_experts);

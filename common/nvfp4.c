@@ -1,4 +1,4 @@
-/* NVFP4 and MXFP4 block quantization (DESIGN §3).
+/* NVFP4 and MXFP4 block quantization (docs/design.md §3.4, §3.5).
  *
  * The fp32 arithmetic here is the contract the CUDA kernels reproduce bit for bit: each
  * expression is a sequence of single IEEE operations in a fixed order (products, then the

@@ -1,4 +1,4 @@
-/* NVFP4 and MXFP4 block formats (DESIGN §3).
+/* NVFP4 and MXFP4 block formats (docs/design.md §3.4, §3.5).
  *
  * Vocabulary, used by every file that touches these formats:
  *   codes       packed E2M1, two per byte, the even element in the low nibble; K contiguous.
@@ -33,7 +33,7 @@ float epmoe_nvfp4_global_sf(float amax);
 /* Largest |x| over n floats (NaN-propagating: returns NaN if any element is NaN). */
 float epmoe_amax(const float *x, size_t n);
 
-/* Quantize one row of K floats: codes[K/2], block_sf[K/16]. Exactly DESIGN §3:
+/* Quantize one row of K floats: codes[K/2], block_sf[K/16]. Exactly docs/design.md §3.4:
  *   sf    = e4m3_rn_satfinite((global_sf * amax16) / 6)
  *   code  = e2m1_rn_satfinite((x * global_sf) / float(sf))     (code 0 when sf == 0)
  * Returns the number of elements whose |x*global_sf/sf| exceeded 6 (saturated), so that a
@@ -74,7 +74,7 @@ epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *codes, const uint8_t *block_e8m
                                   size_t K, uint8_t *codes_out, uint8_t *block_sf,
                                   float *weight_scale_2, epmoe_mxfp4_conversion *info);
 
-/* Blackwell 128x4 swizzled scale layout (DESIGN §3). For a scale matrix of `rows` x `cols`
+/* Blackwell 128x4 swizzled scales (docs/design.md §4.3). For a scale matrix of `rows` x `cols`
  * (cols = K/16), padded to rows' = ceil(rows/128)*128 and cols' = ceil(cols/4)*4: */
 size_t epmoe_swizzled_sf_size(size_t rows, size_t cols);            /* rows' * cols' bytes */
 size_t epmoe_swizzled_sf_offset(size_t r, size_t c, size_t cols);   /* off(r, c) */

@@ -1,5 +1,7 @@
 #include "common/safetensors.h"
 
+#include "common/paths.h"
+
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -968,11 +970,11 @@ epmoe_status epmoe_st_writer_finish(epmoe_st_writer *w, const char *path) {
     char *tmp = malloc(tmp_len);
     EPMOE_REQUIRE(tmp != NULL, EPMOE_ERR_OOM, "%s: path", path);
     snprintf(tmp, tmp_len, "%s.tmp", path);
-    FILE *fp = fopen(tmp, "wb");
-    if (!fp) {
-        int err = errno;
+    FILE *fp = NULL; /* never through a symlink or into a device planted at the temp name */
+    epmoe_status open_st = epmoe_open_regular_for_write(tmp, &fp);
+    if (open_st != EPMOE_OK) {
         free(tmp);
-        EPMOE_FAIL(EPMOE_ERR_IO, "%s.tmp: cannot create: %s", path, strerror(err));
+        return open_st;
     }
     epmoe_status st = writer_body(w, fp, tmp);
     if (fclose(fp) != 0 && st == EPMOE_OK)

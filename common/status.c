@@ -23,6 +23,7 @@ const char *epmoe_status_name(epmoe_status s) {
     case EPMOE_ERR_NCCL: return "NCCL";
     case EPMOE_ERR_UNSUPPORTED: return "UNSUPPORTED";
     case EPMOE_ERR_INTERNAL: return "INTERNAL";
+    case EPMOE_ERR_PEER_LOST: return "PEER_LOST";
     }
     return "UNKNOWN";
 }
@@ -50,6 +51,11 @@ epmoe_status epmoe_add_context(epmoe_status code, const char *fmt, ...) {
     snprintf(joined, sizeof joined, "%s: %s", prefix, last_error);
     joined[sizeof last_error - 1] = '\0';
     memcpy(last_error, joined, sizeof last_error);
+    return code;
+}
+
+epmoe_status epmoe_set_error_text(epmoe_status code, const char *text) {
+    snprintf(last_error, sizeof last_error, "%s", text);
     return code;
 }
 

@@ -28,7 +28,8 @@ typedef enum {
     EPMOE_ERR_CUDA,        /* a CUDA runtime / cuBLAS call failed */
     EPMOE_ERR_NCCL,        /* an NCCL call failed or timed out */
     EPMOE_ERR_UNSUPPORTED, /* valid request this build or device cannot serve */
-    EPMOE_ERR_INTERNAL     /* a broken invariant: a bug */
+    EPMOE_ERR_INTERNAL,    /* a broken invariant: a bug */
+    EPMOE_ERR_PEER_LOST    /* a peer rank died or hung (collective_timeout_s): the job is over */
 } epmoe_status;
 
 const char *epmoe_status_name(epmoe_status s);
@@ -40,6 +41,9 @@ epmoe_status epmoe_set_error(epmoe_status code, const char *file, int line, cons
 /* Prepends context ("while loading layer 3: ") to the current message; returns code. */
 epmoe_status epmoe_add_context(epmoe_status code, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
+
+/* Records `text` as it is (a message passed on from elsewhere, e.g. another rank's). */
+epmoe_status epmoe_set_error_text(epmoe_status code, const char *text);
 
 const char *epmoe_last_error(void);
 void epmoe_clear_error(void);

@@ -1,5 +1,6 @@
-# Source THERE (the GPU machine): unpacks the carried .debs into /tmp/epmoe-deps (never into /)
-# and points pkg-config, the linker and the loader at them.
+# Source on the GPU machine, from the repository root: unpacks the .debs of .carry/debs, if any
+# (deploy/gpu-deps.sh), into /tmp/epmoe-deps (never into /) and points pkg-config, the linker
+# and the loader at them; sets Open MPI up for one host and finds NCCL.
 #   source deploy/gpu-env.sh
 _epmoe_root=/tmp/epmoe-deps
 if [ ! -d "$_epmoe_root/usr" ]; then
@@ -15,9 +16,12 @@ export PKG_CONFIG_PATH="$_epmoe_root/usr/lib/x86_64-linux-gnu/pkgconfig:${PKG_CO
 export LIBRARY_PATH="$_epmoe_root/usr/lib/x86_64-linux-gnu:${LIBRARY_PATH:-}"
 export LD_LIBRARY_PATH="$_epmoe_root/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}"
 export CPATH="$_epmoe_root/usr/include:$_epmoe_root/usr/include/x86_64-linux-gnu:${CPATH:-}"
+export PATH="$_epmoe_root/usr/bin:$PATH"
+# CMake's find_path/find_library look here too (gRPC without its pkg-config chain)
+export CMAKE_PREFIX_PATH="$_epmoe_root/usr:${CMAKE_PREFIX_PATH:-}"
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_rmaps_base_oversubscribe=1
 export NCCL_NVLS_ENABLE=0
-# NCCL: the CUDA toolkit's when it has nccl.h, else pip's nvidia-nccl (the GPU image has it),
+# NCCL: the CUDA toolkit's when it has nccl.h, else pip's nvidia-nccl (PyTorch brings it),
 # else none (the NCCL transport is then not built). EPMOE_NCCL_ROOT is empty for the toolkit's.
 EPMOE_NCCL_ROOT=""
 if command -v nvcc >/dev/null && [ ! -e "$(dirname "$(command -v nvcc)")/../include/nccl.h" ]; then

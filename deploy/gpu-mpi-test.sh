@@ -4,9 +4,9 @@
 # when every rank has its own GPU, mpi-staged otherwise, both with 1 rank), then the watchdog
 # demonstration (2 ranks: rank 1 hangs, or exits, after a good forward; rank 0 must report the
 # timeout within collective_timeout_s and the job must exit non-zero), then a short a2a_bench.
-#   bash deploy/gpu-mpi-test.sh     (device tool: run(command="bash deploy/gpu-mpi-test.sh",
-#                                     carry=[".carry"]))
-# Logs go to $OUT (or ./out; at most 8 files come back from the device): build.log, tests.log
+#   bash deploy/gpu-mpi-test.sh
+# Needs what deploy/gpu-test.sh needs, and NCCL for the nccl transport (deploy/gpu-env.sh finds
+# it); 2+ GPUs for NCCL between GPUs. Logs go to $OUT (default ./out): build.log, tests.log
 # (P = 1..4, one after the other), watchdog.log, a2a_bench.log, summary.txt. Exit status non-zero if the build or a suite
 # run failed, or if the hang demonstration did not show the watchdog firing.
 set -uo pipefail

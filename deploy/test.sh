@@ -12,6 +12,8 @@ jobs=$(nproc)
 
 echo "== CPU suites (build/)"
 (cd build && ctest --output-on-failure -j "$jobs" --timeout 1500)
+# a suite that could not run here says why (ctest only says "Skipped")
+grep -h "^SKIPPED: " build/Testing/Temporary/LastTest.log 2>/dev/null | sort -u || true
 
 echo "== unit suites under ASan+UBSan (build-asan/)"
 cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPMOE_SANITIZE=ON \

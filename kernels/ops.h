@@ -10,7 +10,11 @@
  *    sigmoid s = 1/(1+expf(-l)).
  *  - top-k: by (s + bias) descending, ties to the lower expert id; slots are filled in that
  *    order, so slot 0 holds the best expert. Summations over slots go in slot order.
- *  - weights: w_i = s[id_i] / (sum over slots of s[id]) * routed_scaling_factor, in fp32.
+ *  - weights: w_i = s[id_i] / (sum over slots of s[id]) * routed_scaling_factor, in fp32,
+ *    computed from log scores so that it cannot underflow for very negative logits:
+ *    r_i = expf(log s[id_i] - max_j log s[id_j]), w_i = r_i / (sum of r in slot order) * rsf;
+ *    log s: sigmoid l < 0 ? l - log1pf(expf(l)) : -log1pf(expf(-l)); sqrtsoftplus
+ *    l < -20 ? l/2 : logf(softplus(l))/2 (kernels/cpu/route.c says why).
  */
 #ifndef EPMOE_OPS_H
 #define EPMOE_OPS_H

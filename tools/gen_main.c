@@ -6,6 +6,8 @@
  *             [--shard-mb M] [--any_setting value ...] [--print-config]
  *   epmoe-gen [--preset P] --input-out FILE --tokens T [--dtype f32|bf16|f16] [--seed S]
  */
+#include <ctype.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +16,7 @@
 
 #include "common/checkpoint.h"
 #include "common/config.h"
+#include "common/paths.h"
 
 static void usage(FILE *out) {
     fprintf(out,
@@ -33,7 +36,8 @@ static void usage(FILE *out) {
             "  --skew X         routing skew toward low expert ids (0 = balanced)\n"
             "  --threads T      writer threads (default: one per CPU)\n"
             "  --shard-mb M     model directories: start a new shard past M MiB (default 4096)\n"
-            "  --input-out FILE write hidden_states [T, H] and token_ids [T]\n");
+            "  --input-out FILE write hidden_states [T, H] and token_ids [T]\n"
+            "  --help, --version\n");
 }
 
 static double now_seconds(void) {
@@ -80,8 +84,9 @@ static int fail(const char *what) {
 
 static int parse_int(const char *flag, const char *text, long long *out) {
     char *end = NULL;
+    errno = 0;
     long long v = strtoll(text, &end, 10);
-    if (end == text || *end != '\0') {
+    if (errno != 0 || end == text || *end != '\0' || isspace((unsigned char)text[0])) {
         fprintf(stderr, "epmoe-gen: %s '%s' is not an integer\n", flag, text);
         return 0;
     }
@@ -118,6 +123,17 @@ static int sets(int argc, char **argv, const char *underscored, const char *dash
 }
 
 int main(int argc, char **argv) {
+    /* --help and --version before anything else */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
+            usage(stdout);
+            return 0;
+        }
+        if (strcmp(argv[i], "--version") == 0) {
+            printf("epmoe-gen %s\n", EPMOE_VERSION);
+            return 0;
+        }
+    }
     /* --layers was a count here and is a range in epmoe-run: refuse it rather than guess. */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 || strncmp(argv[i], "--layers=", 9) == 0) {
@@ -156,10 +172,17 @@ int main(int argc, char **argv) {
         else if (strcmp(a, "--tokens") == 0) {
             if (!parse_int(a, v, &tokens)) return 2;
         } else if (strcmp(a, "--threads") == 0) {
-            if (!parse_int(a, v, &threads) || threads < 0) return 2;
+            if (!parse_int(a, v, &threads)) return 2;
+            if (threads < 0) {
+                fprintf(stderr, "epmoe-gen: --threads %lld: needs 0 (one per CPU) or more\n",
+                        threads);
+                return 2;
+            }
         } else if (strcmp(a, "--shard-mb") == 0) {
-            if (!parse_int(a, v, &shard_mb) || shard_mb < 1) {
-                fprintf(stderr, "epmoe-gen: --shard-mb needs a size >= 1\n");
+            if (!parse_int(a, v, &shard_mb)) return 2;
+            if (shard_mb < 1 || shard_mb > ((long long)1 << 40)) {
+                fprintf(stderr, "epmoe-gen: --shard-mb %lld: needs a size in [1, 2^40] MiB\n",
+                        shard_mb);
                 return 2;
             }
         } else if (strcmp(a, "--dtype") == 0) {
@@ -202,9 +225,16 @@ int main(int argc, char **argv) {
         return 2;
     }
 
+    /* output paths checked before any work: never a device node, symlink or directory */
+    if (out_dir && epmoe_check_output_dir(out_dir) != EPMOE_OK) return fail("--out");
+    if (input_out && tokens >= 1 &&
+        epmoe_check_output_file(input_out, (uint64_t)tokens * ((uint64_t)cfg.hidden_size *
+                                                                    epmoe_dtype_size(input_dtype) +
+                                                                4) + 4096) != EPMOE_OK)
+        return fail("--input-out");
     if (out_dir) {
         progress prog = {now_seconds(), 0.0, out_dir};
-        opt.threads = (int)threads;
+        opt.threads = threads > 65536 ? 65536 : (int)threads; /* the generator caps it lower */
         opt.shard_bytes = (uint64_t)shard_mb << 20;
         opt.on_plan = print_plan;
         opt.on_progress = print_progress;

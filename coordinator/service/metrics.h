@@ -17,7 +17,7 @@
 #include <stdint.h>
 
 #include "common/status.h"
-#include "coordinator/driver.h"
+#include "coordinator/engine/driver.h"
 
 #ifdef __cplusplus
 extern "C" {

@@ -10,7 +10,7 @@
 #include <stdint.h>
 
 #include "common/status.h"
-#include "coordinator/driver.h"
+#include "coordinator/engine/driver.h"
 #include "coordinator/service/batcher.h"
 #include "coordinator/service/serve_config.h"
 

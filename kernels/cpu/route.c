@@ -94,19 +94,37 @@ static void topk_insert(int32_t *best_ids, float *best_keys, int64_t *count, int
     if (n < cap) *count = n + 1;
 }
 
-/* w_i = s[id_i] / (sum of s over the slots, in slot order) * routed_scaling_factor. */
-static epmoe_status write_weights(const float *scores, const int32_t *ids, int64_t k,
-                                  float routed_scaling_factor, int64_t t, float *weights) {
+/* log s, finite for every finite logit. The scores themselves underflow: sigmoid below about
+ * -87 (to subnormals, then to 0 at -88.7 where expf(-l) overflows), sqrtsoftplus below about
+ * -87 (softplus = expf(l) subnormal, sqrt of it imprecise) and to 0 at -104.
+ *   sigmoid:      log s = l - softplus(l) for l < 0 (expf(l) < 1, cannot overflow),
+ *                         -softplus(-l)   for l >= 0;
+ *   sqrtsoftplus: log s = log(softplus(l)) / 2, and for l < -20 log(softplus(l)) =
+ *                 l + log1p(-expf(l)/2 + ...) rounds to l (expf(l)/2 < 1e-9, under half an ulp
+ *                 of |l|), so it is l / 2 exactly there. */
+static float log_score_of_logit(int64_t scoring, float l) {
+    if (scoring == EPMOE_SCORING_SIGMOID) return l < 0.0f ? l - log1pf(expf(l)) : -log1pf(expf(-l));
+    if (l < -20.0f) return 0.5f * l;
+    return 0.5f * logf(l > 20.0f ? l : log1pf(expf(l)));
+}
+
+/* w_j = s_j / (sum over slots of s) * routed_scaling_factor, computed as r_j = expf(log s_j -
+ * max log s) / (sum of r in slot order) * routed_scaling_factor: the largest r is 1, so the
+ * sum is at least 1 however negative the logits (scaling by the largest chosen score, in log
+ * space where it cannot underflow). kernels/cuda/route.cu does the same operations. */
+static void write_weights(const float *logits_row, const int32_t *ids, int64_t k,
+                          int64_t scoring, float routed_scaling_factor, float *weights) {
+    float max_log = -INFINITY;
+    for (int64_t j = 0; j < k; j++) {
+        weights[j] = log_score_of_logit(scoring, logits_row[ids[j]]);
+        if (weights[j] > max_log) max_log = weights[j];
+    }
     float sum = 0.0f;
-    for (int64_t j = 0; j < k; j++) sum += scores[ids[j]];
-    /* Scores underflow to 0 for logits below about -88 (sigmoid) or -104 (sqrtsoftplus); a
-     * zero sum would make every weight NaN. */
-    EPMOE_REQUIRE(sum > 0.0f, EPMOE_ERR_NUMERIC,
-                  "routing: scores of the %lld experts chosen for token %lld sum to %g: "
-                  "cannot normalize weights",
-                  (long long)k, (long long)t, (double)sum);
-    for (int64_t j = 0; j < k; j++) weights[j] = scores[ids[j]] / sum * routed_scaling_factor;
-    return EPMOE_OK;
+    for (int64_t j = 0; j < k; j++) {
+        weights[j] = expf(weights[j] - max_log);
+        sum += weights[j];
+    }
+    for (int64_t j = 0; j < k; j++) weights[j] = weights[j] / sum * routed_scaling_factor;
 }
 
 typedef struct {
@@ -210,10 +228,7 @@ epmoe_status epmoe_cpu_route(const epmoe_route_params *p, const float *logits,
             goto done;
         }
         for (int64_t j = 0; j < k; j++) ids[t * k + j] = s.best_ids[j];
-        EPMOE_TRY_GOTO(st,
-                       write_weights(s.scores, s.best_ids, k, p->routed_scaling_factor, t,
-                                     weights + t * k),
-                       done);
+        write_weights(row, s.best_ids, k, p->scoring, p->routed_scaling_factor, weights + t * k);
     }
 done:
     free_scratch(&s);
@@ -234,10 +249,6 @@ epmoe_status epmoe_cpu_route_hash(const epmoe_route_params *p, const float *logi
                   "hash routing: NULL argument for %lld tokens", (long long)T);
     int64_t E = p->n_experts, k = p->top_k;
 
-    /* Only the k chosen experts need a score; scores[] is indexed by expert id so that
-     * write_weights reads it the same way as in score-based routing. */
-    float *scores = malloc((size_t)E * sizeof(float));
-    EPMOE_REQUIRE(scores, EPMOE_ERR_OOM, "hash routing: scratch for %lld experts", (long long)E);
     epmoe_status st = EPMOE_OK;
     for (int64_t t = 0; t < T; t++) {
         const float *row = logits + t * E;
@@ -270,15 +281,10 @@ epmoe_status epmoe_cpu_route_hash(const epmoe_route_params *p, const float *logi
                     goto done;
                 }
             }
-            scores[e] = score_of_logit(p->scoring, row[e]);
             ids[t * k + j] = (int32_t)e;
         }
-        EPMOE_TRY_GOTO(st,
-                       write_weights(scores, table_row, k, p->routed_scaling_factor, t,
-                                     weights + t * k),
-                       done);
+        write_weights(row, table_row, k, p->scoring, p->routed_scaling_factor, weights + t * k);
     }
 done:
-    free(scores);
     return st;
 }

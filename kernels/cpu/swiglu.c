@@ -1,4 +1,4 @@
-/* Clamped SwiGLU (DESIGN §3). Two variants, named after where the clamp sits:
+/* Clamped SwiGLU (docs/design.md §3.3). Two variants, named after where the clamp sits:
  *   EPMOE_SWIGLU_DSV4: silu(min(g, L)) * clamp(u, -L, L)   (DeepSeek-V4, the default)
  *   EPMOE_SWIGLU_STEP: min(silu(g), L) * clamp(u, -L, L)   (SwigluStep, what the seed ran)
  * They differ whenever g > L: silu(L) = L / (1 + e^-L) is slightly below L, and for g well

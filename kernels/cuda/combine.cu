@@ -1,4 +1,4 @@
-/* Weighted combine (DESIGN §1 step 5): out[t] = sum over slots, in slot order, of
+/* Weighted combine (docs/design.md §2.5): out[t] = sum over slots, in slot order, of
  * w[t,j] * y[row_of_pair[t,j]], then + shared[t], in fp32 with explicit rounding (no
  * contraction) so that the order and the bits are those of the CPU combine. The gather out of
  * the padded layout happens here: row_of_pair says where each (token, slot) row sits. */

@@ -121,36 +121,6 @@ epmoe_status epmoe_cuda_dispatch_bases(const int64_t *counts, int n_ranks, int64
     return EPMOE_OK;
 }
 
-const char *epmoe_wire_format_name(epmoe_wire_format format) {
-    return format == EPMOE_WIRE_NVFP4 ? "nvfp4" : "fp32";
-}
-
-epmoe_status epmoe_dispatch_record_layout(epmoe_wire_format format, int64_t hidden_size,
-                                          int64_t top_k, epmoe_dispatch_record *out) {
-    const int64_t H = hidden_size;
-    EPMOE_REQUIRE(top_k > 0 && top_k <= 128, EPMOE_ERR_INVALID_ARG,
-                  "dispatch record: top_k = %lld outside [1, 128]", (long long)top_k);
-    memset(out, 0, sizeof *out);
-    out->format = format, out->hidden_size = H, out->top_k = top_k;
-    if (format == EPMOE_WIRE_NVFP4) {
-        EPMOE_REQUIRE(H > 0 && H % 128 == 0, EPMOE_ERR_INVALID_ARG,
-                      "dispatch record: the NVFP4 wire format needs hidden_size %% 128 == 0, "
-                      "got %lld", (long long)H);
-        out->codes_offset = 0;
-        out->sf_offset = H / 2;
-        out->inv_gs_offset = H / 2 + H / 16;
-        out->payload_bytes = H / 2 + H / 16 + 4;
-    } else {
-        EPMOE_REQUIRE(format == EPMOE_WIRE_F32 && H > 0 && H % 4 == 0, EPMOE_ERR_INVALID_ARG,
-                      "dispatch record: format %d with hidden_size %lld (fp32 needs H %% 4 == 0)",
-                      (int)format, (long long)H);
-        out->payload_bytes = 4 * H;
-    }
-    out->meta_offset = out->payload_bytes;
-    out->bytes = (out->meta_offset + 4 * top_k + 15) / 16 * 16;
-    return EPMOE_OK;
-}
-
 /* Up to three pieces of a token's payload, each a multiple of 4 bytes, copied one after the
  * other into the record. */
 typedef struct {

@@ -1,5 +1,5 @@
-/* Device kernels of the expert-parallel dispatch and return (DESIGN §1 steps 2, 3, 5), used by
- * coordinator/gpu_engine.cu. Every launch shape depends on host sizes only (T, top_k, P, the
+/* Device kernels of the expert-parallel dispatch and return (docs/design.md §2.2-§2.5), used by
+ * coordinator/engine/gpu_engine.cu. Every launch shape depends on host sizes only (T, top_k, P, the
  * receive capacity), never on routing, so all of it may be captured in a CUDA graph.
  *
  * Sender side, for T tokens with global expert ids[T, k] and the owners' slices
@@ -38,6 +38,8 @@
 
 #include "common/status.h"
 
+#include "common/dispatch_record.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -46,31 +48,7 @@ extern "C" {
 #define EPMOE_CUDA_FLAG_DISPATCH_COUNT 32u /* received pairs differ from the sender's count */
 #define EPMOE_CUDA_FLAG_DISPATCH_EMPTY 64u /* a received row carried no expert of this rank */
 
-/* The wire format of a dispatched row, computed in one place for both ends:
- *   EPMOE_WIRE_F32    payload = the fp32 row, 4H bytes.
- *   EPMOE_WIRE_NVFP4  payload = the row as the worker's W13 input quantization would produce it
- *                     with per-row global scales (act_quant = nvfp4, act_scale = per_row): E2M1
- *                     codes H/2 bytes, UE4M3 block scales H/16 bytes, 1/gs fp32. Quantizing on
- *                     the sender gives the worker the same codes it would compute (the
- *                     quantization reads only the row), so the output bits do not change, and
- *                     the row shrinks from 4H to 9H/16 + 4 bytes (7.1x; 3.6x against bf16).
- * Then the k int32 ids at meta_offset; the record is padded to 16 bytes so every field of every
- * row stays aligned for vector loads. */
-typedef enum { EPMOE_WIRE_F32 = 0, EPMOE_WIRE_NVFP4 = 1 } epmoe_wire_format;
-
-typedef struct {
-    epmoe_wire_format format;
-    int64_t hidden_size, top_k;
-    int64_t codes_offset, sf_offset, inv_gs_offset; /* NVFP4 fields (bytes into the record) */
-    int64_t payload_bytes;                          /* what DeepEP-style bandwidth counts */
-    int64_t meta_offset;
-    int64_t bytes;                                  /* record stride */
-} epmoe_dispatch_record;
-
-/* NVFP4 needs H % 128 == 0 (the GEMM's K granularity); F32 H % 4 == 0. */
-epmoe_status epmoe_dispatch_record_layout(epmoe_wire_format format, int64_t hidden_size,
-                                          int64_t top_k, epmoe_dispatch_record *out);
-const char *epmoe_wire_format_name(epmoe_wire_format format);
+/* The wire format of a row: common/dispatch_record.h. */
 
 /* owner_of_pair, row_rank, pair_rank and send_counts as above. Two launches. */
 epmoe_status epmoe_cuda_dispatch_plan(const int32_t *ids, int64_t T, int64_t top_k,

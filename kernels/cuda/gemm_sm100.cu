@@ -5,7 +5,7 @@
  * STATUS: NOT RUN. No Blackwell GPU is available to this project; this file compiles for
  * sm_100a (CI builds it) and was reviewed against the PTX ISA text (tcgen05 instruction
  * descriptor for the block-scaled kinds, shared-memory matrix descriptor, tcgen05.cp
- * 32x128b.warpx4 for scale factors, tcgen05.ld 32x32b) and DESIGN §3's 128x4 scale layout,
+ * 32x128b.warpx4 for scale factors, tcgen05.ld 32x32b) and the 128x4 scales of docs/design.md §4.3,
  * nothing more. The dispatcher (epmoe_cuda_grouped_gemm) only selects it on compute capability
  * 10.x when the binary holds sm_100a code and the caller supplied w_sf_swizzled; the sm_90 path
  * (which also runs on Blackwell) is never replaced. Before trusting it on a B200, run
@@ -42,7 +42,7 @@ namespace {
 constexpr int kTileN = 128;    /* weight rows per item: MMA M */
 constexpr int kTileTok = 64;   /* token rows per item: MMA N */
 
-/* DESIGN §3 128x4 layout, for the device. Must equal epmoe_swizzled_sf_offset (common/nvfp4.h,
+/* docs/design.md §4.3's layout on the device. Must equal epmoe_swizzled_sf_offset (common/nvfp4.h,
  * the reference); the host launcher checks the two agree before the first launch. */
 __host__ __device__ inline size_t swizzled_sf_offset(size_t r, size_t c, size_t cols) {
     const size_t cols_padded = (cols + 3) / 4 * 4;

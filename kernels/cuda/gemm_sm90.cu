@@ -63,10 +63,10 @@ __global__ void __launch_bounds__(NWARPS * 32, kMinBlocks)
     constexpr int kBN = Plan::kBN;
     constexpr int kNT8 = MT / 8;
     /* (token row, 32-k span) units per thread. Decode variants: unit u covers row u % MT, so the
-     * few live rows of a decode chunk spread over all warps instead of loading warp 0 alone
-     * (v2: +25-40% at 8-16 rows). Prefill: four consecutive threads share a row, so global
-     * loads are 64-byte contiguous and tile stores conflict-free (the spread mapping cost the
-     * prefill variant 14% in v2). */
+     * few live rows of a decode chunk spread over all warps instead of loading warp 0 alone.
+     * Prefill: four consecutive threads share a row, so global loads are 64-byte contiguous
+     * and tile stores conflict-free (the spread mapping made the prefill variant slower:
+     * scattered loads, bank conflicts; docs/perf-history.md §2). */
     constexpr bool kSpread = MT < 128;
     constexpr int kUnits = MT * 4 / kThreads;
     static_assert(MT % 8 == 0 && (MT * 4) % kThreads == 0, "token staging must divide evenly");
@@ -287,11 +287,11 @@ bool wgmma_ws_usable(const epmoe_grouped_gemm_args *a) {
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
     if (a->sm90_kernel != EPMOE_GEMM_SM90_AUTO) return a->sm90_kernel;
-    /* Measured (bench/RESULTS.md v5 and v9 on the H100, v6 on the H200): the streaming kernel beats
-     * mma.sync MT=32 and the warp-specialized MT=16 kernel up to 16 rows per expert; from 17 rows
-     * on, on slab weights, the warp-specialized kernel with the class's token tile beats what ran
-     * there before (mma.sync MT=32 at 32 rows: 0.85-1.0x its time; the first wgmma kernel at 64
-     * rows: 0.84-0.94x, at 768-3072 rows: 0.91-1.03x). Row-major weights keep the older kernels. */
+    /* Measured (docs/perf-history.md §2): the streaming kernel beats mma.sync MT=32 and the
+     * warp-specialized MT=16 kernel up to 16 rows per expert; from 17 rows on, on slab weights,
+     * the warp-specialized kernel with the class's token tile beats what ran there before
+     * (mma.sync MT=32 at 32 rows, the first wgmma kernel at 64 rows and at prefill). Row-major
+     * weights keep the older kernels. */
     const int rows = sm90_rows_per_chunk(a);
     const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;

@@ -261,8 +261,8 @@ static __device__ __forceinline__ WeightWalk weight_walk(const GemmParams &p, in
 /* The activation scales of a thread's token rows row0 + 8(c0 + c) + 2t + j (c < kC, j < 2; 1
  * for bf16 A, 0 past the live rows), loaded together before the stores that use them. Loaded
  * beside the stores, each load waited for the store before it (out and a_scale may alias, so
- * the compiler cannot hoist them): one L2 round trip per token row, 10% of all warp samples of
- * the WS kernel at V4-Flash prefill (bench/RESULTS.md v11). */
+ * the compiler cannot hoist them): one L2 round trip per token row, a large share of the WS
+ * kernel's stall samples at prefill (docs/perf-history.md §2). */
 template <int kC>
 static __device__ __forceinline__ void load_row_scales(const GemmParams &p, int64_t row0, int mrows,
                                                        int t, int c0, float (&as)[kC][2]) {

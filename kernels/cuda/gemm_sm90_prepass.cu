@@ -58,9 +58,8 @@ epmoe_status epmoe_sm90::epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AO
                                                          cudaStream_t stream) {
     /* 8 rows (warps) per block, 2 blocks per SM at most (a grid-stride loop over the rows):
      * 512 threads leave room on every SM for the GEMM block launched after it
-     * (launch_after_prepass) to start its set-up while this runs. Measured against 8 blocks
-     * per SM: 0.96-0.98x the GEMM call's time at prefill and 32-96 rows, 0.98-1.0x at 8-16
-     * (bench/RESULTS.md v11) */
+     * (launch_after_prepass) to start its set-up while this runs. Measured faster than 8
+     * blocks per SM at every batch size (docs/perf-history.md §2) */
     unsigned grid = 0;
     EPMOE_TRY(persistent_grid(2, (p.cap_rows + 7) / 8, &grid));
     if (order == kOrderSlices)

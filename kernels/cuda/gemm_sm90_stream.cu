@@ -10,14 +10,14 @@
  *     in the slab layout (grouped_gemm.h) one step of the warp's rows is 2 KB contiguous. One
  *     weight cursor runs across the warp's work items, so the next item's first steps are in
  *     flight while this one finishes (a fresh ring per item stalled on every item's first
- *     step: Nsight Compute, bench/RESULTS.md v7);
+ *     step in Nsight Compute);
  *   - the token operand is the workspace copy of A in fragment order (pre-pass): one 16-byte
  *     piece per (8 token rows, word q) is a thread's whole B operand of two k16 slices. Each
  *     thread copies its own pieces of the next step into its own shared-memory slots
  *     (cp.async; no barrier, a thread reads only what it copied), so the MMAs wait on shared
- *     memory, not on L2 (loading them a word ahead from L1/L2 was the other stall of v7).
- * Measured against the kernel without the two (bench/RESULTS.md v9, H100): 0.95-1.0x its time
- * at 8 rows per expert, 0.89-1.01x at 16. The schedule is in gemm_sm90_stream_schedule.cuh and is replayed
+ *     memory, not on L2 (loading them a word ahead from L1/L2 was the other stall it showed).
+ * Against the kernel without the two: no slower at 8 rows per expert, faster at 16
+ * (docs/perf-history.md §2). The schedule is in gemm_sm90_stream_schedule.cuh and is replayed
  * on the host by tests/gpu/test_stream_schedule.cu. The MMAs see the same k16 slices in the same
  * order as every other Hopper kernel, so the output bits are the same (test_gemm checks it). */
 #include <cuda_bf16.h>
@@ -222,9 +222,9 @@ epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
 epmoe_status epmoe_sm90::epmoe_gemm_sm90_stream_launch(const GemmParams &p, cudaStream_t stream) {
     /* 16-token chunks, two weight steps in flight per warp (125-127 registers, no spill; three
      * spill), 8 warps, 2 blocks per SM: 16 warps per SM; token slots 64 KB a block. (An 8-token
-     * instance with three steps in flight measured 0.98-1.0x this one's time at 8 rows and
-     * 1.28-1.36x at 16, a 32-token one at 168 registers lost to the shared-memory kernel at 32
-     * rows: bench/RESULTS.md v9, v5.) */
+     * instance with three steps in flight gained nothing at 8 rows and lost at 16; a 32-token
+     * one at 168 registers lost to the shared-memory kernel at 32 rows: docs/perf-history.md
+     * §4.) */
     return p.w_slabs ? launch_stream<16, 8, 2, 2, true>(p, stream)
                      : launch_stream<16, 8, 2, 2, false>(p, stream);
 }

@@ -22,11 +22,12 @@
  * order are those of every other Hopper kernel, so the output bits are theirs
  * (tests/gpu/test_gemm.cu and bench/gemm_bench.cu compare them). Only live rows and real
  * columns are written. bf16 output (out_bf16; the layer writes fp32) leaves through shared
- * memory in 16-byte stores (store_wgmma_tiles_bf16_staged, not timed: bench/RESULTS.md v11).
- * A ping-pong instance (128-row items alternating between the warpgroups, one's epilogue under
- * the other's MMAs) measured 1.04-1.20x slower (v10), although one warpgroup alone issues the
- * MMA pattern at 0.98x of two (wgmma_probe, v11); it loads the token tile once per 128 weight
- * rows instead of 256 and hands a turn over at every item. */
+ * memory in 16-byte stores (store_wgmma_tiles_bf16_staged; its speed is not measured: the
+ * timed paths write fp32). A ping-pong instance (128-row items alternating between the
+ * warpgroups, one's epilogue under the other's MMAs) measured slower, although one warpgroup
+ * alone issues the MMA pattern nearly as fast as two (wgmma_probe); it loads the token tile
+ * once per 128 weight rows instead of 256 and hands a turn over at every item
+ * (docs/perf-history.md §4). */
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
@@ -50,7 +51,7 @@ constexpr int kWsThreads = kWsConsumerThreads + 128;
 
 /* MT token rows per chunk (the wgmma N); each consumer warpgroup owns kWT = 2 m64 weight tiles,
  * so an item is MT tokens x kBN = 256 weight rows (a 256-token instance with one tile per
- * warpgroup, half the dequantization per FLOP, measured no faster: bench/RESULTS.md v6). One
+ * warpgroup, half the dequantization per FLOP, measured no faster: docs/perf-history.md §4). One
  * stage in shared memory (from a 1024-aligned base): the token tile image (MT/8 groups of 8
  * rows x 2 KB), the weight codes (kSlabs x 2 KB, the slab layout's step unit) and scales
  * (kSlabs x 256 B). As many stages as fit in 220 KB: at decode sizes the weights are nearly

@@ -1,4 +1,4 @@
-/* Grouped NVFP4 GEMMs for the routed experts (W13 and W2), DESIGN §1 step 4, §3, §7.
+/* Grouped NVFP4 GEMMs for the routed experts (W13 and W2), docs/design.md §2.4, §3.4, §5.3.
  *
  * One call computes, for every local expert e and every real row r of that expert
  * (rows [padded_offsets[e], padded_offsets[e] + tokens_per_expert[e])):
@@ -139,9 +139,9 @@ typedef struct {
  *          (gemm_sm90_common.cuh, slab_code_word), in which the kernels dequantize a word in
  *          13 instructions instead of 19.
  *   scales: 256 bytes per (slab, step): row 32j + i's 8 scale bytes of the step at 8i.
- * Same bits as the row-major [E, N, K/2] / [E, N, K/16] tensors, moved. Measured on the H100
- * (bench/RESULTS.md, weight-stream probe): loads alone reach 54-60% of the copy bandwidth in
- * the row-major decode pattern and 87-97% in this layout. */
+ * Same bits as the row-major [E, N, K/2] / [E, N, K/16] tensors, moved. Why: loads alone, in
+ * the row-major decode pattern (32 scattered 64-byte pieces per step), stream far below the
+ * copy bandwidth, and near it in this layout (weight-stream probe, docs/perf-history.md §2). */
 #define EPMOE_GEMM_SLAB_ROWS 32
 
 /* Row-major codes [rows, K/2] and scales [rows, K/16] (rows = E*N, a multiple of 32; K a

@@ -29,6 +29,7 @@
 #include <cuda_runtime.h>
 
 #include "common/status.h"
+#include "common/tensor.h"
 #include "kernels/ops.h"
 
 #ifdef __cplusplus
@@ -150,20 +151,45 @@ epmoe_status epmoe_cuda_combine(const float *y_padded, int64_t H, const int32_t 
                                 const float *weights, int64_t T, int64_t top_k,
                                 const float *shared, float *out, cudaStream_t stream);
 
+/* ---- host-format rows (convert.cu) ------------------------------------------------------- */
+
+/* n elements of dtype (F32, BF16, F16) -> fp32. *first_bad (initialize it to ~0ull) gets the
+ * smallest index of a NaN/Inf element. */
+epmoe_status epmoe_cuda_rows_to_f32(const void *x, epmoe_dtype dtype, size_t n, float *out,
+                                    unsigned long long *first_bad, cudaStream_t stream);
+/* fp32 -> dtype (RNE). *first_bad (initialize to ~0ull) gets the smallest index whose value is
+ * not finite or does not fit dtype (became Inf). */
+epmoe_status epmoe_cuda_rows_from_f32(const float *y, size_t n, epmoe_dtype dtype, void *out,
+                                      unsigned long long *first_bad, cudaStream_t stream);
+/* counts[e] += number of ids[i] == e, over n ids (entries outside [0, E) are skipped). */
+epmoe_status epmoe_cuda_expert_histogram(const int32_t *ids, int64_t n, int64_t E,
+                                         unsigned long long *counts, cudaStream_t stream);
+
 /* ---- shared expert (shared_expert.cu) ----------------------------------------------------- */
 
 /* fp32 -> bf16 (RNE), n elements. */
 epmoe_status epmoe_cuda_f32_to_bf16(const float *x, size_t n, uint16_t *out,
                                     cudaStream_t stream);
 
-/* Scratch of the shared expert for T rows (device pointers, sized by the caller). */
+/* The shared expert's GEMMs always run on whole chunks of this many rows, whatever T is.
+ * cuBLAS picks its kernel (tile shape, split-K) from the problem size, and a different kernel
+ * sums a row's products in a different order: with one fixed M, every chunk is the same
+ * problem, so a token's bits do not depend on how many other tokens share its batch (the
+ * guarantee the CPU path and the routed experts already give). 512 rows fill the H100's SMs
+ * with 128x128 tiles at H = 4096, so prefill loses little; a decode batch pays for 512 rows of
+ * a GEMM that reading the weights bounds anyway. */
+#define EPMOE_SHARED_CHUNK_ROWS 512
+
+/* Scratch of the shared expert (device pointers, sized by the caller for
+ * Ts = T rounded up to EPMOE_SHARED_CHUNK_ROWS rows). */
 typedef struct {
-    uint16_t *x_bf16;   /* [T, H] */
-    float *h;           /* [T, 2*Is] */
-    uint16_t *a_bf16;   /* [T, Is] */
+    uint16_t *x_bf16;   /* [Ts, H] */
+    float *h;           /* [Ts, 2*Is] */
+    uint16_t *a_bf16;   /* [Ts, Is] */
 } epmoe_cuda_shared_scratch;
 
-/* y[T,H] = swiglu(x . W13^T) . W2^T with bf16 operands (weights w13 [2*Is, H], w2 [H, Is]),
+/* y[T,H] = swiglu(x . W13^T) . W2^T with bf16 operands (y holds Ts rows; rows past T are
+ * scratch) (weights w13 [2*Is, H], w2 [H, Is]),
  * fp32 accumulation (cublasGemmEx, CUBLAS_COMPUTE_32F), the same clamp as the routed experts.
  * Binds the handle to `stream` and then to the caller's workspace (cublasSetStream resets the
  * workspace to cuBLAS's own pool, which would allocate during graph capture). */

@@ -19,9 +19,9 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
     EPMOE_REQUIRE(!(flags & EPMOE_CUDA_FLAG_TABLE_RANGE), EPMOE_ERR_RANGE,
                   "%s: a tid2eid entry is outside [0, n_experts) (device flags 0x%x)", where,
                   flags);
+    /* EPMOE_CUDA_FLAG_ZERO_SCORE_SUM is no longer raised: weights are normalized in log space */
     EPMOE_REQUIRE(!(flags & EPMOE_CUDA_FLAG_ZERO_SCORE_SUM), EPMOE_ERR_NUMERIC,
-                  "%s: the scores of a token's chosen experts sum to 0 (logits below about "
-                  "-88); its weights were set to 0 (device flags 0x%x)",
+                  "%s: the scores of a token's chosen experts sum to 0 (device flags 0x%x)",
                   where, flags);
     EPMOE_FAIL(EPMOE_ERR_INTERNAL, "%s: unknown device error flags 0x%x", where, flags);
 }
@@ -47,10 +47,10 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
  * x and Wg come through a ring of GATE_SMALL_STAGES shared-memory slices of GATE_SMALL_KS h,
  * copied (cp.async, zero-filled past T, E or H) GATE_SMALL_STAGES - 1 slices ahead of the fmafs,
  * one barrier a slice. Staging 16 h at a time behind two barriers, each slice waiting out a
- * load's whole latency, took 135 us at 43 tokens on the H100 and the same at 512 tokens; this
- * ring 64 us (bench/RESULTS.md v9, the layer's route stage): latency, not work, in both. The
- * chain itself is H dependent fmafs (4096 at V4-Flash: about 8 us), so the ring still waits on
- * DRAM; asking each slice's lines into L2 further ahead is the next step (not yet measured). */
+ * load's whole latency, took twice this ring's time, the same at 43 and 512 tokens: latency,
+ * not work, in both (docs/perf-history.md §2). The chain itself is H dependent fmafs, so the
+ * ring still waits on DRAM; asking each slice's lines into L2 further ahead was measured
+ * slower (the ring already has them in flight). */
 #define GATE_SMALL_TILE 16
 #define GATE_SMALL_KS 64    /* h per slice */
 #define GATE_SMALL_STAGES 4 /* slices in the ring */
@@ -221,21 +221,31 @@ static __device__ __forceinline__ void warp_argmax(float *v, int *id) {
     }
 }
 
-/* Weights w_j = s[id_j] / (sum over slots of s) * scale, sum in slot order. A zero sum (all
- * chosen scores underflowed) is flagged and gives zero weights instead of NaN. */
+/* log s, the CPU's log_score_of_logit (kernels/cpu/route.c) operation for operation: finite
+ * for every finite logit, where the scores themselves underflow below about -87. */
+static __device__ __forceinline__ float log_score_of_logit(float l, int64_t scoring) {
+    if (scoring == EPMOE_SCORING_SIGMOID)
+        return l < 0.0f ? __fsub_rn(l, log1pf(expf(l))) : -log1pf(expf(-l));
+    if (l < -20.0f) return __fmul_rn(0.5f, l);
+    return __fmul_rn(0.5f, logf(l > 20.0f ? l : log1pf(expf(l))));
+}
+
+/* Weights w_j = s[id_j] / (sum over slots of s) * scale, as the CPU computes them: r_j =
+ * expf(log s_j - max log s), w_j = r_j / (sum of r in slot order) * scale. The largest r is 1,
+ * so the sum cannot underflow however negative the logits. */
 static __device__ void write_weights(const float *logits_t, const int32_t *ids_t, int64_t k,
-                                     int64_t scoring, float scale, float *weights_t,
-                                     uint32_t *error_flags) {
-    float sum = 0.0f;
-    for (int64_t j = 0; j < k; j++) sum = __fadd_rn(sum, score_of_logit(logits_t[ids_t[j]], scoring));
-    if (!(sum > 0.0f)) {
-        atomicOr(error_flags, EPMOE_CUDA_FLAG_ZERO_SCORE_SUM);
-        for (int64_t j = 0; j < k; j++) weights_t[j] = 0.0f;
-        return;
+                                     int64_t scoring, float scale, float *weights_t) {
+    float max_log = -INFINITY;
+    for (int64_t j = 0; j < k; j++) {
+        weights_t[j] = log_score_of_logit(logits_t[ids_t[j]], scoring);
+        if (weights_t[j] > max_log) max_log = weights_t[j];
     }
-    for (int64_t j = 0; j < k; j++)
-        weights_t[j] =
-            __fmul_rn(__fdiv_rn(score_of_logit(logits_t[ids_t[j]], scoring), sum), scale);
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; j++) {
+        weights_t[j] = expf(__fsub_rn(weights_t[j], max_log));
+        sum = __fadd_rn(sum, weights_t[j]);
+    }
+    for (int64_t j = 0; j < k; j++) weights_t[j] = __fmul_rn(__fdiv_rn(weights_t[j], sum), scale);
 }
 
 /* Replacement routing for a token whose inputs are bad: distinct valid ids, zero weights. */
@@ -333,8 +343,7 @@ __global__ void route_kernel(epmoe_route_params p, const float *logits, const fl
         }
         __syncwarp();
     }
-    if (lane == 0) write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t,
-                                error_flags);
+    if (lane == 0) write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t);
 }
 
 static epmoe_status check_route_params(const epmoe_route_params *p) {
@@ -410,8 +419,7 @@ __global__ void route_hash_kernel(epmoe_route_params p, const float *logits,
         }
         ids_t[j] = e;
     }
-    write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t,
-                                error_flags);
+    write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t);
 }
 
 epmoe_status epmoe_cuda_route_hash(const epmoe_route_params *p, const float *logits,

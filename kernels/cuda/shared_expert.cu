@@ -1,4 +1,4 @@
-/* Shared expert (DESIGN §1 step 6) on the device: bf16 operands through cuBLAS with fp32
+/* Shared expert (docs/design.md §2.6) on the device: bf16 operands through cuBLAS with fp32
  * accumulation, the routed experts' clamped SwiGLU in between. Row-major [T, K] x [N, K]^T is
  * the column-major product W^T(op T) . X(op N) with m = N, n = T, k = K. */
 #include <cuda_bf16.h>
@@ -46,12 +46,21 @@ epmoe_status epmoe_cuda_shared_forward(cublasHandle_t cublas, void *cublas_works
     CUBLAS_TRY(cublasSetStream(cublas, stream), "binding the shared expert's stream");
     CUBLAS_TRY(cublasSetWorkspace(cublas, cublas_workspace, cublas_workspace_bytes),
                "binding cuBLAS to the arena's workspace (needed for graph capture)");
+    const int64_t S = EPMOE_SHARED_CHUNK_ROWS, Ts = (T + S - 1) / S * S;
+    /* rows [T, Ts) of the last chunk are zeros (finite): their results are never read */
+    CUDA_TRY(cudaMemsetAsync(scratch->x_bf16 + (size_t)(T * H), 0, (size_t)((Ts - T) * H) * 2,
+                             stream),
+             "clearing the shared expert's padding rows");
     EPMOE_TRY(epmoe_cuda_f32_to_bf16(x, (size_t)(T * H), scratch->x_bf16, stream));
-    EPMOE_TRY(gemm_bf16_nt(cublas, scratch->x_bf16, w13_bf16, T, 2 * Is, H, scratch->h,
-                           "shared expert x . w13^T (bf16, fp32 accumulation)"));
-    EPMOE_TRY(epmoe_cuda_swiglu(scratch->h, T, Is, limit, variant, NULL, NULL, 0, NULL,
+    for (int64_t r = 0; r < Ts; r += S)
+        EPMOE_TRY(gemm_bf16_nt(cublas, scratch->x_bf16 + (size_t)(r * H), w13_bf16, S, 2 * Is, H,
+                               scratch->h + (size_t)(r * 2 * Is),
+                               "shared expert x . w13^T (bf16, fp32 accumulation)"));
+    EPMOE_TRY(epmoe_cuda_swiglu(scratch->h, Ts, Is, limit, variant, NULL, NULL, 0, NULL,
                                 scratch->a_bf16, stream));
-    EPMOE_TRY(gemm_bf16_nt(cublas, scratch->a_bf16, w2_bf16, T, H, Is, y,
-                           "shared expert a . w2^T (bf16, fp32 accumulation)"));
+    for (int64_t r = 0; r < Ts; r += S)
+        EPMOE_TRY(gemm_bf16_nt(cublas, scratch->a_bf16 + (size_t)(r * Is), w2_bf16, S, H, Is,
+                               y + (size_t)(r * H),
+                               "shared expert a . w2^T (bf16, fp32 accumulation)"));
     return EPMOE_OK;
 }

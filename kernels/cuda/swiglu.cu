@@ -1,4 +1,4 @@
-/* Clamped SwiGLU (DESIGN §3), as epmoe_cpu_swiglu: gate columns [0, I), up columns [I, 2I).
+/* Clamped SwiGLU (docs/design.md §3.3) as epmoe_cpu_swiglu: gate columns [0, I), up [I, 2I).
  *   dsv4: silu(min(g, L)) * clamp(u, -L, L)      step: min(silu(g), L) * clamp(u, -L, L)
  *   silu(g) = g / (1 + expf(-g)); limit <= 0 disables the clamp. */
 #include <cuda_bf16.h>

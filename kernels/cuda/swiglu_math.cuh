@@ -1,4 +1,4 @@
-/* The clamped SwiGLU of one element (DESIGN §3), shared by the SwiGLU kernel and the fused
+/* Clamped SwiGLU of one element (docs/design.md §3.3), shared by the SwiGLU kernel and the fused
  * SwiGLU + NVFP4 quantization, so both compute the same bits:
  *   dsv4: silu(min(g, L)) * clamp(u, -L, L)      step: min(silu(g), L) * clamp(u, -L, L)
  *   silu(g) = g / (1 + expf(-g)); limit <= 0 disables the clamp. */

@@ -6,16 +6,15 @@
 # directory bit-identical to the epmoe layout of the same weights. Then MXFP4 blocks the plain
 # conversion refused (all-zero at 2^-127, 20 binades down), a --layers range, and broken
 # directories refused before any output is written.
-# Usage: test_layouts_cli.sh BUILD_DIR PYTHON WORK_DIR
+# Usage: test_layouts_cli.sh BIN_DIR PYTHON WORK_DIR REF_CHECK
 set -uo pipefail
-build=$1 py=$2 work=$3
+build=$1 py=$2 work=$3 ref_check=$4
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/../../deploy/mpi-env.sh"
 rm -rf "$work" && mkdir -p "$work"
 passed=0 failed=0
 ok()   { echo "ok   $1"; passed=$((passed + 1)); }
 fail() { echo "FAIL $1"; failed=$((failed + 1)); }
-ref_check="$build/tests/ref_check"
 
 gen() { # NAME ARGS...
   local name=$1; shift

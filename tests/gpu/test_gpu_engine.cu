@@ -1,4 +1,4 @@
-/* GPU suite, expert parallelism: coordinator/gpu_engine.h over the device transports, as an MPI
+/* GPU suite, expert parallelism: coordinator/engine/gpu_engine.h over the device transports, as an MPI
  * program (mpirun -np P, P = 1..4 on however many GPUs; ranks share GPUs round-robin). Every
  * transport that can run is tested: nccl when each rank has its own GPU, mpi-staged always
  * (with 1 rank both).
@@ -45,8 +45,8 @@ extern "C" {
 #include "tests/support/test_support.h"
 #include "worker/expert_weights.h"
 }
-#include "coordinator/gpu_engine.h"
-#include "coordinator/transport_nccl.h"
+#include "coordinator/engine/gpu_engine.h"
+#include "coordinator/transport/device.h"
 #include "worker/cuda/gpu_layer.h"
 
 #define TOL_ROUTED 1e-3

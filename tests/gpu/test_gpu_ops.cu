@@ -175,6 +175,40 @@ static void test_routing_matches_cpu(void) {
     free(logits), free(bias), free(tied), free(tab), free(tok);
 }
 
+/* Every chosen logit far below 0 (issue 24, defect 11): the fp32 scores underflow, the weights
+ * are normalized in log space on both backends. Ids (decided by a bias with 0.01 gaps, or by the
+ * table) identical to the CPU's, weights within WEIGHT_REL_TOL of the CPU's (which the unit
+ * suite checks against float64), no device flag. */
+static void test_routing_very_negative_logits(void) {
+    const int64_t T = 64, E = 256, vocab = 32, k = 6;
+    const float levels[] = {-80.0f, -95.0f, -110.0f, -200.0f};
+    float *logits = (float *)malloc(T * E * 4), bias[256];
+    int32_t tab[32 * 6], tok[64];
+    for (int64_t e = 0; e < E; e++) bias[e] = 0.01f * (float)((e * 97) % E); /* a permutation */
+    for (int64_t v = 0; v < vocab; v++)
+        for (int64_t j = 0; j < k; j++) tab[v * k + j] = (int32_t)((v * 7 + j * 41) % E);
+    for (int64_t t = 0; t < T; t++) tok[t] = (int32_t)(t % vocab);
+    uint32_t r = 12345;
+    for (int si = 0; si < 2; si++) {
+        epmoe_route_params p = {E, k, si ? EPMOE_SCORING_SIGMOID : EPMOE_SCORING_SQRTSOFTPLUS, 1,
+                                1, 2.5f};
+        for (int li = 0; li < 4; li++) {
+            for (int64_t i = 0; i < T * E; i++) {
+                r = r * 1664525u + 1013904223u;
+                logits[i] = levels[li] + 6.0f * ((float)(r >> 8) / 16777216.0f - 0.5f);
+            }
+            char what[96];
+            snprintf(what, sizeof what, "%s logits %g +- 3", si ? "sigmoid" : "sqrtsoftplus",
+                     (double)levels[li]);
+            compare_routing(what, &p, logits, bias, T, NULL, 0, NULL);
+            snprintf(what, sizeof what, "%s logits %g +- 3, hash", si ? "sigmoid" : "sqrtsoftplus",
+                     (double)levels[li]);
+            compare_routing(what, &p, logits, NULL, T, tab, vocab, tok);
+        }
+    }
+    free(logits);
+}
+
 /* Bad data cannot be returned without a sync: it raises a device flag and keeps ids in range. */
 static void test_routing_flags(void) {
     const int64_t T = 4, E = 64, k = 4, vocab = 10;
@@ -715,13 +749,33 @@ static void test_shared_expert_vs_reference(void) {
         GT_CHECK(cublasCreate(&cublas) == CUBLAS_STATUS_SUCCESS, "cublasCreate");
         const size_t ws_bytes = 32u << 20;
         void *ws = dev_alloc<uint8_t>(ws_bytes);
-        float *dx = dev_copy(x, T * H), *dy = dev_alloc<float>(T * H);
+        /* batch invariance: T2 rows repeating x's T rows, over more than one chunk */
+        const int64_t T2 = EPMOE_SHARED_CHUNK_ROWS + 188;
+        const int64_t Ts = (T2 + EPMOE_SHARED_CHUNK_ROWS - 1) / EPMOE_SHARED_CHUNK_ROWS *
+                           EPMOE_SHARED_CHUNK_ROWS;
+        float *x2 = (float *)malloc((size_t)(T2 * H) * 4), *y2 = (float *)malloc((size_t)(T2 * H) * 4);
+        for (int64_t t = 0; t < T2; t++) memcpy(x2 + t * H, x + (t % T) * H, (size_t)H * 4);
+        float *dx = dev_copy(x, T * H), *dy = dev_alloc<float>(Ts * H);
+        float *dx2 = dev_copy(x2, T2 * H);
         uint16_t *d13 = dev_copy(w13_b, 2 * Is * H), *d2 = dev_copy(w2_b, H * Is);
-        epmoe_cuda_shared_scratch sc = {dev_alloc<uint16_t>(T * H), dev_alloc<float>(T * 2 * Is),
-                                        dev_alloc<uint16_t>(T * Is)};
+        epmoe_cuda_shared_scratch sc = {dev_alloc<uint16_t>(Ts * H), dev_alloc<float>(Ts * 2 * Is),
+                                        dev_alloc<uint16_t>(Ts * Is)};
+        GT_CUDA(cudaMemset(dy, 0xff, (size_t)(Ts * H) * 4));
+        GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx2, T2, H, Is, d13, d2, L, v, &sc, dy, 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        to_host(y2, dy, T2 * H);
+        GT_CUDA(cudaMemset(dy, 0xff, (size_t)(Ts * H) * 4));
         GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx, T, H, Is, d13, d2, L, v, &sc, dy, 0));
         GT_CUDA(cudaDeviceSynchronize());
         to_host(y, dy, T * H);
+        int64_t differ = 0;
+        for (int64_t i = 0; i < T2 * H; i++)
+            differ += memcmp(&y2[i], &y[(i / H) % T * H + i % H], 4) != 0;
+        GT_CHECK(differ == 0,
+                 "shared expert: %lld of %lld outputs differ between a batch of %lld and one of "
+                 "%lld rows (not batch-invariant)",
+                 (long long)differ, (long long)(T2 * H), (long long)T, (long long)T2);
+        free(x2), free(y2), cudaFree(dx2);
         size_t unwritten = epmoe_count_unwritten_f32(y, T * H);
         double err = epmoe_rel_l2_f32_f64(y, ref, T * H);
         GT_CHECK(unwritten == 0, "shared expert: %zu outputs unwritten", unwritten);
@@ -741,6 +795,7 @@ int main(void) {
     if (!gt_have_device()) return 77;
     GT_RUN(test_gate_logits_bit_identical);
     GT_RUN(test_routing_matches_cpu);
+    GT_RUN(test_routing_very_negative_logits);
     GT_RUN(test_routing_flags);
     GT_RUN(test_nvfp4_quantize_bit_identical);
     GT_RUN(test_nvfp4_quantize_padded_static);

@@ -2,7 +2,7 @@
  * it runs in CI too (no device needed). Checks that slab_code_word moves every bit exactly once,
  * that the kernels' slab extraction (slab_pair_bits) gives the same bf16 bits as the nibble-order
  * extraction for every pair of codes, and that those bits are the E2M1 values themselves (times
- * 2^-126, DESIGN.md: E2M1), so the two extractions cannot agree by sharing a mistake. */
+ * 2^-126, docs/design.md §3.4: E2M1), so the two extractions cannot agree by sharing a mistake. */
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -6,7 +6,9 @@
  *   - within tolerance of the float64 reference, routing ids equal to the reference's,
  *   - every dispatched row came back exactly once (global counters),
  *   - no output element left unwritten (outputs poisoned first).
- * Assertions happen after the collectives, on every rank, so a failure cannot hang the others.
+ * Assertions happen after the collectives, on every rank, so a failure cannot hang the others;
+ * and every test case is guarded (tests/support/mpi_suite.h): a failure on any rank aborts the
+ * job before the next test, a hang ends at EPMOE_MPI_TEST_TIMEOUT_S.
  */
 #include <check.h>
 #include <math.h>
@@ -19,10 +21,11 @@
 #include "common/checkpoint.h"
 #include "common/layout.h"
 #include "common/safetensors.h"
-#include "coordinator/engine.h"
-#include "coordinator/transport_mpi.h"
+#include "coordinator/engine/cpu_engine.h"
+#include "coordinator/transport/mpi.h"
 #include "kernels/ops.h"
 #include "tests/ref/ref_layer.h"
+#include "tests/support/mpi_suite.h"
 #include "tests/support/test_support.h"
 
 /* Relative L2 error allowed against the float64 reference. The implementation's products are
@@ -77,6 +80,11 @@ static void load_layer(const char *dir, epmoe_config *cfg, int64_t layer,
     ck_assert_msg(epmoe_config_from_checkpoint(ckpt, cfg) == EPMOE_OK, "%s", epmoe_last_error());
     ck_assert_msg(epmoe_layer_weights_load(ckpt, cfg, layer, slice, w) == EPMOE_OK, "%s",
                   epmoe_last_error());
+    /* what the engine and the reference compute with, against the checkpoint's own bytes */
+    char first[256];
+    int64_t differ = epmoe_ref_check_loaded_experts(ckpt, cfg, w, first, sizeof first);
+    ck_assert_msg(differ == 0, "%lld loaded expert weights differ from the checkpoint: %s",
+                  (long long)differ, first);
     epmoe_st_set_close(ckpt);
     /* Skew through the gate bias, identically on every rank and in the reference. */
     if (skew && w->gate_bias) {
@@ -114,6 +122,59 @@ static double ref_key_tolerance(const epmoe_config *cfg, const epmoe_layer_weigh
     return 4.0 * ldexp(fabs(ref_key(cfg, w, x, e)) + 1.0, -23);
 }
 
+/* ---- what goes on the wire ---------------------------------------------------------------------
+ * A transport that passes every call to the MPI transport and records, per all-to-all (in call
+ * order), the elements and bytes this rank sends to each peer. The engine's own counters are not
+ * used: the test computes what each peer must get from the routing ids alone. */
+#define WIRE_MAX_CALLS 4
+#define WIRE_MAX_RANKS 64
+
+typedef struct {
+    epmoe_transport *inner;
+    int n_calls;
+    int64_t elems[WIRE_MAX_CALLS][WIRE_MAX_RANKS];
+    int64_t bytes[WIRE_MAX_CALLS][WIRE_MAX_RANKS];
+} wire_log;
+
+static epmoe_status wire_exchange_counts(epmoe_transport *t, const int64_t *send_counts,
+                                         int64_t *recv_counts) {
+    wire_log *log = t->impl;
+    return log->inner->ops->exchange_counts(log->inner, send_counts, recv_counts);
+}
+
+static epmoe_status wire_alltoallv(epmoe_transport *t, const void *send,
+                                   const int64_t *send_counts, const int64_t *send_displs,
+                                   void *recv, const int64_t *recv_counts,
+                                   const int64_t *recv_displs, size_t elem_bytes) {
+    wire_log *log = t->impl;
+    if (log->n_calls < WIRE_MAX_CALLS) {
+        for (int p = 0; p < t->n_ranks; p++) {
+            log->elems[log->n_calls][p] = send_counts[p];
+            log->bytes[log->n_calls][p] = send_counts[p] * (int64_t)elem_bytes;
+        }
+    }
+    log->n_calls++;
+    return log->inner->ops->alltoallv(log->inner, send, send_counts, send_displs, recv,
+                                      recv_counts, recv_displs, elem_bytes);
+}
+
+static epmoe_status wire_agree(epmoe_transport *t, epmoe_status local, const char *what) {
+    wire_log *log = t->impl;
+    return log->inner->ops->agree(log->inner, local, what);
+}
+
+static void wire_destroy(epmoe_transport *t) { (void)t; /* the test owns both */ }
+
+static const epmoe_transport_ops wire_ops = {"wire-log", wire_exchange_counts, wire_alltoallv,
+                                             wire_agree, wire_destroy};
+
+/* Owner of expert e: E experts in P contiguous slices, the first E % P of them one larger
+ * (DESIGN §1), computed here rather than by common/layout.c. */
+static int owner_of(int64_t e, int64_t E, int P) {
+    int64_t base = E / P, extra = E % P, in_large = extra * (base + 1);
+    return e < in_large ? (int)(e / (base + 1)) : (int)(extra + (e - in_large) / base);
+}
+
 static void run_case(const engine_case *c) {
     epmoe_config cfg;
     ck_assert(epmoe_config_preset(&cfg, "tiny") == EPMOE_OK);
@@ -136,11 +197,14 @@ static void run_case(const engine_case *c) {
     load_layer(dir, &run_cfg, c->layer, &slice, &w, c->skew);
     run_cfg.max_tokens_per_rank = cfg.max_tokens_per_rank;
     epmoe_transport *tr = NULL;
-    ck_assert(epmoe_transport_mpi_create(MPI_COMM_WORLD, &tr) == EPMOE_OK);
+    ck_assert(epmoe_transport_mpi_create(MPI_COMM_WORLD, 300.0, &tr) == EPMOE_OK);
+    ck_assert(world_size <= WIRE_MAX_RANKS);
+    wire_log wire = {.inner = tr};
+    epmoe_transport wire_tr = {&wire_ops, tr->rank, tr->n_ranks, &wire};
     /* the engine indexes weights by layer: give it an array whose entry `layer` is ours */
     epmoe_layer_weights layers[2] = {w, w};
-    epmoe_engine *eng = NULL;
-    ck_assert_msg(epmoe_engine_create(&run_cfg, tr, layers, 2, &eng) == EPMOE_OK, "%s",
+    epmoe_cpu_engine *eng = NULL;
+    ck_assert_msg(epmoe_cpu_engine_create(&run_cfg, &wire_tr, layers, 2, &eng) == EPMOE_OK, "%s",
                   epmoe_last_error());
 
     /* inputs: made on rank 0, sharded */
@@ -166,7 +230,7 @@ static void run_case(const engine_case *c) {
     float *y = malloc((size_t)(my_count * H + 1) * sizeof(float));
     epmoe_poison_f32(y, (size_t)(my_count * H));
     int64_t *expert_counts = calloc((size_t)E, sizeof(int64_t));
-    epmoe_status st = epmoe_engine_layer_forward(eng, c->layer, x_all + my_start * H,
+    epmoe_status st = epmoe_cpu_engine_layer_forward(eng, c->layer, x_all + my_start * H,
                                                  tid_all + my_start, my_count, y, NULL,
                                                  expert_counts);
     int local_ok = st == EPMOE_OK, all_ok = 0;
@@ -189,9 +253,27 @@ static void run_case(const engine_case *c) {
     int64_t *counts_all = calloc((size_t)E, sizeof(int64_t));
     MPI_Reduce(expert_counts, counts_all, (int)E, MPI_INT64_T, MPI_SUM, 0, MPI_COMM_WORLD);
 
+    /* what every rank sent to every peer, in each all-to-all: [call][src][dst] on rank 0 */
+    int64_t *wire_elems = calloc((size_t)(WIRE_MAX_CALLS * world_size * world_size), sizeof(int64_t));
+    int64_t *wire_bytes = calloc((size_t)(WIRE_MAX_CALLS * world_size * world_size), sizeof(int64_t));
+    int *wire_calls = calloc((size_t)world_size, sizeof(int));
+    MPI_Gather(&wire.n_calls, 1, MPI_INT, wire_calls, 1, MPI_INT, 0, MPI_COMM_WORLD);
+    for (int call = 0; call < WIRE_MAX_CALLS; call++) {
+        MPI_Gather(wire.elems[call], world_size, MPI_INT64_T,
+                   wire_elems + (size_t)call * world_size * world_size, world_size, MPI_INT64_T, 0,
+                   MPI_COMM_WORLD);
+        MPI_Gather(wire.bytes[call], world_size, MPI_INT64_T,
+                   wire_bytes + (size_t)call * world_size * world_size, world_size, MPI_INT64_T, 0,
+                   MPI_COMM_WORLD);
+    }
+    int64_t *holder_start = calloc((size_t)world_size, sizeof(int64_t));
+    int64_t *holder_count = calloc((size_t)world_size, sizeof(int64_t));
+    MPI_Gather(&my_start, 1, MPI_INT64_T, holder_start, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+    MPI_Gather(&my_count, 1, MPI_INT64_T, holder_count, 1, MPI_INT64_T, 0, MPI_COMM_WORLD);
+
     /* row accounting over all ranks */
-    epmoe_engine_counters ctr, sum;
-    epmoe_engine_get_counters(eng, &ctr);
+    epmoe_cpu_engine_counters ctr, sum;
+    epmoe_cpu_engine_get_counters(eng, &ctr);
     MPI_Allreduce(&ctr, &sum, 6, MPI_INT64_T, MPI_SUM, MPI_COMM_WORLD);
 
     char why[512] = "";
@@ -204,13 +286,13 @@ static void run_case(const engine_case *c) {
         load_layer(dir, &full_cfg, c->layer, &all, &wf, c->skew);
         full_cfg.max_tokens_per_rank = cfg.max_tokens_per_rank;
         epmoe_transport *self_tr = NULL;
-        ck_assert(epmoe_transport_mpi_create(MPI_COMM_SELF, &self_tr) == EPMOE_OK);
+        ck_assert(epmoe_transport_mpi_create(MPI_COMM_SELF, 300.0, &self_tr) == EPMOE_OK);
         epmoe_layer_weights flayers[2] = {wf, wf};
-        epmoe_engine *self_eng = NULL;
-        ck_assert(epmoe_engine_create(&full_cfg, self_tr, flayers, 2, &self_eng) == EPMOE_OK);
+        epmoe_cpu_engine *self_eng = NULL;
+        ck_assert(epmoe_cpu_engine_create(&full_cfg, self_tr, flayers, 2, &self_eng) == EPMOE_OK);
         float *y1 = malloc((size_t)(T_all * H + 1) * sizeof(float));
         epmoe_poison_f32(y1, (size_t)(T_all * H));
-        ck_assert_msg(epmoe_engine_layer_forward(self_eng, c->layer, x_all, tid_all, T_all, y1,
+        ck_assert_msg(epmoe_cpu_engine_layer_forward(self_eng, c->layer, x_all, tid_all, T_all, y1,
                                                  NULL, NULL) == EPMOE_OK,
                       "%s", epmoe_last_error());
 
@@ -275,6 +357,53 @@ static void run_case(const engine_case *c) {
                      (long long)sum.pairs_computed, (long long)sum.rows_returned,
                      (long long)sum.rows_combined, (long long)(T_all * k));
         }
+        /* The wire, per peer, against the routing ids (issue 24, defect 14): the dispatch (the
+         * first all-to-all) carries one row per (token, destination rank) holding any of the
+         * token's experts, each row a record of H fp32 values then the k int32 global expert
+         * ids, padded to 16 bytes (common/dispatch_record.h, written out here on purpose); the
+         * combine (the second) one row of H fp32 per (token, slot), from the slot's owner back
+         * to the token's holder. Self-sends included. */
+        const int P = world_size;
+        const int64_t dispatch_row_bytes = (H * 4 + k * 4 + 15) / 16 * 16, combine_row_bytes = H * 4;
+        int64_t *want_dispatch = calloc((size_t)(P * P), sizeof(int64_t));
+        int64_t *want_combine = calloc((size_t)(P * P), sizeof(int64_t));
+        for (int src = 0; src < P; src++) {
+            for (int64_t t = holder_start[src]; t < holder_start[src] + holder_count[src]; t++) {
+                for (int64_t s = 0; s < k; s++) {
+                    int dst = owner_of(ids[t * k + s], E, P), seen = 0;
+                    for (int64_t q = 0; q < s; q++) seen |= owner_of(ids[t * k + q], E, P) == dst;
+                    if (!seen) want_dispatch[src * P + dst]++;
+                    want_combine[dst * P + src]++; /* the owner returns one row per slot */
+                }
+            }
+        }
+        for (int r = 0; ok && r < P; r++)
+            if (wire_calls[r] != 2) {
+                ok = 0;
+                snprintf(why, sizeof why, "rank %d made %d all-to-alls, expected 2 (dispatch, "
+                         "combine)", r, wire_calls[r]);
+            }
+        for (int call = 0; ok && call < 2; call++) {
+            const int64_t *want = call == 0 ? want_dispatch : want_combine;
+            const int64_t row_bytes = call == 0 ? dispatch_row_bytes : combine_row_bytes;
+            for (int i = 0; ok && i < P * P; i++) {
+                int64_t got = wire_elems[(size_t)call * P * P + i];
+                int64_t got_bytes = wire_bytes[(size_t)call * P * P + i];
+                if (got != want[i] || got_bytes != want[i] * row_bytes) {
+                    ok = 0;
+                    snprintf(why, sizeof why,
+                             "%s: rank %d sent rank %d %lld rows, %lld bytes; the routing ids "
+                             "say %lld rows, %lld bytes",
+                             call == 0 ? "dispatch" : "combine", i / P, i % P, (long long)got,
+                             (long long)got_bytes, (long long)want[i],
+                             (long long)(want[i] * row_bytes));
+                }
+            }
+        }
+        int64_t wire_rows = 0;
+        for (int i = 0; i < P * P; i++) wire_rows += want_dispatch[i];
+        free(want_dispatch);
+        free(want_combine);
         if (ok && c->expect_clamp && epmoe_ref_clamp_hits == 0) {
             ok = 0;
             snprintf(why, sizeof why, "the inputs never made the SwiGLU clamp fire");
@@ -288,11 +417,11 @@ static void run_case(const engine_case *c) {
                 }
         fprintf(stderr,
                 "case %s P=%d T=%lld: rel L2 %.3g, ids equal %s (%lld near ties), clamp hits %lld, "
-                "saturated %lld\n",
+                "saturated %lld, dispatched rows %lld (wire checked per peer)\n",
                 c->name, world_size, (long long)T_all, err, id_mismatch ? "no" : "yes",
                 (long long)near_ties, (long long)epmoe_ref_clamp_hits,
-                (long long)sum.saturated_elements);
-        epmoe_engine_destroy(self_eng);
+                (long long)sum.saturated_elements, (long long)wire_rows);
+        epmoe_cpu_engine_destroy(self_eng);
         self_tr->ops->destroy(self_tr);
         epmoe_layer_weights_free(&wf);
         free(y1);
@@ -305,7 +434,7 @@ static void run_case(const engine_case *c) {
     MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
     MPI_Bcast(why, sizeof why, MPI_CHAR, 0, MPI_COMM_WORLD);
 
-    epmoe_engine_destroy(eng);
+    epmoe_cpu_engine_destroy(eng);
     tr->ops->destroy(tr);
     epmoe_layer_weights_free(&w);
     free(x_all);
@@ -316,6 +445,11 @@ static void run_case(const engine_case *c) {
     free(displs);
     free(expert_counts);
     free(counts_all);
+    free(wire_elems);
+    free(wire_bytes);
+    free(wire_calls);
+    free(holder_start);
+    free(holder_count);
     ck_assert_msg(all_ok, "forward failed on some rank (see stderr)");
     ck_assert_msg(ok, "case %s: %s", c->name, why);
 }
@@ -397,10 +531,29 @@ START_TEST(static_scales_and_step_variant) {
 }
 END_TEST
 
+/* The guard's own check (tests/CMakeLists.txt, mpi.guard_fails_fast): with
+ * EPMOE_MPI_DELIBERATE_FAILURE=1, rank 0 fails an assertion while the other ranks wait for it
+ * in a barrier. Unguarded, they waited there until ctest's timeout; guarded, the job ends at
+ * once, non-zero, with the failure printed. Never part of a normal run. */
+START_TEST(deliberate_failure_on_rank_0) {
+    ck_assert_msg(world_rank != 0, "deliberate failure on rank 0 (EPMOE_MPI_DELIBERATE_FAILURE)");
+    MPI_Barrier(MPI_COMM_WORLD);
+}
+END_TEST
+
 static Suite *engine_suite(void) {
     Suite *s = suite_create("engine");
+    const char *deliberate = getenv("EPMOE_MPI_DELIBERATE_FAILURE");
+    if (deliberate && strcmp(deliberate, "1") == 0) {
+        TCase *d = tcase_create("deliberate");
+        epmoe_mpi_guard_tcase(d);
+        tcase_add_test(d, deliberate_failure_on_rank_0);
+        tcase_add_test(d, scored_layer_random); /* the next test: where an unguarded rank 0 went */
+        suite_add_tcase(s, d);
+        return s;
+    }
     TCase *tc = tcase_create("layer");
-    tcase_set_timeout(tc, 600);
+    epmoe_mpi_guard_tcase(tc);
     tcase_add_test(tc, scored_layer_random);
     tcase_add_test(tc, hash_layer_random);
     tcase_add_test(tc, clamp_fires_large_inputs);
@@ -421,11 +574,7 @@ int main(int argc, char **argv) {
     MPI_Init(&argc, &argv);
     MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
     MPI_Comm_size(MPI_COMM_WORLD, &world_size);
-    SRunner *sr = srunner_create(engine_suite());
-    srunner_set_fork_status(sr, CK_NOFORK);
-    srunner_run_all(sr, world_rank == 0 ? CK_NORMAL : CK_SILENT);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
+    int failed = epmoe_mpi_run_suite(engine_suite()); /* aborts every rank on a failure */
     MPI_Finalize();
-    return failed == 0 ? 0 : 1;
+    return failed;
 }

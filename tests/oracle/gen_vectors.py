@@ -2,7 +2,7 @@
 """Oracle vectors for the C suites, computed independently of the C code.
 
 The number formats come from ml_dtypes (float4_e2m1fn, float8_e4m3fn, float8_e8m0fnu,
-bfloat16) and numpy (float16); NVFP4 quantization is a numpy implementation of DESIGN §3 in
+bfloat16) and numpy (float16); NVFP4 quantization implements docs/design.md §3.4 in numpy, in
 float32 arithmetic. Every output is a small text file in --out DIR, one function per file:
 numbers are hex bit patterns so that nothing is lost in printing, '#' lines are comments.
 
@@ -181,7 +181,7 @@ def nvfp4_global_sf(amax):
 
 
 def nvfp4_quantize(x, global_sf):
-    """DESIGN §3 in float32: per 16-block sf = e4m3((gs * amax16) / 6), then
+    """docs/design.md §3.4 in float32: per 16-block sf = e4m3((gs * amax16) / 6), then
     code = e2m1((x * gs) / float(sf)), code 0 where sf == 0. Returns codes (one per element),
     block scale bytes and the count of |x * gs / sf| > 6."""
     x = np.asarray(x, dtype=F32).reshape(-1, 16)
@@ -268,7 +268,7 @@ def write_nvfp4_rows(out_dir):
 
     rows.append(("near_ties", near_tie_row(rng, 128), F32(1000.3)))
 
-    header = ["NVFP4 rows quantized by numpy (DESIGN §3, float32 arithmetic, ml_dtypes casts)",
+    header = ["NVFP4 rows quantized by numpy (docs/design.md §3.4, float32, ml_dtypes casts)",
               "row NAME K AMAX_F32 GLOBAL_SF_F32 SATURATED",
               "x     K fp32 bit patterns",
               "codes K E2M1 codes (one hex digit each, unpacked)",

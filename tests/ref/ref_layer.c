@@ -1,10 +1,12 @@
 #include "tests/ref/ref_layer.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "common/nvfp4.h"
+#include "common/checkpoint.h"
+#include "tests/ref/ref_formats.h"
 
 static double ref_score(double logit, int64_t scoring) {
     if (scoring == EPMOE_SCORING_SIGMOID) return 1.0 / (1.0 + exp(-logit));
@@ -91,23 +93,23 @@ static double ref_swiglu(double g, double u, double L, int64_t variant) {
 }
 
 /* The activation as the implementation feeds it to a GEMM: NVFP4 codes decided on fp32
- * values, then taken exactly (as doubles) with their scale. */
+ * values (tests/ref/ref_formats.h: the spec's fp32 order, the reference's own rounding), then
+ * taken exactly (as doubles) with their scales. */
 static void ref_quantize(const epmoe_config *cfg, const float *v, int64_t K, float static_scale,
                          double *out) {
     if (cfg->act_quant == EPMOE_ACT_HIGH) {
         for (int64_t i = 0; i < K; i++) out[i] = v[i];
         return;
     }
-    float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC ? 1.0f / static_scale
-                                                          : epmoe_nvfp4_global_sf(epmoe_amax(v, (size_t)K));
-    uint8_t *codes = malloc((size_t)K / 2), *sf = malloc((size_t)K / 16);
-    float *deq = malloc((size_t)K * sizeof(float));
-    epmoe_nvfp4_quantize_row(v, (size_t)K, gs, codes, sf);
-    epmoe_nvfp4_dequantize_row(codes, sf, (size_t)K, 1.0f, deq);
-    for (int64_t i = 0; i < K; i++) out[i] = (double)deq[i] / (double)gs;
+    float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC
+                   ? 1.0f / static_scale
+                   : epmoe_ref_nvfp4_global_sf(epmoe_ref_amax(v, (size_t)K));
+    uint8_t *codes = malloc((size_t)K), *sf = malloc((size_t)K / 16);
+    epmoe_ref_nvfp4_quantize(v, (size_t)K, gs, codes, sf);
+    for (int64_t i = 0; i < K; i++)
+        out[i] = epmoe_ref_e2m1_value(codes[i]) * epmoe_ref_e4m3_value(sf[i / 16]) / (double)gs;
     free(codes);
     free(sf);
-    free(deq);
 }
 
 epmoe_status epmoe_ref_forward(const epmoe_config *cfg, const epmoe_ref_weights *w,
@@ -200,4 +202,48 @@ epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights 
     epmoe_status st = epmoe_ref_route_w(cfg, &view, x, token_ids, T, ids_out, weights_out);
     epmoe_ref_weights_free(&view);
     return st;
+}
+
+/* ---- the loaded expert weights against the checkpoint's bytes -------------------------------- */
+
+int64_t epmoe_ref_check_loaded_experts(const epmoe_st_set *ckpt, const epmoe_config *cfg,
+                                       const epmoe_layer_weights *w, char *first, size_t cap) {
+    const int64_t H = cfg->hidden_size, I = cfg->moe_inter_size;
+    const char *projs[3] = {"w1", "w3", "w2"};
+    double *want = malloc((size_t)(H > I ? H : I) * sizeof(double));
+    double *loaded = malloc((size_t)(H > I ? H : I) * sizeof(double));
+    int64_t bad = 0;
+    first[0] = '\0';
+    for (int64_t le = 0; le < w->n_local && bad >= 0; le++) {
+        const int64_t e = w->slice.start + le;
+        for (int p = 0; p < 3 && bad >= 0; p++) {
+            epmoe_ref_proj ck;
+            if (epmoe_ref_proj_read(ckpt, cfg, w->layer, e, projs[p], &ck) != EPMOE_OK) {
+                snprintf(first, cap, "layer %lld expert %lld %s: a tensor is missing (%s)",
+                         (long long)w->layer, (long long)e, projs[p], epmoe_last_error());
+                bad = -1;
+                break;
+            }
+            /* where the engine keeps it: w13 rows [0, I) w1, [I, 2I) w3; w2 its own */
+            const int64_t N = p == 2 ? H : I, K = p == 2 ? I : H;
+            const epmoe_ref_proj lp = {
+                .codes = p == 2 ? w->w2_codes + le * H * (I / 2)
+                                : w->w13_codes + (le * 2 * I + (p == 1 ? I : 0)) * (H / 2),
+                .scales = p == 2 ? w->w2_sf + le * H * (I / 16)
+                                 : w->w13_sf + (le * 2 * I + (p == 1 ? I : 0)) * (H / 16),
+                .scale_2 = p == 2 ? w->w2_scale_2[le] : w->w13_scale_2[2 * le + p]};
+            for (int64_t n = 0; n < N; n++) {
+                epmoe_ref_proj_row(&ck, n, K, want);
+                epmoe_ref_proj_row(&lp, n, K, loaded);
+                for (int64_t k = 0; k < K; k++)
+                    if (loaded[k] != want[k] && bad++ == 0)
+                        snprintf(first, cap, "layer %lld expert %lld %s [%lld, %lld]: loaded %.9g, "
+                                 "checkpoint %.9g", (long long)w->layer, (long long)e, projs[p],
+                                 (long long)n, (long long)k, loaded[k], want[k]);
+            }
+        }
+    }
+    free(want);
+    free(loaded);
+    return bad;
 }

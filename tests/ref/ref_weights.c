@@ -6,20 +6,31 @@
 #include <string.h>
 
 #include "common/checkpoint.h"
-#include "common/formats.h"
+#include "tests/ref/ref_formats.h"
 
-static uint8_t nibble(const uint8_t *codes, int64_t k) {
-    return (uint8_t)(k % 2 == 0 ? codes[k / 2] & 0xf : codes[k / 2] >> 4);
+/* The reference's own decodings (tests/ref/ref_formats.h), tabulated once: millions of rows. */
+static double e2m1_table[16], e4m3_table[256], ue8m0_table[256];
+static int tabulated = 0;
+
+static void tabulate(void) {
+    if (tabulated) return;
+    for (int c = 0; c < 16; c++) e2m1_table[c] = epmoe_ref_e2m1_value((uint8_t)c);
+    for (int c = 0; c < 256; c++) {
+        e4m3_table[c] = epmoe_ref_e4m3_value((uint8_t)c);
+        ue8m0_table[c] = epmoe_ref_ue8m0_value((uint8_t)c);
+    }
+    tabulated = 1;
 }
 
 void epmoe_ref_proj_row(const epmoe_ref_proj *p, int64_t n, int64_t K, double *out) {
+    tabulate();
     const uint8_t *codes = p->codes + n * (K / 2);
     for (int64_t k = 0; k < K; k++) {
-        double v = epmoe_e2m1_to_float(nibble(codes, k));
+        double v = e2m1_table[epmoe_ref_nibble(codes, (size_t)k)];
         if (p->mxfp4)
-            out[k] = ldexp(v, (int)p->scales[n * (K / 32) + k / 32] - 127);
+            out[k] = v * ue8m0_table[p->scales[n * (K / 32) + k / 32]];
         else
-            out[k] = v * (double)epmoe_e4m3_to_float(p->scales[n * (K / 16) + k / 16]) * p->scale_2;
+            out[k] = v * e4m3_table[p->scales[n * (K / 16) + k / 16]] * p->scale_2;
     }
 }
 
@@ -84,9 +95,9 @@ static epmoe_status read_dense(const epmoe_st_set *s, const epmoe_config *cfg, c
                     memcpy(&f, (const unsigned char *)st->data + 4 * at, 4);
                     scale = f;
                 } else {
-                    scale = ldexp(1.0, (int)((const uint8_t *)st->data)[at] - 127);
+                    scale = epmoe_ref_ue8m0_value(((const uint8_t *)st->data)[at]);
                 }
-                out[n * K + k] = (double)epmoe_e4m3_to_float(p[n * K + k]) * scale;
+                out[n * K + k] = epmoe_ref_e4m3_value(p[n * K + k]) * scale;
             }
         return EPMOE_OK;
     }
@@ -98,7 +109,7 @@ static epmoe_status read_dense(const epmoe_st_set *s, const epmoe_config *cfg, c
         } else if (t->dtype == EPMOE_DTYPE_BF16) {
             uint16_t b;
             memcpy(&b, p + 2 * i, 2);
-            out[i] = epmoe_bf16_to_float(b);
+            out[i] = epmoe_ref_bf16_value(b);
         } else {
             EPMOE_FAIL(EPMOE_ERR_FORMAT, "reference: %s has dtype %s", name, t->dtype_text);
         }
@@ -106,9 +117,10 @@ static epmoe_status read_dense(const epmoe_st_set *s, const epmoe_config *cfg, c
     return EPMOE_OK;
 }
 
-static epmoe_status read_proj(const epmoe_st_set *s, const epmoe_config *cfg, int64_t layer,
-                              int64_t e, const char *proj, epmoe_ref_proj *out) {
+epmoe_status epmoe_ref_proj_read(const epmoe_st_set *s, const epmoe_config *cfg, int64_t layer,
+                                 int64_t e, const char *proj, epmoe_ref_proj *out) {
     char name[160];
+    memset(out, 0, sizeof *out);
     const epmoe_st_tensor *t = NULL;
     EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, layer, e, proj, "weight"));
     EPMOE_TRY(epmoe_st_set_lookup(s, name, &t, NULL));
@@ -173,7 +185,7 @@ static epmoe_status read_all(const epmoe_st_set *s, const epmoe_config *cfg, int
     }
     for (int64_t e = 0; e < w->E; e++)
         for (int p = 0; p < 3; p++)
-            EPMOE_TRY(read_proj(s, cfg, layer, e, projs[p], &w->proj[3 * e + p]));
+            EPMOE_TRY(epmoe_ref_proj_read(s, cfg, layer, e, projs[p], &w->proj[3 * e + p]));
     return EPMOE_OK;
 }
 

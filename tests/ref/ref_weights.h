@@ -3,8 +3,9 @@
  * e2m1 * e4m3 * weight_scale_2, the FP8 shared expert as e4m3 * its block scale, all in
  * float64), or taken from a rank's loaded epmoe_layer_weights. It shares nothing with the
  * loader (worker/expert_weights.c) or the MXFP4 -> NVFP4 conversion beyond the safetensors
- * reader and the scalar format decoders (common/formats.h, tested against an oracle), so a
- * loader or conversion bug shows up as a difference from it. */
+ * reader and the tensor names (common/checkpoint.h); its number formats are the reference's own
+ * (tests/ref/ref_formats.h, checked against the ml_dtypes oracle), so a loader, conversion or
+ * format bug shows up as a difference from it. */
 #ifndef EPMOE_REF_WEIGHTS_H
 #define EPMOE_REF_WEIGHTS_H
 
@@ -43,6 +44,11 @@ epmoe_status epmoe_ref_weights_read(const epmoe_st_set *ckpt, const epmoe_config
 epmoe_status epmoe_ref_weights_from_layer(const epmoe_config *cfg, const epmoe_layer_weights *w,
                                           epmoe_ref_weights *out);
 void epmoe_ref_weights_free(epmoe_ref_weights *w);
+
+/* One expert projection ("w1", "w3" or "w2") of `layer` as the checkpoint holds it: MXFP4 when
+ * it has a .scale tensor, else NVFP4 (.weight_scale, .weight_scale_2, .input_scale if any). */
+epmoe_status epmoe_ref_proj_read(const epmoe_st_set *ckpt, const epmoe_config *cfg, int64_t layer,
+                                 int64_t expert, const char *proj, epmoe_ref_proj *out);
 
 /* Row n of a projection in float64. */
 void epmoe_ref_proj_row(const epmoe_ref_proj *p, int64_t n, int64_t K, double *out);

@@ -138,7 +138,7 @@ START_TEST(test_config_from_checkpoint) {
     epmoe_st_set *s = open_set(mxfp4_dir);
     epmoe_config cfg;
     ck_assert_int_eq(epmoe_config_preset(&cfg, "dsv3"), EPMOE_OK); /* every model field differs */
-    cfg.cpu_weight_cache_mb = 3;                                               /* runtime: kept */
+    cfg.cpu_weight_cache_mib = 3;                                               /* runtime: kept */
     ck_assert_msg(epmoe_config_from_checkpoint(s, &cfg) == EPMOE_OK, "%s", epmoe_last_error());
     epmoe_config want;
     tiny_config(&want, "mxfp4");
@@ -158,7 +158,7 @@ START_TEST(test_config_from_checkpoint) {
     ck_assert_int_eq(cfg.n_hash_layers, 1);
     ck_assert_int_eq(cfg.vocab_size, want.vocab_size);
     ck_assert_int_eq(cfg.weight_format, EPMOE_WEIGHTS_MXFP4);
-    ck_assert_int_eq(cfg.cpu_weight_cache_mb, 3);
+    ck_assert_int_eq(cfg.cpu_weight_cache_mib, 3);
     ck_assert_str_eq(epmoe_st_set_metadata(s, EPMOE_CKPT_META_FORMAT_VERSION),
                      EPMOE_CKPT_FORMAT_VERSION);
     epmoe_st_set_close(s);

@@ -21,7 +21,7 @@ START_TEST(defaults_are_in_bounds_and_valid) {
         for (int j = 0; j < i; j++) ck_assert_msg(strcmp(t[i].name, t[j].name), "%s twice", t[i].name);
     }
     ck_assert_msg(epmoe_config_validate(&cfg) == EPMOE_OK, "%s", epmoe_last_error());
-    ck_assert_int_eq(cfg.n_routed_experts, 256); /* tiny keeps 256 experts (DESIGN §2) */
+    ck_assert_int_eq(cfg.n_routed_experts, 256); /* tiny keeps 256 experts (docs/design.md §6) */
 }
 END_TEST
 
@@ -68,6 +68,19 @@ START_TEST(set_checks_type_bounds_and_names) {
     ck_assert_int_eq(epmoe_config_set(&c, "top_k", "0"), EPMOE_ERR_INVALID_ARG);
     ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "top_k"));
     ck_assert_int_eq(epmoe_config_set(&c, "top_k", "6x"), EPMOE_ERR_INVALID_ARG);
+    /* the whole text is the number: no trailing or leading characters of any kind */
+    const char *not_ints[] = {"6 ", " 6", "6.0", "", "0x6", "6e0", "99999999999999999999"};
+    for (size_t i = 0; i < sizeof not_ints / sizeof not_ints[0]; i++) {
+        ck_assert_msg(epmoe_config_set(&c, "max_tokens_per_rank", not_ints[i]) ==
+                          EPMOE_ERR_INVALID_ARG,
+                      "max_tokens_per_rank '%s' accepted", not_ints[i]);
+        ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "max_tokens_per_rank"));
+    }
+    const char *not_doubles[] = {"5s", " 5", "5 ", "", "inf", "1e999", "5,0"};
+    for (size_t i = 0; i < sizeof not_doubles / sizeof not_doubles[0]; i++)
+        ck_assert_msg(epmoe_config_set(&c, "collective_timeout_s", not_doubles[i]) ==
+                          EPMOE_ERR_INVALID_ARG,
+                      "collective_timeout_s '%s' accepted", not_doubles[i]);
     ck_assert_int_eq(epmoe_config_set(&c, "swiglu_limit", "nan"), EPMOE_ERR_INVALID_ARG);
     ck_assert_int_eq(epmoe_config_set(&c, "swiglu_limit", "-1"), EPMOE_ERR_INVALID_ARG);
     ck_assert_int_eq(epmoe_config_set(&c, "scoring", "softmax"), EPMOE_ERR_INVALID_ARG);
@@ -143,6 +156,10 @@ START_TEST(print_config_lists_every_setting) {
     }
     ck_assert_ptr_nonnull(strstr(text, "sigmoid"));
     ck_assert_ptr_nonnull(strstr(text, "7168"));
+    /* integer bounds as integers (they printed as "[1..1.04858e+06]") */
+    ck_assert_msg(strstr(text, "[1..1048576]"), "max_tokens_per_rank bounds: %s", text);
+    ck_assert_msg(strstr(text, "[0..1000000000000000]"), "seed bounds: %s", text);
+    ck_assert_msg(strstr(text, "[1..16777216]"), "vocab_size bounds: %s", text);
     free(text);
 }
 END_TEST

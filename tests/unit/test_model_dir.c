@@ -4,7 +4,8 @@
  * only the shards that hold its tensors and never reads the embedding or head shards; MXFP4
  * with all-zero blocks and a wide span loads and equals the reference; and a catalogue of
  * broken directories, each refused with a message naming the file and the tensor, nothing
- * left allocated, next to the variations the loader accepts. */
+ * left allocated, next to the variations the loader accepts; and the generator never writes
+ * through a symlink planted at one of its file names. */
 #include <check.h>
 #include <dirent.h>
 #include <jansson.h>
@@ -812,6 +813,62 @@ START_TEST(test_mxfp4_zero_blocks_and_wide_span) {
 }
 END_TEST
 
+/* ---- writing: never through a symlink (common/paths.h) ---- */
+
+static void plant_victim(const char *victim) {
+    FILE *f = fopen(victim, "w");
+    ck_assert_ptr_nonnull(f);
+    fputs("keep me", f);
+    fclose(f);
+}
+
+static void victim_intact(const char *victim) {
+    struct stat sb;
+    ck_assert_int_eq(stat(victim, &sb), 0);
+    ck_assert_msg(sb.st_size == 7, "%s was written through a symlink (%lld bytes)", victim,
+                  (long long)sb.st_size);
+}
+
+START_TEST(test_generator_never_follows_symlinks) {
+    char dir[PATH_CAP], victim[PATH_CAP], link[2 * PATH_CAP];
+    snprintf(victim, sizeof victim, "%s", epmoe_test_data_path("md_victim"));
+    epmoe_config cfg;
+    epmoe_gen_options opt = {.shard_bytes = 40000, .threads = 2};
+    /* the temp name of a shard (epmoe layout) and of config.json (a model directory), each
+     * planted as a symlink to a victim: refused naming it, the victim untouched */
+    const char *layouts[2] = {"epmoe", "deepseek"}, *planted[2] = {"model-00000.safetensors.tmp",
+                                                                   "config.json.tmp"};
+    for (int i = 0; i < 2; i++) {
+        snprintf(dir, sizeof dir, "%s", epmoe_test_data_path("md_symlink"));
+        remove_dir(dir);
+        ck_assert_int_eq(mkdir(dir, 0777), 0);
+        plant_victim(victim);
+        snprintf(link, sizeof link, "%s/%s", dir, planted[i]);
+        ck_assert_int_eq(symlink(victim, link), 0);
+        small_config(&cfg, layouts[i], "mxfp4");
+        ck_assert_int_eq(epmoe_ckpt_generate(&cfg, &opt, dir, NULL), EPMOE_ERR_IO);
+        ck_assert_msg(strstr(epmoe_last_error(), planted[i]) != NULL, "%s: %s", planted[i],
+                      epmoe_last_error());
+        victim_intact(victim);
+    }
+    /* a symlink at config.json itself is replaced by the file, never written through */
+    remove_dir(dir);
+    ck_assert_int_eq(mkdir(dir, 0777), 0);
+    plant_victim(victim);
+    snprintf(link, sizeof link, "%s/config.json", dir);
+    ck_assert_int_eq(symlink(victim, link), 0);
+    small_config(&cfg, "deepseek", "mxfp4");
+    ck_assert_msg(epmoe_ckpt_generate(&cfg, &opt, dir, NULL) == EPMOE_OK, "%s",
+                  epmoe_last_error());
+    victim_intact(victim);
+    struct stat sb;
+    ck_assert_int_eq(lstat(link, &sb), 0);
+    ck_assert(S_ISREG(sb.st_mode));
+    remove_dir(dir);
+    unlink(victim);
+}
+END_TEST
+
 static Suite *model_dir_suite(void) {
     Suite *s = suite_create("model_dir");
     TCase *tc = tcase_create("model_dir");
@@ -823,6 +880,7 @@ static Suite *model_dir_suite(void) {
     tcase_add_test(tc, test_broken_directories);
     tcase_add_test(tc, test_accepted_variations);
     tcase_add_test(tc, test_mxfp4_zero_blocks_and_wide_span);
+    tcase_add_test(tc, test_generator_never_follows_symlinks);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -519,7 +519,7 @@ END_TEST
 
 static size_t round_up(size_t n, size_t m) { return (n + m - 1) / m * m; }
 
-/* DESIGN §3's layout written as the order the bytes are stored in: 128x4 tiles, row tiles
+/* docs/design.md §4.3's layout written as the order the bytes are stored in: 128x4 tiles, row tiles
  * outermost; inside a 512-byte tile, 32 rows of 16 bytes, each holding the same row of the
  * tile's four 32-row groups, 4 columns each. */
 static size_t *expected_offsets(size_t rows, size_t cols) {

@@ -73,10 +73,12 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     carve_add(p, "a_bf16 [cap,max(H,I)] bf16", &a->a_bf16, want_bf16_a ? (size_t)(cap * K_max) * 2 : 0);
     carve_add(p, "h [cap,2I] f32", &a->h, (size_t)(cap * 2 * I) * 4);
     carve_add(p, "y [cap,H] f32", &a->y, (size_t)(cap * H) * 4);
-    carve_add(p, "shared_x [T,H] bf16", &a->shared_x_bf16, (size_t)(T * H) * 2 * (Is > 0));
-    carve_add(p, "shared_h [T,2Is] f32", &a->shared_h, (size_t)(T * 2 * Is) * 4);
-    carve_add(p, "shared_a [T,Is] bf16", &a->shared_a_bf16, (size_t)(T * Is) * 2);
-    carve_add(p, "shared_y [T,H] f32", &a->shared_y, (size_t)(T * H) * 4 * (Is > 0));
+    /* the shared expert runs in whole chunks of EPMOE_SHARED_CHUNK_ROWS (batch invariance) */
+    const int64_t Ts = epmoe_round_up(T, EPMOE_SHARED_CHUNK_ROWS);
+    carve_add(p, "shared_x [Ts,H] bf16", &a->shared_x_bf16, (size_t)(Ts * H) * 2 * (Is > 0));
+    carve_add(p, "shared_h [Ts,2Is] f32", &a->shared_h, (size_t)(Ts * 2 * Is) * 4);
+    carve_add(p, "shared_a [Ts,Is] bf16", &a->shared_a_bf16, (size_t)(Ts * Is) * 2);
+    carve_add(p, "shared_y [Ts,H] f32", &a->shared_y, (size_t)(Ts * H) * 4 * (Is > 0));
     a->cublas_workspace_bytes = Is > 0 ? CUBLAS_WORKSPACE_BYTES : 0;
     carve_add(p, "cublas workspace", &a->cublas_workspace, a->cublas_workspace_bytes);
     carve_add(p, "error_flags u32", &a->error_flags, 4);
@@ -187,12 +189,57 @@ static epmoe_status upload_slabs(const uint8_t *codes, const uint8_t *sf, int64_
     return epmoe_cuda_weights_to_slabs(staging, staging + code_bytes, rows, K, slab_codes, slab_sf, 0);
 }
 
-epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
-                                    epmoe_gpu_layer *out) {
-    memset(out, 0, sizeof *out);
+typedef struct {
+    const void *src; /* host source, or NULL: filled another way */
+    size_t bytes;
+} layer_copy;
+
+/* The device layout of one layer's weights: every buffer carved out of one allocation, and
+ * (copies != NULL) the host source of each in carve order. The one place that sizes them. */
+static void plan_layer(const epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
+                       epmoe_gpu_layer *out, carve_plan *plan, layer_copy *copies,
+                       int *n_copies) {
+    const epmoe_config *c = &ctx->cfg;
+    const int64_t H = c->hidden_size, I = c->moe_inter_size, nl = ctx->n_local;
+    const int64_t E = c->n_routed_experts, k = c->top_k, Is = ctx->shared_inter;
+    const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
+    const int hash = w->layer < c->n_hash_layers;
+    out->layer = w->layer;
+    out->hash_routed = hash;
+    out->vocab_size = hash ? w->vocab_size : 0;
+    memset(plan, 0, sizeof *plan);
+    int n = 0;
+#define ADD(field, src_ptr, nbytes)                                                             \
+    do {                                                                                        \
+        carve_add(plan, #field, &out->field, (nbytes));                                         \
+        if (copies) copies[n].src = (src_ptr), copies[n].bytes = (nbytes);                      \
+        n++;                                                                                    \
+    } while (0)
+    /* expert codes and scales: carved here, uploaded below through the slab reordering */
+    ADD(w13_codes, NULL, (size_t)(nl * 2 * I * H / 2));
+    ADD(w13_sf, NULL, (size_t)(nl * 2 * I * H / 16));
+    ADD(w13_scale_2, w->w13_scale_2, (size_t)(nl * 2) * 4);
+    ADD(w2_codes, NULL, (size_t)(nl * H * I / 2));
+    ADD(w2_sf, NULL, (size_t)(nl * H * I / 16));
+    ADD(w2_scale_2, w->w2_scale_2, (size_t)nl * 4);
+    ADD(w13_input_scale, w->w13_input_scale, static_scale ? (size_t)nl * 4 : 0);
+    ADD(w2_input_scale, w->w2_input_scale, static_scale ? (size_t)nl * 4 : 0);
+    ADD(gate_weight, w->gate_weight, (size_t)(E * H) * 4);
+    ADD(gate_bias, w->gate_bias, w->gate_bias && !hash ? (size_t)E * 4 : 0);
+    ADD(tid2eid, w->tid2eid, hash ? (size_t)(w->vocab_size * k) * 4 : 0);
+#undef ADD
+    /* bf16 shared weights, converted on the device from an fp32 staging copy */
+    carve_add(plan, "shared_w13", &out->shared_w13, (size_t)(2 * Is * H) * 2);
+    carve_add(plan, "shared_w2", &out->shared_w2, (size_t)(H * Is) * 2);
+    if (n_copies) *n_copies = n;
+}
+
+/* Shapes of a layer's host weights against the context. */
+static epmoe_status check_layer_weights(const epmoe_gpu_context *ctx,
+                                        const epmoe_layer_weights *w) {
     const epmoe_config *c = &ctx->cfg;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
-    const int64_t E = c->n_routed_experts, k = c->top_k, Is = ctx->shared_inter;
+    const int64_t E = c->n_routed_experts, Is = ctx->shared_inter;
     EPMOE_REQUIRE(w->hidden_size == H && w->inter_size == I && w->n_local == n &&
                       w->slice.start == ctx->expert_start && w->n_experts == E,
                   EPMOE_ERR_INVALID_ARG,
@@ -219,39 +266,33 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
                   "layer %lld: shared expert of %lld columns, config says %lld",
                   (long long)w->layer, (long long)w->shared_inter, (long long)Is);
 
-    out->layer = w->layer;
-    out->hash_routed = hash;
-    out->vocab_size = hash ? w->vocab_size : 0;
-    struct {
-        const void *src;
-        size_t bytes;
-    } copies[12];
+    return EPMOE_OK;
+}
+
+int64_t epmoe_gpu_layer_bytes(const epmoe_gpu_context *ctx, const epmoe_layer_weights *w) {
+    epmoe_gpu_layer scratch;
+    memset(&scratch, 0, sizeof scratch);
+    carve_plan plan;
+    plan_layer(ctx, w, &scratch, &plan, NULL, NULL);
+    return (int64_t)carve_total(&plan);
+}
+
+int64_t epmoe_gpu_layer_staging_bytes(const epmoe_gpu_context *ctx) {
+    const int64_t n = ctx->n_local, I = ctx->cfg.moe_inter_size, H = ctx->cfg.hidden_size;
+    return n * 2 * I * H / 2 + n * 2 * I * H / 16; /* W13, the larger of the two expert tensors */
+}
+
+epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
+                                    epmoe_gpu_layer *out) {
+    memset(out, 0, sizeof *out);
+    EPMOE_TRY(check_layer_weights(ctx, w));
+    const epmoe_config *c = &ctx->cfg;
+    const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
+    const int64_t Is = ctx->shared_inter;
+    layer_copy copies[12];
     int n_copies = 0;
     carve_plan plan;
-    memset(&plan, 0, sizeof plan);
-#define ADD(field, src_ptr, nbytes)                                                             \
-    do {                                                                                        \
-        carve_add(&plan, #field, &out->field, (nbytes));                                        \
-        copies[n_copies].src = (src_ptr);                                                       \
-        copies[n_copies].bytes = (nbytes);                                                      \
-        n_copies++;                                                                             \
-    } while (0)
-    /* expert codes and scales: carved here, uploaded below through the slab reordering */
-    ADD(w13_codes, NULL, (size_t)(n * 2 * I * H / 2));
-    ADD(w13_sf, NULL, (size_t)(n * 2 * I * H / 16));
-    ADD(w13_scale_2, w->w13_scale_2, (size_t)(n * 2) * 4);
-    ADD(w2_codes, NULL, (size_t)(n * H * I / 2));
-    ADD(w2_sf, NULL, (size_t)(n * H * I / 16));
-    ADD(w2_scale_2, w->w2_scale_2, (size_t)n * 4);
-    ADD(w13_input_scale, w->w13_input_scale, static_scale ? (size_t)n * 4 : 0);
-    ADD(w2_input_scale, w->w2_input_scale, static_scale ? (size_t)n * 4 : 0);
-    ADD(gate_weight, w->gate_weight, (size_t)(E * H) * 4);
-    ADD(gate_bias, w->gate_bias, w->gate_bias && !hash ? (size_t)E * 4 : 0);
-    ADD(tid2eid, w->tid2eid, hash ? (size_t)(w->vocab_size * k) * 4 : 0);
-#undef ADD
-    /* bf16 shared weights, converted on the device from an fp32 staging copy */
-    carve_add(&plan, "shared_w13", &out->shared_w13, (size_t)(2 * Is * H) * 2);
-    carve_add(&plan, "shared_w2", &out->shared_w2, (size_t)(H * Is) * 2);
+    plan_layer(ctx, w, out, &plan, copies, &n_copies);
     out->bytes = carve_total(&plan);
     CUDA_TRY(cudaSetDevice(ctx->device), "selecting the context's device");
     CUDA_TRY(cudaMalloc(&out->base, out->bytes), "allocating a layer's device weights");
@@ -264,7 +305,7 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
     {
         /* one staging buffer for both expert tensors (W13 is the larger: 2I x H per expert) */
         uint8_t *staging = NULL;
-        CUDA_TRY(cudaMalloc((void **)&staging, (size_t)(n * 2 * I * H / 2 + n * 2 * I * H / 16)),
+        CUDA_TRY(cudaMalloc((void **)&staging, (size_t)epmoe_gpu_layer_staging_bytes(ctx)),
                  "staging expert weights");
         epmoe_status st = upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, staging,
                                        out->w13_codes, out->w13_sf);

@@ -1,4 +1,4 @@
-/* One MoE layer on one GPU (DESIGN §1 steps 1, 2, 4, 5, 6 for a rank that holds its experts):
+/* One MoE layer on one GPU (docs/design.md §2 without the all-to-alls, on a rank's own experts):
  * a device arena shared by all layers, per-layer device weights uploaded once, and a forward
  * split into the stages that the multi-GPU path will separate with its all-to-alls:
  *
@@ -65,7 +65,7 @@ typedef struct {
     uint16_t *shared_x_bf16;     /* [max_tokens, H] */
     float *shared_h;             /* [max_tokens, 2 Is] */
     uint16_t *shared_a_bf16;     /* [max_tokens, Is] */
-    float *shared_y;             /* [max_tokens, H] */
+    float *shared_y;             /* [Ts, H]: max_tokens rounded up to EPMOE_SHARED_CHUNK_ROWS */
     void *cublas_workspace;
     size_t cublas_workspace_bytes;
     /* device-side status */
@@ -121,6 +121,10 @@ void epmoe_gpu_context_free(epmoe_gpu_context *ctx);
 epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
                                     epmoe_gpu_layer *out);
 void epmoe_gpu_layer_free(epmoe_gpu_layer *layer);
+/* Device bytes a layer's weights take (what epmoe_gpu_layer_upload allocates), and the
+ * temporary staging buffer an upload needs on top: for a fit check before loading. */
+int64_t epmoe_gpu_layer_bytes(const epmoe_gpu_context *ctx, const epmoe_layer_weights *w);
+int64_t epmoe_gpu_layer_staging_bytes(const epmoe_gpu_context *ctx);
 
 /* The stages. x: [T, H] fp32 on the device; token_ids: [T] int32 on the device (hash-routed
  * layers only, else may be NULL); out: [T, H] fp32 on the device. T <= max_tokens. */

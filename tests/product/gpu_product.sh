@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The product on a GPU: epmoe-run with --backend cuda against --backend cpu, and against itself
+# over rank counts. Needs a CUDA GPU, the programs of a CUDA build, MPI, python3 with numpy.
+#   bash tests/product/gpu_product.sh BUILD_DIR WORK_DIR
+# Checks (each a PASS/FAIL line; exit 1 if any failed):
+#  - one layer at a time (each fed the cpu backend's input for it), NVFP4 and MXFP4 checkpoints,
+#    hash layer 0 included: the GPU's routing equals the CPU's (expert_counts of every layer and
+#    expert) and its output is within TOL_LAYER of the CPU's. The tolerance: the GPU rounds the
+#    shared expert's activations to bf16 (2^-9) where the CPU keeps fp32, ~5e-3 measured on the
+#    layer (tests/gpu/test_gpu_layer.cu); the routed NVFP4 path alone differs by fp32
+#    accumulation order (~1e-6).
+#  - four layers chained, f32/bf16/f16 input: within TOL_CHAIN of the CPU.
+#  - 1, 2 and 3 ranks on the GPU(s) (ranks sharing a GPU use the mpi-staged transport):
+#    bit-identical outputs.
+#  - skew (every token routed toward the lowest experts, so onto rank 0): nothing dropped (the
+#    routing equals the CPU's, whose per-expert counts add up to tokens x top_k).
+#  - a NaN in the input: non-zero exit, the message names its row.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+build=${1:?build dir}
+work=${2:?work dir}
+bin=$build/bin
+cmp="python3 tests/product/compare_outputs.py"
+TOL_LAYER=1e-2
+TOL_CHAIN=3e-2
+GPU=${EPMOE_PRODUCT_GPU_BACKEND:-cuda} # cpu: checks this script's own logic on a machine without a GPU
+mkdir -p "$work"
+fail=0
+note() { echo "$*"; }
+check() { "$@" || fail=1; }
+
+run() { # backend np ckpt in out [args...]
+  local backend=$1 np=$2 ckpt=$3 in=$4 out=$5
+  shift 5
+  if ! EPMOE_BACKEND=$backend mpirun -np "$np" "$bin/epmoe-run" --checkpoint "$ckpt" \
+      --input "$in" --output "$out" --quiet "$@" >"$out.log" 2>&1; then
+    echo "FAIL: epmoe-run backend=$backend np=$np $in -> $out $*"
+    tail -5 "$out.log"
+    fail=1
+    return 1
+  fi
+}
+
+"$bin/epmoe-gen" --preset tiny --n_layers 4 --out "$work/nvfp4" >/dev/null || exit 1
+"$bin/epmoe-gen" --preset tiny --n_layers 4 --weight_format mxfp4 --out "$work/mxfp4" >/dev/null || exit 1
+"$bin/epmoe-gen" --preset tiny --n_layers 2 --n_hash_layers 0 --skew 20 --out "$work/skew" >/dev/null || exit 1
+for dt in f32 bf16 f16; do
+  "$bin/epmoe-gen" --preset tiny --input-out "$work/in_$dt.safetensors" --tokens 300 --dtype "$dt" \
+    --seed 77 >/dev/null || exit 1
+done
+
+for fmt in nvfp4 mxfp4; do
+  ck=$work/$fmt
+  # one layer at a time, each fed the CPU's input
+  in=$work/in_bf16.safetensors
+  for l in 0 1 2 3; do
+    run cpu 1 "$ck" "$in" "$work/${fmt}_cpu_l$l.safetensors" --layers $l:$((l + 1)) &&
+      run $GPU 1 "$ck" "$in" "$work/${fmt}_gpu_l$l.safetensors" --layers $l:$((l + 1)) &&
+      check $cmp "$work/${fmt}_gpu_l$l.safetensors" "$work/${fmt}_cpu_l$l.safetensors" \
+        --tol $TOL_LAYER --routing --what "$fmt layer $l: cuda vs cpu"
+    in=$work/${fmt}_cpu_l$l.safetensors
+  done
+  # four layers chained, every input dtype; rank counts
+  for dt in f32 bf16 f16; do
+    in=$work/in_$dt.safetensors
+    run cpu 1 "$ck" "$in" "$work/${fmt}_${dt}_cpu.safetensors" || continue
+    run $GPU 1 "$ck" "$in" "$work/${fmt}_${dt}_gpu1.safetensors" || continue
+    check $cmp "$work/${fmt}_${dt}_gpu1.safetensors" "$work/${fmt}_${dt}_cpu.safetensors" \
+      --tol $TOL_CHAIN --what "$fmt $dt 4 layers: cuda vs cpu"
+    for np in 2 3; do
+      run $GPU $np "$ck" "$in" "$work/${fmt}_${dt}_gpu$np.safetensors" &&
+        check $cmp "$work/${fmt}_${dt}_gpu$np.safetensors" "$work/${fmt}_${dt}_gpu1.safetensors" \
+          --identical --what "$fmt $dt 4 layers: cuda $np ranks vs 1 rank"
+    done
+  done
+done
+
+# W4A16 (act_quant = high): bf16 activations on the GPU, fp32 on the CPU
+run cpu 1 "$work/nvfp4" "$work/in_bf16.safetensors" "$work/high_cpu.safetensors" --layers 1:2 --act_quant high &&
+  run $GPU 1 "$work/nvfp4" "$work/in_bf16.safetensors" "$work/high_gpu.safetensors" --layers 1:2 --act_quant high &&
+  check $cmp "$work/high_gpu.safetensors" "$work/high_cpu.safetensors" --tol $TOL_LAYER --routing \
+    --what "act_quant=high layer 1: cuda vs cpu"
+
+# skew: tokens pile onto the lowest experts (rank 0's slice)
+run cpu 1 "$work/skew" "$work/in_f32.safetensors" "$work/skew_cpu.safetensors" --layers 0:1 &&
+  run $GPU 1 "$work/skew" "$work/in_f32.safetensors" "$work/skew_gpu1.safetensors" --layers 0:1 &&
+  run $GPU 3 "$work/skew" "$work/in_f32.safetensors" "$work/skew_gpu3.safetensors" --layers 0:1 &&
+  check $cmp "$work/skew_gpu1.safetensors" "$work/skew_cpu.safetensors" --tol $TOL_LAYER --routing \
+    --what "skewed routing: cuda vs cpu" &&
+  check $cmp "$work/skew_gpu3.safetensors" "$work/skew_gpu1.safetensors" --identical \
+    --what "skewed routing: cuda 3 ranks vs 1"
+python3 - "$work/skew_cpu.safetensors" <<'EOF' || fail=1
+import sys
+sys.path.insert(0, "tests/product")
+from compare_outputs import read
+counts = read(sys.argv[1])["expert_counts"][1]
+busiest = int(counts.max())
+print(f"skew: busiest expert got {busiest} of 300 tokens; pairs {int(counts.sum())} = 300 x 6:",
+      "PASS" if counts.sum() == 300 * 6 and busiest >= 150 else "FAIL")
+sys.exit(0 if counts.sum() == 300 * 6 and busiest >= 150 else 1)
+EOF
+
+# a NaN in row 123 of a bf16 input: refused, naming the row, on 2 ranks
+python3 - "$work/in_bf16.safetensors" "$work/nan.safetensors" <<'EOF'
+import json, struct, sys
+blob = bytearray(open(sys.argv[1], "rb").read())
+n = struct.unpack("<Q", blob[:8])[0]
+hdr = json.loads(blob[8:8 + n])
+t = hdr["hidden_states"]
+H = t["shape"][1]
+off = 8 + n + t["data_offsets"][0] + (123 * H + 5) * 2
+blob[off:off + 2] = struct.pack("<H", 0x7fc0)  # bf16 NaN
+open(sys.argv[2], "wb").write(blob)
+EOF
+if EPMOE_BACKEND=$GPU mpirun -np 2 "$bin/epmoe-run" --checkpoint "$work/nvfp4" \
+    --input "$work/nan.safetensors" --output "$work/nan_out.safetensors" >"$work/nan.log" 2>&1; then
+  echo "nan input: FAIL (exit 0)"
+  fail=1
+elif grep -q "\[123, 5\]" "$work/nan.log"; then
+  echo "nan input: PASS ($(grep -m1 -o 'hidden_states: element[^(]*' "$work/nan.log"))"
+else
+  echo "nan input: FAIL (message does not name row 123)"
+  tail -3 "$work/nan.log"
+  fail=1
+fi
+echo "product tests: $([ $fail = 0 ] && echo PASSED || echo FAILED)"
+exit $fail
