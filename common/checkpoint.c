@@ -4,8 +4,6 @@
 #include <stdio.h>
 #include <string.h>
 
-#include "worker/expert_weights.h"
-
 static epmoe_status format_name(char *buf, size_t cap, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
 
@@ -23,28 +21,43 @@ static int is_proj(const char *proj) {
     return proj && (strcmp(proj, "w1") == 0 || strcmp(proj, "w2") == 0 || strcmp(proj, "w3") == 0);
 }
 
-epmoe_status epmoe_ckpt_gate_name(char *buf, size_t cap, int64_t layer, const char *what) {
+epmoe_status epmoe_ckpt_layer_prefix(char *buf, size_t cap, const epmoe_config *cfg,
+                                     int64_t layer) {
+    const int64_t first_mtp = cfg->n_layers - cfg->n_mtp_layers;
+    if (layer >= first_mtp && layer < cfg->n_layers)
+        return format_name(buf, cap, "mtp.%lld", (long long)(layer - first_mtp));
+    return format_name(buf, cap, "layers.%lld", (long long)layer);
+}
+
+epmoe_status epmoe_ckpt_gate_name(char *buf, size_t cap, const epmoe_config *cfg, int64_t layer,
+                                  const char *what) {
     EPMOE_REQUIRE(what && (strcmp(what, "weight") == 0 || strcmp(what, "bias") == 0 ||
                            strcmp(what, "tid2eid") == 0),
                   EPMOE_ERR_INVALID_ARG, "gate tensor '%s' (weight, bias or tid2eid)",
                   what ? what : "(null)");
-    return format_name(buf, cap, "layers.%lld.ffn.gate.%s", (long long)layer, what);
+    char prefix[32];
+    EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, layer));
+    return format_name(buf, cap, "%s.ffn.gate.%s", prefix, what);
 }
 
-epmoe_status epmoe_ckpt_shared_name(char *buf, size_t cap, int64_t layer, const char *proj,
+epmoe_status epmoe_ckpt_shared_name(char *buf, size_t cap, const epmoe_config *cfg,
+                                    int64_t layer, const char *proj, const char *what) {
+    EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
+                  proj ? proj : "(null)");
+    char prefix[32];
+    EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, layer));
+    return format_name(buf, cap, "%s.ffn.shared_experts.%s.%s", prefix, proj, what);
+}
+
+epmoe_status epmoe_ckpt_expert_name(char *buf, size_t cap, const epmoe_config *cfg,
+                                    int64_t layer, int64_t expert, const char *proj,
                                     const char *what) {
     EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
                   proj ? proj : "(null)");
-    return format_name(buf, cap, "layers.%lld.ffn.shared_experts.%s.%s", (long long)layer, proj,
+    char prefix[32];
+    EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, layer));
+    return format_name(buf, cap, "%s.ffn.experts.%lld.%s.%s", prefix, (long long)expert, proj,
                        what);
-}
-
-epmoe_status epmoe_ckpt_expert_name(char *buf, size_t cap, int64_t layer, int64_t expert,
-                                    const char *proj, const char *what) {
-    EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
-                  proj ? proj : "(null)");
-    return format_name(buf, cap, "layers.%lld.ffn.experts.%lld.%s.%s", (long long)layer,
-                       (long long)expert, proj, what);
 }
 
 epmoe_status epmoe_ckpt_layer_file_name(char *buf, size_t cap, int64_t layer) {
@@ -92,13 +105,20 @@ epmoe_status epmoe_ckpt_write_metadata(epmoe_st_writer *w, const epmoe_config *c
     return EPMOE_OK;
 }
 
-epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg) {
+/* Model settings added after format version 1: a version-1 file without them means their
+ * defaults (its layout is epmoe's, it has no MTP layers and no FP8 tensors). */
+static int added_after_version_1(const char *setting) {
+    return strcmp(setting, "checkpoint_layout") == 0 || strcmp(setting, "n_mtp_layers") == 0 ||
+           strcmp(setting, "fp8_block_size") == 0;
+}
+
+static epmoe_status config_from_metadata(const epmoe_st_set *ckpt, epmoe_config *cfg) {
     const char *path = epmoe_st_set_path(ckpt);
     const char *version = epmoe_st_set_metadata(ckpt, EPMOE_CKPT_META_FORMAT_VERSION);
     EPMOE_REQUIRE(version != NULL, EPMOE_ERR_FORMAT,
-                  "%s: no %s metadata: not an epmoe checkpoint, or written without the model "
-                  "settings (regenerate it with epmoe-gen)",
-                  path, EPMOE_CKPT_META_FORMAT_VERSION);
+                  "%s: no config.json and no %s metadata: neither a model directory (config.json, "
+                  "%s, shards) nor a checkpoint written by epmoe-gen",
+                  path, EPMOE_CKPT_META_FORMAT_VERSION, EPMOE_ST_INDEX_FILE);
     EPMOE_REQUIRE(strcmp(version, EPMOE_CKPT_FORMAT_VERSION) == 0, EPMOE_ERR_UNSUPPORTED,
                   "%s: checkpoint format version %s, this build reads version %s", path, version,
                   EPMOE_CKPT_FORMAT_VERSION);
@@ -109,11 +129,21 @@ epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config
         char key[96];
         EPMOE_TRY(epmoe_ckpt_meta_key(key, sizeof key, table[i].name));
         const char *value = epmoe_st_set_metadata(ckpt, key);
+        if (!value && added_after_version_1(table[i].name)) value = table[i].def;
         EPMOE_REQUIRE(value != NULL, EPMOE_ERR_FORMAT, "%s: metadata %s is missing", path, key);
         epmoe_status st = epmoe_config_set(cfg, table[i].name, value);
         if (st != EPMOE_OK) return epmoe_add_context(st, "%s: metadata %s", path, key);
     }
+    EPMOE_REQUIRE(cfg->checkpoint_layout == EPMOE_LAYOUT_EPMOE, EPMOE_ERR_FORMAT,
+                  "%s: metadata %scheckpoint_layout is not epmoe: files with epmoe.* metadata "
+                  "are epmoe-gen's own layout",
+                  path, EPMOE_CKPT_META_PREFIX);
     epmoe_status st = epmoe_config_validate(cfg);
     if (st != EPMOE_OK) return epmoe_add_context(st, "%s: model settings", path);
     return EPMOE_OK;
+}
+
+epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg) {
+    if (epmoe_ckpt_is_model_dir(ckpt)) return epmoe_config_from_model_dir(ckpt, cfg);
+    return config_from_metadata(ckpt, cfg);
 }

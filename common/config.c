@@ -10,6 +10,7 @@
 static const char *const scoring_names[] = {"sqrtsoftplus", "sigmoid", NULL};
 static const char *const swiglu_names[] = {"dsv4", "step", NULL};
 static const char *const weight_format_names[] = {"nvfp4", "mxfp4", NULL};
+static const char *const layout_names[] = {"epmoe", "deepseek", "nvidia-nvfp4", NULL};
 static const char *const act_quant_names[] = {"nvfp4", "high", NULL};
 static const char *const act_scale_names[] = {"per_row", "static", NULL};
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
@@ -51,6 +52,13 @@ static const epmoe_cfg_entry table[] = {
      "token id range of the hash-routing table"},
     {"weight_format", EPMOE_CFG_ENUM, M, OFF(weight_format), 0, 0, "nvfp4", weight_format_names,
      "expert weight format in the checkpoint"},
+    {"checkpoint_layout", EPMOE_CFG_ENUM, M, OFF(checkpoint_layout), 0, 0, "epmoe", layout_names,
+     "tensor names and dtypes: epmoe (epmoe-gen's files), deepseek (DeepSeek's release: MXFP4 "
+     "experts) or nvidia-nvfp4 (NVIDIA's NVFP4 re-quantization); docs/checkpoints.md"},
+    {"n_mtp_layers", EPMOE_CFG_INT, M, OFF(n_mtp_layers), 0, 16, "0", NULL,
+     "the last n layers are the multi-token-prediction block's MoE (tensors mtp.N.ffn.*)"},
+    {"fp8_block_size", EPMOE_CFG_INT, M, OFF(fp8_block_size), 1, 4096, "128", NULL,
+     "FP8 weights (the real layouts' shared expert) have one scale per b x b block"},
     {"expert_pad_rows", EPMOE_CFG_INT, R, OFF(expert_pad_rows), 1, 1024, "128", NULL,
      "each expert's block in the padded layout starts at a multiple of this many rows"},
     {"act_quant", EPMOE_CFG_ENUM, R, OFF(act_quant), 0, 0, "nvfp4", act_quant_names,
@@ -273,6 +281,20 @@ epmoe_status epmoe_config_validate(const epmoe_config *c) {
     EPMOE_REQUIRE(c->n_hash_layers <= c->n_layers, EPMOE_ERR_INVALID_ARG,
                   "n_hash_layers %lld exceeds n_layers %lld", (long long)c->n_hash_layers,
                   (long long)c->n_layers);
+    EPMOE_REQUIRE(c->n_hash_layers + c->n_mtp_layers <= c->n_layers, EPMOE_ERR_INVALID_ARG,
+                  "n_hash_layers %lld + n_mtp_layers %lld exceed n_layers %lld (the MTP block's "
+                  "MoE is score-routed)",
+                  (long long)c->n_hash_layers, (long long)c->n_mtp_layers,
+                  (long long)c->n_layers);
+    EPMOE_REQUIRE(c->checkpoint_layout != EPMOE_LAYOUT_DEEPSEEK ||
+                      c->weight_format == EPMOE_WEIGHTS_MXFP4,
+                  EPMOE_ERR_INVALID_ARG,
+                  "checkpoint_layout deepseek stores MXFP4 experts: weight_format must be mxfp4");
+    EPMOE_REQUIRE(c->checkpoint_layout != EPMOE_LAYOUT_NVIDIA_NVFP4 ||
+                      c->weight_format == EPMOE_WEIGHTS_NVFP4,
+                  EPMOE_ERR_INVALID_ARG,
+                  "checkpoint_layout nvidia-nvfp4 stores NVFP4 experts: weight_format must be "
+                  "nvfp4");
     return EPMOE_OK;
 }
 

@@ -25,6 +25,15 @@ typedef enum { EPMOE_SWIGLU_DSV4 = 0, EPMOE_SWIGLU_STEP = 1 } epmoe_swiglu_varia
 
 typedef enum { EPMOE_WEIGHTS_NVFP4 = 0, EPMOE_WEIGHTS_MXFP4 = 1 } epmoe_weight_format;
 
+/* How a checkpoint names and stores its tensors (docs/checkpoints.md): epmoe-gen's own files
+ * (epmoe.* metadata, one file per layer), DeepSeek's release (config.json, index, shards;
+ * MXFP4 experts, FP8 shared expert) or NVIDIA's NVFP4 re-quantization of it (ModelOpt). */
+typedef enum {
+    EPMOE_LAYOUT_EPMOE = 0,
+    EPMOE_LAYOUT_DEEPSEEK = 1,
+    EPMOE_LAYOUT_NVIDIA_NVFP4 = 2
+} epmoe_checkpoint_layout;
+
 /* Activations before each expert GEMM: NVFP4 (W4A4, the production path) or kept in
  * higher precision (W4A16: fp32 on the CPU, bf16 on GPUs). */
 typedef enum { EPMOE_ACT_NVFP4 = 0, EPMOE_ACT_HIGH = 1 } epmoe_act_quant;
@@ -55,6 +64,9 @@ typedef struct {
     int64_t n_hash_layers;     /* the first n layers route by tid2eid[token_id] */
     int64_t vocab_size;
     int64_t weight_format;     /* epmoe_weight_format */
+    int64_t checkpoint_layout; /* epmoe_checkpoint_layout */
+    int64_t n_mtp_layers;      /* the last n of n_layers are the MTP block's MoE (mtp.N.*) */
+    int64_t fp8_block_size;    /* FP8 weights (shared expert) carry one scale per b x b block */
     /* runtime */
     int64_t expert_pad_rows;   /* each expert's block in the padded layout is a multiple */
     int64_t act_quant;         /* epmoe_act_quant */

@@ -62,15 +62,7 @@ float epmoe_e2m1_to_float(uint8_t code) {
     return (code & 0x8) ? -v : v;
 }
 
-uint8_t epmoe_float_to_e2m1_satfinite(float x) {
-    uint32_t bits = f32_bits(x);
-    uint8_t sign = (uint8_t)((bits >> 28) & 0x8);
-    uint32_t abs_bits = bits & 0x7fffffffu;
-    if (abs_bits > 0x7f800000u) return 0;                        /* NaN */
-    if (abs_bits >= f32_bits(EPMOE_E2M1_MAX)) return sign | 0x7; /* includes Inf */
-    uint32_t m = round_magnitude(abs_bits, 1, 0);
-    return (uint8_t)(sign | m);
-}
+uint8_t epmoe_float_to_e2m1_satfinite(float x) { return epmoe_e2m1_rn_satfinite_inline(x); }
 
 /* ---- FP8 E4M3 fn: 4 exponent bits (bias 7), 3 mantissa bits, 0x7f/0xff NaN, no Inf ---- */
 

@@ -7,6 +7,8 @@
 #include "common/nvfp4.h"
 
 #include <math.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "common/formats.h"
@@ -58,14 +60,16 @@ size_t epmoe_nvfp4_quantize_row(const float *x, size_t K, float global_sf, uint8
         uint8_t sf = epmoe_float_to_e4m3_satfinite((global_sf * amax16) / EPMOE_E2M1_MAX);
         float sf_value = epmoe_e4m3_to_float(sf);
         block_sf[b] = sf;
-        for (size_t i = 0; i < EPMOE_NVFP4_BLOCK; i++) {
-            uint8_t code = 0;
-            if (sf_value != 0.0f) {
-                float scaled = (xb[i] * global_sf) / sf_value;
-                if (fabsf(scaled) > EPMOE_E2M1_MAX) saturated++;
-                code = epmoe_float_to_e2m1_satfinite(scaled);
-            }
-            put_nibble(codes, b * EPMOE_NVFP4_BLOCK + i, code);
+        uint8_t *out = codes + b * EPMOE_NVFP4_BLOCK / 2;
+        if (sf_value == 0.0f) {
+            memset(out, 0, EPMOE_NVFP4_BLOCK / 2);
+            continue;
+        }
+        for (size_t i = 0; i < EPMOE_NVFP4_BLOCK; i += 2) { /* even element in the low nibble */
+            float lo = (xb[i] * global_sf) / sf_value, hi = (xb[i + 1] * global_sf) / sf_value;
+            saturated += (fabsf(lo) > EPMOE_E2M1_MAX) + (fabsf(hi) > EPMOE_E2M1_MAX);
+            out[i / 2] = (uint8_t)(epmoe_e2m1_rn_satfinite_inline(lo) |
+                                   epmoe_e2m1_rn_satfinite_inline(hi) << 4);
         }
     }
     return saturated;
@@ -111,9 +115,10 @@ void epmoe_mxfp4_quantize_row(const float *x, size_t K, uint8_t *codes, uint8_t 
         /* Multiplying by 2^-shared_exp (a normal fp32 for every shared_exp in range) is exact
          * wherever the result can round to a nonzero code. */
         float inv_scale = pow2f(-shared_exp);
-        for (size_t i = 0; i < EPMOE_MXFP4_BLOCK; i++)
-            put_nibble(codes, b * EPMOE_MXFP4_BLOCK + i,
-                       epmoe_float_to_e2m1_satfinite(xb[i] * inv_scale));
+        uint8_t *out = codes + b * EPMOE_MXFP4_BLOCK / 2;
+        for (size_t i = 0; i < EPMOE_MXFP4_BLOCK; i += 2) /* even element in the low nibble */
+            out[i / 2] = (uint8_t)(epmoe_e2m1_rn_satfinite_inline(xb[i] * inv_scale) |
+                                   epmoe_e2m1_rn_satfinite_inline(xb[i + 1] * inv_scale) << 4);
     }
 }
 
@@ -134,40 +139,130 @@ static uint8_t ue4m3_pow2_code(int p) {
 
 #define UE4M3_POW2_MIN (-9)
 #define UE4M3_POW2_MAX 8
+#define FP32_NORMAL_MIN_EXP (-126)
+#define FP32_MAX_EXP 127
+#define E2M1_SHIFT_MAX 3 /* 0.5 * 2^3 = 4 and 4 / 2^3 = 0.5: no code survives a larger shift */
 
-epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *block_e8m0, size_t rows, size_t K,
-                                  uint8_t *block_sf, float *weight_scale_2) {
+/* Magnitude (low 3 bits) of the E2M1 code whose value is that of magnitude m times 2^t, or -1
+ * when no E2M1 value equals it. Magnitudes: 0, 0.5, 1, 1.5, 2, 3, 4, 6. */
+static int e2m1_magnitude_shifted(int m, int t) {
+    static const float values[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    float v = t >= 0 ? values[m] * (float)(1 << t) : values[m] / (float)(1 << -t);
+    for (int j = 0; j < 8; j++)
+        if (values[j] == v) return j;
+    return -1;
+}
+
+/* How far each E2M1 magnitude (0, 0.5, 1, 1.5, 2, 3, 4, 6) can be multiplied by 2^t and stay
+ * an E2M1 value: t in [-shift_down[m], shift_up[m]] (0.5 -> 1 -> 2 -> 4; 1.5 -> 3 -> 6). */
+static const int8_t shift_up[8] = {E2M1_SHIFT_MAX, 3, 2, 2, 1, 1, 0, 0};
+static const int8_t shift_down[8] = {E2M1_SHIFT_MAX, 0, 1, 0, 2, 1, 3, 2};
+
+/* One 16-element block of an MXFP4 tensor, as the conversion sees it. */
+typedef struct {
+    int exp;      /* block scale 2^exp (the UE8M0 code minus 127) */
+    int zero;     /* every code has magnitude 0: the block carries no information */
+    int up, down; /* its codes stay E2M1 values when multiplied by 2^t, -down <= t <= up */
+} mx_block;
+
+static mx_block describe_block(const uint8_t *codes, size_t first, uint8_t e8m0) {
+    mx_block b = {(int)e8m0 - 127, 1, E2M1_SHIFT_MAX, E2M1_SHIFT_MAX};
+    const uint8_t *bytes = codes + first / 2; /* first is a multiple of 16 */
+    for (size_t i = 0; i < EPMOE_NVFP4_BLOCK / 2; i++) {
+        int lo_m = bytes[i] & 7, hi_m = (bytes[i] >> 4) & 7;
+        if (lo_m | hi_m) b.zero = 0;
+        if (shift_up[lo_m] < b.up) b.up = shift_up[lo_m];
+        if (shift_up[hi_m] < b.up) b.up = shift_up[hi_m];
+        if (shift_down[lo_m] < b.down) b.down = shift_down[lo_m];
+        if (shift_down[hi_m] < b.down) b.down = shift_down[hi_m];
+    }
+    return b;
+}
+
+epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *codes, const uint8_t *block_e8m0, size_t rows,
+                                  size_t K, uint8_t *codes_out, uint8_t *block_sf,
+                                  float *weight_scale_2, epmoe_mxfp4_conversion *info) {
     EPMOE_REQUIRE(K % EPMOE_MXFP4_BLOCK == 0, EPMOE_ERR_INVALID_ARG,
                   "MXFP4 row length K=%zu is not a multiple of %d", K, EPMOE_MXFP4_BLOCK);
-    EPMOE_REQUIRE(block_e8m0 && block_sf && weight_scale_2, EPMOE_ERR_INVALID_ARG,
-                  "mxfp4_to_nvfp4: NULL %s", !block_e8m0 ? "block_e8m0"
-                                             : !block_sf ? "block_sf" : "weight_scale_2");
-    size_t n_blocks = rows * (K / EPMOE_MXFP4_BLOCK);
-    if (n_blocks == 0) {
+    EPMOE_REQUIRE(codes && block_e8m0 && codes_out && block_sf && weight_scale_2,
+                  EPMOE_ERR_INVALID_ARG, "mxfp4_to_nvfp4: NULL argument");
+    epmoe_mxfp4_conversion stats = {0, 0};
+    const size_t per_row = K / EPMOE_NVFP4_BLOCK, n_blocks = rows * per_row;
+    /* Pass 1: each nonzero block b allows tensor scales 2^A with
+     *   exp_b - 8 - up_b <= A <= exp_b + 9 + down_b
+     * (its UE4M3 power q = exp_b - A - t in [-9, 8] for a code shift t in [-down_b, up_b]);
+     * 2^A itself must be a normal fp32. */
+    int lo = FP32_NORMAL_MIN_EXP, hi = FP32_MAX_EXP, e_top = INT32_MIN;
+    size_t at_lo = n_blocks, at_hi = n_blocks;
+    for (size_t i = 0; i < n_blocks; i++) {
+        uint8_t e8m0 = block_e8m0[i / 2]; /* one 32-block is two 16-blocks */
+        EPMOE_REQUIRE(e8m0 != 0xff, EPMOE_ERR_NUMERIC,
+                      "MXFP4 scale [%zu, %zu] is 0xff, the UE8M0 NaN", i / per_row,
+                      (i % per_row) / 2);
+        mx_block b = describe_block(codes, i * EPMOE_NVFP4_BLOCK, e8m0);
+        if (b.zero) continue;
+        if (b.exp > e_top) e_top = b.exp;
+        if (b.exp - UE4M3_POW2_MAX - b.up > lo) lo = b.exp - UE4M3_POW2_MAX - b.up, at_lo = i;
+        if (b.exp - UE4M3_POW2_MIN + b.down < hi) hi = b.exp - UE4M3_POW2_MIN + b.down, at_hi = i;
+    }
+    if (e_top == INT32_MIN) { /* every block zero: any scale will do */
+        memset(block_sf, 0, n_blocks);
+        if (codes_out != codes) memcpy(codes_out, codes, rows * K / 2);
         *weight_scale_2 = 1.0f;
+        if (info) *info = (epmoe_mxfp4_conversion){n_blocks, 0};
         return EPMOE_OK;
     }
-    size_t at_min = 0, at_max = 0;
-    for (size_t i = 0; i < n_blocks; i++) {
-        EPMOE_REQUIRE(block_e8m0[i] != 0xff, EPMOE_ERR_NUMERIC,
-                      "MXFP4 scale %zu (row %zu, block %zu) is 0xff, the UE8M0 NaN", i,
-                      i / (K / EPMOE_MXFP4_BLOCK), i % (K / EPMOE_MXFP4_BLOCK));
-        if (block_e8m0[i] < block_e8m0[at_min]) at_min = i;
-        if (block_e8m0[i] > block_e8m0[at_max]) at_max = i;
+    if (lo > hi) {
+        char why_lo[96], why_hi[96];
+        if (at_lo < n_blocks)
+            snprintf(why_lo, sizeof why_lo, "block [%zu, %zu] (scale 2^%d) needs >= 2^%d",
+                     at_lo / per_row, (at_lo % per_row) * EPMOE_NVFP4_BLOCK,
+                     (int)block_e8m0[at_lo / 2] - 127, lo);
+        else
+            snprintf(why_lo, sizeof why_lo, "a normal fp32 needs >= 2^%d", lo);
+        if (at_hi < n_blocks)
+            snprintf(why_hi, sizeof why_hi, "block [%zu, %zu] (scale 2^%d) needs <= 2^%d",
+                     at_hi / per_row, (at_hi % per_row) * EPMOE_NVFP4_BLOCK,
+                     (int)block_e8m0[at_hi / 2] - 127, hi);
+        else
+            snprintf(why_hi, sizeof why_hi, "a finite fp32 needs <= 2^%d", hi);
+        EPMOE_FAIL(EPMOE_ERR_UNSUPPORTED,
+                   "MXFP4 tensor cannot be converted to NVFP4 exactly: no tensor scale fits every "
+                   "block (%s; %s; UE4M3 powers of two span 2^-9..2^8, and a block's codes can "
+                   "be rescaled only while they stay E2M1 values)",
+                   why_lo, why_hi);
     }
-    int e_max = block_e8m0[at_max], e_min = block_e8m0[at_min];
-    int spread = e_max - e_min;
-    EPMOE_REQUIRE(spread <= UE4M3_POW2_MAX - UE4M3_POW2_MIN, EPMOE_ERR_UNSUPPORTED,
-                  "MXFP4 scales span 2^%d (block %zu) to 2^%d (block %zu), %d binades; an exact "
-                  "NVFP4 conversion allows at most %d (UE4M3 powers of two 2^-9..2^8)",
-                  e_min - 127, at_min, e_max - 127, at_max, spread,
-                  UE4M3_POW2_MAX - UE4M3_POW2_MIN);
+    /* The tensor scale the plain conversion uses (the largest block at 2^8, no code moved),
+     * unless some block needs it moved. */
+    int A = e_top - UE4M3_POW2_MAX;
+    if (A < lo) A = lo;
+    if (A > hi) A = hi;
+
+    /* Pass 2: each block's UE4M3 power, and its codes moved by t where the power alone
+     * cannot reach. */
+    if (codes_out != codes) memcpy(codes_out, codes, rows * K / 2);
     for (size_t i = 0; i < n_blocks; i++) {
-        uint8_t sf = ue4m3_pow2_code((int)block_e8m0[i] - e_max + UE4M3_POW2_MAX);
-        block_sf[2 * i] = sf; /* one 32-block is two 16-blocks */
-        block_sf[2 * i + 1] = sf;
+        const size_t first = i * EPMOE_NVFP4_BLOCK;
+        mx_block b = describe_block(codes, first, block_e8m0[i / 2]);
+        if (b.zero) {
+            block_sf[i] = 0;
+            stats.zero_blocks++;
+            continue;
+        }
+        int q = b.exp - A, t = 0;
+        if (q > UE4M3_POW2_MAX) t = q - UE4M3_POW2_MAX, q = UE4M3_POW2_MAX;
+        if (q < UE4M3_POW2_MIN) t = q - UE4M3_POW2_MIN, q = UE4M3_POW2_MIN;
+        block_sf[i] = ue4m3_pow2_code(q);
+        if (t == 0) continue;
+        stats.shifted_blocks++;
+        for (size_t k = first; k < first + EPMOE_NVFP4_BLOCK; k++) {
+            uint8_t c = get_nibble(codes_out, k);
+            int m = e2m1_magnitude_shifted(c & 7, t); /* >= 0: pass 1 checked the range */
+            put_nibble(codes_out, k, (uint8_t)((c & 8) | (m < 0 ? 0 : m)));
+        }
     }
-    *weight_scale_2 = pow2f(e_max - 127 - UE4M3_POW2_MAX);
+    *weight_scale_2 = pow2f(A);
+    if (info) *info = stats;
     return EPMOE_OK;
 }
 

@@ -53,13 +53,26 @@ void epmoe_mxfp4_quantize_row(const float *x, size_t K, uint8_t *codes, uint8_t 
 void epmoe_mxfp4_dequantize_row(const uint8_t *codes, const uint8_t *block_e8m0, size_t K,
                                 float *out);
 
-/* Exact MXFP4 -> NVFP4 conversion of a [rows, K] matrix: codes are unchanged, each UE8M0
- * scale 2^e becomes the UE4M3 power of two 2^(e - e_max + 8) and weight_scale_2 = 2^(e_max -
- * 127 - 8), where e_max is the largest exponent in the tensor. Exact when every exponent is
- * within 17 of e_max (UE4M3 powers of two span 2^-9..2^8); otherwise EPMOE_ERR_UNSUPPORTED
- * naming the spread. block_sf gets [rows, K/16]. */
-epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *block_e8m0, size_t rows, size_t K,
-                                  uint8_t *block_sf, float *weight_scale_2);
+/* Exact MXFP4 -> NVFP4 conversion of a [rows, K] matrix, block by 16-element block. The
+ * tensor gets one scale 2^A (weight_scale_2) and each block b with UE8M0 scale 2^e_b the UE4M3
+ * power of two 2^q_b, its codes multiplied by 2^t_b, with e_b = A + q_b + t_b:
+ *   - blocks whose codes are all zero carry no information: block_sf 0, codes unchanged;
+ *   - A is e_top - 8 (e_top: the largest nonzero block scale), so q_b = e_b - A whenever that
+ *     lies in 2^-9..2^8 (17 binades below e_top) and codes stay unchanged;
+ *   - a block beyond that range keeps its value exactly by moving its codes (0.5 <-> 1 <-> 2
+ *     <-> 4, 1.5 <-> 3 <-> 6: t_b = +-1..3 while every code stays an E2M1 value), A moving
+ *     within what every block allows.
+ * Every value is reproduced bit for bit (e2m1' * sf * weight_scale_2 == e2m1 * 2^e). A tensor
+ * no choice of A can express is EPMOE_ERR_UNSUPPORTED, naming the two blocks that conflict;
+ * values are never rounded. codes_out may alias codes; block_sf gets [rows, K/16]; info
+ * (optional) counts zero and shifted blocks. */
+typedef struct {
+    size_t zero_blocks;    /* 16-blocks with only zero codes (block_sf 0) */
+    size_t shifted_blocks; /* 16-blocks whose codes were multiplied by a power of two */
+} epmoe_mxfp4_conversion;
+epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *codes, const uint8_t *block_e8m0, size_t rows,
+                                  size_t K, uint8_t *codes_out, uint8_t *block_sf,
+                                  float *weight_scale_2, epmoe_mxfp4_conversion *info);
 
 /* Blackwell 128x4 swizzled scales (docs/design.md §4.3). For a scale matrix of `rows` x `cols`
  * (cols = K/16), padded to rows' = ceil(rows/128)*128 and cols' = ceil(cols/4)*4: */

@@ -93,8 +93,8 @@ epmoe_status epmoe_check_output_dir(const char *path) {
     return check_writable_dir(parent, path);
 }
 
-epmoe_status epmoe_open_regular_for_write(const char *path, FILE **out) {
-    *out = NULL;
+epmoe_status epmoe_open_regular_fd_for_write(const char *path, int *fd_out) {
+    *fd_out = -1;
     /* O_NOFOLLOW: a symlink fails (ELOOP) instead of being written through; O_NONBLOCK: a FIFO
      * without a reader fails instead of blocking (and one with a reader is refused below). */
     int fd = open(path, O_WRONLY | O_CREAT | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0666);
@@ -116,6 +116,14 @@ epmoe_status epmoe_open_regular_for_write(const char *path, FILE **out) {
         close(fd);
         EPMOE_FAIL(EPMOE_ERR_IO, "%s: %s", path, strerror(err));
     }
+    *fd_out = fd;
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_open_regular_for_write(const char *path, FILE **out) {
+    *out = NULL;
+    int fd = -1;
+    EPMOE_TRY(epmoe_open_regular_fd_for_write(path, &fd));
     *out = fdopen(fd, "wb");
     if (!*out) {
         int err = errno;

@@ -33,6 +33,9 @@ epmoe_status epmoe_check_output_dir(const char *path);
  * symlink is not followed, a device node, FIFO or socket is refused (the temporary file of a
  * write-and-rename must not be a symlink planted to point somewhere else). */
 epmoe_status epmoe_open_regular_for_write(const char *path, FILE **out);
+/* The same as a descriptor (write-only, truncated, blocking), for writers that size a file and
+ * pwrite it from several threads (common/checkpoint_gen.c); *fd_out is -1 on failure. */
+epmoe_status epmoe_open_regular_fd_for_write(const char *path, int *fd_out);
 
 #ifdef __cplusplus
 }

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <jansson.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -96,6 +97,19 @@ static epmoe_status parse_metadata(epmoe_st_file *f, json_t *meta) {
     return EPMOE_OK;
 }
 
+/* Bits per element of safetensors dtypes that epmoe_dtype does not list; 0 when unknown. */
+static unsigned foreign_dtype_bits(const char *name) {
+    static const struct {
+        const char *name;
+        unsigned bits;
+    } foreign[] = {{"BOOL", 8},         {"F4", 4},          {"F6_E2M3", 6},  {"F6_E3M2", 6},
+                   {"F8_E5M2", 8},      {"F8_E4M3FNUZ", 8}, {"F8_E5M2FNUZ", 8}, {"I16", 16},
+                   {"U16", 16},         {"U32", 32},        {"U64", 64},     {"C64", 64}};
+    for (size_t i = 0; i < sizeof foreign / sizeof foreign[0]; i++)
+        if (strcmp(foreign[i].name, name) == 0) return foreign[i].bits;
+    return 0;
+}
+
 /* One header entry: {"dtype": "F32", "shape": [..], "data_offsets": [begin, end]}. */
 static epmoe_status parse_tensor(const epmoe_st_file *f, const char *name, json_t *desc,
                                  parsed_tensor *out) {
@@ -112,8 +126,16 @@ static epmoe_status parse_tensor(const epmoe_st_file *f, const char *name, json_
     EPMOE_REQUIRE(json_is_array(joffsets) && json_array_size(joffsets) == 2, EPMOE_ERR_FORMAT,
                   "%s: %s: \"data_offsets\" is not an array [begin, end]", path, name);
 
-    epmoe_status st = epmoe_dtype_from_name(json_string_value(jdtype), &out->t.dtype);
-    if (st != EPMOE_OK) return epmoe_add_context(st, "%s: %s", path, name);
+    /* A dtype this build does not compute with (F8_E5M2, F4, ...) is kept by name: a model
+     * directory's shards hold tensors the loader never touches, and only a required tensor of
+     * such a dtype is an error (naming it). */
+    const char *dtype_text = json_string_value(jdtype);
+    snprintf(out->t.dtype_text, sizeof out->t.dtype_text, "%s", dtype_text);
+    out->t.dtype = EPMOE_DTYPE_COUNT;
+    for (int t = 0; t < EPMOE_DTYPE_COUNT; t++)
+        if (strcmp(epmoe_dtype_name((epmoe_dtype)t), dtype_text) == 0) out->t.dtype = (epmoe_dtype)t;
+    unsigned bits = out->t.dtype < EPMOE_DTYPE_COUNT ? 8 * (unsigned)epmoe_dtype_size(out->t.dtype)
+                                                     : foreign_dtype_bits(dtype_text);
 
     size_t ndim = json_array_size(jshape);
     EPMOE_REQUIRE(ndim <= EPMOE_MAX_DIMS, EPMOE_ERR_FORMAT, "%s: %s: %zu dimensions (at most %d)",
@@ -139,13 +161,14 @@ static epmoe_status parse_tensor(const epmoe_st_file *f, const char *name, json_
                   path, name);
     out->begin = (uint64_t)json_integer_value(jb);
     out->end = (uint64_t)json_integer_value(je);
-    uint64_t nbytes = numel * epmoe_dtype_size(out->t.dtype);
+    /* bits 0: an unknown dtype, whose size cannot be checked (its range still is) */
+    uint64_t nbytes = bits ? (numel * bits + 7) / 8 : out->end - out->begin;
     if (out->end - out->begin != nbytes) {
         char shape[160];
         format_shape(shape, sizeof shape, out->t.ndim, out->t.shape);
         EPMOE_FAIL(EPMOE_ERR_FORMAT,
                    "%s: %s: %s %s needs %llu bytes but data_offsets [%llu, %llu) hold %llu", path,
-                   name, epmoe_dtype_name(out->t.dtype), shape, (unsigned long long)nbytes,
+                   name, out->t.dtype_text, shape, (unsigned long long)nbytes,
                    (unsigned long long)out->begin, (unsigned long long)out->end,
                    (unsigned long long)(out->end - out->begin));
     }
@@ -323,21 +346,27 @@ const char *epmoe_st_metadata(const epmoe_st_file *f, const char *key) {
 
 /* ========================================================================= file sets ===== */
 
+/* One tensor name of the set and the file that holds it. */
 typedef struct {
-    const epmoe_st_tensor *tensor;
-    const epmoe_st_file *file;
+    const char *name; /* owned by the file (listed sets) or by the set (indexed sets) */
+    int file;
 } set_entry;
 
 struct epmoe_st_set {
     char *path;
+    char *dir;           /* the directory, or NULL for a one-file set */
+    char *index_path;    /* the index file of an indexed set, else NULL */
     int n_files;
-    epmoe_st_file **files;
+    char **file_paths;   /* [n_files] */
+    epmoe_st_file **files; /* [n_files]; an indexed set opens a file on its first lookup */
     size_t n_entries;
-    set_entry *by_name; /* every tensor of every file, sorted by name */
+    set_entry *by_name;  /* sorted by name */
+    char **owned_names;  /* indexed sets: the names of the weight map */
+    pthread_mutex_t lock; /* guards files[] of an indexed set */
 };
 
 static int cmp_set_entry(const void *a, const void *b) {
-    return strcmp(((const set_entry *)a)->tensor->name, ((const set_entry *)b)->tensor->name);
+    return strcmp(((const set_entry *)a)->name, ((const set_entry *)b)->name);
 }
 
 static int cmp_cstr(const void *a, const void *b) {
@@ -346,16 +375,33 @@ static int cmp_cstr(const void *a, const void *b) {
 
 void epmoe_st_set_close(epmoe_st_set *s) {
     if (!s) return;
-    for (int i = 0; i < s->n_files; i++) file_free(s->files[i]);
+    for (int i = 0; i < s->n_files; i++) {
+        if (s->files) file_free(s->files[i]);
+        if (s->file_paths) free(s->file_paths[i]);
+    }
     free(s->files);
+    free(s->file_paths);
+    if (s->owned_names)
+        for (size_t i = 0; i < s->n_entries; i++) free(s->owned_names[i]);
+    free(s->owned_names);
     free(s->by_name);
+    free(s->index_path);
+    free(s->dir);
     free(s->path);
+    pthread_mutex_destroy(&s->lock);
     free(s);
 }
 
 static int has_suffix(const char *s, const char *suffix) {
     size_t n = strlen(s), m = strlen(suffix);
     return n >= m && strcmp(s + n - m, suffix) == 0;
+}
+
+static char *join_path(const char *dir, const char *name) {
+    size_t len = strlen(dir) + 1 + strlen(name) + 1;
+    char *p = malloc(len);
+    if (p) snprintf(p, len, "%s/%s", dir, name);
+    return p;
 }
 
 /* Sorted full paths of every *.safetensors file in dir. */
@@ -377,13 +423,11 @@ static epmoe_status list_safetensors(const char *dir, char ***paths_out, int *n_
             }
             paths = grown;
         }
-        size_t len = strlen(dir) + 1 + strlen(ent->d_name) + 1;
-        paths[n] = malloc(len);
+        paths[n] = join_path(dir, ent->d_name);
         if (!paths[n]) {
             st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s: listing", dir);
             break;
         }
-        snprintf(paths[n], len, "%s/%s", dir, ent->d_name);
         n++;
     }
     closedir(d);
@@ -401,24 +445,112 @@ static epmoe_status list_safetensors(const char *dir, char ***paths_out, int *n_
     return EPMOE_OK;
 }
 
-static epmoe_status build_set_index(epmoe_st_set *s) {
+static epmoe_status check_unique_names(const epmoe_st_set *s) {
+    for (size_t i = 1; i < s->n_entries; i++) {
+        const set_entry *a = &s->by_name[i - 1], *b = &s->by_name[i];
+        if (strcmp(a->name, b->name) != 0) continue;
+        if (s->index_path)
+            EPMOE_FAIL(EPMOE_ERR_FORMAT, "%s: tensor %s is listed twice", s->index_path,
+                       b->name);
+        EPMOE_FAIL(EPMOE_ERR_FORMAT, "%s: tensor %s is in two files: %s and %s", s->path,
+                   b->name, s->file_paths[a->file], s->file_paths[b->file]);
+    }
+    return EPMOE_OK;
+}
+
+/* Every file opened; the index lists every tensor of every file. */
+static epmoe_status open_listed(epmoe_st_set *s) {
     size_t total = 0;
-    for (int i = 0; i < s->n_files; i++) total += (size_t)s->files[i]->n_tensors;
+    for (int i = 0; i < s->n_files; i++) {
+        EPMOE_TRY(epmoe_st_open(s->file_paths[i], &s->files[i]));
+        total += (size_t)s->files[i]->n_tensors;
+    }
     s->by_name = calloc(total ? total : 1, sizeof *s->by_name);
     EPMOE_REQUIRE(s->by_name != NULL, EPMOE_ERR_OOM, "%s: index of %zu tensors", s->path, total);
     size_t k = 0;
     for (int i = 0; i < s->n_files; i++)
         for (int j = 0; j < s->files[i]->n_tensors; j++)
-            s->by_name[k++] = (set_entry){&s->files[i]->tensors[j], s->files[i]};
+            s->by_name[k++] = (set_entry){s->files[i]->tensors[j].name, i};
     s->n_entries = total;
     qsort(s->by_name, total, sizeof *s->by_name, cmp_set_entry);
-    for (size_t i = 1; i < total; i++) {
-        const set_entry *a = &s->by_name[i - 1], *b = &s->by_name[i];
-        EPMOE_REQUIRE(strcmp(a->tensor->name, b->tensor->name) != 0, EPMOE_ERR_FORMAT,
-                      "%s: tensor %s is in two files: %s and %s", s->path, b->tensor->name,
-                      a->file->path, b->file->path);
+    return check_unique_names(s);
+}
+
+/* A shard name from an index must be a plain file name in the directory. */
+static int plain_file_name(const char *name) {
+    return name[0] != '\0' && name[0] != '.' && strchr(name, '/') == NULL;
+}
+
+/* model.safetensors.index.json: {"metadata": {...}, "weight_map": {tensor: shard file}}. Only
+ * the index is read here; shards open when a tensor of theirs is first looked up. */
+static epmoe_status open_indexed(epmoe_st_set *s) {
+    json_error_t jerr;
+    json_t *root = json_load_file(s->index_path, JSON_REJECT_DUPLICATES, &jerr);
+    EPMOE_REQUIRE(root != NULL, EPMOE_ERR_FORMAT, "%s: not valid JSON: %s (line %d)",
+                  s->index_path, jerr.text, jerr.line);
+    epmoe_status st = EPMOE_OK;
+    json_t *map = json_object_get(root, "weight_map");
+    if (!json_is_object(map)) {
+        st = epmoe_set_error(EPMOE_ERR_FORMAT, __FILE__, __LINE__,
+                             "%s: no \"weight_map\" object (tensor name -> shard file)",
+                             s->index_path);
+        goto done;
     }
-    return EPMOE_OK;
+    size_t n = json_object_size(map);
+    s->by_name = calloc(n ? n : 1, sizeof *s->by_name);
+    s->owned_names = calloc(n ? n : 1, sizeof *s->owned_names);
+    s->file_paths = calloc(n ? n : 1, sizeof *s->file_paths); /* at most one shard per name */
+    if (!s->by_name || !s->owned_names || !s->file_paths) {
+        st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s: %zu tensors",
+                             s->index_path, n);
+        goto done;
+    }
+    /* shard names, each once, in the order the map first names them */
+    const char *name;
+    json_t *value;
+    json_object_foreach(map, name, value) {
+        if (!json_is_string(value) || !plain_file_name(json_string_value(value))) {
+            st = epmoe_set_error(EPMOE_ERR_FORMAT, __FILE__, __LINE__,
+                                 "%s: %s: shard must be a file name in %s, got %s",
+                                 s->index_path, name, s->dir,
+                                 json_is_string(value) ? json_string_value(value) : "a non-string");
+            goto done;
+        }
+        const char *shard = json_string_value(value);
+        int file = -1;
+        for (int i = s->n_files - 1; i >= 0 && file < 0; i--) /* shards come in runs */
+            if (strcmp(strrchr(s->file_paths[i], '/') + 1, shard) == 0) file = i;
+        if (file < 0) {
+            s->file_paths[s->n_files] = join_path(s->dir, shard);
+            if (!s->file_paths[s->n_files]) {
+                st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s", s->index_path);
+                goto done;
+            }
+            file = s->n_files++;
+        }
+        s->owned_names[s->n_entries] = strdup(name);
+        if (!s->owned_names[s->n_entries]) {
+            st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s", s->index_path);
+            goto done;
+        }
+        s->by_name[s->n_entries] = (set_entry){s->owned_names[s->n_entries], file};
+        s->n_entries++;
+    }
+    if (s->n_entries == 0) {
+        st = epmoe_set_error(EPMOE_ERR_NOT_FOUND, __FILE__, __LINE__,
+                             "%s: the weight map lists no tensors", s->index_path);
+        goto done;
+    }
+    s->files = calloc((size_t)s->n_files, sizeof *s->files);
+    if (!s->files) {
+        st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s", s->index_path);
+        goto done;
+    }
+    qsort(s->by_name, s->n_entries, sizeof *s->by_name, cmp_set_entry);
+    st = check_unique_names(s);
+done:
+    json_decref(root);
+    return st;
 }
 
 epmoe_status epmoe_st_set_open(const char *path, epmoe_st_set **out) {
@@ -429,75 +561,162 @@ epmoe_status epmoe_st_set_open(const char *path, epmoe_st_set **out) {
 
     epmoe_st_set *s = calloc(1, sizeof *s);
     EPMOE_REQUIRE(s != NULL, EPMOE_ERR_OOM, "%s: checkpoint handle", path);
+    pthread_mutex_init(&s->lock, NULL);
     epmoe_status st = EPMOE_OK;
-    char **paths = NULL;
-    int n_paths = 0;
     s->path = strdup(path);
     if (!s->path) {
         st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s: path", path);
         goto fail;
     }
     if (S_ISDIR(sb.st_mode)) {
-        EPMOE_TRY_GOTO(st, list_safetensors(path, &paths, &n_paths), fail);
-    } else {
-        paths = malloc(sizeof *paths);
-        if (paths) paths[0] = strdup(path);
-        if (!paths || !paths[0]) {
+        s->dir = strdup(path);
+        s->index_path = join_path(path, EPMOE_ST_INDEX_FILE);
+        if (!s->dir || !s->index_path) {
             st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s: path", path);
             goto fail;
         }
-        n_paths = 1;
+        if (access(s->index_path, F_OK) == 0) {
+            EPMOE_TRY_GOTO(st, open_indexed(s), fail);
+            *out = s;
+            return EPMOE_OK;
+        }
+        free(s->index_path);
+        s->index_path = NULL;
+        EPMOE_TRY_GOTO(st, list_safetensors(path, &s->file_paths, &s->n_files), fail);
+    } else {
+        s->file_paths = malloc(sizeof *s->file_paths);
+        if (s->file_paths) s->file_paths[0] = strdup(path);
+        if (!s->file_paths || !s->file_paths[0]) {
+            st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s: path", path);
+            goto fail;
+        }
+        s->n_files = 1;
     }
-    s->files = calloc((size_t)n_paths, sizeof *s->files);
+    s->files = calloc((size_t)s->n_files, sizeof *s->files);
     if (!s->files) {
-        st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s: %d files", path, n_paths);
+        st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "%s: %d files", path, s->n_files);
         goto fail;
     }
-    for (int i = 0; i < n_paths; i++) {
-        EPMOE_TRY_GOTO(st, epmoe_st_open(paths[i], &s->files[i]), fail);
-        s->n_files = i + 1;
-    }
-    EPMOE_TRY_GOTO(st, build_set_index(s), fail);
-    for (int i = 0; i < n_paths; i++) free(paths[i]);
-    free(paths);
+    EPMOE_TRY_GOTO(st, open_listed(s), fail);
     *out = s;
     return EPMOE_OK;
 fail:
-    if (paths) {
-        for (int i = 0; i < n_paths; i++) free(paths[i]);
-        free(paths);
-    }
     epmoe_st_set_close(s);
     return st;
 }
 
+/* The file behind entry e, opened if it was not yet (indexed sets). */
+static epmoe_status entry_file(const epmoe_st_set *cs, const set_entry *e,
+                               const epmoe_st_file **out) {
+    epmoe_st_set *s = (epmoe_st_set *)cs; /* opening a shard is invisible to the caller */
+    pthread_mutex_lock(&s->lock);
+    epmoe_status st = EPMOE_OK;
+    if (!s->files[e->file]) {
+        st = epmoe_st_open(s->file_paths[e->file], &s->files[e->file]);
+        if (st != EPMOE_OK)
+            epmoe_add_context(st, "%s names it as the shard of %s", EPMOE_ST_INDEX_FILE, e->name);
+    }
+    *out = s->files[e->file];
+    pthread_mutex_unlock(&s->lock);
+    return st;
+}
+
+static const set_entry *find_entry(const epmoe_st_set *s, const char *name) {
+    set_entry key = {name, 0};
+    return bsearch(&key, s->by_name, s->n_entries, sizeof *s->by_name, cmp_set_entry);
+}
+
+int epmoe_st_set_contains(const epmoe_st_set *s, const char *name) {
+    return find_entry(s, name) != NULL;
+}
+
+epmoe_status epmoe_st_set_lookup(const epmoe_st_set *s, const char *name,
+                                 const epmoe_st_tensor **t_out, const epmoe_st_file **file_out) {
+    *t_out = NULL;
+    if (file_out) *file_out = NULL;
+    const set_entry *e = find_entry(s, name);
+    if (!e) return EPMOE_OK;
+    const epmoe_st_file *file = NULL;
+    EPMOE_TRY(entry_file(s, e, &file));
+    const epmoe_st_tensor *t = epmoe_st_find(file, name);
+    EPMOE_REQUIRE(t != NULL, EPMOE_ERR_FORMAT, "%s: %s names %s as the shard of %s, which it "
+                  "does not hold", file->path, s->index_path ? s->index_path : s->path,
+                  file->path, name);
+    *t_out = t;
+    if (file_out) *file_out = file;
+    return EPMOE_OK;
+}
+
 const epmoe_st_tensor *epmoe_st_set_find(const epmoe_st_set *s, const char *name,
                                          const epmoe_st_file **file_out) {
-    epmoe_st_tensor key_tensor = {.name = name};
-    set_entry key = {&key_tensor, NULL};
-    const set_entry *hit = bsearch(&key, s->by_name, s->n_entries, sizeof *s->by_name,
-                                   cmp_set_entry);
-    if (file_out) *file_out = hit ? hit->file : NULL;
-    return hit ? hit->tensor : NULL;
+    const epmoe_st_tensor *t = NULL;
+    if (epmoe_st_set_lookup(s, name, &t, file_out) != EPMOE_OK) {
+        if (file_out) *file_out = NULL;
+        return NULL;
+    }
+    return t;
 }
 
 const char *epmoe_st_set_metadata(const epmoe_st_set *s, const char *key) {
     for (int i = 0; i < s->n_files; i++) {
-        const char *v = epmoe_st_metadata(s->files[i], key);
+        const char *v = s->files[i] ? epmoe_st_metadata(s->files[i], key) : NULL;
         if (v) return v;
     }
     return NULL;
 }
 
 const char *epmoe_st_set_path(const epmoe_st_set *s) { return s->path; }
+const char *epmoe_st_set_dir(const epmoe_st_set *s) { return s->dir; }
+const char *epmoe_st_set_index_path(const epmoe_st_set *s) { return s->index_path; }
 
-epmoe_status epmoe_st_set_require(const epmoe_st_set *s, const char *name, epmoe_dtype dtype,
-                                  int ndim, const int64_t *shape, const epmoe_st_tensor **out) {
+int epmoe_st_set_file_count(const epmoe_st_set *s) { return s->n_files; }
+
+int epmoe_st_set_files_open(const epmoe_st_set *cs) {
+    epmoe_st_set *s = (epmoe_st_set *)cs;
+    pthread_mutex_lock(&s->lock);
+    int n = 0;
+    for (int i = 0; i < s->n_files; i++) n += s->files[i] != NULL;
+    pthread_mutex_unlock(&s->lock);
+    return n;
+}
+
+int epmoe_st_set_file_is_open(const epmoe_st_set *cs, const char *file_name) {
+    epmoe_st_set *s = (epmoe_st_set *)cs;
+    pthread_mutex_lock(&s->lock);
+    int open = 0;
+    for (int i = 0; i < s->n_files; i++) {
+        const char *base = strrchr(s->file_paths[i], '/');
+        base = base ? base + 1 : s->file_paths[i];
+        if (strcmp(base, file_name) == 0) open = s->files[i] != NULL;
+    }
+    pthread_mutex_unlock(&s->lock);
+    return open;
+}
+
+static void format_dtypes(char *buf, size_t cap, const epmoe_dtype *dtypes, int n) {
+    size_t at = 0;
+    buf[0] = '\0';
+    for (int i = 0; i < n && at < cap; i++)
+        at += (size_t)snprintf(buf + at, cap - at, "%s%s", i == 0 ? "" : i + 1 == n ? " or " : ", ",
+                               epmoe_dtype_name(dtypes[i]));
+}
+
+epmoe_status epmoe_st_set_require_any(const epmoe_st_set *s, const char *name,
+                                      const epmoe_dtype *dtypes, int n_dtypes, int ndim,
+                                      const int64_t *shape, const epmoe_st_tensor **out) {
     const epmoe_st_file *file = NULL;
-    const epmoe_st_tensor *t = epmoe_st_set_find(s, name, &file);
-    EPMOE_REQUIRE(t != NULL, EPMOE_ERR_NOT_FOUND, "%s: tensor %s not found", s->path, name);
-    EPMOE_REQUIRE(t->dtype == dtype, EPMOE_ERR_FORMAT, "%s: %s: dtype %s, expected %s",
-                  file->path, name, epmoe_dtype_name(t->dtype), epmoe_dtype_name(dtype));
+    const epmoe_st_tensor *t = NULL;
+    EPMOE_TRY(epmoe_st_set_lookup(s, name, &t, &file));
+    EPMOE_REQUIRE(t != NULL, EPMOE_ERR_NOT_FOUND, "%s: tensor %s not found",
+                  s->index_path ? s->index_path : s->path, name);
+    int dtype_ok = 0;
+    for (int i = 0; i < n_dtypes; i++) dtype_ok |= t->dtype == dtypes[i];
+    if (!dtype_ok) {
+        char want[96];
+        format_dtypes(want, sizeof want, dtypes, n_dtypes);
+        EPMOE_FAIL(EPMOE_ERR_FORMAT, "%s: %s: dtype %s, expected %s", file->path, name,
+                   t->dtype_text, want);
+    }
     if (shape) {
         int same = t->ndim == ndim;
         for (int d = 0; same && d < ndim; d++) same = t->shape[d] == shape[d];
@@ -513,6 +732,11 @@ epmoe_status epmoe_st_set_require(const epmoe_st_set *s, const char *name, epmoe
     return EPMOE_OK;
 }
 
+epmoe_status epmoe_st_set_require(const epmoe_st_set *s, const char *name, epmoe_dtype dtype,
+                                  int ndim, const int64_t *shape, const epmoe_st_tensor **out) {
+    return epmoe_st_set_require_any(s, name, &dtype, 1, ndim, shape, out);
+}
+
 /* ============================================================================ writer ===== */
 
 typedef struct {
@@ -525,6 +749,7 @@ typedef struct {
     const void *data;      /* or, deferred: */
     epmoe_st_fill_fn fill;
     void *fill_ctx;
+    int reserved;          /* the caller writes the bytes (epmoe_st_writer_layout) */
 } writer_entry;
 
 struct epmoe_st_writer {
@@ -559,7 +784,7 @@ void epmoe_st_writer_free(epmoe_st_writer *w) {
 
 static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype dtype, int ndim,
                                const int64_t *shape, const void *data, epmoe_st_fill_fn fill,
-                               void *ctx) {
+                               void *ctx, int reserved) {
     EPMOE_REQUIRE(name && name[0], EPMOE_ERR_INVALID_ARG, "tensor name is empty");
     EPMOE_REQUIRE(strcmp(name, ST_METADATA_KEY) != 0, EPMOE_ERR_INVALID_ARG,
                   "%s is reserved, not a tensor name", ST_METADATA_KEY);
@@ -576,7 +801,8 @@ static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype
         numel *= (size_t)shape[d];
     }
     size_t nbytes = numel * epmoe_dtype_size(dtype);
-    EPMOE_REQUIRE(nbytes == 0 || data || fill, EPMOE_ERR_INVALID_ARG, "%s: data is NULL", name);
+    EPMOE_REQUIRE(nbytes == 0 || data || fill || reserved, EPMOE_ERR_INVALID_ARG,
+                  "%s: data is NULL", name);
     if (w->n == w->cap) {
         int cap = w->cap ? 2 * w->cap : 64;
         writer_entry *grown = realloc(w->entries, (size_t)cap * sizeof *grown);
@@ -598,6 +824,7 @@ static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype
     e->data = data;
     e->fill = fill;
     e->fill_ctx = ctx;
+    e->reserved = reserved;
     w->data_size += nbytes;
     w->n++;
     return EPMOE_OK;
@@ -605,14 +832,19 @@ static epmoe_status writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype
 
 epmoe_status epmoe_st_writer_add(epmoe_st_writer *w, const char *name, epmoe_dtype dtype,
                                  int ndim, const int64_t *shape, const void *data) {
-    return writer_add(w, name, dtype, ndim, shape, data, NULL, NULL);
+    return writer_add(w, name, dtype, ndim, shape, data, NULL, NULL, 0);
+}
+
+epmoe_status epmoe_st_writer_add_reserved(epmoe_st_writer *w, const char *name,
+                                          epmoe_dtype dtype, int ndim, const int64_t *shape) {
+    return writer_add(w, name, dtype, ndim, shape, NULL, NULL, NULL, 1);
 }
 
 epmoe_status epmoe_st_writer_add_deferred(epmoe_st_writer *w, const char *name,
                                           epmoe_dtype dtype, int ndim, const int64_t *shape,
                                           epmoe_st_fill_fn fill, void *ctx) {
     EPMOE_REQUIRE(fill != NULL, EPMOE_ERR_INVALID_ARG, "%s: fill function is NULL", name);
-    return writer_add(w, name, dtype, ndim, shape, NULL, fill, ctx);
+    return writer_add(w, name, dtype, ndim, shape, NULL, fill, ctx, 0);
 }
 
 epmoe_status epmoe_st_writer_metadata(epmoe_st_writer *w, const char *key, const char *value) {
@@ -655,6 +887,31 @@ static epmoe_status writer_header(const epmoe_st_writer *w, char **text_out, siz
     *text_out = out;
     *len_out = padded;
     return EPMOE_OK;
+}
+
+epmoe_status epmoe_st_writer_layout(const epmoe_st_writer *w, char **head_out,
+                                    size_t *head_bytes, uint64_t *data_bytes) {
+    char *header = NULL;
+    size_t header_len = 0;
+    EPMOE_TRY(writer_header(w, &header, &header_len));
+    char *head = malloc(8 + header_len);
+    if (!head) {
+        free(header);
+        EPMOE_FAIL(EPMOE_ERR_OOM, "safetensors header of %d tensors", w->n);
+    }
+    for (int i = 0; i < 8; i++) head[i] = (char)(uint8_t)((uint64_t)header_len >> (8 * i));
+    memcpy(head + 8, header, header_len);
+    free(header);
+    *head_out = head;
+    *head_bytes = 8 + header_len;
+    *data_bytes = w->data_size;
+    return EPMOE_OK;
+}
+
+int epmoe_st_writer_count(const epmoe_st_writer *w) { return w->n; }
+
+uint64_t epmoe_st_writer_data_offset(const epmoe_st_writer *w, int i) {
+    return i >= 0 && i < w->n ? w->entries[i].begin : 0;
 }
 
 static epmoe_status write_all(FILE *fp, const void *data, size_t n, const char *path) {
@@ -704,6 +961,11 @@ static epmoe_status writer_body(const epmoe_st_writer *w, FILE *fp, const char *
 
 epmoe_status epmoe_st_writer_finish(epmoe_st_writer *w, const char *path) {
     EPMOE_REQUIRE(path != NULL, EPMOE_ERR_INVALID_ARG, "output path is NULL");
+    for (int i = 0; i < w->n; i++)
+        EPMOE_REQUIRE(!w->entries[i].reserved || w->entries[i].nbytes == 0, EPMOE_ERR_INVALID_ARG,
+                      "%s: %s is reserved: its bytes are the caller's to write "
+                      "(epmoe_st_writer_layout)",
+                      path, w->entries[i].name);
     size_t tmp_len = strlen(path) + 5;
     char *tmp = malloc(tmp_len);
     EPMOE_REQUIRE(tmp != NULL, EPMOE_ERR_OOM, "%s: path", path);

@@ -1,8 +1,9 @@
-/* epmoe-gen: writes a synthetic checkpoint (one safetensors file per layer) in exactly the
- * layout a real one has (common/checkpoint.h), and/or a random batch input file.
+/* epmoe-gen: writes a synthetic checkpoint in any of the layouts epmoe reads (common/
+ * checkpoint.h, docs/checkpoints.md), and/or a random batch input file.
  *
- *   epmoe-gen --preset tiny --out DIR [--layers N] [--weight_format nvfp4|mxfp4] [--seed S]
- *             [--skew X] [--any_setting value ...] [--print-config]
+ *   epmoe-gen --preset tiny --out DIR [--layout epmoe|deepseek|nvidia-nvfp4] [--n-layers N]
+ *             [--weight_format nvfp4|mxfp4] [--seed S] [--skew X] [--threads T]
+ *             [--shard-mb M] [--any_setting value ...] [--print-config]
  *   epmoe-gen [--preset P] --input-out FILE --tokens T [--dtype f32|bf16|f16] [--seed S]
  */
 #include <ctype.h>
@@ -19,15 +20,24 @@
 
 static void usage(FILE *out) {
     fprintf(out,
-            "usage: epmoe-gen [--preset NAME] --out DIR [--layers N] [--skew X]\n"
+            "usage: epmoe-gen [--preset NAME] --out DIR [--layout epmoe|deepseek|nvidia-nvfp4]\n"
+            "                 [--n-layers N] [--skew X] [--threads T] [--shard-mb M]\n"
             "                 [--weight_format nvfp4|mxfp4] [--seed S] [--SETTING VALUE ...]\n"
             "       epmoe-gen [--preset NAME] --input-out FILE --tokens T [--dtype f32|bf16|f16]\n"
             "                 [--seed S]\n"
             "       epmoe-gen ... --print-config   (every setting: see the list it prints)\n"
-            "  --out DIR        write model-LLLLL.safetensors for every layer into DIR\n"
-            "  --layers N       shorthand for --n_layers N (n_hash_layers is capped at N)\n"
+            "  --out DIR        write the checkpoint into DIR\n"
+            "  --layout L       epmoe: one model-LLLLL.safetensors per layer with epmoe.* metadata\n"
+            "                   (default); deepseek: a model directory as DeepSeek releases it\n"
+            "                   (config.json, index, shards; MXFP4 experts); nvidia-nvfp4: NVIDIA's\n"
+            "                   NVFP4 re-quantization of it (+ hf_quant_config.json)\n"
+            "  --n-layers N     how many MoE layers (a count; epmoe-run's --layers A:B is a range);\n"
+            "                   n_hash_layers is capped at N\n"
             "  --skew X         routing skew toward low expert ids (0 = balanced)\n"
-            "  --input-out FILE write hidden_states [T, H] and token_ids [T]\n");
+            "  --threads T      writer threads (default: one per CPU)\n"
+            "  --shard-mb M     model directories: start a new shard past M MiB (default 4096)\n"
+            "  --input-out FILE write hidden_states [T, H] and token_ids [T]\n"
+            "  --help, --version\n");
 }
 
 static double now_seconds(void) {
@@ -37,14 +47,33 @@ static double now_seconds(void) {
 }
 
 typedef struct {
-    double t0;
-    int64_t n_layers;
+    double t0, last_print;
+    const char *dir;
 } progress;
 
-static void print_layer(void *ctx, int64_t layer, const char *path) {
-    const progress *p = ctx;
-    printf("epmoe-gen: layer %lld/%lld -> %s (%.2f s)\n", (long long)layer + 1,
-           (long long)p->n_layers, path, now_seconds() - p->t0);
+static double gib(uint64_t bytes) { return (double)bytes / (1024.0 * 1024.0 * 1024.0); }
+
+static void print_plan(void *ctx, const epmoe_gen_plan_info *info) {
+    progress *p = ctx;
+    printf("epmoe-gen: writing %s: %.2f GiB in %lld files (%lld tensors), %d threads; estimated "
+           "%.1f s at %.0f MB/s (one projection timed, times the threads; disk speed not "
+           "included)\n",
+           p->dir, gib(info->total_bytes), (long long)info->files, (long long)info->tensors,
+           info->threads,
+           info->bytes_per_second > 0 ? (double)info->total_bytes / info->bytes_per_second : 0.0,
+           info->bytes_per_second / 1e6);
+    fflush(stdout);
+    p->t0 = p->last_print = now_seconds();
+}
+
+static void print_progress(void *ctx, uint64_t done, uint64_t total) {
+    progress *p = ctx;
+    double now = now_seconds();
+    if (done < total && now - p->last_print < 5.0) return;
+    p->last_print = now;
+    printf("epmoe-gen: %.2f of %.2f GiB (%.0f%%), %.0f MB/s\n", gib(done), gib(total),
+           total ? 100.0 * (double)done / (double)total : 100.0,
+           now > p->t0 ? (double)done / (now - p->t0) / 1e6 : 0.0);
     fflush(stdout);
 }
 
@@ -78,6 +107,21 @@ static int parse_dtype(const char *text, epmoe_dtype *out) {
     return 1;
 }
 
+/* Whether argv sets a config entry explicitly (--name or --name=, dashes or underscores). */
+static int sets(int argc, char **argv, const char *underscored, const char *dashed) {
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        for (int form = 0; form < 2; form++) {
+            const char *name = form ? dashed : underscored;
+            size_t n = strlen(name);
+            if (strncmp(a, "--", 2) == 0 && strncmp(a + 2, name, n) == 0 &&
+                (a[2 + n] == '\0' || a[2 + n] == '='))
+                return 1;
+        }
+    }
+    return 0;
+}
+
 int main(int argc, char **argv) {
     /* --help and --version before anything else */
     for (int i = 1; i < argc; i++) {
@@ -90,14 +134,24 @@ int main(int argc, char **argv) {
             return 0;
         }
     }
+    /* --layers was a count here and is a range in epmoe-run: refuse it rather than guess. */
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--layers") == 0 || strncmp(argv[i], "--layers=", 9) == 0) {
+            fprintf(stderr, "epmoe-gen: --layers is epmoe-run's layer range (A:B); the number of "
+                            "layers to generate is --n-layers N\n");
+            return 2;
+        }
+    }
+    const int explicit_format = sets(argc, argv, "weight_format", "weight-format");
+    const int explicit_hash = sets(argc, argv, "n_hash_layers", "n-hash-layers");
     epmoe_config cfg;
     epmoe_config_defaults(&cfg);
     int print_config = 0;
     if (epmoe_config_parse_args(&cfg, &argc, argv, &print_config) != EPMOE_OK)
         return fail("arguments");
 
-    const char *out_dir = NULL, *input_out = NULL;
-    long long layers = -1, tokens = -1;
+    const char *out_dir = NULL, *input_out = NULL, *layout = NULL;
+    long long tokens = -1, threads = 0, shard_mb = 0;
     epmoe_dtype input_dtype = EPMOE_DTYPE_F32;
     epmoe_gen_options opt = {0};
     for (int i = 1; i < argc; i++) {
@@ -114,10 +168,23 @@ int main(int argc, char **argv) {
         const char *v = argv[++i];
         if (strcmp(a, "--out") == 0) out_dir = v;
         else if (strcmp(a, "--input-out") == 0) input_out = v;
-        else if (strcmp(a, "--layers") == 0) {
-            if (!parse_int(a, v, &layers)) return 2;
-        } else if (strcmp(a, "--tokens") == 0) {
+        else if (strcmp(a, "--layout") == 0) layout = v;
+        else if (strcmp(a, "--tokens") == 0) {
             if (!parse_int(a, v, &tokens)) return 2;
+        } else if (strcmp(a, "--threads") == 0) {
+            if (!parse_int(a, v, &threads)) return 2;
+            if (threads < 0) {
+                fprintf(stderr, "epmoe-gen: --threads %lld: needs 0 (one per CPU) or more\n",
+                        threads);
+                return 2;
+            }
+        } else if (strcmp(a, "--shard-mb") == 0) {
+            if (!parse_int(a, v, &shard_mb)) return 2;
+            if (shard_mb < 1 || shard_mb > ((long long)1 << 40)) {
+                fprintf(stderr, "epmoe-gen: --shard-mb %lld: needs a size in [1, 2^40] MiB\n",
+                        shard_mb);
+                return 2;
+            }
         } else if (strcmp(a, "--dtype") == 0) {
             if (!parse_dtype(v, &input_dtype)) return 2;
         } else if (strcmp(a, "--skew") == 0) {
@@ -133,15 +200,21 @@ int main(int argc, char **argv) {
             return 2;
         }
     }
-    if (layers >= 0) {
-        char text[32];
-        snprintf(text, sizeof text, "%lld", layers);
-        if (epmoe_config_set(&cfg, "n_layers", text) != EPMOE_OK) return fail("--layers");
-        if (cfg.n_hash_layers > cfg.n_layers) {
-            printf("epmoe-gen: n_hash_layers %lld capped at --layers %lld\n",
-                   (long long)cfg.n_hash_layers, layers);
-            cfg.n_hash_layers = cfg.n_layers;
-        }
+    if (layout) {
+        if (epmoe_config_set(&cfg, "checkpoint_layout", layout) != EPMOE_OK) return fail("--layout");
+    }
+    /* A real layout fixes the expert format unless the user chose one (then validation says
+     * whether the two agree). */
+    if (!explicit_format && cfg.checkpoint_layout == EPMOE_LAYOUT_DEEPSEEK)
+        cfg.weight_format = EPMOE_WEIGHTS_MXFP4;
+    if (!explicit_format && cfg.checkpoint_layout == EPMOE_LAYOUT_NVIDIA_NVFP4)
+        cfg.weight_format = EPMOE_WEIGHTS_NVFP4;
+    int64_t room = cfg.n_layers - cfg.n_mtp_layers;
+    if (!explicit_hash && cfg.n_hash_layers > room && room >= 0) {
+        printf("epmoe-gen: n_hash_layers %lld capped at %lld (n_layers %lld, n_mtp_layers %lld)\n",
+               (long long)cfg.n_hash_layers, (long long)room, (long long)cfg.n_layers,
+               (long long)cfg.n_mtp_layers);
+        cfg.n_hash_layers = room;
     }
     if (epmoe_config_validate(&cfg) != EPMOE_OK) return fail("settings");
     if (print_config) epmoe_config_print(&cfg, stdout);
@@ -160,18 +233,24 @@ int main(int argc, char **argv) {
                                                                 4) + 4096) != EPMOE_OK)
         return fail("--input-out");
     if (out_dir) {
-        double t0 = now_seconds();
-        progress prog = {t0, cfg.n_layers};
-        opt.on_layer = print_layer;
-        opt.on_layer_ctx = &prog;
+        progress prog = {now_seconds(), 0.0, out_dir};
+        opt.threads = threads > 65536 ? 65536 : (int)threads; /* the generator caps it lower */
+        opt.shard_bytes = (uint64_t)shard_mb << 20;
+        opt.on_plan = print_plan;
+        opt.on_progress = print_progress;
+        opt.ctx = &prog;
         epmoe_gen_stats stats = {0};
-        if (epmoe_ckpt_generate(&cfg, &opt, out_dir, &stats) != EPMOE_OK)
-            return fail("checkpoint");
-        printf("epmoe-gen: wrote %s: preset %s, %s weights, seed %lld, %lld layers, %lld "
-               "tensors, %.1f MiB in %.2f s\n",
-               out_dir, cfg.preset, cfg.weight_format == EPMOE_WEIGHTS_MXFP4 ? "mxfp4" : "nvfp4",
-               (long long)cfg.seed, (long long)stats.layers, (long long)stats.tensors,
-               (double)stats.bytes / (1024.0 * 1024.0), now_seconds() - t0);
+        if (epmoe_ckpt_generate(&cfg, &opt, out_dir, &stats) != EPMOE_OK) return fail("checkpoint");
+        char layout_name[32];
+        epmoe_config_get(&cfg, "checkpoint_layout", layout_name, sizeof layout_name);
+        double dt = now_seconds() - prog.t0;
+        printf("epmoe-gen: wrote %s: preset %s, layout %s, %s experts, seed %lld, %lld layers, "
+               "%lld tensors, %.1f MiB in %.2f s (%.0f MB/s)\n",
+               out_dir, cfg.preset, layout_name,
+               cfg.weight_format == EPMOE_WEIGHTS_MXFP4 ? "mxfp4" : "nvfp4", (long long)cfg.seed,
+               (long long)stats.layers, (long long)stats.tensors,
+               (double)stats.bytes / (1024.0 * 1024.0), dt,
+               dt > 0 ? (double)stats.bytes / dt / 1e6 : 0.0);
     }
     if (input_out) {
         if (tokens < 1) {

@@ -1,25 +1,49 @@
-/* Loading one layer's weights for one rank (layouts in worker/expert_weights.h).
+/* Loading one layer's weights for one rank (layouts in worker/expert_weights.h; the checkpoint
+ * layouts in docs/checkpoints.md).
  *
- * MXFP4 checkpoints carry no input_scale: w13_input_scale and w2_input_scale are 0 then, and
- * act_scale=static needs an NVFP4 checkpoint (the runtime must refuse static scales of 0).
- * For NVFP4, w1 and w3 quantize the same input: w13_input_scale is the larger of the two
- * calibrations, so a block scale derived from it cannot be smaller than either would give.
+ * What each layout stores and what the loader makes of it:
+ *   gate.weight     F32 (epmoe) or BF16 [E, H]                  -> fp32
+ *   gate.bias       F32 [E] (BF16 accepted)                     -> fp32; score-routed layers
+ *   gate.tid2eid    I32 (epmoe) or I64 [vocab, k]               -> int32, checked < E
+ *   shared w1/w3/w2 BF16, or F8_E4M3 + .scale per b x b block   -> fp32, exactly
+ *                   (UE8M0 as F8_E8M0 or U8, or F32), b = fp8_block_size
+ *   routed experts  NVFP4 (.weight U8, .weight_scale E4M3 [N, K/16], .weight_scale_2 and
+ *                   .input_scale F32) or MXFP4 (.weight I8/U8, .scale UE8M0 [N, K/32],
+ *                   converted to NVFP4 exactly). The epmoe layout says which in
+ *                   weight_format; a model directory says it per projection, by the tensors
+ *                   present (NVIDIA's export may leave the MTP block's experts in MXFP4).
+ * MXFP4 has no input_scale, nor may NVIDIA's export: w13_input_scale and w2_input_scale are 0
+ * then, and act_scale=static is refused by the engine. For NVFP4, w1 and w3 quantize the same
+ * input: w13_input_scale is the larger of the two calibrations, so a block scale derived from
+ * it cannot be smaller than either would give.
+ *
+ * The local experts are read by a few threads (each copies its experts' byte ranges out of the
+ * mapped shards, so the page faults that read the file overlap); the result does not depend on
+ * their number, and the first failing expert's message is the one reported.
  */
 #include "worker/expert_weights.h"
 
 #include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "common/checkpoint.h"
+#include "common/formats.h"
 #include "common/nvfp4.h"
 
 #define NAME_CAP 160
+#define MAX_LOAD_THREADS 8
 
 typedef struct {
     const epmoe_st_set *ckpt;
     const epmoe_config *cfg;
     int64_t layer;
+    int model_dir;               /* a real layout: formats are read off the tensors present */
+    _Atomic int64_t bytes_read;  /* tensor bytes copied out of the checkpoint */
 } loader;
 
 static const char *file_of(const loader *ld, const char *name) {
@@ -35,6 +59,10 @@ static epmoe_status alloc_bytes(void **p, size_t n, const char *what, int64_t la
     return EPMOE_OK;
 }
 
+static void count_read(loader *ld, const epmoe_st_tensor *t) {
+    atomic_fetch_add(&ld->bytes_read, (int64_t)t->nbytes);
+}
+
 static epmoe_status check_finite(const loader *ld, const char *name, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++)
         EPMOE_REQUIRE(isfinite(x[i]), EPMOE_ERR_NUMERIC, "%s: %s: element %zu is %g",
@@ -43,57 +71,81 @@ static epmoe_status check_finite(const loader *ld, const char *name, const float
 }
 
 /* A dense F32 or BF16 tensor of exactly `shape`, converted to fp32 and checked finite. */
-static epmoe_status load_dense(const loader *ld, const char *name, epmoe_dtype dtype, int ndim,
-                               const int64_t *shape, float *dst) {
+static epmoe_status load_dense(loader *ld, const char *name, int ndim, const int64_t *shape,
+                               float *dst) {
+    static const epmoe_dtype dense[2] = {EPMOE_DTYPE_F32, EPMOE_DTYPE_BF16};
     const epmoe_st_tensor *t = NULL;
-    EPMOE_TRY(epmoe_st_set_require(ld->ckpt, name, dtype, ndim, shape, &t));
-    size_t n = t->nbytes / epmoe_dtype_size(dtype);
-    EPMOE_TRY(epmoe_convert_to_f32(dtype, t->data, n, dst));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, dense, 2, ndim, shape, &t));
+    size_t n = t->nbytes / epmoe_dtype_size(t->dtype);
+    EPMOE_TRY(epmoe_convert_to_f32(t->dtype, t->data, n, dst));
+    count_read(ld, t);
     return check_finite(ld, name, dst, n);
 }
 
-/* An F32 scalar (shape []) that must be finite and > 0. */
-static epmoe_status load_positive_scalar(const loader *ld, const char *name, float *out) {
+/* One F32 value stored as a scalar ([] or [1]) that must be finite and > 0. */
+static epmoe_status load_positive_scalar(loader *ld, const char *name, float *out) {
     const epmoe_st_tensor *t = NULL;
     EPMOE_TRY(epmoe_st_set_require(ld->ckpt, name, EPMOE_DTYPE_F32, 0, NULL, &t));
+    EPMOE_REQUIRE(t->ndim == 0 || (t->ndim == 1 && t->shape[0] == 1), EPMOE_ERR_FORMAT,
+                  "%s: %s: %d dimensions of %lld..., expected a scalar ([] or [1])",
+                  file_of(ld, name), name, t->ndim, (long long)(t->ndim ? t->shape[0] : 0));
     float v;
     memcpy(&v, t->data, sizeof v);
     EPMOE_REQUIRE(isfinite(v) && v > 0.0f, EPMOE_ERR_NUMERIC,
                   "%s: %s: %g, expected a finite value > 0", file_of(ld, name), name, (double)v);
+    count_read(ld, t);
     *out = v;
     return EPMOE_OK;
 }
 
-static epmoe_status load_gate(const loader *ld, epmoe_layer_weights *w) {
-    const epmoe_config *cfg = ld->cfg;
-    char name[NAME_CAP];
-    int64_t E = cfg->n_routed_experts, H = cfg->hidden_size;
+/* ---- gate ---- */
 
-    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->layer, "weight"));
+static epmoe_status load_gate_weight(loader *ld, epmoe_layer_weights *w) {
+    const int64_t E = w->n_experts, H = w->hidden_size;
+    char name[NAME_CAP];
+    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->cfg, ld->layer, "weight"));
     EPMOE_TRY(alloc_bytes((void **)&w->gate_weight, (size_t)(E * H) * sizeof(float), name,
                           ld->layer));
-    EPMOE_TRY(load_dense(ld, name, EPMOE_DTYPE_F32, 2, (int64_t[]){E, H}, w->gate_weight));
-
-    if (!epmoe_ckpt_layer_is_hash(cfg, ld->layer)) {
-        EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->layer, "bias"));
-        EPMOE_TRY(alloc_bytes((void **)&w->gate_bias, (size_t)E * sizeof(float), name,
-                              ld->layer));
-        EPMOE_TRY(load_dense(ld, name, EPMOE_DTYPE_F32, 1, (int64_t[]){E}, w->gate_bias));
-        return EPMOE_OK;
-    }
-
-    /* Hash layer: tid2eid, and no bias (selection is by table, not by score). */
-    int64_t V = cfg->vocab_size, k = cfg->top_k;
     const epmoe_st_tensor *t = NULL;
-    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->layer, "tid2eid"));
-    EPMOE_TRY(epmoe_st_set_require(ld->ckpt, name, EPMOE_DTYPE_I32, 2, (int64_t[]){V, k}, &t));
-    EPMOE_TRY(alloc_bytes((void **)&w->tid2eid, t->nbytes, name, ld->layer));
-    memcpy(w->tid2eid, t->data, t->nbytes);
-    for (int64_t i = 0; i < V * k; i++)
-        EPMOE_REQUIRE(w->tid2eid[i] >= 0 && w->tid2eid[i] < E, EPMOE_ERR_RANGE,
-                      "%s: %s: token %lld slot %lld holds expert %d, outside [0, %lld)",
+    EPMOE_TRY(epmoe_st_set_lookup(ld->ckpt, name, &t, NULL));
+    /* [H, E] is a gate stored the other way round (x.W rather than W.x): say so rather than
+     * guess which convention a converter meant. */
+    EPMOE_REQUIRE(!t || H == E || t->ndim != 2 || t->shape[0] != H || t->shape[1] != E,
+                  EPMOE_ERR_FORMAT,
+                  "%s: %s: shape [%lld, %lld], expected [%lld, %lld] (n_routed_experts, "
+                  "hidden_size): the gate looks transposed",
+                  file_of(ld, name), name, (long long)H, (long long)E, (long long)E,
+                  (long long)H);
+    return load_dense(ld, name, 2, (int64_t[]){E, H}, w->gate_weight);
+}
+
+/* tid2eid as I32 or I64 [vocab, k]: every id an expert, no expert twice in a row. */
+static epmoe_status load_tid2eid(loader *ld, epmoe_layer_weights *w) {
+    const int64_t V = ld->cfg->vocab_size, k = ld->cfg->top_k, E = w->n_experts;
+    static const epmoe_dtype ids[2] = {EPMOE_DTYPE_I32, EPMOE_DTYPE_I64};
+    char name[NAME_CAP];
+    const epmoe_st_tensor *t = NULL;
+    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->cfg, ld->layer, "tid2eid"));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, ids, 2, 2, (int64_t[]){V, k}, &t));
+    EPMOE_TRY(alloc_bytes((void **)&w->tid2eid, (size_t)(V * k) * sizeof(int32_t), name,
+                          ld->layer));
+    const unsigned char *p = t->data;
+    for (int64_t i = 0; i < V * k; i++) {
+        int64_t id;
+        if (t->dtype == EPMOE_DTYPE_I64) {
+            memcpy(&id, p + 8 * i, 8);
+        } else {
+            int32_t id32;
+            memcpy(&id32, p + 4 * i, 4);
+            id = id32;
+        }
+        EPMOE_REQUIRE(id >= 0 && id < E, EPMOE_ERR_RANGE,
+                      "%s: %s: token %lld slot %lld holds expert %lld, outside [0, %lld)",
                       file_of(ld, name), name, (long long)(i / k), (long long)(i % k),
-                      (int)w->tid2eid[i], (long long)E);
+                      (long long)id, (long long)E);
+        w->tid2eid[i] = (int32_t)id;
+    }
+    count_read(ld, t);
     /* Routing would reject such a row at forward time; a checkpoint that holds one is broken,
      * so say so at load, naming the token. */
     for (int64_t tok = 0; tok < V; tok++) {
@@ -109,45 +161,126 @@ static epmoe_status load_gate(const loader *ld, epmoe_layer_weights *w) {
     return EPMOE_OK;
 }
 
-static epmoe_status load_shared(const loader *ld, epmoe_layer_weights *w) {
+static epmoe_status load_gate(loader *ld, epmoe_layer_weights *w) {
+    EPMOE_TRY(load_gate_weight(ld, w));
+    if (epmoe_ckpt_layer_is_hash(ld->cfg, ld->layer)) return load_tid2eid(ld, w);
+    /* Score-routed: the selection bias (DeepSeek's noaux_tc routing). */
+    char name[NAME_CAP];
+    const int64_t E = w->n_experts;
+    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->cfg, ld->layer, "bias"));
+    EPMOE_REQUIRE(epmoe_st_set_contains(ld->ckpt, name), EPMOE_ERR_NOT_FOUND,
+                  "%s: tensor %s not found: layer %lld routes by score (layers below %lld route "
+                  "by token id) and needs its selection bias",
+                  epmoe_st_set_index_path(ld->ckpt) ? epmoe_st_set_index_path(ld->ckpt)
+                                                    : epmoe_st_set_path(ld->ckpt),
+                  name, (long long)ld->layer, (long long)ld->cfg->n_hash_layers);
+    EPMOE_TRY(alloc_bytes((void **)&w->gate_bias, (size_t)E * sizeof(float), name, ld->layer));
+    return load_dense(ld, name, 1, (int64_t[]){E}, w->gate_bias);
+}
+
+/* ---- shared expert ---- */
+
+/* FP8 E4M3 [N, K] with one scale per b x b block ([ceil(N/b), ceil(K/b)], UE8M0 or F32):
+ * e4m3 * 2^e is exact in fp32 (and in bf16, which the GPU upload converts it to). */
+static epmoe_status load_fp8_blocks(loader *ld, const char *name, const epmoe_st_tensor *wt,
+                                    const char *scale_name, int64_t N, int64_t K, float *dst) {
+    const int64_t b = ld->cfg->fp8_block_size, SN = (N + b - 1) / b, SK = (K + b - 1) / b;
+    static const epmoe_dtype scales[3] = {EPMOE_DTYPE_F8_E8M0, EPMOE_DTYPE_U8, EPMOE_DTYPE_F32};
+    const epmoe_st_tensor *st = NULL;
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, scale_name, scales, 3, 2, (int64_t[]){SN, SK},
+                                       &st));
+    float *block_scale = malloc((size_t)(SN * SK) * sizeof(float));
+    EPMOE_REQUIRE(block_scale != NULL, EPMOE_ERR_OOM, "%s: %lld block scales", scale_name,
+                  (long long)(SN * SK));
+    epmoe_status status = EPMOE_OK;
+    for (int64_t i = 0; i < SN * SK && status == EPMOE_OK; i++) {
+        if (st->dtype == EPMOE_DTYPE_F32) {
+            memcpy(&block_scale[i], (const unsigned char *)st->data + 4 * i, 4);
+        } else {
+            uint8_t e = ((const uint8_t *)st->data)[i];
+            block_scale[i] = epmoe_ue8m0_to_float(e);
+        }
+        if (!isfinite(block_scale[i]) || block_scale[i] < 0.0f)
+            status = epmoe_set_error(EPMOE_ERR_NUMERIC, __FILE__, __LINE__,
+                                     "%s: %s: block scale [%lld, %lld] is %g",
+                                     file_of(ld, scale_name), scale_name, (long long)(i / SK),
+                                     (long long)(i % SK), (double)block_scale[i]);
+    }
+    const uint8_t *codes = wt->data;
+    for (int64_t n = 0; n < N && status == EPMOE_OK; n++) {
+        for (int64_t k = 0; k < K; k++) {
+            uint8_t c = codes[n * K + k];
+            if ((c & 0x7f) == 0x7f) {
+                status = epmoe_set_error(EPMOE_ERR_NUMERIC, __FILE__, __LINE__,
+                                         "%s: %s: element [%lld, %lld] is the E4M3 NaN (0x%02x)",
+                                         file_of(ld, name), name, (long long)n, (long long)k, c);
+                break;
+            }
+            dst[n * K + k] = epmoe_e4m3_to_float(c) * block_scale[(n / b) * SK + k / b];
+        }
+    }
+    free(block_scale);
+    EPMOE_TRY(status);
+    count_read(ld, wt);
+    count_read(ld, st);
+    return check_finite(ld, name, dst, (size_t)(N * K));
+}
+
+static epmoe_status load_shared_proj(loader *ld, const char *proj, int64_t N, int64_t K,
+                                     float *dst) {
+    char name[NAME_CAP], scale_name[NAME_CAP];
+    EPMOE_TRY(epmoe_ckpt_shared_name(name, sizeof name, ld->cfg, ld->layer, proj, "weight"));
+    if (!ld->model_dir) return load_dense(ld, name, 2, (int64_t[]){N, K}, dst);
+    static const epmoe_dtype stored[3] = {EPMOE_DTYPE_F8_E4M3, EPMOE_DTYPE_BF16, EPMOE_DTYPE_F32};
+    const epmoe_st_tensor *t = NULL;
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, stored, 3, 2, (int64_t[]){N, K}, &t));
+    if (t->dtype != EPMOE_DTYPE_F8_E4M3) return load_dense(ld, name, 2, (int64_t[]){N, K}, dst);
+    EPMOE_TRY(epmoe_ckpt_shared_name(scale_name, sizeof scale_name, ld->cfg, ld->layer, proj,
+                                     "scale"));
+    return load_fp8_blocks(ld, name, t, scale_name, N, K, dst);
+}
+
+static epmoe_status load_shared(loader *ld, epmoe_layer_weights *w) {
     int64_t Is = w->shared_inter, H = w->hidden_size;
     if (Is == 0) return EPMOE_OK;
-    char name[NAME_CAP];
     EPMOE_TRY(alloc_bytes((void **)&w->shared_w13, (size_t)(2 * Is * H) * sizeof(float),
                           "shared_w13", ld->layer));
     EPMOE_TRY(alloc_bytes((void **)&w->shared_w2, (size_t)(H * Is) * sizeof(float), "shared_w2",
                           ld->layer));
-    EPMOE_TRY(epmoe_ckpt_shared_name(name, sizeof name, ld->layer, "w1", "weight"));
-    EPMOE_TRY(load_dense(ld, name, EPMOE_DTYPE_BF16, 2, (int64_t[]){Is, H}, w->shared_w13));
-    EPMOE_TRY(epmoe_ckpt_shared_name(name, sizeof name, ld->layer, "w3", "weight"));
-    EPMOE_TRY(load_dense(ld, name, EPMOE_DTYPE_BF16, 2, (int64_t[]){Is, H},
-                         w->shared_w13 + Is * H));
-    EPMOE_TRY(epmoe_ckpt_shared_name(name, sizeof name, ld->layer, "w2", "weight"));
-    EPMOE_TRY(load_dense(ld, name, EPMOE_DTYPE_BF16, 2, (int64_t[]){H, Is}, w->shared_w2));
-    return EPMOE_OK;
+    EPMOE_TRY(load_shared_proj(ld, "w1", Is, H, w->shared_w13));
+    EPMOE_TRY(load_shared_proj(ld, "w3", Is, H, w->shared_w13 + Is * H));
+    return load_shared_proj(ld, "w2", H, Is, w->shared_w2);
 }
+
+/* ---- routed experts ---- */
 
 /* Where one projection of one expert lands in the rank's arrays. */
 typedef struct {
     uint8_t *codes;    /* [N, K/2] */
     uint8_t *sf;       /* [N, K/16] UE4M3 */
     float *scale_2;
-    float input_scale; /* 0 when the checkpoint has none (MXFP4) */
+    float input_scale; /* 0 when the checkpoint has none */
 } proj_dst;
 
-static epmoe_status load_proj_nvfp4(const loader *ld, int64_t expert, const char *proj,
-                                    int64_t N, int64_t K, proj_dst *dst) {
+static const epmoe_dtype code_dtypes[2] = {EPMOE_DTYPE_U8, EPMOE_DTYPE_I8};
+
+static epmoe_status load_proj_nvfp4(loader *ld, int64_t expert, const char *proj, int64_t N,
+                                    int64_t K, proj_dst *dst) {
     char name[NAME_CAP];
     const epmoe_st_tensor *t = NULL;
+    const epmoe_config *cfg = ld->cfg;
 
-    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->layer, expert, proj, "weight"));
-    EPMOE_TRY(epmoe_st_set_require(ld->ckpt, name, EPMOE_DTYPE_U8, 2, (int64_t[]){N, K / 2},
-                                   &t));
+    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, ld->layer, expert, proj, "weight"));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, code_dtypes, ld->model_dir ? 2 : 1, 2,
+                                       (int64_t[]){N, K / 2}, &t));
     memcpy(dst->codes, t->data, t->nbytes);
+    count_read(ld, t);
 
-    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->layer, expert, proj, "weight_scale"));
-    EPMOE_TRY(epmoe_st_set_require(ld->ckpt, name, EPMOE_DTYPE_F8_E4M3, 2,
-                                   (int64_t[]){N, K / EPMOE_NVFP4_BLOCK}, &t));
+    static const epmoe_dtype sf_dtypes[2] = {EPMOE_DTYPE_F8_E4M3, EPMOE_DTYPE_U8};
+    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, ld->layer, expert, proj,
+                                     "weight_scale"));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, sf_dtypes, ld->model_dir ? 2 : 1, 2,
+                                       (int64_t[]){N, K / EPMOE_NVFP4_BLOCK}, &t));
     const uint8_t *sf = t->data;
     for (size_t i = 0; i < t->nbytes; i++) {
         /* 0x7f/0xff are the e4m3fn NaNs; a set sign bit is a negative block scale, which
@@ -162,41 +295,129 @@ static epmoe_status load_proj_nvfp4(const loader *ld, int64_t expert, const char
                       i % (size_t)(K / EPMOE_NVFP4_BLOCK), sf[i]);
     }
     memcpy(dst->sf, sf, t->nbytes);
+    count_read(ld, t);
 
-    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->layer, expert, proj,
+    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, ld->layer, expert, proj,
                                      "weight_scale_2"));
     EPMOE_TRY(load_positive_scalar(ld, name, dst->scale_2));
-    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->layer, expert, proj, "input_scale"));
-    EPMOE_TRY(load_positive_scalar(ld, name, &dst->input_scale));
+    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, ld->layer, expert, proj,
+                                     "input_scale"));
+    dst->input_scale = 0.0f;
+    if (!ld->model_dir || epmoe_st_set_contains(ld->ckpt, name))
+        EPMOE_TRY(load_positive_scalar(ld, name, &dst->input_scale));
     return EPMOE_OK;
 }
 
-static epmoe_status load_proj_mxfp4(const loader *ld, int64_t expert, const char *proj,
-                                    int64_t N, int64_t K, proj_dst *dst) {
+static epmoe_status load_proj_mxfp4(loader *ld, int64_t expert, const char *proj, int64_t N,
+                                    int64_t K, proj_dst *dst) {
     char name[NAME_CAP];
     const epmoe_st_tensor *t = NULL;
+    const epmoe_config *cfg = ld->cfg;
+    static const epmoe_dtype mx_codes[2] = {EPMOE_DTYPE_I8, EPMOE_DTYPE_U8};
+    static const epmoe_dtype mx_scales[2] = {EPMOE_DTYPE_F8_E8M0, EPMOE_DTYPE_U8};
 
-    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->layer, expert, proj, "weight"));
-    EPMOE_TRY(epmoe_st_set_require(ld->ckpt, name, EPMOE_DTYPE_I8, 2, (int64_t[]){N, K / 2},
-                                   &t));
-    memcpy(dst->codes, t->data, t->nbytes); /* same E2M1 packing: codes stay as they are */
+    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, ld->layer, expert, proj, "weight"));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, mx_codes, ld->model_dir ? 2 : 1, 2,
+                                       (int64_t[]){N, K / 2}, &t));
+    memcpy(dst->codes, t->data, t->nbytes); /* the same E2M1 packing */
+    count_read(ld, t);
 
-    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->layer, expert, proj, "scale"));
-    EPMOE_TRY(epmoe_st_set_require(ld->ckpt, name, EPMOE_DTYPE_F8_E8M0, 2,
-                                   (int64_t[]){N, K / EPMOE_MXFP4_BLOCK}, &t));
-    const uint8_t *e8m0 = t->data;
-    for (size_t i = 0; i < t->nbytes; i++)
-        EPMOE_REQUIRE(e8m0[i] != 0xff, EPMOE_ERR_NUMERIC,
-                      "%s: %s: block scale [%zu, %zu] is NaN (byte 0xff)", file_of(ld, name),
-                      name, i / (size_t)(K / EPMOE_MXFP4_BLOCK),
-                      i % (size_t)(K / EPMOE_MXFP4_BLOCK));
-    epmoe_status st = epmoe_mxfp4_to_nvfp4(e8m0, (size_t)N, (size_t)K, dst->sf, dst->scale_2);
+    EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, ld->layer, expert, proj, "scale"));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, mx_scales, ld->model_dir ? 2 : 1, 2,
+                                       (int64_t[]){N, K / EPMOE_MXFP4_BLOCK}, &t));
+    count_read(ld, t);
+    epmoe_status st = epmoe_mxfp4_to_nvfp4(dst->codes, t->data, (size_t)N, (size_t)K, dst->codes,
+                                           dst->sf, dst->scale_2, NULL);
     if (st != EPMOE_OK) return epmoe_add_context(st, "%s: %s", file_of(ld, name), name);
     dst->input_scale = 0.0f;
     return EPMOE_OK;
 }
 
-static epmoe_status load_experts(const loader *ld, epmoe_layer_weights *w) {
+/* The epmoe layout: weight_format says. A model directory: the tensors present say. */
+static epmoe_status load_proj(loader *ld, int64_t expert, const char *proj, int64_t N, int64_t K,
+                              proj_dst *dst) {
+    int mxfp4 = ld->cfg->weight_format == EPMOE_WEIGHTS_MXFP4;
+    if (ld->model_dir) {
+        char nv[NAME_CAP], mx[NAME_CAP];
+        EPMOE_TRY(epmoe_ckpt_expert_name(nv, sizeof nv, ld->cfg, ld->layer, expert, proj,
+                                         "weight_scale"));
+        EPMOE_TRY(epmoe_ckpt_expert_name(mx, sizeof mx, ld->cfg, ld->layer, expert, proj,
+                                         "scale"));
+        int has_nv = epmoe_st_set_contains(ld->ckpt, nv), has_mx = epmoe_st_set_contains(ld->ckpt, mx);
+        EPMOE_REQUIRE(has_nv || has_mx, EPMOE_ERR_NOT_FOUND,
+                      "%s: neither %s (NVFP4) nor %s (MXFP4) is in the checkpoint",
+                      epmoe_st_set_index_path(ld->ckpt) ? epmoe_st_set_index_path(ld->ckpt)
+                                                        : epmoe_st_set_path(ld->ckpt),
+                      nv, mx);
+        EPMOE_REQUIRE(!(has_nv && has_mx), EPMOE_ERR_FORMAT,
+                      "%s: both %s (NVFP4) and %s (MXFP4) are in the checkpoint: which one the "
+                      "weight belongs to is ambiguous",
+                      file_of(ld, mx), nv, mx);
+        mxfp4 = has_mx;
+    }
+    return mxfp4 ? load_proj_mxfp4(ld, expert, proj, N, K, dst)
+                 : load_proj_nvfp4(ld, expert, proj, N, K, dst);
+}
+
+static epmoe_status load_expert(loader *ld, epmoe_layer_weights *w, int64_t local) {
+    const int64_t H = w->hidden_size, I = w->inter_size;
+    const int64_t expert = w->slice.start + local;
+    const int64_t row13 = local * 2 * I; /* first w13 row of this expert */
+    proj_dst w1 = {w->w13_codes + row13 * (H / 2), w->w13_sf + row13 * (H / 16),
+                   &w->w13_scale_2[2 * local], 0.0f};
+    proj_dst w3 = {w->w13_codes + (row13 + I) * (H / 2), w->w13_sf + (row13 + I) * (H / 16),
+                   &w->w13_scale_2[2 * local + 1], 0.0f};
+    proj_dst w2 = {w->w2_codes + local * H * (I / 2), w->w2_sf + local * H * (I / 16),
+                   &w->w2_scale_2[local], 0.0f};
+    EPMOE_TRY(load_proj(ld, expert, "w1", I, H, &w1));
+    EPMOE_TRY(load_proj(ld, expert, "w3", I, H, &w3));
+    EPMOE_TRY(load_proj(ld, expert, "w2", H, I, &w2));
+    w->w13_input_scale[local] = fmaxf(w1.input_scale, w3.input_scale);
+    w->w2_input_scale[local] = w2.input_scale;
+    return EPMOE_OK;
+}
+
+/* Experts handed out one at a time to a few threads; the lowest failing expert is reported. */
+typedef struct {
+    loader *ld;
+    epmoe_layer_weights *w;
+    _Atomic int64_t next;
+    pthread_mutex_t lock;
+    int64_t failed_at; /* n_local when none failed */
+    epmoe_status failed_status;
+    char message[1024];
+} expert_queue;
+
+static void *load_experts_worker(void *arg) {
+    expert_queue *q = arg;
+    for (;;) {
+        int64_t local = atomic_fetch_add(&q->next, 1);
+        pthread_mutex_lock(&q->lock);
+        int stop = local >= q->failed_at; /* also: past the end */
+        pthread_mutex_unlock(&q->lock);
+        if (stop) return NULL;
+        epmoe_status st = load_expert(q->ld, q->w, local);
+        if (st != EPMOE_OK) {
+            pthread_mutex_lock(&q->lock);
+            if (local < q->failed_at) {
+                q->failed_at = local;
+                q->failed_status = st;
+                snprintf(q->message, sizeof q->message, "%s", epmoe_last_error());
+            }
+            pthread_mutex_unlock(&q->lock);
+        }
+    }
+}
+
+static int load_thread_count(int64_t n_local) {
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    int64_t n = cpus > 0 ? cpus : 1;
+    if (n > MAX_LOAD_THREADS) n = MAX_LOAD_THREADS;
+    if (n > n_local) n = n_local;
+    return (int)(n > 0 ? n : 1);
+}
+
+static epmoe_status load_experts(loader *ld, epmoe_layer_weights *w) {
     int64_t H = w->hidden_size, I = w->inter_size, n = w->n_local;
     size_t w13_codes = (size_t)(n * 2 * I * H / 2), w13_sf = (size_t)(n * 2 * I * H / 16);
     size_t w2_codes = (size_t)(n * H * I / 2), w2_sf = (size_t)(n * H * I / 16);
@@ -213,32 +434,25 @@ static epmoe_status load_experts(const loader *ld, epmoe_layer_weights *w) {
     EPMOE_TRY(alloc_bytes((void **)&w->w2_input_scale, (size_t)n * sizeof(float),
                           "w2 input_scale", ld->layer));
 
-    int mxfp4 = ld->cfg->weight_format == EPMOE_WEIGHTS_MXFP4;
-    for (int64_t local = 0; local < n; local++) {
-        int64_t expert = w->slice.start + local;
-        int64_t row13 = local * 2 * I; /* first w13 row of this expert */
-        proj_dst w1 = {w->w13_codes + row13 * (H / 2), w->w13_sf + row13 * (H / 16),
-                       &w->w13_scale_2[2 * local], 0.0f};
-        proj_dst w3 = {w->w13_codes + (row13 + I) * (H / 2), w->w13_sf + (row13 + I) * (H / 16),
-                       &w->w13_scale_2[2 * local + 1], 0.0f};
-        proj_dst w2 = {w->w2_codes + local * H * (I / 2), w->w2_sf + local * H * (I / 16),
-                       &w->w2_scale_2[local], 0.0f};
-        if (mxfp4) {
-            EPMOE_TRY(load_proj_mxfp4(ld, expert, "w1", I, H, &w1));
-            EPMOE_TRY(load_proj_mxfp4(ld, expert, "w3", I, H, &w3));
-            EPMOE_TRY(load_proj_mxfp4(ld, expert, "w2", H, I, &w2));
-        } else {
-            EPMOE_TRY(load_proj_nvfp4(ld, expert, "w1", I, H, &w1));
-            EPMOE_TRY(load_proj_nvfp4(ld, expert, "w3", I, H, &w3));
-            EPMOE_TRY(load_proj_nvfp4(ld, expert, "w2", H, I, &w2));
-        }
-        w->w13_input_scale[local] = fmaxf(w1.input_scale, w3.input_scale);
-        w->w2_input_scale[local] = w2.input_scale;
+    expert_queue q = {.ld = ld, .w = w, .failed_at = n, .failed_status = EPMOE_OK};
+    atomic_init(&q.next, 0);
+    pthread_mutex_init(&q.lock, NULL);
+    int n_threads = load_thread_count(n), started = 0;
+    pthread_t threads[MAX_LOAD_THREADS];
+    for (int i = 1; i < n_threads; i++) {
+        if (pthread_create(&threads[i], NULL, load_experts_worker, &q) != 0) break;
+        started = i;
     }
+    load_experts_worker(&q); /* this thread works too */
+    for (int i = 1; i <= started; i++) pthread_join(threads[i], NULL);
+    pthread_mutex_destroy(&q.lock);
+    if (q.failed_status != EPMOE_OK)
+        return epmoe_set_error(q.failed_status, __FILE__, __LINE__, "expert %lld: %s",
+                               (long long)(w->slice.start + q.failed_at), q.message);
     return EPMOE_OK;
 }
 
-static epmoe_status load_all(const loader *ld, epmoe_layer_weights *w) {
+static epmoe_status load_all(loader *ld, epmoe_layer_weights *w) {
     EPMOE_TRY(load_gate(ld, w));
     EPMOE_TRY(load_shared(ld, w));
     EPMOE_TRY(load_experts(ld, w));
@@ -258,6 +472,15 @@ epmoe_status epmoe_layer_weights_load(const epmoe_st_set *ckpt, const epmoe_conf
                   EPMOE_ERR_RANGE, "expert slice [%lld, %lld) is not inside [0, %lld)",
                   (long long)slice->start, (long long)slice->end,
                   (long long)cfg->n_routed_experts);
+    const int model_dir = cfg->checkpoint_layout != EPMOE_LAYOUT_EPMOE;
+    if (model_dir != epmoe_ckpt_is_model_dir(ckpt)) {
+        char layout[32];
+        epmoe_config_get(cfg, "checkpoint_layout", layout, sizeof layout);
+        EPMOE_FAIL(EPMOE_ERR_INVALID_ARG,
+                   "%s: the settings say checkpoint_layout %s, but this is %s", epmoe_st_set_path(ckpt),
+                   layout, model_dir ? "not a model directory (no config.json)"
+                                     : "a model directory (config.json)");
+    }
 
     out->layer = layer;
     out->hidden_size = cfg->hidden_size;
@@ -268,12 +491,13 @@ epmoe_status epmoe_layer_weights_load(const epmoe_st_set *ckpt, const epmoe_conf
     out->vocab_size = cfg->vocab_size;
     out->shared_inter = epmoe_ckpt_shared_inter(cfg);
 
-    loader ld = {ckpt, cfg, layer};
+    loader ld = {ckpt, cfg, layer, model_dir, 0};
     epmoe_status st = load_all(&ld, out);
     if (st != EPMOE_OK) {
         epmoe_layer_weights_free(out);
         return epmoe_add_context(st, "loading layer %lld", (long long)layer);
     }
+    out->checkpoint_bytes = atomic_load(&ld.bytes_read);
     return EPMOE_OK;
 }
 

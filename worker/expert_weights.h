@@ -16,6 +16,7 @@
 
 #include <stdint.h>
 
+#include "common/checkpoint.h" /* epmoe_config_from_checkpoint, for the loader's callers */
 #include "common/config.h"
 #include "common/layout.h"
 #include "common/safetensors.h"
@@ -60,12 +61,17 @@ typedef struct {
      * epmoe_cpu_panels_floats(2I, H) and (H, I) floats; NULL = dequantize per call. */
     float *w13_panels_cache;
     float *w2_panels_cache;
+
+    int64_t checkpoint_bytes; /* tensor bytes this rank read from the checkpoint for the layer */
 } epmoe_layer_weights;
 
 /* Reads layer `layer`'s gate, shared expert and the experts of `slice` from a checkpoint
- * (only those tensors: a rank never touches other ranks' experts). Every tensor's dtype and
- * shape are checked against cfg; NaN/Inf in scales or dense weights is EPMOE_ERR_NUMERIC.
- * Errors name the file and the tensor. */
+ * (only those tensors: a rank never touches other ranks' experts, and a model directory's
+ * shards that hold none of them are never opened). cfg is what epmoe_config_from_checkpoint
+ * read from the same checkpoint (checkpoint_layout says how tensors are named and stored).
+ * Every tensor's dtype and shape are checked against cfg; NaN/Inf in scales or dense weights
+ * is EPMOE_ERR_NUMERIC. Errors name the file and the tensor; on error nothing stays allocated.
+ * One call per layer: a run over layers [A, B) loads only those. */
 epmoe_status epmoe_layer_weights_load(const epmoe_st_set *ckpt, const epmoe_config *cfg,
                                       int64_t layer, const epmoe_expert_slice *slice,
                                       epmoe_layer_weights *out);
@@ -80,10 +86,6 @@ int64_t epmoe_layer_weights_cache_bytes(const epmoe_layer_weights *w);
 /* Dequantizes every local expert into the panel cache (exactly the values a per-call
  * dequantization produces, so results do not change). */
 epmoe_status epmoe_layer_weights_cache_experts_cpu(epmoe_layer_weights *w);
-
-/* Reads the model settings stored in a checkpoint's metadata into cfg (model-scope entries
- * only) and checks them against any the user set explicitly. */
-epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg);
 
 #ifdef __cplusplus
 }

@@ -27,21 +27,23 @@ epmoe_status epmoe_load_layers(const epmoe_st_set *ckpt, const epmoe_config *cfg
         epmoe_status st = epmoe_layer_weights_load(ckpt, cfg, l, slice, &w);
         if (st != EPMOE_OK)
             return epmoe_add_context(st, "rank %d, layer %lld", rank, (long long)l);
-        const int64_t bytes = epmoe_layer_weights_bytes(&w);
+        /* the load rate counts what was read: the tensors' bytes in the checkpoint (an MXFP4
+         * or FP8 tensor is smaller there than the NVFP4 or fp32 copy this rank keeps) */
+        const int64_t bytes = w.checkpoint_bytes;
         st = sink(sink_ctx, l, &w); /* owns w from here, on failure too */
         if (st != EPMOE_OK)
             return epmoe_add_context(st, "rank %d, layer %lld", rank, (long long)l);
         total_bytes += bytes;
         if (log && rank == 0) {
             const double dt = now_s() - t0;
-            fprintf(log, "epmoe: loaded layer %lld (%lld of %lld): %.2f GB so far, %.1f s\n",
+            fprintf(log, "epmoe: loaded layer %lld (%lld of %lld): %.2f GB read so far, %.1f s\n",
                     (long long)l, (long long)(l - begin + 1), (long long)(end - begin),
                     (double)total_bytes / 1e9, dt);
         }
     }
     if (log && rank == 0) {
         const double dt = now_s() - t0;
-        fprintf(log, "epmoe: rank 0 loaded %.2f GB of weights in %.2f s (%.2f GB/s)\n",
+        fprintf(log, "epmoe: rank 0 read %.2f GB of checkpoint tensors in %.2f s (%.2f GB/s)\n",
                 (double)total_bytes / 1e9, dt, dt > 0 ? (double)total_bytes / 1e9 / dt : 0.0);
     }
     return EPMOE_OK;

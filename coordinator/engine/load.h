@@ -1,7 +1,8 @@
 /* Loading a rank's weights: layers [begin, end) of its expert slice, one layer at a time, each
  * handed to the backend as soon as it is read (the cuda backend uploads it and frees the host
  * copy, so host memory holds one layer at a time). Prints one progress line per layer and the
- * load rate at the end on rank 0. */
+ * load rate at the end on rank 0, both counting the tensor bytes read from the checkpoint
+ * (epmoe_layer_weights.checkpoint_bytes). */
 #ifndef EPMOE_LOAD_H
 #define EPMOE_LOAD_H
 
@@ -28,7 +29,7 @@ epmoe_status epmoe_load_layers(const epmoe_st_set *ckpt, const epmoe_config *cfg
                                int rank, FILE *log, epmoe_layer_sink sink, void *sink_ctx);
 
 /* Bytes of one layer's weights as a rank holds them (its experts' NVFP4 codes and scales, the
- * gate, the shared expert in fp32): what the load rate counts. */
+ * gate, the shared expert in fp32): what a rank's memory report counts. */
 int64_t epmoe_layer_weights_bytes(const epmoe_layer_weights *w);
 
 #ifdef __cplusplus

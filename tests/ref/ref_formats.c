@@ -19,6 +19,14 @@ double epmoe_ref_e4m3_value(uint8_t code) {
 
 double epmoe_ref_ue8m0_value(uint8_t code) { return code == 0xff ? NAN : ldexp(1.0, code - 127); }
 
+double epmoe_ref_bf16_value(uint16_t code) {
+    int sign = code >> 15, exponent = (code >> 7) & 0xff, mantissa = code & 0x7f;
+    double v = exponent == 0xff ? (mantissa ? NAN : INFINITY)
+               : exponent == 0 ? mantissa / 128.0 * ldexp(1.0, -126)
+                               : (1.0 + mantissa / 128.0) * ldexp(1.0, exponent - 127);
+    return sign ? -v : v;
+}
+
 /* The non-negative code in [0, n_codes) nearest to a >= 0 (values increasing with the code),
  * ties to the even code; beyond the largest value, the largest. */
 static uint8_t nearest_code(double a, int n_codes, double (*value)(uint8_t)) {

@@ -22,6 +22,7 @@ uint8_t epmoe_ref_e2m1_encode(float x);      /* nearest, ties to even, |x| > 6 -
 double epmoe_ref_e4m3_value(uint8_t code);   /* sign, 4 exponent bits (bias 7), 3 mantissa; 0x7f NaN */
 uint8_t epmoe_ref_e4m3_encode(float x);      /* nearest, ties to even, |x| > 448 -> 448 */
 double epmoe_ref_ue8m0_value(uint8_t code);  /* 2^(code - 127); 0xff NaN */
+double epmoe_ref_bf16_value(uint16_t code);  /* sign, 8 exponent bits (bias 127), 7 mantissa */
 
 /* global_sf = 448 * 6 / amax in fp32; 1 when amax is 0 or the quotient is not finite. */
 float epmoe_ref_nvfp4_global_sf(float amax);

@@ -12,10 +12,20 @@
 #include "common/config.h"
 #include "common/status.h"
 #include "common/safetensors.h"
+#include "tests/ref/ref_weights.h"
 #include "worker/expert_weights.h"
 
-/* w must hold every expert (slice [0, E)). out[T, H] in float64; ids_out[T, k] and
- * weights_out[T, k] (optional) receive the reference routing in slot order. */
+/* Every expert of one layer (ref_weights.h: read from a checkpoint of any layout, or viewed from
+ * loaded weights). out[T, H] in float64; ids_out[T, k] and weights_out[T, k] (optional)
+ * receive the reference routing in slot order. */
+epmoe_status epmoe_ref_forward(const epmoe_config *cfg, const epmoe_ref_weights *w,
+                               const float *x, const int32_t *token_ids, int64_t T, double *out,
+                               int32_t *ids_out, double *weights_out);
+epmoe_status epmoe_ref_route_w(const epmoe_config *cfg, const epmoe_ref_weights *w,
+                               const float *x, const int32_t *token_ids, int64_t T,
+                               int32_t *ids_out, double *weights_out);
+
+/* The same on a rank's loaded weights, which must hold every expert (slice [0, E)). */
 epmoe_status epmoe_ref_layer_forward(const epmoe_config *cfg, const epmoe_layer_weights *w,
                                      const float *x, const int32_t *token_ids, int64_t T,
                                      double *out, int32_t *ids_out, double *weights_out);
@@ -31,10 +41,11 @@ epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights 
 
 
 /* The expert weights the engine loaded (w: its slice of layer w->layer, NVFP4, an MXFP4
- * checkpoint converted at load) against the checkpoint's own tensors, both decoded with the
- * reference's formats: NVFP4 .weight/.weight_scale (E4M3)/.weight_scale_2, or MXFP4
- * .weight/.scale (UE8M0). The conversion is exact, so every value must be equal. Returns the
- * number of values that differ (or -1 when a tensor is missing); `first` describes the first. */
+ * checkpoint converted at load) against the checkpoint's own tensors in any layout
+ * (epmoe_ref_proj_read), both decoded with the reference's formats: NVFP4
+ * .weight/.weight_scale (E4M3)/.weight_scale_2, or MXFP4 .weight/.scale (UE8M0). The conversion
+ * is exact, so every value must be equal. Returns the number of values that differ (or -1 when
+ * a tensor is missing); `first` describes the first. */
 int64_t epmoe_ref_check_loaded_experts(const epmoe_st_set *ckpt, const epmoe_config *cfg,
                                        const epmoe_layer_weights *w, char *first, size_t cap);
 #endif

@@ -80,7 +80,9 @@ static epmoe_expert_slice rank_slice(const epmoe_config *cfg) {
 static const epmoe_st_tensor *tensor_of(const epmoe_st_set *s, int64_t layer, int64_t expert,
                                         const char *proj, const char *what) {
     char name[160];
-    ck_assert_int_eq(epmoe_ckpt_expert_name(name, sizeof name, layer, expert, proj, what),
+    epmoe_config cfg;
+    epmoe_config_defaults(&cfg);
+    ck_assert_int_eq(epmoe_ckpt_expert_name(name, sizeof name, &cfg, layer, expert, proj, what),
                      EPMOE_OK);
     const epmoe_st_tensor *t = epmoe_st_set_find(s, name, NULL);
     ck_assert_msg(t != NULL, "%s missing", name);
@@ -97,22 +99,32 @@ static float scalar_of(const epmoe_st_tensor *t) {
 
 START_TEST(test_names) {
     char buf[160];
-    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, 3, 17, "w1", "weight_scale"),
+    epmoe_config cfg;
+    tiny_config(&cfg, "nvfp4");
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, &cfg, 1, 17, "w1", "weight_scale"),
                      EPMOE_OK);
-    ck_assert_str_eq(buf, "layers.3.ffn.experts.17.w1.weight_scale");
-    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, 0, "tid2eid"), EPMOE_OK);
+    ck_assert_str_eq(buf, "layers.1.ffn.experts.17.w1.weight_scale");
+    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, &cfg, 0, "tid2eid"), EPMOE_OK);
     ck_assert_str_eq(buf, "layers.0.ffn.gate.tid2eid");
-    ck_assert_int_eq(epmoe_ckpt_shared_name(buf, sizeof buf, 12, "w2", "weight"), EPMOE_OK);
+    ck_assert_int_eq(epmoe_ckpt_shared_name(buf, sizeof buf, &cfg, 12, "w2", "weight"), EPMOE_OK);
     ck_assert_str_eq(buf, "layers.12.ffn.shared_experts.w2.weight");
     ck_assert_int_eq(epmoe_ckpt_layer_file_name(buf, sizeof buf, 7), EPMOE_OK);
     ck_assert_str_eq(buf, "model-00007.safetensors");
-    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, 10, 3, 17, "w1", "weight"),
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, 10, &cfg, 3, 17, "w1", "weight"),
                      EPMOE_ERR_INVALID_ARG);
-    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, 3, 17, "w4", "weight"),
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, &cfg, 3, 17, "w4", "weight"),
                      EPMOE_ERR_INVALID_ARG);
-    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, 0, "scale"), EPMOE_ERR_INVALID_ARG);
+    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, &cfg, 0, "scale"), EPMOE_ERR_INVALID_ARG);
+    /* the MTP block's layers are the last n_mtp_layers, named mtp.N */
+    cfg.n_layers = 5;
+    cfg.n_mtp_layers = 2;
+    ck_assert_int_eq(epmoe_ckpt_gate_name(buf, sizeof buf, &cfg, 2, "bias"), EPMOE_OK);
+    ck_assert_str_eq(buf, "layers.2.ffn.gate.bias");
+    ck_assert_int_eq(epmoe_ckpt_expert_name(buf, sizeof buf, &cfg, 3, 9, "w2", "scale"), EPMOE_OK);
+    ck_assert_str_eq(buf, "mtp.0.ffn.experts.9.w2.scale");
+    ck_assert_int_eq(epmoe_ckpt_shared_name(buf, sizeof buf, &cfg, 4, "w1", "scale"), EPMOE_OK);
+    ck_assert_str_eq(buf, "mtp.1.ffn.shared_experts.w1.scale");
 
-    epmoe_config cfg;
     tiny_config(&cfg, "nvfp4");
     int64_t N, K;
     ck_assert_int_eq(epmoe_ckpt_expert_dims(&cfg, "w3", &N, &K), EPMOE_OK);
@@ -162,6 +174,7 @@ START_TEST(test_config_from_checkpoint) {
     s = open_set(path);
     ck_assert_int_eq(epmoe_config_from_checkpoint(s, &cfg), EPMOE_ERR_FORMAT);
     ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "epmoe.format_version"));
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "config.json"));
     ck_assert_ptr_nonnull(strstr(epmoe_last_error(), path));
     epmoe_st_set_close(s);
 
@@ -218,7 +231,7 @@ static void check_replicated(const epmoe_st_set *s, const epmoe_config *cfg,
     const float *dst[3] = {w->shared_w13, w->shared_w13 + Is * H, w->shared_w2};
     for (int p = 0; p < 3; p++) {
         char name[160];
-        ck_assert_int_eq(epmoe_ckpt_shared_name(name, sizeof name, layer, projs[p], "weight"),
+        ck_assert_int_eq(epmoe_ckpt_shared_name(name, sizeof name, cfg, layer, projs[p], "weight"),
                          EPMOE_OK);
         const epmoe_st_tensor *t = epmoe_st_set_find(s, name, NULL);
         ck_assert_ptr_nonnull(t);
@@ -753,6 +766,103 @@ START_TEST(test_input_file) {
 }
 END_TEST
 
+/* The bytes do not depend on the thread count; the plan's size is the files' size. */
+typedef struct {
+    int plans;
+    uint64_t planned;
+    uint64_t last_done;
+} gen_watch;
+
+static void watch_plan(void *ctx, const epmoe_gen_plan_info *info) {
+    gen_watch *w = ctx;
+    w->plans++;
+    w->planned = info->total_bytes;
+    ck_assert(info->bytes_per_second > 0 && info->files > 0 && info->tensors > 0);
+}
+
+static void watch_progress(void *ctx, uint64_t done, uint64_t total) {
+    gen_watch *w = ctx;
+    ck_assert(done <= total && total == w->planned && done >= w->last_done);
+    w->last_done = done;
+}
+
+static uint64_t dir_bytes_and_compare(const char *a, const char *b) {
+    DIR *d = opendir(a);
+    ck_assert_ptr_nonnull(d);
+    struct dirent *ent;
+    uint64_t total = 0;
+    int files = 0;
+    while ((ent = readdir(d)) != NULL) {
+        if (ent->d_name[0] == '.') continue;
+        char pa[8192], pb[8192];
+        snprintf(pa, sizeof pa, "%s/%s", a, ent->d_name);
+        snprintf(pb, sizeof pb, "%s/%s", b, ent->d_name);
+        ck_assert_msg(same_file(pa, pb), "%s differs between thread counts", ent->d_name);
+        struct stat sb;
+        ck_assert_int_eq(stat(pa, &sb), 0);
+        size_t n = strlen(ent->d_name);
+        if (n > 12 && strcmp(ent->d_name + n - 12, ".safetensors") == 0)
+            total += (uint64_t)sb.st_size;
+        files++;
+    }
+    closedir(d);
+    ck_assert_int_gt(files, 0);
+    return total;
+}
+
+START_TEST(test_generator_threads) {
+    const char *layouts[3] = {"epmoe", "deepseek", "nvidia-nvfp4"};
+    for (int l = 0; l < 3; l++) {
+        char a[4096], b[4096];
+        snprintf(a, sizeof a, "%s", epmoe_test_data_path("gen_threads_a"));
+        snprintf(b, sizeof b, "%s", epmoe_test_data_path("gen_threads_b"));
+        clean_dir(a);
+        clean_dir(b);
+        epmoe_config cfg;
+        small_config(&cfg, l == 1 ? "mxfp4" : "nvfp4", "5");
+        ck_assert_int_eq(epmoe_config_set(&cfg, "checkpoint_layout", layouts[l]), EPMOE_OK);
+        ck_assert_int_eq(epmoe_config_set(&cfg, "fp8_block_size", "16"), EPMOE_OK);
+        gen_watch watch = {0, 0, 0};
+        epmoe_gen_options one = {.threads = 1, .shard_bytes = 20000, .on_plan = watch_plan,
+                                 .on_progress = watch_progress, .ctx = &watch};
+        epmoe_gen_options three = {.threads = 3, .shard_bytes = 20000};
+        epmoe_gen_stats sa = {0}, sb = {0};
+        ck_assert_msg(epmoe_ckpt_generate(&cfg, &one, a, &sa) == EPMOE_OK, "%s", epmoe_last_error());
+        ck_assert_msg(epmoe_ckpt_generate(&cfg, &three, b, &sb) == EPMOE_OK, "%s", epmoe_last_error());
+        ck_assert_int_eq(watch.plans, 1);
+        ck_assert_uint_eq(watch.last_done, watch.planned); /* the final report is complete */
+        ck_assert_uint_eq(sa.bytes, watch.planned);
+        ck_assert_uint_eq(dir_bytes_and_compare(a, b), sa.bytes);
+        ck_assert(sa.tensors == sb.tensors && sa.layers == 2);
+        clean_dir(a);
+        clean_dir(b);
+        rmdir(a);
+        rmdir(b);
+    }
+    /* an epmoe-layout directory is refused where a model directory's files would confuse it */
+    char c[4096], cfgjson[8192];
+    snprintf(c, sizeof c, "%s", epmoe_test_data_path("gen_threads_c"));
+    mkdir(c, 0777);
+    clean_dir(c);
+    snprintf(cfgjson, sizeof cfgjson, "%s/config.json", c);
+    FILE *fp = fopen(cfgjson, "w");
+    ck_assert_ptr_nonnull(fp);
+    fputs("{}", fp);
+    fclose(fp);
+    epmoe_config cfg;
+    small_config(&cfg, "nvfp4", "5");
+    ck_assert_int_eq(epmoe_ckpt_generate(&cfg, NULL, c, NULL), EPMOE_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "config.json"));
+    /* and a real layout cannot hold the step SwiGLU variant (config.json has no key for it) */
+    ck_assert_int_eq(epmoe_config_set(&cfg, "checkpoint_layout", "nvidia-nvfp4"), EPMOE_OK);
+    ck_assert_int_eq(epmoe_config_set(&cfg, "swiglu_variant", "step"), EPMOE_OK);
+    ck_assert_int_eq(epmoe_ckpt_generate(&cfg, NULL, c, NULL), EPMOE_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "swiglu_variant step"));
+    unlink(cfgjson);
+    rmdir(c);
+}
+END_TEST
+
 static Suite *checkpoint_suite(void) {
     Suite *s = suite_create("checkpoint");
     TCase *names = tcase_create("names");
@@ -775,6 +885,7 @@ static Suite *checkpoint_suite(void) {
     tcase_add_test(gen, test_generator_deterministic);
     tcase_add_test(gen, test_generator_skew_and_refusals);
     tcase_add_test(gen, test_input_file);
+    tcase_add_test(gen, test_generator_threads);
     suite_add_tcase(s, gen);
     return s;
 }

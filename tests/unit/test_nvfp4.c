@@ -348,38 +348,60 @@ START_TEST(mxfp4_random_round_trip) {
 }
 END_TEST
 
-/* Random MXFP4 codes with scales in [e_max - spread, e_max]; the NVFP4 dequantization must
- * equal the MXFP4 one bit for bit. */
+/* Converts [rows, K] MXFP4 (codes, e8m0) and checks the NVFP4 dequantization equals the MXFP4
+ * one bit for bit, every block scale a power of two (or 0 for an all-zero block). */
+static void convert_and_check(const char *what, const uint8_t *codes, const uint8_t *e8m0,
+                              size_t rows, size_t K, epmoe_mxfp4_conversion *info) {
+    uint8_t *out = xmalloc(rows * K / 2), *sf = xmalloc(rows * K / 16);
+    memset(out, POISON_BYTE, rows * K / 2);
+    memset(sf, POISON_BYTE, rows * K / 16);
+    float ws2 = epmoe_poison_value();
+    epmoe_status st = epmoe_mxfp4_to_nvfp4(codes, e8m0, rows, K, out, sf, &ws2, info);
+    ck_assert_msg(st == EPMOE_OK, "%s: %s", what, epmoe_last_error());
+    ck_assert(isfinite(ws2) && ws2 > 0.0f);
+    int e;
+    ck_assert_msg(frexpf(ws2, &e) == 0.5f && e - 1 >= -126, "%s: weight_scale_2 %g", what, ws2);
+    for (size_t i = 0; i < rows * K / 16; i++) {
+        float v = epmoe_e4m3_to_float(sf[i]);
+        int zero_block = 1;
+        for (size_t k = i * 16; k < i * 16 + 16; k++) zero_block &= (nibble(codes, k) & 7) == 0;
+        if (zero_block) {
+            ck_assert_msg(sf[i] == 0, "%s: all-zero block %zu has block_sf 0x%02x", what, i, sf[i]);
+            continue;
+        }
+        ck_assert_msg(v > 0.0f && frexpf(v, &e) == 0.5f,
+                      "%s: block_sf %zu = 0x%02x (%g) is not a power of two", what, i, sf[i], v);
+    }
+    float *mx = xmalloc(K * sizeof(float)), *nv = xmalloc(K * sizeof(float));
+    for (size_t r = 0; r < rows; r++) {
+        epmoe_poison_f32(mx, K);
+        epmoe_poison_f32(nv, K);
+        epmoe_mxfp4_dequantize_row(codes + r * K / 2, e8m0 + r * K / 32, K, mx);
+        epmoe_nvfp4_dequantize_row(out + r * K / 2, sf + r * K / 16, K, ws2, nv);
+        for (size_t k = 0; k < K; k++)
+            ck_assert_msg(bits_of(mx[k]) == bits_of(nv[k]) && !isnan(mx[k]),
+                          "%s: row %zu element %zu: MXFP4 %g, NVFP4 %g", what, r, k, mx[k], nv[k]);
+    }
+    free(mx);
+    free(nv);
+    free(out);
+    free(sf);
+}
+
+/* Random MXFP4 codes with scales in [e_max - spread, e_max] (spread <= 17: no code moves). */
 static void check_conversion(epmoe_rng *rng, int e_max, int spread) {
     enum { ROWS = 5, K = 96 };
-    uint8_t codes[ROWS * K / 2], e8m0[ROWS * K / 32], sf[ROWS * K / 16];
+    uint8_t codes[ROWS * K / 2], e8m0[ROWS * K / 32];
     for (size_t i = 0; i < sizeof codes; i++) codes[i] = (uint8_t)epmoe_rng_below(rng, 256);
     for (size_t i = 0; i < sizeof e8m0; i++)
         e8m0[i] = (uint8_t)(e_max - (int)epmoe_rng_below(rng, (uint64_t)spread + 1));
     e8m0[3] = (uint8_t)e_max; /* both ends present */
     e8m0[7] = (uint8_t)(e_max - spread);
-    memset(sf, POISON_BYTE, sizeof sf);
-    float ws2 = epmoe_poison_value();
-    epmoe_status st = epmoe_mxfp4_to_nvfp4(e8m0, ROWS, K, sf, &ws2);
-    ck_assert_msg(st == EPMOE_OK, "e_max %d spread %d: %s", e_max, spread, epmoe_last_error());
-    ck_assert(isfinite(ws2));
-    for (size_t i = 0; i < sizeof sf; i++) {
-        float v = epmoe_e4m3_to_float(sf[i]);
-        int e;
-        ck_assert_msg(v > 0.0f && frexpf(v, &e) == 0.5f,
-                      "block_sf %zu = 0x%02x (%g) is not a power of two", i, sf[i], v);
-    }
-    for (size_t r = 0; r < ROWS; r++) {
-        float mx[K], nv[K];
-        epmoe_poison_f32(mx, K);
-        epmoe_poison_f32(nv, K);
-        epmoe_mxfp4_dequantize_row(codes + r * K / 2, e8m0 + r * K / 32, K, mx);
-        epmoe_nvfp4_dequantize_row(codes + r * K / 2, sf + r * K / 16, K, ws2, nv);
-        for (size_t k = 0; k < K; k++)
-            ck_assert_msg(bits_of(mx[k]) == bits_of(nv[k]) && !isnan(mx[k]),
-                          "e_max %d spread %d row %zu element %zu: MXFP4 %g, NVFP4 %g", e_max,
-                          spread, r, k, mx[k], nv[k]);
-    }
+    char what[64];
+    snprintf(what, sizeof what, "e_max %d spread %d", e_max, spread);
+    epmoe_mxfp4_conversion info;
+    convert_and_check(what, codes, e8m0, ROWS, K, &info);
+    ck_assert_uint_eq(info.shifted_blocks, 0);
 }
 
 START_TEST(mxfp4_to_nvfp4_is_exact) {
@@ -388,22 +410,108 @@ START_TEST(mxfp4_to_nvfp4_is_exact) {
     check_conversion(&rng, 127, 17);
     check_conversion(&rng, 130, 5);
     check_conversion(&rng, 254, 17); /* largest scales */
-    check_conversion(&rng, 17, 17);  /* smallest: 2^-127 blocks, subnormal products */
+    check_conversion(&rng, 9, 9);    /* smallest tensor scale that is a normal fp32: 2^-126 */
     check_conversion(&rng, 100, 0);  /* one exponent everywhere */
 }
 END_TEST
 
+/* Fills a 16-element block (first = element index, a multiple of 16) with magnitudes drawn from
+ * `mags` (E2M1 magnitude indices), random signs. */
+static void fill_block(epmoe_rng *rng, uint8_t *codes, size_t first, const int *mags, int n) {
+    for (size_t k = first; k < first + 16; k++) {
+        uint8_t c = (uint8_t)(mags[epmoe_rng_below(rng, (uint64_t)n)] |
+                              (epmoe_rng_below(rng, 2) ? 8 : 0));
+        codes[k / 2] = (uint8_t)(k % 2 ? (codes[k / 2] & 0x0f) | (c << 4)
+                                       : (codes[k / 2] & 0xf0) | c);
+    }
+}
+
+/* What real checkpoints hold and the plain conversion refused: all-zero blocks at the smallest
+ * scale (2^-127, the OCP rule for amax 0), and blocks far below the rest whose codes can move. */
+START_TEST(mxfp4_to_nvfp4_zero_blocks_and_wide_spans) {
+    enum { ROWS = 4, K = 128 };
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 5);
+    const int any[7] = {1, 2, 3, 4, 5, 6, 7}, small[1] = {1} /* 0.5 */, four[1] = {6} /* 4 */,
+              six[1] = {7} /* 6 */;
+    uint8_t codes[ROWS * K / 2], e8m0[ROWS * K / 32];
+    epmoe_mxfp4_conversion info;
+
+    /* 1. zero blocks at 2^-127 among blocks at 2^-3..2^-10: the span of the nonzero ones is 7 */
+    for (size_t b = 0; b < ROWS * K / 32; b++) {
+        e8m0[b] = (uint8_t)(127 - 3 - (int)epmoe_rng_below(&rng, 8));
+        fill_block(&rng, codes, 32 * b, any, 7);
+        fill_block(&rng, codes, 32 * b + 16, any, 7);
+    }
+    for (size_t b = 1; b < ROWS * K / 32; b += 3) { /* every third 32-block all zero */
+        e8m0[b] = 0;
+        memset(codes + 16 * b, b % 2 ? 0x00 : 0x88, 16); /* +0 and -0 codes */
+    }
+    convert_and_check("zero blocks at 2^-127", codes, e8m0, ROWS, K, &info);
+    ck_assert_uint_eq(info.zero_blocks, 2 * ((ROWS * K / 32 + 1) / 3));
+    ck_assert_uint_eq(info.shifted_blocks, 0);
+
+    /* 2. a block 20 binades below the largest, whose codes are all 4 (4 / 2^3 = 0.5) */
+    for (size_t b = 0; b < ROWS * K / 32; b++) {
+        e8m0[b] = (uint8_t)(120 - (int)epmoe_rng_below(&rng, 10));
+        fill_block(&rng, codes, 32 * b, any, 7);
+        fill_block(&rng, codes, 32 * b + 16, any, 7);
+    }
+    e8m0[0] = 121; /* the largest scale, full codes: anchors the tensor scale at 2^-14 */
+    codes[0] = 0x77;
+    e8m0[9] = 101; /* 20 below: its NVFP4 power would be 2^-12, so 2^-9 with codes / 8 */
+    fill_block(&rng, codes, 32 * 9, four, 1);
+    fill_block(&rng, codes, 32 * 9 + 16, four, 1);
+    convert_and_check("a block 20 binades down", codes, e8m0, ROWS, K, &info);
+    ck_assert_uint_eq(info.shifted_blocks, 2);
+
+    /* 3. the tensor scale itself moves: the top block holds only 0.5s (it can double), a block
+     * 20 below holds 6s (they halve twice at most): A = top - 9, top codes doubled. */
+    for (size_t b = 0; b < ROWS * K / 32; b++) {
+        e8m0[b] = 110;
+        fill_block(&rng, codes, 32 * b, any, 7);
+        fill_block(&rng, codes, 32 * b + 16, any, 7);
+    }
+    e8m0[2] = 121;
+    fill_block(&rng, codes, 64, small, 1);
+    fill_block(&rng, codes, 80, small, 1);
+    e8m0[5] = 101;
+    fill_block(&rng, codes, 160, six, 1);
+    fill_block(&rng, codes, 176, six, 1);
+    convert_and_check("top block doubled, low block halved", codes, e8m0, ROWS, K, &info);
+    ck_assert_uint_eq(info.shifted_blocks, 4);
+
+    /* 4. nothing but zeros */
+    memset(codes, 0, sizeof codes);
+    memset(e8m0, 0, sizeof e8m0);
+    convert_and_check("all zero", codes, e8m0, ROWS, K, &info);
+    ck_assert_uint_eq(info.zero_blocks, ROWS * K / 16);
+}
+END_TEST
+
 START_TEST(mxfp4_to_nvfp4_errors) {
-    uint8_t e8m0[6] = {120, 121, 130, 138, 125, 126}, sf[12];
+    /* 2 rows of 96: 6 scales. Block [1, 0] is 18 binades below block [0, 64] and holds a 1.5,
+     * which cannot move: no tensor scale serves both. */
+    uint8_t codes[2 * 96 / 2], e8m0[6] = {120, 121, 130, 112, 125, 126}, sf[12], out[96];
+    memset(codes, 0x22, sizeof codes); /* magnitude 1.0 everywhere */
+    codes[48] = 0x73;                  /* element [1, 0] = 1.5, [1, 1] = 6 */
+    codes[32] = 0x37;                  /* element [0, 64] = 6 */
     float ws2 = 0.0f;
-    epmoe_status st = epmoe_mxfp4_to_nvfp4(e8m0, 2, 96, sf, &ws2);
+    epmoe_status st = epmoe_mxfp4_to_nvfp4(codes, e8m0, 2, 96, out, sf, &ws2, NULL);
     ck_assert_msg(st == EPMOE_ERR_UNSUPPORTED, "spread 18 gave %s", epmoe_status_name(st));
-    ck_assert_msg(strstr(epmoe_last_error(), "18 binades") != NULL, "message: %s",
-                  epmoe_last_error());
+    const char *msg = epmoe_last_error();
+    ck_assert_msg(strstr(msg, "block [0, 64] (scale 2^3) needs >= 2^-5") != NULL, "%s", msg);
+    ck_assert_msg(strstr(msg, "block [1, 0] (scale 2^-15) needs <= 2^-6") != NULL, "%s", msg);
+    /* the same tensor with block [1, 0..15] all zero converts */
+    codes[48] = 0x00;
+    for (int i = 49; i < 56; i++) codes[i] = 0;
+    ck_assert_int_eq(epmoe_mxfp4_to_nvfp4(codes, e8m0, 2, 96, out, sf, &ws2, NULL), EPMOE_OK);
     e8m0[0] = 0xff;
-    ck_assert_int_eq(epmoe_mxfp4_to_nvfp4(e8m0, 2, 96, sf, &ws2), EPMOE_ERR_NUMERIC);
-    ck_assert_int_eq(epmoe_mxfp4_to_nvfp4(e8m0, 2, 48, sf, &ws2), EPMOE_ERR_INVALID_ARG);
-    ck_assert_int_eq(epmoe_mxfp4_to_nvfp4(e8m0, 0, 96, sf, &ws2), EPMOE_OK);
+    ck_assert_int_eq(epmoe_mxfp4_to_nvfp4(codes, e8m0, 2, 96, out, sf, &ws2, NULL),
+                     EPMOE_ERR_NUMERIC);
+    ck_assert_int_eq(epmoe_mxfp4_to_nvfp4(codes, e8m0, 2, 48, out, sf, &ws2, NULL),
+                     EPMOE_ERR_INVALID_ARG);
+    ck_assert_int_eq(epmoe_mxfp4_to_nvfp4(codes, e8m0, 0, 96, out, sf, &ws2, NULL), EPMOE_OK);
 }
 END_TEST
 
@@ -493,6 +601,7 @@ static Suite *nvfp4_suite(void) {
     tcase_add_test(mx, mxfp4_exact_values_round_trip);
     tcase_add_test(mx, mxfp4_random_round_trip);
     tcase_add_test(mx, mxfp4_to_nvfp4_is_exact);
+    tcase_add_test(mx, mxfp4_to_nvfp4_zero_blocks_and_wide_spans);
     tcase_add_test(mx, mxfp4_to_nvfp4_errors);
     suite_add_tcase(s, mx);
     TCase *swz = tcase_create("swizzle");

@@ -1,6 +1,7 @@
 /* The float64 reference's own number formats (tests/ref/ref_formats.h) against the ml_dtypes /
  * numpy oracle vectors (tests/oracle/gen_vectors.py): every code of E2M1, E4M3 and UE8M0, every
- * rounding vector, every NVFP4 oracle row (codes, block scales, global scale, saturation count).
+ * rounding vector, every NVFP4 oracle row (codes, block scales, global scale, saturation count);
+ * and every bf16 code against its definition (the upper half of an fp32).
  * The reference shares no code with common/formats.c or common/nvfp4.c, so this suite and
  * test_formats/test_nvfp4 together check the implementation and the reference independently
  * against the same third party. */
@@ -78,6 +79,15 @@ START_TEST(every_code_decodes_as_ml_dtypes) {
     for (int c = 0; c < 256; c++)
         if ((c & 0x7f) != 0x7f)
             ck_assert_int_eq(epmoe_ref_e4m3_encode((float)epmoe_ref_e4m3_value((uint8_t)c)), c);
+    /* bf16 (the real layouts' gate) is the upper half of an fp32 by definition: every code */
+    for (uint32_t c = 0; c < 65536; c++) {
+        double got = epmoe_ref_bf16_value((uint16_t)c);
+        if ((c & 0x7f80) == 0x7f80 && (c & 0x7f))
+            ck_assert_msg(isnan(got), "bf16 0x%04x: %g, expected NaN", c, got);
+        else
+            ck_assert_msg(bits_of((float)got) == c << 16 && (double)(float)got == got,
+                          "bf16 0x%04x decodes to %.17g", c, got);
+    }
 }
 END_TEST
 

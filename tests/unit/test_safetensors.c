@@ -369,8 +369,23 @@ START_TEST(test_bad_headers) {
     expect_open_error(p, EPMOE_ERR_FORMAT, "not valid JSON", NULL);
     write_raw(p, "[1, 2, 3]", 0);
     expect_open_error(p, EPMOE_ERR_FORMAT, "not a JSON object", NULL);
+    /* a dtype this build does not know is kept by name (size unchecked) and refused only when
+     * a caller requires the tensor; a known foreign one (F4: 4 bits) has its size checked */
     write_raw(p, "{\"w\": {\"dtype\": \"F7\", \"shape\": [1], \"data_offsets\": [0, 4]}}", 4);
-    expect_open_error(p, EPMOE_ERR_FORMAT, "w", "F7");
+    {
+        epmoe_st_set *set = NULL;
+        ck_assert_msg(epmoe_st_set_open(p, &set) == EPMOE_OK, "%s", epmoe_last_error());
+        const epmoe_st_tensor *t = epmoe_st_set_find(set, "w", NULL);
+        ck_assert_ptr_nonnull(t);
+        ck_assert_int_eq(t->dtype, EPMOE_DTYPE_COUNT);
+        ck_assert_str_eq(t->dtype_text, "F7");
+        ck_assert_int_eq(epmoe_st_set_require(set, "w", EPMOE_DTYPE_U8, 1, NULL, NULL),
+                         EPMOE_ERR_FORMAT);
+        ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "w: dtype F7, expected U8"));
+        epmoe_st_set_close(set);
+    }
+    write_raw(p, "{\"w.f4\": {\"dtype\": \"F4\", \"shape\": [3, 4], \"data_offsets\": [0, 8]}}", 8);
+    expect_open_error(p, EPMOE_ERR_FORMAT, "w.f4", "F4 [3, 4] needs 6 bytes");
     write_raw(p, "{\"w\": {\"dtype\": 3, \"shape\": [1], \"data_offsets\": [0, 4]}}", 4);
     expect_open_error(p, EPMOE_ERR_FORMAT, "w", "dtype");
     /* shape and bytes disagree */
@@ -525,6 +540,96 @@ START_TEST(test_directory_set) {
 }
 END_TEST
 
+/* A model directory: the index names each tensor's shard; shards open on first use. */
+START_TEST(test_indexed_set) {
+    char *dir = data_path("st_indexed");
+    mkdir(dir, 0777);
+    char a[4200], b[4200], c[4200], index[4200];
+    snprintf(a, sizeof a, "%s/model-00001-of-00003.safetensors", dir);
+    snprintf(b, sizeof b, "%s/model-00002-of-00003.safetensors", dir);
+    snprintf(c, sizeof c, "%s/model-00003-of-00003.safetensors", dir);
+    snprintf(index, sizeof index, "%s/%s", dir, EPMOE_ST_INDEX_FILE);
+    write_small(a, (const char *const[]){"embed.weight", "layers.0.w"}, 2, NULL);
+    write_small(b, (const char *const[]){"layers.1.w", "layers.1.v"}, 2, "second");
+    write_bytes(c, "not even a header", 17); /* named by no tensor we look up */
+    const char *good =
+        "{\"metadata\": {\"total_size\": 96}, \"weight_map\": {"
+        "\"embed.weight\": \"model-00001-of-00003.safetensors\","
+        "\"layers.0.w\": \"model-00001-of-00003.safetensors\","
+        "\"layers.1.w\": \"model-00002-of-00003.safetensors\","
+        "\"layers.1.v\": \"model-00002-of-00003.safetensors\","
+        "\"layers.1.gone\": \"model-00002-of-00003.safetensors\","
+        "\"head.weight\": \"model-00003-of-00003.safetensors\"}}";
+    write_bytes(index, good, strlen(good));
+
+    epmoe_st_set *s = NULL;
+    ck_assert_msg(epmoe_st_set_open(dir, &s) == EPMOE_OK, "%s", epmoe_last_error());
+    ck_assert_str_eq(epmoe_st_set_index_path(s), index);
+    ck_assert_str_eq(epmoe_st_set_dir(s), dir);
+    ck_assert_int_eq(epmoe_st_set_file_count(s), 3);
+    ck_assert_int_eq(epmoe_st_set_files_open(s), 0); /* only the index was read */
+    ck_assert(epmoe_st_set_contains(s, "head.weight") && !epmoe_st_set_contains(s, "nope"));
+    ck_assert_int_eq(epmoe_st_set_files_open(s), 0);
+
+    const epmoe_st_tensor *t = NULL;
+    const epmoe_st_file *from = NULL;
+    ck_assert_int_eq(epmoe_st_set_require(s, "layers.1.v", EPMOE_DTYPE_F32, 2, (int64_t[]){2, 2},
+                                          &t),
+                     EPMOE_OK);
+    const float expect[4] = {0.5f, -1.5f, 2.0f, 8.0f};
+    ck_assert_int_eq(memcmp(t->data, expect, sizeof expect), 0);
+    ck_assert_int_eq(epmoe_st_set_files_open(s), 1);
+    ck_assert(epmoe_st_set_file_is_open(s, "model-00002-of-00003.safetensors"));
+    ck_assert(!epmoe_st_set_file_is_open(s, "model-00001-of-00003.safetensors"));
+    ck_assert_str_eq(epmoe_st_set_metadata(s, "who"), "second");
+
+    /* absent from the index: NULL without an error; the index is named when required */
+    ck_assert_int_eq(epmoe_st_set_lookup(s, "nope", &t, &from), EPMOE_OK);
+    ck_assert_ptr_null(t);
+    ck_assert_int_eq(epmoe_st_set_require(s, "nope", EPMOE_DTYPE_F32, 0, NULL, NULL),
+                     EPMOE_ERR_NOT_FOUND);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), index));
+    /* the index names a shard that does not hold the tensor */
+    ck_assert_int_eq(epmoe_st_set_lookup(s, "layers.1.gone", &t, &from), EPMOE_ERR_FORMAT);
+    ck_assert_msg(strstr(epmoe_last_error(), "layers.1.gone") && strstr(epmoe_last_error(), b),
+                  "%s", epmoe_last_error());
+    /* a broken shard fails the lookups of its tensors, naming shard and tensor */
+    ck_assert_int_eq(epmoe_st_set_lookup(s, "head.weight", &t, &from), EPMOE_ERR_FORMAT);
+    ck_assert_msg(strstr(epmoe_last_error(), "head.weight") && strstr(epmoe_last_error(), c),
+                  "%s", epmoe_last_error());
+    ck_assert_ptr_null(epmoe_st_set_find(s, "head.weight", &from));
+    ck_assert_ptr_null(from);
+    /* a missing shard likewise */
+    unlink(a);
+    ck_assert_int_eq(epmoe_st_set_lookup(s, "layers.0.w", &t, &from), EPMOE_ERR_IO);
+    ck_assert_msg(strstr(epmoe_last_error(), "layers.0.w") && strstr(epmoe_last_error(), a),
+                  "%s", epmoe_last_error());
+    epmoe_st_set_close(s);
+
+    /* indexes that are refused when opened */
+    const char *bad[][2] = {
+        {"{\"weight_map\": {\"x\": \"../elsewhere.safetensors\"}}", "../elsewhere"},
+        {"{\"weight_map\": {\"x\": 3}}", "x: shard must be a file name"},
+        {"{\"metadata\": {}}", "weight_map"},
+        {"{\"weight_map\": {}}", "lists no tensors"},
+        {"{\"weight_map\": {\"x\": \"a.safetensors\",", "not valid JSON"},
+    };
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        write_bytes(index, bad[i][0], strlen(bad[i][0]));
+        s = (epmoe_st_set *)0x1;
+        ck_assert_int_ne(epmoe_st_set_open(dir, &s), EPMOE_OK);
+        ck_assert_ptr_null(s);
+        ck_assert_msg(strstr(epmoe_last_error(), bad[i][1]) && strstr(epmoe_last_error(), index),
+                      "case %zu: %s", i, epmoe_last_error());
+    }
+    unlink(index);
+    unlink(b);
+    unlink(c);
+    rmdir(dir);
+    free(dir);
+}
+END_TEST
+
 static Suite *safetensors_suite(void) {
     Suite *s = suite_create("safetensors");
     TCase *tc = tcase_create("core");
@@ -535,6 +640,7 @@ static Suite *safetensors_suite(void) {
     tcase_add_test(tc, test_truncated_files);
     tcase_add_test(tc, test_bad_headers);
     tcase_add_test(tc, test_directory_set);
+    tcase_add_test(tc, test_indexed_set);
     suite_add_tcase(s, tc);
     return s;
 }
