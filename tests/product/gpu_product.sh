@@ -91,6 +91,19 @@ for fmt in nvfp4 mxfp4; do
   done
 done
 
+# real checkpoint layouts (model directories): DeepSeek's release (MXFP4 experts, FP8 shared
+# expert) and NVIDIA's NVFP4 re-quantization, each layer cuda vs cpu
+for layout in deepseek nvidia-nvfp4; do
+  "$bin/epmoe-gen" --preset tiny --layout $layout --n-layers 2 --out "$work/$layout" >/dev/null || {
+    echo "FAIL: epmoe-gen --layout $layout"; fail=1; continue; }
+  for l in 0 1; do
+    run cpu 1 "$work/$layout" "$work/in_bf16.safetensors" "$work/${layout}_cpu_l$l.safetensors" --layers $l:$((l + 1)) &&
+      run $GPU 1 "$work/$layout" "$work/in_bf16.safetensors" "$work/${layout}_gpu_l$l.safetensors" --layers $l:$((l + 1)) &&
+      check $cmp "$work/${layout}_gpu_l$l.safetensors" "$work/${layout}_cpu_l$l.safetensors" \
+        --tol $TOL_LAYER --routing --what "$layout directory, layer $l: cuda vs cpu"
+  done
+done
+
 # W4A16 (act_quant = high): bf16 activations on the GPU, fp32 on the CPU
 run cpu 1 "$work/nvfp4" "$work/in_bf16.safetensors" "$work/high_cpu.safetensors" --layers 1:2 --act_quant high &&
   run $GPU 1 "$work/nvfp4" "$work/in_bf16.safetensors" "$work/high_gpu.safetensors" --layers 1:2 --act_quant high &&
