@@ -286,6 +286,15 @@ static epmoe_status forward_local(cuda_backend *c, epmoe_backend *b,
     return EPMOE_OK;
 }
 
+/* Decode graphs run on nccl only. mpi-staged (ranks sharing a GPU) can be captured too, but its
+ * graph calls MPI from CUDA's host-callback thread; the service on two ranks sharing one H100
+ * crashed in that configuration (cause not established), so such ranks stay in throughput
+ * mode, which gives the same bits. */
+static int decode_capable(const cuda_backend *c) {
+    return c->decode_tokens > 0 && strcmp(c->transport->ops->name, "nccl") == 0 &&
+           epmoe_device_transport_graph_safe(c->transport);
+}
+
 static epmoe_status cuda_forward(epmoe_backend *b, const epmoe_backend_batch *in) {
     cuda_backend *c = (cuda_backend *)b->impl;
     EPMOE_REQUIRE(in->T >= 0 && in->T <= c->max_tokens, EPMOE_ERR_INVALID_ARG,
@@ -295,8 +304,7 @@ static epmoe_status cuda_forward(epmoe_backend *b, const epmoe_backend_batch *in
      * from the batch size (the driver's shards differ by at most one row). */
     int64_t largest = 0;
     MPI_Allreduce(&in->T, &largest, 1, MPI_INT64_T, MPI_MAX, c->comm);
-    const int decode = c->decode_tokens > 0 && largest <= c->decode_tokens &&
-                       epmoe_device_transport_graph_safe(c->transport);
+    const int decode = decode_capable(c) && largest <= c->decode_tokens;
     const epmoe_status st = forward_local(c, b, in, decode);
     return c->transport->ops->agree(c->transport, st, "run its shard");
 }
@@ -393,8 +401,42 @@ static epmoe_status create_local(epmoe_backend *b, cuda_backend *c, const epmoe_
     CUDA_TRY(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
     b->info.weight_bytes = (int64_t)(free_before - free_after);
     b->info.buffer_bytes = epmoe_gpu_engine_device_bytes(c->engine) + (int64_t)(3 * rows * 4);
-    b->info.decode_tokens = epmoe_device_transport_graph_safe(c->transport) ? c->decode_tokens : 0;
+    b->info.decode_tokens = decode_capable(c) ? c->decode_tokens : 0;
     return EPMOE_OK;
+}
+
+/* The first use of each kernel, of cuBLAS's algorithms and of NCCL's channels loads code and
+ * sets things up (tens of milliseconds in all): pay that at load time, not in the first batch
+ * a job times or the first request a client waits for. Two collective forwards through every
+ * loaded layer: one token (the decode kernels, and the decode graph where there is one) and
+ * max_tokens_per_rank tokens (the prefill kernels), on deterministic finite rows. */
+static epmoe_status warm_up(epmoe_backend *b, cuda_backend *c) {
+    const int64_t T = c->max_tokens, H = c->H;
+    float *x = (float *)malloc((size_t)(T * H) * sizeof(float));
+    float *y = (float *)malloc((size_t)(T * H) * sizeof(float));
+    int32_t *ids = (int32_t *)malloc((size_t)T * sizeof(int32_t));
+    epmoe_status st = x && y && ids ? EPMOE_OK
+                                    : epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__,
+                                                      "cuda backend: no host memory to warm up");
+    uint32_t r = 2463534242u + (uint32_t)c->rank;
+    for (int64_t i = 0; st == EPMOE_OK && i < T * H; i++) {
+        r ^= r << 13, r ^= r >> 17, r ^= r << 5; /* xorshift32 */
+        x[i] = (float)(r >> 8) * (2.0f / 16777216.0f) - 1.0f;
+    }
+    for (int64_t t = 0; st == EPMOE_OK && t < T; t++) ids[t] = (int32_t)(t % c->cfg.vocab_size);
+    const int64_t sizes[2] = {1, T};
+    for (int i = 0; i < 2; i++) {
+        epmoe_backend_batch batch;
+        memset(&batch, 0, sizeof batch);
+        batch.x = x, batch.out = y, batch.dtype = EPMOE_DTYPE_F32, batch.token_ids = ids;
+        batch.T = st == EPMOE_OK ? sizes[i] : 0;
+        batch.layer_begin = b->layer_begin, batch.layer_end = b->layer_end;
+        /* collective even after a local failure: every rank makes the same calls */
+        const epmoe_status fst = cuda_forward(b, &batch);
+        if (st == EPMOE_OK) st = fst;
+    }
+    free(x), free(y), free(ids);
+    return st;
 }
 
 epmoe_status epmoe_backend_cuda_create(const epmoe_config *cfg, MPI_Comm comm,
@@ -433,6 +475,7 @@ epmoe_status epmoe_backend_cuda_create(const epmoe_config *cfg, MPI_Comm comm,
                              c->rank);
     if (st == EPMOE_OK) st = create_local(b, c, ckpt, log);
     st = epmoe_agree(comm, st, "set up its GPU", cfg->collective_timeout_s);
+    if (st == EPMOE_OK && (st = warm_up(b, c)) != EPMOE_OK) epmoe_add_context(st, "warming up");
     if (st != EPMOE_OK) {
         cuda_destroy(b);
         return st;
