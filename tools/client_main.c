@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/cli.h"
 #include "common/rng.h"
 #include "common/safetensors.h"
 #include "common/tensor.h"
@@ -346,17 +347,7 @@ static void print_error(const char *message) {
 }
 
 int main(int argc, char **argv) {
-    /* --help and --version before anything else (no MPI, no server needed) */
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            usage(stdout);
-            return 0;
-        }
-        if (strcmp(argv[i], "--version") == 0) {
-            printf("epmoe-client %s\n", EPMOE_VERSION);
-            return 0;
-        }
-    }
+    if (epmoe_cli_help_or_version(argc, argv, "epmoe-client", EPMOE_VERSION, usage)) return 0;
     client_args a;
     epmoe_status st = parse_args(argc, argv, &a);
     if (st != EPMOE_OK) {

@@ -14,6 +14,7 @@
 #include <strings.h>
 #include <time.h>
 
+#include "common/cli.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
 #include "common/paths.h"
@@ -123,17 +124,7 @@ static int sets(int argc, char **argv, const char *underscored, const char *dash
 }
 
 int main(int argc, char **argv) {
-    /* --help and --version before anything else */
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            usage(stdout);
-            return 0;
-        }
-        if (strcmp(argv[i], "--version") == 0) {
-            printf("epmoe-gen %s\n", EPMOE_VERSION);
-            return 0;
-        }
-    }
+    if (epmoe_cli_help_or_version(argc, argv, "epmoe-gen", EPMOE_VERSION, usage)) return 0;
     /* --layers was a count here and is a range in epmoe-run: refuse it rather than guess. */
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--layers") == 0 || strncmp(argv[i], "--layers=", 9) == 0) {

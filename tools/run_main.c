@@ -29,6 +29,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/cli.h"
 #include "common/config.h"
 #include "common/paths.h"
 #include "common/safetensors.h"
@@ -407,19 +408,6 @@ static void report_silent_ranks(int rank, int n_ranks) {
 
 /* ---- main ------------------------------------------------------------------------------------ */
 
-static int print_help_or_version(int argc, char **argv) {
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "-h") == 0 || strcmp(argv[i], "--help") == 0) {
-            usage(stdout);
-            return 1;
-        }
-        if (strcmp(argv[i], "--version") == 0) {
-            printf("epmoe-run %s\n", EPMOE_VERSION);
-            return 1;
-        }
-    }
-    return 0;
-}
 
 /* Followers (and a root that lost a peer): say what was lost, then end the whole job: the other
  * ranks may be waiting for the lost one and cannot be released. */
@@ -432,7 +420,7 @@ static void end_job_after(epmoe_status st, int rank, int n_ranks) {
 
 int main(int argc, char **argv) {
     /* before MPI: --help and --version need no launcher */
-    if (print_help_or_version(argc, argv)) return 0;
+    if (epmoe_cli_help_or_version(argc, argv, "epmoe-run", EPMOE_VERSION, usage)) return 0;
     int thread_level = MPI_THREAD_SINGLE;
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &thread_level);
     int rank = 0, n_ranks = 1;

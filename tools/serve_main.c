@@ -26,6 +26,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/cli.h"
 #include "common/config.h"
 #include "coordinator/engine/driver.h"
 #include "coordinator/service/serve_config.h"
@@ -103,17 +104,7 @@ static int follower_lost(int rank, double timeout_s) {
 }
 
 int main(int argc, char **argv) {
-    /* --help and --version before anything else (no MPI, no server needed) */
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) {
-            usage(stdout);
-            return 0;
-        }
-        if (strcmp(argv[i], "--version") == 0) {
-            printf("epmoe-serve %s\n", EPMOE_VERSION);
-            return 0;
-        }
-    }
+    if (epmoe_cli_help_or_version(argc, argv, "epmoe-serve", EPMOE_VERSION, usage)) return 0;
     /* Signals are blocked in every thread (MPI's, gRPC's, ours, all created later inherit the
      * mask); rank 0's main thread takes them with sigwait. Other ranks never act on them: the
      * root releases them once drained. */
