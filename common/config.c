@@ -136,8 +136,8 @@ static const preset_row presets[] = {
      "swiglu_variant=gptoss;swiglu_alpha=1.702;expert_bias=1;gate_up_order=interleaved;"
      "n_layers=36;n_hash_layers=0;vocab_size=201088;weight_format=mxfp4",
      "OpenAI gpt-oss-120b"},
-    /* gpt-oss's math at test size: H 160 and I 96 are multiples of 32 but not of 64, like
-     * 2880 (90 x 32), so the odd-width paths run on every test. */
+    /* gpt-oss's math at test size: H 160 and I 96 are multiples of 32 but not of 64 (2880 is
+     * 90 x 32 = 45 x 64, not a multiple of 128), so the odd-width paths run on every test. */
     {"gpt-oss-tiny",
      "hidden_size=160;moe_inter_size=96;n_routed_experts=32;top_k=4;n_shared_experts=0;"
      "routed_scaling_factor=1;scoring=topk_softmax;n_groups=1;topk_groups=1;swiglu_limit=7;"
