@@ -366,6 +366,15 @@ epmoe_status epmoe_config_validate(const epmoe_config *c) {
     return EPMOE_OK;
 }
 
+epmoe_status epmoe_config_check_cuda(const epmoe_config *c) {
+    EPMOE_REQUIRE(c->scoring != EPMOE_SCORING_TOPK_SOFTMAX && c->swiglu_variant != EPMOE_SWIGLU_GPTOSS &&
+                      !c->expert_bias,
+                  EPMOE_ERR_UNSUPPORTED,
+                  "backend=cuda: gpt-oss layers (biases, the gptoss SwiGLU, hidden 2880) are not "
+                  "implemented on the GPU yet; use backend=cpu");
+    return EPMOE_OK;
+}
+
 void epmoe_cfg_table_print(const void *base, const epmoe_cfg_entry *t, int n, int scope,
                            FILE *out) {
     for (int i = 0; i < n; i++) {
