@@ -439,7 +439,7 @@ static epmoe_status load_fused_half(loader *ld, const stacked_proj *p, int64_t e
         b[n] = fused_bias[r];
     }
     count_bytes(ld, (size_t)I * (row_codes + row_scales));
-    return convert_mxfp4(ld, p->blocks_name, up ? " (up rows)" : " (gate rows)", scales, I, H, dst);
+    return convert_mxfp4(ld, p->scales_name, up ? " (up rows)" : " (gate rows)", scales, I, H, dst);
 }
 
 static epmoe_status load_expert_stacked(loader *ld, epmoe_layer_weights *w, int64_t local,
@@ -468,7 +468,7 @@ static epmoe_status load_expert_stacked(loader *ld, epmoe_layer_weights *w, int6
     const size_t codes = (size_t)(H * I / 2), n_scales = (size_t)(H * (I / EPMOE_MXFP4_BLOCK));
     memcpy(w2->codes, (const uint8_t *)down.blocks->data + (size_t)expert * codes, codes);
     count_bytes(ld, codes + n_scales);
-    EPMOE_TRY(convert_mxfp4(ld, down.blocks_name, "",
+    EPMOE_TRY(convert_mxfp4(ld, down.scales_name, "",
                             (const uint8_t *)down.scales->data + (size_t)expert * n_scales, H, I,
                             w2));
     EPMOE_TRY(stacked_bias_row(ld, &down, expert, H, w->w2_bias + local * H));
