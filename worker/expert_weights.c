@@ -176,12 +176,18 @@ static epmoe_status load_gate(loader *ld, epmoe_layer_weights *w) {
     char name[NAME_CAP];
     const int64_t E = w->n_experts;
     EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->cfg, ld->layer, "bias"));
-    EPMOE_REQUIRE(epmoe_st_set_contains(ld->ckpt, name), EPMOE_ERR_NOT_FOUND,
+    const char *where = epmoe_st_set_index_path(ld->ckpt) ? epmoe_st_set_index_path(ld->ckpt)
+                                                          : epmoe_st_set_path(ld->ckpt);
+    EPMOE_REQUIRE(epmoe_st_set_contains(ld->ckpt, name) ||
+                      ld->cfg->scoring == EPMOE_SCORING_TOPK_SOFTMAX,
+                  EPMOE_ERR_NOT_FOUND,
                   "%s: tensor %s not found: layer %lld routes by score (layers below %lld route "
                   "by token id) and needs its selection bias",
-                  epmoe_st_set_index_path(ld->ckpt) ? epmoe_st_set_index_path(ld->ckpt)
-                                                    : epmoe_st_set_path(ld->ckpt),
-                  name, (long long)ld->layer, (long long)ld->cfg->n_hash_layers);
+                  where, name, (long long)ld->layer, (long long)ld->cfg->n_hash_layers);
+    EPMOE_REQUIRE(epmoe_st_set_contains(ld->ckpt, name), EPMOE_ERR_NOT_FOUND,
+                  "%s: tensor %s not found: the router of layer %lld has a bias (gpt-oss: part "
+                  "of its logits)",
+                  where, name, (long long)ld->layer);
     EPMOE_TRY(alloc_bytes((void **)&w->gate_bias, (size_t)E * sizeof(float), name, ld->layer));
     return load_dense(ld, name, 1, (int64_t[]){E}, w->gate_bias);
 }
