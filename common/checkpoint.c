@@ -23,6 +23,8 @@ static int is_proj(const char *proj) {
 
 epmoe_status epmoe_ckpt_layer_prefix(char *buf, size_t cap, const epmoe_config *cfg,
                                      int64_t layer) {
+    if (cfg->checkpoint_layout == EPMOE_LAYOUT_GPT_OSS) /* transformers' names, no MTP block */
+        return format_name(buf, cap, "model.layers.%lld", (long long)layer);
     const int64_t first_mtp = cfg->n_layers - cfg->n_mtp_layers;
     if (layer >= first_mtp && layer < cfg->n_layers)
         return format_name(buf, cap, "mtp.%lld", (long long)(layer - first_mtp));
@@ -37,6 +39,11 @@ epmoe_status epmoe_ckpt_gate_name(char *buf, size_t cap, const epmoe_config *cfg
                   what ? what : "(null)");
     char prefix[32];
     EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, layer));
+    if (cfg->checkpoint_layout == EPMOE_LAYOUT_GPT_OSS) {
+        EPMOE_REQUIRE(strcmp(what, "tid2eid") != 0, EPMOE_ERR_INVALID_ARG,
+                      "the gpt-oss layout has no hash routing table (tid2eid)");
+        return format_name(buf, cap, "%s.mlp.router.%s", prefix, what);
+    }
     return format_name(buf, cap, "%s.ffn.gate.%s", prefix, what);
 }
 
@@ -44,6 +51,8 @@ epmoe_status epmoe_ckpt_shared_name(char *buf, size_t cap, const epmoe_config *c
                                     int64_t layer, const char *proj, const char *what) {
     EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
                   proj ? proj : "(null)");
+    EPMOE_REQUIRE(cfg->checkpoint_layout != EPMOE_LAYOUT_GPT_OSS, EPMOE_ERR_INVALID_ARG,
+                  "the gpt-oss layout has no shared expert");
     char prefix[32];
     EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, layer));
     return format_name(buf, cap, "%s.ffn.shared_experts.%s.%s", prefix, proj, what);
@@ -54,10 +63,33 @@ epmoe_status epmoe_ckpt_expert_name(char *buf, size_t cap, const epmoe_config *c
                                     const char *what) {
     EPMOE_REQUIRE(is_proj(proj), EPMOE_ERR_INVALID_ARG, "projection '%s' (w1, w2 or w3)",
                   proj ? proj : "(null)");
+    EPMOE_REQUIRE(cfg->checkpoint_layout != EPMOE_LAYOUT_GPT_OSS, EPMOE_ERR_INVALID_ARG,
+                  "the gpt-oss layout stacks a layer's experts: epmoe_ckpt_stacked_expert_name");
     char prefix[32];
     EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, layer));
     return format_name(buf, cap, "%s.ffn.experts.%lld.%s.%s", prefix, (long long)expert, proj,
                        what);
+}
+
+epmoe_status epmoe_ckpt_stacked_expert_name(char *buf, size_t cap, const epmoe_config *cfg,
+                                            int64_t layer, const char *which, const char *what) {
+    EPMOE_REQUIRE(cfg->checkpoint_layout == EPMOE_LAYOUT_GPT_OSS, EPMOE_ERR_INVALID_ARG,
+                  "stacked expert tensors exist in the gpt-oss layout only");
+    EPMOE_REQUIRE(which && (strcmp(which, "gate_up_proj") == 0 || strcmp(which, "down_proj") == 0),
+                  EPMOE_ERR_INVALID_ARG, "stacked projection '%s' (gate_up_proj or down_proj)",
+                  which ? which : "(null)");
+    EPMOE_REQUIRE(what && (strcmp(what, "blocks") == 0 || strcmp(what, "scales") == 0 ||
+                           strcmp(what, "bias") == 0),
+                  EPMOE_ERR_INVALID_ARG, "stacked tensor '%s' (blocks, scales or bias)",
+                  what ? what : "(null)");
+    char prefix[32];
+    EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, layer));
+    return format_name(buf, cap, "%s.mlp.experts.%s_%s", prefix, which, what);
+}
+
+int64_t epmoe_ckpt_fused_row(const epmoe_config *cfg, int up, int64_t n) {
+    if (cfg->gate_up_order == EPMOE_GATE_UP_INTERLEAVED) return 2 * n + (up ? 1 : 0);
+    return (up ? cfg->moe_inter_size : 0) + n;
 }
 
 epmoe_status epmoe_ckpt_layer_file_name(char *buf, size_t cap, int64_t layer) {
@@ -106,10 +138,11 @@ epmoe_status epmoe_ckpt_write_metadata(epmoe_st_writer *w, const epmoe_config *c
 }
 
 /* Model settings added after format version 1: a version-1 file without them means their
- * defaults (its layout is epmoe's, it has no MTP layers and no FP8 tensors). */
+ * defaults (its layout is epmoe's, it has no MTP layers, no FP8 tensors, no expert biases). */
 static int added_after_version_1(const char *setting) {
     return strcmp(setting, "checkpoint_layout") == 0 || strcmp(setting, "n_mtp_layers") == 0 ||
-           strcmp(setting, "fp8_block_size") == 0;
+           strcmp(setting, "fp8_block_size") == 0 || strcmp(setting, "swiglu_alpha") == 0 ||
+           strcmp(setting, "expert_bias") == 0 || strcmp(setting, "gate_up_order") == 0;
 }
 
 static epmoe_status config_from_metadata(const epmoe_st_set *ckpt, epmoe_config *cfg) {

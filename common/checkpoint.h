@@ -18,6 +18,19 @@
  *       .input_scale F32 []
  *     MXFP4:
  *       .weight I8 [N, K/2], .scale F8_E8M0 [N, K/32]
+ *     with expert_bias = 1 (the gpt-oss family), also .bias F32 [N]
+ *
+ * The gpt-oss layout (OpenAI's release as transformers reads it, docs/checkpoints.md) names
+ * layer L "model.layers.L" and stacks every expert of a layer:
+ *   model.layers.L.mlp.router.weight              BF16 [E, H]
+ *   model.layers.L.mlp.router.bias                BF16 [E]
+ *   model.layers.L.mlp.experts.gate_up_proj_blocks U8 [E, 2I, H/32, 16]  MXFP4 codes, rows fused
+ *                                                  in gate_up_order (interleaved as released)
+ *   model.layers.L.mlp.experts.gate_up_proj_scales U8 [E, 2I, H/32]      UE8M0
+ *   model.layers.L.mlp.experts.gate_up_proj_bias   BF16 [E, 2I]          same row order
+ *   model.layers.L.mlp.experts.down_proj_blocks    U8 [E, H, I/32, 16]
+ *   model.layers.L.mlp.experts.down_proj_scales    U8 [E, H, I/32]
+ *   model.layers.L.mlp.experts.down_proj_bias      BF16 [E, H]
  *
  * Metadata (every file): "epmoe.format_version" and "epmoe.<name>" for every model-scope
  * setting of the config table, as epmoe_config_get formats it.
@@ -53,10 +66,18 @@ epmoe_status epmoe_ckpt_gate_name(char *buf, size_t cap, const epmoe_config *cfg
 epmoe_status epmoe_ckpt_shared_name(char *buf, size_t cap, const epmoe_config *cfg,
                                     int64_t layer, const char *proj, const char *what);
 /* proj: "w1", "w2" or "w3"; what: "weight", "weight_scale", "weight_scale_2", "input_scale"
- * (NVFP4) or "weight", "scale" (MXFP4). */
+ * (NVFP4), "weight", "scale" (MXFP4), or "bias". Not in the gpt-oss layout (stacked below). */
 epmoe_status epmoe_ckpt_expert_name(char *buf, size_t cap, const epmoe_config *cfg,
                                     int64_t layer, int64_t expert, const char *proj,
                                     const char *what);
+/* The gpt-oss layout's stacked expert tensors: which "gate_up_proj" or "down_proj", what
+ * "blocks", "scales" or "bias" ("model.layers.3.mlp.experts.gate_up_proj_blocks"). */
+epmoe_status epmoe_ckpt_stacked_expert_name(char *buf, size_t cap, const epmoe_config *cfg,
+                                            int64_t layer, const char *which, const char *what);
+/* The row of a fused gate/up tensor [2I, ...] that holds gate row n (up = 0) or up row n
+ * (up = 1), in cfg->gate_up_order: interleaved 2n + up, halves up * I + n. The one place that
+ * maps them (the loader reads, the generator writes through it). */
+int64_t epmoe_ckpt_fused_row(const epmoe_config *cfg, int up, int64_t n);
 /* "model-00003.safetensors": the file the generator writes layer 3 to. */
 epmoe_status epmoe_ckpt_layer_file_name(char *buf, size_t cap, int64_t layer);
 /* "epmoe.hidden_size" */
@@ -76,9 +97,9 @@ int epmoe_ckpt_layer_is_hash(const epmoe_config *cfg, int64_t layer);
  * config.json (epmoe_config_from_model_dir), else epmoe-gen's epmoe.* metadata. */
 epmoe_status epmoe_config_from_checkpoint(const epmoe_st_set *ckpt, epmoe_config *cfg);
 
-/* A directory holding config.json: DeepSeek's layout, or NVIDIA's NVFP4 one when config.json's
- * quantization_config.moe_quant_algo is "NVFP4" or hf_quant_config.json is present (common/
- * model_dir.c). The settings are checked against the tensors' headers (the first layer's gate
+/* A directory holding config.json: DeepSeek's layout, NVIDIA's NVFP4 one when config.json's
+ * quantization_config.moe_quant_algo is "NVFP4" or hf_quant_config.json is present, or
+ * gpt-oss's when model_type is "gpt_oss" (common/model_dir.c). The settings are checked against the tensors' headers (the first layer's gate
  * and expert, the layer count); n_mtp_layers counts the MTP layers whose MoE is present. */
 int epmoe_ckpt_is_model_dir(const epmoe_st_set *ckpt);
 epmoe_status epmoe_config_from_model_dir(const epmoe_st_set *ckpt, epmoe_config *cfg);

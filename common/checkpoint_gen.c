@@ -54,6 +54,9 @@ enum {
     STREAM_INPUT_SCALE_W2,
     STREAM_INPUT_FILE,
     STREAM_MISC,
+    STREAM_EXPERT_BIAS_W1, /* expert biases (expert_bias = 1): w1, w3, w2 in this order */
+    STREAM_EXPERT_BIAS_W3,
+    STREAM_EXPERT_BIAS_W2,
 };
 
 static uint64_t mix64(uint64_t z) {
@@ -184,13 +187,15 @@ typedef enum {
     J_BIAS,
     J_TID2EID,
     J_MISC,    /* a tensor epmoe never reads: random values of its dtype */
+    J_STACKED, /* gpt-oss: one stacked projection of every expert of a layer (blocks, scales,
+                  bias); proj 0 = the fused gate/up, 2 = down */
 } job_kind;
 
 typedef struct {
     char name[NAME_CAP];
     epmoe_dtype dtype;
     int ndim;
-    int64_t shape[2];
+    int64_t shape[4];
     uint64_t nbytes;
     int file;
     uint64_t offset; /* absolute, in its file */
@@ -219,7 +224,8 @@ typedef struct {
 typedef struct {
     const epmoe_config *cfg;
     const epmoe_gen_options *opt;
-    int real; /* a model directory (deepseek or nvidia-nvfp4) */
+    int real; /* a model directory (deepseek, nvidia-nvfp4 or gpt-oss) */
+    int gptoss; /* the gpt-oss layout */
     gen_tensor *tensors;
     int n_tensors, cap_tensors;
     gen_job *jobs;
@@ -262,9 +268,9 @@ static epmoe_status plan_job(gen_plan *p, job_kind kind, int64_t layer, int64_t 
     return EPMOE_OK;
 }
 
-/* Adds a tensor to the last job. */
-static epmoe_status plan_tensor(gen_plan *p, const char *name, epmoe_dtype dtype, int ndim,
-                                int64_t d0, int64_t d1) {
+/* Adds a tensor of up to 4 dimensions to the last job. */
+static epmoe_status plan_tensor_nd(gen_plan *p, const char *name, epmoe_dtype dtype, int ndim,
+                                   const int64_t *shape) {
     if (p->n_tensors == p->cap_tensors) {
         int cap = p->cap_tensors ? 2 * p->cap_tensors : 1024;
         gen_tensor *grown = realloc(p->tensors, (size_t)cap * sizeof *grown);
@@ -277,12 +283,19 @@ static epmoe_status plan_tensor(gen_plan *p, const char *name, epmoe_dtype dtype
     snprintf(t->name, sizeof t->name, "%s", name);
     t->dtype = dtype;
     t->ndim = ndim;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    uint64_t numel = ndim == 0 ? 1 : ndim == 1 ? (uint64_t)d0 : (uint64_t)d0 * (uint64_t)d1;
+    uint64_t numel = 1;
+    for (int d = 0; d < ndim; d++) {
+        t->shape[d] = shape[d];
+        numel *= (uint64_t)shape[d];
+    }
     t->nbytes = numel * epmoe_dtype_size(dtype);
     p->jobs[p->n_jobs - 1].count++;
     return EPMOE_OK;
+}
+
+static epmoe_status plan_tensor(gen_plan *p, const char *name, epmoe_dtype dtype, int ndim,
+                                int64_t d0, int64_t d1) {
+    return plan_tensor_nd(p, name, dtype, ndim, (int64_t[]){d0, d1});
 }
 
 /* A never-read tensor "prefix.what" of its own job. */
@@ -359,14 +372,19 @@ static epmoe_status plan_layer_moe(gen_plan *p, int64_t L) {
             if (mxfp4) {
                 EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn, "scale"));
                 EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F8_E8M0, 2, N, K / EPMOE_MXFP4_BLOCK));
-                continue;
+            } else {
+                EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn, "weight_scale"));
+                EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F8_E4M3, 2, N, K / EPMOE_NVFP4_BLOCK));
+                EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn,
+                                                 "weight_scale_2"));
+                EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F32, 0, 0, 0));
+                EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn, "input_scale"));
+                EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F32, 0, 0, 0));
             }
-            EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn, "weight_scale"));
-            EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F8_E4M3, 2, N, K / EPMOE_NVFP4_BLOCK));
-            EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn, "weight_scale_2"));
-            EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F32, 0, 0, 0));
-            EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn, "input_scale"));
-            EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F32, 0, 0, 0));
+            if (cfg->expert_bias) { /* the job's last tensor (produce_expert) */
+                EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, cfg, L, e, pn, "bias"));
+                EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_F32, 1, N, 0));
+            }
         }
     }
     if (!p->real) { /* sizes 4*E and 4*vocab*k last: the rest stays 8-byte aligned */
@@ -380,6 +398,70 @@ static epmoe_status plan_layer_moe(gen_plan *p, int64_t L) {
     return EPMOE_OK;
 }
 
+/* gpt-oss: the attention and norm tensors of a layer as transformers names them (small). */
+static epmoe_status plan_gptoss_layer_misc(gen_plan *p, int64_t layer, const char *prefix) {
+    const int64_t H = p->cfg->hidden_size, QKV = MISC_KV_DIM;
+    EPMOE_TRY(plan_misc(p, layer, prefix, "input_layernorm.weight", EPMOE_DTYPE_F32, 1, H, 0));
+    static const char *const qkv[3] = {"q_proj", "k_proj", "v_proj"};
+    for (int i = 0; i < 3; i++) {
+        char what[64];
+        snprintf(what, sizeof what, "self_attn.%s.weight", qkv[i]);
+        EPMOE_TRY(plan_misc(p, layer, prefix, what, EPMOE_DTYPE_BF16, 2, QKV, H));
+        snprintf(what, sizeof what, "self_attn.%s.bias", qkv[i]);
+        EPMOE_TRY(plan_misc(p, layer, prefix, what, EPMOE_DTYPE_BF16, 1, QKV, 0));
+    }
+    EPMOE_TRY(plan_misc(p, layer, prefix, "self_attn.o_proj.weight", EPMOE_DTYPE_BF16, 2, H, QKV));
+    EPMOE_TRY(plan_misc(p, layer, prefix, "self_attn.o_proj.bias", EPMOE_DTYPE_BF16, 1, H, 0));
+    EPMOE_TRY(plan_misc(p, layer, prefix, "self_attn.sinks", EPMOE_DTYPE_BF16, 1, MISC_HEADS, 0));
+    return plan_misc(p, layer, prefix, "post_attention_layernorm.weight", EPMOE_DTYPE_F32, 1, H,
+                     0);
+}
+
+/* gpt-oss: the router (weight, bias) and the two stacked projections of every expert. */
+static epmoe_status plan_gptoss_layer_moe(gen_plan *p, int64_t L) {
+    const epmoe_config *cfg = p->cfg;
+    const int64_t E = cfg->n_routed_experts, H = cfg->hidden_size, I = cfg->moe_inter_size;
+    char name[NAME_CAP];
+    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, cfg, L, "weight"));
+    EPMOE_TRY(plan_job(p, J_GATE, L, -1, 0));
+    EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_BF16, 2, E, H));
+    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, cfg, L, "bias"));
+    EPMOE_TRY(plan_job(p, J_BIAS, L, -1, 0));
+    EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_BF16, 1, E, 0));
+    for (int proj = 0; proj <= 2; proj += 2) {
+        const char *which = proj == 0 ? "gate_up_proj" : "down_proj";
+        const int64_t N = proj == 0 ? 2 * I : H, K = proj == 0 ? H : I;
+        EPMOE_TRY(plan_job(p, J_STACKED, L, -1, proj));
+        EPMOE_TRY(epmoe_ckpt_stacked_expert_name(name, sizeof name, cfg, L, which, "blocks"));
+        EPMOE_TRY(plan_tensor_nd(p, name, EPMOE_DTYPE_U8, 4,
+                                 (int64_t[]){E, N, K / EPMOE_MXFP4_BLOCK, EPMOE_MXFP4_BLOCK / 2}));
+        EPMOE_TRY(epmoe_ckpt_stacked_expert_name(name, sizeof name, cfg, L, which, "scales"));
+        EPMOE_TRY(plan_tensor_nd(p, name, EPMOE_DTYPE_U8, 3,
+                                 (int64_t[]){E, N, K / EPMOE_MXFP4_BLOCK}));
+        EPMOE_TRY(epmoe_ckpt_stacked_expert_name(name, sizeof name, cfg, L, which, "bias"));
+        EPMOE_TRY(plan_tensor(p, name, EPMOE_DTYPE_BF16, 2, E, N));
+    }
+    return EPMOE_OK;
+}
+
+/* gpt-oss: every tensor of the release, in shard order: the embeddings alone in the first
+ * shard, the layers, the final norm and the head in shards of their own. */
+static epmoe_status plan_gptoss_jobs(gen_plan *p) {
+    const epmoe_config *cfg = p->cfg;
+    const int64_t H = cfg->hidden_size, V = cfg->vocab_size;
+    EPMOE_TRY(plan_misc(p, -1, "", "model.embed_tokens.weight", EPMOE_DTYPE_BF16, 2, V, H));
+    p->jobs[p->n_jobs - 1].file_break = FILE_BEFORE | FILE_AFTER;
+    for (int64_t L = 0; L < cfg->n_layers; L++) {
+        char prefix[32];
+        EPMOE_TRY(epmoe_ckpt_layer_prefix(prefix, sizeof prefix, cfg, L));
+        EPMOE_TRY(plan_gptoss_layer_misc(p, L, prefix));
+        EPMOE_TRY(plan_gptoss_layer_moe(p, L));
+    }
+    EPMOE_TRY(plan_misc(p, -1, "", "model.norm.weight", EPMOE_DTYPE_F32, 1, H, 0));
+    p->jobs[p->n_jobs - 1].file_break = FILE_BEFORE;
+    return plan_misc(p, -1, "", "lm_head.weight", EPMOE_DTYPE_BF16, 2, V, H);
+}
+
 static uint64_t job_bytes(const gen_plan *p, const gen_job *j) {
     uint64_t n = 0;
     for (int i = j->first; i < j->first + j->count; i++) n += p->tensors[i].nbytes;
@@ -391,6 +473,7 @@ static epmoe_status plan_jobs(gen_plan *p, int64_t first_layer, int64_t end_laye
     const epmoe_config *cfg = p->cfg;
     const int64_t H = cfg->hidden_size, V = cfg->vocab_size;
     const int64_t n_main = cfg->n_layers - cfg->n_mtp_layers;
+    if (p->gptoss) return plan_gptoss_jobs(p);
     if (p->real) {
         EPMOE_TRY(plan_misc(p, -1, "", "embed.weight", EPMOE_DTYPE_BF16, 2, V, H));
         p->jobs[p->n_jobs - 1].file_break = FILE_BEFORE | FILE_AFTER;
@@ -450,7 +533,10 @@ static epmoe_status plan_files(gen_plan *p, int64_t first_layer, const char *dir
     for (int f = 0; f < n_files; f++) {
         gen_file *file = &p->files[f];
         file->fd = -1;
-        if (p->real)
+        if (p->gptoss) /* as the release names them: counted from 0, "of" the last index */
+            snprintf(file->name, sizeof file->name, "model-%05d-of-%05d.safetensors", f,
+                     n_files - 1);
+        else if (p->real)
             snprintf(file->name, sizeof file->name, "model-%05d-of-%05d.safetensors", f + 1,
                      n_files);
         else
@@ -503,6 +589,7 @@ static epmoe_status plan_build(gen_plan *p, const epmoe_config *cfg, const epmoe
     p->cfg = cfg;
     p->opt = opt;
     p->real = cfg->checkpoint_layout != EPMOE_LAYOUT_EPMOE;
+    p->gptoss = cfg->checkpoint_layout == EPMOE_LAYOUT_GPT_OSS;
     epmoe_status st = plan_jobs(p, first_layer, end_layer);
     if (st == EPMOE_OK) st = plan_files(p, first_layer, dir, single_path);
     if (st == EPMOE_OK) st = plan_headers(p);
@@ -579,6 +666,59 @@ static epmoe_status put(const gen_plan *p, int tensor, const void *data) {
     return pwrite_all(&p->files[t->file], data, t->nbytes, t->offset);
 }
 
+/* The N biases of one expert projection (expert_bias = 1): normal, std 0.5 on the gate/up rows
+ * (enough to move pre-activations across the clamp) and 0.05 on down, rounded to BF16 (what
+ * gpt-oss stores), so every layout holds the same values. */
+static void fill_expert_bias(const epmoe_config *cfg, int64_t layer, int64_t expert, int proj,
+                             int64_t N, float *out) {
+    epmoe_rng r;
+    stream_seed(&r, (uint64_t)cfg->seed, layer, expert, STREAM_EXPERT_BIAS_W1 + proj);
+    const float std = proj == 2 ? 0.05f : 0.5f;
+    for (int64_t n = 0; n < N; n++)
+        out[n] = epmoe_bf16_to_float(epmoe_float_to_bf16(std * approx_normal(&r)));
+}
+
+/* gpt-oss: one stacked projection of every expert of a layer, expert by expert (each expert's
+ * values from the same streams as the other layouts', MXFP4 quantized row by row the same way,
+ * so the weights are identical): the fused gate/up rows go where epmoe_ckpt_fused_row puts
+ * them. Blocks [E, N, K/32, 16], scales [E, N, K/32], bias BF16 [E, N]. */
+static epmoe_status produce_stacked(const gen_plan *p, const gen_job *j, scratch *s) {
+    const epmoe_config *cfg = p->cfg;
+    const int64_t E = cfg->n_routed_experts, I = cfg->moe_inter_size, H = cfg->hidden_size;
+    const int fused = j->proj == 0;
+    const int64_t N = fused ? 2 * I : H, K = fused ? H : I;
+    const gen_tensor *blocks = &p->tensors[j->first], *scales = &p->tensors[j->first + 1],
+                     *bias = &p->tensors[j->first + 2];
+    const size_t row_codes = (size_t)(K / 2), row_scales = (size_t)(K / EPMOE_MXFP4_BLOCK);
+    float *values = s->values, *bias_f = s->row_std; /* [max(H, I)] floats */
+    uint16_t *bias_bf16 = (uint16_t *)s->chunk;      /* [N] */
+    for (int64_t e = 0; e < E; e++) {
+        for (int part = 0; part < (fused ? 2 : 1); part++) { /* gate rows, up rows; or down */
+            const int proj = fused ? part : 2; /* 0 = w1 (gate), 1 = w3 (up), 2 = w2 */
+            const int64_t rows = fused ? I : H;
+            epmoe_rng r;
+            stream_seed(&r, (uint64_t)cfg->seed, j->layer, e, STREAM_EXPERT_W1 + proj);
+            fill_weight(&r, rows, K, values, s->row_std);
+            for (int64_t n = 0; n < rows; n++) {
+                const int64_t row = fused ? epmoe_ckpt_fused_row(cfg, part, n) : n;
+                epmoe_mxfp4_quantize_row(values + n * K, (size_t)K, s->codes + row * row_codes,
+                                         s->scales + row * row_scales);
+            }
+            fill_expert_bias(cfg, j->layer, e, proj, rows, bias_f);
+            for (int64_t n = 0; n < rows; n++)
+                bias_bf16[fused ? epmoe_ckpt_fused_row(cfg, part, n) : n] =
+                    epmoe_float_to_bf16(bias_f[n]);
+        }
+        EPMOE_TRY(pwrite_all(&p->files[blocks->file], s->codes, (uint64_t)N * row_codes,
+                             blocks->offset + (uint64_t)e * (uint64_t)N * row_codes));
+        EPMOE_TRY(pwrite_all(&p->files[scales->file], s->scales, (uint64_t)N * row_scales,
+                             scales->offset + (uint64_t)e * (uint64_t)N * row_scales));
+        EPMOE_TRY(pwrite_all(&p->files[bias->file], bias_bf16, (uint64_t)N * 2,
+                             bias->offset + (uint64_t)e * (uint64_t)N * 2));
+    }
+    return EPMOE_OK;
+}
+
 static epmoe_status produce_expert(const gen_plan *p, const gen_job *j, scratch *s) {
     const epmoe_config *cfg = p->cfg;
     int64_t N, K;
@@ -586,6 +726,10 @@ static epmoe_status produce_expert(const gen_plan *p, const gen_job *j, scratch 
     epmoe_rng r;
     stream_seed(&r, (uint64_t)cfg->seed, j->layer, j->expert, STREAM_EXPERT_W1 + j->proj);
     fill_weight(&r, N, K, s->values, s->row_std);
+    if (cfg->expert_bias) { /* the job's last tensor */
+        fill_expert_bias(cfg, j->layer, j->expert, j->proj, N, s->row_std);
+        EPMOE_TRY(put(p, j->first + j->count - 1, s->row_std));
+    }
     if (cfg->weight_format == EPMOE_WEIGHTS_MXFP4) {
         for (int64_t n = 0; n < N; n++)
             epmoe_mxfp4_quantize_row(s->values + n * K, (size_t)K, s->codes + n * (K / 2),
@@ -650,6 +794,12 @@ static epmoe_status produce_bias(const gen_plan *p, const gen_job *j, scratch *s
     stream_seed(&r, (uint64_t)cfg->seed, j->layer, -1, STREAM_GATE_BIAS);
     for (int64_t e = 0; e < E; e++)
         s->values[e] = 0.1f * epmoe_rng_normal(&r) + (float)(p->opt->skew * skew_position(e, E));
+    /* gpt-oss's router is a BF16 Linear: its bias is BF16-valued in every layout */
+    if (cfg->scoring == EPMOE_SCORING_TOPK_SOFTMAX)
+        EPMOE_TRY(epmoe_convert_from_f32(s->values, (size_t)E, EPMOE_DTYPE_BF16, s->codes));
+    if (p->tensors[j->first].dtype == EPMOE_DTYPE_BF16) return put(p, j->first, s->codes);
+    if (cfg->scoring == EPMOE_SCORING_TOPK_SOFTMAX)
+        EPMOE_TRY(epmoe_convert_to_f32(EPMOE_DTYPE_BF16, s->codes, (size_t)E, s->values));
     return put(p, j->first, s->values);
 }
 
@@ -713,6 +863,7 @@ static epmoe_status produce(const gen_plan *p, const gen_job *j, scratch *s) {
     case J_BIAS: return produce_bias(p, j, s);
     case J_TID2EID: return produce_tid2eid(p, j, s);
     case J_MISC: return produce_misc(p, j, s);
+    case J_STACKED: return produce_stacked(p, j, s);
     }
     EPMOE_FAIL(EPMOE_ERR_INTERNAL, "unknown generator job kind %d", (int)j->kind);
 }
@@ -915,9 +1066,41 @@ static epmoe_status write_json(json_t *root, const char *dir, const char *file) 
     return EPMOE_OK;
 }
 
+/* config.json as gpt-oss's release spells it (docs/checkpoints.md, "gpt-oss"): the MoE keys
+ * epmoe reads, and the attention keys of the (never read) small attention tensors. */
+static epmoe_status write_gptoss_config_json(const gen_plan *p, const char *dir) {
+    const epmoe_config *c = p->cfg;
+    json_t *quant = json_pack("{s:[s, s, s, s], s:s}", "modules_to_not_convert",
+                              "model.layers.*.self_attn", "model.layers.*.mlp.router",
+                              "model.embed_tokens", "lm_head", "quant_method", "mxfp4");
+    json_t *root = json_pack(
+        "{s:[s], s:s, s:I, s:I, s:I, s:I, s:I, s:I, s:I, s:f, s:s, s:b, s:I, s:I, s:I, s:I, "
+        "s:s, s:o}",
+        "architectures", "GptOssForCausalLM", "model_type", "gpt_oss", "hidden_size",
+        (json_int_t)c->hidden_size, "intermediate_size", (json_int_t)c->moe_inter_size,
+        "num_local_experts", (json_int_t)c->n_routed_experts, "num_experts_per_tok",
+        (json_int_t)c->top_k, "experts_per_token", (json_int_t)c->top_k, "num_hidden_layers",
+        (json_int_t)c->n_layers, "vocab_size", (json_int_t)c->vocab_size, "swiglu_limit",
+        c->swiglu_limit, "hidden_act", "silu", "attention_bias", 1, "head_dim",
+        (json_int_t)(MISC_KV_DIM / MISC_HEADS), "num_attention_heads", (json_int_t)MISC_HEADS,
+        "num_key_value_heads", (json_int_t)MISC_HEADS, "sliding_window", (json_int_t)128, "torch_dtype",
+        "bfloat16", "quantization_config", quant);
+    EPMOE_REQUIRE(root != NULL, EPMOE_ERR_OOM, "config.json");
+    /* the release has no swiglu_alpha (its code fixes 1.702); newer transformers read one */
+    if (c->swiglu_alpha != 1.702)
+        json_object_set_new(root, "swiglu_alpha", json_real(c->swiglu_alpha));
+    char seed[32];
+    snprintf(seed, sizeof seed, "%lld", (long long)c->seed);
+    json_object_set_new(root, "epmoe_synthetic",
+                        json_pack("{s:s, s:s, s:s}", "generator", "epmoe-gen", "preset", c->preset,
+                                  "seed", seed));
+    return write_json(root, dir, "config.json");
+}
+
 /* config.json as DeepSeek-V4's release spells it (docs/checkpoints.md), plus NVIDIA's mark. */
 static epmoe_status write_config_json(const gen_plan *p, const char *dir) {
     const epmoe_config *c = p->cfg;
+    if (p->gptoss) return write_gptoss_config_json(p, dir);
     const int64_t n_main = c->n_layers - c->n_mtp_layers, b = c->fp8_block_size;
     json_t *quant = json_pack("{s:s, s:s, s:s, s:s, s:[I, I]}", "quant_method", "fp8",
                               "activation_scheme", "dynamic", "fmt", "e4m3", "scale_fmt", "ue8m0",
@@ -1025,11 +1208,30 @@ static epmoe_status check_options(const epmoe_config *cfg, const epmoe_gen_optio
     EPMOE_TRY(epmoe_config_validate(cfg));
     EPMOE_REQUIRE(isfinite(opt->skew) && fabs(opt->skew) <= 100.0, EPMOE_ERR_INVALID_ARG,
                   "skew %g outside [-100, 100]", opt->skew);
-    EPMOE_REQUIRE(cfg->checkpoint_layout == EPMOE_LAYOUT_EPMOE ||
-                      cfg->swiglu_variant == EPMOE_SWIGLU_DSV4,
-                  EPMOE_ERR_INVALID_ARG,
-                  "swiglu_variant step cannot be written to a model directory: config.json has no "
-                  "key for it (DeepSeek-V4 clamps the gate before the activation)");
+    const int64_t layout = cfg->checkpoint_layout;
+    if (layout == EPMOE_LAYOUT_DEEPSEEK || layout == EPMOE_LAYOUT_NVIDIA_NVFP4) {
+        EPMOE_REQUIRE(cfg->swiglu_variant == EPMOE_SWIGLU_DSV4, EPMOE_ERR_INVALID_ARG,
+                      "swiglu_variant %s cannot be written to a DeepSeek model directory: "
+                      "config.json has no key for it (DeepSeek-V4 clamps the gate before the "
+                      "activation)",
+                      cfg->swiglu_variant == EPMOE_SWIGLU_STEP ? "step" : "gptoss");
+        EPMOE_REQUIRE(cfg->scoring != EPMOE_SCORING_TOPK_SOFTMAX && !cfg->expert_bias,
+                      EPMOE_ERR_INVALID_ARG,
+                      "scoring topk_softmax and expert biases are gpt-oss's: a DeepSeek model "
+                      "directory cannot hold them (use --layout gpt-oss or epmoe)");
+    }
+    if (layout == EPMOE_LAYOUT_GPT_OSS) {
+        /* config.json says model_type gpt_oss, which fixes these (common/model_dir.c) */
+        EPMOE_REQUIRE(cfg->scoring == EPMOE_SCORING_TOPK_SOFTMAX &&
+                          cfg->swiglu_variant == EPMOE_SWIGLU_GPTOSS &&
+                          cfg->routed_scaling_factor == 1.0 &&
+                          cfg->gate_up_order == EPMOE_GATE_UP_INTERLEAVED,
+                      EPMOE_ERR_INVALID_ARG,
+                      "the gpt-oss layout is gpt-oss's model (its config.json has no keys for "
+                      "anything else): needs scoring topk_softmax, swiglu_variant gptoss, "
+                      "routed_scaling_factor 1 and gate_up_order interleaved (start from "
+                      "--preset gpt-oss-20b, gpt-oss-120b or gpt-oss-tiny)");
+    }
     return EPMOE_OK;
 }
 

@@ -7,10 +7,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const scoring_names[] = {"sqrtsoftplus", "sigmoid", NULL};
-static const char *const swiglu_names[] = {"dsv4", "step", NULL};
+static const char *const scoring_names[] = {"sqrtsoftplus", "sigmoid", "topk_softmax", NULL};
+static const char *const swiglu_names[] = {"dsv4", "step", "gptoss", NULL};
+static const char *const gate_up_order_names[] = {"halves", "interleaved", NULL};
 static const char *const weight_format_names[] = {"nvfp4", "mxfp4", NULL};
-static const char *const layout_names[] = {"epmoe", "deepseek", "nvidia-nvfp4", NULL};
+static const char *const layout_names[] = {"epmoe", "deepseek", "nvidia-nvfp4", "gpt-oss", NULL};
 static const char *const act_quant_names[] = {"nvfp4", "high", NULL};
 static const char *const act_scale_names[] = {"per_row", "static", NULL};
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
@@ -36,7 +37,8 @@ static const epmoe_cfg_entry table[] = {
     {"routed_scaling_factor", EPMOE_CFG_DOUBLE, M, OFF(routed_scaling_factor), 0.0, 1000.0,
      "1.5", NULL, "multiplies the renormalized routing weights"},
     {"scoring", EPMOE_CFG_ENUM, M, OFF(scoring), 0, 0, "sqrtsoftplus", scoring_names,
-     "sqrtsoftplus (DeepSeek-V4) or sigmoid (DeepSeek-V3)"},
+     "sqrtsoftplus (DeepSeek-V4) or sigmoid (DeepSeek-V3): ids by score + bias, weights from the "
+     "scores; topk_softmax (gpt-oss): ids = top k of logit + bias, weights = softmax over those k"},
     {"n_groups", EPMOE_CFG_INT, M, OFF(n_groups), 1, 64, "1", NULL,
      "expert groups for group-limited routing (1 = off)"},
     {"topk_groups", EPMOE_CFG_INT, M, OFF(topk_groups), 1, 64, "1", NULL,
@@ -44,7 +46,15 @@ static const epmoe_cfg_entry table[] = {
     {"swiglu_limit", EPMOE_CFG_DOUBLE, M, OFF(swiglu_limit), 0.0, 1e6, "10.0", NULL,
      "SwiGLU clamp L (0 = no clamp)"},
     {"swiglu_variant", EPMOE_CFG_ENUM, M, OFF(swiglu_variant), 0, 0, "dsv4", swiglu_names,
-     "dsv4: silu(min(g,L))*clamp(u,-L,L); step: min(silu(g),L)*clamp(u,-L,L)"},
+     "dsv4: silu(min(g,L))*clamp(u,-L,L); step: min(silu(g),L)*clamp(u,-L,L); gptoss: "
+     "g'=min(g,L), (clamp(u,-L,L)+1)*g'*sigmoid(alpha*g')"},
+    {"swiglu_alpha", EPMOE_CFG_DOUBLE, M, OFF(swiglu_alpha), 0.0, 100.0, "1.702", NULL,
+     "swiglu_variant gptoss: the gain alpha in g*sigmoid(alpha*g)"},
+    {"expert_bias", EPMOE_CFG_INT, M, OFF(expert_bias), 0, 1, "0", NULL,
+     "1: every routed expert adds a bias after its gate/up and its down projection (gpt-oss)"},
+    {"gate_up_order", EPMOE_CFG_ENUM, M, OFF(gate_up_order), 0, 0, "halves", gate_up_order_names,
+     "row order of a fused gate/up expert tensor (gpt-oss layout): interleaved (row 2i gate, 2i+1 "
+     "up, as gpt-oss is released) or halves (gate rows, then up rows)"},
     {"n_layers", EPMOE_CFG_INT, M, OFF(n_layers), 1, 1024, "4", NULL, "MoE layers"},
     {"n_hash_layers", EPMOE_CFG_INT, M, OFF(n_hash_layers), 0, 1024, "1", NULL,
      "the first n layers route by tid2eid[token_id]"},
@@ -54,7 +64,8 @@ static const epmoe_cfg_entry table[] = {
      "expert weight format in the checkpoint"},
     {"checkpoint_layout", EPMOE_CFG_ENUM, M, OFF(checkpoint_layout), 0, 0, "epmoe", layout_names,
      "tensor names and dtypes: epmoe (epmoe-gen's files), deepseek (DeepSeek's release: MXFP4 "
-     "experts) or nvidia-nvfp4 (NVIDIA's NVFP4 re-quantization); docs/checkpoints.md"},
+     "experts), nvidia-nvfp4 (NVIDIA's NVFP4 re-quantization) or gpt-oss (OpenAI's release: "
+     "stacked MXFP4 experts with biases); docs/checkpoints.md"},
     {"n_mtp_layers", EPMOE_CFG_INT, M, OFF(n_mtp_layers), 0, 16, "0", NULL,
      "the last n layers are the multi-token-prediction block's MoE (tensors mtp.N.ffn.*)"},
     {"fp8_block_size", EPMOE_CFG_INT, M, OFF(fp8_block_size), 1, 4096, "128", NULL,
@@ -111,6 +122,28 @@ static const preset_row presets[] = {
      "routed_scaling_factor=2.5;scoring=sigmoid;n_groups=8;topk_groups=4;swiglu_limit=0;"
      "n_layers=58;n_hash_layers=0;vocab_size=129280",
      "DeepSeek-V3 (the 58 MoE layers)"},
+    /* gpt-oss (docs/checkpoints.md, "gpt-oss"): every layer is MoE, no shared expert, routing
+     * and activation of their own, experts with biases, released in MXFP4. */
+    {"gpt-oss-20b",
+     "hidden_size=2880;moe_inter_size=2880;n_routed_experts=32;top_k=4;n_shared_experts=0;"
+     "routed_scaling_factor=1;scoring=topk_softmax;n_groups=1;topk_groups=1;swiglu_limit=7;"
+     "swiglu_variant=gptoss;swiglu_alpha=1.702;expert_bias=1;gate_up_order=interleaved;"
+     "n_layers=24;n_hash_layers=0;vocab_size=201088;weight_format=mxfp4",
+     "OpenAI gpt-oss-20b"},
+    {"gpt-oss-120b",
+     "hidden_size=2880;moe_inter_size=2880;n_routed_experts=128;top_k=4;n_shared_experts=0;"
+     "routed_scaling_factor=1;scoring=topk_softmax;n_groups=1;topk_groups=1;swiglu_limit=7;"
+     "swiglu_variant=gptoss;swiglu_alpha=1.702;expert_bias=1;gate_up_order=interleaved;"
+     "n_layers=36;n_hash_layers=0;vocab_size=201088;weight_format=mxfp4",
+     "OpenAI gpt-oss-120b"},
+    /* gpt-oss's math at test size: H 160 and I 96 are multiples of 32 but not of 64 (2880 is
+     * 90 x 32 = 45 x 64, not a multiple of 128), so the odd-width paths run on every test. */
+    {"gpt-oss-tiny",
+     "hidden_size=160;moe_inter_size=96;n_routed_experts=32;top_k=4;n_shared_experts=0;"
+     "routed_scaling_factor=1;scoring=topk_softmax;n_groups=1;topk_groups=1;swiglu_limit=7;"
+     "swiglu_variant=gptoss;swiglu_alpha=1.702;expert_bias=1;gate_up_order=interleaved;"
+     "n_layers=3;n_hash_layers=0;vocab_size=1024;weight_format=mxfp4",
+     "gpt-oss's math at test size (H 160, I 96, 32 experts, top-4, 3 layers)"},
 };
 
 const epmoe_cfg_entry *epmoe_config_table(int *count) {
@@ -227,6 +260,14 @@ void epmoe_config_defaults(epmoe_config *cfg) {
     epmoe_cfg_table_defaults(cfg, table, TABLE_N);
 }
 
+void epmoe_config_model_defaults(epmoe_config *cfg) {
+    for (int i = 0; i < TABLE_N; i++)
+        if (table[i].scope == EPMOE_CFG_MODEL) {
+            epmoe_status st = set_entry(cfg, &table[i], table[i].def);
+            (void)st; /* defaults are checked by test_config.c */
+        }
+}
+
 static epmoe_status apply_overrides(epmoe_config *cfg, const char *overrides) {
     char buf[1024];
     EPMOE_REQUIRE(strlen(overrides) < sizeof buf, EPMOE_ERR_INTERNAL, "preset row too long");
@@ -249,7 +290,9 @@ epmoe_status epmoe_config_preset(epmoe_config *cfg, const char *preset) {
             return epmoe_config_set(cfg, "preset", preset);
         }
     }
-    EPMOE_FAIL(EPMOE_ERR_NOT_FOUND, "unknown preset '%s' (tiny, dsv4-flash, dsv4-pro, dsv3)",
+    EPMOE_FAIL(EPMOE_ERR_NOT_FOUND,
+               "unknown preset '%s' (tiny, dsv4-flash, dsv4-pro, dsv3, gpt-oss-20b, gpt-oss-120b, "
+               "gpt-oss-tiny)",
                preset);
 }
 
@@ -295,6 +338,40 @@ epmoe_status epmoe_config_validate(const epmoe_config *c) {
                   EPMOE_ERR_INVALID_ARG,
                   "checkpoint_layout nvidia-nvfp4 stores NVFP4 experts: weight_format must be "
                   "nvfp4");
+    /* topk_softmax weighs the chosen logits themselves: no groups, no hash layers (their
+     * weights come from scores, which this routing does not have). */
+    EPMOE_REQUIRE(c->scoring != EPMOE_SCORING_TOPK_SOFTMAX || c->n_groups == 1,
+                  EPMOE_ERR_INVALID_ARG,
+                  "scoring topk_softmax has no group limit: n_groups must be 1 (has %lld)",
+                  (long long)c->n_groups);
+    EPMOE_REQUIRE(c->scoring != EPMOE_SCORING_TOPK_SOFTMAX || c->n_hash_layers == 0,
+                  EPMOE_ERR_INVALID_ARG,
+                  "scoring topk_softmax has no hash-routed layers: n_hash_layers must be 0 (has "
+                  "%lld)",
+                  (long long)c->n_hash_layers);
+    if (c->checkpoint_layout == EPMOE_LAYOUT_GPT_OSS) {
+        /* What the released layout stores, and nothing else (docs/checkpoints.md). */
+        EPMOE_REQUIRE(c->weight_format == EPMOE_WEIGHTS_MXFP4 && c->expert_bias == 1 &&
+                          c->n_shared_experts == 0 && c->n_hash_layers == 0 &&
+                          c->n_mtp_layers == 0,
+                      EPMOE_ERR_INVALID_ARG,
+                      "checkpoint_layout gpt-oss stores MXFP4 experts with biases, no shared "
+                      "expert, no hash or MTP layers: needs weight_format mxfp4 (has %s), "
+                      "expert_bias 1 (has %lld), n_shared_experts 0 (has %lld), n_hash_layers 0 "
+                      "(has %lld), n_mtp_layers 0 (has %lld)",
+                      c->weight_format == EPMOE_WEIGHTS_MXFP4 ? "mxfp4" : "nvfp4",
+                      (long long)c->expert_bias, (long long)c->n_shared_experts,
+                      (long long)c->n_hash_layers, (long long)c->n_mtp_layers);
+    }
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_config_check_cuda(const epmoe_config *c) {
+    EPMOE_REQUIRE(c->scoring != EPMOE_SCORING_TOPK_SOFTMAX && c->swiglu_variant != EPMOE_SWIGLU_GPTOSS &&
+                      !c->expert_bias,
+                  EPMOE_ERR_UNSUPPORTED,
+                  "backend=cuda: gpt-oss layers (biases, the gptoss SwiGLU, hidden 2880) are not "
+                  "implemented on the GPU yet; use backend=cpu");
     return EPMOE_OK;
 }
 

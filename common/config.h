@@ -18,20 +18,37 @@
 extern "C" {
 #endif
 
-typedef enum { EPMOE_SCORING_SQRTSOFTPLUS = 0, EPMOE_SCORING_SIGMOID = 1 } epmoe_scoring;
+/* How the gate logits l = x . Wg route a token (docs/design.md §3.2): DeepSeek-V4 and V3 score
+ * each expert (sqrtsoftplus, sigmoid), pick by score + bias and weigh by the scores; gpt-oss's
+ * topk_softmax picks the top k of l + bias and weighs them by a softmax over those k. */
+typedef enum {
+    EPMOE_SCORING_SQRTSOFTPLUS = 0,
+    EPMOE_SCORING_SIGMOID = 1,
+    EPMOE_SCORING_TOPK_SOFTMAX = 2
+} epmoe_scoring;
 
-/* DeepSeek-V4 clamps the gate before the activation; "step" (SwigluStep) clamps after it. */
-typedef enum { EPMOE_SWIGLU_DSV4 = 0, EPMOE_SWIGLU_STEP = 1 } epmoe_swiglu_variant;
+/* DeepSeek-V4 clamps the gate before the activation; "step" (SwigluStep) clamps after it;
+ * "gptoss" is gpt-oss's (gate clamped above, up clamped both ways, g * sigmoid(alpha g) times
+ * (u + 1)). docs/design.md §3.3. */
+typedef enum { EPMOE_SWIGLU_DSV4 = 0, EPMOE_SWIGLU_STEP = 1, EPMOE_SWIGLU_GPTOSS = 2 } epmoe_swiglu_variant;
+
+/* How a fused gate/up tensor of a model directory orders its 2I rows: gpt-oss interleaves
+ * them (row 2i is gate row i, row 2i+1 up row i); "halves" puts the I gate rows first. In
+ * memory epmoe always keeps halves (worker/expert_weights.h). */
+typedef enum { EPMOE_GATE_UP_HALVES = 0, EPMOE_GATE_UP_INTERLEAVED = 1 } epmoe_gate_up_order;
 
 typedef enum { EPMOE_WEIGHTS_NVFP4 = 0, EPMOE_WEIGHTS_MXFP4 = 1 } epmoe_weight_format;
 
 /* How a checkpoint names and stores its tensors (docs/checkpoints.md): epmoe-gen's own files
  * (epmoe.* metadata, one file per layer), DeepSeek's release (config.json, index, shards;
- * MXFP4 experts, FP8 shared expert) or NVIDIA's NVFP4 re-quantization of it (ModelOpt). */
+ * MXFP4 experts, FP8 shared expert), NVIDIA's NVFP4 re-quantization of it (ModelOpt), or
+ * OpenAI's gpt-oss release (config.json, index, shards; every layer's experts stacked in MXFP4
+ * *_blocks / *_scales tensors with BF16 biases). */
 typedef enum {
     EPMOE_LAYOUT_EPMOE = 0,
     EPMOE_LAYOUT_DEEPSEEK = 1,
-    EPMOE_LAYOUT_NVIDIA_NVFP4 = 2
+    EPMOE_LAYOUT_NVIDIA_NVFP4 = 2,
+    EPMOE_LAYOUT_GPT_OSS = 3
 } epmoe_checkpoint_layout;
 
 /* Activations before each expert GEMM: NVFP4 (W4A4, the production path) or kept in
@@ -60,6 +77,9 @@ typedef struct {
     int64_t topk_groups;
     double swiglu_limit;       /* 0 = no clamp */
     int64_t swiglu_variant;    /* epmoe_swiglu_variant */
+    double swiglu_alpha;       /* gptoss variant: the gain in g * sigmoid(alpha g) */
+    int64_t expert_bias;       /* 1: routed experts add a bias after each projection (gpt-oss) */
+    int64_t gate_up_order;     /* epmoe_gate_up_order of a fused gate/up tensor */
     int64_t n_layers;
     int64_t n_hash_layers;     /* the first n layers route by tid2eid[token_id] */
     int64_t vocab_size;
@@ -114,6 +134,9 @@ epmoe_status epmoe_cfg_table_parse_args(void *base, const epmoe_cfg_entry *table
 
 /* Defaults of every entry (the "tiny" preset). */
 void epmoe_config_defaults(epmoe_config *cfg);
+/* Defaults of the model-scope entries only (a model directory's reader starts from these, so
+ * nothing of another family's settings survives; runtime settings are kept). */
+void epmoe_config_model_defaults(epmoe_config *cfg);
 /* Defaults, then the preset's overrides. Unknown name: EPMOE_ERR_NOT_FOUND listing presets. */
 epmoe_status epmoe_config_preset(epmoe_config *cfg, const char *preset);
 /* Sets one entry from text, checking type, enum names and bounds. */
@@ -122,6 +145,11 @@ epmoe_status epmoe_config_set(epmoe_config *cfg, const char *name, const char *v
 epmoe_status epmoe_config_get(const epmoe_config *cfg, const char *name, char *buf, size_t cap);
 /* Cross-field rules (top_k <= experts, K multiples of 16/32, groups divide experts, ...). */
 epmoe_status epmoe_config_validate(const epmoe_config *cfg);
+/* Whether the CUDA kernels implement this model: EPMOE_ERR_UNSUPPORTED with the reason for
+ * gpt-oss layers (topk_softmax routing, expert biases, the gptoss SwiGLU), which run on the
+ * CPU only. The cuda backend refuses such a model at start, backend=auto picks cpu for it, and
+ * the GPU layer refuses it too (one rule, here). */
+epmoe_status epmoe_config_check_cuda(const epmoe_config *cfg);
 /* "name = value   # help" for every entry, model settings first. */
 void epmoe_config_print(const epmoe_config *cfg, FILE *out);
 

@@ -1,5 +1,6 @@
-/* A model directory's settings: config.json (and hf_quant_config.json) of DeepSeek-V4's release
- * and of NVIDIA's NVFP4 re-quantization, read into epmoe's model settings. The keys and what
+/* A model directory's settings: config.json (and hf_quant_config.json) of DeepSeek-V4's release,
+ * of NVIDIA's NVFP4 re-quantization, and of OpenAI's gpt-oss release, read into epmoe's model
+ * settings. The keys and what
  * they mean, with the public loaders they were checked against: docs/checkpoints.md.
  *
  * Everything epmoe's math depends on is read or checked: a key with a value epmoe does not
@@ -163,15 +164,73 @@ static epmoe_status read_nvfp4_marks(const model_json *m, const char *dir, json_
     return EPMOE_OK;
 }
 
+/* gpt-oss's config.json (transformers' GptOssConfig; docs/checkpoints.md, "gpt-oss"): the
+ * family's routing, activation and biases are fixed by the model type, the shapes and the
+ * clamp are read. The experts must be the released MXFP4 (quantization_config.quant_method
+ * "mxfp4"). */
+static epmoe_status read_gptoss_settings(const model_json *m, json_t *file_root,
+                                         epmoe_config *cfg) {
+    int64_t v = 0, per_token = 0, legacy = -1;
+    EPMOE_TRY(get_int(m, "hidden_size", 0, 0, &v));
+    EPMOE_TRY(set_int(cfg, m, "hidden_size", "hidden_size", v));
+    EPMOE_TRY(get_int(m, "intermediate_size", 0, 0, &v));
+    EPMOE_TRY(set_int(cfg, m, "moe_inter_size", "intermediate_size", v));
+    EPMOE_TRY(get_int(m, "num_local_experts", 0, 0, &v));
+    EPMOE_TRY(set_int(cfg, m, "n_routed_experts", "num_local_experts", v));
+    EPMOE_TRY(get_int(m, "num_experts_per_tok", 0, 0, &per_token));
+    /* the release also carries the original code's name for it: the two must agree */
+    EPMOE_TRY(get_int(m, "experts_per_token", 1, -1, &legacy));
+    EPMOE_REQUIRE(legacy < 0 || legacy == per_token, EPMOE_ERR_FORMAT,
+                  "%s: \"experts_per_token\" %lld disagrees with \"num_experts_per_tok\" %lld",
+                  m->path, (long long)legacy, (long long)per_token);
+    EPMOE_TRY(set_int(cfg, m, "top_k", "num_experts_per_tok", per_token));
+    EPMOE_TRY(get_int(m, "num_hidden_layers", 0, 0, &v));
+    EPMOE_TRY(set_int(cfg, m, "n_layers", "num_hidden_layers", v));
+    EPMOE_TRY(get_int(m, "vocab_size", 0, 0, &v));
+    EPMOE_TRY(set_int(cfg, m, "vocab_size", "vocab_size", v));
+    double x;
+    EPMOE_TRY(get_number(m, "swiglu_limit", 7.0, &x)); /* GptOssConfig's default */
+    EPMOE_TRY(set_number(cfg, m, "swiglu_limit", "swiglu_limit", x));
+    EPMOE_TRY(get_number(m, "swiglu_alpha", 1.702, &x)); /* newer transformers name it */
+    EPMOE_TRY(set_number(cfg, m, "swiglu_alpha", "swiglu_alpha", x));
+    const char *act = NULL;
+    EPMOE_TRY(get_string(m, m->root, "hidden_act", "silu", &act));
+    EPMOE_REQUIRE(strcmp(act, "silu") == 0, EPMOE_ERR_UNSUPPORTED,
+                  "%s: hidden_act \"%s\": gpt-oss's experts are its clamped SwiGLU (config.json "
+                  "says \"silu\")",
+                  m->path, act);
+    json_t *quant = json_object_get(m->root, "quantization_config");
+    if (!quant) quant = json_object_get(file_root, "quantization_config");
+    const char *method = NULL;
+    EPMOE_TRY(get_string(m, quant, "quant_method", NULL, &method));
+    EPMOE_REQUIRE(method && strcmp(method, "mxfp4") == 0, EPMOE_ERR_UNSUPPORTED,
+                  "%s: quantization_config.quant_method %s: epmoe reads gpt-oss with its experts "
+                  "in MXFP4 as released (\"mxfp4\"; a dequantized BF16 copy is not supported)",
+                  m->path, method ? method : "is missing");
+    /* What the model type fixes (gpt_oss/torch/model.py, transformers' GptOssTopKRouter and
+     * GptOssExperts): */
+    static const char *const fixed[][2] = {
+        {"scoring", "topk_softmax"},   {"swiglu_variant", "gptoss"}, {"expert_bias", "1"},
+        {"gate_up_order", "interleaved"}, {"n_shared_experts", "0"},  {"routed_scaling_factor", "1"},
+        {"n_hash_layers", "0"},        {"n_mtp_layers", "0"},        {"n_groups", "1"},
+        {"topk_groups", "1"},          {"weight_format", "mxfp4"},   {"checkpoint_layout", "gpt-oss"},
+    };
+    for (size_t i = 0; i < sizeof fixed / sizeof fixed[0]; i++)
+        EPMOE_TRY(epmoe_config_set(cfg, fixed[i][0], fixed[i][1]));
+    return EPMOE_OK;
+}
+
 /* Reads config.json's model settings (model json m) into cfg. */
 static epmoe_status read_settings(const model_json *m, const char *dir, json_t *file_root,
                                   epmoe_config *cfg) {
     const char *model_type = NULL;
     EPMOE_TRY(get_string(m, m->root, "model_type", NULL, &model_type));
     if (!model_type) EPMOE_TRY(get_string(m, file_root, "model_type", NULL, &model_type));
+    if (model_type && strcmp(model_type, "gpt_oss") == 0)
+        return read_gptoss_settings(m, file_root, cfg);
     EPMOE_REQUIRE(model_type && strcmp(model_type, "deepseek_v4") == 0, EPMOE_ERR_UNSUPPORTED,
-                  "%s: model_type %s: epmoe reads DeepSeek-V4 model directories (model_type "
-                  "\"deepseek_v4\")",
+                  "%s: model_type %s: epmoe reads DeepSeek-V4 and gpt-oss model directories "
+                  "(model_type \"deepseek_v4\" or \"gpt_oss\")",
                   m->path, model_type ? model_type : "is missing");
 
     int64_t v = 0;
@@ -256,11 +315,62 @@ static epmoe_status read_settings(const model_json *m, const char *dir, json_t *
     return EPMOE_OK;
 }
 
+/* gpt-oss: the first layer's router and fused gate/up blocks have config.json's shapes, the last
+ * layer exists and no layer after it. */
+static epmoe_status check_gptoss_tensors(const epmoe_st_set *set, const char *config_path,
+                                         const epmoe_config *cfg) {
+    char name[160];
+    const epmoe_st_tensor *t = NULL;
+    const epmoe_st_file *file = NULL;
+    const int64_t E = cfg->n_routed_experts, H = cfg->hidden_size, I = cfg->moe_inter_size;
+    const char *where = epmoe_st_set_index_path(set) ? epmoe_st_set_index_path(set)
+                                                     : epmoe_st_set_path(set);
+    EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, cfg, 0, "weight"));
+    EPMOE_TRY(epmoe_st_set_lookup(set, name, &t, &file));
+    EPMOE_REQUIRE(t != NULL, EPMOE_ERR_NOT_FOUND,
+                  "%s: tensor %s not found: not a gpt-oss model directory (%s)", where, name,
+                  config_path);
+    EPMOE_REQUIRE(t->ndim == 2 && t->shape[0] == E && t->shape[1] == H, EPMOE_ERR_FORMAT,
+                  "%s (num_local_experts %lld, hidden_size %lld) disagrees with the tensors: %s: "
+                  "%s has shape [%lld, %lld], expected [%lld, %lld]",
+                  config_path, (long long)E, (long long)H, epmoe_st_path(file), name,
+                  (long long)(t->ndim > 0 ? t->shape[0] : 0),
+                  (long long)(t->ndim > 1 ? t->shape[1] : 0), (long long)E, (long long)H);
+    EPMOE_TRY(epmoe_ckpt_stacked_expert_name(name, sizeof name, cfg, 0, "gate_up_proj", "blocks"));
+    EPMOE_TRY(epmoe_st_set_lookup(set, name, &t, &file));
+    EPMOE_REQUIRE(t != NULL, EPMOE_ERR_NOT_FOUND, "%s: tensor %s not found", where, name);
+    const int64_t want[4] = {E, 2 * I, H / 32, 16};
+    int same = t->ndim == 4;
+    for (int d = 0; same && d < 4; d++) same = t->shape[d] == want[d];
+    EPMOE_REQUIRE(same, EPMOE_ERR_FORMAT,
+                  "%s (num_local_experts %lld, intermediate_size %lld, hidden_size %lld) "
+                  "disagrees with the tensors: %s: %s has shape [%lld, %lld, %lld, %lld], "
+                  "expected [%lld, %lld, %lld, 16] (2 x intermediate_size rows, hidden_size/32 "
+                  "blocks of 16 bytes)",
+                  config_path, (long long)E, (long long)I, (long long)H, epmoe_st_path(file), name,
+                  (long long)(t->ndim > 0 ? t->shape[0] : 0),
+                  (long long)(t->ndim > 1 ? t->shape[1] : 0),
+                  (long long)(t->ndim > 2 ? t->shape[2] : 0),
+                  (long long)(t->ndim > 3 ? t->shape[3] : 0), (long long)E, (long long)(2 * I),
+                  (long long)(H / 32));
+    for (int64_t layer = cfg->n_layers - 1; layer <= cfg->n_layers; layer++) {
+        EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, cfg, layer, "weight"));
+        int want_it = layer < cfg->n_layers;
+        EPMOE_REQUIRE(epmoe_st_set_contains(set, name) == want_it, EPMOE_ERR_FORMAT,
+                      "%s (num_hidden_layers %lld) disagrees with the tensors: %s %s", config_path,
+                      (long long)cfg->n_layers, name,
+                      want_it ? "is missing" : "exists (more layers than the config says)");
+    }
+    return EPMOE_OK;
+}
+
 /* The tensors must be the model config.json describes: the first layer's gate and first expert
  * have its shapes, the last layer exists and no layer after it (shards are opened for headers
  * only). */
 static epmoe_status check_against_tensors(const epmoe_st_set *set, const char *config_path,
                                           epmoe_config *cfg) {
+    if (cfg->checkpoint_layout == EPMOE_LAYOUT_GPT_OSS)
+        return check_gptoss_tensors(set, config_path, cfg);
     char name[160];
     const epmoe_st_tensor *t = NULL;
     const epmoe_st_file *file = NULL;
@@ -331,6 +441,8 @@ epmoe_status epmoe_config_from_model_dir(const epmoe_st_set *set, epmoe_config *
     model_json m = {path, root};
     json_t *text = json_object_get(root, "text_config");
     if (json_is_object(text)) m.root = text;
+    /* every model setting comes from this directory: none of another family's may survive */
+    epmoe_config_model_defaults(cfg);
     epmoe_status st = json_is_object(root)
                           ? read_settings(&m, dir, root, cfg)
                           : epmoe_set_error(EPMOE_ERR_FORMAT, __FILE__, __LINE__,

@@ -7,7 +7,7 @@
  *  - gate logits: logits[t,e] = sum_h x[t,h]*Wg[e,h] in fp32, accumulated with fmaf in
  *    increasing h, so that both backends produce the same bits and the same expert ids.
  *  - scores: sqrtsoftplus s = sqrtf(softplus(l)), softplus(l) = l > 20 ? l : log1pf(expf(l));
- *    sigmoid s = 1/(1+expf(-l)).
+ *    sigmoid s = 1/(1+expf(-l)); topk_softmax (gpt-oss) s = l.
  *  - top-k: by (s + bias) descending, ties to the lower expert id; slots are filled in that
  *    order, so slot 0 holds the best expert. Summations over slots go in slot order.
  *  - weights: w_i = s[id_i] / (sum over slots of s[id]) * routed_scaling_factor, in fp32,
@@ -15,6 +15,10 @@
  *    r_i = expf(log s[id_i] - max_j log s[id_j]), w_i = r_i / (sum of r in slot order) * rsf;
  *    log s: sigmoid l < 0 ? l - log1pf(expf(l)) : -log1pf(expf(-l)); sqrtsoftplus
  *    l < -20 ? l/2 : logf(softplus(l))/2 (kernels/cpu/route.c says why).
+ *  - topk_softmax (gpt-oss): key = l + bias (one fp32 addition), ids = top-k of the keys (ties
+ *    to the lower id), weights = softmax over the k chosen keys, in the same operations:
+ *    r_i = expf(key_i - key_0), w_i = r_i / (sum of r in slot order) * rsf. The bias enters
+ *    the weights here, unlike DeepSeek's. No groups, no hash layers.
  */
 #ifndef EPMOE_OPS_H
 #define EPMOE_OPS_H
@@ -44,8 +48,8 @@ epmoe_route_params epmoe_route_params_from_config(const epmoe_config *cfg);
 void epmoe_cpu_gate_logits(const float *x, const float *gate_weight, int64_t T, int64_t H,
                            int64_t E, float *logits);
 
-/* Score-based routing (DeepSeek-V4 sqrtsoftplus+bias, or DeepSeek-V3 sigmoid+bias with group
- * limit). bias may be NULL (zero). ids[T,k] (global expert ids), weights[T,k]. Non-finite
+/* Score-based routing (DeepSeek-V4 sqrtsoftplus+bias, DeepSeek-V3 sigmoid+bias with group
+ * limit, or gpt-oss's topk_softmax of logit+bias). bias may be NULL (zero). ids[T,k] (global expert ids), weights[T,k]. Non-finite
  * logits are EPMOE_ERR_NUMERIC naming the token. */
 epmoe_status epmoe_cpu_route(const epmoe_route_params *p, const float *logits,
                              const float *bias, int64_t T, int32_t *ids, float *weights);
@@ -60,9 +64,11 @@ epmoe_status epmoe_cpu_route_hash(const epmoe_route_params *p, const float *logi
 
 /* Clamped SwiGLU on h[rows, 2I] (gate in columns [0, I), up in [I, 2I)) -> out[rows, I].
  * limit <= 0 disables the clamp. dsv4: silu(min(g,L)) * clamp(u,-L,L);
- * step: min(silu(g),L) * clamp(u,-L,L). silu(g) = g / (1 + expf(-g)). */
+ * step: min(silu(g),L) * clamp(u,-L,L). silu(g) = g / (1 + expf(-g));
+ * gptoss: g' = min(g,L), (clamp(u,-L,L) + 1) * (g' / (1 + expf(-(alpha * g')))). alpha is
+ * used by gptoss only. */
 void epmoe_cpu_swiglu(const float *h, int64_t rows, int64_t I, float limit, int variant,
-                      float *out);
+                      float alpha, float *out);
 
 /* ---- ordered fp32 products -------------------------------------------------------------
  * C[M,N] = A[M,K] . B[N,K]^T where every output element is ONE fmaf chain over k in increasing

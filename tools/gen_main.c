@@ -1,7 +1,7 @@
 /* epmoe-gen: writes a synthetic checkpoint in any of the layouts epmoe reads (common/
  * checkpoint.h, docs/checkpoints.md), and/or a random batch input file.
  *
- *   epmoe-gen --preset tiny --out DIR [--layout epmoe|deepseek|nvidia-nvfp4] [--n-layers N]
+ *   epmoe-gen --preset tiny --out DIR [--layout epmoe|deepseek|nvidia-nvfp4|gpt-oss] [--n-layers N]
  *             [--weight_format nvfp4|mxfp4] [--seed S] [--skew X] [--threads T]
  *             [--shard-mb M] [--any_setting value ...] [--print-config]
  *   epmoe-gen [--preset P] --input-out FILE --tokens T [--dtype f32|bf16|f16] [--seed S]
@@ -21,7 +21,8 @@
 
 static void usage(FILE *out) {
     fprintf(out,
-            "usage: epmoe-gen [--preset NAME] --out DIR [--layout epmoe|deepseek|nvidia-nvfp4]\n"
+            "usage: epmoe-gen [--preset NAME] --out DIR\n"
+            "                 [--layout epmoe|deepseek|nvidia-nvfp4|gpt-oss]\n"
             "                 [--n-layers N] [--skew X] [--threads T] [--shard-mb M]\n"
             "                 [--weight_format nvfp4|mxfp4] [--seed S] [--SETTING VALUE ...]\n"
             "       epmoe-gen [--preset NAME] --input-out FILE --tokens T [--dtype f32|bf16|f16]\n"
@@ -31,7 +32,9 @@ static void usage(FILE *out) {
             "  --layout L       epmoe: one model-LLLLL.safetensors per layer with epmoe.* metadata\n"
             "                   (default); deepseek: a model directory as DeepSeek releases it\n"
             "                   (config.json, index, shards; MXFP4 experts); nvidia-nvfp4: NVIDIA's\n"
-            "                   NVFP4 re-quantization of it (+ hf_quant_config.json)\n"
+            "                   NVFP4 re-quantization of it (+ hf_quant_config.json); gpt-oss:\n"
+            "                   OpenAI's gpt-oss release (--preset gpt-oss-20b|gpt-oss-120b|\n"
+            "                   gpt-oss-tiny; stacked MXFP4 experts with biases)\n"
             "  --n-layers N     how many MoE layers (a count; epmoe-run's --layers A:B is a range);\n"
             "                   n_hash_layers is capped at N\n"
             "  --skew X         routing skew toward low expert ids (0 = balanced)\n"
@@ -200,6 +203,8 @@ int main(int argc, char **argv) {
         cfg.weight_format = EPMOE_WEIGHTS_MXFP4;
     if (!explicit_format && cfg.checkpoint_layout == EPMOE_LAYOUT_NVIDIA_NVFP4)
         cfg.weight_format = EPMOE_WEIGHTS_NVFP4;
+    if (!explicit_format && cfg.checkpoint_layout == EPMOE_LAYOUT_GPT_OSS)
+        cfg.weight_format = EPMOE_WEIGHTS_MXFP4;
     int64_t room = cfg.n_layers - cfg.n_mtp_layers;
     if (!explicit_hash && cfg.n_hash_layers > room && room >= 0) {
         printf("epmoe-gen: n_hash_layers %lld capped at %lld (n_layers %lld, n_mtp_layers %lld)\n",

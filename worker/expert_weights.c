@@ -12,6 +12,12 @@
  *                   converted to NVFP4 exactly). The epmoe layout says which in
  *                   weight_format; a model directory says it per projection, by the tensors
  *                   present (NVIDIA's export may leave the MTP block's experts in MXFP4).
+ *   expert biases   (expert_bias = 1) epmoe: .bias F32 [N] per projection; gpt-oss: stacked
+ *                   BF16 [E, 2I] and [E, H]                     -> fp32 w13_bias, w2_bias
+ *   gpt-oss         every expert of a layer stacked: gate_up_proj_blocks U8 [E, 2I, H/32, 16]
+ *                   and _scales U8 [E, 2I, H/32] (MXFP4), rows fused in gate_up_order; a rank
+ *                   copies its experts' rows out, gate rows and up rows apart, and converts
+ *                   each to NVFP4 exactly as above (w1 and w3 keep their own tensor scales).
  * MXFP4 has no input_scale, nor may NVIDIA's export: w13_input_scale and w2_input_scale are 0
  * then, and act_scale=static is refused by the engine. For NVFP4, w1 and w3 quantize the same
  * input: w13_input_scale is the larger of the two calibrations, so a block scale derived from
@@ -62,6 +68,8 @@ static epmoe_status alloc_bytes(void **p, size_t n, const char *what, int64_t la
 static void count_read(loader *ld, const epmoe_st_tensor *t) {
     atomic_fetch_add(&ld->bytes_read, (int64_t)t->nbytes);
 }
+
+static void count_bytes(loader *ld, size_t n) { atomic_fetch_add(&ld->bytes_read, (int64_t)n); }
 
 static epmoe_status check_finite(const loader *ld, const char *name, const float *x, size_t n) {
     for (size_t i = 0; i < n; i++)
@@ -168,12 +176,18 @@ static epmoe_status load_gate(loader *ld, epmoe_layer_weights *w) {
     char name[NAME_CAP];
     const int64_t E = w->n_experts;
     EPMOE_TRY(epmoe_ckpt_gate_name(name, sizeof name, ld->cfg, ld->layer, "bias"));
-    EPMOE_REQUIRE(epmoe_st_set_contains(ld->ckpt, name), EPMOE_ERR_NOT_FOUND,
+    const char *where = epmoe_st_set_index_path(ld->ckpt) ? epmoe_st_set_index_path(ld->ckpt)
+                                                          : epmoe_st_set_path(ld->ckpt);
+    EPMOE_REQUIRE(epmoe_st_set_contains(ld->ckpt, name) ||
+                      ld->cfg->scoring == EPMOE_SCORING_TOPK_SOFTMAX,
+                  EPMOE_ERR_NOT_FOUND,
                   "%s: tensor %s not found: layer %lld routes by score (layers below %lld route "
                   "by token id) and needs its selection bias",
-                  epmoe_st_set_index_path(ld->ckpt) ? epmoe_st_set_index_path(ld->ckpt)
-                                                    : epmoe_st_set_path(ld->ckpt),
-                  name, (long long)ld->layer, (long long)ld->cfg->n_hash_layers);
+                  where, name, (long long)ld->layer, (long long)ld->cfg->n_hash_layers);
+    EPMOE_REQUIRE(epmoe_st_set_contains(ld->ckpt, name), EPMOE_ERR_NOT_FOUND,
+                  "%s: tensor %s not found: the router of layer %lld has a bias (gpt-oss: part "
+                  "of its logits)",
+                  where, name, (long long)ld->layer);
     EPMOE_TRY(alloc_bytes((void **)&w->gate_bias, (size_t)E * sizeof(float), name, ld->layer));
     return load_dense(ld, name, 1, (int64_t[]){E}, w->gate_bias);
 }
@@ -308,6 +322,17 @@ static epmoe_status load_proj_nvfp4(loader *ld, int64_t expert, const char *proj
     return EPMOE_OK;
 }
 
+/* MXFP4 codes already in dst->codes (the same E2M1 packing) and their UE8M0 scales
+ * [N, K/32] -> NVFP4 in place, exactly (common/nvfp4.h), or refused naming the tensor. */
+static epmoe_status convert_mxfp4(loader *ld, const char *name, const char *part,
+                                  const uint8_t *scales, int64_t N, int64_t K, proj_dst *dst) {
+    epmoe_status st = epmoe_mxfp4_to_nvfp4(dst->codes, scales, (size_t)N, (size_t)K, dst->codes,
+                                           dst->sf, dst->scale_2, NULL);
+    if (st != EPMOE_OK) return epmoe_add_context(st, "%s: %s%s", file_of(ld, name), name, part);
+    dst->input_scale = 0.0f;
+    return EPMOE_OK;
+}
+
 static epmoe_status load_proj_mxfp4(loader *ld, int64_t expert, const char *proj, int64_t N,
                                     int64_t K, proj_dst *dst) {
     char name[NAME_CAP];
@@ -326,10 +351,7 @@ static epmoe_status load_proj_mxfp4(loader *ld, int64_t expert, const char *proj
     EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, name, mx_scales, ld->model_dir ? 2 : 1, 2,
                                        (int64_t[]){N, K / EPMOE_MXFP4_BLOCK}, &t));
     count_read(ld, t);
-    epmoe_status st = epmoe_mxfp4_to_nvfp4(dst->codes, t->data, (size_t)N, (size_t)K, dst->codes,
-                                           dst->sf, dst->scale_2, NULL);
-    if (st != EPMOE_OK) return epmoe_add_context(st, "%s: %s", file_of(ld, name), name);
-    dst->input_scale = 0.0f;
+    EPMOE_TRY(convert_mxfp4(ld, name, "", t->data, N, K, dst));
     return EPMOE_OK;
 }
 
@@ -359,6 +381,108 @@ static epmoe_status load_proj(loader *ld, int64_t expert, const char *proj, int6
                  : load_proj_nvfp4(ld, expert, proj, N, K, dst);
 }
 
+/* ---- gpt-oss: a layer's experts stacked in one tensor per projection ---- */
+
+/* One stacked projection: blocks [E, N, K/32, 16] and scales [E, N, K/32] (MXFP4, U8 as released;
+ * I8 / F8_E8M0 hold the same bytes) and bias [E, N] (BF16 as released, F32 accepted), each
+ * shape checked. */
+typedef struct {
+    char blocks_name[NAME_CAP], scales_name[NAME_CAP], bias_name[NAME_CAP];
+    const epmoe_st_tensor *blocks, *scales, *bias;
+} stacked_proj;
+
+static epmoe_status stacked_lookup(loader *ld, const char *which, int64_t N, int64_t K,
+                                   stacked_proj *p) {
+    static const epmoe_dtype codes[2] = {EPMOE_DTYPE_U8, EPMOE_DTYPE_I8};
+    static const epmoe_dtype scales[2] = {EPMOE_DTYPE_U8, EPMOE_DTYPE_F8_E8M0};
+    static const epmoe_dtype dense[2] = {EPMOE_DTYPE_BF16, EPMOE_DTYPE_F32};
+    const epmoe_config *cfg = ld->cfg;
+    const int64_t E = cfg->n_routed_experts, G = K / EPMOE_MXFP4_BLOCK;
+    EPMOE_TRY(epmoe_ckpt_stacked_expert_name(p->blocks_name, NAME_CAP, cfg, ld->layer, which,
+                                             "blocks"));
+    EPMOE_TRY(epmoe_ckpt_stacked_expert_name(p->scales_name, NAME_CAP, cfg, ld->layer, which,
+                                             "scales"));
+    EPMOE_TRY(epmoe_ckpt_stacked_expert_name(p->bias_name, NAME_CAP, cfg, ld->layer, which,
+                                             "bias"));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, p->blocks_name, codes, 2, 4,
+                                       (int64_t[]){E, N, G, EPMOE_MXFP4_BLOCK / 2}, &p->blocks));
+    EPMOE_TRY(epmoe_st_set_require_any(ld->ckpt, p->scales_name, scales, 2, 3,
+                                       (int64_t[]){E, N, G}, &p->scales));
+    return epmoe_st_set_require_any(ld->ckpt, p->bias_name, dense, 2, 2, (int64_t[]){E, N},
+                                    &p->bias);
+}
+
+/* Expert `expert`'s N bias values of a stacked [E, N] tensor, as fp32, checked finite. */
+static epmoe_status stacked_bias_row(loader *ld, const stacked_proj *p, int64_t expert, int64_t N,
+                                     float *dst) {
+    const size_t size = epmoe_dtype_size(p->bias->dtype);
+    EPMOE_TRY(epmoe_convert_to_f32(p->bias->dtype,
+                                   (const uint8_t *)p->bias->data + (size_t)(expert * N) * size,
+                                   (size_t)N, dst));
+    count_bytes(ld, (size_t)N * size);
+    for (int64_t n = 0; n < N; n++)
+        EPMOE_REQUIRE(isfinite(dst[n]), EPMOE_ERR_NUMERIC, "%s: %s: element [%lld, %lld] is %g",
+                      file_of(ld, p->bias_name), p->bias_name, (long long)expert, (long long)n,
+                      (double)dst[n]);
+    return EPMOE_OK;
+}
+
+/* Gate rows (up = 0) or up rows (up = 1) of expert `expert` out of the fused gate/up tensors,
+ * in gate_up_order (epmoe_ckpt_fused_row), into w1 or w3 as NVFP4, and their biases into b. */
+static epmoe_status load_fused_half(loader *ld, const stacked_proj *p, int64_t expert, int up,
+                                    proj_dst *dst, uint8_t *scales, const float *fused_bias,
+                                    float *b) {
+    const epmoe_config *cfg = ld->cfg;
+    const int64_t I = cfg->moe_inter_size, H = cfg->hidden_size;
+    const size_t row_codes = (size_t)(H / 2), row_scales = (size_t)(H / EPMOE_MXFP4_BLOCK);
+    const uint8_t *blocks = (const uint8_t *)p->blocks->data + (size_t)(expert * 2 * I) * row_codes;
+    const uint8_t *all_scales =
+        (const uint8_t *)p->scales->data + (size_t)(expert * 2 * I) * row_scales;
+    for (int64_t n = 0; n < I; n++) {
+        const int64_t r = epmoe_ckpt_fused_row(cfg, up, n);
+        memcpy(dst->codes + (size_t)n * row_codes, blocks + (size_t)r * row_codes, row_codes);
+        memcpy(scales + (size_t)n * row_scales, all_scales + (size_t)r * row_scales, row_scales);
+        b[n] = fused_bias[r];
+    }
+    count_bytes(ld, (size_t)I * (row_codes + row_scales));
+    return convert_mxfp4(ld, p->scales_name, up ? " (up rows)" : " (gate rows)", scales, I, H, dst);
+}
+
+static epmoe_status load_expert_stacked(loader *ld, epmoe_layer_weights *w, int64_t local,
+                                        proj_dst *w1, proj_dst *w3, proj_dst *w2) {
+    const int64_t H = w->hidden_size, I = w->inter_size, expert = w->slice.start + local;
+    stacked_proj gate_up, down;
+    EPMOE_TRY(stacked_lookup(ld, "gate_up_proj", 2 * I, H, &gate_up));
+    EPMOE_TRY(stacked_lookup(ld, "down_proj", H, I, &down));
+    /* one expert's gate or up scales, and its fused biases */
+    uint8_t *scales = malloc((size_t)(I * (H / EPMOE_MXFP4_BLOCK)) + 1);
+    float *fused_bias = malloc((size_t)(2 * I) * sizeof(float));
+    epmoe_status st = scales && fused_bias
+                          ? EPMOE_OK
+                          : epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__,
+                                            "expert %lld: scratch for its gate/up rows",
+                                            (long long)expert);
+    float *b13 = w->w13_bias + local * 2 * I;
+    if (st == EPMOE_OK) st = stacked_bias_row(ld, &gate_up, expert, 2 * I, fused_bias);
+    if (st == EPMOE_OK) st = load_fused_half(ld, &gate_up, expert, 0, w1, scales, fused_bias, b13);
+    if (st == EPMOE_OK)
+        st = load_fused_half(ld, &gate_up, expert, 1, w3, scales, fused_bias, b13 + I);
+    free(scales);
+    free(fused_bias);
+    EPMOE_TRY(st);
+    /* down_proj: expert e's [H, I] rows as they are */
+    const size_t codes = (size_t)(H * I / 2), n_scales = (size_t)(H * (I / EPMOE_MXFP4_BLOCK));
+    memcpy(w2->codes, (const uint8_t *)down.blocks->data + (size_t)expert * codes, codes);
+    count_bytes(ld, codes + n_scales);
+    EPMOE_TRY(convert_mxfp4(ld, down.scales_name, "",
+                            (const uint8_t *)down.scales->data + (size_t)expert * n_scales, H, I,
+                            w2));
+    EPMOE_TRY(stacked_bias_row(ld, &down, expert, H, w->w2_bias + local * H));
+    w->w13_input_scale[local] = 0.0f; /* MXFP4 has no calibration */
+    w->w2_input_scale[local] = 0.0f;
+    return EPMOE_OK;
+}
+
 static epmoe_status load_expert(loader *ld, epmoe_layer_weights *w, int64_t local) {
     const int64_t H = w->hidden_size, I = w->inter_size;
     const int64_t expert = w->slice.start + local;
@@ -369,11 +493,23 @@ static epmoe_status load_expert(loader *ld, epmoe_layer_weights *w, int64_t loca
                    &w->w13_scale_2[2 * local + 1], 0.0f};
     proj_dst w2 = {w->w2_codes + local * H * (I / 2), w->w2_sf + local * H * (I / 16),
                    &w->w2_scale_2[local], 0.0f};
+    if (ld->cfg->checkpoint_layout == EPMOE_LAYOUT_GPT_OSS)
+        return load_expert_stacked(ld, w, local, &w1, &w3, &w2);
     EPMOE_TRY(load_proj(ld, expert, "w1", I, H, &w1));
     EPMOE_TRY(load_proj(ld, expert, "w3", I, H, &w3));
     EPMOE_TRY(load_proj(ld, expert, "w2", H, I, &w2));
     w->w13_input_scale[local] = fmaxf(w1.input_scale, w3.input_scale);
     w->w2_input_scale[local] = w2.input_scale;
+    if (ld->cfg->expert_bias) { /* epmoe layout: one F32 (or BF16) [N] per projection */
+        char name[NAME_CAP];
+        float *b13 = w->w13_bias + local * 2 * I;
+        EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->cfg, ld->layer, expert, "w1", "bias"));
+        EPMOE_TRY(load_dense(ld, name, 1, (int64_t[]){I}, b13));
+        EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->cfg, ld->layer, expert, "w3", "bias"));
+        EPMOE_TRY(load_dense(ld, name, 1, (int64_t[]){I}, b13 + I));
+        EPMOE_TRY(epmoe_ckpt_expert_name(name, sizeof name, ld->cfg, ld->layer, expert, "w2", "bias"));
+        EPMOE_TRY(load_dense(ld, name, 1, (int64_t[]){H}, w->w2_bias + local * H));
+    }
     return EPMOE_OK;
 }
 
@@ -433,6 +569,12 @@ static epmoe_status load_experts(loader *ld, epmoe_layer_weights *w) {
                           "w2 weight_scale_2", ld->layer));
     EPMOE_TRY(alloc_bytes((void **)&w->w2_input_scale, (size_t)n * sizeof(float),
                           "w2 input_scale", ld->layer));
+    if (ld->cfg->expert_bias) {
+        EPMOE_TRY(alloc_bytes((void **)&w->w13_bias, (size_t)(n * 2 * I) * sizeof(float),
+                              "w13 biases", ld->layer));
+        EPMOE_TRY(alloc_bytes((void **)&w->w2_bias, (size_t)(n * H) * sizeof(float), "w2 biases",
+                              ld->layer));
+    }
 
     expert_queue q = {.ld = ld, .w = w, .failed_at = n, .failed_status = EPMOE_OK};
     atomic_init(&q.next, 0);
@@ -513,6 +655,8 @@ void epmoe_layer_weights_free(epmoe_layer_weights *w) {
     free(w->w2_sf);
     free(w->w2_scale_2);
     free(w->w2_input_scale);
+    free(w->w13_bias);
+    free(w->w2_bias);
     free(w->gate_weight);
     free(w->gate_bias);
     free(w->tid2eid);

@@ -8,6 +8,8 @@
  *   w2_codes  [n_local, H, I/2], w2_sf [n_local, H, I/16], w2_scale_2 [n_local]
  *   w13_input_scale / w2_input_scale [n_local]: checkpoint calibration (amax/2688 convention),
  *   used only with act_scale=static.
+ *   w13_bias [n_local, 2I] (gate then up, whatever order the checkpoint fused them in),
+ *   w2_bias [n_local, H]: fp32, present when expert_bias = 1 (gpt-oss), else NULL.
  * Shared expert (dense, fp32 on the host): shared_w13 [2*Is, H] (gate rows then up rows),
  * shared_w2 [H, Is], Is = n_shared_experts * moe_inter_size.
  */
@@ -41,6 +43,8 @@ typedef struct {
     uint8_t *w2_sf;
     float *w2_scale_2;
     float *w2_input_scale;
+    float *w13_bias;         /* [n_local, 2I] or NULL */
+    float *w2_bias;          /* [n_local, H] or NULL */
 
     /* replicated on every rank */
     int64_t n_experts;       /* E */

@@ -9,10 +9,11 @@
  *     gs_x   = per_row: epmoe_nvfp4_global_sf(amax(x[r]))   static: 1 / w13_input_scale[e]
  *     xq     = dequant(quantize(x[r], gs_x), 1.0)            # e2m1*sf, exact in fp32 and bf16
  *     h[n]   = (xq . w13q[e][n]) * ((1/gs_x) * w13_scale_2[e][n < I ? 0 : 1])
- *     a      = swiglu(h)                                     # variant and limit from config
+ *              (+ w13_bias[e][n] when the experts have biases, expert_bias = 1)
+ *     a      = swiglu(h)                                     # variant, limit, alpha from config
  *     gs_a   = per_row: epmoe_nvfp4_global_sf(amax(a))       static: 1 / w2_input_scale[e]
  *     aq     = dequant(quantize(a, gs_a), 1.0)
- *     y[r]   = (aq . w2q[e][n]) * ((1/gs_a) * w2_scale_2[e])
+ *     y[r]   = (aq . w2q[e][n]) * ((1/gs_a) * w2_scale_2[e])   (+ w2_bias[e][n])
  *   act_quant = high (W4A16): xq = x[r], aq = a, and the 1/gs factors are 1.
  *
  * w13q / w2q are the unscaled e2m1*sf weights (dequant with scale 1.0). The dot products

@@ -121,7 +121,7 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
     EPMOE_REQUIRE(s->H == H && s->I == I, EPMOE_ERR_INVALID_ARG,
                   "expert scratch sized for H=%lld I=%lld, layer has H=%lld I=%lld",
                   (long long)s->H, (long long)s->I, (long long)H, (long long)I);
-    const float limit = (float)cfg->swiglu_limit;
+    const float limit = (float)cfg->swiglu_limit, swiglu_alpha = (float)cfg->swiglu_alpha;
     for (int64_t e = 0; e < w->n_local; e++) {
         int64_t rows = tokens_per_expert[e];
         if (rows == 0) continue;
@@ -143,6 +143,8 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
         }
         const float gate_scale_2 = w->w13_scale_2[2 * e], up_scale_2 = w->w13_scale_2[2 * e + 1];
         const float down_scale_2 = w->w2_scale_2[e];
+        const float *b13 = w->w13_bias ? w->w13_bias + (size_t)e * (size_t)(2 * I) : NULL;
+        const float *b2 = w->w2_bias ? w->w2_bias + (size_t)e * (size_t)H : NULL;
 
         for (int64_t r0 = 0; r0 < rows; r0 += ROWS_PER_CHUNK) {
             int64_t n = rows - r0 < ROWS_PER_CHUNK ? rows - r0 : ROWS_PER_CHUNK;
@@ -157,14 +159,21 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
                 float up_alpha = s->row_inv_gs[r] * up_scale_2;
                 for (int64_t j = 0; j < I; j++) h[j] *= gate_alpha;
                 for (int64_t j = I; j < 2 * I; j++) h[j] *= up_alpha;
+                /* the bias after the scaled product, one fp32 addition per element: a row's
+                 * bits stay a function of the row alone */
+                if (b13)
+                    for (int64_t j = 0; j < 2 * I; j++) h[j] += b13[j];
             }
-            epmoe_cpu_swiglu(s->h, n, I, limit, (int)cfg->swiglu_variant, s->a);
+            epmoe_cpu_swiglu(s->h, n, I, limit, (int)cfg->swiglu_variant, swiglu_alpha, s->a);
 
             sat += quantize_rows(cfg, s->a, n, I, w->w2_input_scale[e], s);
             epmoe_cpu_gemm_panels(s->x_q, n, I, w2_panels, H, y);
             for (int64_t r = 0; r < n; r++) {
                 float alpha = s->row_inv_gs[r] * down_scale_2;
-                for (int64_t j = 0; j < H; j++) y[(size_t)r * (size_t)H + j] *= alpha;
+                float *yr = y + (size_t)r * (size_t)H;
+                for (int64_t j = 0; j < H; j++) yr[j] *= alpha;
+                if (b2)
+                    for (int64_t j = 0; j < H; j++) yr[j] += b2[j];
             }
             if (stats) {
                 stats->rows_computed += n;
@@ -193,7 +202,8 @@ epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer
         int64_t n = T - r0 < ROWS_PER_CHUNK ? T - r0 : ROWS_PER_CHUNK;
         epmoe_cpu_gemm_panels(x + (size_t)r0 * (size_t)H, n, H, w->shared_w13_panels, 2 * Is,
                               s->h);
-        epmoe_cpu_swiglu(s->h, n, Is, (float)cfg->swiglu_limit, (int)cfg->swiglu_variant, s->a);
+        epmoe_cpu_swiglu(s->h, n, Is, (float)cfg->swiglu_limit, (int)cfg->swiglu_variant,
+                         (float)cfg->swiglu_alpha, s->a);
         epmoe_cpu_gemm_panels(s->a, n, Is, w->shared_w2_panels, H, y + (size_t)r0 * (size_t)H);
     }
     return EPMOE_OK;

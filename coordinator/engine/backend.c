@@ -29,9 +29,21 @@ epmoe_status epmoe_backend_create(const epmoe_config *cfg, MPI_Comm comm,
         if (MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, comm) != MPI_SUCCESS)
             EPMOE_FAIL(EPMOE_ERR_MPI, "backend=auto: asking the ranks for GPUs failed");
         kind = all ? EPMOE_BACKEND_CUDA : EPMOE_BACKEND_CPU;
+        /* a model the GPU kernels do not implement (gpt-oss) runs where it is implemented; every
+         * rank has the same settings, so every rank decides the same */
+        if (kind == EPMOE_BACKEND_CUDA && epmoe_config_check_cuda(cfg) != EPMOE_OK) {
+            int rank = 0;
+            MPI_Comm_rank(comm, &rank);
+            if (log && rank == 0)
+                fprintf(log, "epmoe: backend=auto: cpu, not cuda: %s\n", epmoe_last_error());
+            kind = EPMOE_BACKEND_CPU;
+        }
     }
-    if (kind == EPMOE_BACKEND_CUDA)
+    if (kind == EPMOE_BACKEND_CUDA) {
+        /* refused before anything is loaded, in builds with and without CUDA alike */
+        EPMOE_TRY(epmoe_config_check_cuda(cfg));
         return epmoe_backend_cuda_create(cfg, comm, ckpt, layer_begin, layer_end, log, out);
+    }
     return epmoe_backend_cpu_create(cfg, comm, ckpt, layer_begin, layer_end, log, out);
 }
 

@@ -11,7 +11,8 @@ static double now_s(void) {
 int64_t epmoe_layer_weights_bytes(const epmoe_layer_weights *w) {
     const int64_t H = w->hidden_size, I = w->inter_size, n = w->n_local, Is = w->shared_inter;
     /* per expert: W13 [2I, H] and W2 [H, I], codes (1/2 byte) + block scales (1/16 byte) */
-    const int64_t experts = n * (3 * I * H / 2 + 3 * I * H / 16 + 4 * 5);
+    const int64_t experts = n * (3 * I * H / 2 + 3 * I * H / 16 + 4 * 5) +
+                            (w->w13_bias ? n * (2 * I + H) * 4 : 0); /* fp32 expert biases */
     const int64_t gate = w->n_experts * H * 4 + (w->gate_bias ? w->n_experts * 4 : 0);
     const int64_t shared = 3 * Is * H * 4;
     return experts + gate + shared;

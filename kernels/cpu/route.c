@@ -33,7 +33,9 @@ void epmoe_cpu_gate_logits(const float *x, const float *gate_weight, int64_t T, 
     }
 }
 
+/* topk_softmax (gpt-oss) ranks the logits themselves: its score is the logit. */
 static float score_of_logit(int64_t scoring, float l) {
+    if (scoring == EPMOE_SCORING_TOPK_SOFTMAX) return l;
     if (scoring == EPMOE_SCORING_SIGMOID) return 1.0f / (1.0f + expf(-l));
     float softplus = l > 20.0f ? l : log1pf(expf(l));
     return sqrtf(softplus);
@@ -45,8 +47,13 @@ static epmoe_status check_route_params(const epmoe_route_params *p) {
     EPMOE_REQUIRE(p->top_k >= 1 && p->top_k <= p->n_experts, EPMOE_ERR_INVALID_ARG,
                   "routing: top_k %lld outside [1, n_experts=%lld]", (long long)p->top_k,
                   (long long)p->n_experts);
-    EPMOE_REQUIRE(p->scoring == EPMOE_SCORING_SQRTSOFTPLUS || p->scoring == EPMOE_SCORING_SIGMOID,
+    EPMOE_REQUIRE(p->scoring == EPMOE_SCORING_SQRTSOFTPLUS || p->scoring == EPMOE_SCORING_SIGMOID ||
+                      p->scoring == EPMOE_SCORING_TOPK_SOFTMAX,
                   EPMOE_ERR_INVALID_ARG, "routing: unknown scoring %lld", (long long)p->scoring);
+    EPMOE_REQUIRE(p->scoring != EPMOE_SCORING_TOPK_SOFTMAX || p->n_groups == 1,
+                  EPMOE_ERR_INVALID_ARG,
+                  "routing: topk_softmax has no group limit (n_groups %lld, must be 1)",
+                  (long long)p->n_groups);
     EPMOE_REQUIRE(p->n_groups >= 1 && p->n_experts % p->n_groups == 0, EPMOE_ERR_INVALID_ARG,
                   "routing: n_groups %lld does not divide n_experts %lld", (long long)p->n_groups,
                   (long long)p->n_experts);
@@ -103,6 +110,7 @@ static void topk_insert(int32_t *best_ids, float *best_keys, int64_t *count, int
  *                 l + log1p(-expf(l)/2 + ...) rounds to l (expf(l)/2 < 1e-9, under half an ulp
  *                 of |l|), so it is l / 2 exactly there. */
 static float log_score_of_logit(int64_t scoring, float l) {
+    if (scoring == EPMOE_SCORING_TOPK_SOFTMAX) return l; /* given l + bias: softmax's exponent */
     if (scoring == EPMOE_SCORING_SIGMOID) return l < 0.0f ? l - log1pf(expf(l)) : -log1pf(expf(-l));
     if (l < -20.0f) return 0.5f * l;
     return 0.5f * logf(l > 20.0f ? l : log1pf(expf(l)));
@@ -111,7 +119,9 @@ static float log_score_of_logit(int64_t scoring, float l) {
 /* w_j = s_j / (sum over slots of s) * routed_scaling_factor, computed as r_j = expf(log s_j -
  * max log s) / (sum of r in slot order) * routed_scaling_factor: the largest r is 1, so the
  * sum is at least 1 however negative the logits (scaling by the largest chosen score, in log
- * space where it cannot underflow). kernels/cuda/route.cu does the same operations. */
+ * space where it cannot underflow). kernels/cuda/route.cu does the same operations.
+ * topk_softmax passes the keys l + bias as logits_row and takes log s = key: then this is
+ * exactly softmax over the k chosen keys (max subtracted), times the factor (1 for gpt-oss). */
 static void write_weights(const float *logits_row, const int32_t *ids, int64_t k,
                           int64_t scoring, float routed_scaling_factor, float *weights) {
     float max_log = -INFINITY;
@@ -228,7 +238,10 @@ epmoe_status epmoe_cpu_route(const epmoe_route_params *p, const float *logits,
             goto done;
         }
         for (int64_t j = 0; j < k; j++) ids[t * k + j] = s.best_ids[j];
-        write_weights(row, s.best_ids, k, p->scoring, p->routed_scaling_factor, weights + t * k);
+        /* DeepSeek weighs by the scores (the bias steers the choice only); gpt-oss's softmax
+         * takes the biased logits, F.linear(x, W, b) in its reference. */
+        const float *weigh = p->scoring == EPMOE_SCORING_TOPK_SOFTMAX ? s.keys : row;
+        write_weights(weigh, s.best_ids, k, p->scoring, p->routed_scaling_factor, weights + t * k);
     }
 done:
     free_scratch(&s);
@@ -240,6 +253,9 @@ epmoe_status epmoe_cpu_route_hash(const epmoe_route_params *p, const float *logi
                                   const int32_t *token_ids, int64_t T, int32_t *ids,
                                   float *weights) {
     EPMOE_TRY(check_route_params(p));
+    EPMOE_REQUIRE(p->scoring != EPMOE_SCORING_TOPK_SOFTMAX, EPMOE_ERR_INVALID_ARG,
+                  "hash routing: topk_softmax has no hash-routed layers (its weights need the "
+                  "biased logits of a top-k choice)");
     EPMOE_REQUIRE(T >= 0, EPMOE_ERR_INVALID_ARG, "hash routing: token count %lld < 0",
                   (long long)T);
     EPMOE_REQUIRE(vocab_size >= 1, EPMOE_ERR_INVALID_ARG, "hash routing: vocab_size %lld < 1",

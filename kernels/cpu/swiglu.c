@@ -1,8 +1,12 @@
-/* Clamped SwiGLU (docs/design.md §3.3). Two variants, named after where the clamp sits:
+/* Clamped SwiGLU (docs/design.md §3.3). Three variants:
  *   EPMOE_SWIGLU_DSV4: silu(min(g, L)) * clamp(u, -L, L)   (DeepSeek-V4, the default)
  *   EPMOE_SWIGLU_STEP: min(silu(g), L) * clamp(u, -L, L)   (SwigluStep, what the seed ran)
- * They differ whenever g > L: silu(L) = L / (1 + e^-L) is slightly below L, and for g well
- * above L the step variant returns exactly L while the DeepSeek-V4 one returns silu(L).
+ *   EPMOE_SWIGLU_GPTOSS: g' = min(g, L), u' = clamp(u, -L, L),
+ *                        (u' + 1) * (g' / (1 + expf(-(alpha * g'))))   (gpt-oss, alpha 1.702)
+ * dsv4 and step differ whenever g > L: silu(L) = L / (1 + e^-L) is slightly below L, and for g
+ * well above L the step variant returns exactly L while the DeepSeek-V4 one returns silu(L).
+ * gpt-oss's reference writes g' * sigmoid(alpha g') and (u' + 1) * glu; the fp32 operations
+ * here are fixed as written (one division, like silu), the CUDA kernel would do the same.
  *
  * The clamps are written as comparisons, not fminf/fmaxf, so that a NaN input stays NaN
  * (fminf(NaN, L) would return L and hide it). */
@@ -21,11 +25,11 @@ static float clamp_both(float x, float limit) {
 }
 
 void epmoe_cpu_swiglu(const float *h, int64_t rows, int64_t I, float limit, int variant,
-                      float *out) {
+                      float alpha, float *out) {
     int clamp = limit > 0.0f;
-    /* Any value other than STEP is treated as the DeepSeek-V4 variant, the default; the config
-     * table only admits the two enum names. */
-    int step = variant == EPMOE_SWIGLU_STEP;
+    /* Any value other than STEP or GPTOSS is treated as the DeepSeek-V4 variant, the default;
+     * the config table only admits the enum names. */
+    int step = variant == EPMOE_SWIGLU_STEP, gptoss = variant == EPMOE_SWIGLU_GPTOSS;
     for (int64_t r = 0; r < rows; r++) {
         const float *gate = h + r * 2 * I;
         const float *up = gate + I;
@@ -34,6 +38,11 @@ void epmoe_cpu_swiglu(const float *h, int64_t rows, int64_t I, float limit, int 
             float g = gate[i], u = up[i];
             if (clamp) u = clamp_both(u, limit);
             float act;
+            if (gptoss) {
+                if (clamp) g = clamp_upper(g, limit);
+                o[i] = (u + 1.0f) * (g / (1.0f + expf(-(alpha * g))));
+                continue;
+            }
             if (step) {
                 act = silu(g);
                 if (clamp) act = clamp_upper(act, limit);

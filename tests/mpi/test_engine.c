@@ -41,13 +41,15 @@ static int world_rank, world_size;
 
 typedef struct {
     const char *name;
-    const char *overrides;   /* "name=value;..." applied after the tiny preset */
+    const char *overrides;   /* "name=value;..." applied after the preset (tiny: with 2 layers,
+                              * layer 0 hash-routed) */
     int64_t tokens_total;
     int all_on_last_rank;    /* every token held by the last rank (others hold none) */
     int skew;                /* 0 none, 1 every token to expert 7 first, 2 every token to rank 0's experts */
     float input_scale;       /* multiplies the random inputs (large: the clamp fires) */
     int expect_clamp;        /* the reference must see the clamp change some pre-activations */
     int64_t layer;           /* 0 is hash-routed in the tiny preset */
+    const char *preset;      /* NULL: tiny */
 } engine_case;
 
 static void apply_overrides(epmoe_config *cfg, const char *overrides) {
@@ -98,15 +100,16 @@ static void load_layer(const char *dir, epmoe_config *cfg, int64_t layer,
     ck_assert_msg(epmoe_layer_weights_prepare_cpu(w) == EPMOE_OK, "%s", epmoe_last_error());
 }
 
-/* The float64 routing key of expert e for one token: score(x . Wg[e]) + bias[e]. */
+/* The float64 routing key of expert e for one token: score(x . Wg[e]) + bias[e] (gpt-oss: the
+ * biased logit itself). */
 static double ref_key(const epmoe_config *cfg, const epmoe_layer_weights *w, const float *x,
                       int64_t e) {
     const int64_t H = cfg->hidden_size;
     double logit = 0;
     for (int64_t h = 0; h < H; h++) logit += (double)x[h] * (double)w->gate_weight[e * H + h];
-    double s = cfg->scoring == EPMOE_SCORING_SIGMOID
-                   ? 1.0 / (1.0 + exp(-logit))
-                   : sqrt(logit > 30 ? logit : log1p(exp(logit)));
+    double s = cfg->scoring == EPMOE_SCORING_SIGMOID        ? 1.0 / (1.0 + exp(-logit))
+               : cfg->scoring == EPMOE_SCORING_TOPK_SOFTMAX ? logit /* gpt-oss: the logit */
+                                                            : sqrt(logit > 30 ? logit : log1p(exp(logit)));
     return s + (w->gate_bias ? (double)w->gate_bias[e] : 0.0);
 }
 
@@ -177,8 +180,8 @@ static int owner_of(int64_t e, int64_t E, int P) {
 
 static void run_case(const engine_case *c) {
     epmoe_config cfg;
-    ck_assert(epmoe_config_preset(&cfg, "tiny") == EPMOE_OK);
-    apply_overrides(&cfg, "n_layers=2;n_hash_layers=1");
+    ck_assert(epmoe_config_preset(&cfg, c->preset ? c->preset : "tiny") == EPMOE_OK);
+    apply_overrides(&cfg, c->preset ? "n_layers=2" : "n_layers=2;n_hash_layers=1");
     apply_overrides(&cfg, c->overrides);
     char dir[1024];
     snprintf(dir, sizeof dir, "%s", epmoe_test_data_path(""));
@@ -455,49 +458,49 @@ static void run_case(const engine_case *c) {
 }
 
 START_TEST(scored_layer_random) {
-    engine_case c = {"tiny", "", 96, 0, 0, 1.0f, 0, 1};
+    engine_case c = {"tiny", "", 96, 0, 0, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(hash_layer_random) {
-    engine_case c = {"tiny", "", 96, 0, 0, 1.0f, 0, 0};
+    engine_case c = {"tiny", "", 96, 0, 0, 1.0f, 0, 0, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(clamp_fires_large_inputs) {
-    engine_case c = {"tiny", "", 64, 0, 0, 12.0f, 1, 1};
+    engine_case c = {"tiny", "", 64, 0, 0, 12.0f, 1, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(skew_all_to_one_expert) {
-    engine_case c = {"tiny", "", 80, 0, 1, 1.0f, 0, 1};
+    engine_case c = {"tiny", "", 80, 0, 1, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(skew_all_to_one_rank) {
-    engine_case c = {"tiny", "", 80, 0, 2, 1.0f, 0, 1};
+    engine_case c = {"tiny", "", 80, 0, 2, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(tokens_all_on_last_rank) {
-    engine_case c = {"tiny", "", 40, 1, 0, 1.0f, 0, 1};
+    engine_case c = {"tiny", "", 40, 1, 0, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(more_ranks_than_tokens) {
-    engine_case c = {"tiny", "", 3, 0, 0, 1.0f, 0, 1};
+    engine_case c = {"tiny", "", 3, 0, 0, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(zero_tokens) {
-    engine_case c = {"tiny", "", 0, 0, 0, 1.0f, 0, 1};
+    engine_case c = {"tiny", "", 0, 0, 0, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
@@ -505,7 +508,7 @@ END_TEST
 START_TEST(dsv3_group_routing) {
     engine_case c = {"dsv3", "scoring=sigmoid;n_groups=8;topk_groups=4;top_k=8;n_hash_layers=0;"
                              "swiglu_limit=0;routed_scaling_factor=2.5",
-                     64, 0, 0, 1.0f, 0, 1};
+                     64, 0, 0, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
@@ -514,19 +517,48 @@ START_TEST(dsv4_pro_expert_count) {
     /* 384 experts split over 5 ranks is uneven (77,77,77,77,76): slices, owners and local ids
      * off by one would show here. */
     engine_case c = {"e384", "n_routed_experts=384;hidden_size=128;moe_inter_size=64", 64, 0, 0,
-                     1.0f, 0, 1};
+                     1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(mxfp4_checkpoint_w4a16) {
-    engine_case c = {"mxfp4", "weight_format=mxfp4;act_quant=high", 48, 0, 0, 1.0f, 0, 1};
+    engine_case c = {"mxfp4", "weight_format=mxfp4;act_quant=high", 48, 0, 0, 1.0f, 0, 1, NULL};
     run_case(&c);
 }
 END_TEST
 
 START_TEST(static_scales_and_step_variant) {
-    engine_case c = {"static", "act_scale=static;swiglu_variant=step", 48, 0, 0, 4.0f, 1, 1};
+    engine_case c = {"static", "act_scale=static;swiglu_variant=step", 48, 0, 0, 4.0f, 1, 1, NULL};
+    run_case(&c);
+}
+END_TEST
+
+/* gpt-oss (topk_softmax routing with the router bias in the weights, expert biases, the gptoss
+ * SwiGLU, H 160 and I 96: not multiples of 64), in both of its layouts: the epmoe layout and
+ * the released one (stacked, interleaved MXFP4); large inputs so that the clamp fires, and
+ * skew (every token's first slot on expert 7, or on rank 0's experts). */
+START_TEST(gptoss_clamp_fires) {
+    engine_case c = {"gptoss", "", 72, 0, 0, 6.0f, 1, 1, "gpt-oss-tiny"};
+    run_case(&c);
+}
+END_TEST
+
+START_TEST(gptoss_released_layout) {
+    engine_case c = {"gptoss_layout", "checkpoint_layout=gpt-oss", 64, 0, 0, 3.0f, 1, 0,
+                     "gpt-oss-tiny"};
+    run_case(&c);
+}
+END_TEST
+
+START_TEST(gptoss_skew_to_one_expert) {
+    engine_case c = {"gptoss", "", 56, 0, 1, 1.0f, 0, 1, "gpt-oss-tiny"};
+    run_case(&c);
+}
+END_TEST
+
+START_TEST(gptoss_skew_to_one_rank_w4a16) {
+    engine_case c = {"gptoss", "act_quant=high", 40, 0, 2, 1.0f, 0, 1, "gpt-oss-tiny"};
     run_case(&c);
 }
 END_TEST
@@ -566,6 +598,10 @@ static Suite *engine_suite(void) {
     tcase_add_test(tc, dsv4_pro_expert_count);
     tcase_add_test(tc, mxfp4_checkpoint_w4a16);
     tcase_add_test(tc, static_scales_and_step_variant);
+    tcase_add_test(tc, gptoss_clamp_fires);
+    tcase_add_test(tc, gptoss_released_layout);
+    tcase_add_test(tc, gptoss_skew_to_one_expert);
+    tcase_add_test(tc, gptoss_skew_to_one_rank_w4a16);
     suite_add_tcase(s, tc);
     return s;
 }

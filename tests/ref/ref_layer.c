@@ -8,7 +8,9 @@
 #include "common/checkpoint.h"
 #include "tests/ref/ref_formats.h"
 
+/* gpt-oss ranks (and weighs) the logits themselves. */
 static double ref_score(double logit, int64_t scoring) {
+    if (scoring == EPMOE_SCORING_TOPK_SOFTMAX) return logit;
     if (scoring == EPMOE_SCORING_SIGMOID) return 1.0 / (1.0 + exp(-logit));
     double softplus = logit > 30 ? logit : log1p(exp(logit));
     return sqrt(softplus);
@@ -67,6 +69,17 @@ epmoe_status epmoe_ref_route_w(const epmoe_config *cfg, const epmoe_ref_weights 
             }
             ref_topn(key, allowed, E, k, ids);
         }
+        if (cfg->scoring == EPMOE_SCORING_TOPK_SOFTMAX) {
+            /* gpt-oss: softmax over the k chosen biased logits (F.linear(x, W, b), topk,
+             * softmax of the top values), computed from their definition */
+            double sum = 0;
+            for (int64_t j = 0; j < k; j++) sum += exp(key[ids[j]] - key[ids[0]]);
+            if (weights_out)
+                for (int64_t j = 0; j < k; j++)
+                    weights_out[t * k + j] = exp(key[ids[j]] - key[ids[0]]) / sum *
+                                             cfg->routed_scaling_factor;
+            continue;
+        }
         double sum = 0;
         for (int64_t j = 0; j < k; j++) sum += s[ids[j]];
         if (weights_out)
@@ -81,12 +94,14 @@ epmoe_status epmoe_ref_route_w(const epmoe_config *cfg, const epmoe_ref_weights 
 
 int64_t epmoe_ref_clamp_hits = 0;
 
-static double ref_swiglu(double g, double u, double L, int64_t variant) {
+static double ref_swiglu(double g, double u, double L, int64_t variant, double alpha) {
     if (L > 0) {
         if (g > L || u > L || u < -L) epmoe_ref_clamp_hits++;
-        if (variant == EPMOE_SWIGLU_DSV4 && g > L) g = L;
+        if ((variant == EPMOE_SWIGLU_DSV4 || variant == EPMOE_SWIGLU_GPTOSS) && g > L) g = L;
         u = u > L ? L : (u < -L ? -L : u);
     }
+    /* gpt-oss: x_glu * sigmoid(alpha x_glu) * (x_linear + 1) */
+    if (variant == EPMOE_SWIGLU_GPTOSS) return g * (1.0 / (1.0 + exp(-alpha * g))) * (u + 1.0);
     double silu = g / (1.0 + exp(-g));
     if (L > 0 && variant == EPMOE_SWIGLU_STEP && silu > L) silu = L;
     return silu * u;
@@ -139,10 +154,11 @@ epmoe_status epmoe_ref_forward(const epmoe_config *cfg, const epmoe_ref_weights 
                 epmoe_ref_proj_row(n < I ? p1 : p3, n < I ? n : n - I, H, wrow);
                 double acc = 0;
                 for (int64_t c = 0; c < H; c++) acc += xq[c] * wrow[c];
-                h[n] = acc;
+                h[n] = acc + (w->b13 ? w->b13[e * 2 * I + n] : 0.0);
             }
             for (int64_t n = 0; n < I; n++) {
-                double a = ref_swiglu(h[n], h[I + n], cfg->swiglu_limit, cfg->swiglu_variant);
+                double a = ref_swiglu(h[n], h[I + n], cfg->swiglu_limit, cfg->swiglu_variant,
+                                      cfg->swiglu_alpha);
                 a32[n] = (float)a;
             }
             ref_quantize(cfg, a32, I, (float)p2->input_scale, aq);
@@ -150,7 +166,7 @@ epmoe_status epmoe_ref_forward(const epmoe_config *cfg, const epmoe_ref_weights 
                 epmoe_ref_proj_row(p2, n, I, wrow);
                 double acc = 0;
                 for (int64_t c = 0; c < I; c++) acc += aq[c] * wrow[c];
-                o[n] += wts[t * k + j] * acc;
+                o[n] += wts[t * k + j] * (acc + (w->b2 ? w->b2[e * H + n] : 0.0));
             }
         }
         /* shared expert, dense, same clamp */
@@ -165,7 +181,8 @@ epmoe_status epmoe_ref_forward(const epmoe_config *cfg, const epmoe_ref_weights 
                 hs[n] = acc;
             }
             for (int64_t n = 0; n < Is; n++)
-                hs[n] = ref_swiglu(hs[n], hs[Is + n], cfg->swiglu_limit, cfg->swiglu_variant);
+                hs[n] = ref_swiglu(hs[n], hs[Is + n], cfg->swiglu_limit, cfg->swiglu_variant,
+                                   cfg->swiglu_alpha);
             for (int64_t n = 0; n < H; n++) {
                 double acc = 0;
                 for (int64_t c = 0; c < Is; c++) acc += hs[c] * w->shared_w2[n * Is + c];
@@ -241,6 +258,23 @@ int64_t epmoe_ref_check_loaded_experts(const epmoe_st_set *ckpt, const epmoe_con
                                  "checkpoint %.9g", (long long)w->layer, (long long)e, projs[p],
                                  (long long)n, (long long)k, loaded[k], want[k]);
             }
+        }
+        if (cfg->expert_bias && bad >= 0) { /* the biases, gate then up, then down */
+            double *b = malloc((size_t)(2 * I + H) * sizeof(double));
+            if (!w->w13_bias || !w->w2_bias ||
+                epmoe_ref_expert_bias_read(ckpt, cfg, w->layer, e, b, b + 2 * I) != EPMOE_OK) {
+                snprintf(first, cap, "layer %lld expert %lld: biases missing (%s)",
+                         (long long)w->layer, (long long)e, epmoe_last_error());
+                bad = -1;
+            }
+            for (int64_t i = 0; bad >= 0 && i < 2 * I + H; i++) {
+                double got = i < 2 * I ? w->w13_bias[le * 2 * I + i] : w->w2_bias[le * H + i - 2 * I];
+                if (got != b[i] && bad++ == 0)
+                    snprintf(first, cap, "layer %lld expert %lld bias %lld (%s): loaded %.9g, "
+                             "checkpoint %.9g", (long long)w->layer, (long long)e, (long long)i,
+                             i < I ? "gate" : i < 2 * I ? "up" : "down", got, b[i]);
+            }
+            free(b);
         }
     }
     free(want);

@@ -43,8 +43,9 @@ epmoe_status epmoe_ref_route(const epmoe_config *cfg, const epmoe_layer_weights 
 /* The expert weights the engine loaded (w: its slice of layer w->layer, NVFP4, an MXFP4
  * checkpoint converted at load) against the checkpoint's own tensors in any layout
  * (epmoe_ref_proj_read), both decoded with the reference's formats: NVFP4
- * .weight/.weight_scale (E4M3)/.weight_scale_2, or MXFP4 .weight/.scale (UE8M0). The conversion
- * is exact, so every value must be equal. Returns the number of values that differ (or -1 when
+ * .weight/.weight_scale (E4M3)/.weight_scale_2, or MXFP4 .weight/.scale (UE8M0), or gpt-oss's
+ * stacked _blocks/_scales de-interleaved by the reference; and the expert biases. The
+ * conversion is exact, so every value must be equal. Returns the number of values that differ (or -1 when
  * a tensor is missing); `first` describes the first. */
 int64_t epmoe_ref_check_loaded_experts(const epmoe_st_set *ckpt, const epmoe_config *cfg,
                                        const epmoe_layer_weights *w, char *first, size_t cap);

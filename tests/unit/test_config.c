@@ -57,6 +57,82 @@ START_TEST(presets_match_the_design_table) {
     epmoe_config c;
     ck_assert_int_eq(epmoe_config_preset(&c, "dsv5"), EPMOE_ERR_NOT_FOUND);
     ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "dsv5"));
+    /* the DeepSeek presets leave gpt-oss's settings at their defaults */
+    ck_assert(epmoe_config_preset(&c, "dsv4-flash") == EPMOE_OK);
+    ck_assert_int_eq(c.expert_bias, 0);
+    ck_assert_int_eq(c.swiglu_variant, EPMOE_SWIGLU_DSV4);
+}
+END_TEST
+
+/* gpt-oss (docs/checkpoints.md, "gpt-oss", each number with its source): hidden and
+ * intermediate 2880, top-4, limit 7.0, alpha 1.702 (gpt_oss/torch/model.py ModelConfig and
+ * swiglu(); transformers' GptOssConfig); 20b: 32 experts, 24 layers; 120b: 128 experts, 36
+ * layers; vocabulary 201088. */
+START_TEST(gptoss_presets_match_the_release) {
+    struct {
+        const char *name;
+        int64_t hidden, inter, experts, layers, vocab;
+    } rows[] = {
+        {"gpt-oss-20b", 2880, 2880, 32, 24, 201088},
+        {"gpt-oss-120b", 2880, 2880, 128, 36, 201088},
+        {"gpt-oss-tiny", 160, 96, 32, 3, 1024},
+    };
+    for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
+        epmoe_config c;
+        ck_assert(epmoe_config_preset(&c, rows[i].name) == EPMOE_OK);
+        ck_assert_msg(epmoe_config_validate(&c) == EPMOE_OK, "%s: %s", rows[i].name,
+                      epmoe_last_error());
+        ck_assert_int_eq(c.hidden_size, rows[i].hidden);
+        ck_assert_int_eq(c.moe_inter_size, rows[i].inter);
+        ck_assert_int_eq(c.n_routed_experts, rows[i].experts);
+        ck_assert_int_eq(c.n_layers, rows[i].layers);
+        ck_assert_int_eq(c.vocab_size, rows[i].vocab);
+        ck_assert_int_eq(c.top_k, 4);
+        ck_assert_int_eq(c.n_shared_experts, 0);
+        ck_assert_int_eq(c.n_hash_layers, 0);
+        ck_assert_double_eq(c.routed_scaling_factor, 1.0);
+        ck_assert_int_eq(c.scoring, EPMOE_SCORING_TOPK_SOFTMAX);
+        ck_assert_int_eq(c.swiglu_variant, EPMOE_SWIGLU_GPTOSS);
+        ck_assert_double_eq(c.swiglu_limit, 7.0);
+        ck_assert_double_eq(c.swiglu_alpha, 1.702);
+        ck_assert_int_eq(c.expert_bias, 1);
+        ck_assert_int_eq(c.gate_up_order, EPMOE_GATE_UP_INTERLEAVED);
+        ck_assert_int_eq(c.weight_format, EPMOE_WEIGHTS_MXFP4);
+        /* 2880 = 90 x 32 = 45 x 64: MXFP4 and NVFP4 blocks fit, 128-wide tiles do not (the
+         * tiny preset's 160 is not even a multiple of 64) */
+        ck_assert_int_eq(c.hidden_size % 32, 0);
+        ck_assert_int_ne(c.hidden_size % 128, 0);
+    }
+}
+END_TEST
+
+/* What topk_softmax and the gpt-oss layout cannot have. */
+START_TEST(gptoss_validation_rules) {
+    epmoe_config c;
+    ck_assert(epmoe_config_preset(&c, "gpt-oss-tiny") == EPMOE_OK);
+    c.n_groups = 4, c.topk_groups = 2;
+    ck_assert_int_eq(epmoe_config_validate(&c), EPMOE_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "topk_softmax"));
+    ck_assert(epmoe_config_preset(&c, "gpt-oss-tiny") == EPMOE_OK);
+    c.n_hash_layers = 1;
+    ck_assert_int_eq(epmoe_config_validate(&c), EPMOE_ERR_INVALID_ARG);
+    ck_assert(epmoe_config_preset(&c, "gpt-oss-tiny") == EPMOE_OK);
+    ck_assert_int_eq(epmoe_config_set(&c, "checkpoint_layout", "gpt-oss"), EPMOE_OK);
+    ck_assert_int_eq(epmoe_config_validate(&c), EPMOE_OK);
+    c.n_shared_experts = 1;
+    ck_assert_int_eq(epmoe_config_validate(&c), EPMOE_ERR_INVALID_ARG);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "gpt-oss"));
+    c.n_shared_experts = 0, c.expert_bias = 0;
+    ck_assert_int_eq(epmoe_config_validate(&c), EPMOE_ERR_INVALID_ARG);
+    c.expert_bias = 1, c.weight_format = EPMOE_WEIGHTS_NVFP4;
+    ck_assert_int_eq(epmoe_config_validate(&c), EPMOE_ERR_INVALID_ARG);
+    /* model defaults reset the family's settings, runtime settings stay */
+    c.max_tokens_per_rank = 77;
+    epmoe_config_model_defaults(&c);
+    ck_assert_int_eq(c.expert_bias, 0);
+    ck_assert_int_eq(c.scoring, EPMOE_SCORING_SQRTSOFTPLUS);
+    ck_assert_int_eq(c.checkpoint_layout, EPMOE_LAYOUT_EPMOE);
+    ck_assert_int_eq(c.max_tokens_per_rank, 77);
 }
 END_TEST
 
@@ -169,6 +245,8 @@ int main(void) {
     TCase *tc = tcase_create("table");
     tcase_add_test(tc, defaults_are_in_bounds_and_valid);
     tcase_add_test(tc, presets_match_the_design_table);
+    tcase_add_test(tc, gptoss_presets_match_the_release);
+    tcase_add_test(tc, gptoss_validation_rules);
     tcase_add_test(tc, set_checks_type_bounds_and_names);
     tcase_add_test(tc, validate_catches_cross_field_errors);
     tcase_add_test(tc, parse_args_consumes_settings_and_keeps_the_rest);

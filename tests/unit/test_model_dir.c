@@ -1,11 +1,14 @@
-/* Real model directories (DeepSeek's layout and NVIDIA's NVFP4 one, docs/checkpoints.md), as
+/* Real model directories (DeepSeek's layout, NVIDIA's NVFP4 one and gpt-oss's, docs/checkpoints.md), as
  * epmoe-gen writes them: config.json read back into the settings; every layer (the MTP block's
  * too) loads the same weights as the epmoe layout of the same seed, bit for bit; a rank opens
  * only the shards that hold its tensors and never reads the embedding or head shards; MXFP4
  * with all-zero blocks and a wide span loads and equals the reference; and a catalogue of
  * broken directories, each refused with a message naming the file and the tensor, nothing
  * left allocated, next to the variations the loader accepts; and the generator never writes
- * through a symlink planted at one of its file names. */
+ * through a symlink planted at one of its file names. gpt-oss: the released layout loads what
+ * the epmoe layout of the same seed loads; a directory written here byte by byte proves the
+ * gate/up interleaving, the biases and the activation against float64; broken ones are
+ * refused naming the file and the tensor. */
 #include <check.h>
 #include <dirent.h>
 #include <jansson.h>
@@ -25,6 +28,7 @@
 #include "tests/ref/ref_layer.h"
 #include "tests/support/test_support.h"
 #include "worker/expert_weights.h"
+#include "worker/experts.h"
 
 #define PATH_CAP 4200
 #define N_LAYERS 4 /* layer 0 hash-routed, 1-2 score-routed, 3 the MTP block's (mtp.0) */
@@ -813,6 +817,435 @@ START_TEST(test_mxfp4_zero_blocks_and_wide_span) {
 }
 END_TEST
 
+/* ---- gpt-oss (docs/checkpoints.md, "gpt-oss") ---- */
+
+#define GO_E 8 /* gpt-oss-tiny with 8 experts and 2 layers: H 160, I 96 */
+#define GO_H 160
+#define GO_I 96
+static char gptoss_dir[PATH_CAP], gptoss_epmoe_dir[PATH_CAP];
+
+static void gptoss_config(epmoe_config *cfg, const char *layout) {
+    ck_assert(epmoe_config_preset(cfg, "gpt-oss-tiny") == EPMOE_OK);
+    const char *settings[][2] = {{"n_layers", "2"}, {"n_routed_experts", "8"}, {"seed", "78"},
+                                 {"checkpoint_layout", layout}};
+    for (size_t i = 0; i < sizeof settings / sizeof settings[0]; i++)
+        ck_assert_msg(epmoe_config_set(cfg, settings[i][0], settings[i][1]) == EPMOE_OK, "%s",
+                      epmoe_last_error());
+}
+
+static void setup_gptoss_dirs(void) {
+    const char *names[2] = {"md_gptoss", "md_gptoss_epmoe"}, *layouts[2] = {"gpt-oss", "epmoe"};
+    char *dirs[2] = {gptoss_dir, gptoss_epmoe_dir};
+    for (int i = 0; i < 2; i++) {
+        snprintf(dirs[i], PATH_CAP, "%s", epmoe_test_data_path(names[i]));
+        remove_dir(dirs[i]);
+        epmoe_config cfg;
+        gptoss_config(&cfg, layouts[i]);
+        epmoe_gen_options opt = {.shard_bytes = 200000, .threads = 2};
+        ck_assert_msg(epmoe_ckpt_generate(&cfg, &opt, dirs[i], NULL) == EPMOE_OK, "%s: %s",
+                      names[i], epmoe_last_error());
+    }
+}
+
+START_TEST(test_gptoss_config_json) {
+    epmoe_config cfg;
+    epmoe_st_set *s = open_ckpt(gptoss_dir, &cfg);
+    ck_assert_int_eq(cfg.checkpoint_layout, EPMOE_LAYOUT_GPT_OSS);
+    ck_assert_int_eq(cfg.hidden_size, GO_H);
+    ck_assert_int_eq(cfg.moe_inter_size, GO_I);
+    ck_assert_int_eq(cfg.n_routed_experts, GO_E);
+    ck_assert_int_eq(cfg.top_k, 4);
+    ck_assert_int_eq(cfg.n_layers, 2);
+    ck_assert_int_eq(cfg.n_shared_experts, 0);
+    ck_assert_int_eq(cfg.n_hash_layers, 0);
+    ck_assert_int_eq(cfg.scoring, EPMOE_SCORING_TOPK_SOFTMAX);
+    ck_assert_int_eq(cfg.swiglu_variant, EPMOE_SWIGLU_GPTOSS);
+    ck_assert(cfg.swiglu_limit == 7.0 && cfg.swiglu_alpha == 1.702);
+    ck_assert(cfg.routed_scaling_factor == 1.0);
+    ck_assert_int_eq(cfg.expert_bias, 1);
+    ck_assert_int_eq(cfg.gate_up_order, EPMOE_GATE_UP_INTERLEAVED);
+    ck_assert_int_eq(cfg.weight_format, EPMOE_WEIGHTS_MXFP4);
+    /* the release's shard names: counted from 0, "of" the last index (the head's shard) */
+    int last = -1, of = -2;
+    ck_assert_int_eq(sscanf(shard_of(gptoss_dir, "lm_head.weight"), "model-%5d-of-%5d", &last, &of), 2);
+    ck_assert_int_eq(last, of);
+    char want[64];
+    snprintf(want, sizeof want, "model-00000-of-%05d.safetensors", of);
+    ck_assert_str_eq(shard_of(gptoss_dir, "model.embed_tokens.weight"), want);
+    epmoe_st_set_close(s);
+    /* a DeepSeek directory read after it keeps none of gpt-oss's settings */
+    epmoe_config c2 = cfg;
+    s = NULL;
+    ck_assert(epmoe_st_set_open(deepseek_dir, &s) == EPMOE_OK);
+    ck_assert(epmoe_config_from_checkpoint(s, &c2) == EPMOE_OK);
+    ck_assert_int_eq(c2.expert_bias, 0);
+    ck_assert_int_eq(c2.swiglu_variant, EPMOE_SWIGLU_DSV4);
+    epmoe_st_set_close(s);
+}
+END_TEST
+
+/* The released layout and the epmoe layout of the same seed load the same weights and biases,
+ * bit for bit, and what is loaded equals the reference's own decoding of the stacked tensors
+ * (tests/ref: gate = even rows, up = odd rows, from gpt-oss's definition), on two slices. */
+START_TEST(test_gptoss_same_weights_as_epmoe_layout) {
+    epmoe_config cr, co;
+    epmoe_st_set *sr = open_ckpt(gptoss_dir, &cr), *so = open_ckpt(gptoss_epmoe_dir, &co);
+    const epmoe_expert_slice slices[2] = {{0, GO_E}, {3, 6}};
+    for (int sl = 0; sl < 2; sl++) {
+        const int64_t n = slices[sl].end - slices[sl].start, H = GO_H, I = GO_I;
+        for (int64_t L = 0; L < 2; L++) {
+            epmoe_layer_weights a, b;
+            ck_assert_msg(epmoe_layer_weights_load(sr, &cr, L, &slices[sl], &a) == EPMOE_OK,
+                          "%s", epmoe_last_error());
+            ck_assert_msg(epmoe_layer_weights_load(so, &co, L, &slices[sl], &b) == EPMOE_OK,
+                          "%s", epmoe_last_error());
+            expect_same_bytes(a.gate_weight, b.gate_weight, GO_E * H * 4, "router", L);
+            expect_same_bytes(a.gate_bias, b.gate_bias, GO_E * 4, "router bias", L);
+            ck_assert(a.tid2eid == NULL && a.shared_w13 == NULL);
+            expect_same_bytes(a.w13_codes, b.w13_codes, n * 2 * I * H / 2, "w13 codes", L);
+            expect_same_bytes(a.w13_sf, b.w13_sf, n * 2 * I * H / 16, "w13 sf", L);
+            expect_same_bytes(a.w2_codes, b.w2_codes, n * H * I / 2, "w2 codes", L);
+            expect_same_bytes(a.w2_sf, b.w2_sf, n * H * I / 16, "w2 sf", L);
+            expect_same_bytes(a.w13_scale_2, b.w13_scale_2, 2 * n * 4, "w13 scale_2", L);
+            expect_same_bytes(a.w2_scale_2, b.w2_scale_2, n * 4, "w2 scale_2", L);
+            ck_assert(a.w13_bias != NULL && a.w2_bias != NULL);
+            expect_same_bytes(a.w13_bias, b.w13_bias, n * 2 * I * 4, "w13 bias", L);
+            expect_same_bytes(a.w2_bias, b.w2_bias, n * H * 4, "w2 bias", L);
+            char first[256];
+            ck_assert_msg(epmoe_ref_check_loaded_experts(sr, &cr, &a, first, sizeof first) == 0,
+                          "layer %lld: %s", (long long)L, first);
+            ck_assert_msg(epmoe_ref_check_loaded_experts(so, &co, &b, first, sizeof first) == 0,
+                          "layer %lld: %s", (long long)L, first);
+            /* only this slice's bytes counted as read (the stacked tensors hold all experts) */
+            ck_assert_int_lt(a.checkpoint_bytes, b.checkpoint_bytes + GO_E * H * 2 + GO_E * 2 + 1);
+            epmoe_layer_weights_free(&a);
+            epmoe_layer_weights_free(&b);
+        }
+    }
+    epmoe_st_set_close(sr);
+    epmoe_st_set_close(so);
+}
+END_TEST
+
+/* ---- a gpt-oss directory written here byte by byte, from the release's definition alone ----
+ * (names as strings, values chosen here): gate_up_proj holds expert e's gate row n at fused row
+ * 2n and its up row n at 2n + 1 (gpt_oss/torch/model.py swiglu: x[..., ::2], x[..., 1::2];
+ * transformers GptOssExperts: gate_up[..., ::2], gate_up[..., 1::2]), biases in the same
+ * fused order. The engine's expert MLP on it is compared with a float64 computation written
+ * here from the stored bytes, on inputs that make both clamps fire. */
+#define HM_E 2
+#define HM_H 64
+#define HM_I 32
+
+typedef struct {
+    uint8_t blocks13[HM_E * 2 * HM_I * HM_H / 2], scales13[HM_E * 2 * HM_I * HM_H / 32];
+    uint8_t blocks2[HM_E * HM_H * HM_I / 2], scales2[HM_E * HM_H * HM_I / 32];
+    uint16_t bias13[HM_E * 2 * HM_I], bias2[HM_E * HM_H], router[HM_E * HM_H], router_bias[HM_E];
+} handmade;
+
+static double hm_e2m1(uint8_t nibble) {
+    static const double mag[8] = {0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0};
+    return (nibble & 8 ? -1.0 : 1.0) * mag[nibble & 7];
+}
+
+/* Row `row` of a [rows, K] MXFP4 matrix (low nibble first, UE8M0 per 32), element k. */
+static double hm_weight(const uint8_t *blocks, const uint8_t *scales, int64_t row, int64_t K,
+                        int64_t k) {
+    uint8_t byte = blocks[row * (K / 2) + k / 2];
+    return hm_e2m1(k % 2 ? byte >> 4 : byte & 15) * ldexp(1.0, scales[row * (K / 32) + k / 32] - 127);
+}
+
+static double hm_bf16(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void write_handmade(const char *dir, handmade *m) {
+    remove_dir(dir);
+    ck_assert_int_eq(mkdir(dir, 0777), 0);
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 2880);
+    for (size_t i = 0; i < sizeof m->blocks13; i++) m->blocks13[i] = (uint8_t)epmoe_rng_next(&rng);
+    for (size_t i = 0; i < sizeof m->blocks2; i++) m->blocks2[i] = (uint8_t)epmoe_rng_next(&rng);
+    for (size_t i = 0; i < sizeof m->scales13; i++) m->scales13[i] = (uint8_t)(125 + epmoe_rng_below(&rng, 3));
+    for (size_t i = 0; i < sizeof m->scales2; i++) m->scales2[i] = (uint8_t)(123 + epmoe_rng_below(&rng, 3));
+    for (int i = 0; i < HM_E * 2 * HM_I; i++)
+        m->bias13[i] = epmoe_float_to_bf16(2.0f * epmoe_rng_normal(&rng));
+    for (int i = 0; i < HM_E * HM_H; i++) m->bias2[i] = epmoe_float_to_bf16(epmoe_rng_normal(&rng));
+    for (int i = 0; i < HM_E * HM_H; i++) m->router[i] = epmoe_float_to_bf16(0.1f * epmoe_rng_normal(&rng));
+    for (int i = 0; i < HM_E; i++) m->router_bias[i] = 0;
+    const char *shard = "model-00000-of-00000.safetensors";
+    struct {
+        const char *name;
+        epmoe_dtype dtype;
+        int ndim;
+        int64_t shape[4];
+        const void *data;
+    } t[] = {
+        {"model.layers.0.mlp.router.weight", EPMOE_DTYPE_BF16, 2, {HM_E, HM_H}, m->router},
+        {"model.layers.0.mlp.router.bias", EPMOE_DTYPE_BF16, 1, {HM_E}, m->router_bias},
+        {"model.layers.0.mlp.experts.gate_up_proj_blocks", EPMOE_DTYPE_U8, 4,
+         {HM_E, 2 * HM_I, HM_H / 32, 16}, m->blocks13},
+        {"model.layers.0.mlp.experts.gate_up_proj_scales", EPMOE_DTYPE_U8, 3,
+         {HM_E, 2 * HM_I, HM_H / 32}, m->scales13},
+        {"model.layers.0.mlp.experts.gate_up_proj_bias", EPMOE_DTYPE_BF16, 2, {HM_E, 2 * HM_I},
+         m->bias13},
+        {"model.layers.0.mlp.experts.down_proj_blocks", EPMOE_DTYPE_U8, 4,
+         {HM_E, HM_H, HM_I / 32, 16}, m->blocks2},
+        {"model.layers.0.mlp.experts.down_proj_scales", EPMOE_DTYPE_U8, 3,
+         {HM_E, HM_H, HM_I / 32}, m->scales2},
+        {"model.layers.0.mlp.experts.down_proj_bias", EPMOE_DTYPE_BF16, 2, {HM_E, HM_H}, m->bias2},
+    };
+    epmoe_st_writer *w = NULL;
+    ck_assert_int_eq(epmoe_st_writer_create(&w), EPMOE_OK);
+    json_t *map = json_object();
+    for (size_t i = 0; i < sizeof t / sizeof t[0]; i++) {
+        ck_assert_int_eq(epmoe_st_writer_add(w, t[i].name, t[i].dtype, t[i].ndim, t[i].shape,
+                                             t[i].data),
+                         EPMOE_OK);
+        json_object_set_new(map, t[i].name, json_string(shard));
+    }
+    char p[PATH_CAP];
+    path_in(p, dir, shard);
+    ck_assert_msg(epmoe_st_writer_finish(w, p) == EPMOE_OK, "%s", epmoe_last_error());
+    epmoe_st_writer_free(w);
+    save_json(json_pack("{s:{}, s:o}", "metadata", "weight_map", map), dir, EPMOE_ST_INDEX_FILE);
+    save_json(json_pack("{s:s, s:i, s:i, s:i, s:i, s:i, s:i, s:i, s:f, s:s, s:{s:s}}",
+                        "model_type", "gpt_oss", "hidden_size", HM_H, "intermediate_size", HM_I,
+                        "num_local_experts", HM_E, "num_experts_per_tok", 1, "experts_per_token",
+                        1, "num_hidden_layers", 1, "vocab_size", 16, "swiglu_limit", 7.0,
+                        "hidden_act", "silu", "quantization_config", "quant_method", "mxfp4"),
+              dir, "config.json");
+}
+
+/* Expert e's MLP on one token in float64 from the stored bytes; gate row n of the fused tensor
+ * taken at fused row gate(n) and up row n at up(n). Counts the clamps. */
+static void hm_expert(const handmade *m, int e, const float *x, int interleaved, double *y,
+                      int64_t *gate_clamped, int64_t *up_clamped, int64_t *unclamped) {
+    double h[2 * HM_I], a[HM_I];
+    for (int64_t r = 0; r < 2 * HM_I; r++) {
+        double acc = 0;
+        for (int64_t k = 0; k < HM_H; k++)
+            acc += (double)x[k] * hm_weight(m->blocks13, m->scales13, e * 2 * HM_I + r, HM_H, k);
+        h[r] = acc + hm_bf16(m->bias13[e * 2 * HM_I + r]);
+    }
+    for (int64_t n = 0; n < HM_I; n++) {
+        double g = interleaved ? h[2 * n] : h[n], u = interleaved ? h[2 * n + 1] : h[HM_I + n];
+        const double L = 7.0, alpha = 1.702;
+        *gate_clamped += g > L;
+        *up_clamped += u > L || u < -L;
+        *unclamped += g <= L && u <= L && u >= -L;
+        g = g > L ? L : g;
+        u = u > L ? L : (u < -L ? -L : u);
+        a[n] = g / (1.0 + exp(-alpha * g)) * (u + 1.0);
+    }
+    for (int64_t j = 0; j < HM_H; j++) {
+        double acc = 0;
+        for (int64_t n = 0; n < HM_I; n++)
+            acc += a[n] * hm_weight(m->blocks2, m->scales2, e * HM_H + j, HM_I, n);
+        y[j] = acc + hm_bf16(m->bias2[e * HM_H + j]);
+    }
+}
+
+/* The engine's expert MLP (W4A16: the activations go in unquantized, so the only difference to
+ * float64 is fp32 rounding) on T tokens through both experts, in gate_up_order `order`. */
+static void hm_engine(const char *dir, int64_t order, const float *x, int64_t T, float *y) {
+    epmoe_config cfg;
+    epmoe_st_set *s = open_ckpt(dir, &cfg);
+    ck_assert_int_eq(cfg.gate_up_order, EPMOE_GATE_UP_INTERLEAVED); /* as released */
+    cfg.gate_up_order = order;
+    cfg.act_quant = EPMOE_ACT_HIGH;
+    epmoe_expert_slice all = {0, HM_E};
+    epmoe_layer_weights w;
+    ck_assert_msg(epmoe_layer_weights_load(s, &cfg, 0, &all, &w) == EPMOE_OK, "%s",
+                  epmoe_last_error());
+    epmoe_expert_scratch *scratch = NULL;
+    ck_assert_int_eq(epmoe_expert_scratch_create(HM_H, HM_I, 0, &scratch), EPMOE_OK);
+    float *xp = malloc((size_t)(2 * T * HM_H) * sizeof(float));
+    memcpy(xp, x, (size_t)(T * HM_H) * sizeof(float)); /* the same tokens to both experts */
+    memcpy(xp + T * HM_H, x, (size_t)(T * HM_H) * sizeof(float));
+    const int64_t counts[HM_E] = {T, T}, offsets[HM_E + 1] = {0, T, 2 * T};
+    epmoe_poison_f32(y, (size_t)(2 * T * HM_H));
+    ck_assert_msg(epmoe_cpu_experts_forward(&cfg, &w, xp, counts, offsets, y, scratch, NULL) ==
+                      EPMOE_OK,
+                  "%s", epmoe_last_error());
+    ck_assert_uint_eq(epmoe_count_unwritten_f32(y, (size_t)(2 * T * HM_H)), 0);
+    free(xp);
+    epmoe_expert_scratch_free(scratch);
+    epmoe_layer_weights_free(&w);
+    epmoe_st_set_close(s);
+}
+
+START_TEST(test_gptoss_handmade_interleave_bias_activation) {
+    char dir[PATH_CAP];
+    snprintf(dir, sizeof dir, "%s", epmoe_test_data_path("md_gptoss_handmade"));
+    handmade *m = malloc(sizeof *m);
+    write_handmade(dir, m);
+    const int64_t T = 24;
+    float x[24 * HM_H];
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 45);
+    epmoe_fill_normal(&rng, x, (size_t)(T * HM_H), 1.0f);
+    float *y = malloc((size_t)(2 * T * HM_H) * sizeof(float));
+    double *want = malloc((size_t)(2 * T * HM_H) * sizeof(double));
+    double *swapped = malloc((size_t)(2 * T * HM_H) * sizeof(double));
+    for (int interleaved = 1; interleaved >= 0; interleaved--) {
+        int64_t gate_clamped = 0, up_clamped = 0, unclamped = 0, ignore = 0;
+        for (int e = 0; e < HM_E; e++)
+            for (int64_t t = 0; t < T; t++) {
+                hm_expert(m, e, x + t * HM_H, interleaved, want + (e * T + t) * HM_H,
+                          &gate_clamped, &up_clamped, &unclamped);
+                /* the other order: what a loader that got the interleaving wrong computes */
+                hm_expert(m, e, x + t * HM_H, !interleaved, swapped + (e * T + t) * HM_H,
+                          &ignore, &ignore, &ignore);
+            }
+        ck_assert_msg(gate_clamped > 0 && up_clamped > 0 && unclamped > 0,
+                      "inputs must make both clamps fire and leave some values alone: gate %lld, "
+                      "up %lld, neither %lld",
+                      (long long)gate_clamped, (long long)up_clamped, (long long)unclamped);
+        hm_engine(dir, interleaved ? EPMOE_GATE_UP_INTERLEAVED : EPMOE_GATE_UP_HALVES, x, T, y);
+        const size_t n = (size_t)(2 * T * HM_H);
+        double err = epmoe_rel_l2_f32_f64(y, want, n), other = epmoe_rel_l2_f32_f64(y, swapped, n);
+        ck_assert_msg(err < 1e-6, "%s: rel L2 %.3g against float64", interleaved ? "interleaved" : "halves", err);
+        ck_assert_msg(other > 1e-2, "the wrong row order is indistinguishable (%.3g)", other);
+        /* gate and up swapped in place (the row order right, the roles wrong) */
+        if (interleaved) {
+            handmade *sw = malloc(sizeof *sw);
+            memcpy(sw, m, sizeof *sw);
+            for (int64_t r = 0; r < HM_E * 2 * HM_I; r += 2) {
+                for (int64_t c = 0; c < HM_H / 2; c++) {
+                    uint8_t tmp = sw->blocks13[r * HM_H / 2 + c];
+                    sw->blocks13[r * HM_H / 2 + c] = sw->blocks13[(r + 1) * HM_H / 2 + c];
+                    sw->blocks13[(r + 1) * HM_H / 2 + c] = tmp;
+                }
+                for (int64_t c = 0; c < HM_H / 32; c++) {
+                    uint8_t tmp = sw->scales13[r * HM_H / 32 + c];
+                    sw->scales13[r * HM_H / 32 + c] = sw->scales13[(r + 1) * HM_H / 32 + c];
+                    sw->scales13[(r + 1) * HM_H / 32 + c] = tmp;
+                }
+                uint16_t tb = sw->bias13[r];
+                sw->bias13[r] = sw->bias13[r + 1];
+                sw->bias13[r + 1] = tb;
+            }
+            double *roles = malloc(n * sizeof(double));
+            for (int e = 0; e < HM_E; e++)
+                for (int64_t t = 0; t < T; t++)
+                    hm_expert(sw, e, x + t * HM_H, 1, roles + (e * T + t) * HM_H, &ignore, &ignore,
+                              &ignore);
+            ck_assert_msg(epmoe_rel_l2_f32_f64(y, roles, n) > 1e-2,
+                          "gate and up swapped are indistinguishable");
+            free(roles);
+            free(sw);
+        }
+    }
+    free(y);
+    free(want);
+    free(swapped);
+    free(m);
+    remove_dir(dir);
+}
+END_TEST
+
+/* ---- broken gpt-oss directories: refused naming the file and the tensor ---- */
+
+#define GO_L1 "model.layers.1.mlp."
+static void go_scales_missing(const char *dir) { drop_everywhere(dir, GO_L1 "experts.gate_up_proj_scales"); }
+static void go_blocks_wrong_shape(const char *dir) {
+    int64_t shape[4] = {3, GO_E, GO_H, GO_I / 2}; /* the 4-D blocks flattened to 3-D */
+    edit_tensor(dir, GO_L1 "experts.down_proj_blocks", set_shape, shape);
+}
+static void go_bias_f16(const char *dir) {
+    epmoe_dtype f16 = EPMOE_DTYPE_F16;
+    edit_tensor(dir, GO_L1 "experts.gate_up_proj_bias", set_dtype, &f16);
+}
+static void go_config_inter(const char *dir) {
+    json_t *c = load_json(dir, "config.json");
+    json_object_set_new(c, "intermediate_size", json_integer(64));
+    save_json(c, dir, "config.json");
+}
+static void go_config_not_mxfp4(const char *dir) {
+    json_t *c = load_json(dir, "config.json");
+    json_object_del(c, "quantization_config");
+    save_json(c, dir, "config.json");
+}
+static void go_config_layers(const char *dir) {
+    json_t *c = load_json(dir, "config.json");
+    json_object_set_new(c, "num_hidden_layers", json_integer(1));
+    save_json(c, dir, "config.json");
+}
+static void go_config_top_k(const char *dir) {
+    json_t *c = load_json(dir, "config.json");
+    json_object_set_new(c, "experts_per_token", json_integer(2));
+    save_json(c, dir, "config.json");
+}
+static void go_router_bias_missing(const char *dir) { drop_everywhere(dir, GO_L1 "router.bias"); }
+static void go_bias_nan(const char *dir) { /* BF16 NaN 0x7fc0 at element 5 of expert 0 */
+    int lo[2] = {10, 0xc0}, hi[2] = {11, 0x7f};
+    edit_tensor(dir, GO_L1 "experts.down_proj_bias", set_byte, lo);
+    edit_tensor(dir, GO_L1 "experts.down_proj_bias", set_byte, hi);
+}
+/* expert 0's fused row 0 (a gate row): one block at 2^-126, the next at 2^127, no exact NVFP4 */
+static void go_scales_no_nvfp4(const char *dir) {
+    int lo[2] = {0, 1}, hi[2] = {1, 254};
+    edit_tensor(dir, GO_L1 "experts.gate_up_proj_scales", set_byte, lo);
+    edit_tensor(dir, GO_L1 "experts.gate_up_proj_scales", set_byte, hi);
+}
+
+static const broken_case gptoss_catalogue[] = {
+    {"gpt-oss: scales missing", BASE_DEEPSEEK, go_scales_missing, EPMOE_ERR_NOT_FOUND,
+     EPMOE_ST_INDEX_FILE, GO_L1 "experts.gate_up_proj_scales", "not found"},
+    {"gpt-oss: blocks of the wrong shape", BASE_DEEPSEEK, go_blocks_wrong_shape,
+     EPMOE_ERR_FORMAT, NULL, GO_L1 "experts.down_proj_blocks", "expected [8, 160, 3, 16]"},
+    {"gpt-oss: bias of the wrong dtype", BASE_DEEPSEEK, go_bias_f16, EPMOE_ERR_FORMAT, NULL,
+     GO_L1 "experts.gate_up_proj_bias", "dtype F16, expected BF16 or F32"},
+    {"gpt-oss: config.json intermediate_size disagrees", BASE_DEEPSEEK, go_config_inter,
+     EPMOE_ERR_FORMAT, "config.json", "model.layers.0.mlp.experts.gate_up_proj_blocks",
+     "expected [8, 128, 5, 16]"},
+    {"gpt-oss: experts not MXFP4", BASE_DEEPSEEK, go_config_not_mxfp4, EPMOE_ERR_UNSUPPORTED,
+     "config.json", "quant_method", "is missing"},
+    {"gpt-oss: config.json num_hidden_layers disagrees", BASE_DEEPSEEK, go_config_layers,
+     EPMOE_ERR_FORMAT, "config.json", "model.layers.1.mlp.router.weight",
+     "more layers than the config says"},
+    {"gpt-oss: experts_per_token disagrees", BASE_DEEPSEEK, go_config_top_k, EPMOE_ERR_FORMAT,
+     "config.json", "experts_per_token", "disagrees with \"num_experts_per_tok\" 4"},
+    {"gpt-oss: router bias missing", BASE_DEEPSEEK, go_router_bias_missing, EPMOE_ERR_NOT_FOUND,
+     EPMOE_ST_INDEX_FILE, GO_L1 "router.bias", "not found"},
+    {"gpt-oss: NaN expert bias", BASE_DEEPSEEK, go_bias_nan, EPMOE_ERR_NUMERIC, NULL,
+     GO_L1 "experts.down_proj_bias", "element [0, 5] is nan"},
+    {"gpt-oss: MXFP4 scales with no exact NVFP4", BASE_DEEPSEEK, go_scales_no_nvfp4,
+     EPMOE_ERR_UNSUPPORTED, NULL, GO_L1 "experts.gate_up_proj_scales (gate rows)", "expert 0"},
+};
+
+START_TEST(test_gptoss_broken_directories) {
+    for (size_t i = 0; i < sizeof gptoss_catalogue / sizeof gptoss_catalogue[0]; i++) {
+        const broken_case *c = &gptoss_catalogue[i];
+        const char *dir = scratch_copy(gptoss_dir);
+        char file[256];
+        if (c->file) snprintf(file, sizeof file, "%s", c->file);
+        else { /* the shard of the tensor named (its first word) */
+            char tensor[160];
+            snprintf(tensor, sizeof tensor, "%s", c->tensor);
+            *strchrnul(tensor, ' ') = '\0';
+            snprintf(file, sizeof file, "%s", shard_of(dir, tensor));
+        }
+        c->breaks(dir);
+        epmoe_clear_error();
+        epmoe_status st = load_dir(dir, NULL);
+        const char *msg = epmoe_last_error();
+        ck_assert_msg(st == c->expect, "%s: expected %s, got %s: %s", c->what,
+                      epmoe_status_name(c->expect), epmoe_status_name(st), msg);
+        ck_assert_msg(strstr(msg, file), "%s: the message does not name %s: %s", c->what, file,
+                      msg);
+        ck_assert_msg(strstr(msg, c->tensor), "%s: the message does not name %s: %s", c->what,
+                      c->tensor, msg);
+        ck_assert_msg(strstr(msg, c->detail), "%s: no '%s' in: %s", c->what, c->detail, msg);
+    }
+    remove_dir(scratch_dir);
+}
+END_TEST
+
 /* ---- writing: never through a symlink (common/paths.h) ---- */
 
 static void plant_victim(const char *victim) {
@@ -873,6 +1306,7 @@ static Suite *model_dir_suite(void) {
     Suite *s = suite_create("model_dir");
     TCase *tc = tcase_create("model_dir");
     tcase_add_unchecked_fixture(tc, setup_dirs, NULL);
+    tcase_add_unchecked_fixture(tc, setup_gptoss_dirs, NULL);
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_config_json);
     tcase_add_test(tc, test_same_weights_as_epmoe_layout);
@@ -881,6 +1315,10 @@ static Suite *model_dir_suite(void) {
     tcase_add_test(tc, test_accepted_variations);
     tcase_add_test(tc, test_mxfp4_zero_blocks_and_wide_span);
     tcase_add_test(tc, test_generator_never_follows_symlinks);
+    tcase_add_test(tc, test_gptoss_config_json);
+    tcase_add_test(tc, test_gptoss_same_weights_as_epmoe_layout);
+    tcase_add_test(tc, test_gptoss_handmade_interleave_bias_activation);
+    tcase_add_test(tc, test_gptoss_broken_directories);
     suite_add_tcase(s, tc);
     return s;
 }

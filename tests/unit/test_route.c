@@ -1,5 +1,5 @@
-/* Routing: gate logits, top-k (DeepSeek-V4 sqrtsoftplus, DeepSeek-V3 sigmoid with group limit),
- * hash routing and their errors, against a plain float64 reference written here (full sorts,
+/* Routing: gate logits, top-k (DeepSeek-V4 sqrtsoftplus, DeepSeek-V3 sigmoid with group limit,
+ * gpt-oss topk_softmax), hash routing and their errors, against a plain float64 reference written here (full sorts,
  * no shared code with kernels/cpu/route.c). Random inputs are regenerated until the reference
  * keys have clear gaps, so that fp32 and fp64 must agree on every id and on the slot order. */
 #include <check.h>
@@ -35,6 +35,7 @@ static int by_key_desc_then_id(const void *a, const void *b) {
 }
 
 static double ref_score(int64_t scoring, double l) {
+    if (scoring == EPMOE_SCORING_TOPK_SOFTMAX) return l; /* gpt-oss ranks the logits */
     if (scoring == EPMOE_SCORING_SIGMOID) return 1.0 / (1.0 + exp(-l));
     return sqrt(log1p(exp(l)));
 }
@@ -92,6 +93,14 @@ static void ref_route(const epmoe_route_params *p, const float *logits, const fl
         sum += s[all[j].id];
     }
     for (int j = 0; j < k; j++) r->weights[j] = s[r->ids[j]] / sum * p->routed_scaling_factor;
+    if (p->scoring == EPMOE_SCORING_TOPK_SOFTMAX) {
+        /* gpt-oss: softmax over the k chosen keys, logit + bias (GptOssTopKRouter: F.linear with
+         * its bias, topk, softmax of the top values) */
+        double z = 0;
+        for (int j = 0; j < k; j++) z += exp(all[j].key);
+        for (int j = 0; j < k; j++)
+            r->weights[j] = exp(all[j].key) / z * p->routed_scaling_factor;
+    }
     int gap_upto = k < n ? k : n - 1;
     for (int j = 0; j < gap_upto; j++) r->min_gap = fmin(r->min_gap, all[j].key - all[j + 1].key);
     free(s);
@@ -703,6 +712,78 @@ START_TEST(test_route_hash_rejects_bad_tokens_and_tables) {
 }
 END_TEST
 
+START_TEST(test_route_topk_softmax_gptoss_shapes) {
+    run_random_case(32, 4, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f, 1, 31);  /* gpt-oss-20b */
+    run_random_case(128, 4, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f, 1, 32); /* gpt-oss-120b */
+    run_random_case(32, 4, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f, 0, 33);  /* no bias */
+    run_random_case(48, 5, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 2.0f, 1, 34);  /* factor applied */
+}
+END_TEST
+
+/* gpt-oss's bias is part of the logits: it picks the experts AND enters the softmax (DeepSeek's
+ * only picks them). Hand values. */
+START_TEST(test_route_topk_softmax_bias_enters_weights) {
+    epmoe_route_params p = make_params(4, 2, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f);
+    const float logits[4] = {1.0f, 0.5f, 0.25f, 0.0f}, bias[4] = {0.0f, 0.0f, 1.0f, 0.0f};
+    int32_t ids[2] = {ID_POISON, ID_POISON};
+    float w[2];
+    epmoe_poison_f32(w, 2);
+    ck_assert_int_eq(epmoe_cpu_route(&p, logits, bias, 1, ids, w), EPMOE_OK);
+    ck_assert_int_eq(ids[0], 2); /* key 1.25 */
+    ck_assert_int_eq(ids[1], 0); /* key 1.0 */
+    const double e = exp(0.25);  /* softmax(1.25, 1.0) */
+    ck_assert_double_eq_tol(w[0], e / (1.0 + e), 1e-7);
+    ck_assert_double_eq_tol(w[1], 1.0 / (1.0 + e), 1e-7);
+    /* the unbiased logits of the same two (0.25, 1.0) would weigh them the other way round */
+    ck_assert(w[0] > w[1]);
+    /* without a bias: experts 0 and 1, softmax(1.0, 0.5) */
+    ck_assert_int_eq(epmoe_cpu_route(&p, logits, NULL, 1, ids, w), EPMOE_OK);
+    ck_assert_int_eq(ids[0], 0);
+    ck_assert_int_eq(ids[1], 1);
+    ck_assert_double_eq_tol(w[0], 1.0 / (1.0 + exp(-0.5)), 1e-7);
+}
+END_TEST
+
+/* Equal logits: ids in increasing order, weights exactly 1/k; far apart logits (|l| ~ 80, where
+ * expf(l) itself would overflow or underflow) stay finite and sum to 1. */
+START_TEST(test_route_topk_softmax_ties_and_extremes) {
+    epmoe_route_params p = make_params(32, 4, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f);
+    float logits[2 * 32];
+    for (int e = 0; e < 32; e++) logits[e] = 3.0f;
+    for (int e = 0; e < 32; e++) logits[32 + e] = e == 9 ? 90.0f : (e == 20 ? 89.0f : -80.0f);
+    int32_t ids[8];
+    float w[8];
+    poison_ids(ids, 8);
+    epmoe_poison_f32(w, 8);
+    ck_assert_int_eq(epmoe_cpu_route(&p, logits, NULL, 2, ids, w), EPMOE_OK);
+    for (int j = 0; j < 4; j++) {
+        ck_assert_int_eq(ids[j], j);
+        ck_assert(w[j] == 0.25f);
+    }
+    ck_assert_int_eq(ids[4], 9);
+    ck_assert_int_eq(ids[5], 20);
+    ck_assert_int_eq(ids[6], 0); /* the -80 ties go to the lower ids */
+    ck_assert_int_eq(ids[7], 1);
+    ck_assert_double_eq_tol(w[4], 1.0 / (1.0 + exp(-1.0)), 1e-6);
+    ck_assert(isfinite(w[6]) && w[6] >= 0.0f && w[6] < 1e-30f);
+    ck_assert_double_eq_tol((double)w[4] + w[5] + w[6] + w[7], 1.0, 1e-6);
+}
+END_TEST
+
+START_TEST(test_route_topk_softmax_refuses_groups_and_hash) {
+    float logits[32] = {0};
+    int32_t ids[8], table[4 * 4] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3, 0, 1, 2, 3}, tok[1] = {0};
+    float w[8];
+    epmoe_route_params grouped = make_params(32, 4, EPMOE_SCORING_TOPK_SOFTMAX, 4, 2, 1.0f);
+    ck_assert_int_eq(epmoe_cpu_route(&grouped, logits, NULL, 1, ids, w), EPMOE_ERR_INVALID_ARG);
+    ck_assert_msg(strstr(epmoe_last_error(), "group") != NULL, "%s", epmoe_last_error());
+    epmoe_route_params p = make_params(32, 4, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f);
+    ck_assert_int_eq(epmoe_cpu_route_hash(&p, logits, table, 4, tok, 1, ids, w),
+                     EPMOE_ERR_INVALID_ARG);
+    ck_assert_msg(strstr(epmoe_last_error(), "hash") != NULL, "%s", epmoe_last_error());
+}
+END_TEST
+
 START_TEST(test_route_rejects_bad_params) {
     float logits[256] = {0};
     int32_t ids[256];
@@ -738,6 +819,13 @@ START_TEST(test_route_params_from_presets) {
     ck_assert_int_eq(p.scoring, EPMOE_SCORING_SQRTSOFTPLUS);
     ck_assert_int_eq(p.n_groups, 1);
     ck_assert(p.routed_scaling_factor == 2.5f);
+    ck_assert(epmoe_config_preset(&cfg, "gpt-oss-20b") == EPMOE_OK);
+    p = epmoe_route_params_from_config(&cfg);
+    ck_assert_int_eq(p.n_experts, 32);
+    ck_assert_int_eq(p.top_k, 4);
+    ck_assert_int_eq(p.scoring, EPMOE_SCORING_TOPK_SOFTMAX);
+    ck_assert_int_eq(p.n_groups, 1);
+    ck_assert(p.routed_scaling_factor == 1.0f);
 }
 END_TEST
 
@@ -759,6 +847,10 @@ static Suite *route_suite(void) {
     tcase_add_test(tc, test_route_hash_rejects_bad_tokens_and_tables);
     tcase_add_test(tc, test_route_rejects_bad_params);
     tcase_add_test(tc, test_route_params_from_presets);
+    tcase_add_test(tc, test_route_topk_softmax_gptoss_shapes);
+    tcase_add_test(tc, test_route_topk_softmax_bias_enters_weights);
+    tcase_add_test(tc, test_route_topk_softmax_ties_and_extremes);
+    tcase_add_test(tc, test_route_topk_softmax_refuses_groups_and_hash);
     suite_add_tcase(s, tc);
     return s;
 }

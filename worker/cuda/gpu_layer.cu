@@ -103,6 +103,7 @@ epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64
                   (long long)cfg->weight_format);
     EPMOE_REQUIRE(max_expert_rows > 0, EPMOE_ERR_INVALID_ARG,
                   "gpu context: max_expert_rows = %lld", (long long)max_expert_rows);
+    EPMOE_TRY(epmoe_config_check_cuda(cfg)); /* no kernel for gpt-oss's layers yet */
 
     epmoe_gpu_context *ctx = (epmoe_gpu_context *)calloc(1, sizeof *ctx);
     EPMOE_REQUIRE(ctx, EPMOE_ERR_OOM, "gpu context: out of host memory");
@@ -249,6 +250,10 @@ static epmoe_status check_layer_weights(const epmoe_gpu_context *ctx,
                   (long long)w->slice.start, (long long)w->n_local, (long long)w->n_experts,
                   (long long)H, (long long)I, (long long)ctx->expert_start, (long long)n,
                   (long long)E);
+    EPMOE_REQUIRE(!w->w13_bias && !w->w2_bias, EPMOE_ERR_UNSUPPORTED,
+                  "layer %lld: expert biases (gpt-oss) are not implemented on the GPU yet; use "
+                  "backend=cpu",
+                  (long long)w->layer);
     EPMOE_REQUIRE(w->w13_codes && w->w13_sf && w->w13_scale_2 && w->w2_codes && w->w2_sf &&
                       w->w2_scale_2 && w->gate_weight,
                   EPMOE_ERR_INVALID_ARG, "layer %lld: expert or gate weights missing",
