@@ -20,6 +20,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "common/clock.h"
 #include "common/checkpoint.h"
 #include "common/formats.h"
 #include "common/nvfp4.h"
@@ -912,12 +913,6 @@ static void *gen_worker(void *arg) {
     return NULL;
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static int thread_count(const epmoe_gen_options *opt) {
     if (opt->threads > 0) return opt->threads < MAX_THREADS ? opt->threads : MAX_THREADS;
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -935,7 +930,7 @@ static double measure_rate(const gen_plan *p) {
     if (scratch_alloc(&s, cfg) != EPMOE_OK) return 0.0;
     double best = INFINITY;
     for (int attempt = 0; attempt < 2; attempt++) {
-        double t0 = now_seconds();
+        double t0 = epmoe_seconds_now();
         epmoe_rng r;
         stream_seed(&r, (uint64_t)cfg->seed, 0, 0, STREAM_EXPERT_W1);
         fill_weight(&r, N, K, s.values, s.row_std);
@@ -948,7 +943,7 @@ static double measure_rate(const gen_plan *p) {
                 epmoe_nvfp4_quantize_row(s.values + n * K, (size_t)K, gs, s.codes + n * (K / 2),
                                          s.scales + n * (K / 16));
         }
-        double dt = now_seconds() - t0;
+        double dt = epmoe_seconds_now() - t0;
         if (dt < best) best = dt;
     }
     scratch_free(&s);

@@ -186,10 +186,10 @@ static epmoe_status run_file(epmoe_rpc_channel *ch, const client_args *a,
         out = malloc((size_t)(T * H) * epmoe_dtype_size(dtype) + 1);
         if (!out) st = epmoe_set_error(EPMOE_ERR_OOM, __FILE__, __LINE__, "out of memory");
     }
-    double t0 = epmoe_rpc_now();
+    double t0 = epmoe_seconds_now();
     if (st == EPMOE_OK)
         st = forward_all(ch, a, T, H, dtype, rows, ids, info->max_request_tokens, out);
-    double seconds = epmoe_rpc_now() - t0;
+    double seconds = epmoe_seconds_now() - t0;
     if (st == EPMOE_OK) {
         printf("epmoe-client: %lld tokens (%s) through the server in %.3f s\n", (long long)T,
                epmoe_dtype_name(dtype), seconds);
@@ -247,9 +247,9 @@ static void *load_thread(void *arg) {
         epmoe_forward_args fa = {id, n, H, a->dtype, rows, ids, a->layer_begin, a->layer_end,
                                  a->timeout};
         epmoe_forward_reply r;
-        double t0 = epmoe_rpc_now();
+        double t0 = epmoe_seconds_now();
         s->st = epmoe_client_forward(s->ch, &fa, &r);
-        s->latencies[i] = epmoe_rpc_now() - t0;
+        s->latencies[i] = epmoe_seconds_now() - t0;
         if (s->st != EPMOE_OK) {
             epmoe_user_message(s->error, sizeof s->error, epmoe_last_error());
             break;
@@ -281,7 +281,7 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
     double *lat = calloc((size_t)(N * M), sizeof(double));
     double *over = calloc((size_t)(N * M), sizeof(double));
     EPMOE_REQUIRE(streams && threads && lat && over, EPMOE_ERR_OOM, "--load: out of memory");
-    double t0 = epmoe_rpc_now();
+    double t0 = epmoe_seconds_now();
     int64_t started = 0;
     for (int64_t i = 0; i < N; i++) {
         streams[i] = (load_stream){ch, a, info, (int)i, lat + i * M, over + i * M, 0, 0, 0,
@@ -290,7 +290,7 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
         started++;
     }
     for (int64_t i = 0; i < started; i++) pthread_join(threads[i], NULL);
-    double seconds = epmoe_rpc_now() - t0;
+    double seconds = epmoe_seconds_now() - t0;
     int64_t codes[EPMOE_RPC_CODE_COUNT] = {0}, tokens = 0, done = 0, n_over = 0;
     double forward_sum = 0, queue_sum = 0;
     epmoe_status st = started == N ? EPMOE_OK : EPMOE_ERR_INTERNAL;

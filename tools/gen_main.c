@@ -12,8 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
-#include <time.h>
 
+#include "common/clock.h"
 #include "common/cli.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
@@ -44,12 +44,6 @@ static void usage(FILE *out) {
             "  --help, --version\n");
 }
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 typedef struct {
     double t0, last_print;
     const char *dir;
@@ -67,12 +61,12 @@ static void print_plan(void *ctx, const epmoe_gen_plan_info *info) {
            info->bytes_per_second > 0 ? (double)info->total_bytes / info->bytes_per_second : 0.0,
            info->bytes_per_second / 1e6);
     fflush(stdout);
-    p->t0 = p->last_print = now_seconds();
+    p->t0 = p->last_print = epmoe_seconds_now();
 }
 
 static void print_progress(void *ctx, uint64_t done, uint64_t total) {
     progress *p = ctx;
-    double now = now_seconds();
+    double now = epmoe_seconds_now();
     if (done < total && now - p->last_print < 5.0) return;
     p->last_print = now;
     printf("epmoe-gen: %.2f of %.2f GiB (%.0f%%), %.0f MB/s\n", gib(done), gib(total),
@@ -229,7 +223,7 @@ int main(int argc, char **argv) {
                                                                 4) + 4096) != EPMOE_OK)
         return fail("--input-out");
     if (out_dir) {
-        progress prog = {now_seconds(), 0.0, out_dir};
+        progress prog = {epmoe_seconds_now(), 0.0, out_dir};
         opt.threads = threads > 65536 ? 65536 : (int)threads; /* the generator caps it lower */
         opt.shard_bytes = (uint64_t)shard_mb << 20;
         opt.on_plan = print_plan;
@@ -239,7 +233,7 @@ int main(int argc, char **argv) {
         if (epmoe_ckpt_generate(&cfg, &opt, out_dir, &stats) != EPMOE_OK) return fail("checkpoint");
         char layout_name[32];
         epmoe_config_get(&cfg, "checkpoint_layout", layout_name, sizeof layout_name);
-        double dt = now_seconds() - prog.t0;
+        double dt = epmoe_seconds_now() - prog.t0;
         printf("epmoe-gen: wrote %s: preset %s, layout %s, %s experts, seed %lld, %lld layers, "
                "%lld tensors, %.1f MiB in %.2f s (%.0f MB/s)\n",
                out_dir, cfg.preset, layout_name,
@@ -253,14 +247,14 @@ int main(int argc, char **argv) {
             fprintf(stderr, "epmoe-gen: --input-out needs --tokens T (T >= 1)\n");
             return 2;
         }
-        double t0 = now_seconds();
+        double t0 = epmoe_seconds_now();
         if (epmoe_gen_input_file(&cfg, tokens, input_dtype, (uint64_t)cfg.seed, input_out) !=
             EPMOE_OK)
             return fail("input");
         printf("epmoe-gen: wrote %s: hidden_states %s [%lld, %lld], token_ids I32 [%lld], seed "
                "%lld in %.2f s\n",
                input_out, epmoe_dtype_name(input_dtype), tokens, (long long)cfg.hidden_size,
-               tokens, (long long)cfg.seed, now_seconds() - t0);
+               tokens, (long long)cfg.seed, epmoe_seconds_now() - t0);
     }
     return 0;
 }

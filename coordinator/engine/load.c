@@ -1,12 +1,6 @@
 #include "coordinator/engine/load.h"
 
-#include <time.h>
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
+#include "common/clock.h"
 
 int64_t epmoe_layer_weights_bytes(const epmoe_layer_weights *w) {
     const int64_t H = w->hidden_size, I = w->inter_size, n = w->n_local, Is = w->shared_inter;
@@ -21,7 +15,7 @@ int64_t epmoe_layer_weights_bytes(const epmoe_layer_weights *w) {
 epmoe_status epmoe_load_layers(const epmoe_st_set *ckpt, const epmoe_config *cfg,
                                const epmoe_expert_slice *slice, int64_t begin, int64_t end,
                                int rank, FILE *log, epmoe_layer_sink sink, void *sink_ctx) {
-    const double t0 = now_s();
+    const double t0 = epmoe_seconds_now();
     int64_t total_bytes = 0;
     for (int64_t l = begin; l < end; l++) {
         epmoe_layer_weights w;
@@ -36,14 +30,14 @@ epmoe_status epmoe_load_layers(const epmoe_st_set *ckpt, const epmoe_config *cfg
             return epmoe_add_context(st, "rank %d, layer %lld", rank, (long long)l);
         total_bytes += bytes;
         if (log && rank == 0) {
-            const double dt = now_s() - t0;
+            const double dt = epmoe_seconds_now() - t0;
             fprintf(log, "epmoe: loaded layer %lld (%lld of %lld): %.2f GB read so far, %.1f s\n",
                     (long long)l, (long long)(l - begin + 1), (long long)(end - begin),
                     (double)total_bytes / 1e9, dt);
         }
     }
     if (log && rank == 0) {
-        const double dt = now_s() - t0;
+        const double dt = epmoe_seconds_now() - t0;
         fprintf(log, "epmoe: rank 0 read %.2f GB of checkpoint tensors in %.2f s (%.2f GB/s)\n",
                 (double)total_bytes / 1e9, dt, dt > 0 ? (double)total_bytes / 1e9 / dt : 0.0);
     }

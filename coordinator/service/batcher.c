@@ -61,7 +61,7 @@ static int64_t take_batch(epmoe_batcher *b) {
         for (epmoe_serve_request *r = b->head; r; r = r->next)
             if (same_range(r, b->head)) tokens += r->n_tokens;
         if (tokens >= b->opt.max_batch_tokens || b->stopping || b->broken) break;
-        double wait = b->head->enqueue_time + b->opt.max_queue_delay - epmoe_rpc_now();
+        double wait = b->head->enqueue_time + b->opt.max_queue_delay - epmoe_seconds_now();
         if (wait <= 0) break;
         struct timespec until;
         abs_time_after(wait, &until);
@@ -120,12 +120,12 @@ static epmoe_status forward_rows(epmoe_batcher *b, int64_t row0, int64_t n, char
     const int64_t H = o->hidden_size;
     epmoe_stage_times times;
     memset(&times, 0, sizeof times);
-    double t0 = epmoe_rpc_now();
+    double t0 = epmoe_seconds_now();
     epmoe_status st = o->forward(o->forward_ctx, b->x + row0 * H,
                                  b->batch_has_ids ? b->token_ids + row0 : NULL, n,
                                  b->batch_begin, b->batch_end, b->out + row0 * H, &times,
                                  b->expert_counts);
-    double seconds = epmoe_rpc_now() - t0;
+    double seconds = epmoe_seconds_now() - t0;
     if (st != EPMOE_OK) {
         snprintf(message, cap, "%s", epmoe_last_error());
         return st;
@@ -259,7 +259,7 @@ static void run_batch(epmoe_batcher *b, int64_t n_taken) {
     const int64_t H = o->hidden_size;
     /* An expired request is not computed; a cancelled one neither (nobody would read it). The
      * deadline is checked first: gRPC flags a call whose deadline passed as cancelled too. */
-    double start = epmoe_rpc_now();
+    double start = epmoe_seconds_now();
     int64_t n = 0, tokens = 0;
     int all_have_ids = 1;
     for (int64_t i = 0; i < n_taken; i++) {

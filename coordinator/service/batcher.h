@@ -26,6 +26,7 @@
 
 #include <stdint.h>
 
+#include "common/clock.h"
 #include "common/status.h"
 #include "coordinator/engine/driver.h"
 
@@ -41,7 +42,7 @@ struct epmoe_serve_request {
     int64_t layer_begin, layer_end; /* resolved: 0 <= begin < end <= n_layers */
     float *x;                       /* [n_tokens, hidden] */
     int32_t *token_ids;             /* [n_tokens] or NULL */
-    double enqueue_time;            /* epmoe_rpc_now() seconds */
+    double enqueue_time;            /* epmoe_seconds_now() seconds */
     double deadline;                /* same clock; INFINITY for none */
     void *call;                     /* the front end's handle for the reply */
     /* output, filled by the batcher before done() with code OK */

@@ -25,12 +25,6 @@ const char *epmoe_rpc_code_name(int code) {
     return code >= 0 && code < EPMOE_RPC_CODE_COUNT ? names[code] : "?";
 }
 
-double epmoe_rpc_now(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 static atomic_int library_refs;
 
 void epmoe_rpc_library_init(void) {
@@ -129,7 +123,7 @@ struct epmoe_rpc_server {
 static void report_outcome(epmoe_rpc_call *c) {
     epmoe_rpc_server *s = c->server;
     if (!c->arrived || !s->opt.finished) return;
-    const double now = epmoe_rpc_now();
+    const double now = epmoe_seconds_now();
     epmoe_rpc_outcome o;
     o.method = c->method;
     o.replied_code = c->replied_code;
@@ -193,7 +187,7 @@ static double deadline_seconds(gpr_timespec deadline) {
     if (gpr_time_cmp(deadline, gpr_inf_future(deadline.clock_type)) == 0) return INFINITY;
     gpr_timespec now = gpr_now(deadline.clock_type);
     double remaining = (double)gpr_timespec_to_micros(gpr_time_sub(deadline, now)) * 1e-6;
-    return epmoe_rpc_now() + remaining;
+    return epmoe_seconds_now() + remaining;
 }
 
 static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
@@ -207,7 +201,7 @@ static void on_new_call(epmoe_rpc_server *s, epmoe_rpc_call *c, int success) {
     memcpy(c->method, GRPC_SLICE_START_PTR(c->details.method), n);
     c->method[n] = '\0';
     c->deadline = deadline_seconds(c->details.deadline);
-    c->arrival = epmoe_rpc_now();
+    c->arrival = epmoe_seconds_now();
     c->replied_code = -1;
     c->arrived = 1;
     atomic_store(&c->refs, 2);
@@ -261,7 +255,7 @@ static void *cq_thread(void *arg) {
         case TAG_CLOSED:
             /* Fires when the call ends: after our status was sent, or earlier when the client
              * cancelled, the deadline passed or the connection broke. */
-            tag->call->closed_time = epmoe_rpc_now();
+            tag->call->closed_time = epmoe_seconds_now();
             if (tag->call->close_cancelled || !atomic_load(&tag->call->replied))
                 atomic_store(&tag->call->cancelled, 1);
             call_release(tag->call);
@@ -418,7 +412,7 @@ void epmoe_rpc_call_set_units(epmoe_rpc_call *c, int64_t units) { c->units = uni
 void epmoe_rpc_call_reply(epmoe_rpc_call *c, int code, const char *message,
                           const uint8_t *response, size_t nbytes) {
     c->replied_code = code;
-    c->reply_time = epmoe_rpc_now();
+    c->reply_time = epmoe_seconds_now();
     atomic_store(&c->replied, 1);
     grpc_op ops[3];
     memset(ops, 0, sizeof ops);

@@ -16,6 +16,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "common/clock.h" /* epmoe_seconds_now: the clock deadlines are expressed in */
 #include "common/status.h"
 
 #ifdef __cplusplus
@@ -39,9 +40,6 @@ typedef enum {
 } epmoe_rpc_code;
 
 const char *epmoe_rpc_code_name(int code); /* "OK", "INVALID_ARGUMENT", ... */
-
-/* Seconds on CLOCK_MONOTONIC: the clock deadlines are expressed in. */
-double epmoe_rpc_now(void);
 
 /* A client's deadline timer fires before the server's copy of the deadline does: the server
  * counts the timeout from the request's arrival, later by its transit. So a client that gives
@@ -94,7 +92,7 @@ void epmoe_rpc_server_stop(epmoe_rpc_server *s, double grace_seconds);
 /* The full method path, e.g. "/epmoe.v1.Moe/Forward". */
 const char *epmoe_rpc_call_method(const epmoe_rpc_call *c);
 const uint8_t *epmoe_rpc_call_request(const epmoe_rpc_call *c, size_t *nbytes);
-/* Absolute deadline in epmoe_rpc_now() seconds; +INFINITY when the client set none. */
+/* Absolute deadline in epmoe_seconds_now() seconds; +INFINITY when the client set none. */
 double epmoe_rpc_call_deadline(const epmoe_rpc_call *c);
 /* Nonzero once the client cancelled, the deadline passed or the connection dropped. */
 int epmoe_rpc_call_cancelled(const epmoe_rpc_call *c);

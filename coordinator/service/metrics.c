@@ -290,7 +290,7 @@ struct epmoe_metrics_http {
     int active;
 };
 
-static double monotonic_seconds(void) { return epmoe_rpc_now(); }
+static double monotonic_seconds(void) { return epmoe_seconds_now(); }
 
 /* Sends everything unless the connection fails or the reply deadline passes. */
 static void write_all(int fd, const char *data, size_t n, double deadline) {

@@ -154,7 +154,7 @@ static void handle_forward(epmoe_service *s, epmoe_rpc_call *call) {
         return;
     }
     r->call = call;
-    r->enqueue_time = epmoe_rpc_now();
+    r->enqueue_time = epmoe_seconds_now();
     r->deadline = epmoe_rpc_call_deadline(call);
     if (r->enqueue_time >= r->deadline) {
         epmoe_serve_request_free(r);

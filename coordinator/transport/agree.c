@@ -1,17 +1,11 @@
 #include "coordinator/transport/agree.h"
 
-#include <sched.h>
 #include <stdio.h>
 #include <string.h>
-#include <time.h>
+
+#include "common/clock.h"
 
 #define AGREE_MESSAGE_BYTES 1024
-
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
 
 epmoe_status epmoe_mpi_error(int rc, const char *what) {
     char msg[MPI_MAX_ERROR_STRING];
@@ -22,22 +16,15 @@ epmoe_status epmoe_mpi_error(int rc, const char *what) {
 
 epmoe_status epmoe_mpi_wait(MPI_Request *requests, int n, const int *peer_of_request,
                             double timeout_s, int rank, const char *what) {
-    const double start = now_s();
+    const double start = epmoe_seconds_now();
     for (;;) {
         int done = 0;
         int rc = MPI_Testall(n, requests, &done, MPI_STATUSES_IGNORE);
         if (rc != MPI_SUCCESS) return epmoe_mpi_error(rc, what);
         if (done) return EPMOE_OK;
-        const double waited = now_s() - start;
+        const double waited = epmoe_seconds_now() - start;
         if (timeout_s > 0 && waited > timeout_s) break;
-        /* yield for the first 2 ms (most collectives finish by then, and a sleep's timer slack
-         * would be added to each); then sleep 50 us a poll so a long wait does not hold a core */
-        if (waited < 2e-3) {
-            sched_yield();
-        } else {
-            struct timespec nap = {0, 50 * 1000};
-            nanosleep(&nap, NULL);
-        }
+        epmoe_pause_since(start);
     }
     char peers[256] = "";
     if (peer_of_request) {

@@ -46,7 +46,7 @@ epmoe_status epmoe_device_transport_wait(epmoe_transport *t, const char *what) {
     EPMOE_TRY(dt_check_alive(d, what));
     /* mpi-staged host nodes time out on their own and name the peers: give them the first say. */
     const double limit = d->kind == KIND_STAGED ? 2.0 * d->timeout_s + 1.0 : d->timeout_s;
-    const double start = dt_now_s();
+    const double start = epmoe_seconds_now();
     for (;;) {
         cudaError_t q = cudaStreamQuery(d->stream);
         if (q == cudaSuccess) break;
@@ -57,7 +57,7 @@ epmoe_status epmoe_device_transport_wait(epmoe_transport *t, const char *what) {
                        cudaGetErrorString(q));
         }
         if (d->kind == KIND_NCCL) EPMOE_TRY(epmoe_dt_nccl_poll(d, start, what));
-        if (d->kind == KIND_STAGED && d->timeout_s > 0 && dt_now_s() - start > limit) {
+        if (d->kind == KIND_STAGED && d->timeout_s > 0 && epmoe_seconds_now() - start > limit) {
             d->dead = 1;
             EPMOE_FAIL(EPMOE_ERR_PEER_LOST,
                        "rank %d: %s did not finish within %.1f s (collective_timeout_s = %.1f): "
@@ -65,7 +65,7 @@ epmoe_status epmoe_device_transport_wait(epmoe_transport *t, const char *what) {
                        d->rank, what, limit, d->timeout_s);
         }
         if (d->async_failed) break; /* the host node gave up; report its message below */
-        dt_pause_since(start);
+        epmoe_pause_since(start);
     }
     if (d->async_failed) {
         d->dead = 1;

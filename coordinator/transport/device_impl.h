@@ -5,13 +5,12 @@
 #ifndef EPMOE_TRANSPORT_DEVICE_IMPL_H
 #define EPMOE_TRANSPORT_DEVICE_IMPL_H
 
-#include <sched.h>
 #include <stdint.h>
-#include <time.h>
 
 #include <cuda_runtime.h>
 #include <mpi.h>
 
+#include "common/clock.h"
 #include "coordinator/transport/device.h"
 
 typedef enum { KIND_NCCL = 0, KIND_STAGED = 1 } device_kind;
@@ -49,27 +48,8 @@ typedef struct device_impl {
     char async_msg[600];
 } device_impl;
 
-static inline double dt_now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-/* Between two polls of a wait that began at `start`: yield only, for the first 2 ms (a
- * collective usually completes within that, and nanosleep's timer slack would add ~50 us to
- * every transfer: measured, the dispatch all-to-all took 3x the raw NCCL time with a sleep
- * here), then sleep 20 us per poll so that a long wait does not hold a core. */
-static inline void dt_pause_since(double start) {
-    if (dt_now_s() - start < 2e-3) {
-        sched_yield();
-        return;
-    }
-    struct timespec ts = {0, 20000};
-    nanosleep(&ts, NULL);
-}
-
 static inline int dt_timed_out(const device_impl *d, double start) {
-    return d->timeout_s > 0 && dt_now_s() - start > d->timeout_s;
+    return d->timeout_s > 0 && epmoe_seconds_now() - start > d->timeout_s;
 }
 
 static inline device_impl *dt_impl_of(const epmoe_transport *t) { return (device_impl *)t->impl; }

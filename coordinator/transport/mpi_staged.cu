@@ -52,7 +52,7 @@ epmoe_status epmoe_dt_staged_exchange(device_impl *d, const void *send, const in
         MPI_Type_free(&elem);
         return st;
     }
-    const double start = dt_now_s();
+    const double start = epmoe_seconds_now();
     for (;;) {
         int done = 0;
         rc = MPI_Testall(n_req, d->requests, &done, MPI_STATUSES_IGNORE);
@@ -80,7 +80,7 @@ epmoe_status epmoe_dt_staged_exchange(device_impl *d, const void *send, const in
                        "data from peer rank(s) %s (died or hung); MPI requests abandoned",
                        d->rank, what, d->timeout_s, len ? peers : "(none missing: a send stalled)");
         }
-        dt_pause_since(start);
+        epmoe_pause_since(start);
     }
     MPI_Type_free(&elem);
     return EPMOE_OK;

@@ -41,7 +41,7 @@ static epmoe_status nccl_timeout(device_impl *d, const char *what) {
 /* After a non-blocking NCCL call: polls the communicator until its work is enqueued. */
 static epmoe_status nccl_settle(device_impl *d, ncclResult_t r, const char *what) {
     if (r != ncclSuccess && r != ncclInProgress) return nccl_fail(d, r, what);
-    const double start = dt_now_s();
+    const double start = epmoe_seconds_now();
     for (;;) {
         ncclResult_t state = ncclSuccess;
         ncclResult_t q = ncclCommGetAsyncError(comm_of(d), &state);
@@ -49,7 +49,7 @@ static epmoe_status nccl_settle(device_impl *d, ncclResult_t r, const char *what
         if (state == ncclSuccess) return EPMOE_OK;
         if (state != ncclInProgress) return nccl_fail(d, state, what);
         if (dt_timed_out(d, start)) return nccl_timeout(d, what);
-        dt_pause_since(start);
+        epmoe_pause_since(start);
     }
 }
 

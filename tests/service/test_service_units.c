@@ -410,7 +410,7 @@ static epmoe_serve_request *make_request(epmoe_rng *rng, int64_t T, int64_t lb, 
         r->token_ids = malloc((size_t)T * sizeof(int32_t));
         for (int64_t t = 0; t < T; t++) r->token_ids[t] = (int32_t)epmoe_rng_below(rng, VOCAB);
     }
-    r->enqueue_time = epmoe_rpc_now();
+    r->enqueue_time = epmoe_seconds_now();
     r->deadline = INFINITY;
     return r;
 }
@@ -484,7 +484,7 @@ START_TEST(test_batcher_queue_full_and_deadline) {
     ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 2, 0, 4, 1)), EPMOE_OK);
     engine_wait_inside();
     epmoe_serve_request *expired = make_request(&rng, 5, 0, 4, 1);
-    expired->deadline = epmoe_rpc_now() - 1.0;
+    expired->deadline = epmoe_seconds_now() - 1.0;
     ck_assert_int_eq(epmoe_batcher_push(b, expired), EPMOE_OK);
     ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 4, 0, 4, 1)), EPMOE_OK);
     ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
