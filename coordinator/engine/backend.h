@@ -69,6 +69,8 @@ typedef struct {
     epmoe_dtype dtype;        /* F32, BF16 or F16 */
     const int32_t *token_ids; /* [T], or NULL when no hash-routed layer is in range */
     int64_t T;
+    int64_t largest_T;        /* the largest shard of any rank in this forward: the same on
+                                 every rank, so all choose the same mode */
     int64_t first_row;        /* the batch row of this shard's row 0: messages name batch rows */
     int64_t layer_begin, layer_end;
     epmoe_stage_times *times; /* optional: accumulated */

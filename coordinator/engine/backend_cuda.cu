@@ -300,11 +300,8 @@ static epmoe_status cuda_forward(epmoe_backend *b, const epmoe_backend_batch *in
     EPMOE_REQUIRE(in->T >= 0 && in->T <= c->max_tokens, EPMOE_ERR_INVALID_ARG,
                   "rank %d: %lld tokens, max_tokens_per_rank is %lld", c->rank,
                   (long long)in->T, (long long)c->max_tokens);
-    /* Every rank takes the same mode: decided from the largest shard, which all ranks know
-     * from the batch size (the driver's shards differ by at most one row). */
-    int64_t largest = 0;
-    MPI_Allreduce(&in->T, &largest, 1, MPI_INT64_T, MPI_MAX, c->comm);
-    const int decode = decode_capable(c) && largest <= c->decode_tokens;
+    /* every rank takes the same mode: the largest shard is the same number on every rank */
+    const int decode = decode_capable(c) && in->largest_T <= c->decode_tokens;
     const epmoe_status st = forward_local(c, b, in, decode);
     return c->transport->ops->agree(c->transport, st, "run its shard");
 }
@@ -430,6 +427,7 @@ static epmoe_status warm_up(epmoe_backend *b, cuda_backend *c) {
         memset(&batch, 0, sizeof batch);
         batch.x = x, batch.out = y, batch.dtype = EPMOE_DTYPE_F32, batch.token_ids = ids;
         batch.T = st == EPMOE_OK ? sizes[i] : 0;
+        batch.largest_T = sizes[i];
         batch.layer_begin = b->layer_begin, batch.layer_end = b->layer_end;
         /* collective even after a local failure: every rank makes the same calls */
         const epmoe_status fst = cuda_forward(b, &batch);

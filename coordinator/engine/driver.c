@@ -298,6 +298,7 @@ static epmoe_status forward_collective(epmoe_driver *d, const int64_t cmd[CMD_WO
         .dtype = dtype,
         .token_ids = !has_ids ? NULL : root ? token_ids : d->ids_local,
         .T = my_count,
+        .largest_T = d->shard_counts[0], /* rank 0's shard is never smaller than another's */
         .first_row = my_start,
         .layer_begin = begin,
         .layer_end = end,
