@@ -51,13 +51,25 @@ void epmoe_backend_destroy(epmoe_backend *b) {
     if (b) b->ops->destroy(b);
 }
 
+epmoe_status epmoe_row_value_refused(int is_output, epmoe_dtype dtype, int64_t row, int64_t col,
+                                     double value) {
+    if (!is_output)
+        EPMOE_FAIL(EPMOE_ERR_NUMERIC,
+                   "hidden_states: element [%lld, %lld] is %f (NaN/Inf not accepted)",
+                   (long long)row, (long long)col, value);
+    EPMOE_FAIL(EPMOE_ERR_NUMERIC,
+               "output element [%lld, %lld] = %g does not fit %s (largest finite %g); ask for "
+               "F32 or BF16 output",
+               (long long)row, (long long)col, value, epmoe_dtype_name(dtype),
+               dtype == EPMOE_DTYPE_F16 ? 65504.0 : 3.39e38);
+}
+
 epmoe_status epmoe_rows_to_f32(const void *x, epmoe_dtype dtype, int64_t T, int64_t H,
                                int64_t first_row, float *out) {
     EPMOE_TRY(epmoe_convert_to_f32(dtype, x, (size_t)(T * H), out));
     for (int64_t i = 0; i < T * H; i++)
-        EPMOE_REQUIRE(isfinite(out[i]), EPMOE_ERR_NUMERIC,
-                      "hidden_states: element [%lld, %lld] is %f (NaN/Inf not accepted)",
-                      (long long)(first_row + i / H), (long long)(i % H), (double)out[i]);
+        if (!isfinite(out[i]))
+            return epmoe_row_value_refused(0, dtype, first_row + i / H, i % H, out[i]);
     return EPMOE_OK;
 }
 
@@ -69,10 +81,7 @@ epmoe_status epmoe_rows_from_f32(const float *y, int64_t T, int64_t H, int64_t f
     const uint16_t *bits = (const uint16_t *)out;
     const uint16_t exp_mask = dtype == EPMOE_DTYPE_F16 ? 0x7c00 : 0x7f80;
     for (int64_t i = 0; i < T * H; i++)
-        EPMOE_REQUIRE((bits[i] & exp_mask) != exp_mask, EPMOE_ERR_NUMERIC,
-                      "output element [%lld, %lld] = %g does not fit %s (largest finite %g); "
-                      "ask for F32 or BF16 output",
-                      (long long)(first_row + i / H), (long long)(i % H), (double)y[i],
-                      epmoe_dtype_name(dtype), dtype == EPMOE_DTYPE_F16 ? 65504.0 : 3.39e38);
+        if ((bits[i] & exp_mask) == exp_mask)
+            return epmoe_row_value_refused(1, dtype, first_row + i / H, i % H, y[i]);
     return EPMOE_OK;
 }

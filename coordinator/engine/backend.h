@@ -117,6 +117,10 @@ epmoe_status epmoe_rows_to_f32(const void *x, epmoe_dtype dtype, int64_t T, int6
                                int64_t first_row, float *out);
 epmoe_status epmoe_rows_from_f32(const float *y, int64_t T, int64_t H, int64_t first_row,
                                  epmoe_dtype dtype, void *out);
+/* The refusal both conversions give (and the cuda backend's, which checks on the device): an
+ * input element that is NaN/Inf (is_output 0), or an output value dtype cannot hold (1). */
+epmoe_status epmoe_row_value_refused(int is_output, epmoe_dtype dtype, int64_t row, int64_t col,
+                                     double value);
 
 #ifdef __cplusplus
 }

@@ -214,19 +214,12 @@ static epmoe_status bad_element(cuda_backend *c, const epmoe_backend_batch *in, 
     const int64_t row = in->first_row + (int64_t)(index / (unsigned long long)c->H);
     const int64_t col = (int64_t)(index % (unsigned long long)c->H);
     float value = 0;
-    if (stage == 0) {
+    if (stage == 0)
         epmoe_convert_to_f32(in->dtype, (const char *)in->x + index * epmoe_dtype_size(in->dtype),
                              1, &value);
-        EPMOE_FAIL(EPMOE_ERR_NUMERIC,
-                   "hidden_states: element [%lld, %lld] is %f (NaN/Inf not accepted)",
-                   (long long)row, (long long)col, (double)value);
-    }
-    cudaMemcpy(&value, c->d_x + index, sizeof value, cudaMemcpyDeviceToHost);
-    EPMOE_FAIL(EPMOE_ERR_NUMERIC,
-               "output element [%lld, %lld] = %g does not fit %s (largest finite %g); ask for "
-               "F32 or BF16 output",
-               (long long)row, (long long)col, (double)value, epmoe_dtype_name(in->dtype),
-               in->dtype == EPMOE_DTYPE_F16 ? 65504.0 : 3.39e38);
+    else
+        cudaMemcpy(&value, c->d_x + index, sizeof value, cudaMemcpyDeviceToHost);
+    return epmoe_row_value_refused(stage, in->dtype, row, col, value);
 }
 
 static epmoe_status forward_local(cuda_backend *c, epmoe_backend *b,
