@@ -51,6 +51,7 @@ struct epmoe_gpu_engine {
     int32_t *peer_of_row;                       /* [recv_rows_cap] */
     int64_t *ret_row_offset;                    /* [recv_rows_cap] */
     int32_t *pair_rank_recv, *row_of_pair_recv; /* [recv_rows_cap * k] */
+    int32_t *ret_row_of_padded;                 /* [the arena's cap_rows]: W2's output rows */
     float *ret_send;                            /* [ret_send_cap, H] */
     float *ret_recv;                            /* [ret_recv_cap, H] */
     uint32_t *dispatch_flags;
@@ -177,15 +178,19 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
         {(void **)&e->q_codes, Q * (size_t)H / 2},
         {(void **)&e->q_sf, Q * (size_t)H / 16},
         {(void **)&e->q_inv_gs, Q * 4},
-        {(void **)&e->send_records, S * (size_t)e->rec.bytes},
-        {(void **)&e->recv_records, R * (size_t)e->rec.bytes},
+        /* one rank: what it sends is what it receives, so the two sides share one buffer and
+         * no exchange copies the rows (alltoallv_rows) */
+        {(void **)&e->send_records, (P == 1 ? max64(S, R) : S) * (size_t)e->rec.bytes},
+        {(void **)&e->recv_records, P == 1 ? 0 : R * (size_t)e->rec.bytes},
         {(void **)&e->ids_recv, R * (size_t)k * 4},
         {(void **)&e->peer_of_row, R * 4},
         {(void **)&e->ret_row_offset, R * 8},
         {(void **)&e->pair_rank_recv, R * (size_t)k * 4},
         {(void **)&e->row_of_pair_recv, R * (size_t)k * 4},
-        {(void **)&e->ret_send, (size_t)e->ret_send_cap * (size_t)H * 4},
-        {(void **)&e->ret_recv, (size_t)e->ret_recv_cap * (size_t)H * 4},
+        {(void **)&e->ret_row_of_padded, (size_t)e->ctx->arena.cap_rows * 4},
+        {(void **)&e->ret_send,
+         (size_t)(P == 1 ? max64(e->ret_send_cap, e->ret_recv_cap) : e->ret_send_cap) * H * 4},
+        {(void **)&e->ret_recv, P == 1 ? 0 : (size_t)e->ret_recv_cap * (size_t)H * 4},
         {(void **)&e->dispatch_flags, 4},
     };
     const int n_items = (int)(sizeof items / sizeof items[0]);
@@ -199,6 +204,7 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
                    e->bytes, e->bytes / 1048576.0, cudaGetErrorString(err), (long long)T);
     }
     carve(items, n_items, e->base);
+    if (P == 1) e->recv_records = e->send_records, e->ret_recv = e->ret_send;
     CUDA_TRY(cudaMemset(e->base, 0, e->bytes), "clearing the dispatch buffers");
     CUDA_TRY(cudaMemcpy(e->rank_start, e->h_rank_start, (Pz + 1) * 8, cudaMemcpyHostToDevice),
              "uploading the expert slices");
@@ -282,6 +288,8 @@ static epmoe_status worker_experts(epmoe_gpu_engine *e, const epmoe_gpu_layer *l
                                    int64_t pairs_bound) {
     epmoe_gpu_rows rows;
     memset(&rows, 0, sizeof rows);
+    rows.out = e->ret_send;
+    rows.out_row = e->ret_row_of_padded;
     if (e->rec.format == EPMOE_WIRE_NVFP4) {
         rows.nvfp4 = e->recv_records;
         rows.nvfp4_stride = e->rec.bytes;
@@ -295,7 +303,8 @@ static epmoe_status worker_experts(epmoe_gpu_engine *e, const epmoe_gpu_layer *l
     return epmoe_gpu_experts_rows(e->ctx, layer, &rows, pairs_bound, e->stream);
 }
 
-/* Received rows [0, recv_rows) -> validated ids -> padded layout -> experts -> return buffer. */
+/* Received rows [0, recv_rows) -> validated ids -> padded layout -> experts, whose W2 GEMM
+ * writes each pair's output row straight into its place in the return buffer. */
 static epmoe_status worker(epmoe_gpu_engine *e, const epmoe_gpu_layer *layer, int64_t recv_rows,
                            const int64_t *recv_row_base, const int64_t *ret_send_base,
                            int64_t pairs_bound) {
@@ -311,13 +320,23 @@ static epmoe_status worker(epmoe_gpu_engine *e, const epmoe_gpu_layer *layer, in
                                      e->cfg.expert_pad_rows, e->pair_rank_recv,
                                      a->tokens_per_expert, a->padded_offsets,
                                      e->row_of_pair_recv, a->token_of_row, s));
-    EPMOE_TRY(worker_experts(e, layer, pairs_bound));
-    return epmoe_cuda_dispatch_return_pack(a->y, e->H, e->ids_recv, e->row_of_pair_recv,
-                                           e->peer_of_row, e->ret_row_offset, recv_rows, e->k,
-                                           e->ret_send, s);
+    EPMOE_TRY(epmoe_cuda_dispatch_return_rows(e->ids_recv, e->row_of_pair_recv, e->peer_of_row,
+                                              e->ret_row_offset, recv_rows, e->k,
+                                              e->ret_row_of_padded, s));
+    return worker_experts(e, layer, pairs_bound); /* W2 writes the return buffer */
 }
 
 /* ---- the forward ------------------------------------------------------------------------------ */
+
+/* An exchange of rows; none when the two sides are one buffer (one rank). */
+static epmoe_status alltoallv_rows(epmoe_gpu_engine *e, const void *send,
+                                   const int64_t *send_counts, const int64_t *send_displs,
+                                   void *recv, const int64_t *recv_counts,
+                                   const int64_t *recv_displs, size_t row_bytes, const char *what) {
+    if (send == recv) return EPMOE_OK;
+    return epmoe_device_alltoallv_async(e->transport, send, send_counts, send_displs, recv,
+                                        recv_counts, recv_displs, row_bytes, what);
+}
 
 static epmoe_status check_forward(const epmoe_gpu_engine *e, int64_t layer, int64_t T,
                                   int64_t T_max) {
@@ -415,14 +434,14 @@ epmoe_status epmoe_gpu_engine_forward(epmoe_gpu_engine *e, int64_t layer, const 
                   (long long)rows_out, (long long)pairs_out, (long long)T);
 
     EPMOE_TRY(epmoe_cuda_dispatch_bases(e->recv_counts, P, e->recv_row_base, e->ret_send_base, s));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->send_records, e->h_send_counts,
+    EPMOE_TRY(alltoallv_rows(e, e->send_records, e->h_send_counts,
                                            e->h_send_displs, e->recv_records, e->h_recv_counts,
                                            e->h_recv_displs, (size_t)e->rec.bytes,
                                            "dispatch (rows)"));
     EPMOE_TRY(mark(e, 3));
     EPMOE_TRY(worker(e, L, rows_in, e->recv_row_base, e->ret_send_base, pairs_in));
     EPMOE_TRY(mark(e, 4));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->ret_send, e->h_ret_send_counts,
+    EPMOE_TRY(alltoallv_rows(e, e->ret_send, e->h_ret_send_counts,
                                            e->h_ret_send_displs, e->ret_recv,
                                            e->h_ret_recv_counts, e->h_ret_recv_displs,
                                            (size_t)e->H * 4, "return (expert outputs)"));
@@ -443,14 +462,14 @@ epmoe_status epmoe_gpu_engine_forward_decode(epmoe_gpu_engine *e, int64_t layer,
     const epmoe_gpu_layer *L = &e->layers[layer];
     const int64_t C = e->decode_tokens;
     EPMOE_TRY(coordinator_front(e, L, x, token_ids, T, 1));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->send_records, e->h_dec_rows,
+    EPMOE_TRY(alltoallv_rows(e, e->send_records, e->h_dec_rows,
                                            e->h_dec_row_displs, e->recv_records, e->h_dec_rows,
                                            e->h_dec_row_displs, (size_t)e->rec.bytes,
                                            "decode dispatch (rows)"));
     /* Every peer block is C rows; the real ones are told by recv_counts on the device. */
     EPMOE_TRY(worker(e, L, (int64_t)e->P * C, e->fixed_recv_row_base, e->fixed_ret_send_base,
                      (int64_t)e->P * C * e->k_local));
-    EPMOE_TRY(epmoe_device_alltoallv_async(e->transport, e->ret_send, e->h_dec_ret_send_counts,
+    EPMOE_TRY(alltoallv_rows(e, e->ret_send, e->h_dec_ret_send_counts,
                                            e->h_dec_ret_send_displs, e->ret_recv,
                                            e->h_dec_ret_recv_counts, e->h_dec_ret_recv_displs,
                                            (size_t)e->H * 4, "decode return (expert outputs)"));

@@ -286,6 +286,34 @@ epmoe_status epmoe_cuda_dispatch_return_offsets(const int32_t *ids_recv, int64_t
     return EPMOE_OK;
 }
 
+/* One thread per receive row: the return-buffer row of each of its pairs, in slot order. */
+__global__ void return_rows_kernel(const int32_t *ids_recv, const int32_t *row_of_pair,
+                                   const int32_t *peer_of_row, const int64_t *ret_row_offset,
+                                   int64_t recv_rows, int64_t top_k, int32_t *ret_row_of_padded) {
+    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= recv_rows || peer_of_row[i] < 0) return;
+    int64_t dst = ret_row_offset[i];
+    for (int64_t j = 0; j < top_k; j++) {
+        if (ids_recv[i * top_k + j] == -1) continue;
+        ret_row_of_padded[row_of_pair[i * top_k + j]] = (int32_t)dst++;
+    }
+}
+
+epmoe_status epmoe_cuda_dispatch_return_rows(const int32_t *ids_recv, const int32_t *row_of_pair,
+                                             const int32_t *peer_of_row,
+                                             const int64_t *ret_row_offset, int64_t recv_rows,
+                                             int64_t top_k, int32_t *ret_row_of_padded,
+                                             cudaStream_t stream) {
+    EPMOE_REQUIRE(recv_rows >= 0 && top_k > 0 && row_of_pair && ret_row_of_padded,
+                  EPMOE_ERR_INVALID_ARG, "dispatch return rows: rows=%lld top_k=%lld",
+                  (long long)recv_rows, (long long)top_k);
+    if (recv_rows == 0) return EPMOE_OK;
+    return_rows_kernel<<<(unsigned)((recv_rows + 255) / 256), 256, 0, stream>>>(
+        ids_recv, row_of_pair, peer_of_row, ret_row_offset, recv_rows, top_k, ret_row_of_padded);
+    CUDA_TRY_LAUNCH("dispatch return_rows_kernel");
+    return EPMOE_OK;
+}
+
 /* One block per receive row: its expert outputs, in slot order, to the return buffer. */
 __global__ void return_pack_kernel(const float4 *y, int64_t H4, const int32_t *ids_recv,
                                    const int32_t *row_of_pair, const int32_t *peer_of_row,

@@ -61,6 +61,7 @@ struct Sm100Params {
     const int64_t *padded_offsets, *tokens_per_expert;
     void *out;
     int out_bf16;
+    const int32_t *out_row; /* NULL: identity (grouped_gemm.h) */
 };
 
 #ifdef EPMOE_SM100_DEVICE
@@ -234,8 +235,8 @@ __global__ void __launch_bounds__(128, 1) grouped_gemm_sm100_kernel(const Sm100P
             for (int j = 0; j < 16; ++j) {
                 const int tr = part * 16 + j;
                 if (tr < mrows) {
-                    const int64_t row = row0 + tr;
-                    const float val = __uint_as_float(v[j]) * wscale * p.a_scale[row];
+                    const int64_t row = p.out_row ? (int64_t)p.out_row[row0 + tr] : row0 + tr;
+                    const float val = __uint_as_float(v[j]) * wscale * p.a_scale[row0 + tr];
                     if (p.out_bf16)
                         ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(val);
                     else
@@ -303,6 +304,7 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm100(const epmoe_grouped_gemm_a
     p.tokens_per_expert = a->tokens_per_expert;
     p.out = a->out;
     p.out_bf16 = a->out_bf16;
+    p.out_row = a->out_row;
     int device = 0, sms = 0;
     CUDA_TRY(cudaGetDevice(&device), "grouped GEMM sm_100 launch");
     CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),

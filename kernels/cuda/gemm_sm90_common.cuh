@@ -49,6 +49,7 @@ struct GemmParams {
     const int64_t *padded_offsets, *tokens_per_expert;
     void *out;
     int out_bf16;
+    const int32_t *out_row; /* NULL: identity (grouped_gemm.h) */
     void *a_ws; /* [cap_rows, K] bf16 workspace of the wgmma kernel (NVFP4 A dequantized) */
     int serial_launch; /* host only: no programmatic dependent launch after the pre-pass */
 };
@@ -275,6 +276,11 @@ static __device__ __forceinline__ void load_row_scales(const GemmParams &p, int6
         }
 }
 
+/* The output row of live row `row` (grouped_gemm.h, out_row). */
+static __device__ __forceinline__ int64_t out_row_of(const GemmParams &p, int64_t row) {
+    return p.out_row ? (int64_t)p.out_row[row] : row;
+}
+
 /* Epilogue of one warp of the mma.sync kernels: the m16n8k16 accumulators of 32 weight rows
  * (two m16 tiles, columns n_warp + 16i + 8half + g) by kNT8 n8 token tiles (rows row0 + 8c +
  * 2t + j) -> out, times the fp32 tensor scales (and the dequantization's powers of two, fix).
@@ -298,7 +304,7 @@ static __device__ __forceinline__ void store_warp_tile(const GemmParams &p, cons
                 for (int j = 0; j < 2; ++j) {
                     const int tr = c * 8 + 2 * t + j;
                     if (tr < mrows) {
-                        const int64_t row = row0 + tr;
+                        const int64_t row = out_row_of(p, row0 + tr);
                         const float v = acc[i][c][2 * half + j] * wscale * as[c][j];
                         if (p.out_bf16)
                             ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
@@ -339,7 +345,7 @@ static __device__ __forceinline__ void store_wgmma_tiles(const GemmParams &p, co
             for (int j = 0; j < 2; ++j) {
                 const int tr = c * 8 + 2 * t + j;
                 if (tr >= mrows) continue;
-                const int64_t row = row0 + tr;
+                const int64_t row = out_row_of(p, row0 + tr);
 #pragma unroll
                 for (int r = 0; r < 2 * WT; ++r) {
                     const int n = n0 + lrow[r];
@@ -420,7 +426,7 @@ static __device__ __forceinline__ void store_wgmma_tiles_bf16_staged(
                              : "r"(smem_warp + piece(lt, h)));
                 const int tr = 32 * round + lt;
                 if (n_live && tr < mrows)
-                    *(uint4 *)(out + (row0 + tr) * p.N + n_base + 8 * h) = v;
+                    *(uint4 *)(out + out_row_of(p, row0 + tr) * p.N + n_base + 8 * h) = v;
             }
             __syncwarp(); /* the next round's stmatrix overwrites what was just read */
         }
@@ -527,6 +533,7 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     p.tokens_per_expert = a->tokens_per_expert;
     p.out = a->out;
     p.out_bf16 = a->out_bf16;
+    p.out_row = a->out_row;
     p.a_ws = a->a_workspace;
     p.serial_launch = a->serial_launch;
     return p;

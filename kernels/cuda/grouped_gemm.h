@@ -117,8 +117,11 @@ typedef struct {
     const int64_t *tokens_per_expert; /* [E] */
 
     /* Output */
-    void *out;    /* [cap_rows, N] fp32, or bf16 when out_bf16 != 0 */
+    void *out;    /* [cap_rows, N] fp32, or bf16 when out_bf16 != 0; see out_row */
     int out_bf16;
+    const int32_t *out_row; /* [cap_rows] or NULL: live row r is written to row out_row[r] of
+                               out instead of row r (the engine's W2 writes each pair straight
+                               into its place in the return buffer); the caller sizes out */
 
     epmoe_gemm_sm90_kernel sm90_kernel; /* AUTO (0, what memset gives) unless forcing one */
     int serial_launch; /* 0 (default): on sm_90+ the streaming and warp-specialized kernels

@@ -482,7 +482,10 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     g.w_scale = layer->w2_scale_2;
     g.w_scale_groups = 1;
     g.w_scale_split = H;
-    g.out = a->y;
+    EPMOE_REQUIRE(!rows->out == !rows->out_row, EPMOE_ERR_INVALID_ARG,
+                  "experts: an output buffer needs its row map, and a row map its buffer");
+    g.out = rows->out ? rows->out : a->y;
+    g.out_row = rows->out_row;
     EPMOE_TRY(epmoe_cuda_grouped_gemm(&g, stream));
     return EPMOE_OK;
 }

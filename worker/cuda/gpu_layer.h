@@ -144,6 +144,11 @@ typedef struct {
     const uint8_t *nvfp4;    /* quantized rows, nvfp4_stride bytes apart: codes (H/2 bytes),
                                 block scales (H/16) and 1/gs (fp32) at the offsets */
     int64_t nvfp4_stride, codes_offset, sf_offset, inv_gs_offset;
+    /* Where the expert outputs go: NULL, the arena's y [cap_rows, H] in padded-row order (the
+     * combine stage gathers from it); else out [.., H], padded row r to row out_row[r] (the
+     * engine's return buffer: no separate pass copies y into it) */
+    float *out;
+    const int32_t *out_row;
 } epmoe_gpu_rows;
 
 /* The experts stage on any source rows; pairs_bound is the most (row, expert) pairs this call
