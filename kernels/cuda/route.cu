@@ -37,8 +37,8 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
  *    side), each of its PT x PE threads a TM x TN register tile of independent chains. G = 1
  *    (large batches: enough tiles to fill the GPU) keeps the running sums in registers and adds
  *    each chunk's partial when the chunk ends; G > 1 (small batches: few tiles, so the chunks
- *    supply the parallelism) writes the partials of a round to shared memory and folds them in
- *    chunk order, one thread per output.
+ *    supply the parallelism) writes the partials of a round to shared memory, where the
+ *    thread that owns an output folds them into its running sum in chunk order.
  *  - x and Wg stream through a ring of STAGES shared-memory slices, BK h of every chunk of the
  *    round per slice, copied by cp.async STAGES - 1 slices ahead of the fmafs, one barrier a
  *    slice. Rows are stored h-contiguous (BK + 4 floats: 16-byte aligned, and the rows a warp
@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(G *PT *PE, MIN_BLOCKS)
     const int64_t n_slices = rounds * K::kSlicesPerChunk;
 
     /* This thread's 16-byte pieces of every slice, fixed but for h: piece i is row `row` of
-     * group gi, floats [4q, 4q + 4) of the slice. Computed once: kept in registers they cost
-     * fewer than recomputing the indices every slice. */
+     * group gi, floats [4q, 4q + 4) of the slice. Computed once, so that a slice's copies cost
+     * an add per piece, not the divisions that place it. */
     constexpr int kPiecesAll = G * K::kRows * K::kPieces;
     constexpr int kCopies = (kPiecesAll + K::kThreads - 1) / K::kThreads;
     const float *c_src[kCopies]; /* row start, or any valid address when the row is padding */
