@@ -4,8 +4,15 @@
  * against these.
  *
  * Exact definitions that both backends follow:
- *  - gate logits: logits[t,e] = sum_h x[t,h]*Wg[e,h] in fp32, accumulated with fmaf in
- *    increasing h, so that both backends produce the same bits and the same expert ids.
+ *  - gate logits: logits[t,e] = sum_h x[t,h]*Wg[e,h] in fp32, in a fixed blocked order:
+ *    h is cut into chunks of EPMOE_GATE_CHUNK (the last one shorter when H is not a multiple:
+ *    chunk c covers [c*CH, min((c+1)*CH, H))); the partial sum of chunk c is one fmaf chain in
+ *    increasing h starting from +0; the logit is the fp32 sum of the partials in increasing c,
+ *    ((0 + p_0) + p_1) + ... (each addition rounded, none fused). Blocked, because the chunks are
+ *    independent chains a GPU runs side by side (one H-long dependent chain per output left
+ *    its width idle at decode); fixed, because both backends then produce the same bits and
+ *    the same expert ids, and because a token's logits depend on its row alone: not on T, the
+ *    batch it shares, the rank count or which kernel a batch size selects.
  *  - scores: sqrtsoftplus s = sqrtf(softplus(l)), softplus(l) = l > 20 ? l : log1pf(expf(l));
  *    sigmoid s = 1/(1+expf(-l)); topk_softmax (gpt-oss) s = l.
  *  - top-k: by (s + bias) descending, ties to the lower expert id; slots are filled in that
@@ -44,7 +51,13 @@ typedef struct {
 
 epmoe_route_params epmoe_route_params_from_config(const epmoe_config *cfg);
 
-/* logits[T,E] = x[T,H] . Wg[E,H]^T (fmaf in increasing h). */
+/* Chunk length of the gate logits' blocked order (the definition above). A constant, not a
+ * function of H or of a backend's width: changing it changes every logit's bits. 128 gives
+ * H = 4096 (V4-Flash) 32 chunks, one per lane of a warp, and H = 7168 (V4-Pro) 56. */
+#define EPMOE_GATE_CHUNK 128
+
+/* logits[T,E] = x[T,H] . Wg[E,H]^T in the blocked order above: the plain statement of the
+ * definition (tests and the CUDA comparison); epmoe_cpu_gate_logits_panels is the fast one. */
 void epmoe_cpu_gate_logits(const float *x, const float *gate_weight, int64_t T, int64_t H,
                            int64_t E, float *logits);
 
@@ -76,7 +89,7 @@ void epmoe_cpu_swiglu(const float *h, int64_t rows, int64_t I, float limit, int 
  * the call: outputs are bit-identical whatever the batch composition or the rank count (a BLAS
  * sgemm is not: OpenBLAS gave different bits for the same row at different M on this machine).
  * B is pre-packed into column panels [ceil(N/16)][K][16] (zero-padded) so that the 16 chains of
- * a panel vectorize. The gate logits of the spec above are this product. */
+ * a panel vectorize. */
 #define EPMOE_PANEL_COLS 16
 size_t epmoe_cpu_panels_floats(int64_t N, int64_t K);
 void epmoe_cpu_pack_panels(const float *B, int64_t N, int64_t K, float *panels);
@@ -87,6 +100,10 @@ static inline size_t epmoe_cpu_panel_index(int64_t n, int64_t k, int64_t K) {
 }
 void epmoe_cpu_gemm_panels(const float *A, int64_t M, int64_t K, const float *panels, int64_t N,
                            float *C);
+/* The gate logits of the spec above (blocked order, bit-identical to epmoe_cpu_gate_logits)
+ * from Wg[E,H] packed as panels (N = E, K = H), vectorized as epmoe_cpu_gemm_panels is. */
+void epmoe_cpu_gate_logits_panels(const float *x, int64_t T, int64_t H, const float *panels,
+                                  int64_t E, float *logits);
 
 #ifdef __cplusplus
 }

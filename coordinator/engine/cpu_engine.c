@@ -210,7 +210,7 @@ static epmoe_status route_and_plan(epmoe_cpu_engine *e, const epmoe_layer_weight
                                    const float *x, const int32_t *token_ids, int64_t T,
                                    int64_t layer) {
     const int64_t k = e->k, H = e->H;
-    epmoe_cpu_gemm_panels(x, T, H, w->gate_panels, e->E, e->logits);
+    epmoe_cpu_gate_logits_panels(x, T, H, w->gate_panels, e->E, e->logits);
     (void)layer;
     if (w->layer < e->cfg.n_hash_layers) {
         EPMOE_REQUIRE(token_ids != NULL || T == 0, EPMOE_ERR_INVALID_ARG,

@@ -18,17 +18,25 @@ epmoe_route_params epmoe_route_params_from_config(const epmoe_config *cfg) {
     return p;
 }
 
+/* One chunk's partial sum: an fmaf chain in increasing h from +0. */
+static float chunk_partial(const float *xt, const float *we, int64_t h0, int64_t h1) {
+    float acc = 0.0f;
+    for (int64_t h = h0; h < h1; h++) acc = fmaf(xt[h], we[h], acc);
+    return acc;
+}
+
 void epmoe_cpu_gate_logits(const float *x, const float *gate_weight, int64_t T, int64_t H,
                            int64_t E, float *logits) {
     for (int64_t t = 0; t < T; t++) {
         const float *xt = x + t * H;
         for (int64_t e = 0; e < E; e++) {
             const float *we = gate_weight + e * H;
-            /* fmaf in increasing h: the CUDA kernel reproduces exactly this sequence, which is
-             * what makes expert ids identical across backends. */
-            float acc = 0.0f;
-            for (int64_t h = 0; h < H; h++) acc = fmaf(xt[h], we[h], acc);
-            logits[t * E + e] = acc;
+            float logit = 0.0f;
+            for (int64_t h0 = 0; h0 < H; h0 += EPMOE_GATE_CHUNK) {
+                int64_t h1 = H - h0 < EPMOE_GATE_CHUNK ? H : h0 + EPMOE_GATE_CHUNK;
+                logit = logit + chunk_partial(xt, we, h0, h1);
+            }
+            logits[t * E + e] = logit;
         }
     }
 }

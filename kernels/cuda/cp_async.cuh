@@ -36,6 +36,12 @@ template <int kPending>
 static __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(kPending) : "memory");
 }
+/* 16 bytes bypassing L1, or zeros when !valid (src-size 0: the source is then not read). */
+static __device__ __forceinline__ void cp_async16_or_zero(void *smem_dst, const void *gmem_src, bool valid) {
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem_src), "r"(valid ? 16 : 0)
+                 : "memory");
+}
 /* 4 bytes through L1, or zeros when !valid (src-size 0: the source is then not read). */
 static __device__ __forceinline__ void cp_async4_or_zero(void *smem_dst, const void *gmem_src, bool valid) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem_dst);

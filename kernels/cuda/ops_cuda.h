@@ -5,7 +5,7 @@
  * never on routing: routing-dependent sizes live only on the device.
  *
  * Exactness (tested in tests/gpu against the CPU functions):
- *  - gate logits: bit-identical (fmaf in increasing h, as kernels/ops.h defines).
+ *  - gate logits: bit-identical (the blocked order kernels/ops.h defines).
  *  - routing ids: identical; weights to fp32 rounding (expf/log1pf differ by ulps from libm).
  *  - NVFP4 quantization: codes, block scales and global scales bit-identical to
  *    common/nvfp4.h (same fp32 operations in the same order, no contraction).
@@ -46,9 +46,17 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where);
 
 /* ---- routing (route.cu) ------------------------------------------------------------------ */
 
-/* logits[T,E] = x[T,H] . Wg[E,H]^T, fmaf in increasing h (bit-identical to the CPU). */
+/* logits[T,E] = x[T,H] . Wg[E,H]^T in the blocked order of kernels/ops.h (bit-identical to
+ * the CPU). No host sync, no allocation: capturable. */
 epmoe_status epmoe_cuda_gate_logits(const float *x, const float *gate_weight, int64_t T,
                                     int64_t H, int64_t E, float *logits, cudaStream_t stream);
+/* The same with the kernel named (0 .. EPMOE_CUDA_GATE_KERNELS - 1, largest tile first; -1:
+ * chosen by shape as above), so that tests run every kernel on every shape: all give the
+ * same bits. */
+#define EPMOE_CUDA_GATE_KERNELS 5
+epmoe_status epmoe_cuda_gate_logits_kernel(int kernel, const float *x, const float *gate_weight,
+                                           int64_t T, int64_t H, int64_t E, float *logits,
+                                           cudaStream_t stream);
 
 /* Score-based routing (sqrtsoftplus+bias, or sigmoid+bias with group limit). bias may be NULL.
  * ids[T,k] global expert ids in slot order, weights[T,k]. */

@@ -1,5 +1,5 @@
 /* Gate logits and routing on the device (kernels/ops.h defines the math; this follows it
- * operation for operation so that ids equal the CPU's). */
+ * operation for operation so that logits and ids equal the CPU's). */
 #include <math.h>
 
 #include "kernels/cuda/cp_async.cuh"
@@ -27,173 +27,267 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
 }
 
 /* ---- gate logits ----------------------------------------------------------------------------
- * Each output is one fmaf chain in increasing h, exactly the CPU's order, hence the same bits;
- * speed comes from running many chains side by side, never from reordering one. A block owns
- * a tile of BT tokens x 64 experts; x and Wg stream through shared memory in 32-wide slices of
- * h, stored h-major so that a thread reads its TM tokens and its 4 experts of one h with two
- * vector loads and then advances TM x 4 independent chains (one LDS per 2-8 FMAs, instead of
- * two LDS per FMA with one chain per thread: that version took 1.5 ms for 4096 tokens on
- * V4-Flash, this one 0.56 ms on an H200). Few, long blocks: used when they fill the GPU. */
-#define GATE_KS 32  /* h per shared-memory slice */
-#define GATE_EN 4   /* experts per thread */
-#define GATE_TX 16  /* threads along experts: 64 experts a block */
-#define GATE_TY 16  /* threads along tokens */
+ * The blocked order of kernels/ops.h: chunk c's partial is one fmaf chain from +0 over its
+ * EPMOE_GATE_CHUNK h in increasing h; the logit is 0 + p_0 + p_1 + ... in increasing c, each
+ * addition __fadd_rn. Every kernel below computes exactly that, so every kernel (and the CPU)
+ * gives the same bits; they differ only in how the chains are spread over threads.
+ *
+ * One template, a tile of BT = PT*TM tokens x BE = PE*TN experts per block:
+ *  - G chunk groups: group g runs chunks g, g + G, g + 2G, ... (one "round" = G chunks side by
+ *    side), each of its PT x PE threads a TM x TN register tile of independent chains. G = 1
+ *    (large batches: enough tiles to fill the GPU) keeps the running sums in registers and adds
+ *    each chunk's partial when the chunk ends; G > 1 (small batches: few tiles, so the chunks
+ *    supply the parallelism) writes the partials of a round to shared memory, where the
+ *    thread that owns an output folds them into its running sum in chunk order.
+ *  - x and Wg stream through a ring of STAGES shared-memory slices, BK h of every chunk of the
+ *    round per slice, copied by cp.async STAGES - 1 slices ahead of the fmafs, one barrier a
+ *    slice. Rows are stored h-contiguous (BK + 4 floats: 16-byte aligned, and the rows a warp
+ *    reads at one h fall in different banks), read as float4: TM + TN vector loads per
+ *    4 * TM * TN fmafs. A thread's tokens and experts are strided (pt + PT*i, pe + PE*j) so
+ *    that neighbouring lanes read neighbouring rows.
+ *  - Past T, E or H the copies write zeros (src-size 0, nothing read). Zero padding is exact:
+ *    a partial starts at +0 and an fp32 sum is -0 only when both operands are, so no partial
+ *    or running sum is ever -0, and adding fmaf(0, 0, .) or a zero partial leaves it unchanged. */
+template <int G, int PT, int PE, int TM, int TN, int BK, int STAGES> struct GateTile {
+    static constexpr int kThreads = G * PT * PE;
+    static constexpr int kBT = PT * TM, kBE = PE * TN;
+    static constexpr int kOutputs = kBT * kBE;
+    static constexpr int kRows = kBT + kBE;       /* tokens first, then experts */
+    static constexpr int kRow = BK + 4;           /* floats a staged row piece */
+    static constexpr int kGroup = kRows * kRow + 4; /* +4: groups start in different banks */
+    static constexpr int kStage = G * kGroup;
+    static constexpr int kPieces = BK / 4;        /* 16-byte pieces a row piece */
+    static constexpr int kSlicesPerChunk = EPMOE_GATE_CHUNK / BK;
+    static constexpr int kOwn = (kOutputs + kThreads - 1) / kThreads; /* G > 1: outputs folded */
+    static_assert(EPMOE_GATE_CHUNK % BK == 0 && BK % 4 == 0, "slices tile a chunk in float4s");
+    static_assert(STAGES >= 2, "a ring");
+};
 
-/* Small batches: a 16x16 tile of (token, expert) outputs per block, one fmaf chain per thread.
- * More blocks than the register-tiled kernel below, which matters when T x E is small (decode,
- * or a slice with few experts): there the tiled kernel ran 1.9x slower (256 vs 136 us at 43
- * tokens x 32 experts). Few tokens also make few threads (43 tokens x 256 experts: 11 K chains,
- * under 100 an SM), so the loads cannot hide behind other warps; they hide behind the chain:
- * x and Wg come through a ring of GATE_SMALL_STAGES shared-memory slices of GATE_SMALL_KS h,
- * copied (cp.async, zero-filled past T, E or H) GATE_SMALL_STAGES - 1 slices ahead of the fmafs,
- * one barrier a slice. Staging 16 h at a time behind two barriers, each slice waiting out a
- * load's whole latency, took twice this ring's time, the same at 43 and 512 tokens: latency,
- * not work, in both (docs/perf-history.md §2). The chain itself is H dependent fmafs, so the
- * ring still waits on DRAM; asking each slice's lines into L2 further ahead was measured
- * slower (the ring already has them in flight). */
-#define GATE_SMALL_TILE 16
-#define GATE_SMALL_KS 64    /* h per slice */
-#define GATE_SMALL_STAGES 4 /* slices in the ring */
-#define GATE_SMALL_ROW (GATE_SMALL_KS + 4) /* floats a row: 16-byte rows, reads conflict-free */
-
-__global__ void __launch_bounds__(GATE_SMALL_TILE *GATE_SMALL_TILE)
-    gate_logits_small_kernel(const float *x, const float *gate_weight, int64_t T, int64_t H,
-                             int64_t E, float *logits) {
-    constexpr int kTile = GATE_SMALL_TILE, kKS = GATE_SMALL_KS, kStages = GATE_SMALL_STAGES;
-    __shared__ __align__(16) float x_ring[kStages][kTile][GATE_SMALL_ROW]; /* [token][h] */
-    __shared__ __align__(16) float w_ring[kStages][kTile][GATE_SMALL_ROW]; /* [expert][h] */
-    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * kTile + tx;
-    const int64_t t0 = (int64_t)blockIdx.y * kTile, e0 = (int64_t)blockIdx.x * kTile;
-    const int64_t slices = (H + kKS - 1) / kKS;
-
-    /* slice s -> stage s % kStages; consecutive threads copy consecutive h of one row */
-    auto copy_slice = [&](int64_t s) {
-        const int st = (int)(s % kStages);
-        for (int i = tid; i < kTile * kKS; i += kTile * kTile) {
-            const int row = i / kKS, hh = i % kKS;
-            const int64_t h = s * kKS + hh;
-            const bool x_ok = t0 + row < T && h < H, w_ok = e0 + row < E && h < H;
-            cp_async4_or_zero(&x_ring[st][row][hh], x_ok ? x + (t0 + row) * H + h : x, x_ok);
-            cp_async4_or_zero(&w_ring[st][row][hh], w_ok ? gate_weight + (e0 + row) * H + h : gate_weight,
-                              w_ok);
-        }
-    };
-    for (int s = 0; s < kStages - 1; ++s) {
-        if (s < slices) copy_slice(s);
-        cp_async_commit(); /* one group a slice, even empty */
-    }
-
-    float acc = 0.0f;
-    for (int64_t s = 0; s < slices; ++s) {
-        /* groups committed so far: kStages - 1 + s, the last kStages - 2 may still fly: slice s
-         * (this thread's copies) has landed; the barrier makes it everyone's, and frees the
-         * stage that slice s - 1 was read from for slice s + kStages - 1 */
-        cp_async_wait<kStages - 2>();
-        __syncthreads();
-        if (s + kStages - 1 < slices) copy_slice(s + kStages - 1);
-        cp_async_commit();
-        const int st = (int)(s % kStages);
-        const float *xr = x_ring[st][ty], *wr = w_ring[st][tx];
-        const int64_t left = H - s * kKS;
-        if (left >= kKS) {
-#pragma unroll
-            for (int j = 0; j < kKS; j += 4) {
-                const float4 xv = *(const float4 *)(xr + j), wv = *(const float4 *)(wr + j);
-                acc = fmaf(xv.x, wv.x, acc);
-                acc = fmaf(xv.y, wv.y, acc);
-                acc = fmaf(xv.z, wv.z, acc);
-                acc = fmaf(xv.w, wv.w, acc);
-            }
-        } else {
-            for (int j = 0; j < (int)left; j++) acc = fmaf(xr[j], wr[j], acc); /* none past H-1 */
-        }
-    }
-    if (t0 + ty < T && e0 + tx < E) logits[(t0 + ty) * E + e0 + tx] = acc;
-}
-
-template <int TM> __device__ __forceinline__ void load_tokens(const float *row, float (&xv)[TM]);
-template <> __device__ __forceinline__ void load_tokens<4>(const float *row, float (&xv)[4]) {
-    const float4 q = *(const float4 *)row;
-    xv[0] = q.x, xv[1] = q.y, xv[2] = q.z, xv[3] = q.w;
-}
-
-template <int TM>
-__global__ void __launch_bounds__(GATE_TX *GATE_TY)
+template <int G, int PT, int PE, int TM, int TN, int BK, int STAGES, int MIN_BLOCKS, bool VEC>
+__global__ void __launch_bounds__(G *PT *PE, MIN_BLOCKS)
     gate_logits_kernel(const float *x, const float *gate_weight, int64_t T, int64_t H, int64_t E,
                        float *logits) {
-    constexpr int BT = GATE_TY * TM, BE = GATE_TX * GATE_EN;
-    /* +4 floats a row: keeps the float4 reads aligned and spreads the transposing stores */
-    __shared__ __align__(16) float xs[GATE_KS][BT + 4];
-    __shared__ __align__(16) float ws[GATE_KS][BE + 4];
-    const int tx = threadIdx.x, ty = threadIdx.y, tid = ty * GATE_TX + tx;
-    const int64_t t0 = (int64_t)blockIdx.y * BT, e0 = (int64_t)blockIdx.x * BE;
-    float acc[TM][GATE_EN];
+    using K = GateTile<G, PT, PE, TM, TN, BK, STAGES>;
+    constexpr int CH = EPMOE_GATE_CHUNK;
+    /* the ring, then (G > 1) a round's partials, [g][token][expert] */
+    __shared__ __align__(16) float smem[STAGES * K::kStage + (G > 1 ? G * K::kOutputs : 0)];
+    float *const ring = smem, *const part = smem + STAGES * K::kStage;
+    const int tid = threadIdx.x;
+    const int g = tid / (PT * PE), pe = tid % PE, pt = (tid / PE) % PT;
+    const int64_t t0 = (int64_t)blockIdx.x * K::kBT, e0 = (int64_t)blockIdx.y * K::kBE;
+    const int64_t n_chunks = (H + CH - 1) / CH;
+    const int64_t rounds = (n_chunks + G - 1) / G;
+    const int64_t n_slices = rounds * K::kSlicesPerChunk;
+
+    /* This thread's 16-byte pieces of every slice, fixed but for h: piece i is row `row` of
+     * group gi, floats [4q, 4q + 4) of the slice. Computed once, so that a slice's copies cost
+     * an add per piece, not the divisions that place it. */
+    constexpr int kPiecesAll = G * K::kRows * K::kPieces;
+    constexpr int kCopies = (kPiecesAll + K::kThreads - 1) / K::kThreads;
+    const float *c_src[kCopies]; /* row start, or any valid address when the row is padding */
+    int c_dst[kCopies];          /* float offset in a stage; -1: no piece */
+    int c_h[kCopies];            /* h offset from the round's first h */
+    bool c_row_ok[kCopies];
+#pragma unroll
+    for (int m = 0; m < kCopies; m++) {
+        const int i = tid + m * K::kThreads;
+        const int gi = i / (K::kRows * K::kPieces), rem = i % (K::kRows * K::kPieces);
+        const int row = rem / K::kPieces, q = rem % K::kPieces;
+        const bool is_x = row < K::kBT;
+        const int64_t r = is_x ? t0 + row : e0 + (row - K::kBT);
+        c_row_ok[m] = i < kPiecesAll && r < (is_x ? T : E);
+        c_src[m] = (is_x ? x : gate_weight) + (c_row_ok[m] ? r * H : 0);
+        c_dst[m] = i < kPiecesAll ? gi * K::kGroup + row * K::kRow + 4 * q : -1;
+        c_h[m] = gi * CH + 4 * q;
+    }
+    /* slice s -> stage s % STAGES: BK h at offset k0 of each of the round's G chunks */
+    auto copy_slice = [&](int64_t s) {
+        float *stage = ring + (int)(s % STAGES) * K::kStage;
+        const int64_t h0 = (s / K::kSlicesPerChunk) * G * CH + (s % K::kSlicesPerChunk) * BK;
+#pragma unroll
+        for (int m = 0; m < kCopies; m++) {
+            if (c_dst[m] < 0) continue;
+            const int64_t h = h0 + c_h[m];
+            float *dst = stage + c_dst[m];
+            if constexpr (VEC) {
+                const bool ok = c_row_ok[m] && h < H; /* H % 4 == 0: all in or all out */
+                cp_async16_or_zero(dst, ok ? c_src[m] + h : c_src[m], ok);
+            } else {
+#pragma unroll
+                for (int u = 0; u < 4; u++) {
+                    const bool ok = c_row_ok[m] && h + u < H;
+                    cp_async4_or_zero(dst + u, ok ? c_src[m] + h + u : c_src[m], ok);
+                }
+            }
+        }
+    };
+
+    float acc[TM][TN];
+    float total[G == 1 ? TM : K::kOwn][G == 1 ? TN : 1];
 #pragma unroll
     for (int i = 0; i < TM; i++)
 #pragma unroll
-        for (int c = 0; c < GATE_EN; c++) acc[i][c] = 0.0f;
-    for (int64_t h0 = 0; h0 < H; h0 += GATE_KS) {
-        /* consecutive threads read consecutive h of one row (coalesced) */
-        for (int i = tid; i < BT * GATE_KS; i += GATE_TX * GATE_TY) {
-            const int row = i / GATE_KS, hh = i % GATE_KS;
-            const int64_t t = t0 + row, h = h0 + hh;
-            xs[hh][row] = (t < T && h < H) ? x[t * H + h] : 0.0f;
-        }
-        for (int i = tid; i < BE * GATE_KS; i += GATE_TX * GATE_TY) {
-            const int row = i / GATE_KS, hh = i % GATE_KS;
-            const int64_t e = e0 + row, h = h0 + hh;
-            ws[hh][row] = (e < E && h < H) ? gate_weight[e * H + h] : 0.0f;
-        }
+        for (int j = 0; j < TN; j++) acc[i][j] = 0.0f;
+#pragma unroll
+    for (int i = 0; i < (G == 1 ? TM : K::kOwn); i++)
+#pragma unroll
+        for (int j = 0; j < (G == 1 ? TN : 1); j++) total[i][j] = 0.0f;
+
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n_slices) copy_slice(s);
+        cp_async_commit(); /* one group a slice, even empty */
+    }
+    for (int64_t s = 0; s < n_slices; ++s) {
+        /* groups committed: STAGES - 1 + s, the last STAGES - 2 may still fly: slice s has
+         * landed for this thread; the barrier makes it everyone's and frees the stage slice
+         * s - 1 was read from, for slice s + STAGES - 1 */
+        cp_async_wait<STAGES - 2>();
         __syncthreads();
-        const int n = (int)(H - h0 < GATE_KS ? H - h0 : GATE_KS); /* no fmaf past h = H-1 */
-        for (int j = 0; j < n; j++) {
-            float xv[TM], wv[GATE_EN];
-            load_tokens<TM>(&xs[j][ty * TM], xv);
-            const float4 w4 = *(const float4 *)&ws[j][tx * GATE_EN];
-            wv[0] = w4.x, wv[1] = w4.y, wv[2] = w4.z, wv[3] = w4.w;
+        if (s + STAGES - 1 < n_slices) copy_slice(s + STAGES - 1);
+        cp_async_commit();
+
+        const float *grp = ring + (int)(s % STAGES) * K::kStage + g * K::kGroup;
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 4) {
+            float4 wv[TN];
+#pragma unroll
+            for (int j = 0; j < TN; j++)
+                wv[j] = *(const float4 *)(grp + (K::kBT + pe + PE * j) * K::kRow + kk);
+#pragma unroll
+            for (int i = 0; i < TM; i++) {
+                const float4 xv = *(const float4 *)(grp + (pt + PT * i) * K::kRow + kk);
+#pragma unroll
+                for (int j = 0; j < TN; j++) { /* h, h+1, h+2, h+3 in order */
+                    acc[i][j] = fmaf(xv.x, wv[j].x, acc[i][j]);
+                    acc[i][j] = fmaf(xv.y, wv[j].y, acc[i][j]);
+                    acc[i][j] = fmaf(xv.z, wv[j].z, acc[i][j]);
+                    acc[i][j] = fmaf(xv.w, wv[j].w, acc[i][j]);
+                }
+            }
+        }
+
+        if ((s + 1) % K::kSlicesPerChunk != 0) continue; /* the chunk goes on */
+        if constexpr (G == 1) {
 #pragma unroll
             for (int i = 0; i < TM; i++)
 #pragma unroll
-                for (int c = 0; c < GATE_EN; c++) acc[i][c] = fmaf(xv[i], wv[c], acc[i][c]);
+                for (int j = 0; j < TN; j++) {
+                    total[i][j] = __fadd_rn(total[i][j], acc[i][j]);
+                    acc[i][j] = 0.0f;
+                }
+        } else {
+#pragma unroll
+            for (int i = 0; i < TM; i++)
+#pragma unroll
+                for (int j = 0; j < TN; j++) {
+                    part[g * K::kOutputs + (pt + PT * i) * K::kBE + pe + PE * j] = acc[i][j];
+                    acc[i][j] = 0.0f;
+                }
+            __syncthreads();
+            /* chunks of this round in increasing c, none past the last (their partials are
+             * +0 and would change nothing, but need not be added). The next write to part
+             * comes after the next slice's barrier. */
+            const int64_t first = (s / K::kSlicesPerChunk) * G;
+            const int live = (int)(n_chunks - first < G ? n_chunks - first : G);
+#pragma unroll
+            for (int m = 0; m < K::kOwn; m++) {
+                const int o = tid + m * K::kThreads;
+                if (o < K::kOutputs)
+                    for (int gi = 0; gi < live; gi++)
+                        total[m][0] = __fadd_rn(total[m][0], part[gi * K::kOutputs + o]);
+            }
         }
-        __syncthreads();
     }
+
+    if constexpr (G == 1) {
 #pragma unroll
-    for (int i = 0; i < TM; i++) {
-        const int64_t t = t0 + ty * TM + i;
+        for (int i = 0; i < TM; i++) {
+            const int64_t t = t0 + pt + PT * i;
 #pragma unroll
-        for (int c = 0; c < GATE_EN; c++) {
-            const int64_t e = e0 + tx * GATE_EN + c;
-            if (t < T && e < E) logits[t * E + e] = acc[i][c];
+            for (int j = 0; j < TN; j++) {
+                const int64_t e = e0 + pe + PE * j;
+                if (t < T && e < E) logits[t * E + e] = total[i][j];
+            }
         }
+    } else {
+#pragma unroll
+        for (int m = 0; m < K::kOwn; m++) {
+            const int o = tid + m * K::kThreads;
+            const int64_t t = t0 + o / K::kBE, e = e0 + o % K::kBE;
+            if (o < K::kOutputs && t < T && e < E) logits[t * E + e] = total[m][0];
+        }
+    }
+}
+
+template <int G, int PT, int PE, int TM, int TN, int BK, int STAGES, int MIN_BLOCKS>
+static epmoe_status launch_gate_logits(const float *x, const float *gate_weight, int64_t T,
+                                       int64_t H, int64_t E, float *logits,
+                                       cudaStream_t stream) {
+    using K = GateTile<G, PT, PE, TM, TN, BK, STAGES>;
+    const dim3 grid((unsigned)((T + K::kBT - 1) / K::kBT), (unsigned)((E + K::kBE - 1) / K::kBE));
+    /* 16-byte copies need 16-byte rows; otherwise (H = 7, unaligned slices) 4-byte ones */
+    const bool vec = H % 4 == 0 && (uintptr_t)x % 16 == 0 && (uintptr_t)gate_weight % 16 == 0;
+    if (vec)
+        gate_logits_kernel<G, PT, PE, TM, TN, BK, STAGES, MIN_BLOCKS, true>
+            <<<grid, K::kThreads, 0, stream>>>(x, gate_weight, T, H, E, logits);
+    else
+        gate_logits_kernel<G, PT, PE, TM, TN, BK, STAGES, MIN_BLOCKS, false>
+            <<<grid, K::kThreads, 0, stream>>>(x, gate_weight, T, H, E, logits);
+    CUDA_TRY_LAUNCH("gate_logits_kernel");
+    return EPMOE_OK;
+}
+
+static int64_t tiles(int64_t T, int64_t E, int64_t bt, int64_t be) {
+    return ((T + bt - 1) / bt) * ((E + be - 1) / be);
+}
+
+epmoe_status epmoe_cuda_gate_logits_kernel(int kernel, const float *x, const float *gate_weight,
+                                           int64_t T, int64_t H, int64_t E, float *logits,
+                                           cudaStream_t stream) {
+    EPMOE_REQUIRE(T >= 0 && H > 0 && E > 0, EPMOE_ERR_INVALID_ARG,
+                  "gate logits: bad shape T=%lld H=%lld E=%lld", (long long)T, (long long)H,
+                  (long long)E);
+    EPMOE_REQUIRE(T / 4 < INT32_MAX && (E + 3) / 4 <= 65535, EPMOE_ERR_INVALID_ARG,
+                  "gate logits: T=%lld E=%lld exceed the grid", (long long)T, (long long)E);
+    EPMOE_REQUIRE(kernel >= -1 && kernel < EPMOE_CUDA_GATE_KERNELS, EPMOE_ERR_INVALID_ARG,
+                  "gate logits: no kernel %d", kernel);
+    if (T == 0) return EPMOE_OK;
+    if (kernel < 0) {
+        int device = 0, n_sms = 0;
+        CUDA_TRY(cudaGetDevice(&device), "gate logits: current device");
+        CUDA_TRY(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device),
+                 "gate logits: multiprocessor count");
+        /* The largest tile that still gives the GPU enough blocks: large tiles read x and Wg
+         * from L2 fewest times (a tile reads BT + BE rows for BT x BE outputs); chunk groups
+         * (G > 1) make up the parallelism that few tiles lack. */
+        kernel = tiles(T, E, 128, 64) >= n_sms     ? 0
+                 : 2 * tiles(T, E, 64, 64) >= n_sms ? 1
+                 : tiles(T, E, 16, 32) >= n_sms     ? 2
+                 : 2 * tiles(T, E, 8, 16) >= n_sms  ? 3
+                                                    : 4;
+    }
+    switch (kernel) {
+    case 0: /* prefill: 128 x 64, 8 x 4 chains a thread */
+        return launch_gate_logits<1, 16, 16, 8, 4, 16, 3, 2>(x, gate_weight, T, H, E, logits,
+                                                             stream);
+    case 1: /* 64 x 64, 4 x 4 a thread */
+        return launch_gate_logits<1, 16, 16, 4, 4, 16, 3, 2>(x, gate_weight, T, H, E, logits,
+                                                             stream);
+    case 2: /* 16 x 32, four chunks side by side */
+        return launch_gate_logits<4, 8, 8, 2, 4, 8, 4, 1>(x, gate_weight, T, H, E, logits,
+                                                          stream);
+    case 3: /* 8 x 16, eight chunks side by side */
+        return launch_gate_logits<8, 4, 8, 2, 2, 8, 4, 1>(x, gate_weight, T, H, E, logits,
+                                                          stream);
+    default: /* decode: 4 x 4, 32 chunks side by side (all of V4-Flash's) */
+        return launch_gate_logits<32, 1, 4, 4, 1, 8, 3, 1>(x, gate_weight, T, H, E, logits,
+                                                           stream);
     }
 }
 
 epmoe_status epmoe_cuda_gate_logits(const float *x, const float *gate_weight, int64_t T,
                                     int64_t H, int64_t E, float *logits, cudaStream_t stream) {
-    EPMOE_REQUIRE(T >= 0 && H > 0 && E > 0, EPMOE_ERR_INVALID_ARG,
-                  "gate logits: bad shape T=%lld H=%lld E=%lld", (long long)T, (long long)H,
-                  (long long)E);
-    if (T == 0) return EPMOE_OK;
-    /* The register-tiled kernel when it fills the GPU at least once (its blocks are few and
-     * long), else the one-chain-per-thread kernel. Both give the same bits. */
-    int device = 0, n_sms = 0;
-    CUDA_TRY(cudaGetDevice(&device), "gate logits: current device");
-    CUDA_TRY(cudaDeviceGetAttribute(&n_sms, cudaDevAttrMultiProcessorCount, device),
-             "gate logits: multiprocessor count");
-    const unsigned e_blocks = (unsigned)((E + GATE_TX * GATE_EN - 1) / (GATE_TX * GATE_EN));
-    const unsigned t_blocks = (unsigned)((T + GATE_TY * 4 - 1) / (GATE_TY * 4));
-    if ((int64_t)e_blocks * t_blocks >= n_sms) {
-        gate_logits_kernel<4><<<dim3(e_blocks, t_blocks), dim3(GATE_TX, GATE_TY), 0, stream>>>(
-            x, gate_weight, T, H, E, logits);
-    } else {
-        const dim3 grid((unsigned)((E + GATE_SMALL_TILE - 1) / GATE_SMALL_TILE),
-                        (unsigned)((T + GATE_SMALL_TILE - 1) / GATE_SMALL_TILE));
-        gate_logits_small_kernel<<<grid, dim3(GATE_SMALL_TILE, GATE_SMALL_TILE), 0, stream>>>(
-            x, gate_weight, T, H, E, logits);
-    }
-    CUDA_TRY_LAUNCH("gate_logits_kernel");
-    return EPMOE_OK;
+    return epmoe_cuda_gate_logits_kernel(-1, x, gate_weight, T, H, E, logits, stream);
 }
 
 /* ---- scores --------------------------------------------------------------------------------- */

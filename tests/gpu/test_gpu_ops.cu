@@ -50,33 +50,111 @@ static uint32_t f32_bits(float f) {
 
 /* ---- gate logits ---------------------------------------------------------------------- */
 
+/* One gate-logit launch (kernel -1: the one chosen by shape) against the CPU's logits, into
+ * a poisoned output; returns the number of logits whose bits differ, -1 when the launch failed.
+ * shift > 0 offsets x and Wg by that many floats inside their allocations, so that 16-byte
+ * copies are refused and the 4-byte path runs. */
+static int64_t gate_logits_diff(int kernel, const float *x, const float *w, int64_t T, int64_t H,
+                                int64_t E, const float *cpu, int shift) {
+    float *dx = dev_alloc<float>(T * H + shift), *dw = dev_alloc<float>(E * H + shift);
+    float *dl = dev_alloc<float>(T * E); /* poisoned: an unwritten logit is a NaN pattern */
+    std::vector<float> gpu(T * E);
+    int64_t diff = -1;
+    if (dx && dw && dl) {
+        cudaMemcpy(dx + shift, x, T * H * 4, cudaMemcpyHostToDevice);
+        cudaMemcpy(dw + shift, w, E * H * 4, cudaMemcpyHostToDevice);
+        if (epmoe_cuda_gate_logits_kernel(kernel, dx + shift, dw + shift, T, H, E, dl, 0) ==
+                EPMOE_OK &&
+            cudaDeviceSynchronize() == cudaSuccess) {
+            to_host(gpu.data(), dl, T * E);
+            diff = 0;
+            for (int64_t i = 0; i < T * E; i++) diff += f32_bits(cpu[i]) != f32_bits(gpu[i]);
+        }
+    }
+    cudaFree(dx), cudaFree(dw), cudaFree(dl);
+    return diff;
+}
+
+/* The CPU's logits by the engine's panels (the unit suite holds them to the plain definition,
+ * epmoe_cpu_gate_logits, bit for bit; they are 15x faster for these sizes). */
+static void cpu_gate_logits(const std::vector<float> &x, const std::vector<float> &w, int64_t T,
+                            int64_t H, int64_t E, std::vector<float> &out) {
+    std::vector<float> panels(epmoe_cpu_panels_floats(E, H));
+    epmoe_cpu_pack_panels(w.data(), E, H, panels.data());
+    out.assign(T * E, 0.0f);
+    epmoe_cpu_gate_logits_panels(x.data(), T, H, panels.data(), E, out.data());
+}
+
 static void test_gate_logits_bit_identical(void) {
-    /* both kernels (the register-tiled one runs when its 64x64 tiles number at least the
-     * SMs: the last two shapes, 528 and 396 blocks), tails of every tile dimension (T, E, and
-     * H not a multiple of the slice, H shorter than the small kernel's ring of slices), and
-     * the decode shapes of V4-Flash and V4-Pro (chains of 4096 and 7168 fmafs) */
-    const int64_t shapes[][3] = {{37, 256, 256}, {5, 200, 67}, {129, 4096, 48}, {300, 1000, 130},
-                                 {3, 100, 20}, {43, 4096, 256}, {64, 7168, 384},
-                                 {8448, 64, 256}, {8400, 100, 130}};
+    /* Every kernel (and the one chosen by shape) on decode and prefill batch sizes, against H
+     * below one chunk (7, 100), a chunk count that is neither a multiple of the chunk groups
+     * nor H of the chunk (2880: 22.5 chunks) and V4-Flash's 4096; E = 256 and a ragged 37
+     * (tile tails in E). The 4-byte copy path runs for H = 7 and for shifted (unaligned) x and
+     * Wg. The plain definition itself is checked once per shape. */
+    const int64_t Ts[] = {1, 3, 64, 129, 1000, 4100};
+    const int64_t Hs[] = {7, 100, 2880, 4096};
+    const int64_t Es[] = {256, 37};
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 11);
-    for (int s = 0; s < (int)(sizeof shapes / sizeof shapes[0]); s++) {
-        int64_t T = shapes[s][0], H = shapes[s][1], E = shapes[s][2];
-        float *x = (float *)malloc(T * H * 4), *w = (float *)malloc(E * H * 4);
-        float *cpu = (float *)malloc(T * E * 4), *gpu = (float *)malloc(T * E * 4);
-        epmoe_fill_normal(&rng, x, T * H, 1.0f);
-        epmoe_fill_normal(&rng, w, E * H, 1.0f / sqrtf((float)H));
-        epmoe_cpu_gate_logits(x, w, T, H, E, cpu);
-        float *dx = dev_copy(x, T * H), *dw = dev_copy(w, E * H), *dl = dev_alloc<float>(T * E);
-        GT_OK(epmoe_cuda_gate_logits(dx, dw, T, H, E, dl, 0));
-        GT_CUDA(cudaDeviceSynchronize());
-        to_host(gpu, dl, T * E);
-        int64_t diff = 0;
-        for (int64_t i = 0; i < T * E; i++) diff += f32_bits(cpu[i]) != f32_bits(gpu[i]);
-        GT_CHECK(diff == 0, "T=%lld H=%lld E=%lld: %lld logits differ in bits", (long long)T,
-                 (long long)H, (long long)E, (long long)diff);
-        cudaFree(dx), cudaFree(dw), cudaFree(dl);
-        free(x), free(w), free(cpu), free(gpu);
+    for (int64_t E : Es)
+        for (int64_t H : Hs)
+            for (int64_t T : Ts) {
+                std::vector<float> x(T * H), w(E * H), cpu;
+                epmoe_fill_normal(&rng, x.data(), T * H, 1.0f);
+                epmoe_fill_normal(&rng, w.data(), E * H, 1.0f / sqrtf((float)H));
+                cpu_gate_logits(x, w, T, H, E, cpu);
+                if (T <= 3) { /* the panels against the plain definition, on a few rows */
+                    std::vector<float> plain(T * E);
+                    epmoe_cpu_gate_logits(x.data(), w.data(), T, H, E, plain.data());
+                    GT_CHECK(memcmp(plain.data(), cpu.data(), T * E * 4) == 0,
+                             "T=%lld H=%lld E=%lld: CPU panels differ from the definition",
+                             (long long)T, (long long)H, (long long)E);
+                }
+                for (int kernel = -1; kernel < EPMOE_CUDA_GATE_KERNELS; kernel++)
+                    for (int shift = 0; shift <= 1; shift++) {
+                        if (shift && T > 129 && kernel >= 0) continue; /* auto covers it */
+                        int64_t diff =
+                            gate_logits_diff(kernel, x.data(), w.data(), T, H, E, cpu.data(), shift);
+                        GT_CHECK(diff == 0,
+                                 "kernel %d, T=%lld H=%lld E=%lld%s: %lld logits differ in bits "
+                                 "(-1: the launch failed: %s)",
+                                 kernel, (long long)T, (long long)H, (long long)E,
+                                 shift ? " (unaligned)" : "", (long long)diff, epmoe_last_error());
+                    }
+            }
+    /* V4-Pro's shape: 56 chunks, two rounds of 32, fourteen of 4, seven of 8 */
+    for (int64_t T : {1, 43, 700, 2100}) {
+        const int64_t H = 7168, E = 384;
+        std::vector<float> x(T * H), w(E * H), cpu;
+        epmoe_fill_normal(&rng, x.data(), T * H, 1.0f);
+        epmoe_fill_normal(&rng, w.data(), E * H, 1.0f / sqrtf((float)H));
+        cpu_gate_logits(x, w, T, H, E, cpu);
+        for (int kernel = -1; kernel < EPMOE_CUDA_GATE_KERNELS; kernel++) {
+            int64_t diff = gate_logits_diff(kernel, x.data(), w.data(), T, H, E, cpu.data(), 0);
+            GT_CHECK(diff == 0, "kernel %d, T=%lld H=%lld E=%lld: %lld logits differ in bits",
+                     kernel, (long long)T, (long long)H, (long long)E, (long long)diff);
+        }
+    }
+}
+
+/* A token's logits do not depend on its batch: windows of a 4100-token batch, launched as
+ * batches of their own (other kernels by shape), give the bits of the whole batch. */
+static void test_gate_logits_batch_invariant(void) {
+    const int64_t H = 4096, E = 256, T = 4100;
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 12);
+    std::vector<float> x(T * H), w(E * H), cpu;
+    epmoe_fill_normal(&rng, x.data(), T * H, 1.0f);
+    epmoe_fill_normal(&rng, w.data(), E * H, 1.0f / sqrtf((float)H));
+    cpu_gate_logits(x, w, T, H, E, cpu);
+    const int64_t windows[][2] = {{4100, 0}, {64, 4000}, {1, 4099}, {3, 17}, {129, 1}, {1000, 7}};
+    for (const auto &win : windows) {
+        const int64_t n = win[0], t0 = win[1];
+        int64_t diff = gate_logits_diff(-1, x.data() + t0 * H, w.data(), n, H, E,
+                                        cpu.data() + t0 * E, 0);
+        GT_CHECK(diff == 0, "tokens [%lld, %lld) as a batch of %lld: %lld logits differ from "
+                 "the batch of %lld", (long long)t0, (long long)(t0 + n), (long long)n,
+                 (long long)diff, (long long)T);
     }
 }
 
@@ -794,6 +872,7 @@ static void test_shared_expert_vs_reference(void) {
 int main(void) {
     if (!gt_have_device()) return 77;
     GT_RUN(test_gate_logits_bit_identical);
+    GT_RUN(test_gate_logits_batch_invariant);
     GT_RUN(test_routing_matches_cpu);
     GT_RUN(test_routing_very_negative_logits);
     GT_RUN(test_routing_flags);

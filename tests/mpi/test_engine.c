@@ -309,7 +309,7 @@ static void run_case(const engine_case *c) {
         int32_t *ids = malloc((size_t)(T_all * k + 1) * sizeof(int32_t));
         float *wts = malloc((size_t)(T_all * k + 1) * sizeof(float));
         epmoe_route_params rp = epmoe_route_params_from_config(&full_cfg);
-        epmoe_cpu_gemm_panels(x_all, T_all, H, wf.gate_panels, E, logits);
+        epmoe_cpu_gate_logits_panels(x_all, T_all, H, wf.gate_panels, E, logits);
         if (c->layer < full_cfg.n_hash_layers)
             ck_assert(epmoe_cpu_route_hash(&rp, logits, wf.tid2eid, wf.vocab_size, tid_all, T_all,
                                            ids, wts) == EPMOE_OK);

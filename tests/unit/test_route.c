@@ -192,41 +192,110 @@ static void run_random_case(int64_t E, int64_t k, int64_t scoring, int64_t G, in
 
 /* ---- gate logits ---------------------------------------------------------------------------- */
 
-START_TEST(test_gate_logits_fmaf_order_and_accuracy) {
-    const int64_t T = 5, H = 301, E = 37;
+/* The definition of kernels/ops.h restated independently: the chunk partials first, each an
+ * fmaf chain from +0 in increasing h, then their sum in chunk order starting from 0. */
+static float blocked_logit(const float *xt, const float *we, int64_t H) {
+    int64_t n_chunks = (H + EPMOE_GATE_CHUNK - 1) / EPMOE_GATE_CHUNK;
+    float partial[512];
+    ck_assert_int_le(n_chunks, 512);
+    for (int64_t c = 0; c < n_chunks; c++) {
+        int64_t end = (c + 1) * EPMOE_GATE_CHUNK;
+        if (end > H) end = H;
+        partial[c] = 0.0f;
+        for (int64_t h = c * EPMOE_GATE_CHUNK; h < end; h++)
+            partial[c] = fmaf(xt[h], we[h], partial[c]);
+    }
+    float sum = 0.0f;
+    for (int64_t c = 0; c < n_chunks; c++) sum = sum + partial[c];
+    return sum;
+}
+
+static void assert_same_bits(const float *got, const float *want, int64_t n, const char *what,
+                             int64_t H) {
+    for (int64_t i = 0; i < n; i++)
+        ck_assert_msg(memcmp(&got[i], &want[i], sizeof(float)) == 0,
+                      "%s, H=%lld: logit %lld = %.9g, the blocked order gives %.9g", what,
+                      (long long)H, (long long)i, got[i], want[i]);
+}
+
+/* Both CPU implementations (the plain one and the panels the engine uses) give the blocked
+ * order's bits for H below, at and around multiples of the chunk and at the models' sizes, and
+ * stay within fp32 accuracy of the float64 sum. */
+START_TEST(test_gate_logits_blocked_order_and_accuracy) {
+    const int64_t Hs[] = {1, 7, 100, EPMOE_GATE_CHUNK - 1, EPMOE_GATE_CHUNK, EPMOE_GATE_CHUNK + 1,
+                          301, 2880, 4096, 7168};
+    const int64_t T = 6, E = 37; /* a panel and a half; T one more than a row block */
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 11);
+    for (size_t n = 0; n < sizeof Hs / sizeof Hs[0]; n++) {
+        const int64_t H = Hs[n];
+        float *x = malloc((size_t)(T * H) * sizeof(float));
+        float *w = malloc((size_t)(E * H) * sizeof(float));
+        float *want = malloc((size_t)(T * E) * sizeof(float));
+        float *got = malloc((size_t)(T * E) * sizeof(float));
+        float *panels = malloc(epmoe_cpu_panels_floats(E, H) * sizeof(float));
+        ck_assert(x && w && want && got && panels);
+        epmoe_fill_normal(&rng, x, (size_t)(T * H), 1.0f);
+        epmoe_fill_normal(&rng, w, (size_t)(E * H), 0.05f);
+        for (int64_t t = 0; t < T; t++)
+            for (int64_t e = 0; e < E; e++) {
+                want[t * E + e] = blocked_logit(x + t * H, w + e * H, H);
+                double exact = 0, magnitude = 0;
+                for (int64_t h = 0; h < H; h++) {
+                    exact += (double)x[t * H + h] * w[e * H + h];
+                    magnitude += fabs((double)x[t * H + h] * w[e * H + h]);
+                }
+                ck_assert_msg(fabs(want[t * E + e] - exact) <= 1e-5 * magnitude,
+                              "H=%lld logit [%lld,%lld] = %.9g, float64 %.9g", (long long)H,
+                              (long long)t, (long long)e, want[t * E + e], exact);
+            }
+
+        epmoe_poison_f32(got, (size_t)(T * E));
+        epmoe_cpu_gate_logits(x, w, T, H, E, got);
+        assert_same_bits(got, want, T * E, "epmoe_cpu_gate_logits", H);
+
+        epmoe_cpu_pack_panels(w, E, H, panels);
+        epmoe_poison_f32(got, (size_t)(T * E));
+        epmoe_cpu_gate_logits_panels(x, T, H, panels, E, got);
+        assert_same_bits(got, want, T * E, "epmoe_cpu_gate_logits_panels", H);
+        free(x), free(w), free(want), free(got), free(panels);
+    }
+}
+END_TEST
+
+/* A token's logits are a function of its row alone: the same bits whether it is computed
+ * alone, first or last in a batch, or inside a row block of the panel version or its tail. */
+START_TEST(test_gate_logits_batch_invariant) {
+    const int64_t H = 2880, E = 40, T = 11;
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 12);
     float *x = malloc((size_t)(T * H) * sizeof(float));
     float *w = malloc((size_t)(E * H) * sizeof(float));
-    float *logits = malloc((size_t)(T * E) * sizeof(float));
-    ck_assert(x && w && logits);
+    float *all = malloc((size_t)(T * E) * sizeof(float));
+    float *some = malloc((size_t)(T * E) * sizeof(float));
+    float *panels = malloc(epmoe_cpu_panels_floats(E, H) * sizeof(float));
+    ck_assert(x && w && all && some && panels);
     epmoe_fill_normal(&rng, x, (size_t)(T * H), 1.0f);
     epmoe_fill_normal(&rng, w, (size_t)(E * H), 0.05f);
-    epmoe_poison_f32(logits, (size_t)(T * E));
-    epmoe_cpu_gate_logits(x, w, T, H, E, logits);
-    ck_assert_uint_eq(epmoe_count_unwritten_f32(logits, (size_t)(T * E)), 0);
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t e = 0; e < E; e++) {
-            /* The contract: fmaf accumulation in increasing h, bit for bit. */
-            float acc = 0.0f;
-            double exact = 0, magnitude = 0;
-            for (int64_t h = 0; h < H; h++) {
-                acc = fmaf(x[t * H + h], w[e * H + h], acc);
-                exact += (double)x[t * H + h] * w[e * H + h];
-                magnitude += fabs((double)x[t * H + h] * w[e * H + h]);
+    epmoe_cpu_pack_panels(w, E, H, panels);
+    epmoe_cpu_gate_logits(x, w, T, H, E, all);
+    for (int panel_version = 0; panel_version < 2; panel_version++) {
+        /* every window [t0, t0 + n) of the batch, computed as a batch of its own */
+        for (int64_t n = 1; n <= T; n++)
+            for (int64_t t0 = 0; t0 + n <= T; t0++) {
+                epmoe_poison_f32(some, (size_t)(n * E));
+                if (panel_version)
+                    epmoe_cpu_gate_logits_panels(x + t0 * H, n, H, panels, E, some);
+                else
+                    epmoe_cpu_gate_logits(x + t0 * H, w, n, H, E, some);
+                ck_assert_msg(memcmp(some, all + t0 * E, (size_t)(n * E) * sizeof(float)) == 0,
+                              "%s: tokens [%lld, %lld) computed as a batch of %lld differ from "
+                              "the batch of %lld",
+                              panel_version ? "panels" : "plain", (long long)t0,
+                              (long long)(t0 + n), (long long)n, (long long)T);
             }
-            float got = logits[t * E + e];
-            ck_assert_msg(memcmp(&got, &acc, sizeof got) == 0,
-                          "logit [%lld,%lld] = %.9g, fmaf sequence gives %.9g", (long long)t,
-                          (long long)e, got, acc);
-            ck_assert_msg(fabs(got - exact) <= 1e-5 * magnitude,
-                          "logit [%lld,%lld] = %.9g, float64 %.9g", (long long)t, (long long)e,
-                          got, exact);
-        }
     }
-    free(x);
-    free(w);
-    free(logits);
+    free(x), free(w), free(all), free(some), free(panels);
 }
 END_TEST
 
@@ -832,7 +901,8 @@ END_TEST
 static Suite *route_suite(void) {
     Suite *s = suite_create("route");
     TCase *tc = tcase_create("core");
-    tcase_add_test(tc, test_gate_logits_fmaf_order_and_accuracy);
+    tcase_add_test(tc, test_gate_logits_blocked_order_and_accuracy);
+    tcase_add_test(tc, test_gate_logits_batch_invariant);
     tcase_add_test(tc, test_route_sqrtsoftplus_E256_k6);
     tcase_add_test(tc, test_route_sqrtsoftplus_E384_k6);
     tcase_add_test(tc, test_route_sigmoid_without_groups);
