@@ -194,14 +194,23 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     GT_OK(epmoe_cuda_weights_to_slabs(d_wc, d_wsf, E * N, K, d_wc_slab, d_wsf_slab, 0));
     /* pass 0: row-major weights; pass 1: slab weights; pass 2: slab weights with the kernel
      * launched only after its pre-pass (serial_launch), where passes 0-1 let the kernels that
-     * read the workspace start beside it: a read before the wait sees the poison */
-    for (int run = 0; run < 3 * EPMOE_GEMM_SM90_KERNEL_COUNT; run++) {
+     * read the workspace start beside it: a read before the wait sees the poison; pass 3: slab
+     * weights, every row written to its mirror row cap-1-r (out_row, the engine's direct write
+     * into the return buffer): the same bits, one row moved, padding still poisoned */
+    std::vector<int32_t> mirror(cap);
+    for (int64_t r = 0; r < cap; r++) mirror[r] = (int32_t)(cap - 1 - r);
+    int32_t *d_mirror;
+    GT_CUDA(cudaMalloc(&d_mirror, cap * 4));
+    GT_CUDA(cudaMemcpy(d_mirror, mirror.data(), cap * 4, cudaMemcpyHostToDevice));
+    const size_t row_bytes = out_bytes / (size_t)cap;
+    for (int run = 0; run < 4 * EPMOE_GEMM_SM90_KERNEL_COUNT; run++) {
         const int k = run % EPMOE_GEMM_SM90_KERNEL_COUNT, pass = run / EPMOE_GEMM_SM90_KERNEL_COUNT;
         const int slabs = pass >= 1;
         if (k == EPMOE_GEMM_SM90_AUTO ? !slabs : (k == chosen && !slabs)) continue;
         epmoe_grouped_gemm_args forced = args;
         forced.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
         forced.serial_launch = pass == 2;
+        forced.out_row = pass == 3 ? d_mirror : NULL;
         if (slabs) {
             forced.w_slabs = 1;
             forced.w_codes = d_wc_slab;
@@ -223,15 +232,19 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         GT_CUDA(cudaMemcpy(again.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
         kernels_ran[k] = 1;
         size_t differ = 0;
-        for (size_t i = 0; i < out_bytes; i += out_elem)
-            if (memcmp(&first[i], &again[i], out_elem) != 0) differ++;
+        for (size_t i = 0; i < out_bytes; i += out_elem) {
+            const size_t r = i / row_bytes, j = pass == 3 ? (cap - 1 - r) * row_bytes + i % row_bytes : i;
+            if (memcmp(&first[i], &again[j], out_elem) != 0) differ++;
+        }
         GT_CHECK(differ == 0, "%s: kernel '%s' (%s weights%s) differs from '%s' in %zu of %lld outputs",
                  c.name, epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k),
-                 slabs ? "slab" : "row-major", pass == 2 ? ", serial launch" : "", variant, differ,
-                 (long long)(cap * N));
+                 slabs ? "slab" : "row-major",
+                 pass == 2 ? ", serial launch" : pass == 3 ? ", rows mirrored by out_row" : "",
+                 variant, differ, (long long)(cap * N));
     }
     cudaFree(d_wc_slab);
     cudaFree(d_wsf_slab);
+    cudaFree(d_mirror);
 
     /* reference over real rows; poison checks everywhere else */
     std::vector<float> deq_w(K), deq_a(K);
