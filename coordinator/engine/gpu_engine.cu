@@ -314,7 +314,7 @@ static epmoe_status worker(epmoe_gpu_engine *e, const epmoe_gpu_layer *layer, in
     EPMOE_TRY(worker_experts(e, layer, pairs_bound));
     return epmoe_cuda_dispatch_return_pack(a->y, e->H, e->ids_recv, e->row_of_pair_recv,
                                            e->peer_of_row, e->ret_row_offset, recv_rows, e->k,
-                                           e->ret_send, s);
+                                           layer->w2_bias, e->expert_start, e->ret_send, s);
 }
 
 /* ---- the forward ------------------------------------------------------------------------------ */
@@ -355,7 +355,7 @@ static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer
      * saturated elements are counted here, once per token (the single-GPU layer counts them
      * once per (token, expert) pair). */
     if (e->rec.format == EPMOE_WIRE_NVFP4)
-        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(x, e->H, T, e->H, NULL, NULL, NULL, 0, NULL,
+        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(x, e->H, T, e->H, e->H, NULL, NULL, NULL, 0, NULL,
                                                  e->q_codes, e->q_sf, e->q_inv_gs, a->saturated,
                                                  s));
     EPMOE_TRY(epmoe_cuda_dispatch_pack(&e->rec, x, e->q_codes, e->q_sf, e->q_inv_gs, a->ids, T,
@@ -374,8 +374,10 @@ static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer
 
 static epmoe_status combine(epmoe_gpu_engine *e, int64_t T, float *out) {
     epmoe_gpu_arena *a = &e->ctx->arena;
+    /* the returned rows already hold their experts' down-projection biases (worker side) */
     return epmoe_cuda_combine(e->ret_recv, e->H, e->ret_index_of_pair, a->weights, T, e->k,
-                              e->ctx->shared_inter ? a->shared_y : NULL, out, e->stream);
+                              e->ctx->shared_inter ? a->shared_y : NULL, NULL, NULL, 0, out,
+                              e->stream);
 }
 
 epmoe_status epmoe_gpu_engine_forward(epmoe_gpu_engine *e, int64_t layer, const float *x,

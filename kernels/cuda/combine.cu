@@ -1,13 +1,16 @@
 /* Weighted combine (docs/design.md §2.5): out[t] = sum over slots, in slot order, of
  * w[t,j] * y[row_of_pair[t,j]], then + shared[t], in fp32 with explicit rounding (no
  * contraction) so that the order and the bits are those of the CPU combine. The gather out of
- * the padded layout happens here: row_of_pair says where each (token, slot) row sits. */
+ * the padded layout happens here: row_of_pair says where each (token, slot) row sits. With
+ * expert biases (gpt-oss) a slot's row is y + b2 of its expert first, the one addition the CPU
+ * makes after its W2 product: reading the bias here costs no pass over y of its own. */
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops_cuda.h"
 
 /* One block per token, threads across H. */
 __global__ void combine_kernel(const float *y_padded, int64_t H, const int32_t *row_of_pair,
                                const float *weights, int64_t top_k, const float *shared,
+                               const float *y_bias, const int32_t *ids, int64_t expert_start,
                                float *out) {
     const int64_t t = blockIdx.x;
     const int32_t *rows = row_of_pair + t * top_k;
@@ -17,7 +20,9 @@ __global__ void combine_kernel(const float *y_padded, int64_t H, const int32_t *
         for (int64_t j = 0; j < top_k; j++) {
             int32_t row = rows[j];
             if (row < 0) continue; /* expert of another rank: combined there */
-            acc = __fadd_rn(acc, __fmul_rn(w[j], y_padded[(int64_t)row * H + c]));
+            float y = y_padded[(int64_t)row * H + c];
+            if (y_bias) y = __fadd_rn(y, y_bias[(ids[t * top_k + j] - expert_start) * H + c]);
+            acc = __fadd_rn(acc, __fmul_rn(w[j], y));
         }
         if (shared) acc = __fadd_rn(acc, shared[t * H + c]);
         out[t * H + c] = acc;
@@ -26,13 +31,16 @@ __global__ void combine_kernel(const float *y_padded, int64_t H, const int32_t *
 
 epmoe_status epmoe_cuda_combine(const float *y_padded, int64_t H, const int32_t *row_of_pair,
                                 const float *weights, int64_t T, int64_t top_k,
-                                const float *shared, float *out, cudaStream_t stream) {
+                                const float *shared, const float *y_bias, const int32_t *ids,
+                                int64_t expert_start, float *out, cudaStream_t stream) {
     EPMOE_REQUIRE(H > 0 && T >= 0 && top_k > 0, EPMOE_ERR_INVALID_ARG,
                   "combine: bad shape H=%lld T=%lld top_k=%lld", (long long)H, (long long)T,
                   (long long)top_k);
+    EPMOE_REQUIRE(!y_bias || (ids && expert_start >= 0), EPMOE_ERR_INVALID_ARG,
+                  "combine: expert biases need the routing ids");
     if (T == 0) return EPMOE_OK;
     combine_kernel<<<(unsigned)T, 256, 0, stream>>>(y_padded, H, row_of_pair, weights, top_k,
-                                                    shared, out);
+                                                    shared, y_bias, ids, expert_start, out);
     CUDA_TRY_LAUNCH("combine_kernel");
     return EPMOE_OK;
 }

@@ -95,12 +95,16 @@ epmoe_status epmoe_cuda_dispatch_return_offsets(const int32_t *ids_recv, int64_t
 
 /* ret_send[ret_row_offset[i] + r] = y[row_of_pair[i*k+j]] for the r-th valid slot j of each
  * real received row i (the expert outputs, gathered out of the padded layout). row_of_pair
- * NULL: y[i] itself (an identity "expert": the benchmark's echo of the received rows). */
+ * NULL: y[i] itself (an identity "expert": the benchmark's echo of the received rows). y_bias
+ * (gpt-oss's down-projection biases of this rank's experts [n_local, H], or NULL) is added to
+ * each row, + y_bias[ids_recv[i*k+j] - expert_start], as the CPU adds it after its W2 product. */
 epmoe_status epmoe_cuda_dispatch_return_pack(const float *y, int64_t H, const int32_t *ids_recv,
                                              const int32_t *row_of_pair,
                                              const int32_t *peer_of_row,
                                              const int64_t *ret_row_offset, int64_t recv_rows,
-                                             int64_t top_k, float *ret_send, cudaStream_t stream);
+                                             int64_t top_k, const float *y_bias,
+                                             int64_t expert_start, float *ret_send,
+                                             cudaStream_t stream);
 
 #ifdef __cplusplus
 }

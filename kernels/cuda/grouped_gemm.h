@@ -56,6 +56,8 @@ extern "C" {
 #endif
 
 #define EPMOE_GEMM_PAD_ROWS 128 /* padded layout granularity the kernels assume */
+#define EPMOE_GEMM_K_STEP 128   /* K of every call is a multiple of this (the kernels' k step);
+                                   a caller with another K pads it with zero codes, zero scales */
 
 typedef enum {
     EPMOE_GEMM_A_NVFP4 = 0, /* a_codes + a_sf + a_scale */
