@@ -458,17 +458,18 @@ static int gptoss_load(gptoss_model *m, const char *preset, const char *override
                        int64_t max_tokens) {
     memset(m, 0, sizeof *m);
     epmoe_config gen;
-    epmoe_status st = epmoe_config_preset(&gen, preset);
-    GT_CHECK(st == EPMOE_OK && apply_overrides(&gen, overrides), "%s %s: %s", preset, overrides,
-             epmoe_last_error());
+    const int settings_ok =
+        epmoe_config_preset(&gen, preset) == EPMOE_OK && apply_overrides(&gen, overrides);
+    GT_CHECK(settings_ok, "%s %s: %s", preset, overrides, epmoe_last_error());
     snprintf(m->dir, sizeof m->dir, "/tmp/epmoe-gpu-gptoss-XXXXXX");
-    if (st != EPMOE_OK || !mkdtemp(m->dir)) return 0;
+    if (!settings_ok || !mkdtemp(m->dir)) return 0;
     epmoe_gen_options opt;
     memset(&opt, 0, sizeof opt);
-    st = epmoe_ckpt_generate(&gen, &opt, m->dir, NULL);
+    epmoe_status st = epmoe_ckpt_generate(&gen, &opt, m->dir, NULL);
     GT_CHECK(st == EPMOE_OK, "generate %s: %s", preset, epmoe_last_error());
     epmoe_st_set *ckpt = NULL;
     if (st != EPMOE_OK || epmoe_st_set_open(m->dir, &ckpt) != EPMOE_OK) return 0;
+    m->cfg = gen; /* the runtime settings (defaults); the model's come from the checkpoint */
     st = epmoe_config_from_checkpoint(ckpt, &m->cfg);
     if (st == EPMOE_OK) {
         char tokens[32];
