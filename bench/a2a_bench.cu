@@ -186,7 +186,7 @@ static void dispatch_stage(bench *b, int fixed) {
     const int P = g_P;
     if (!fixed) CU(cudaEventRecord(b->ev[0], b->s));
     if (b->rec.format == EPMOE_WIRE_NVFP4)
-        CK(epmoe_cuda_nvfp4_quantize_rows(b->x, b->H, b->T, b->H, NULL, NULL, NULL, 0, NULL,
+        CK(epmoe_cuda_nvfp4_quantize_rows(b->x, b->H, b->T, b->H, b->H, NULL, NULL, NULL, 0, NULL,
                                           b->q_codes, b->q_sf, b->q_inv_gs, NULL, b->s));
     CK(epmoe_cuda_dispatch_plan(b->ids, b->T, b->k, b->rank_start, P, b->owner, b->row_rank,
                                 b->pair_rank, b->send_counts, b->s));
@@ -222,7 +222,8 @@ static void combine_stage(bench *b, int fixed) {
                                        b->ret_row_offset, rows, b->k, b->ret_send, b->s));
     CK(epmoe_device_alltoallv_async(b->t, b->ret_send, b->h[8], b->h[9], b->ret_recv, b->h[6],
                                     b->h[7], b->H * 4, "return"));
-    CK(epmoe_cuda_combine(b->ret_recv, b->H, b->ret_index, b->w, b->T, b->k, NULL, b->out, b->s));
+    CK(epmoe_cuda_combine(b->ret_recv, b->H, b->ret_index, b->w, b->T, b->k, NULL, b->out,
+                          b->s));
 }
 
 static int cmp_f(const void *a, const void *b) {

@@ -1,7 +1,7 @@
 /* Random but well-formed NVFP4 layer weights for the benchmark programs: any E2M1 code, UE4M3
  * block scales in [2^-3, 2^1], tensor scales 1/64, input scales 1/256, a random fp32 gate and a
- * bf16-representable shared expert. Codes are filled 8 bytes per generator call so that a
- * whole model's slice (GBs) takes seconds. */
+ * bf16-representable shared expert; with expert_bias (gpt-oss) random expert biases. Codes are
+ * filled 8 bytes per generator call so that a whole model's slice (GBs) takes seconds. */
 #ifndef EPMOE_BENCH_WEIGHTS_H
 #define EPMOE_BENCH_WEIGHTS_H
 
@@ -60,9 +60,14 @@ static void bench_make_weights(const epmoe_config *cfg, int64_t expert_start, in
     w->shared_inter = Is;
     w->shared_w13 = Is ? (float *)malloc(sizeof(float) * 2 * Is * H) : NULL;
     w->shared_w2 = Is ? (float *)malloc(sizeof(float) * H * Is) : NULL;
+    if (cfg->expert_bias) {
+        w->w13_bias = (float *)malloc(sizeof(float) * n * 2 * I);
+        w->w2_bias = (float *)malloc(sizeof(float) * n * H);
+    }
     if (!w->w13_codes || !w->w13_sf || !w->w2_codes || !w->w2_sf || !w->w13_scale_2 ||
         !w->w2_scale_2 || !w->w13_input_scale || !w->w2_input_scale || !w->gate_weight ||
-        !w->gate_bias || (Is && (!w->shared_w13 || !w->shared_w2))) {
+        !w->gate_bias || (Is && (!w->shared_w13 || !w->shared_w2)) ||
+        (cfg->expert_bias && (!w->w13_bias || !w->w2_bias))) {
         fprintf(stderr, "bench weights: out of host memory for %lld experts\n", (long long)n);
         exit(1);
     }
@@ -74,6 +79,10 @@ static void bench_make_weights(const epmoe_config *cfg, int64_t expert_start, in
         w->w13_scale_2[2 * e] = w->w13_scale_2[2 * e + 1] = 1.0f / 64;
         w->w2_scale_2[e] = 1.0f / 64;
         w->w13_input_scale[e] = w->w2_input_scale[e] = 1.0f / 256;
+    }
+    if (cfg->expert_bias) {
+        for (int64_t i = 0; i < n * 2 * I; i++) w->w13_bias[i] = epmoe_rng_normal(&r) * 0.5f;
+        for (int64_t i = 0; i < n * H; i++) w->w2_bias[i] = epmoe_rng_normal(&r) * 0.05f;
     }
     epmoe_rng_seed(&r, 7); /* the router and the shared expert: the same on every rank */
     for (int64_t i = 0; i < E * H; i++) w->gate_weight[i] = epmoe_rng_normal(&r) * 0.02f;

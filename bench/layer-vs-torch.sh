@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The whole MoE layer on one GPU against the PyTorch anchor (bench/torch_layer.py), in one call,
-# for DeepSeek-V4-Flash and V4-Pro with every routed expert on the GPU:
-#   bash bench/layer-vs-torch.sh [BUILD_DIR]      (after deploy/gpu-test.sh built BUILD_DIR)
+# for DeepSeek-V4-Flash and V4-Pro (or the presets named) with every routed expert on the GPU:
+#   bash bench/layer-vs-torch.sh [BUILD_DIR] [--preset P]...   (after deploy/gpu-test.sh built
+#                                                               BUILD_DIR)
+#   bash bench/layer-vs-torch.sh build-gpu --preset gpt-oss-120b
+# Presets: dsv4-flash, dsv4-pro, gpt-oss-20b, gpt-oss-120b (gpt-oss: its routing, activation
+# and expert biases, no shared expert, on both sides).
 #  - epmoe graph-replayed: bench/layer_bench (each stage and the whole layer as CUDA graphs)
 #  - epmoe throughput mode: bench/ep_layer_bench on one rank (the engine the cuda backend runs)
 #  - PyTorch bf16: eager and CUDA-graph-replayed, the better is the anchor
@@ -12,13 +16,28 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
-BUILD="${1:-${EPMOE_GPU_BUILD_DIR:-build-gpu}}"
+BUILD="${EPMOE_GPU_BUILD_DIR:-build-gpu}"
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then BUILD="$1"; shift; fi
+presets=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --preset) presets+=("$2"); shift 2 ;;
+    *) echo "usage: bench/layer-vs-torch.sh [BUILD_DIR] [--preset P]..." >&2; exit 2 ;;
+  esac
+done
+[ ${#presets[@]} -eq 0 ] && presets=(dsv4-flash dsv4-pro)
 source deploy/gpu-env.sh
 TOKENS="${TOKENS:-128,512,4096,16384}"
 python3 bench/torch_layer.py --copy-only --json "$OUT/copy.json" | tee "$OUT/layer_vs_torch.log"
-for preset in dsv4-flash dsv4-pro; do
-  E=256; [ $preset = dsv4-pro ] && E=384
-  rows=$(python3 -c "print(','.join(str(max(1, int(t) * 6 // $E)) for t in '$TOKENS'.split(',')))")
+for preset in "${presets[@]}"; do
+  case $preset in # routed experts, top-k
+    dsv4-flash) E=256 k=6 ;;
+    dsv4-pro) E=384 k=6 ;;
+    gpt-oss-20b) E=32 k=4 ;;
+    gpt-oss-120b) E=128 k=4 ;;
+    *) echo "unknown preset $preset" >&2; exit 2 ;;
+  esac
+  rows=$(python3 -c "print(','.join(str(max(1, int(t) * $k // $E)) for t in '$TOKENS'.split(',')))")
   timeout 300 "$BUILD/bench/layer_bench" --preset $preset --local-experts $E --rows "$rows" \
     --reps 10 --json "$OUT/layer_$preset.json" 2>&1 | tee -a "$OUT/layer_vs_torch.log"
   for T in ${TOKENS//,/ }; do

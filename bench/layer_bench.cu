@@ -1,10 +1,11 @@
 /* Whole-layer timing on one GPU, graph-replayed (issue 4's harness, the layer half).
  *
- *   layer_bench [--preset dsv4-flash|dsv4-pro] [--local-experts N] [--rows 8,64,768,3072]
- *               [--reps N] [--json FILE]
+ *   layer_bench [--preset dsv4-flash|dsv4-pro|gpt-oss-20b|gpt-oss-120b] [--local-experts N]
+ *               [--rows 8,64,768,3072] [--reps N] [--json FILE]
  *
- * One rank's slice of experts with every routed expert local (n_routed_experts = N, top-6), so
- * rows per expert = T * 6 / N. Random NVFP4 weights (valid codes and UE4M3 scales), random
+ * One rank's slice of experts with every routed expert local (n_routed_experts = N, the
+ * preset's top-k), so rows per expert = T * k / N. gpt-oss presets run their own routing
+ * (topk_softmax), activation and expert biases, without a shared expert. Random NVFP4 weights (valid codes and UE4M3 scales), random
  * inputs on the device. Each stage (route, plan, experts, shared, combine) and the whole layer
  * are captured as CUDA graphs and replayed; the median of --reps replays is reported, with two
  * input sets alternating so the inputs are not all L2-resident.

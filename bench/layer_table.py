@@ -4,7 +4,8 @@ import os
 import re
 import sys
 
-PRESET_EXPERTS = {"dsv4-flash": (4096, 2048, 256), "dsv4-pro": (7168, 3072, 384)}
+PRESET_EXPERTS = {"dsv4-flash": (4096, 2048, 256), "dsv4-pro": (7168, 3072, 384),
+                  "gpt-oss-20b": (2880, 2880, 32), "gpt-oss-120b": (2880, 2880, 128)}
 
 
 def main():
@@ -23,6 +24,8 @@ def main():
             layer = {r["tokens"]: r for r in
                      json.load(open(os.path.join(out, f"layer_{preset}.json")))["rows"]}
         except (OSError, ValueError, KeyError) as err:
+            if not os.path.exists(os.path.join(out, f"layer_{preset}.json")):
+                continue  # not run this time
             print(f"| {preset} | missing: {err} |")
             continue
         thr = {}
@@ -35,7 +38,7 @@ def main():
         floor_ms = E * 3 * I * H * 0.5625 / (copy_gbs * 1e9) * 1e3
         for T in sorted(torch_recs):
             t = torch_recs[T]
-            # layer_bench's token count is rows x experts / 6 (may round)
+            # layer_bench's token count is rows x experts / top-k (may round)
             lb = min(layer.values(), key=lambda r: abs(r["tokens"] - T))
             ours = [v for v in (lb["layer_us"] / 1e3, thr.get(T)) if v]
             best_ours = min(ours) if ours else float("nan")

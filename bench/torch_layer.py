@@ -1,14 +1,20 @@
-"""The anchor epmoe is measured against: a DeepSeek-V4 MoE layer written the way a PyTorch user
-would write it, in bf16 on one GPU, every routed expert local.
+"""The anchor epmoe is measured against: a DeepSeek-V4 or gpt-oss MoE layer written the way a
+PyTorch user would write it, in bf16 on one GPU, every routed expert local.
 
     python3 bench/torch_layer.py --preset dsv4-flash --tokens 128,512,4096,16384 --json out.json
     python3 bench/torch_layer.py --preset dsv4-flash --tokens 4096,16384 --chain 4 --json e2e.json
+    python3 bench/torch_layer.py --preset gpt-oss-120b --tokens 128,512,4096,16384 --json oss.json
 
-The layer: fp32 gate logits, sqrt(softplus) scores + bias, top-k, weights renormalized and
+DeepSeek-V4: fp32 gate logits, sqrt(softplus) scores + bias, top-k, weights renormalized and
 scaled; a sort-based permutation of the (token, expert) pairs; torch._grouped_mm for W13 and
 W2 (bf16, fp32 accumulation inside); the DeepSeek-V4 clamped SwiGLU; index_add_ of the weighted
-outputs; the shared expert (two bf16 matmuls). Weights are random bf16 (the timing does not
-depend on their values; all of them are far above the L2).
+outputs; the shared expert (two bf16 matmuls).
+gpt-oss (transformers' GptOssTopKRouter and GptOssExperts, the experts through the same
+grouped GEMMs): fp32 logits of a router with a bias, top-4 of the logits, softmax over those 4;
+W13 with its bias, gate and up interleaved (even / odd columns), gate clamped above at 7, up
+to [-7, 7], (up + 1) * gate * sigmoid(1.702 gate); W2 with its bias; no shared expert.
+Weights are random bf16 (the timing does not depend on their values; all of them are far above
+the L2).
 
 Per token count it reports the median of --reps forwards timed with CUDA events, eagerly and
 replayed from a CUDA graph where the layer can be captured (the better of the two is the
@@ -27,6 +33,19 @@ PRESETS = {  # hidden, moe_inter, routed experts, top-k, routed scaling factor, 
     "dsv4-flash": (4096, 2048, 256, 6, 1.5, 10.0),
     "dsv4-pro": (7168, 3072, 384, 6, 2.5, 10.0),
 }
+GPTOSS_PRESETS = {  # hidden, intermediate, routed experts, top-k, swiglu limit, alpha
+    "gpt-oss-20b": (2880, 2880, 32, 4, 7.0, 1.702),
+    "gpt-oss-120b": (2880, 2880, 128, 4, 7.0, 1.702),
+}
+
+
+def permutation(ids, E):
+    """Pairs sorted by expert: the token of each, the expert of each, the grouped GEMM offsets."""
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.zeros(E, device=ids.device, dtype=torch.int32).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))
+    return order, order // ids.shape[1], flat[order], torch.cumsum(counts, 0, dtype=torch.int32)
 
 
 class TorchMoE:
@@ -59,12 +78,7 @@ class TorchMoE:
         ids = torch.topk(scores + self.gate_b, k, dim=-1).indices
         w = scores.gather(1, ids)
         w = w / w.sum(-1, keepdim=True) * self.scale
-        flat = ids.reshape(-1)
-        order = torch.argsort(flat, stable=True)
-        token_of = order // k
-        counts = torch.zeros(E, device=x.device, dtype=torch.int32).scatter_add_(
-            0, flat, torch.ones_like(flat, dtype=torch.int32))
-        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        order, token_of, _, offs = permutation(ids, E)
         xb = x.to(torch.bfloat16)
         h = torch._grouped_mm(xb[token_of], self.w13t, offs=offs)
         y = torch._grouped_mm(self.swiglu(h), self.w2t, offs=offs)
@@ -73,6 +87,44 @@ class TorchMoE:
         out.index_add_(0, token_of, y)
         shared = self.swiglu(xb @ self.sw13.t()) @ self.sw2.t()
         return out + shared.float()
+
+
+class TorchGptOss:
+    def __init__(self, preset, dev, seed=1234):
+        H, I, E, k, limit, alpha = GPTOSS_PRESETS[preset]
+        g = torch.Generator(device=dev).manual_seed(seed)
+        bf = torch.bfloat16
+        self.H, self.I, self.E, self.k, self.limit, self.alpha = H, I, E, k, limit, alpha
+        self.gate_w = torch.randn(E, H, device=dev, generator=g) * H ** -0.5
+        self.gate_b = torch.randn(E, device=dev, generator=g) * 0.1
+        # [E, K, N] views of [E, N, K] weights; W13's 2I rows interleave gate and up
+        self.w13t = (torch.randn(E, 2 * I, H, device=dev, generator=g, dtype=bf) * H ** -0.5
+                     ).transpose(1, 2)
+        self.b13 = torch.randn(E, 2 * I, device=dev, generator=g, dtype=bf) * 0.5
+        self.w2t = (torch.randn(E, H, I, device=dev, generator=g, dtype=bf) * I ** -0.5
+                    ).transpose(1, 2)
+        self.b2 = torch.randn(E, H, device=dev, generator=g, dtype=bf) * 0.05
+
+    def swiglu(self, h):
+        L = self.limit
+        gate = h[:, ::2].float().clamp(max=L)
+        up = h[:, 1::2].float().clamp(-L, L)
+        return ((up + 1) * gate * torch.sigmoid(self.alpha * gate)).to(torch.bfloat16)
+
+    def __call__(self, x):
+        """x [T, H] fp32 on the GPU -> [T, H] fp32."""
+        T = x.shape[0]
+        logits = torch.addmm(self.gate_b, x, self.gate_w.t())
+        top, ids = torch.topk(logits, self.k, dim=-1)
+        w = torch.softmax(top, dim=-1)
+        order, token_of, expert_of, offs = permutation(ids, self.E)
+        xb = x.to(torch.bfloat16)
+        h = torch._grouped_mm(xb[token_of], self.w13t, offs=offs) + self.b13[expert_of]
+        y = torch._grouped_mm(self.swiglu(h), self.w2t, offs=offs) + self.b2[expert_of]
+        y = y.float() * w.reshape(-1)[order].unsqueeze(1)
+        out = torch.zeros(T, self.H, device=x.device, dtype=torch.float32)
+        out.index_add_(0, token_of, y)
+        return out
 
 
 def events_median_ms(fn, reps):
@@ -145,7 +197,7 @@ def time_chain(layer, T, n_layers, reps, dev):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="dsv4-flash", choices=sorted(PRESETS))
+    ap.add_argument("--preset", default="dsv4-flash", choices=sorted(PRESETS) + sorted(GPTOSS_PRESETS))
     ap.add_argument("--tokens", default="128,512,4096,16384")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--chain", type=int, default=0, help="time N chained layers, host to host")
@@ -164,7 +216,7 @@ def main():
             json.dump({"torch": torch.__version__, "device": torch.cuda.get_device_name(0),
                        "copy_gbs": gbs}, f)
         return
-    layer = TorchMoE(args.preset, dev)
+    layer = (TorchGptOss if args.preset in GPTOSS_PRESETS else TorchMoE)(args.preset, dev)
     records = []
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name(0)}, {args.preset}", flush=True)
     for T in (int(t) for t in args.tokens.split(",")):

@@ -367,11 +367,12 @@ epmoe_status epmoe_config_validate(const epmoe_config *c) {
 }
 
 epmoe_status epmoe_config_check_cuda(const epmoe_config *c) {
-    EPMOE_REQUIRE(c->scoring != EPMOE_SCORING_TOPK_SOFTMAX && c->swiglu_variant != EPMOE_SWIGLU_GPTOSS &&
-                      !c->expert_bias,
+    EPMOE_REQUIRE(c->act_quant != EPMOE_ACT_NVFP4 || c->moe_inter_size <= EPMOE_CUDA_MAX_INTER,
                   EPMOE_ERR_UNSUPPORTED,
-                  "backend=cuda: gpt-oss layers (biases, the gptoss SwiGLU, hidden 2880) are not "
-                  "implemented on the GPU yet; use backend=cpu");
+                  "backend=cuda: moe_inter_size %lld with act_quant=nvfp4 is not implemented on the "
+                  "GPU (the fused SwiGLU + NVFP4 kernel holds a row of at most %d floats in "
+                  "shared memory); use backend=cpu or act_quant=high",
+                  (long long)c->moe_inter_size, EPMOE_CUDA_MAX_INTER);
     return EPMOE_OK;
 }
 

@@ -145,10 +145,13 @@ epmoe_status epmoe_config_set(epmoe_config *cfg, const char *name, const char *v
 epmoe_status epmoe_config_get(const epmoe_config *cfg, const char *name, char *buf, size_t cap);
 /* Cross-field rules (top_k <= experts, K multiples of 16/32, groups divide experts, ...). */
 epmoe_status epmoe_config_validate(const epmoe_config *cfg);
-/* Whether the CUDA kernels implement this model: EPMOE_ERR_UNSUPPORTED with the reason for
- * gpt-oss layers (topk_softmax routing, expert biases, the gptoss SwiGLU), which run on the
- * CPU only. The cuda backend refuses such a model at start, backend=auto picks cpu for it, and
- * the GPU layer refuses it too (one rule, here). */
+/* Whether the CUDA kernels implement this model: EPMOE_ERR_UNSUPPORTED with the reason when
+ * they do not. Every routing, SwiGLU variant, expert bias and hidden size the settings admit
+ * runs on the GPU (sizes that are not a multiple of the GEMMs' 128-wide k step are padded with
+ * exact zeros); what remains is the fused SwiGLU + NVFP4 kernel's one row of
+ * EPMOE_CUDA_MAX_INTER floats in 48 KiB of shared memory. The cuda backend refuses such a model
+ * at start, backend=auto picks cpu for it, and the GPU layer refuses it too (one rule, here). */
+#define EPMOE_CUDA_MAX_INTER 12288
 epmoe_status epmoe_config_check_cuda(const epmoe_config *cfg);
 /* "name = value   # help" for every entry, model settings first. */
 void epmoe_config_print(const epmoe_config *cfg, FILE *out);

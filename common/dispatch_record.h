@@ -4,7 +4,8 @@
  *   EPMOE_WIRE_F32    payload = the fp32 row, 4H bytes.
  *   EPMOE_WIRE_NVFP4  payload = the row as the worker's W13 input quantization would produce it
  *                     with per-row global scales (act_quant = nvfp4, act_scale = per_row): E2M1
- *                     codes H/2 bytes, UE4M3 block scales H/16 bytes, 1/gs fp32. Quantizing on
+ *                     codes H/2 bytes, UE4M3 block scales H/16 bytes, 1/gs fp32 (at the next
+ *                     4-byte boundary: 2 bytes later when H % 64 == 32). Quantizing on
  *                     the sender gives the worker the same codes it would compute (the
  *                     quantization reads only the row), so the output bits do not change, and
  *                     the row shrinks from 4H to 9H/16 + 4 bytes (7.1x; 3.6x against bf16).
@@ -34,7 +35,8 @@ typedef struct {
     int64_t bytes;                                  /* record stride */
 } epmoe_dispatch_record;
 
-/* NVFP4 needs H % 128 == 0 (the GEMM's K granularity); F32 H % 4 == 0. */
+/* NVFP4 needs H % 32 == 0 (the worker pads its GEMM input to the 128-wide K step itself);
+ * F32 H % 4 == 0. */
 epmoe_status epmoe_dispatch_record_layout(epmoe_wire_format format, int64_t hidden_size,
                                           int64_t top_k, epmoe_dispatch_record *out);
 const char *epmoe_wire_format_name(epmoe_wire_format format);

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds and runs the expert-parallel GPU suite (tests/gpu/test_gpu_engine.cu) under mpirun with
-# P = 1, 2, 3, 4 ranks on however many GPUs the machine has (ranks share GPUs round-robin: NCCL
+# P = 1, 2, 3, 4 ranks on however many GPUs the machine has, on the tiny preset and on
+# gpt-oss-tiny (ranks share GPUs round-robin: NCCL
 # when every rank has its own GPU, mpi-staged otherwise, both with 1 rank), then the watchdog
 # demonstration (2 ranks: rank 1 hangs, or exits, after a good forward; rank 0 must report the
 # timeout within collective_timeout_s and the job must exit non-zero), then a short a2a_bench.
@@ -39,16 +40,21 @@ echo "build: $(( $(date +%s) - t_start )) s" | tee -a "$OUT/summary.txt"
 LOGS=$(mktemp -d)
 MPIRUN="mpirun --bind-to none -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
 status=0
-for P in 1 2 3 4; do
-  t0=$(date +%s)
-  log="$LOGS/p$P.log"
-  timeout 90 $MPIRUN -np $P "$BUILD/tests/gpu/test_gpu_engine" >"$log" 2>&1
-  rc=$?
-  [ $rc -ne 0 ] && status=1
-  { echo "======== P=$P (rc=$rc)"; cat "$log"; } >>"$OUT/tests.log"
-  grep -E "^FAIL" "$log" | head -10
-  echo "P=$P: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ passed' "$log" | tail -1)" |
-    tee -a "$OUT/summary.txt"
+# the tiny preset (DeepSeek's math, a hash layer, a shared expert), then gpt-oss's layers
+for preset in tiny gpt-oss-tiny; do
+  args=""
+  [ "$preset" != tiny ] && args="--preset $preset"
+  for P in 1 2 3 4; do
+    t0=$(date +%s)
+    log="$LOGS/p$P-$preset.log"
+    timeout 90 $MPIRUN -np $P "$BUILD/tests/gpu/test_gpu_engine" $args >"$log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=1
+    { echo "======== P=$P $preset (rc=$rc)"; cat "$log"; } >>"$OUT/tests.log"
+    grep -E "^FAIL" "$log" | head -10
+    echo "P=$P $preset: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ passed' "$log" | tail -1)" |
+      tee -a "$OUT/summary.txt"
+  done
 done
 
 # Watchdog: with ranks sharing one GPU only mpi-staged can run (its per-peer MPI requests name

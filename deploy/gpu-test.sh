@@ -52,14 +52,19 @@ done
 
 # 2. the engine over ranks
 MPIRUN="mpirun --bind-to none -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
-for P in 2 3; do
-  t0=$(date +%s)
-  timeout 120 $MPIRUN -np $P "$BUILD/tests/gpu/test_gpu_engine" >"$OUT/engine_p$P.log" 2>&1
-  rc=$?
-  [ $rc -ne 0 ] && status=1
-  grep -E "^FAIL" "$OUT/engine_p$P.log" | head -10
-  echo "test_gpu_engine P=$P: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ passed' \
-    "$OUT/engine_p$P.log" | tail -1)" | tee -a "$S"
+for preset in tiny gpt-oss-tiny; do
+  args=""
+  [ "$preset" != tiny ] && args="--preset $preset"
+  for P in 2 3; do
+    t0=$(date +%s)
+    log="$OUT/engine_p$P-$preset.log"
+    timeout 120 $MPIRUN -np $P "$BUILD/tests/gpu/test_gpu_engine" $args >"$log" 2>&1
+    rc=$?
+    [ $rc -ne 0 ] && status=1
+    grep -E "^FAIL" "$log" | head -10
+    echo "test_gpu_engine P=$P $preset: rc=$rc, $(( $(date +%s) - t0 )) s, $(grep -E '^[0-9]+ passed' \
+      "$log" | tail -1)" | tee -a "$S"
+  done
 done
 
 # 3. the product

@@ -29,8 +29,8 @@ epmoe_status epmoe_backend_create(const epmoe_config *cfg, MPI_Comm comm,
         if (MPI_Allreduce(&mine, &all, 1, MPI_INT, MPI_MIN, comm) != MPI_SUCCESS)
             EPMOE_FAIL(EPMOE_ERR_MPI, "backend=auto: asking the ranks for GPUs failed");
         kind = all ? EPMOE_BACKEND_CUDA : EPMOE_BACKEND_CPU;
-        /* a model the GPU kernels do not implement (gpt-oss) runs where it is implemented; every
-         * rank has the same settings, so every rank decides the same */
+        /* a model the GPU kernels do not implement (epmoe_config_check_cuda) runs where it is
+         * implemented; every rank has the same settings, so every rank decides the same */
         if (kind == EPMOE_BACKEND_CUDA && epmoe_config_check_cuda(cfg) != EPMOE_OK) {
             int rank = 0;
             MPI_Comm_rank(comm, &rank);

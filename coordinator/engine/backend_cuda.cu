@@ -458,7 +458,7 @@ epmoe_status epmoe_backend_cuda_create(const epmoe_config *cfg, MPI_Comm comm,
     c->max_tokens = cfg->max_tokens_per_rank;
     c->decode_tokens = cfg->decode_tokens < c->max_tokens ? cfg->decode_tokens : c->max_tokens;
 
-    /* gpt-oss layers are CPU-only for now: refuse them before touching a device */
+    /* what the kernels cannot run is refused before touching a device */
     epmoe_status st = epmoe_config_check_cuda(cfg);
     if (st == EPMOE_OK && epmoe_backend_cuda_devices() == 0)
         st = epmoe_set_error(EPMOE_ERR_UNSUPPORTED, __FILE__, __LINE__,

@@ -374,7 +374,7 @@ static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer
      * saturated elements are counted here, once per token (the single-GPU layer counts them
      * once per (token, expert) pair). */
     if (e->rec.format == EPMOE_WIRE_NVFP4)
-        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(x, e->H, T, e->H, NULL, NULL, NULL, 0, NULL,
+        EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(x, e->H, T, e->H, e->H, NULL, NULL, NULL, 0, NULL,
                                                  e->q_codes, e->q_sf, e->q_inv_gs, a->saturated,
                                                  s));
     EPMOE_TRY(epmoe_cuda_dispatch_pack(&e->rec, x, e->q_codes, e->q_sf, e->q_inv_gs, a->ids, T,
@@ -393,6 +393,7 @@ static epmoe_status coordinator_front(epmoe_gpu_engine *e, const epmoe_gpu_layer
 
 static epmoe_status combine(epmoe_gpu_engine *e, int64_t T, float *out) {
     epmoe_gpu_arena *a = &e->ctx->arena;
+    /* the returned rows already hold their experts' down-projection biases (worker side) */
     return epmoe_cuda_combine(e->ret_recv, e->H, e->ret_index_of_pair, a->weights, T, e->k,
                               e->ctx->shared_inter ? a->shared_y : NULL, out, e->stream);
 }
@@ -525,6 +526,8 @@ epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e) {
     epmoe_gpu_arena *a = &e->ctx->arena;
     const epmoe_config *c = &e->cfg;
     const size_t cap = (size_t)a->cap_rows, H = (size_t)e->H, I = (size_t)c->moe_inter_size;
+    const epmoe_gpu_context *x = e->ctx;
+    const size_t K_max = (size_t)(x->hidden_pad > x->inter_pad ? x->hidden_pad : x->inter_pad);
     struct {
         void *p;
         size_t bytes;
@@ -536,6 +539,10 @@ epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e) {
         {e->ret_send, (size_t)e->ret_send_cap * H * 4}, {e->ret_recv, (size_t)e->ret_recv_cap * H * 4},
         {a->h, cap * 2 * I * 4}, {a->y, cap * H * 4},
         {a->a_scale, a->a_scale ? cap * 4 : 0}, {a->weights, (size_t)(a->max_tokens * e->k) * 4},
+        /* GEMM inputs: 0xff bytes are codes of -6 with a huge block scale, 0xffff a bf16 NaN,
+         * so K padding left unwritten would reach the outputs */
+        {a->a_codes, a->a_codes ? cap * K_max / 2 : 0}, {a->a_sf, a->a_sf ? cap * K_max / 16 : 0},
+        {a->a_bf16, a->a_bf16 ? cap * K_max * 2 : 0},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i].p && bufs[i].bytes)

@@ -87,9 +87,9 @@ typedef struct {
 } epmoe_gpu_engine_counters;
 void epmoe_gpu_engine_get_counters(const epmoe_gpu_engine *e, epmoe_gpu_engine_counters *c);
 
-/* For tests: fills every routing-dependent float buffer (dispatch rows, expert activations and
- * outputs, return rows) with NaN bytes on the stream, so that a row read but never written in
- * the next forward poisons its output. */
+/* For tests: fills every routing-dependent buffer (dispatch rows, the experts' GEMM inputs,
+ * activations and outputs, return rows) with 0xff bytes (NaN as floats) on the stream, so that
+ * a row (or a row's K padding) read but never written in the next forward poisons its output. */
 epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e);
 
 /* The routing ids [T, k] of the last forward (device memory of the engine). */

@@ -1,7 +1,8 @@
 /* Weighted combine (docs/design.md §2.5): out[t] = sum over slots, in slot order, of
  * w[t,j] * y[row_of_pair[t,j]], then + shared[t], in fp32 with explicit rounding (no
  * contraction) so that the order and the bits are those of the CPU combine. The gather out of
- * the padded layout happens here: row_of_pair says where each (token, slot) row sits. */
+ * the padded layout happens here: row_of_pair says where each (token, slot) row sits. Expert
+ * biases (gpt-oss) are already in y: the W2 GEMM adds them (grouped_gemm.h, out_bias). */
 #include "kernels/cuda/cuda_check.h"
 #include "kernels/cuda/ops_cuda.h"
 

@@ -121,20 +121,23 @@ epmoe_status epmoe_cuda_dispatch_bases(const int64_t *counts, int n_ranks, int64
     return EPMOE_OK;
 }
 
-/* Up to three pieces of a token's payload, each a multiple of 4 bytes, copied one after the
- * other into the record. */
+/* Up to three pieces of a token's payload, each copied to its offset in the record, in units
+ * of U (4 bytes, or 2 where a hidden size that is an odd multiple of 32 makes the block scales
+ * H/16 = 2 mod 4 bytes). */
 typedef struct {
-    const uint32_t *src[3];
-    int64_t words[3]; /* per token; 0 = unused */
+    const void *src[3];
+    int64_t bytes[3];  /* per token; 0 = unused */
+    int64_t offset[3]; /* bytes into the record */
 } payload_sources;
 
 /* One block per token: its record to every peer it reaches, and where each slot's output will
  * come back. */
-__global__ void pack_kernel(payload_sources payload, int64_t record_words, int64_t meta_word,
+template <typename U>
+__global__ void pack_kernel(payload_sources payload, int64_t record_bytes, int64_t meta_offset,
                             const int32_t *ids, int64_t top_k, int n_ranks,
                             const int32_t *owner_of_pair, const int32_t *row_rank,
                             const int32_t *pair_rank, const int64_t *send_row_base,
-                            const int64_t *ret_recv_base, uint32_t *send_records,
+                            const int64_t *ret_recv_base, uint8_t *send_records,
                             int32_t *ret_index_of_pair) {
     const int64_t t = blockIdx.x;
     const int32_t *owner = owner_of_pair + t * top_k;
@@ -151,17 +154,17 @@ __global__ void pack_kernel(payload_sources payload, int64_t record_words, int64
     for (int p = 0; p < n_ranks; p++) {
         const int32_t rank = row_rank[t * n_ranks + p];
         if (rank < 0) continue; /* uniform over the block */
-        uint32_t *dst = send_records + (send_row_base[p] + rank) * record_words;
-        int64_t at = 0;
+        uint8_t *record = send_records + (send_row_base[p] + rank) * record_bytes;
         for (int piece = 0; piece < 3; piece++) {
-            const int64_t n = payload.words[piece];
-            const uint32_t *src = payload.src[piece] + t * n;
-            for (int64_t c = threadIdx.x; c < n; c += blockDim.x) dst[at + c] = src[c];
-            at += n;
+            const int64_t n = payload.bytes[piece] / (int64_t)sizeof(U);
+            const U *src = (const U *)payload.src[piece] + t * n;
+            U *dst = (U *)(record + payload.offset[piece]);
+            for (int64_t c = threadIdx.x; c < n; c += blockDim.x) dst[c] = src[c];
         }
         if (threadIdx.x < top_k) {
             const int j = threadIdx.x;
-            dst[meta_word + j] = (uint32_t)(owner[j] == p ? ids[t * top_k + j] : -1);
+            ((uint32_t *)(record + meta_offset))[j] =
+                (uint32_t)(owner[j] == p ? ids[t * top_k + j] : -1);
         }
     }
 }
@@ -183,18 +186,25 @@ epmoe_status epmoe_cuda_dispatch_pack(const epmoe_dispatch_record *rec, const fl
     if (rec->format == EPMOE_WIRE_NVFP4) {
         EPMOE_REQUIRE(q_codes && q_sf && q_inv_gs, EPMOE_ERR_INVALID_ARG,
                       "dispatch pack: the NVFP4 wire format needs the quantized rows");
-        payload.src[0] = (const uint32_t *)q_codes, payload.words[0] = H / 8;
-        payload.src[1] = (const uint32_t *)q_sf, payload.words[1] = H / 64;
-        payload.src[2] = (const uint32_t *)q_inv_gs, payload.words[2] = 1;
+        payload.src[0] = q_codes, payload.bytes[0] = H / 2, payload.offset[0] = rec->codes_offset;
+        payload.src[1] = q_sf, payload.bytes[1] = H / 16, payload.offset[1] = rec->sf_offset;
+        payload.src[2] = q_inv_gs, payload.bytes[2] = 4, payload.offset[2] = rec->inv_gs_offset;
     } else {
         EPMOE_REQUIRE(x, EPMOE_ERR_INVALID_ARG, "dispatch pack: the fp32 wire format needs x");
-        payload.src[0] = (const uint32_t *)x, payload.words[0] = H;
+        payload.src[0] = x, payload.bytes[0] = 4 * H, payload.offset[0] = 0;
     }
+    bool words = rec->meta_offset % 4 == 0;
+    for (int piece = 0; piece < 3; piece++)
+        words = words && payload.bytes[piece] % 4 == 0 && payload.offset[piece] % 4 == 0;
     if (T == 0) return EPMOE_OK;
-    pack_kernel<<<(unsigned)T, 128, 0, stream>>>(
-        payload, rec->bytes / 4, rec->meta_offset / 4, ids, top_k, n_ranks, owner_of_pair,
-        row_rank, pair_rank, send_row_base, ret_recv_base, (uint32_t *)send_records,
-        ret_index_of_pair);
+    if (words)
+        pack_kernel<uint32_t><<<(unsigned)T, 128, 0, stream>>>(
+            payload, rec->bytes, rec->meta_offset, ids, top_k, n_ranks, owner_of_pair, row_rank,
+            pair_rank, send_row_base, ret_recv_base, send_records, ret_index_of_pair);
+    else
+        pack_kernel<uint16_t><<<(unsigned)T, 128, 0, stream>>>(
+            payload, rec->bytes, rec->meta_offset, ids, top_k, n_ranks, owner_of_pair, row_rank,
+            pair_rank, send_row_base, ret_recv_base, send_records, ret_index_of_pair);
     CUDA_TRY_LAUNCH("dispatch pack_kernel");
     return EPMOE_OK;
 }

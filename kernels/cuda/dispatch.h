@@ -105,7 +105,8 @@ epmoe_status epmoe_cuda_dispatch_return_rows(const int32_t *ids_recv, const int3
 
 /* ret_send[ret_row_offset[i] + r] = y[row_of_pair[i*k+j]] for the r-th valid slot j of each
  * real received row i (the expert outputs, gathered out of the padded layout). row_of_pair
- * NULL: y[i] itself (an identity "expert": the benchmark's echo of the received rows). */
+ * NULL: y[i] itself (an identity "expert": the benchmark's echo of the received rows). The
+ * engine does not call it: its W2 GEMM writes these rows in place (epmoe_cuda_dispatch_return_rows). */
 epmoe_status epmoe_cuda_dispatch_return_pack(const float *y, int64_t H, const int32_t *ids_recv,
                                              const int32_t *row_of_pair,
                                              const int32_t *peer_of_row,

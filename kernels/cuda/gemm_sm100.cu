@@ -62,6 +62,7 @@ struct Sm100Params {
     void *out;
     int out_bf16;
     const int32_t *out_row; /* NULL: identity (grouped_gemm.h) */
+    const float *out_bias;  /* [E, N] or NULL (grouped_gemm.h) */
 };
 
 #ifdef EPMOE_SM100_DEVICE
@@ -240,7 +241,8 @@ __global__ void __launch_bounds__(128, 1) grouped_gemm_sm100_kernel(const Sm100P
                     if (p.out_bf16)
                         ((__nv_bfloat16 *)p.out)[row * N + n] = __float2bfloat16_rn(val);
                     else
-                        ((float *)p.out)[row * N + n] = val;
+                        ((float *)p.out)[row * N + n] =
+                            p.out_bias ? __fadd_rn(val, p.out_bias[(int64_t)e * N + n]) : val;
                 }
             }
         }
@@ -305,6 +307,7 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm100(const epmoe_grouped_gemm_a
     p.out = a->out;
     p.out_bf16 = a->out_bf16;
     p.out_row = a->out_row;
+    p.out_bias = a->out_bias;
     int device = 0, sms = 0;
     CUDA_TRY(cudaGetDevice(&device), "grouped GEMM sm_100 launch");
     CUDA_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),

@@ -351,6 +351,8 @@ extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_a
                   (long long)a->w_scale_split, (long long)a->N);
     EPMOE_REQUIRE(a->padded_offsets && a->tokens_per_expert && a->out, EPMOE_ERR_INVALID_ARG,
                   "grouped GEMM: padded_offsets, tokens_per_expert and out are required");
+    EPMOE_REQUIRE(!a->out_bias || !a->out_bf16, EPMOE_ERR_INVALID_ARG,
+                  "grouped GEMM: an output bias needs fp32 output");
     if (a->a_format == EPMOE_GEMM_A_NVFP4) {
         EPMOE_REQUIRE(a->a_codes && a->a_sf && a->a_scale, EPMOE_ERR_INVALID_ARG,
                       "grouped GEMM: NVFP4 A needs a_codes, a_sf and a_scale");

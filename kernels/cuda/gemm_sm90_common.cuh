@@ -50,6 +50,7 @@ struct GemmParams {
     void *out;
     int out_bf16;
     const int32_t *out_row; /* NULL: identity (grouped_gemm.h) */
+    const float *out_bias;  /* [E, N] or NULL (grouped_gemm.h) */
     void *a_ws; /* [cap_rows, K] bf16 workspace of the wgmma kernel (NVFP4 A dequantized) */
     int serial_launch; /* host only: no programmatic dependent launch after the pre-pass */
 };
@@ -281,6 +282,11 @@ static __device__ __forceinline__ int64_t out_row_of(const GemmParams &p, int64_
     return p.out_row ? (int64_t)p.out_row[row] : row;
 }
 
+/* An fp32 output of expert e, column n, plus its bias when there is one (out_bias). */
+static __device__ __forceinline__ float plus_bias(const GemmParams &p, int e, int n, float v) {
+    return p.out_bias ? __fadd_rn(v, p.out_bias[(int64_t)e * p.N + n]) : v;
+}
+
 /* Epilogue of one warp of the mma.sync kernels: the m16n8k16 accumulators of 32 weight rows
  * (two m16 tiles, columns n_warp + 16i + 8half + g) by kNT8 n8 token tiles (rows row0 + 8c +
  * 2t + j) -> out, times the fp32 tensor scales (and the dequantization's powers of two, fix).
@@ -309,7 +315,7 @@ static __device__ __forceinline__ void store_warp_tile(const GemmParams &p, cons
                         if (p.out_bf16)
                             ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
                         else
-                            ((float *)p.out)[row * p.N + n] = v;
+                            ((float *)p.out)[row * p.N + n] = plus_bias(p, e, n, v);
                     }
                 }
             }
@@ -354,7 +360,7 @@ static __device__ __forceinline__ void store_wgmma_tiles(const GemmParams &p, co
                     if (p.out_bf16)
                         ((__nv_bfloat16 *)p.out)[row * p.N + n] = __float2bfloat16_rn(v);
                     else
-                        ((float *)p.out)[row * p.N + n] = v;
+                        ((float *)p.out)[row * p.N + n] = plus_bias(p, e, n, v);
                 }
             }
         }
@@ -534,6 +540,7 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     p.out = a->out;
     p.out_bf16 = a->out_bf16;
     p.out_row = a->out_row;
+    p.out_bias = a->out_bias;
     p.a_ws = a->a_workspace;
     p.serial_launch = a->serial_launch;
     return p;

@@ -56,6 +56,8 @@ extern "C" {
 #endif
 
 #define EPMOE_GEMM_PAD_ROWS 128 /* padded layout granularity the kernels assume */
+#define EPMOE_GEMM_K_STEP 128   /* K of every call is a multiple of this (the kernels' k step);
+                                   a caller with another K pads it with zero codes, zero scales */
 
 typedef enum {
     EPMOE_GEMM_A_NVFP4 = 0, /* a_codes + a_sf + a_scale */
@@ -122,6 +124,9 @@ typedef struct {
     const int32_t *out_row; /* [cap_rows] or NULL: live row r is written to row out_row[r] of
                                out instead of row r (the engine's W2 writes each pair straight
                                into its place in the return buffer); the caller sizes out */
+    const float *out_bias;  /* [E, N] fp32 or NULL: added to each fp32 output after its scales,
+                               one rounded add (gpt-oss's down-projection bias, in the CPU
+                               worker's order (acc * scales) + b); not with out_bf16 */
 
     epmoe_gemm_sm90_kernel sm90_kernel; /* AUTO (0, what memset gives) unless forcing one */
     int serial_launch; /* 0 (default): on sm_90+ the streaming and warp-specialized kernels

@@ -98,8 +98,9 @@ epmoe_status epmoe_cuda_plan_layout(const int32_t *ids, int64_t T, int64_t top_k
     return EPMOE_OK;
 }
 
-/* One block per padded row; padding rows return at once. */
-__global__ void permute_bf16_kernel(const float *x, int64_t x_stride, int64_t K,
+/* One block per padded row; padding rows return at once. Columns [K, K_pad) are the GEMM's K
+ * padding: zeros. */
+__global__ void permute_bf16_kernel(const float *x, int64_t x_stride, int64_t K, int64_t K_pad,
                                     const int32_t *token_of_row,
                                     const int64_t *padded_offsets,
                                     const int64_t *tokens_per_expert, int64_t n_local,
@@ -108,21 +109,21 @@ __global__ void permute_bf16_kernel(const float *x, int64_t x_stride, int64_t K,
     if (epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row) < 0)
         return;
     const float *src = x + (int64_t)token_of_row[row] * x_stride;
-    for (int64_t c = threadIdx.x; c < K; c += blockDim.x)
-        out[row * K + c] = __float2bfloat16_rn(src[c]);
+    for (int64_t c = threadIdx.x; c < K_pad; c += blockDim.x)
+        out[row * K_pad + c] = __float2bfloat16_rn(c < K ? src[c] : 0.0f);
 }
 
-epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t x_stride, int64_t K,
+epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t x_stride, int64_t K, int64_t K_pad,
                                      const int32_t *token_of_row,
                                      const int64_t *padded_offsets,
                                      const int64_t *tokens_per_expert, int64_t n_local,
                                      int64_t cap_rows, uint16_t *out, cudaStream_t stream) {
-    EPMOE_REQUIRE(K > 0 && cap_rows >= 0 && x_stride >= K, EPMOE_ERR_INVALID_ARG,
-                  "permute: bad shape K=%lld stride=%lld cap_rows=%lld", (long long)K,
-                  (long long)x_stride, (long long)cap_rows);
+    EPMOE_REQUIRE(K > 0 && K_pad >= K && cap_rows >= 0 && x_stride >= K, EPMOE_ERR_INVALID_ARG,
+                  "permute: bad shape K=%lld K_pad=%lld stride=%lld cap_rows=%lld", (long long)K,
+                  (long long)K_pad, (long long)x_stride, (long long)cap_rows);
     if (cap_rows == 0) return EPMOE_OK;
     permute_bf16_kernel<<<(unsigned)cap_rows, 128, 0, stream>>>(
-        x, x_stride, K, token_of_row, padded_offsets, tokens_per_expert, n_local,
+        x, x_stride, K, K_pad, token_of_row, padded_offsets, tokens_per_expert, n_local,
         (__nv_bfloat16 *)out);
     CUDA_TRY_LAUNCH("permute_bf16_kernel");
     return EPMOE_OK;

@@ -44,6 +44,21 @@ extern "C" {
 /* EPMOE_OK for 0, else EPMOE_ERR_NUMERIC / EPMOE_ERR_RANGE naming every flag set. */
 epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where);
 
+/* The SwiGLU of the routed and shared experts (docs/design.md §3.3, epmoe_cpu_swiglu). */
+typedef struct {
+    float limit; /* swiglu_limit; <= 0 disables the clamp */
+    int variant; /* epmoe_swiglu_variant */
+    float alpha; /* gptoss: the gain in g * sigmoid(alpha g); unused by dsv4 and step */
+} epmoe_cuda_swiglu_act;
+
+static inline epmoe_cuda_swiglu_act epmoe_cuda_swiglu_act_of(const epmoe_config *cfg) {
+    epmoe_cuda_swiglu_act act;
+    act.limit = (float)cfg->swiglu_limit;
+    act.variant = (int)cfg->swiglu_variant;
+    act.alpha = (float)cfg->swiglu_alpha;
+    return act;
+}
+
 /* ---- routing (route.cu) ------------------------------------------------------------------ */
 
 /* logits[T,E] = x[T,H] . Wg[E,H]^T in the blocked order of kernels/ops.h (bit-identical to
@@ -58,8 +73,9 @@ epmoe_status epmoe_cuda_gate_logits_kernel(int kernel, const float *x, const flo
                                            int64_t T, int64_t H, int64_t E, float *logits,
                                            cudaStream_t stream);
 
-/* Score-based routing (sqrtsoftplus+bias, or sigmoid+bias with group limit). bias may be NULL.
- * ids[T,k] global expert ids in slot order, weights[T,k]. */
+/* Score-based routing (sqrtsoftplus+bias, sigmoid+bias with group limit, or gpt-oss's
+ * topk_softmax of logit+bias, whose weights are a softmax over the chosen biased logits), as
+ * epmoe_cpu_route. bias may be NULL. ids[T,k] global expert ids in slot order, weights[T,k]. */
 epmoe_status epmoe_cuda_route(const epmoe_route_params *p, const float *logits,
                               const float *bias, int64_t T, int32_t *ids, float *weights,
                               uint32_t *error_flags, cudaStream_t stream);
@@ -86,8 +102,9 @@ epmoe_status epmoe_cuda_plan_layout(const int32_t *ids, int64_t T, int64_t top_k
                                     int32_t *token_of_row, cudaStream_t stream);
 
 /* out[row] = bf16(x[token_of_row[row]]) for every real row of the padded layout (act_quant =
- * high); x rows are x_stride floats apart; padding rows are not written. */
-epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t x_stride, int64_t K,
+ * high); x rows are x_stride floats apart; out rows are K_pad >= K elements, [K, K_pad) written
+ * as zeros (the GEMM's K padding); padding rows are not written. */
+epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t x_stride, int64_t K, int64_t K_pad,
                                      const int32_t *token_of_row,
                                      const int64_t *padded_offsets,
                                      const int64_t *tokens_per_expert, int64_t n_local,
@@ -96,17 +113,19 @@ epmoe_status epmoe_cuda_permute_bf16(const float *x, int64_t x_stride, int64_t K
 /* ---- NVFP4 activation quantization (quant.cu) --------------------------------------------- */
 
 /* Quantizes rows of K floats (K a multiple of 16; rows x_stride floats apart, a multiple of
- * 4), exactly common/nvfp4.h:
+ * 4), exactly common/nvfp4.h, into rows of K_pad elements (K_pad >= K, a multiple of 16): the
+ * elements [K, K_pad) get code 0 and block scale 0, so a GEMM over K_pad (the grouped GEMMs
+ * step K by 128) adds exact zeros. K_pad = K writes no padding.
  *   dense   (padded_offsets == NULL): rows [0, rows) of x.
  *   padded  (padded_offsets != NULL): the real rows of a padded layout of `rows` = cap_rows
  *           rows; row r reads x[row_index[r]] when row_index is given (gather from tokens),
  *           else x[r]. Padding rows are not written.
  * Global scale per row: static_input_scale == NULL: gs = epmoe_nvfp4_global_sf(amax(row));
  * else gs = 1 / static_input_scale[expert of the row] (padded only).
- * Writes codes[rows, K/2], block_sf[rows, K/16], inv_global_sf[rows] = 1/gs (the GEMM's
+ * Writes codes[rows, K_pad/2], block_sf[rows, K_pad/16], inv_global_sf[rows] = 1/gs (the GEMM's
  * a_scale) and adds the saturated element count to *saturated (may be NULL). */
 epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t x_stride, int64_t rows,
-                                            int64_t K,
+                                            int64_t K, int64_t K_pad,
                                             const int32_t *row_index,
                                             const int64_t *padded_offsets,
                                             const int64_t *tokens_per_expert, int64_t n_local,
@@ -117,22 +136,27 @@ epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t x_stride, in
 /* The real rows of a padded layout from rows quantized elsewhere (the NVFP4 dispatch records of
  * kernels/cuda/dispatch.h): padded row r copies source row token_of_row[r]'s codes (K/2 bytes at
  * codes_offset), block scales (K/16 bytes at sf_offset) and 1/gs (fp32 at inv_gs_offset);
- * source rows are src_stride bytes apart. Padding rows are not written. */
+ * source rows are src_stride bytes apart. Rows of codes and block_sf are K_pad elements (K and
+ * K_pad multiples of 32), [K, K_pad) written as code 0 and scale 0, as the quantizer pads.
+ * Padding rows are not written. */
 epmoe_status epmoe_cuda_nvfp4_gather_rows(const uint8_t *src, int64_t src_stride,
                                           int64_t codes_offset, int64_t sf_offset,
-                                          int64_t inv_gs_offset, int64_t K,
+                                          int64_t inv_gs_offset, int64_t K, int64_t K_pad,
                                           const int32_t *token_of_row,
                                           const int64_t *padded_offsets,
                                           const int64_t *tokens_per_expert, int64_t n_local,
                                           int64_t cap_rows, uint8_t *codes, uint8_t *block_sf,
                                           float *inv_global_sf, cudaStream_t stream);
 
-/* SwiGLU (as epmoe_cuda_swiglu) and NVFP4 quantization (as epmoe_cuda_nvfp4_quantize_rows,
- * padded mode, no gather) in one pass: h [cap_rows, 2I] -> codes/block_sf/inv_global_sf of the
- * real rows, the same bits as the two kernels one after the other, without the fp32
- * activation round trip through device memory. I * 4 bytes must fit in 48 KiB (I <= 12288). */
+/* SwiGLU (as epmoe_cuda_swiglu, biases included) and NVFP4 quantization (as
+ * epmoe_cuda_nvfp4_quantize_rows, padded mode, no gather, rows of I_pad elements) in one pass:
+ * h [cap_rows, 2I] -> codes/block_sf/inv_global_sf of the real rows, the same bits as the two
+ * kernels one after the other, without the fp32 activation round trip through device memory.
+ * I * 4 bytes must fit in 48 KiB (I <= EPMOE_CUDA_MAX_FUSED_INTER). */
+#define EPMOE_CUDA_MAX_FUSED_INTER EPMOE_CUDA_MAX_INTER /* common/config.h: refused at start */
 epmoe_status epmoe_cuda_swiglu_nvfp4_quantize(const float *h, int64_t cap_rows, int64_t I,
-                                              float limit, int variant,
+                                              int64_t I_pad, const epmoe_cuda_swiglu_act *act,
+                                              const float *bias,
                                               const int64_t *padded_offsets,
                                               const int64_t *tokens_per_expert, int64_t n_local,
                                               const float *static_input_scale, uint8_t *codes,
@@ -142,19 +166,22 @@ epmoe_status epmoe_cuda_swiglu_nvfp4_quantize(const float *h, int64_t cap_rows, 
 
 /* ---- SwiGLU (swiglu.cu) ------------------------------------------------------------------- */
 
-/* h[rows, 2I] (gate columns [0,I), up [I,2I)) -> out[rows, I], as epmoe_cpu_swiglu. With
- * padded_offsets given, only the real rows of the padded layout are computed. out_f32 and/or
- * out_bf16 may be NULL (at least one given). */
-epmoe_status epmoe_cuda_swiglu(const float *h, int64_t rows, int64_t I, float limit,
-                               int variant, const int64_t *padded_offsets,
-                               const int64_t *tokens_per_expert, int64_t n_local,
-                               float *out_f32, uint16_t *out_bf16, cudaStream_t stream);
+/* h[rows, 2I] (gate columns [0,I), up [I,2I)) -> out[rows, out_cols], as epmoe_cpu_swiglu, with
+ * columns [I, out_cols) written as zeros (the next GEMM's K padding; out_cols = I: none). With
+ * padded_offsets given, only the real rows of the padded layout are computed, and bias (may be
+ * NULL) holds every local expert's gate/up biases [n_local, 2I], added to h before the
+ * activation (gpt-oss). out_f32 and/or out_bf16 may be NULL (at least one given). */
+epmoe_status epmoe_cuda_swiglu(const float *h, int64_t rows, int64_t I,
+                               const epmoe_cuda_swiglu_act *act, const float *bias,
+                               const int64_t *padded_offsets, const int64_t *tokens_per_expert,
+                               int64_t n_local, int64_t out_cols, float *out_f32,
+                               uint16_t *out_bf16, cudaStream_t stream);
 
 /* ---- combine (combine.cu) ----------------------------------------------------------------- */
 
 /* out[t,:] = (sum over slots j in order of weights[t,j] * y[row_of_pair[t,j], :]) + shared[t,:]
  * in fp32 (no contraction). Slots with row -1 (experts of other ranks) are skipped. shared may
- * be NULL. */
+ * be NULL. Expert biases (gpt-oss) are in y already (the W2 GEMM's out_bias). */
 epmoe_status epmoe_cuda_combine(const float *y_padded, int64_t H, const int32_t *row_of_pair,
                                 const float *weights, int64_t T, int64_t top_k,
                                 const float *shared, float *out, cudaStream_t stream);
@@ -204,7 +231,7 @@ typedef struct {
 epmoe_status epmoe_cuda_shared_forward(cublasHandle_t cublas, void *cublas_workspace,
                                        size_t cublas_workspace_bytes, const float *x, int64_t T,
                                        int64_t H, int64_t Is, const uint16_t *w13_bf16,
-                                       const uint16_t *w2_bf16, float limit, int variant,
+                                       const uint16_t *w2_bf16, const epmoe_cuda_swiglu_act *act,
                                        const epmoe_cuda_shared_scratch *scratch, float *y,
                                        cudaStream_t stream);
 

@@ -3,7 +3,11 @@
  *   sf    = e4m3_rn_satfinite((gs * amax16) / 6)
  *   code  = e2m1_rn_satfinite((x * gs) / float(sf))    (0 when sf == 0)
  * Every fp32 operation is an explicit round-to-nearest intrinsic (and the library is built
- * with -fmad=false), so no contraction can change a bit. */
+ * with -fmad=false), so no contraction can change a bit.
+ * Output rows may be longer than the row (K_pad > K): the grouped GEMMs step K by 128, and a
+ * hidden size such as gpt-oss's 2880 is not a multiple of it. The extra elements get code 0 and
+ * block scale 0, which dequantize to exact zeros, so the padded product adds +0 terms and
+ * equals the unpadded one. */
 #include <math.h>
 
 #include "common/nvfp4.h"
@@ -83,10 +87,11 @@ static __device__ __forceinline__ void load16(const float *src, float v[16]) {
 }
 
 /* Quantizes one row of K floats at src (global or shared memory, 16-byte aligned) with the
- * whole block (QUANT_THREADS threads; thread i takes 16-element blocks i, i + 128, ...).
+ * whole block (QUANT_THREADS threads; thread i takes 16-element blocks i, i + 128, ...) into
+ * K_pad elements of codes_row / sf_row, [K, K_pad) as zeros.
  * static_inv_scale > 0: gs = 1 / it (a static per-expert scale); else gs from the row's amax.
  * Returns this thread's count of saturated elements. Every thread of the block must call it. */
-static __device__ unsigned long long quantize_row(const float *src, int64_t K,
+static __device__ unsigned long long quantize_row(const float *src, int64_t K, int64_t K_pad,
                                                   float static_input_scale, uint8_t *codes_row,
                                                   uint8_t *sf_row, float *inv_global_sf_row) {
     const int64_t n_blocks = K / 16;
@@ -121,6 +126,10 @@ static __device__ unsigned long long quantize_row(const float *src, int64_t K,
         *(uint2 *)(codes_row + b * 8) = make_uint2(packed[0], packed[1]);
         sf_row[b] = sf;
     }
+    for (int64_t b = n_blocks + threadIdx.x; b < K_pad / 16; b += QUANT_THREADS) {
+        *(uint2 *)(codes_row + b * 8) = make_uint2(0, 0);
+        sf_row[b] = 0;
+    }
     if (threadIdx.x == 0) *inv_global_sf_row = __fdiv_rn(1.0f, gs);
     return n_saturated;
 }
@@ -128,7 +137,7 @@ static __device__ unsigned long long quantize_row(const float *src, int64_t K,
 /* One block per row (dense rows, or every row of the padded layout of which padding returns at
  * once). */
 __global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t x_stride, int64_t K,
-                                           const int32_t *row_index,
+                                           int64_t K_pad, const int32_t *row_index,
                                            const int64_t *padded_offsets,
                                            const int64_t *tokens_per_expert, int64_t n_local,
                                            const float *static_input_scale, uint8_t *codes,
@@ -142,14 +151,16 @@ __global__ void nvfp4_quantize_rows_kernel(const float *x, int64_t x_stride, int
     }
     const float *src = x + (row_index ? (int64_t)row_index[row] : row) * x_stride;
     unsigned long long n_saturated =
-        quantize_row(src, K, static_input_scale ? static_input_scale[expert] : 0.0f,
-                     codes + row * (K / 2), block_sf + row * (K / 16), inv_global_sf + row);
+        quantize_row(src, K, K_pad, static_input_scale ? static_input_scale[expert] : 0.0f,
+                     codes + row * (K_pad / 2), block_sf + row * (K_pad / 16), inv_global_sf + row);
     if (saturated && n_saturated) atomicAdd(saturated, n_saturated);
 }
 
-/* The W2 input in one pass: SwiGLU of a row of h into shared memory, then its quantization
- * (the activation never goes to device memory in fp32). One block per padded row. */
-__global__ void swiglu_nvfp4_quantize_kernel(const float *h, int64_t I, float limit, int variant,
+/* The W2 input in one pass: SwiGLU of a row of h (its expert's biases added first, when the
+ * experts have them) into shared memory, then its quantization (the activation never goes to
+ * device memory in fp32). One block per padded row. */
+__global__ void swiglu_nvfp4_quantize_kernel(const float *h, int64_t I, int64_t I_pad,
+                                             epmoe_cuda_swiglu_act act, const float *bias,
                                              const int64_t *padded_offsets,
                                              const int64_t *tokens_per_expert, int64_t n_local,
                                              const float *static_input_scale, uint8_t *codes,
@@ -160,55 +171,59 @@ __global__ void swiglu_nvfp4_quantize_kernel(const float *h, int64_t I, float li
     const int64_t expert =
         epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row);
     if (expert < 0) return;
-    const float *gate = h + row * 2 * I, *up = gate + I;
+    const float *h_row = h + row * 2 * I;
+    const float *bias_row = bias ? bias + expert * 2 * I : NULL;
     for (int64_t c = threadIdx.x; c < I; c += blockDim.x)
-        act_row[c] = swiglu_one(gate[c], up[c], limit, variant);
+        act_row[c] = swiglu_column(h_row, bias_row, I, c, act);
     __syncthreads();
     unsigned long long n_saturated =
-        quantize_row(act_row, I, static_input_scale ? static_input_scale[expert] : 0.0f,
-                     codes + row * (I / 2), block_sf + row * (I / 16), inv_global_sf + row);
+        quantize_row(act_row, I, I_pad, static_input_scale ? static_input_scale[expert] : 0.0f,
+                     codes + row * (I_pad / 2), block_sf + row * (I_pad / 16),
+                     inv_global_sf + row);
     if (saturated && n_saturated) atomicAdd(saturated, n_saturated);
 }
 
 epmoe_status epmoe_cuda_swiglu_nvfp4_quantize(const float *h, int64_t cap_rows, int64_t I,
-                                              float limit, int variant,
+                                              int64_t I_pad, const epmoe_cuda_swiglu_act *act,
+                                              const float *bias,
                                               const int64_t *padded_offsets,
                                               const int64_t *tokens_per_expert, int64_t n_local,
                                               const float *static_input_scale, uint8_t *codes,
                                               uint8_t *block_sf, float *inv_global_sf,
                                               unsigned long long *saturated,
                                               cudaStream_t stream) {
-    EPMOE_REQUIRE(cap_rows >= 0 && I > 0 && I % 16 == 0 && padded_offsets && tokens_per_expert &&
-                      n_local > 0,
+    EPMOE_REQUIRE(cap_rows >= 0 && I > 0 && I % 16 == 0 && I_pad >= I && I_pad % 16 == 0 &&
+                      padded_offsets && tokens_per_expert && n_local > 0,
                   EPMOE_ERR_INVALID_ARG,
-                  "swiglu+quantize: I=%lld (a multiple of 16), cap_rows=%lld, and the padded "
-                  "layout are required",
-                  (long long)I, (long long)cap_rows);
-    EPMOE_REQUIRE(variant == EPMOE_SWIGLU_DSV4 || variant == EPMOE_SWIGLU_STEP,
-                  EPMOE_ERR_INVALID_ARG, "swiglu+quantize: unknown variant %d", variant);
+                  "swiglu+quantize: I=%lld and I_pad=%lld (>= I, multiples of 16), "
+                  "cap_rows=%lld, and the padded layout are required",
+                  (long long)I, (long long)I_pad, (long long)cap_rows);
+    EPMOE_TRY(swiglu_check_act(act, "swiglu+quantize"));
+    EPMOE_REQUIRE(I <= EPMOE_CUDA_MAX_FUSED_INTER, EPMOE_ERR_UNSUPPORTED,
+                  "swiglu+quantize: I=%lld needs %lld bytes of shared memory (48 KiB at most)",
+                  (long long)I, (long long)I * 4);
     const size_t smem = (size_t)I * sizeof(float);
-    EPMOE_REQUIRE(smem <= 48 * 1024, EPMOE_ERR_UNSUPPORTED,
-                  "swiglu+quantize: I=%lld needs %zu bytes of shared memory (48 KiB at most)",
-                  (long long)I, smem);
     if (cap_rows == 0) return EPMOE_OK;
     swiglu_nvfp4_quantize_kernel<<<(unsigned)cap_rows, QUANT_THREADS, smem, stream>>>(
-        h, I, limit, variant, padded_offsets, tokens_per_expert, n_local, static_input_scale,
+        h, I, I_pad, *act, bias, padded_offsets, tokens_per_expert, n_local, static_input_scale,
         codes, block_sf, inv_global_sf, saturated);
     CUDA_TRY_LAUNCH("swiglu_nvfp4_quantize_kernel");
     return EPMOE_OK;
 }
 
 epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t x_stride, int64_t rows,
-                                            int64_t K,
+                                            int64_t K, int64_t K_pad,
                                             const int32_t *row_index,
                                             const int64_t *padded_offsets,
                                             const int64_t *tokens_per_expert, int64_t n_local,
                                             const float *static_input_scale, uint8_t *codes,
                                             uint8_t *block_sf, float *inv_global_sf,
                                             unsigned long long *saturated, cudaStream_t stream) {
-    EPMOE_REQUIRE(rows >= 0 && K > 0 && K % 16 == 0, EPMOE_ERR_INVALID_ARG,
-                  "nvfp4 quantize: K=%lld must be a positive multiple of 16 (rows=%lld)",
-                  (long long)K, (long long)rows);
+    EPMOE_REQUIRE(rows >= 0 && K > 0 && K % 16 == 0 && K_pad >= K && K_pad % 16 == 0,
+                  EPMOE_ERR_INVALID_ARG,
+                  "nvfp4 quantize: K=%lld and K_pad=%lld must be positive multiples of 16, K_pad "
+                  ">= K (rows=%lld)",
+                  (long long)K, (long long)K_pad, (long long)rows);
     EPMOE_REQUIRE(x_stride >= K && x_stride % 4 == 0, EPMOE_ERR_INVALID_ARG,
                   "nvfp4 quantize: row stride %lld floats for K=%lld (>= K, a multiple of 4 for "
                   "16-byte loads)", (long long)x_stride, (long long)K);
@@ -219,17 +234,18 @@ epmoe_status epmoe_cuda_nvfp4_quantize_rows(const float *x, int64_t x_stride, in
                   "nvfp4 quantize: the padded layout needs tokens_per_expert and n_local > 0");
     if (rows == 0) return EPMOE_OK;
     nvfp4_quantize_rows_kernel<<<(unsigned)rows, QUANT_THREADS, 0, stream>>>(
-        x, x_stride, K, row_index, padded_offsets, tokens_per_expert, n_local, static_input_scale, codes,
+        x, x_stride, K, K_pad, row_index, padded_offsets, tokens_per_expert, n_local, static_input_scale, codes,
         block_sf, inv_global_sf, saturated);
     CUDA_TRY_LAUNCH("nvfp4_quantize_rows_kernel");
     return EPMOE_OK;
 }
 
 /* One block per padded row; padding rows return at once. Codes move 16 bytes a thread, the
- * scales 4 (both offsets and the record stride are multiples of 16, see dispatch.h). */
+ * scales 2 (K is a multiple of 32; the record's offsets and stride are aligned for it, see
+ * common/dispatch_record.h). */
 __global__ void nvfp4_gather_rows_kernel(const uint8_t *src, int64_t src_stride,
                                          int64_t codes_offset, int64_t sf_offset,
-                                         int64_t inv_gs_offset, int64_t K,
+                                         int64_t inv_gs_offset, int64_t K, int64_t K_pad,
                                          const int32_t *token_of_row,
                                          const int64_t *padded_offsets,
                                          const int64_t *tokens_per_expert, int64_t n_local,
@@ -239,32 +255,35 @@ __global__ void nvfp4_gather_rows_kernel(const uint8_t *src, int64_t src_stride,
         return;
     const uint8_t *rec = src + (int64_t)token_of_row[row] * src_stride;
     const uint4 *c_src = (const uint4 *)(rec + codes_offset);
-    uint4 *c_dst = (uint4 *)(codes + row * (K / 2));
-    for (int64_t i = threadIdx.x; i < K / 32; i += blockDim.x) c_dst[i] = c_src[i];
-    const uint32_t *s_src = (const uint32_t *)(rec + sf_offset);
-    uint32_t *s_dst = (uint32_t *)(block_sf + row * (K / 16));
-    for (int64_t i = threadIdx.x; i < K / 64; i += blockDim.x) s_dst[i] = s_src[i];
+    uint4 *c_dst = (uint4 *)(codes + row * (K_pad / 2));
+    for (int64_t i = threadIdx.x; i < K_pad / 32; i += blockDim.x)
+        c_dst[i] = i < K / 32 ? c_src[i] : make_uint4(0, 0, 0, 0);
+    const uint16_t *s_src = (const uint16_t *)(rec + sf_offset);
+    uint16_t *s_dst = (uint16_t *)(block_sf + row * (K_pad / 16));
+    for (int64_t i = threadIdx.x; i < K_pad / 32; i += blockDim.x)
+        s_dst[i] = i < K / 32 ? s_src[i] : (uint16_t)0;
     if (threadIdx.x == 0) inv_global_sf[row] = *(const float *)(rec + inv_gs_offset);
 }
 
 epmoe_status epmoe_cuda_nvfp4_gather_rows(const uint8_t *src, int64_t src_stride,
                                           int64_t codes_offset, int64_t sf_offset,
-                                          int64_t inv_gs_offset, int64_t K,
+                                          int64_t inv_gs_offset, int64_t K, int64_t K_pad,
                                           const int32_t *token_of_row,
                                           const int64_t *padded_offsets,
                                           const int64_t *tokens_per_expert, int64_t n_local,
                                           int64_t cap_rows, uint8_t *codes, uint8_t *block_sf,
                                           float *inv_global_sf, cudaStream_t stream) {
-    EPMOE_REQUIRE(K > 0 && K % 128 == 0 && cap_rows >= 0 && n_local > 0 && src_stride % 16 == 0 &&
-                      codes_offset % 16 == 0 && sf_offset % 4 == 0 && inv_gs_offset % 4 == 0,
+    EPMOE_REQUIRE(K > 0 && K % 32 == 0 && K_pad >= K && K_pad % 32 == 0 && cap_rows >= 0 &&
+                      n_local > 0 && src_stride % 16 == 0 && codes_offset % 16 == 0 &&
+                      sf_offset % 2 == 0 && inv_gs_offset % 4 == 0,
                   EPMOE_ERR_INVALID_ARG,
-                  "nvfp4 gather: K=%lld (a multiple of 128), stride %lld and offsets %lld/%lld/%lld "
-                  "(16/4/4-byte aligned), cap_rows=%lld",
-                  (long long)K, (long long)src_stride, (long long)codes_offset,
+                  "nvfp4 gather: K=%lld, K_pad=%lld (multiples of 32, K_pad >= K), stride %lld "
+                  "and offsets %lld/%lld/%lld (16/2/4-byte aligned), cap_rows=%lld",
+                  (long long)K, (long long)K_pad, (long long)src_stride, (long long)codes_offset,
                   (long long)sf_offset, (long long)inv_gs_offset, (long long)cap_rows);
     if (cap_rows == 0) return EPMOE_OK;
     nvfp4_gather_rows_kernel<<<(unsigned)cap_rows, 64, 0, stream>>>(
-        src, src_stride, codes_offset, sf_offset, inv_gs_offset, K, token_of_row, padded_offsets,
+        src, src_stride, codes_offset, sf_offset, inv_gs_offset, K, K_pad, token_of_row, padded_offsets,
         tokens_per_expert, n_local, codes, block_sf, inv_global_sf);
     CUDA_TRY_LAUNCH("nvfp4_gather_rows_kernel");
     return EPMOE_OK;

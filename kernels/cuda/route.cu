@@ -1,5 +1,6 @@
 /* Gate logits and routing on the device (kernels/ops.h defines the math; this follows it
- * operation for operation so that logits and ids equal the CPU's). */
+ * operation for operation so that logits and ids equal the CPU's): sqrtsoftplus and sigmoid
+ * scores with a selection bias (DeepSeek), topk_softmax over logit + bias (gpt-oss), hash tables. */
 #include <math.h>
 
 #include "kernels/cuda/cp_async.cuh"
@@ -292,7 +293,9 @@ epmoe_status epmoe_cuda_gate_logits(const float *x, const float *gate_weight, in
 
 /* ---- scores --------------------------------------------------------------------------------- */
 
+/* topk_softmax (gpt-oss) ranks the logits themselves: its score is the logit. */
 static __device__ __forceinline__ float score_of_logit(float l, int64_t scoring) {
+    if (scoring == EPMOE_SCORING_TOPK_SOFTMAX) return l;
     if (scoring == EPMOE_SCORING_SIGMOID) return __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-l)));
     float softplus = l > 20.0f ? l : log1pf(expf(l));
     return sqrtf(softplus);
@@ -318,6 +321,7 @@ static __device__ __forceinline__ void warp_argmax(float *v, int *id) {
 /* log s, the CPU's log_score_of_logit (kernels/cpu/route.c) operation for operation: finite
  * for every finite logit, where the scores themselves underflow below about -87. */
 static __device__ __forceinline__ float log_score_of_logit(float l, int64_t scoring) {
+    if (scoring == EPMOE_SCORING_TOPK_SOFTMAX) return l; /* given l + bias: softmax's exponent */
     if (scoring == EPMOE_SCORING_SIGMOID)
         return l < 0.0f ? __fsub_rn(l, log1pf(expf(l))) : -log1pf(expf(-l));
     if (l < -20.0f) return __fmul_rn(0.5f, l);
@@ -326,12 +330,17 @@ static __device__ __forceinline__ float log_score_of_logit(float l, int64_t scor
 
 /* Weights w_j = s[id_j] / (sum over slots of s) * scale, as the CPU computes them: r_j =
  * expf(log s_j - max log s), w_j = r_j / (sum of r in slot order) * scale. The largest r is 1,
- * so the sum cannot underflow however negative the logits. */
-static __device__ void write_weights(const float *logits_t, const int32_t *ids_t, int64_t k,
-                                     int64_t scoring, float scale, float *weights_t) {
+ * so the sum cannot underflow however negative the logits. softmax_bias (topk_softmax only, may
+ * be NULL): the weights are a softmax over the chosen keys l + bias, recomputed here with the
+ * same one addition as the selection's (route_kernel has masked its copy of the keys). */
+static __device__ void write_weights(const float *logits_t, const float *softmax_bias,
+                                     const int32_t *ids_t, int64_t k, int64_t scoring,
+                                     float scale, float *weights_t) {
     float max_log = -INFINITY;
     for (int64_t j = 0; j < k; j++) {
-        weights_t[j] = log_score_of_logit(logits_t[ids_t[j]], scoring);
+        const float l = logits_t[ids_t[j]];
+        weights_t[j] =
+            log_score_of_logit(softmax_bias ? __fadd_rn(l, softmax_bias[ids_t[j]]) : l, scoring);
         if (weights_t[j] > max_log) max_log = weights_t[j];
     }
     float sum = 0.0f;
@@ -437,15 +446,25 @@ __global__ void route_kernel(epmoe_route_params p, const float *logits, const fl
         }
         __syncwarp();
     }
-    if (lane == 0) write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t);
+    /* DeepSeek weighs by the scores (the bias steers the choice only); gpt-oss's softmax takes
+     * the biased logits, as the CPU's */
+    const float *softmax_bias = p.scoring == EPMOE_SCORING_TOPK_SOFTMAX ? bias : NULL;
+    if (lane == 0)
+        write_weights(logits_t, softmax_bias, ids_t, k, p.scoring, p.routed_scaling_factor,
+                      weights_t);
 }
 
 static epmoe_status check_route_params(const epmoe_route_params *p) {
     EPMOE_REQUIRE(p->n_experts > 0 && p->top_k > 0 && p->top_k <= p->n_experts,
                   EPMOE_ERR_INVALID_ARG, "routing: top_k %lld with %lld experts",
                   (long long)p->top_k, (long long)p->n_experts);
-    EPMOE_REQUIRE(p->scoring == EPMOE_SCORING_SQRTSOFTPLUS || p->scoring == EPMOE_SCORING_SIGMOID,
+    EPMOE_REQUIRE(p->scoring == EPMOE_SCORING_SQRTSOFTPLUS || p->scoring == EPMOE_SCORING_SIGMOID ||
+                      p->scoring == EPMOE_SCORING_TOPK_SOFTMAX,
                   EPMOE_ERR_INVALID_ARG, "routing: unknown scoring %lld", (long long)p->scoring);
+    EPMOE_REQUIRE(p->scoring != EPMOE_SCORING_TOPK_SOFTMAX || p->n_groups == 1,
+                  EPMOE_ERR_INVALID_ARG,
+                  "routing: topk_softmax has no group limit (n_groups %lld, must be 1)",
+                  (long long)p->n_groups);
     if (p->n_groups > 1) {
         EPMOE_REQUIRE(p->n_groups <= 64 && p->n_experts % p->n_groups == 0 &&
                           p->n_experts / p->n_groups >= 2,
@@ -513,7 +532,7 @@ __global__ void route_hash_kernel(epmoe_route_params p, const float *logits,
         }
         ids_t[j] = e;
     }
-    write_weights(logits_t, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t);
+    write_weights(logits_t, NULL, ids_t, k, p.scoring, p.routed_scaling_factor, weights_t);
 }
 
 epmoe_status epmoe_cuda_route_hash(const epmoe_route_params *p, const float *logits,
@@ -521,6 +540,9 @@ epmoe_status epmoe_cuda_route_hash(const epmoe_route_params *p, const float *log
                                    const int32_t *token_ids, int64_t T, int32_t *ids,
                                    float *weights, uint32_t *error_flags, cudaStream_t stream) {
     EPMOE_TRY(check_route_params(p));
+    EPMOE_REQUIRE(p->scoring != EPMOE_SCORING_TOPK_SOFTMAX, EPMOE_ERR_INVALID_ARG,
+                  "hash routing: topk_softmax has no hash-routed layers (its weights need the "
+                  "biased logits of a top-k choice)");
     EPMOE_REQUIRE(tid2eid && token_ids && vocab_size > 0, EPMOE_ERR_INVALID_ARG,
                   "hash routing needs tid2eid, token ids and vocab_size > 0 (got %lld)",
                   (long long)vocab_size);

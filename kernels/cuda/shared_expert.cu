@@ -36,7 +36,7 @@ static epmoe_status gemm_bf16_nt(cublasHandle_t cublas, const uint16_t *a, const
 epmoe_status epmoe_cuda_shared_forward(cublasHandle_t cublas, void *cublas_workspace,
                                        size_t cublas_workspace_bytes, const float *x, int64_t T,
                                        int64_t H, int64_t Is, const uint16_t *w13_bf16,
-                                       const uint16_t *w2_bf16, float limit, int variant,
+                                       const uint16_t *w2_bf16, const epmoe_cuda_swiglu_act *act,
                                        const epmoe_cuda_shared_scratch *scratch, float *y,
                                        cudaStream_t stream) {
     EPMOE_REQUIRE(T >= 0 && H > 0 && Is > 0 && T < INT32_MAX && 2 * Is < INT32_MAX,
@@ -56,7 +56,7 @@ epmoe_status epmoe_cuda_shared_forward(cublasHandle_t cublas, void *cublas_works
         EPMOE_TRY(gemm_bf16_nt(cublas, scratch->x_bf16 + (size_t)(r * H), w13_bf16, S, 2 * Is, H,
                                scratch->h + (size_t)(r * 2 * Is),
                                "shared expert x . w13^T (bf16, fp32 accumulation)"));
-    EPMOE_TRY(epmoe_cuda_swiglu(scratch->h, Ts, Is, limit, variant, NULL, NULL, 0, NULL,
+    EPMOE_TRY(epmoe_cuda_swiglu(scratch->h, Ts, Is, act, NULL, NULL, NULL, 0, Is, NULL,
                                 scratch->a_bf16, stream));
     for (int64_t r = 0; r < Ts; r += S)
         EPMOE_TRY(gemm_bf16_nt(cublas, scratch->a_bf16 + (size_t)(r * Is), w2_bf16, S, H, Is,

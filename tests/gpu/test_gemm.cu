@@ -196,13 +196,23 @@ static void run_case(const gemm_case &c, uint64_t seed) {
      * launched only after its pre-pass (serial_launch), where passes 0-1 let the kernels that
      * read the workspace start beside it: a read before the wait sees the poison; pass 3: slab
      * weights, every row written to its mirror row cap-1-r (out_row, the engine's direct write
-     * into the return buffer): the same bits, one row moved, padding still poisoned */
+     * into the return buffer) and, with fp32 output, an expert bias added (out_bias, gpt-oss):
+     * the same bits plus one rounded add of the row's expert's bias, padding still poisoned */
     std::vector<int32_t> mirror(cap);
     for (int64_t r = 0; r < cap; r++) mirror[r] = (int32_t)(cap - 1 - r);
+    std::vector<float> bias(E * N);
+    for (auto &b : bias) b = epmoe_rng_normal(&rng);
+    std::vector<int64_t> expert_of_row(cap, -1);
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t r = offs[e]; r < offs[e] + c.counts[e]; r++) expert_of_row[r] = e;
     int32_t *d_mirror;
+    float *d_bias;
     GT_CUDA(cudaMalloc(&d_mirror, cap * 4));
     GT_CUDA(cudaMemcpy(d_mirror, mirror.data(), cap * 4, cudaMemcpyHostToDevice));
+    GT_CUDA(cudaMalloc(&d_bias, E * N * 4));
+    GT_CUDA(cudaMemcpy(d_bias, bias.data(), E * N * 4, cudaMemcpyHostToDevice));
     const size_t row_bytes = out_bytes / (size_t)cap;
+    const bool with_bias = !c.out_bf16;
     for (int run = 0; run < 4 * EPMOE_GEMM_SM90_KERNEL_COUNT; run++) {
         const int k = run % EPMOE_GEMM_SM90_KERNEL_COUNT, pass = run / EPMOE_GEMM_SM90_KERNEL_COUNT;
         const int slabs = pass >= 1;
@@ -211,6 +221,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         forced.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
         forced.serial_launch = pass == 2;
         forced.out_row = pass == 3 ? d_mirror : NULL;
+        forced.out_bias = pass == 3 && with_bias ? d_bias : NULL;
         if (slabs) {
             forced.w_slabs = 1;
             forced.w_codes = d_wc_slab;
@@ -234,7 +245,15 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         size_t differ = 0;
         for (size_t i = 0; i < out_bytes; i += out_elem) {
             const size_t r = i / row_bytes, j = pass == 3 ? (cap - 1 - r) * row_bytes + i % row_bytes : i;
-            if (memcmp(&first[i], &again[j], out_elem) != 0) differ++;
+            if (pass == 3 && with_bias && expert_of_row[r] >= 0) {
+                float want, got;
+                memcpy(&want, &first[i], 4);
+                memcpy(&got, &again[j], 4);
+                want = want + bias[expert_of_row[r] * N + (int64_t)((i % row_bytes) / 4)];
+                if (memcmp(&want, &got, 4) != 0) differ++;
+            } else if (memcmp(&first[i], &again[j], out_elem) != 0) {
+                differ++;
+            }
         }
         GT_CHECK(differ == 0, "%s: kernel '%s' (%s weights%s) differs from '%s' in %zu of %lld outputs",
                  c.name, epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k),
@@ -245,6 +264,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     cudaFree(d_wc_slab);
     cudaFree(d_wsf_slab);
     cudaFree(d_mirror);
+    cudaFree(d_bias);
 
     /* reference over real rows; poison checks everywhere else */
     std::vector<float> deq_w(K), deq_a(K);

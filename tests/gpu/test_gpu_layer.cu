@@ -1,7 +1,8 @@
 /* GPU suite, part 2: the whole single-GPU layer (worker/cuda/gpu_layer.h) against the float64
  * reference (tests/ref/ref_layer.h) on a synthetic checkpoint (the tiny preset: 256 experts,
  * hash layer 0, outliers that make the clamp fire), and the same layer captured ONCE in a CUDA
- * graph and replayed with new inputs and new routing, and a captured three-layer stack.
+ * graph and replayed with new inputs and new routing, and a captured three-layer stack; then
+ * gpt-oss's layers (gpt-oss-tiny and H = 2880) the same way.
  *
  * Tolerances (relative L2 over the layer output):
  *  - routed experts only (no shared expert), NVFP4 activations: 1e-3. The GEMM products are
@@ -78,24 +79,35 @@ static int setup_checkpoint(void) {
 }
 
 /* Normal inputs with a few outlier tokens (x30) so that the SwiGLU clamp fires. */
-static void make_inputs(uint64_t seed, float *x, int32_t *token_ids, int64_t T) {
+static void make_inputs_for(const epmoe_config *cfg, uint64_t seed, float *x, int32_t *token_ids,
+                            int64_t T) {
     epmoe_rng rng;
     epmoe_rng_seed(&rng, seed);
-    const int64_t H = base_cfg.hidden_size;
+    const int64_t H = cfg->hidden_size;
     epmoe_fill_normal(&rng, x, T * H, 1.0f);
     for (int64_t t = 0; t < T; t += 7)
         for (int64_t c = 0; c < H; c++) x[t * H + c] *= 30.0f;
-    for (int64_t t = 0; t < T; t++) token_ids[t] = (int32_t)epmoe_rng_below(&rng, base_cfg.vocab_size);
+    for (int64_t t = 0; t < T; t++) token_ids[t] = (int32_t)epmoe_rng_below(&rng, cfg->vocab_size);
+}
+
+static void make_inputs(uint64_t seed, float *x, int32_t *token_ids, int64_t T) {
+    make_inputs_for(&base_cfg, seed, x, token_ids, T);
 }
 
 /* Fills the arena's routing-dependent buffers with NaN so a padding row that is read, or a row
- * that is not written, poisons the output. */
+ * that is not written, poisons the output. The GEMM inputs too: 0xff bytes are codes of -6 with
+ * the largest block scale the kernels decode, and 0xffff a bf16 NaN, so K padding ([H, Hp),
+ * [I, Ip)) that a kernel failed to write as zeros moves the output far past the tolerance. */
 static void poison_arena(epmoe_gpu_context *ctx) {
     epmoe_gpu_arena *a = &ctx->arena;
     const int64_t H = ctx->cfg.hidden_size, I = ctx->cfg.moe_inter_size, cap = a->cap_rows;
+    const int64_t K_max = ctx->hidden_pad > ctx->inter_pad ? ctx->hidden_pad : ctx->inter_pad;
     cudaMemset(a->h, 0xff, cap * 2 * I * 4);
     cudaMemset(a->y, 0xff, cap * H * 4);
     if (a->a_scale) cudaMemset(a->a_scale, 0xff, cap * 4);
+    if (a->a_codes) cudaMemset(a->a_codes, 0xff, cap * K_max / 2);
+    if (a->a_sf) cudaMemset(a->a_sf, 0xff, cap * K_max / 16);
+    if (a->a_bf16) cudaMemset(a->a_bf16, 0xff, cap * K_max * 2);
     cudaMemset(a->weights, 0xff, a->max_tokens * ctx->cfg.top_k * 4);
 }
 
@@ -129,9 +141,10 @@ static double compare_with_reference(const char *what, const epmoe_config *cfg,
     return err;
 }
 
-/* Rows of h (W13 output) whose gate or up pre-activation is beyond the clamp: proof that the
- * test data makes the clamp fire inside the real rows of the padded layout. */
-static int64_t clamp_firings(epmoe_gpu_context *ctx) {
+/* Rows of h (W13 output, plus the expert's biases when w has them) whose gate or up
+ * pre-activation is beyond the clamp: proof that the test data makes the clamp fire inside the
+ * real rows of the padded layout. */
+static int64_t clamp_firings(epmoe_gpu_context *ctx, const epmoe_layer_weights *w) {
     const int64_t n = ctx->n_local, I = ctx->cfg.moe_inter_size;
     const float L = (float)ctx->cfg.swiglu_limit;
     int64_t *cnt = (int64_t *)malloc(n * 8), *off = (int64_t *)malloc((n + 1) * 8);
@@ -142,6 +155,8 @@ static int64_t clamp_firings(epmoe_gpu_context *ctx) {
     for (int64_t e = 0; e < n; e++)
         for (int64_t r = off[e]; r < off[e] + cnt[e]; r++) {
             cudaMemcpy(row, ctx->arena.h + r * 2 * I, 2 * I * 4, cudaMemcpyDeviceToHost);
+            if (w->w13_bias)
+                for (int64_t i = 0; i < 2 * I; i++) row[i] += w->w13_bias[e * 2 * I + i];
             for (int64_t i = 0; i < I; i++) fires += row[i] > L || fabsf(row[I + i]) > L;
         }
     free(cnt), free(off), free(row);
@@ -189,7 +204,7 @@ static void run_and_compare(const char *what, gpu_setup *s, const epmoe_layer_we
     const int64_t H = s->cfg.hidden_size;
     float *x = (float *)malloc(T * H * 4);
     int32_t *tok = (int32_t *)malloc(T * 4);
-    make_inputs(seed, x, tok, T);
+    make_inputs_for(&s->cfg, seed, x, tok, T);
     cudaMemcpy(s->dx, x, T * H * 4, cudaMemcpyHostToDevice);
     cudaMemcpy(s->dtok, tok, T * 4, cudaMemcpyHostToDevice);
     cudaMemset(s->dout, 0xff, T * H * 4);
@@ -199,7 +214,7 @@ static void run_and_compare(const char *what, gpu_setup *s, const epmoe_layer_we
     GT_OK(epmoe_gpu_read_flags(s->ctx, 0, &sat));
     compare_with_reference(what, &s->cfg, &w[layer], s->ctx, x, tok, T, s->dout, tol);
     if (want_clamp) {
-        int64_t fires = clamp_firings(s->ctx);
+        int64_t fires = clamp_firings(s->ctx, &w[layer]);
         GT_CHECK(fires > 0, "%s: the clamp never fired", what);
         printf("   %s: %lld pre-activations beyond the clamp, %llu saturated codes\n", what,
                (long long)fires, sat);
@@ -236,19 +251,22 @@ static void test_layer_routed_only(void) {
 }
 
 /* Skew: a gate bias that sends every token to the same top_k experts (the last ones), so
- * each of those experts holds all T rows, the worst case of the padded layout. */
-static void skew_bias(epmoe_layer_weights *w) {
-    const int64_t E = w->n_experts, k = base_cfg.top_k;
+ * each of those experts holds all T rows, the worst case of the padded layout. The boost's
+ * fp32 rounding (an ulp of 6e-5 at 1000) decides the order of keys closer than that, where the
+ * float64 reference may order them the other way: gpt-oss-tiny gets 400, still past its
+ * outlier tokens' logits (below 100), with half that ulp. */
+static void skew_bias(epmoe_layer_weights *w, int64_t k, float boost) {
+    const int64_t E = w->n_experts;
     float *bias = (float *)malloc(E * 4);
     memcpy(bias, w->gate_bias, E * 4);
-    for (int64_t e = E - k; e < E; e++) bias[e] += 1000.0f;
+    for (int64_t e = E - k; e < E; e++) bias[e] += boost;
     w->gate_bias = bias;
 }
 
 static void test_layer_skew_and_variants(void) {
     epmoe_layer_weights w[N_LAYERS];
     memcpy(w, host_layers, sizeof w);
-    skew_bias(&w[1]);
+    skew_bias(&w[1], base_cfg.top_k, 1000.0f);
     gpu_setup s;
     if (make_setup(&s, &base_cfg, w, 2)) {
         run_and_compare("skew: all tokens on the last top_k experts", &s, w, 1, 256, 301,
@@ -303,7 +321,7 @@ static void test_layer_graph_replay(void) {
         printf("   layer %d captured: %zu graph nodes\n", layer, n_nodes);
 
         epmoe_layer_weights skewed = host_layers[layer];
-        if (layer == 1) skew_bias(&skewed);
+        if (layer == 1) skew_bias(&skewed, base_cfg.top_k, 1000.0f);
         float *x = (float *)malloc(T * H * 4);
         int32_t *tok = (int32_t *)malloc(T * 4);
         for (int replay = 0; replay < 3; replay++) {
@@ -344,7 +362,7 @@ static void stack_graph_replay(const char *name, const epmoe_config *cfg,
                                const epmoe_layer_weights *w, double tol) {
     gpu_setup s;
     if (!make_setup(&s, cfg, w, N_LAYERS)) return;
-    const int64_t T = 200, H = base_cfg.hidden_size;
+    const int64_t T = 200, H = cfg->hidden_size;
     cudaStream_t stream;
     GT_CUDA(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
     cudaGraph_t graph;
@@ -362,7 +380,7 @@ static void stack_graph_replay(const char *name, const epmoe_config *cfg,
     float *x = (float *)malloc((N_LAYERS + 1) * T * H * 4);
     int32_t *tok = (int32_t *)malloc(T * 4);
     for (int replay = 0; replay < 2; replay++) {
-        make_inputs(2000 + replay, x, tok, T);
+        make_inputs_for(cfg, 2000 + replay, x, tok, T);
         cudaMemcpy(s.dx, x, T * H * 4, cudaMemcpyHostToDevice);
         cudaMemcpy(s.dtok, tok, T * 4, cudaMemcpyHostToDevice);
         cudaMemset(s.dx + T * H, 0xff, N_LAYERS * T * H * 4);
@@ -376,7 +394,7 @@ static void stack_graph_replay(const char *name, const epmoe_config *cfg,
             snprintf(what, sizeof what, "%s: replay %d layer %d", name, replay, l);
             /* compare_with_reference reads routing ids from the arena: only the last layer's
              * are there, so earlier layers are checked on values (ids via the error bound). */
-            const int64_t k = base_cfg.top_k;
+            const int64_t k = cfg->top_k;
             double *ref = (double *)malloc(T * H * 8), *rw = (double *)malloc(T * k * 8);
             int32_t *rid = (int32_t *)malloc(T * k * 4);
             GT_OK(epmoe_ref_layer_forward(cfg, &w[l], x + l * T * H, tok, T, ref, rid, rw));
@@ -409,6 +427,128 @@ static void test_stack_graph_replay(void) {
     stack_graph_replay("stack routed only", &cfg, w, TOL_ROUTED);
 }
 
+/* ---- gpt-oss ------------------------------------------------------------------------------
+ * The same comparisons on gpt-oss's layers (docs/checkpoints.md, "gpt-oss"): topk_softmax
+ * routing with the router bias in the weights, expert biases on both projections, the gptoss
+ * SwiGLU (clamp 7 firing on the x30 tokens), no shared expert, from a checkpoint in the
+ * released layout (gate and up interleaved row by row, de-interleaved at load: a swapped or
+ * misread row would cost far more than the tolerance). Hidden sizes 160 (gpt-oss-tiny) and 2880
+ * (the real one) are not multiples of the GEMMs' 128-wide k step: the GPU pads K to 256 / 3072
+ * with zero codes, which must change nothing, so the routed-experts tolerance applies. */
+
+typedef struct {
+    char dir[256];
+    epmoe_config cfg;
+    epmoe_layer_weights layers[N_LAYERS];
+    int n_layers;
+} gptoss_model;
+
+static int apply_overrides(epmoe_config *cfg, const char *overrides) {
+    char buf[512];
+    snprintf(buf, sizeof buf, "%s", overrides);
+    for (char *kv = strtok(buf, ";"); kv; kv = strtok(NULL, ";")) {
+        char *eq = strchr(kv, '=');
+        if (!eq) return 0;
+        *eq = '\0';
+        if (epmoe_config_set(cfg, kv, eq + 1) != EPMOE_OK) return 0;
+    }
+    return 1;
+}
+
+/* A synthetic checkpoint of `preset` with `overrides` (model settings, "name=value;..."), read
+ * back as the programs read it (config.json or the epmoe metadata), every expert of its layers. */
+static int gptoss_load(gptoss_model *m, const char *preset, const char *overrides,
+                       int64_t max_tokens) {
+    memset(m, 0, sizeof *m);
+    epmoe_config gen;
+    const int settings_ok =
+        epmoe_config_preset(&gen, preset) == EPMOE_OK && apply_overrides(&gen, overrides);
+    GT_CHECK(settings_ok, "%s %s: %s", preset, overrides, epmoe_last_error());
+    snprintf(m->dir, sizeof m->dir, "/tmp/epmoe-gpu-gptoss-XXXXXX");
+    if (!settings_ok || !mkdtemp(m->dir)) return 0;
+    epmoe_gen_options opt;
+    memset(&opt, 0, sizeof opt);
+    epmoe_status st = epmoe_ckpt_generate(&gen, &opt, m->dir, NULL);
+    GT_CHECK(st == EPMOE_OK, "generate %s: %s", preset, epmoe_last_error());
+    epmoe_st_set *ckpt = NULL;
+    if (st != EPMOE_OK || epmoe_st_set_open(m->dir, &ckpt) != EPMOE_OK) return 0;
+    m->cfg = gen; /* the runtime settings (defaults); the model's come from the checkpoint */
+    st = epmoe_config_from_checkpoint(ckpt, &m->cfg);
+    if (st == EPMOE_OK) {
+        char tokens[32];
+        snprintf(tokens, sizeof tokens, "%lld", (long long)max_tokens);
+        st = epmoe_config_set(&m->cfg, "max_tokens_per_rank", tokens);
+    }
+    m->n_layers = (int)(m->cfg.n_layers < N_LAYERS ? m->cfg.n_layers : N_LAYERS);
+    epmoe_expert_slice all = {0, m->cfg.n_routed_experts};
+    for (int l = 0; l < m->n_layers && st == EPMOE_OK; l++)
+        st = epmoe_layer_weights_load(ckpt, &m->cfg, l, &all, &m->layers[l]);
+    epmoe_st_set_close(ckpt);
+    GT_CHECK(st == EPMOE_OK, "load %s: %s", preset, epmoe_last_error());
+    GT_CHECK(m->cfg.scoring == EPMOE_SCORING_TOPK_SOFTMAX && m->cfg.expert_bias == 1 &&
+                 m->cfg.n_shared_experts == 0 && m->cfg.swiglu_variant == EPMOE_SWIGLU_GPTOSS,
+             "%s: not read back as gpt-oss", preset);
+    return st == EPMOE_OK;
+}
+
+static void gptoss_free(gptoss_model *m) {
+    for (int l = 0; l < N_LAYERS; l++) epmoe_layer_weights_free(&m->layers[l]);
+    char cmd[300];
+    snprintf(cmd, sizeof cmd, "rm -rf '%s'", m->dir);
+    if (m->dir[0] && system(cmd) != 0) fprintf(stderr, "could not remove %s\n", m->dir);
+}
+
+static void test_gptoss_tiny(void) {
+    gptoss_model m;
+    if (!gptoss_load(&m, "gpt-oss-tiny", "checkpoint_layout=gpt-oss", MAX_TOKENS)) {
+        gptoss_free(&m);
+        return;
+    }
+    gpu_setup s;
+    if (make_setup(&s, &m.cfg, m.layers, m.n_layers)) {
+        run_and_compare("gpt-oss-tiny layer 0 T=256", &s, m.layers, 0, 256, 401, TOL_ROUTED, 1);
+        run_and_compare("gpt-oss-tiny layer 1 T=1", &s, m.layers, 1, 1, 402, TOL_ROUTED, 0);
+        run_and_compare("gpt-oss-tiny layer 2 T=77", &s, m.layers, 2, 77, 403, TOL_ROUTED, 0);
+        free_setup(&s);
+    }
+    epmoe_layer_weights w[N_LAYERS];
+    memcpy(w, m.layers, sizeof w);
+    skew_bias(&w[1], m.cfg.top_k, 400.0f); /* it enters the weights too: the reference knows */
+    if (make_setup(&s, &m.cfg, w, 2)) {
+        run_and_compare("gpt-oss-tiny skew: all tokens on the last top_k experts", &s, w, 1, 256,
+                        404, TOL_ROUTED, 1);
+        free_setup(&s);
+    }
+    free((void *)w[1].gate_bias);
+    epmoe_config cfg = m.cfg;
+    cfg.act_quant = EPMOE_ACT_HIGH; /* bf16 rows padded from 160 to 256 columns */
+    if (make_setup(&s, &cfg, m.layers, 2)) {
+        run_and_compare("gpt-oss-tiny act_quant high (W4A16)", &s, m.layers, 1, 200, 405,
+                        TOL_W4A16, 0);
+        free_setup(&s);
+    }
+    stack_graph_replay("gpt-oss-tiny stack (captured)", &m.cfg, m.layers, TOL_ROUTED);
+    gptoss_free(&m);
+}
+
+/* H = I = 2880 as in both gpt-oss models (K padded to 3072 in both GEMMs, N = 5760 and 2880),
+ * 8 experts, top-4: a decode batch (the streaming kernel) and a prefill one (wgmma). */
+static void test_gptoss_wide(void) {
+    gptoss_model m;
+    if (!gptoss_load(&m, "gpt-oss-20b",
+                     "checkpoint_layout=gpt-oss;n_layers=1;n_routed_experts=8;vocab_size=64", 128)) {
+        gptoss_free(&m);
+        return;
+    }
+    gpu_setup s;
+    if (make_setup(&s, &m.cfg, m.layers, 1)) {
+        run_and_compare("gpt-oss H=2880 T=8", &s, m.layers, 0, 8, 501, TOL_ROUTED, 0);
+        run_and_compare("gpt-oss H=2880 T=128", &s, m.layers, 0, 128, 502, TOL_ROUTED, 1);
+        free_setup(&s);
+    }
+    gptoss_free(&m);
+}
+
 /* The arena is sized for the worst case and refuses more tokens than it was made for. */
 static void test_arena_bounds(void) {
     gpu_setup s;
@@ -437,6 +577,8 @@ int main(void) {
         GT_RUN(test_stack_graph_replay);
         GT_RUN(test_arena_bounds);
     }
+    GT_RUN(test_gptoss_tiny);
+    GT_RUN(test_gptoss_wide);
     for (int l = 0; l < N_LAYERS; l++) epmoe_layer_weights_free(&host_layers[l]);
     char cmd[300];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", ckpt_dir);

@@ -1,7 +1,9 @@
 /* GPU suite, part 1: every op of kernels/cuda/ops_cuda.h against its CPU definition on the
  * same inputs. Bit-identical where the contract says so (gate logits, routing ids, NVFP4 codes,
  * block scales and global scales, layout, combine); to a stated tolerance where libm and the
- * CUDA math library may differ by ulps (routing weights, SwiGLU). Outputs are poisoned (0xFF
+ * CUDA math library may differ by ulps (routing weights, SwiGLU). gpt-oss's pieces: the
+ * topk_softmax routing, the gptoss SwiGLU with expert biases, the down-projection bias in the
+ * combine, and the K padding of rows of 2880 (or 160) to the GEMMs' 128-wide k step. Outputs are poisoned (0xFF
  * bytes, a NaN pattern) before every launch so an element not written fails. */
 #include <math.h>
 #include <stdint.h>
@@ -253,6 +255,55 @@ static void test_routing_matches_cpu(void) {
     free(logits), free(bias), free(tied), free(tab), free(tok);
 }
 
+/* gpt-oss's topk_softmax: ids = top 4 of logit + bias, weights = softmax over those 4 biased
+ * logits (the bias in the weights too). 120b's 128 experts and 20b's 32, a bias large enough to
+ * reorder the logits, ties (four logit levels and no bias: the lower id wins), and keys far
+ * below 0 (a softmax needs no scores, so nothing may underflow). */
+static void test_routing_topk_softmax(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 23);
+    const int64_t T = 1000;
+    std::vector<float> logits(T * 128), bias(128), tied(T * 128);
+    epmoe_fill_normal(&rng, logits.data(), logits.size(), 2.0f);
+    epmoe_fill_normal(&rng, bias.data(), bias.size(), 1.0f);
+    epmoe_route_params oss120 = {128, 4, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f};
+    epmoe_route_params oss20 = {32, 4, EPMOE_SCORING_TOPK_SOFTMAX, 1, 1, 1.0f};
+    compare_routing("topk_softmax E=128 k=4 +bias", &oss120, logits.data(), bias.data(), T, NULL,
+                    0, NULL);
+    compare_routing("topk_softmax E=32 k=4 +bias", &oss20, logits.data(), bias.data(), T, NULL, 0,
+                    NULL);
+    compare_routing("topk_softmax no bias", &oss120, logits.data(), NULL, T, NULL, 0, NULL);
+    const float levels[4] = {-1.0f, 0.0f, 0.5f, 1.0f};
+    for (auto &v : tied) v = levels[epmoe_rng_below(&rng, 4)];
+    compare_routing("topk_softmax massive ties", &oss120, tied.data(), NULL, T, NULL, 0, NULL);
+    for (auto &v : logits) v -= 150.0f;
+    compare_routing("topk_softmax logits near -150", &oss120, logits.data(), bias.data(), T, NULL,
+                    0, NULL);
+
+    /* the weights of one token by hand: keys 3, 2, 1, 0 (logit + bias) on experts 5, 9, 2, 7 */
+    float l[32] = {0}, b[32] = {0};
+    for (int e = 0; e < 32; e++) l[e] = -10.0f;
+    l[5] = 1.0f, b[5] = 2.0f;   /* key 3: the bias lifts it to first */
+    l[9] = 2.5f, b[9] = -0.5f;  /* key 2 */
+    l[2] = 1.0f;                /* key 1 */
+    l[7] = 0.5f, b[7] = -0.5f;  /* key 0 */
+    float *dl = dev_copy(l, 32), *db = dev_copy(b, 32), *dw = dev_alloc<float>(4), w[4];
+    int32_t *dids = dev_alloc<int32_t>(4), ids[4];
+    uint32_t *dflags = dev_alloc<uint32_t>(1);
+    cudaMemset(dflags, 0, 4);
+    GT_OK(epmoe_cuda_route(&oss20, dl, db, 1, dids, dw, dflags, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    to_host(ids, dids, 4);
+    to_host(w, dw, 4);
+    double den = 1.0 + exp(-1.0) + exp(-2.0) + exp(-3.0), worst = 0;
+    for (int j = 0; j < 4; j++) worst = fmax(worst, fabs(w[j] - exp(-(double)j) / den) / (exp(-(double)j) / den));
+    GT_CHECK(ids[0] == 5 && ids[1] == 9 && ids[2] == 2 && ids[3] == 7,
+             "topk_softmax by hand: ids %d %d %d %d, want 5 9 2 7", ids[0], ids[1], ids[2], ids[3]);
+    GT_CHECK(worst < 1e-6, "topk_softmax by hand: weights %g %g %g %g, rel err %.3g", w[0], w[1],
+             w[2], w[3], worst);
+    cudaFree(dl), cudaFree(db), cudaFree(dw), cudaFree(dids), cudaFree(dflags);
+}
+
 /* Every chosen logit far below 0 (issue 24, defect 11): the fp32 scores underflow, the weights
  * are normalized in log space on both backends. Ids (decided by a bias with 0.01 gaps, or by the
  * table) identical to the CPU's, weights within WEIGHT_REL_TOL of the CPU's (which the unit
@@ -357,12 +408,15 @@ static void make_quant_rows(epmoe_rng *rng, float *x, int64_t rows, int64_t K) {
     }
 }
 
+/* Rows of K quantized into rows of K_pad >= K elements (the GEMMs' 128-wide k step): the first
+ * K elements as the CPU quantizes them, the rest code 0 with block scale 0. */
 static void test_nvfp4_quantize_bit_identical(void) {
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 31);
-    const int64_t shapes[][2] = {{64, 256}, {9, 7168}, {3, 16}};
-    for (int s = 0; s < 3; s++) {
-        int64_t rows = shapes[s][0], K = shapes[s][1];
+    const int64_t shapes[][3] = {{64, 256, 256}, {9, 7168, 7168}, {3, 16, 16},
+                                 {11, 2880, 3072}, {7, 160, 256}};
+    for (int s = 0; s < 5; s++) {
+        int64_t rows = shapes[s][0], K = shapes[s][1], Kp = shapes[s][2];
         float *x = (float *)malloc(rows * K * 4), *inv_cpu = (float *)malloc(rows * 4),
               *inv_gpu = (float *)malloc(rows * 4);
         uint8_t *codes_cpu = (uint8_t *)malloc(rows * K / 2), *codes_gpu = (uint8_t *)malloc(rows * K / 2);
@@ -376,17 +430,26 @@ static void test_nvfp4_quantize_bit_identical(void) {
             inv_cpu[r] = 1.0f / gs;
         }
         float *dx = dev_copy(x, rows * K), *dinv = dev_alloc<float>(rows);
-        uint8_t *dcodes = dev_alloc<uint8_t>(rows * K / 2), *dsf = dev_alloc<uint8_t>(rows * K / 16);
+        uint8_t *dcodes = dev_alloc<uint8_t>(rows * Kp / 2), *dsf = dev_alloc<uint8_t>(rows * Kp / 16);
         unsigned long long *dsat = dev_alloc<unsigned long long>(1);
         cudaMemset(dsat, 0, 8);
-        GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, K, rows, K, NULL, NULL, NULL, 0, NULL, dcodes, dsf,
-                                             dinv, dsat, 0));
+        GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, K, rows, K, Kp, NULL, NULL, NULL, 0, NULL, dcodes,
+                                             dsf, dinv, dsat, 0));
         GT_CUDA(cudaDeviceSynchronize());
-        to_host(codes_gpu, dcodes, rows * K / 2);
-        to_host(sf_gpu, dsf, rows * K / 16);
+        std::vector<uint8_t> codes_pad(rows * Kp / 2), sf_pad(rows * Kp / 16);
+        to_host(codes_pad.data(), dcodes, codes_pad.size());
+        to_host(sf_pad.data(), dsf, sf_pad.size());
         to_host(inv_gpu, dinv, rows);
         to_host(&sat_gpu, dsat, 1);
-        int64_t code_diff = 0, sf_diff = 0, inv_diff = 0;
+        int64_t code_diff = 0, sf_diff = 0, inv_diff = 0, pad_nonzero = 0;
+        for (int64_t r = 0; r < rows; r++) {
+            memcpy(codes_gpu + r * K / 2, &codes_pad[r * Kp / 2], K / 2);
+            memcpy(sf_gpu + r * K / 16, &sf_pad[r * Kp / 16], K / 16);
+            for (int64_t i = K / 2; i < Kp / 2; i++) pad_nonzero += codes_pad[r * Kp / 2 + i] != 0;
+            for (int64_t i = K / 16; i < Kp / 16; i++) pad_nonzero += sf_pad[r * Kp / 16 + i] != 0;
+        }
+        GT_CHECK(pad_nonzero == 0, "rows=%lld K=%lld K_pad=%lld: %lld padding bytes not zero",
+                 (long long)rows, (long long)K, (long long)Kp, (long long)pad_nonzero);
         for (int64_t i = 0; i < rows * K / 2; i++) code_diff += codes_cpu[i] != codes_gpu[i];
         for (int64_t i = 0; i < rows * K / 16; i++) sf_diff += sf_cpu[i] != sf_gpu[i];
         for (int64_t r = 0; r < rows; r++) inv_diff += f32_bits(inv_cpu[r]) != f32_bits(inv_gpu[r]);
@@ -397,8 +460,8 @@ static void test_nvfp4_quantize_bit_identical(void) {
         GT_CHECK(inv_diff == 0, "rows=%lld K=%lld: %lld 1/global_sf differ", (long long)rows,
                  (long long)K, (long long)inv_diff);
         GT_CHECK(sat_cpu == sat_gpu, "saturations cpu %llu gpu %llu", sat_cpu, sat_gpu);
-        printf("   rows=%lld K=%lld: codes/scales identical, %llu saturated\n", (long long)rows,
-               (long long)K, sat_gpu);
+        printf("   rows=%lld K=%lld K_pad=%lld: codes/scales identical, %llu saturated\n",
+               (long long)rows, (long long)K, (long long)Kp, sat_gpu);
         cudaFree(dx), cudaFree(dinv), cudaFree(dcodes), cudaFree(dsf), cudaFree(dsat);
         free(x), free(inv_cpu), free(inv_gpu), free(codes_cpu), free(codes_gpu), free(sf_cpu),
             free(sf_gpu);
@@ -425,7 +488,7 @@ static void test_nvfp4_quantize_padded_static(void) {
     uint8_t *dcodes = dev_alloc<uint8_t>(cap * K / 2), *dsf = dev_alloc<uint8_t>(cap * K / 16);
     unsigned long long *dsat = dev_alloc<unsigned long long>(1), sat_gpu = 0, sat_cpu = 0;
     cudaMemset(dsat, 0, 8);
-    GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, K, cap, K, dtor, doff, dcnt, n, dis, dcodes, dsf, dinv,
+    GT_OK(epmoe_cuda_nvfp4_quantize_rows(dx, K, cap, K, K, dtor, doff, dcnt, n, dis, dcodes, dsf, dinv,
                                          dsat, 0));
     GT_CUDA(cudaDeviceSynchronize());
     uint8_t *codes = (uint8_t *)malloc(cap * K / 2), *sf = (uint8_t *)malloc(cap * K / 16);
@@ -461,11 +524,13 @@ static void test_nvfp4_quantize_padded_static(void) {
 /* The NVFP4 dispatch wire: dispatch records (kernels/cuda/dispatch.h layout) holding rows that
  * the CPU quantized, gathered into a padded layout, must equal quantizing the fp32 rows there;
  * and quantizing straight from fp32 records (a row stride wider than K) must read the right
- * rows. Padding rows stay poisoned. */
-static void test_nvfp4_gather_records(void) {
+ * rows. The padded layout's rows are K_pad elements (the GEMMs' k step): [K, K_pad) zero codes
+ * and scales. Padding rows stay poisoned. K = 160 puts the record's 1/gs after a 2-byte gap,
+ * and the records are written by epmoe_cuda_dispatch_pack (its 2-byte copy path there). */
+static void gather_records_case(int64_t K, int64_t Kp) {
     epmoe_rng rng;
-    epmoe_rng_seed(&rng, 43);
-    const int64_t n = 3, K = 256, T = 40, pad = 128, k = 6;
+    epmoe_rng_seed(&rng, 43 + (uint64_t)K);
+    const int64_t n = 3, T = 40, pad = 128, k = 6;
     const int64_t counts[n] = {7, 0, 131};
     int64_t offsets[n + 1];
     epmoe_padded_offsets_from_counts(counts, n, pad, offsets);
@@ -473,156 +538,208 @@ static void test_nvfp4_gather_records(void) {
     epmoe_dispatch_record q_rec, f_rec;
     GT_OK(epmoe_dispatch_record_layout(EPMOE_WIRE_NVFP4, K, k, &q_rec));
     GT_OK(epmoe_dispatch_record_layout(EPMOE_WIRE_F32, K, k, &f_rec));
-    /* payload 9K/16 + 4 bytes against 4K: 148 vs 1024 at K = 256 */
+    /* payload 9K/16 + 4 bytes (+ 2 when K % 64 == 32) against 4K: 148 vs 1024 at K = 256 */
     GT_CHECK(q_rec.bytes % 16 == 0 && f_rec.bytes % 16 == 0 &&
-                 q_rec.payload_bytes == K / 2 + K / 16 + 4 && f_rec.payload_bytes == 4 * K &&
+                 q_rec.payload_bytes == (K / 2 + K / 16 + 3) / 4 * 4 + 4 &&
+                 f_rec.payload_bytes == 4 * K && q_rec.inv_gs_offset % 4 == 0 &&
+                 q_rec.inv_gs_offset >= q_rec.sf_offset + K / 16 &&
                  q_rec.meta_offset >= q_rec.inv_gs_offset + 4 &&
                  q_rec.bytes >= q_rec.meta_offset + 4 * k,
-             "record layout: nvfp4 %lld bytes (payload %lld, meta at %lld), fp32 %lld bytes",
-             (long long)q_rec.bytes, (long long)q_rec.payload_bytes, (long long)q_rec.meta_offset,
-             (long long)f_rec.bytes);
+             "record layout K=%lld: nvfp4 %lld bytes (payload %lld, meta at %lld), fp32 %lld bytes",
+             (long long)K, (long long)q_rec.bytes, (long long)q_rec.payload_bytes,
+             (long long)q_rec.meta_offset, (long long)f_rec.bytes);
     std::vector<float> x(T * K);
     epmoe_fill_normal(&rng, x.data(), T * K, 1.0f);
-    std::vector<uint8_t> q_records(T * q_rec.bytes, 0xa5), f_records(T * f_rec.bytes, 0xa5);
+    std::vector<uint8_t> f_records(T * f_rec.bytes, 0xa5);
     std::vector<uint8_t> c_ref(T * K / 2), s_ref(T * K / 16);
     std::vector<float> inv_ref(T);
     for (int64_t t = 0; t < T; t++) {
         const float gs = epmoe_nvfp4_global_sf(epmoe_amax(&x[t * K], K));
         epmoe_nvfp4_quantize_row(&x[t * K], K, gs, &c_ref[t * K / 2], &s_ref[t * K / 16]);
         inv_ref[t] = 1.0f / gs;
-        uint8_t *q = &q_records[t * q_rec.bytes];
-        memcpy(q + q_rec.codes_offset, &c_ref[t * K / 2], K / 2);
-        memcpy(q + q_rec.sf_offset, &s_ref[t * K / 16], K / 16);
-        memcpy(q + q_rec.inv_gs_offset, &inv_ref[t], 4);
         memcpy(&f_records[t * f_rec.bytes], &x[t * K], K * 4);
     }
+    /* the NVFP4 records as the sender packs them: one record per token, all on "rank 0" */
+    std::vector<int32_t> ids(T * k, 0), owner(T * k, 0), row_rank(T), pair_rank(T, 0);
+    for (int64_t t = 0; t < T; t++) row_rank[t] = (int32_t)t;
+    const int64_t zero = 0;
+    uint8_t *dcq = dev_copy(c_ref.data(), c_ref.size()), *dsq = dev_copy(s_ref.data(), s_ref.size());
+    float *diq = dev_copy(inv_ref.data(), T);
+    int32_t *dids = dev_copy(ids.data(), ids.size()), *down = dev_copy(owner.data(), owner.size());
+    int32_t *drr = dev_copy(row_rank.data(), T), *dpr = dev_copy(pair_rank.data(), T);
+    int32_t *dret = dev_alloc<int32_t>(T * k);
+    int64_t *dzero = dev_copy(&zero, 1);
+    uint8_t *dq = dev_alloc<uint8_t>(T * q_rec.bytes);
+    GT_OK(epmoe_cuda_dispatch_pack(&q_rec, NULL, dcq, dsq, diq, dids, T, 1, down, drr, dpr, dzero,
+                                   dzero, dq, dret, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    std::vector<uint8_t> q_records(T * q_rec.bytes);
+    to_host(q_records.data(), dq, q_records.size());
+    int64_t bad_record = 0;
+    for (int64_t t = 0; t < T; t++) {
+        const uint8_t *q = &q_records[t * q_rec.bytes];
+        bad_record += memcmp(q + q_rec.codes_offset, &c_ref[t * K / 2], K / 2) != 0;
+        bad_record += memcmp(q + q_rec.sf_offset, &s_ref[t * K / 16], K / 16) != 0;
+        bad_record += memcmp(q + q_rec.inv_gs_offset, &inv_ref[t], 4) != 0;
+    }
+    GT_CHECK(bad_record == 0, "K=%lld: %lld fields of packed NVFP4 records wrong", (long long)K,
+             (long long)bad_record);
+
     std::vector<int32_t> token_of_row(cap);
     for (int64_t r = 0; r < cap; r++) token_of_row[r] = (int32_t)epmoe_rng_below(&rng, T);
     int64_t *doff = dev_copy(offsets, n + 1), *dcnt = dev_copy(counts, n);
     int32_t *dtor = dev_copy(token_of_row.data(), cap);
-    uint8_t *dq = dev_copy(q_records.data(), q_records.size());
     uint8_t *df = dev_copy(f_records.data(), f_records.size());
     for (int from_fp32 = 0; from_fp32 < 2; from_fp32++) {
-        uint8_t *dcodes = dev_alloc<uint8_t>(cap * K / 2), *dsf = dev_alloc<uint8_t>(cap * K / 16);
+        uint8_t *dcodes = dev_alloc<uint8_t>(cap * Kp / 2), *dsf = dev_alloc<uint8_t>(cap * Kp / 16);
         float *dinv = dev_alloc<float>(cap);
-        cudaMemset(dcodes, 0xff, cap * K / 2), cudaMemset(dsf, 0xff, cap * K / 16);
+        cudaMemset(dcodes, 0xff, cap * Kp / 2), cudaMemset(dsf, 0xff, cap * Kp / 16);
         cudaMemset(dinv, 0xff, cap * 4);
         if (from_fp32)
-            GT_OK(epmoe_cuda_nvfp4_quantize_rows((const float *)df, f_rec.bytes / 4, cap, K,
+            GT_OK(epmoe_cuda_nvfp4_quantize_rows((const float *)df, f_rec.bytes / 4, cap, K, Kp,
                                                  dtor, doff, dcnt, n, NULL, dcodes, dsf, dinv,
                                                  NULL, 0));
         else
             GT_OK(epmoe_cuda_nvfp4_gather_rows(dq, q_rec.bytes, q_rec.codes_offset,
-                                               q_rec.sf_offset, q_rec.inv_gs_offset, K, dtor,
+                                               q_rec.sf_offset, q_rec.inv_gs_offset, K, Kp, dtor,
                                                doff, dcnt, n, cap, dcodes, dsf, dinv, 0));
         GT_CUDA(cudaDeviceSynchronize());
-        std::vector<uint8_t> codes(cap * K / 2), sf(cap * K / 16);
+        std::vector<uint8_t> codes(cap * Kp / 2), sf(cap * Kp / 16);
         std::vector<float> inv(cap);
         to_host(codes.data(), dcodes, codes.size());
         to_host(sf.data(), dsf, sf.size());
         to_host(inv.data(), dinv, cap);
-        int64_t wrong = 0, written_padding = 0, real_rows = 0;
+        int64_t wrong = 0, written_padding = 0, real_rows = 0, pad_nonzero = 0;
         for (int64_t e = 0; e < n; e++)
             for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
                 const int64_t t = token_of_row[r];
                 if (r - offsets[e] < counts[e]) {
                     real_rows++;
-                    wrong += memcmp(&c_ref[t * K / 2], &codes[r * K / 2], K / 2) != 0;
-                    wrong += memcmp(&s_ref[t * K / 16], &sf[r * K / 16], K / 16) != 0;
+                    wrong += memcmp(&c_ref[t * K / 2], &codes[r * Kp / 2], K / 2) != 0;
+                    wrong += memcmp(&s_ref[t * K / 16], &sf[r * Kp / 16], K / 16) != 0;
                     wrong += f32_bits(inv[r]) != f32_bits(inv_ref[t]);
+                    for (int64_t i = K / 2; i < Kp / 2; i++) pad_nonzero += codes[r * Kp / 2 + i] != 0;
+                    for (int64_t i = K / 16; i < Kp / 16; i++) pad_nonzero += sf[r * Kp / 16 + i] != 0;
                 } else {
-                    for (int64_t i = 0; i < K / 2; i++) written_padding += codes[r * K / 2 + i] != 0xff;
+                    for (int64_t i = 0; i < Kp / 2; i++) written_padding += codes[r * Kp / 2 + i] != 0xff;
                     written_padding += f32_bits(inv[r]) != 0xffffffffu;
                 }
             }
         const char *how = from_fp32 ? "quantized from fp32 records" : "gathered from nvfp4 records";
-        GT_CHECK(wrong == 0, "%s: %lld fields of real rows differ from the CPU quantizer", how,
-                 (long long)wrong);
-        GT_CHECK(written_padding == 0, "%s: %lld padding bytes were written", how,
-                 (long long)written_padding);
-        printf("   %s: %lld real rows identical to the CPU quantizer\n", how, (long long)real_rows);
+        GT_CHECK(wrong == 0, "K=%lld %s: %lld fields of real rows differ from the CPU quantizer",
+                 (long long)K, how, (long long)wrong);
+        GT_CHECK(pad_nonzero == 0, "K=%lld %s: %lld bytes of the K padding not zero", (long long)K,
+                 how, (long long)pad_nonzero);
+        GT_CHECK(written_padding == 0, "K=%lld %s: %lld padding bytes were written", (long long)K,
+                 how, (long long)written_padding);
+        printf("   K=%lld K_pad=%lld %s: %lld real rows identical to the CPU quantizer\n",
+               (long long)K, (long long)Kp, how, (long long)real_rows);
         cudaFree(dcodes), cudaFree(dsf), cudaFree(dinv);
     }
     cudaFree(doff), cudaFree(dcnt), cudaFree(dtor), cudaFree(dq), cudaFree(df);
+    cudaFree(dcq), cudaFree(dsq), cudaFree(diq), cudaFree(dids), cudaFree(down), cudaFree(drr),
+        cudaFree(dpr), cudaFree(dret), cudaFree(dzero);
+}
+
+static void test_nvfp4_gather_records(void) {
+    gather_records_case(256, 256);
+    gather_records_case(2880, 3072); /* gpt-oss: 1/gs right after the scales */
+    gather_records_case(160, 256);   /* gpt-oss-tiny: H % 64 == 32 */
 }
 
 /* The fused SwiGLU + NVFP4 quantization (the W2 input) against the two kernels it replaces,
  * epmoe_cuda_swiglu then epmoe_cuda_nvfp4_quantize_rows (each checked against the CPU above;
  * the GPU's expf may differ from the CPU's by an ulp, so the fused kernel must match the GPU
- * path bit for bit, not the CPU): both variants, the clamp firing (|g|, |u| often past the
+ * path bit for bit, not the CPU): every variant, the clamp firing (|g|, |u| often past the
  * limit), per-row and static scales (static too small, so saturation happens and the counts
- * must agree), padding rows never written. */
-static void test_swiglu_nvfp4_fused(void) {
+ * must agree), gpt-oss's expert biases and its I = 2880 padded to the GEMM's 3072 (and
+ * gpt-oss-tiny's 96 to 128), padding rows never written. */
+static void swiglu_fused_case(int64_t I, int64_t Ip, int variant, int with_bias) {
     epmoe_rng rng;
-    epmoe_rng_seed(&rng, 47);
-    const int64_t n = 3, I = 2048, pad = 128;
+    epmoe_rng_seed(&rng, 47 + (uint64_t)I);
+    const int64_t n = 3, pad = 128;
     const int64_t counts[n] = {9, 0, 133};
     int64_t offsets[n + 1];
     epmoe_padded_offsets_from_counts(counts, n, pad, offsets);
     const int64_t cap = offsets[n];
-    const float limit = 7.0f, input_scale[n] = {0.02f, 0.5f, 0.002f};
-    std::vector<float> h(cap * 2 * I);
+    const float input_scale[n] = {0.02f, 0.5f, 0.002f};
+    const epmoe_cuda_swiglu_act act = {7.0f, variant, 1.702f};
+    std::vector<float> h(cap * 2 * I), bias(n * 2 * I);
     epmoe_fill_normal(&rng, h.data(), h.size(), 6.0f);
+    epmoe_fill_normal(&rng, bias.data(), bias.size(), 0.5f);
     int64_t *doff = dev_copy(offsets, n + 1), *dcnt = dev_copy(counts, n);
     float *dh = dev_copy(h.data(), h.size()), *dis = dev_copy(input_scale, n);
+    float *db = with_bias ? dev_copy(bias.data(), bias.size()) : NULL;
     float *dact = dev_alloc<float>(cap * I);
-    for (int variant = 0; variant < 2; variant++)
-        for (int is_static = 0; is_static < 2; is_static++) {
-            uint8_t *codes_d[2], *sf_d[2];
-            float *inv_d[2];
-            unsigned long long *sat_d[2], sat[2] = {0, 0};
-            for (int path = 0; path < 2; path++) {
-                codes_d[path] = dev_alloc<uint8_t>(cap * I / 2);
-                sf_d[path] = dev_alloc<uint8_t>(cap * I / 16);
-                inv_d[path] = dev_alloc<float>(cap);
-                sat_d[path] = dev_alloc<unsigned long long>(1);
-                cudaMemset(sat_d[path], 0, 8);
-            }
-            GT_OK(epmoe_cuda_swiglu_nvfp4_quantize(dh, cap, I, limit, variant, doff, dcnt, n,
-                                                   is_static ? dis : NULL, codes_d[0], sf_d[0],
-                                                   inv_d[0], sat_d[0], 0));
-            GT_OK(epmoe_cuda_swiglu(dh, cap, I, limit, variant, doff, dcnt, n, dact, NULL, 0));
-            GT_OK(epmoe_cuda_nvfp4_quantize_rows(dact, I, cap, I, NULL, doff, dcnt, n,
-                                                 is_static ? dis : NULL, codes_d[1], sf_d[1],
-                                                 inv_d[1], sat_d[1], 0));
-            GT_CUDA(cudaDeviceSynchronize());
-            std::vector<uint8_t> codes[2], sf[2];
-            std::vector<float> inv[2];
-            for (int path = 0; path < 2; path++) {
-                codes[path].resize(cap * I / 2), sf[path].resize(cap * I / 16), inv[path].resize(cap);
-                to_host(codes[path].data(), codes_d[path], codes[path].size());
-                to_host(sf[path].data(), sf_d[path], sf[path].size());
-                to_host(inv[path].data(), inv_d[path], cap);
-                to_host(&sat[path], sat_d[path], 1);
-            }
-            int64_t wrong = 0, written_padding = 0, real = 0;
-            for (int64_t e = 0; e < n; e++)
-                for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
-                    if (r - offsets[e] < counts[e]) {
-                        real++;
-                        wrong += memcmp(&codes[0][r * I / 2], &codes[1][r * I / 2], I / 2) != 0;
-                        wrong += memcmp(&sf[0][r * I / 16], &sf[1][r * I / 16], I / 16) != 0;
-                        wrong += f32_bits(inv[0][r]) != f32_bits(inv[1][r]);
-                        wrong += f32_bits(inv[0][r]) == 0xffffffffu; /* written at all */
-                    } else {
-                        for (int64_t i = 0; i < I / 2; i++) written_padding += codes[0][r * I / 2 + i] != 0xff;
-                        written_padding += f32_bits(inv[0][r]) != 0xffffffffu;
-                    }
-                }
-            const char *how = is_static ? "static" : "per-row";
-            GT_CHECK(wrong == 0, "variant %d, %s scales: %lld fields of %lld real rows differ from "
-                     "swiglu + quantize", variant, how, (long long)wrong, (long long)real);
-            GT_CHECK(written_padding == 0, "variant %d: %lld padding bytes written", variant,
-                     (long long)written_padding);
-            GT_CHECK(sat[0] == sat[1] && (!is_static || sat[0] > 0),
-                     "variant %d, %s scales: saturations fused %llu, two kernels %llu%s", variant,
-                     how, sat[0], sat[1], is_static ? " (want > 0)" : "");
-            printf("   variant %d, %s scales: %lld fused rows identical to swiglu + quantize, %llu "
-                   "saturated\n", variant, how, (long long)real, sat[0]);
-            for (int path = 0; path < 2; path++)
-                cudaFree(codes_d[path]), cudaFree(sf_d[path]), cudaFree(inv_d[path]), cudaFree(sat_d[path]);
+    for (int is_static = 0; is_static < 2; is_static++) {
+        uint8_t *codes_d[2], *sf_d[2];
+        float *inv_d[2];
+        unsigned long long *sat_d[2], sat[2] = {0, 0};
+        for (int path = 0; path < 2; path++) {
+            codes_d[path] = dev_alloc<uint8_t>(cap * Ip / 2);
+            sf_d[path] = dev_alloc<uint8_t>(cap * Ip / 16);
+            inv_d[path] = dev_alloc<float>(cap);
+            sat_d[path] = dev_alloc<unsigned long long>(1);
+            cudaMemset(sat_d[path], 0, 8);
         }
-    cudaFree(doff), cudaFree(dcnt), cudaFree(dh), cudaFree(dis), cudaFree(dact);
+        GT_OK(epmoe_cuda_swiglu_nvfp4_quantize(dh, cap, I, Ip, &act, db, doff, dcnt, n,
+                                               is_static ? dis : NULL, codes_d[0], sf_d[0],
+                                               inv_d[0], sat_d[0], 0));
+        GT_OK(epmoe_cuda_swiglu(dh, cap, I, &act, db, doff, dcnt, n, I, dact, NULL, 0));
+        GT_OK(epmoe_cuda_nvfp4_quantize_rows(dact, I, cap, I, Ip, NULL, doff, dcnt, n,
+                                             is_static ? dis : NULL, codes_d[1], sf_d[1],
+                                             inv_d[1], sat_d[1], 0));
+        GT_CUDA(cudaDeviceSynchronize());
+        std::vector<uint8_t> codes[2], sf[2];
+        std::vector<float> inv[2];
+        for (int path = 0; path < 2; path++) {
+            codes[path].resize(cap * Ip / 2), sf[path].resize(cap * Ip / 16), inv[path].resize(cap);
+            to_host(codes[path].data(), codes_d[path], codes[path].size());
+            to_host(sf[path].data(), sf_d[path], sf[path].size());
+            to_host(inv[path].data(), inv_d[path], cap);
+            to_host(&sat[path], sat_d[path], 1);
+        }
+        int64_t wrong = 0, written_padding = 0, real = 0, pad_nonzero = 0;
+        for (int64_t e = 0; e < n; e++)
+            for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
+                if (r - offsets[e] < counts[e]) {
+                    real++;
+                    wrong += memcmp(&codes[0][r * Ip / 2], &codes[1][r * Ip / 2], Ip / 2) != 0;
+                    wrong += memcmp(&sf[0][r * Ip / 16], &sf[1][r * Ip / 16], Ip / 16) != 0;
+                    wrong += f32_bits(inv[0][r]) != f32_bits(inv[1][r]);
+                    wrong += f32_bits(inv[0][r]) == 0xffffffffu; /* written at all */
+                    for (int64_t i = I / 2; i < Ip / 2; i++) pad_nonzero += codes[0][r * Ip / 2 + i] != 0;
+                    for (int64_t i = I / 16; i < Ip / 16; i++) pad_nonzero += sf[0][r * Ip / 16 + i] != 0;
+                } else {
+                    for (int64_t i = 0; i < Ip / 2; i++) written_padding += codes[0][r * Ip / 2 + i] != 0xff;
+                    written_padding += f32_bits(inv[0][r]) != 0xffffffffu;
+                }
+            }
+        const char *how = is_static ? "static" : "per-row";
+        GT_CHECK(wrong == 0, "I=%lld variant %d%s, %s scales: %lld fields of %lld real rows differ "
+                 "from swiglu + quantize", (long long)I, variant, with_bias ? " +bias" : "", how,
+                 (long long)wrong, (long long)real);
+        GT_CHECK(pad_nonzero == 0, "I=%lld I_pad=%lld: %lld bytes of the K padding not zero",
+                 (long long)I, (long long)Ip, (long long)pad_nonzero);
+        GT_CHECK(written_padding == 0, "I=%lld variant %d: %lld padding bytes written",
+                 (long long)I, variant, (long long)written_padding);
+        GT_CHECK(sat[0] == sat[1] && (!is_static || sat[0] > 0),
+                 "I=%lld variant %d, %s scales: saturations fused %llu, two kernels %llu%s",
+                 (long long)I, variant, how, sat[0], sat[1], is_static ? " (want > 0)" : "");
+        printf("   I=%lld I_pad=%lld variant %d%s, %s scales: %lld fused rows identical to swiglu + "
+               "quantize, %llu saturated\n", (long long)I, (long long)Ip, variant,
+               with_bias ? " +bias" : "", how, (long long)real, sat[0]);
+        for (int path = 0; path < 2; path++)
+            cudaFree(codes_d[path]), cudaFree(sf_d[path]), cudaFree(inv_d[path]), cudaFree(sat_d[path]);
+    }
+    cudaFree(doff), cudaFree(dcnt), cudaFree(dh), cudaFree(dis), cudaFree(dact), cudaFree(db);
+}
+
+static void test_swiglu_nvfp4_fused(void) {
+    swiglu_fused_case(2048, 2048, EPMOE_SWIGLU_DSV4, 0);
+    swiglu_fused_case(2048, 2048, EPMOE_SWIGLU_STEP, 0);
+    swiglu_fused_case(2880, 3072, EPMOE_SWIGLU_GPTOSS, 1);
+    swiglu_fused_case(96, 128, EPMOE_SWIGLU_GPTOSS, 1);
 }
 
 /* ---- padded layout --------------------------------------------------------------------- */
@@ -707,12 +824,14 @@ static void test_swiglu_matches_cpu(void) {
         const char *name;
     } cases[] = {{10.0f, EPMOE_SWIGLU_DSV4, "dsv4 L=10"},
                  {10.0f, EPMOE_SWIGLU_STEP, "step L=10"},
-                 {0.0f, EPMOE_SWIGLU_DSV4, "no clamp"}};
-    for (int c = 0; c < 3; c++) {
+                 {0.0f, EPMOE_SWIGLU_DSV4, "no clamp"},
+                 {7.0f, EPMOE_SWIGLU_GPTOSS, "gptoss L=7"},
+                 {0.0f, EPMOE_SWIGLU_GPTOSS, "gptoss no clamp"}};
+    for (int c = 0; c < 5; c++) {
         cudaMemset(dout, 0xff, rows * I * 4);
         epmoe_cpu_swiglu(h, rows, I, cases[c].limit, cases[c].variant, 1.702f, cpu);
-        GT_OK(epmoe_cuda_swiglu(dh, rows, I, cases[c].limit, cases[c].variant, NULL, NULL, 0,
-                                dout, NULL, 0));
+        const epmoe_cuda_swiglu_act act = {cases[c].limit, cases[c].variant, 1.702f};
+        GT_OK(epmoe_cuda_swiglu(dh, rows, I, &act, NULL, NULL, NULL, 0, I, dout, NULL, 0));
         GT_CUDA(cudaDeviceSynchronize());
         to_host(gpu, dout, rows * I);
         double worst = 0;
@@ -728,8 +847,67 @@ static void test_swiglu_matches_cpu(void) {
     free(h), free(cpu), free(gpu);
 }
 
+/* gpt-oss's expert biases on the padded layout: row r of expert e computes swiglu(h[r] + b13[e])
+ * as the CPU (h += b13, then epmoe_cpu_swiglu), into bf16 rows of I_pad columns whose
+ * [I, I_pad) are zeros (the W4A16 W2 input), padding rows untouched. */
+static void test_swiglu_bias_padded_matches_cpu(void) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 63);
+    const int64_t n = 3, I = 96, Ip = 128, pad = 128;
+    const int64_t counts[n] = {5, 0, 70};
+    int64_t offsets[n + 1];
+    epmoe_padded_offsets_from_counts(counts, n, pad, offsets);
+    const int64_t cap = offsets[n];
+    std::vector<float> h(cap * 2 * I), bias(n * 2 * I), hb(2 * I), cpu(I);
+    epmoe_fill_normal(&rng, h.data(), h.size(), 6.0f);
+    epmoe_fill_normal(&rng, bias.data(), bias.size(), 2.0f);
+    const epmoe_cuda_swiglu_act act = {7.0f, EPMOE_SWIGLU_GPTOSS, 1.702f};
+    int64_t *doff = dev_copy(offsets, n + 1), *dcnt = dev_copy(counts, n);
+    float *dh = dev_copy(h.data(), h.size()), *db = dev_copy(bias.data(), bias.size());
+    float *df = dev_alloc<float>(cap * Ip);
+    uint16_t *dbf = dev_alloc<uint16_t>(cap * Ip);
+    GT_OK(epmoe_cuda_swiglu(dh, cap, I, &act, db, doff, dcnt, n, Ip, df, dbf, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    std::vector<float> gf(cap * Ip);
+    std::vector<uint16_t> gb(cap * Ip);
+    to_host(gf.data(), df, gf.size());
+    to_host(gb.data(), dbf, gb.size());
+    double worst = 0;
+    int64_t bad_bf16 = 0, pad_nonzero = 0, written_padding = 0, fires = 0;
+    for (int64_t e = 0; e < n; e++)
+        for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
+            if (r - offsets[e] >= counts[e]) {
+                for (int64_t i = 0; i < Ip; i++) written_padding += gb[r * Ip + i] != 0xffff;
+                continue;
+            }
+            for (int64_t i = 0; i < 2 * I; i++) hb[i] = h[r * 2 * I + i] + bias[e * 2 * I + i];
+            for (int64_t i = 0; i < I; i++) fires += hb[i] > 7.0f || fabsf(hb[I + i]) > 7.0f;
+            epmoe_cpu_swiglu(hb.data(), 1, I, 7.0f, EPMOE_SWIGLU_GPTOSS, 1.702f, cpu.data());
+            for (int64_t i = 0; i < I; i++) {
+                const float g = gf[r * Ip + i];
+                double d = fabs((double)g - cpu[i]) / (fabs((double)cpu[i]) + 1e-30);
+                if (!(d <= worst)) worst = d;
+                bad_bf16 += gb[r * Ip + i] != epmoe_float_to_bf16(g);
+            }
+            for (int64_t i = I; i < Ip; i++) pad_nonzero += gf[r * Ip + i] != 0.0f || gb[r * Ip + i] != 0;
+        }
+    GT_CHECK(fires > 0, "gptoss +bias: the clamp never fired");
+    GT_CHECK(worst <= SWIGLU_REL_TOL, "gptoss +bias: max rel err %.3g (tolerance %g)", worst,
+             SWIGLU_REL_TOL);
+    GT_CHECK(bad_bf16 == 0, "gptoss +bias: %lld bf16 outputs are not the fp32 ones rounded",
+             (long long)bad_bf16);
+    GT_CHECK(pad_nonzero == 0, "gptoss +bias: %lld K-padding columns not zero",
+             (long long)pad_nonzero);
+    GT_CHECK(written_padding == 0, "gptoss +bias: %lld elements of padding rows written",
+             (long long)written_padding);
+    printf("   swiglu gptoss +bias, I=%lld in rows of %lld: max rel err %.2e, %lld clamped\n",
+           (long long)I, (long long)Ip, worst, (long long)fires);
+    cudaFree(doff), cudaFree(dcnt), cudaFree(dh), cudaFree(db), cudaFree(df), cudaFree(dbf);
+}
+
 /* ---- combine --------------------------------------------------------------------------- */
 
+/* The weighted sum in slot order, bit for bit (expert biases are the W2 GEMM's: test_gemm). */
 static void test_combine_bit_identical(void) {
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 71);
@@ -839,11 +1017,12 @@ static void test_shared_expert_vs_reference(void) {
         epmoe_cuda_shared_scratch sc = {dev_alloc<uint16_t>(Ts * H), dev_alloc<float>(Ts * 2 * Is),
                                         dev_alloc<uint16_t>(Ts * Is)};
         GT_CUDA(cudaMemset(dy, 0xff, (size_t)(Ts * H) * 4));
-        GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx2, T2, H, Is, d13, d2, L, v, &sc, dy, 0));
+        const epmoe_cuda_swiglu_act act = {L, v, 1.702f};
+        GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx2, T2, H, Is, d13, d2, &act, &sc, dy, 0));
         GT_CUDA(cudaDeviceSynchronize());
         to_host(y2, dy, T2 * H);
         GT_CUDA(cudaMemset(dy, 0xff, (size_t)(Ts * H) * 4));
-        GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx, T, H, Is, d13, d2, L, v, &sc, dy, 0));
+        GT_OK(epmoe_cuda_shared_forward(cublas, ws, ws_bytes, dx, T, H, Is, d13, d2, &act, &sc, dy, 0));
         GT_CUDA(cudaDeviceSynchronize());
         to_host(y, dy, T * H);
         int64_t differ = 0;
@@ -874,6 +1053,7 @@ int main(void) {
     GT_RUN(test_gate_logits_bit_identical);
     GT_RUN(test_gate_logits_batch_invariant);
     GT_RUN(test_routing_matches_cpu);
+    GT_RUN(test_routing_topk_softmax);
     GT_RUN(test_routing_very_negative_logits);
     GT_RUN(test_routing_flags);
     GT_RUN(test_nvfp4_quantize_bit_identical);
@@ -881,6 +1061,7 @@ int main(void) {
     GT_RUN(test_nvfp4_gather_records);
     GT_RUN(test_layout_matches_cpu);
     GT_RUN(test_swiglu_matches_cpu);
+    GT_RUN(test_swiglu_bias_padded_matches_cpu);
     GT_RUN(test_swiglu_nvfp4_fused);
     GT_RUN(test_combine_bit_identical);
     GT_RUN(test_shared_expert_vs_reference);

@@ -16,6 +16,11 @@
 #  - skew (every token routed toward the lowest experts, so onto rank 0): nothing dropped (the
 #    routing equals the CPU's, whose per-expert counts add up to tokens x top_k).
 #  - a NaN in the input: non-zero exit, the message names its row.
+#  - gpt-oss (checkpoints in OpenAI's released layout: interleaved gate/up, expert biases,
+#    topk_softmax, the gptoss SwiGLU, no shared expert): gpt-oss-tiny (H 160) and the real width
+#    (H = I = 2880, not a multiple of the GEMMs' 128-wide k step), each layer cuda vs cpu within
+#    TOL_ROUTED with the same routing, a chain equal to its layers one at a time, 1/2/3 ranks
+#    bit-identical, skew, W4A16, and backend=auto choosing cuda.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:?build dir}
@@ -23,6 +28,7 @@ work=${2:?work dir}
 bin=$build/bin
 cmp="python3 tests/product/compare_outputs.py"
 TOL_LAYER=1e-2
+TOL_ROUTED=1e-3 # no shared expert: the routed NVFP4 path alone (fp32 accumulation order)
 GPU=${EPMOE_PRODUCT_GPU_BACKEND:-cuda} # cpu: checks this script's own logic on a machine without a GPU
 mkdir -p "$work"
 fail=0
@@ -128,6 +134,65 @@ print(f"skew: busiest expert got {busiest} of 300 tokens; pairs {int(counts.sum(
       "PASS" if counts.sum() == 300 * 6 and busiest >= 150 else "FAIL")
 sys.exit(0 if counts.sum() == 300 * 6 and busiest >= 150 else 1)
 EOF
+
+# gpt-oss, from checkpoints in the released layout
+oss=$work/gptoss
+"$bin/epmoe-gen" --preset gpt-oss-tiny --layout gpt-oss --shard-mb 1 --out "$oss" >/dev/null || exit 1
+"$bin/epmoe-gen" --preset gpt-oss-tiny --layout gpt-oss --skew 8 --out "${oss}_skew" >/dev/null || exit 1
+"$bin/epmoe-gen" --preset gpt-oss-20b --layout gpt-oss --n-layers 1 --n_routed_experts 8 \
+  --vocab_size 64 --out "${oss}_wide" >/dev/null || exit 1
+for dt in f32 bf16; do
+  "$bin/epmoe-gen" --preset gpt-oss-tiny --input-out "$work/oss_in_$dt.safetensors" --tokens 300 \
+    --dtype $dt --seed 78 >/dev/null || exit 1
+done
+"$bin/epmoe-gen" --preset gpt-oss-20b --vocab_size 64 --input-out "$work/oss_wide_in.safetensors" \
+  --tokens 96 --dtype bf16 --seed 79 >/dev/null || exit 1
+in=$work/oss_in_bf16.safetensors
+for l in 0 1 2; do
+  run cpu 1 "$oss" "$in" "$work/oss_cpu_l$l.safetensors" --layers $l:$((l + 1)) &&
+    run $GPU 1 "$oss" "$in" "$work/oss_gpu_l$l.safetensors" --layers $l:$((l + 1)) &&
+    check $cmp "$work/oss_gpu_l$l.safetensors" "$work/oss_cpu_l$l.safetensors" \
+      --tol $TOL_ROUTED --routing --what "gpt-oss-tiny layer $l: cuda vs cpu"
+  in=$work/oss_cpu_l$l.safetensors
+done
+run cpu 1 "${oss}_wide" "$work/oss_wide_in.safetensors" "$work/oss_wide_cpu.safetensors" &&
+  run $GPU 1 "${oss}_wide" "$work/oss_wide_in.safetensors" "$work/oss_wide_gpu1.safetensors" &&
+  check $cmp "$work/oss_wide_gpu1.safetensors" "$work/oss_wide_cpu.safetensors" --tol $TOL_ROUTED \
+    --routing --what "gpt-oss H = I = 2880 (K padded to 3072): cuda vs cpu" &&
+  run $GPU 2 "${oss}_wide" "$work/oss_wide_in.safetensors" "$work/oss_wide_gpu2.safetensors" &&
+  check $cmp "$work/oss_wide_gpu2.safetensors" "$work/oss_wide_gpu1.safetensors" --identical \
+    --what "gpt-oss H = 2880: cuda 2 ranks vs 1"
+in=$work/oss_in_f32.safetensors
+for l in 0 1 2; do
+  run $GPU 1 "$oss" "$in" "$work/oss_gpu_step$l.safetensors" --layers $l:$((l + 1))
+  in=$work/oss_gpu_step$l.safetensors
+done
+run $GPU 1 "$oss" "$work/oss_in_f32.safetensors" "$work/oss_gpu1.safetensors" &&
+  check $cmp "$work/oss_gpu1.safetensors" "$work/oss_gpu_step2.safetensors" --identical \
+    --what "gpt-oss-tiny 3 layers chained on the device vs one at a time" --no-routing
+for np in 2 3; do
+  run $GPU $np "$oss" "$work/oss_in_f32.safetensors" "$work/oss_gpu$np.safetensors" &&
+    check $cmp "$work/oss_gpu$np.safetensors" "$work/oss_gpu1.safetensors" --identical \
+      --what "gpt-oss-tiny 3 layers: cuda $np ranks vs 1 rank"
+done
+run cpu 1 "${oss}_skew" "$work/oss_in_f32.safetensors" "$work/oss_skew_cpu.safetensors" --layers 0:1 &&
+  run $GPU 2 "${oss}_skew" "$work/oss_in_f32.safetensors" "$work/oss_skew_gpu2.safetensors" --layers 0:1 &&
+  check $cmp "$work/oss_skew_gpu2.safetensors" "$work/oss_skew_cpu.safetensors" --tol $TOL_ROUTED \
+    --routing --what "gpt-oss-tiny skewed routing: cuda 2 ranks vs cpu"
+run cpu 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_high_cpu.safetensors" --layers 1:2 --act_quant high &&
+  run $GPU 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_high_gpu.safetensors" --layers 1:2 --act_quant high &&
+  check $cmp "$work/oss_high_gpu.safetensors" "$work/oss_high_cpu.safetensors" --tol $TOL_LAYER \
+    --routing --what "gpt-oss-tiny act_quant=high layer 1: cuda vs cpu"
+if [ "$GPU" = cuda ]; then
+  run auto 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_auto.safetensors" --layers 0:1 &&
+    if grep -q "cpu, not cuda" "$work/oss_auto.safetensors.log"; then
+      echo "gpt-oss backend=auto: FAIL (ran on the cpu: $(grep -m1 'not cuda' "$work/oss_auto.safetensors.log"))"
+      fail=1
+    else
+      check $cmp "$work/oss_auto.safetensors" "$work/oss_gpu_l0.safetensors" --identical \
+        --what "gpt-oss backend=auto: the cuda backend's output"
+    fi
+fi
 
 # a NaN in row 123 of a bf16 input: refused, naming the row, on 2 ranks
 python3 - "$work/in_bf16.safetensors" "$work/nan.safetensors" <<'EOF'

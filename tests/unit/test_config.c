@@ -136,6 +136,28 @@ START_TEST(gptoss_validation_rules) {
 }
 END_TEST
 
+/* The cuda backend runs every preset, gpt-oss's included (its hidden size 2880 padded to the
+ * GEMMs' k step); what it refuses is the fused SwiGLU + NVFP4 kernel's row limit, which
+ * act_quant = high does not have. */
+START_TEST(cuda_check_refuses_only_what_the_kernels_cannot_run) {
+    const char *presets[] = {"tiny", "dsv4-flash", "dsv4-pro", "dsv3", "gpt-oss-20b",
+                             "gpt-oss-120b", "gpt-oss-tiny"};
+    epmoe_config c;
+    for (size_t i = 0; i < sizeof presets / sizeof presets[0]; i++) {
+        ck_assert(epmoe_config_preset(&c, presets[i]) == EPMOE_OK);
+        ck_assert_msg(epmoe_config_check_cuda(&c) == EPMOE_OK, "%s: %s", presets[i],
+                      epmoe_last_error());
+    }
+    ck_assert(epmoe_config_preset(&c, "tiny") == EPMOE_OK);
+    c.moe_inter_size = EPMOE_CUDA_MAX_INTER + 32;
+    ck_assert_int_eq(epmoe_config_check_cuda(&c), EPMOE_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "backend=cuda"));
+    ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "act_quant=high"));
+    c.act_quant = EPMOE_ACT_HIGH;
+    ck_assert_int_eq(epmoe_config_check_cuda(&c), EPMOE_OK);
+}
+END_TEST
+
 START_TEST(set_checks_type_bounds_and_names) {
     epmoe_config c;
     epmoe_config_defaults(&c);
@@ -247,6 +269,7 @@ int main(void) {
     tcase_add_test(tc, presets_match_the_design_table);
     tcase_add_test(tc, gptoss_presets_match_the_release);
     tcase_add_test(tc, gptoss_validation_rules);
+    tcase_add_test(tc, cuda_check_refuses_only_what_the_kernels_cannot_run);
     tcase_add_test(tc, set_checks_type_bounds_and_names);
     tcase_add_test(tc, validate_catches_cross_field_errors);
     tcase_add_test(tc, parse_args_consumes_settings_and_keeps_the_rest);

@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/dispatch_record.h"
 #include "common/layout.h"
 #include "common/rng.h"
 
@@ -263,6 +264,32 @@ START_TEST(test_expert_of_row_matches_linear_scan) {
 }
 END_TEST
 
+/* The GPU dispatch record (common/dispatch_record.h): every field aligned for the copies that move
+ * it (codes 16 bytes, block scales 2, 1/gs and the ids 4, the record 16) at DeepSeek's widths
+ * and gpt-oss's (2880 = 45 x 64; 160 = 2.5 x 64 puts 1/gs after a 2-byte gap). */
+START_TEST(test_dispatch_record_alignment) {
+    const int64_t widths[] = {256, 4096, 7168, 2880, 160, 32};
+    for (size_t i = 0; i < sizeof widths / sizeof widths[0]; i++) {
+        const int64_t H = widths[i];
+        epmoe_dispatch_record r;
+        ck_assert_int_eq(epmoe_dispatch_record_layout(EPMOE_WIRE_NVFP4, H, 6, &r), EPMOE_OK);
+        ck_assert_int_eq(r.codes_offset % 16, 0);
+        ck_assert_int_eq(r.sf_offset, r.codes_offset + H / 2);
+        ck_assert_int_eq(r.sf_offset % 2, 0);
+        ck_assert_int_eq(r.inv_gs_offset % 4, 0);
+        ck_assert(r.inv_gs_offset >= r.sf_offset + H / 16 && r.inv_gs_offset < r.sf_offset + H / 16 + 4);
+        ck_assert_int_eq(r.meta_offset, r.inv_gs_offset + 4);
+        ck_assert_int_eq(r.payload_bytes, r.meta_offset);
+        ck_assert(r.bytes % 16 == 0 && r.bytes >= r.meta_offset + 4 * 6 && r.bytes < r.meta_offset + 4 * 6 + 16);
+        if (H % 64 == 0) ck_assert_int_eq(r.payload_bytes, H / 2 + H / 16 + 4);
+    }
+    epmoe_dispatch_record r;
+    ck_assert_int_eq(epmoe_dispatch_record_layout(EPMOE_WIRE_NVFP4, 48, 6, &r), EPMOE_ERR_INVALID_ARG);
+    ck_assert_int_eq(epmoe_dispatch_record_layout(EPMOE_WIRE_F32, 2880, 4, &r), EPMOE_OK);
+    ck_assert_int_eq(r.payload_bytes, 4 * 2880);
+}
+END_TEST
+
 static Suite *layout_suite(void) {
     Suite *s = suite_create("layout");
     TCase *tc = tcase_create("core");
@@ -273,6 +300,7 @@ static Suite *layout_suite(void) {
     tcase_add_test(tc, test_offsets_and_padded_offsets_edge_cases);
     tcase_add_test(tc, test_padded_capacity_never_exceeded);
     tcase_add_test(tc, test_expert_of_row_matches_linear_scan);
+    tcase_add_test(tc, test_dispatch_record_alignment);
     suite_add_tcase(s, tc);
     return s;
 }

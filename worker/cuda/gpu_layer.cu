@@ -50,7 +50,8 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     const epmoe_config *c = &ctx->cfg;
     const int64_t T = a->max_tokens, k = c->top_k, E = c->n_routed_experts;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, Is = ctx->shared_inter;
-    const int64_t n = ctx->n_local, cap = a->cap_rows, K_max = H > I ? H : I;
+    const int64_t Hp = ctx->hidden_pad, Ip = ctx->inter_pad;
+    const int64_t n = ctx->n_local, cap = a->cap_rows, K_max = Hp > Ip ? Hp : Ip;
     const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
     memset(p, 0, sizeof *p);
     carve_add(p, "logits [T,E] f32", &a->logits, (size_t)(T * E) * 4);
@@ -61,8 +62,8 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     carve_add(p, "tokens_per_expert [n_local] i64", &a->tokens_per_expert, (size_t)n * 8);
     carve_add(p, "padded_offsets [n_local+1] i64", &a->padded_offsets, (size_t)(n + 1) * 8);
     carve_add(p, "token_of_row [cap] i32", &a->token_of_row, (size_t)cap * 4);
-    carve_add(p, "a_codes [cap,max(H,I)/2] e2m1", &a->a_codes, nvfp4 ? (size_t)(cap * K_max / 2) : 0);
-    carve_add(p, "a_sf [cap,max(H,I)/16] ue4m3", &a->a_sf, nvfp4 ? (size_t)(cap * K_max / 16) : 0);
+    carve_add(p, "a_codes [cap,max(Hp,Ip)/2] e2m1", &a->a_codes, nvfp4 ? (size_t)(cap * K_max / 2) : 0);
+    carve_add(p, "a_sf [cap,max(Hp,Ip)/16] ue4m3", &a->a_sf, nvfp4 ? (size_t)(cap * K_max / 16) : 0);
     carve_add(p, "a_scale [cap] f32", &a->a_scale, nvfp4 ? (size_t)cap * 4 : 0);
     /* bf16 A: the W4A16 input, or on Hopper the wgmma GEMM's exact bf16 copy of NVFP4 A (it
      * dequantizes each row once per call instead of once per weight tile) */
@@ -70,7 +71,7 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx->device),
              "reading the compute capability");
     const int want_bf16_a = !nvfp4 || major == 9;
-    carve_add(p, "a_bf16 [cap,max(H,I)] bf16", &a->a_bf16, want_bf16_a ? (size_t)(cap * K_max) * 2 : 0);
+    carve_add(p, "a_bf16 [cap,max(Hp,Ip)] bf16", &a->a_bf16, want_bf16_a ? (size_t)(cap * K_max) * 2 : 0);
     carve_add(p, "h [cap,2I] f32", &a->h, (size_t)(cap * 2 * I) * 4);
     carve_add(p, "y [cap,H] f32", &a->y, (size_t)(cap * H) * 4);
     /* the shared expert runs in whole chunks of EPMOE_SHARED_CHUNK_ROWS (batch invariance) */
@@ -103,7 +104,7 @@ epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64
                   (long long)cfg->weight_format);
     EPMOE_REQUIRE(max_expert_rows > 0, EPMOE_ERR_INVALID_ARG,
                   "gpu context: max_expert_rows = %lld", (long long)max_expert_rows);
-    EPMOE_TRY(epmoe_config_check_cuda(cfg)); /* no kernel for gpt-oss's layers yet */
+    EPMOE_TRY(epmoe_config_check_cuda(cfg)); /* what the kernels cannot run */
 
     epmoe_gpu_context *ctx = (epmoe_gpu_context *)calloc(1, sizeof *ctx);
     EPMOE_REQUIRE(ctx, EPMOE_ERR_OOM, "gpu context: out of host memory");
@@ -112,6 +113,8 @@ epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64
     ctx->expert_start = expert_start;
     ctx->n_local = n_local;
     ctx->shared_inter = cfg->n_shared_experts * cfg->moe_inter_size;
+    ctx->hidden_pad = epmoe_round_up(cfg->hidden_size, EPMOE_GEMM_K_STEP);
+    ctx->inter_pad = epmoe_round_up(cfg->moe_inter_size, EPMOE_GEMM_K_STEP);
     epmoe_gpu_arena *a = &ctx->arena;
     a->max_tokens = cfg->max_tokens_per_rank;
     a->max_expert_rows = max_expert_rows;
@@ -178,16 +181,41 @@ void epmoe_gpu_context_free(epmoe_gpu_context *ctx) {
 
 /* ---- layer weights ----------------------------------------------------------------------- */
 
-/* Host row-major codes [rows, K/2] and scales [rows, K/16] -> the device slab layout: copied
- * into `staging` (rows*K*9/16 bytes at least), reordered by epmoe_cuda_weights_to_slabs on the
- * default stream (so a later copy into the same staging waits for it). */
+/* Host row-major codes [rows, K/2] and scales [rows, K/16] -> the device slab layout with K
+ * padded to K_pad: rows of K_pad elements in `staging` (rows*K_pad*9/16 bytes at least), the
+ * elements [K, K_pad) code 0 with block scale 0, reordered by epmoe_cuda_weights_to_slabs. All
+ * on the default stream, so a later copy into the same staging waits for the reordering. */
 static epmoe_status upload_slabs(const uint8_t *codes, const uint8_t *sf, int64_t rows, int64_t K,
-                                 uint8_t *staging, uint8_t *slab_codes, uint8_t *slab_sf) {
+                                 int64_t K_pad, uint8_t *staging, uint8_t *slab_codes,
+                                 uint8_t *slab_sf) {
     const size_t code_bytes = (size_t)(rows * K / 2), sf_bytes = (size_t)(rows * K / 16);
-    CUDA_TRY(cudaMemcpy(staging, codes, code_bytes, cudaMemcpyHostToDevice), "uploading expert codes");
-    CUDA_TRY(cudaMemcpy(staging + code_bytes, sf, sf_bytes, cudaMemcpyHostToDevice),
-             "uploading expert block scales");
-    return epmoe_cuda_weights_to_slabs(staging, staging + code_bytes, rows, K, slab_codes, slab_sf, 0);
+    const size_t pad_code_bytes = (size_t)(rows * K_pad / 2);
+    if (K_pad == K) {
+        CUDA_TRY(cudaMemcpy(staging, codes, code_bytes, cudaMemcpyHostToDevice),
+                 "uploading expert codes");
+        CUDA_TRY(cudaMemcpy(staging + code_bytes, sf, sf_bytes, cudaMemcpyHostToDevice),
+                 "uploading expert block scales");
+    } else {
+        /* The unpadded rows land in the destination first (it is larger), then move to their
+         * padded rows of staging device to device: one contiguous upload from the host instead
+         * of a strided one per row. */
+        const size_t pad_sf_bytes = (size_t)(rows * K_pad / 16);
+        CUDA_TRY(cudaMemcpy(slab_codes, codes, code_bytes, cudaMemcpyHostToDevice),
+                 "uploading expert codes");
+        CUDA_TRY(cudaMemcpy(slab_sf, sf, sf_bytes, cudaMemcpyHostToDevice),
+                 "uploading expert block scales");
+        CUDA_TRY(cudaMemset(staging, 0, pad_code_bytes + pad_sf_bytes),
+                 "clearing the K padding of expert weights");
+        CUDA_TRY(cudaMemcpy2D(staging, (size_t)(K_pad / 2), slab_codes, (size_t)(K / 2),
+                              (size_t)(K / 2), (size_t)rows, cudaMemcpyDeviceToDevice),
+                 "padding expert codes to the GEMM's k step");
+        CUDA_TRY(cudaMemcpy2D(staging + pad_code_bytes, (size_t)(K_pad / 16), slab_sf,
+                              (size_t)(K / 16), (size_t)(K / 16), (size_t)rows,
+                              cudaMemcpyDeviceToDevice),
+                 "padding expert block scales to the GEMM's k step");
+    }
+    return epmoe_cuda_weights_to_slabs(staging, staging + pad_code_bytes, rows, K_pad, slab_codes,
+                                       slab_sf, 0);
 }
 
 typedef struct {
@@ -202,9 +230,10 @@ static void plan_layer(const epmoe_gpu_context *ctx, const epmoe_layer_weights *
                        int *n_copies) {
     const epmoe_config *c = &ctx->cfg;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, nl = ctx->n_local;
+    const int64_t Hp = ctx->hidden_pad, Ip = ctx->inter_pad;
     const int64_t E = c->n_routed_experts, k = c->top_k, Is = ctx->shared_inter;
     const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
-    const int hash = w->layer < c->n_hash_layers;
+    const int hash = w->layer < c->n_hash_layers, bias = c->expert_bias != 0;
     out->layer = w->layer;
     out->hash_routed = hash;
     out->vocab_size = hash ? w->vocab_size : 0;
@@ -217,17 +246,19 @@ static void plan_layer(const epmoe_gpu_context *ctx, const epmoe_layer_weights *
         n++;                                                                                    \
     } while (0)
     /* expert codes and scales: carved here, uploaded below through the slab reordering */
-    ADD(w13_codes, NULL, (size_t)(nl * 2 * I * H / 2));
-    ADD(w13_sf, NULL, (size_t)(nl * 2 * I * H / 16));
+    ADD(w13_codes, NULL, (size_t)(nl * 2 * I * Hp / 2));
+    ADD(w13_sf, NULL, (size_t)(nl * 2 * I * Hp / 16));
     ADD(w13_scale_2, w->w13_scale_2, (size_t)(nl * 2) * 4);
-    ADD(w2_codes, NULL, (size_t)(nl * H * I / 2));
-    ADD(w2_sf, NULL, (size_t)(nl * H * I / 16));
+    ADD(w2_codes, NULL, (size_t)(nl * H * Ip / 2));
+    ADD(w2_sf, NULL, (size_t)(nl * H * Ip / 16));
     ADD(w2_scale_2, w->w2_scale_2, (size_t)nl * 4);
     ADD(w13_input_scale, w->w13_input_scale, static_scale ? (size_t)nl * 4 : 0);
     ADD(w2_input_scale, w->w2_input_scale, static_scale ? (size_t)nl * 4 : 0);
     ADD(gate_weight, w->gate_weight, (size_t)(E * H) * 4);
     ADD(gate_bias, w->gate_bias, w->gate_bias && !hash ? (size_t)E * 4 : 0);
     ADD(tid2eid, w->tid2eid, hash ? (size_t)(w->vocab_size * k) * 4 : 0);
+    ADD(w13_bias, w->w13_bias, bias ? (size_t)(nl * 2 * I) * 4 : 0);
+    ADD(w2_bias, w->w2_bias, bias ? (size_t)(nl * H) * 4 : 0);
 #undef ADD
     /* bf16 shared weights, converted on the device from an fp32 staging copy */
     carve_add(plan, "shared_w13", &out->shared_w13, (size_t)(2 * Is * H) * 2);
@@ -250,10 +281,11 @@ static epmoe_status check_layer_weights(const epmoe_gpu_context *ctx,
                   (long long)w->slice.start, (long long)w->n_local, (long long)w->n_experts,
                   (long long)H, (long long)I, (long long)ctx->expert_start, (long long)n,
                   (long long)E);
-    EPMOE_REQUIRE(!w->w13_bias && !w->w2_bias, EPMOE_ERR_UNSUPPORTED,
-                  "layer %lld: expert biases (gpt-oss) are not implemented on the GPU yet; use "
-                  "backend=cpu",
-                  (long long)w->layer);
+    EPMOE_REQUIRE(c->expert_bias ? w->w13_bias && w->w2_bias : !w->w13_bias && !w->w2_bias,
+                  EPMOE_ERR_INVALID_ARG,
+                  "layer %lld: expert biases %s, config says expert_bias = %lld",
+                  (long long)w->layer, w->w13_bias && w->w2_bias ? "loaded" : "missing",
+                  (long long)c->expert_bias);
     EPMOE_REQUIRE(w->w13_codes && w->w13_sf && w->w13_scale_2 && w->w2_codes && w->w2_sf &&
                       w->w2_scale_2 && w->gate_weight,
                   EPMOE_ERR_INVALID_ARG, "layer %lld: expert or gate weights missing",
@@ -284,7 +316,8 @@ int64_t epmoe_gpu_layer_bytes(const epmoe_gpu_context *ctx, const epmoe_layer_we
 
 int64_t epmoe_gpu_layer_staging_bytes(const epmoe_gpu_context *ctx) {
     const int64_t n = ctx->n_local, I = ctx->cfg.moe_inter_size, H = ctx->cfg.hidden_size;
-    return n * 2 * I * H / 2 + n * 2 * I * H / 16; /* W13, the larger of the two expert tensors */
+    const int64_t w13 = n * 2 * I * ctx->hidden_pad, w2 = n * H * ctx->inter_pad;
+    return (w13 > w2 ? w13 : w2) / 16 * 9; /* codes (1/2 byte) and scales (1/16) per element */
 }
 
 epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_weights *w,
@@ -293,8 +326,9 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
     EPMOE_TRY(check_layer_weights(ctx, w));
     const epmoe_config *c = &ctx->cfg;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
+    const int64_t Hp = ctx->hidden_pad, Ip = ctx->inter_pad;
     const int64_t Is = ctx->shared_inter;
-    layer_copy copies[12];
+    layer_copy copies[16];
     int n_copies = 0;
     carve_plan plan;
     plan_layer(ctx, w, out, &plan, copies, &n_copies);
@@ -308,14 +342,15 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
                                 cudaMemcpyHostToDevice),
                      plan.entries[i].name);
     {
-        /* one staging buffer for both expert tensors (W13 is the larger: 2I x H per expert) */
+        /* one staging buffer for both expert tensors (sized for the larger) */
         uint8_t *staging = NULL;
         CUDA_TRY(cudaMalloc((void **)&staging, (size_t)epmoe_gpu_layer_staging_bytes(ctx)),
                  "staging expert weights");
-        epmoe_status st = upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, staging,
+        epmoe_status st = upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, Hp, staging,
                                        out->w13_codes, out->w13_sf);
         if (st == EPMOE_OK)
-            st = upload_slabs(w->w2_codes, w->w2_sf, n * H, I, staging, out->w2_codes, out->w2_sf);
+            st = upload_slabs(w->w2_codes, w->w2_sf, n * H, I, Ip, staging, out->w2_codes,
+                              out->w2_sf);
         const cudaError_t err = st == EPMOE_OK ? cudaDeviceSynchronize() : cudaSuccess;
         cudaFree(staging);
         EPMOE_TRY(st);
@@ -413,6 +448,7 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     const epmoe_config *c = &ctx->cfg;
     epmoe_gpu_arena *a = &ctx->arena;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
+    const int64_t Hp = ctx->hidden_pad, Ip = ctx->inter_pad;
     const int64_t cap = pairs_cap_rows(ctx, pairs_bound);
     const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
     const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
@@ -425,15 +461,15 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
                       "act_scale = per_row");
         EPMOE_TRY(epmoe_cuda_nvfp4_gather_rows(
             rows->nvfp4, rows->nvfp4_stride, rows->codes_offset, rows->sf_offset,
-            rows->inv_gs_offset, H, a->token_of_row, a->padded_offsets, a->tokens_per_expert, n,
-            cap, a->a_codes, a->a_sf, a->a_scale, stream));
+            rows->inv_gs_offset, H, Hp, a->token_of_row, a->padded_offsets, a->tokens_per_expert,
+            n, cap, a->a_codes, a->a_sf, a->a_scale, stream));
     } else if (nvfp4) {
         EPMOE_TRY(epmoe_cuda_nvfp4_quantize_rows(
-            rows->x, rows->x_stride, cap, H, a->token_of_row, a->padded_offsets,
+            rows->x, rows->x_stride, cap, H, Hp, a->token_of_row, a->padded_offsets,
             a->tokens_per_expert, n, static_scale ? layer->w13_input_scale : NULL, a->a_codes,
             a->a_sf, a->a_scale, a->saturated, stream));
     } else {
-        EPMOE_TRY(epmoe_cuda_permute_bf16(rows->x, rows->x_stride, H, a->token_of_row,
+        EPMOE_TRY(epmoe_cuda_permute_bf16(rows->x, rows->x_stride, H, Hp, a->token_of_row,
                                           a->padded_offsets, a->tokens_per_expert, n, cap,
                                           a->a_bf16, stream));
     }
@@ -451,9 +487,10 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     g.padded_offsets = a->padded_offsets;
     g.tokens_per_expert = a->tokens_per_expert;
 
-    /* h = x . W13^T, w1 (gate) columns scaled by w13_scale_2[e][0], w3 (up) by [e][1]. */
+    /* h = x . W13^T, w1 (gate) columns scaled by w13_scale_2[e][0], w3 (up) by [e][1]; over the
+     * padded K (zeros past H on both sides) */
     g.N = 2 * I;
-    g.K = H;
+    g.K = Hp;
     g.w_slabs = 1; /* both GEMMs' weights, see epmoe_gpu_layer */
     g.w_codes = layer->w13_codes;
     g.w_sf = layer->w13_sf;
@@ -463,20 +500,21 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     g.out = a->h;
     EPMOE_TRY(epmoe_cuda_grouped_gemm(&g, stream));
 
-    const float limit = (float)c->swiglu_limit;
+    /* a = SwiGLU(h + b13), the W2 input, rows of Ip elements */
+    const epmoe_cuda_swiglu_act act = epmoe_cuda_swiglu_act_of(c);
     if (nvfp4) {
         EPMOE_TRY(epmoe_cuda_swiglu_nvfp4_quantize(
-            a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets, a->tokens_per_expert,
-            n, static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
+            a->h, cap, I, Ip, &act, layer->w13_bias, a->padded_offsets, a->tokens_per_expert, n,
+            static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
             a->saturated, stream));
     } else {
-        EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, limit, (int)c->swiglu_variant, a->padded_offsets,
-                                    a->tokens_per_expert, n, NULL, a->a_bf16, stream));
+        EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, &act, layer->w13_bias, a->padded_offsets,
+                                    a->tokens_per_expert, n, Ip, NULL, a->a_bf16, stream));
     }
 
-    /* y = a . W2^T, one tensor scale per expert. */
+    /* y = a . W2^T, one tensor scale per expert, + its bias (gpt-oss) in the GEMM's epilogue. */
     g.N = H;
-    g.K = I;
+    g.K = Ip;
     g.w_codes = layer->w2_codes;
     g.w_sf = layer->w2_sf;
     g.w_scale = layer->w2_scale_2;
@@ -485,6 +523,7 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     EPMOE_REQUIRE(!rows->out == !rows->out_row, EPMOE_ERR_INVALID_ARG,
                   "experts: an output buffer needs its row map, and a row map its buffer");
     g.out = rows->out ? rows->out : a->y;
+    g.out_bias = layer->w2_bias;
     g.out_row = rows->out_row;
     EPMOE_TRY(epmoe_cuda_grouped_gemm(&g, stream));
     return EPMOE_OK;
@@ -496,11 +535,11 @@ epmoe_status epmoe_gpu_shared(epmoe_gpu_context *ctx, const epmoe_gpu_layer *lay
     if (ctx->shared_inter == 0) return EPMOE_OK;
     epmoe_gpu_arena *a = &ctx->arena;
     epmoe_cuda_shared_scratch s = {a->shared_x_bf16, a->shared_h, a->shared_a_bf16};
+    const epmoe_cuda_swiglu_act act = epmoe_cuda_swiglu_act_of(&ctx->cfg);
     return epmoe_cuda_shared_forward(ctx->cublas, a->cublas_workspace, a->cublas_workspace_bytes,
                                      x, T, ctx->cfg.hidden_size, ctx->shared_inter,
-                                     layer->shared_w13, layer->shared_w2,
-                                     (float)ctx->cfg.swiglu_limit, (int)ctx->cfg.swiglu_variant,
-                                     &s, a->shared_y, stream);
+                                     layer->shared_w13, layer->shared_w2, &act, &s, a->shared_y,
+                                     stream);
 }
 
 epmoe_status epmoe_gpu_combine(epmoe_gpu_context *ctx, const epmoe_gpu_layer *layer, int64_t T,

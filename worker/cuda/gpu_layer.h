@@ -4,9 +4,9 @@
  *
  *   route    x -> gate logits -> ids, weights                       (coordinator side)
  *   plan     ids -> tokens_per_expert, padded_offsets, row_of_pair  (on the device)
- *   experts  x rows -> padded layout -> NVFP4 W13 -> SwiGLU -> NVFP4 W2 -> y_padded
- *   shared   x -> shared expert (bf16 cuBLAS)
- *   combine  out[t] = sum_j w[t,j] * y[row_of_pair[t,j]] + shared[t]
+ *   experts  x rows -> padded layout -> NVFP4 W13 (+ b13) -> SwiGLU -> NVFP4 W2 -> y_padded
+ *   shared   x -> shared expert (bf16 cuBLAS), none when n_shared_experts = 0 (gpt-oss)
+ *   combine  out[t] = sum_j w[t,j] * (y[row_of_pair[t,j]] (+ b2 of its expert)) + shared[t]
  *
  * Capture safety: nothing in these functions allocates, synchronizes with the host or launches
  * a routing-dependent number of kernels. T (the token count) is a host value fixed when a
@@ -54,10 +54,10 @@ typedef struct {
     int64_t *padded_offsets;     /* [n_local + 1] */
     int32_t *token_of_row;       /* [cap_rows] */
     /* experts: the A operand of both GEMMs (W13 then W2 reuse it) */
-    uint8_t *a_codes;            /* [cap_rows, max(H, I) / 2] (act_quant = nvfp4) */
-    uint8_t *a_sf;               /* [cap_rows, max(H, I) / 16] */
+    uint8_t *a_codes;            /* [cap_rows, max(Hp, Ip) / 2] (act_quant = nvfp4) */
+    uint8_t *a_sf;               /* [cap_rows, max(Hp, Ip) / 16] */
     float *a_scale;              /* [cap_rows] 1/gs per row */
-    uint16_t *a_bf16;            /* [cap_rows, max(H, I)] (act_quant = high; on Hopper also
+    uint16_t *a_bf16;            /* [cap_rows, max(Hp, Ip)] (act_quant = high; on Hopper also
                                     the wgmma GEMM's workspace for NVFP4 A) */
     float *h;                    /* [cap_rows, 2I] W13 output */
     float *y;                    /* [cap_rows, H] W2 output */
@@ -79,6 +79,12 @@ typedef struct {
     int64_t expert_start;    /* this rank's slice */
     int64_t n_local;
     int64_t shared_inter;    /* Is = n_shared_experts * moe_inter_size */
+    /* K of the W13 and W2 GEMMs: H and I rounded up to EPMOE_GEMM_K_STEP (gpt-oss's 2880 ->
+     * 3072). The weights and the GEMM inputs carry zero codes with zero block scales in
+     * [H, Hp) and [I, Ip): exact zeros, so the products equal the unpadded ones; outputs (h,
+     * y) have the real widths 2I and H. */
+    int64_t hidden_pad;      /* Hp */
+    int64_t inter_pad;       /* Ip */
     epmoe_gpu_arena arena;
     cublasHandle_t cublas;
 } epmoe_gpu_context;
@@ -90,15 +96,20 @@ typedef struct {
     void *base;
     size_t bytes;
     /* expert weights in the GEMMs' slab layout (kernels/cuda/grouped_gemm.h), the same bytes
-     * as the checkpoint's row-major tensors, reordered once at upload */
-    uint8_t *w13_codes;       /* [n_local, 2I, H/2] */
-    uint8_t *w13_sf;          /* [n_local, 2I, H/16] */
+     * as the checkpoint's row-major tensors, K padded to Hp / Ip with zeros (context), reordered
+     * once at upload */
+    uint8_t *w13_codes;       /* [n_local, 2I, Hp/2] */
+    uint8_t *w13_sf;          /* [n_local, 2I, Hp/16] */
     float *w13_scale_2;       /* [n_local, 2] */
     float *w13_input_scale;   /* [n_local] */
-    uint8_t *w2_codes;        /* [n_local, H, I/2] */
-    uint8_t *w2_sf;           /* [n_local, H, I/16] */
+    uint8_t *w2_codes;        /* [n_local, H, Ip/2] */
+    uint8_t *w2_sf;           /* [n_local, H, Ip/16] */
     float *w2_scale_2;        /* [n_local] */
     float *w2_input_scale;    /* [n_local] */
+    /* expert biases (expert_bias = 1, gpt-oss), else NULL: W13's added before the SwiGLU, W2's
+     * to each pair's output row before its routing weight (worker/experts.h) */
+    float *w13_bias;          /* [n_local, 2I] gate then up */
+    float *w2_bias;           /* [n_local, H] */
     float *gate_weight;       /* [E, H] fp32 */
     float *gate_bias;         /* [E] or NULL */
     int32_t *tid2eid;         /* [vocab, k] or NULL */
