@@ -1,8 +1,10 @@
-/* The ordered fp32 products of kernels/ops.h (epmoe_cpu_gemm_panels): every output is one fmaf
- * chain over k in increasing order from +0. The kernel must give exactly the bits of the two
- * references written here: the plain definition on row-major B, and the straightforward panel
- * loop the kernel replaced (kept as it was). Shapes cover every remainder of the kernel's row
- * blocks and column panels, K = 1 and M = 1, and the V4-Flash expert's K. */
+/* The CPU panel forms of kernels/ops.h. The ordered fp32 products (epmoe_cpu_gemm_panels):
+ * every output is one fmaf chain over k in increasing order from +0, so the kernel must give
+ * exactly the bits of the two references written here: the plain definition on row-major B, and
+ * the straightforward panel loop the kernel replaced (kept as it was). Shapes cover every
+ * remainder of the kernel's row blocks and column panels, K = 1 and M = 1, and the V4-Flash
+ * expert's K. The NVFP4 weights dequantized into panels (epmoe_cpu_dequant_panels): the bits of
+ * the row dequantization packed into panels, for every code and every scale code. */
 #include <check.h>
 #include <math.h>
 #include <stdint.h>
@@ -11,7 +13,9 @@
 
 #include "common/rng.h"
 #include "kernels/ops.h"
+#include "common/nvfp4.h"
 #include "tests/support/test_support.h"
+#include "worker/experts.h"
 
 /* ---- references ---------------------------------------------------------------------------- */
 
@@ -166,12 +170,40 @@ START_TEST(test_gemm_panels_batch_invariant) {
 }
 END_TEST
 
+/* Every byte of codes and every scale code (NaN 0x7f/0xff, subnormals, the sign bit) in a
+ * matrix whose N leaves a partial panel: the same bits as the row dequantization packed, the
+ * padding columns zero. */
+START_TEST(test_dequant_panels_same_bits_as_rows) {
+    const int64_t N = 37, K = 112;
+    uint8_t *codes = malloc((size_t)(N * K / 2)), *sf = malloc((size_t)(N * K / 16));
+    float *rows = malloc((size_t)(N * K) * sizeof(float));
+    const size_t p_n = epmoe_cpu_panels_floats(N, K);
+    float *want = malloc(p_n * sizeof(float)), *got = malloc(p_n * sizeof(float));
+    ck_assert(codes && sf && rows && want && got);
+    ck_assert_int_ge(N * K / 16, 256);
+    for (int64_t i = 0; i < N * K / 2; i++) codes[i] = (uint8_t)(i * 7);
+    for (int64_t i = 0; i < N * K / 16; i++) sf[i] = (uint8_t)(i * 13);
+    for (int64_t n = 0; n < N; n++)
+        epmoe_nvfp4_dequantize_row(codes + n * (K / 2), sf + n * (K / 16), (size_t)K, 1.0f,
+                                   rows + n * K);
+    epmoe_cpu_pack_panels(rows, N, K, want);
+    epmoe_poison_f32(got, p_n);
+    epmoe_cpu_dequant_panels(codes, sf, N, K, got);
+    for (size_t i = 0; i < p_n; i++)
+        ck_assert_msg(memcmp(&got[i], &want[i], sizeof(float)) == 0,
+                      "panel float %zu = %a, the packed rows give %a", i, (double)got[i],
+                      (double)want[i]);
+    free(codes), free(sf), free(rows), free(want), free(got);
+}
+END_TEST
+
 static Suite *gemm_suite(void) {
     Suite *s = suite_create("gemm");
     TCase *tc = tcase_create("core");
     tcase_add_test(tc, test_gemm_panels_small_shapes);
     tcase_add_test(tc, test_gemm_panels_model_shapes);
     tcase_add_test(tc, test_gemm_panels_batch_invariant);
+    tcase_add_test(tc, test_dequant_panels_same_bits_as_rows);
     suite_add_tcase(s, tc);
     return s;
 }
