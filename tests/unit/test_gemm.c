@@ -91,6 +91,7 @@ static void check_shape(epmoe_rng *rng, int64_t M, int64_t N, int64_t K) {
     epmoe_fill_normal(rng, B, b_n, 0.05f);
     epmoe_cpu_pack_panels(B, N, K, panels);
 
+    epmoe_poison_f32(plain, c_n);
     plain_gemm(A, M, K, B, N, plain);
     epmoe_poison_f32(old, c_n);
     old_gemm_panels(A, M, K, panels, N, old);
