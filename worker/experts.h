@@ -58,6 +58,12 @@ epmoe_status epmoe_cpu_shared_forward(const epmoe_config *cfg, const epmoe_layer
                                       const float *x, int64_t T, float *y,
                                       epmoe_expert_scratch *scratch);
 
+/* The unscaled weights (e2m1 * block scale: epmoe_nvfp4_dequantize_row with scale 1) of one
+ * [N, K] NVFP4 matrix (codes [N, K/2], block_sf [N, K/16]; K a multiple of 16) in the panel
+ * layout of kernels/ops.h, zero-padded to whole panels. */
+void epmoe_cpu_dequant_panels(const uint8_t *codes, const uint8_t *block_sf, int64_t N,
+                              int64_t K, float *panels);
+
 #ifdef __cplusplus
 }
 #endif

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "common/formats.h"
 #include "common/nvfp4.h"
 #include "kernels/ops.h"
 
@@ -20,7 +21,6 @@ struct epmoe_expert_scratch {
     float *h;           /* [chunk, 2*max(I, shared_I)] */
     float *a;           /* [chunk, max(I, shared_I)] */
     float *row_inv_gs;  /* [chunk] 1/global_sf per row */
-    float *row_tmp;     /* [max(H, 2I, shared)] one dequantized weight row */
     uint8_t *codes;     /* [max(H, I)/2] */
     uint8_t *block_sf;  /* [max(H, I)/16] */
     size_t bytes;
@@ -43,13 +43,12 @@ epmoe_status epmoe_expert_scratch_create(int64_t H, int64_t I, int64_t shared_in
         (size_t)ROWS_PER_CHUNK * 2 * (size_t)inter * sizeof(float),
         (size_t)ROWS_PER_CHUNK * (size_t)inter * sizeof(float),
         ROWS_PER_CHUNK * sizeof(float),
-        (size_t)max64(wide, 2 * I) * sizeof(float),
         (size_t)wide / 2,
         (size_t)wide / 16,
     };
     void **slots[] = {(void **)&s->w13_panels, (void **)&s->w2_panels, (void **)&s->x_q,
                       (void **)&s->h,          (void **)&s->a,         (void **)&s->row_inv_gs,
-                      (void **)&s->row_tmp,    (void **)&s->codes,     (void **)&s->block_sf};
+                      (void **)&s->codes,      (void **)&s->block_sf};
     for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
         *slots[i] = malloc(sizes[i] ? sizes[i] : 1);
         s->bytes += sizes[i];
@@ -70,7 +69,6 @@ void epmoe_expert_scratch_free(epmoe_expert_scratch *s) {
     free(s->h);
     free(s->a);
     free(s->row_inv_gs);
-    free(s->row_tmp);
     free(s->codes);
     free(s->block_sf);
     free(s);
@@ -78,15 +76,34 @@ void epmoe_expert_scratch_free(epmoe_expert_scratch *s) {
 
 size_t epmoe_expert_scratch_bytes(const epmoe_expert_scratch *s) { return s->bytes; }
 
-/* Unscaled e2m1*sf weights of one [N, K] NVFP4 matrix into panels. */
-static void dequant_into_panels(const uint8_t *codes, const uint8_t *block_sf, int64_t N,
-                                int64_t K, float *row_tmp, float *panels) {
-    memset(panels, 0, epmoe_cpu_panels_floats(N, K) * sizeof(float));
-    for (int64_t n = 0; n < N; n++) {
-        epmoe_nvfp4_dequantize_row(codes + (size_t)n * (size_t)(K / 2),
-                                   block_sf + (size_t)n * (size_t)(K / 16), (size_t)K, 1.0f,
-                                   row_tmp);
-        for (int64_t k = 0; k < K; k++) panels[epmoe_cpu_panel_index(n, k, K)] = row_tmp[k];
+/* Tiles of 16 panel columns by one scale block of k: a tile is one contiguous piece of its
+ * panel (EPMOE_NVFP4_BLOCK x 16 floats), so the transposing writes stay in L1, and each block's
+ * scale is decoded once rather than once per element. The values are those of
+ * epmoe_nvfp4_dequantize_row with scale 1: e2m1 * sf, exact in fp32. */
+void epmoe_cpu_dequant_panels(const uint8_t *codes, const uint8_t *block_sf, int64_t N,
+                              int64_t K, float *panels) {
+    enum { C = EPMOE_PANEL_COLS, B = EPMOE_NVFP4_BLOCK };
+    float e2m1[16];
+    for (int c = 0; c < 16; c++) e2m1[c] = epmoe_e2m1_to_float((uint8_t)c);
+    for (int64_t n0 = 0; n0 < N; n0 += C) {
+        float *panel = panels + (size_t)(n0 / C) * (size_t)K * C;
+        int64_t ncols = N - n0 < C ? N - n0 : C;
+        for (int64_t k0 = 0; k0 < K; k0 += B) {
+            float *tile = panel + (size_t)k0 * C;
+            for (int64_t j = 0; j < C; j++) {
+                if (j >= ncols) {
+                    for (int i = 0; i < B; i++) tile[i * C + j] = 0.0f;
+                    continue;
+                }
+                const uint8_t *q = codes + (size_t)(n0 + j) * (size_t)(K / 2) + (size_t)(k0 / 2);
+                float sf = epmoe_e4m3_to_float(block_sf[(size_t)(n0 + j) * (size_t)(K / B) +
+                                                        (size_t)(k0 / B)]);
+                for (int i = 0; i < B; i += 2) { /* even k in the low nibble */
+                    tile[i * C + j] = e2m1[q[i / 2] & 0xf] * sf;
+                    tile[(i + 1) * C + j] = e2m1[q[i / 2] >> 4] * sf;
+                }
+            }
+        }
     }
 }
 
@@ -134,12 +151,12 @@ epmoe_status epmoe_cpu_experts_forward(const epmoe_config *cfg, const epmoe_laye
             w13_panels = w->w13_panels_cache + (size_t)e * epmoe_cpu_panels_floats(2 * I, H);
             w2_panels = w->w2_panels_cache + (size_t)e * epmoe_cpu_panels_floats(H, I);
         } else {
-            dequant_into_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
-                                w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16),
-                                2 * I, H, s->row_tmp, s->w13_panels);
-            dequant_into_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
-                                w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I,
-                                s->row_tmp, s->w2_panels);
+            epmoe_cpu_dequant_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
+                                     w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16),
+                                     2 * I, H, s->w13_panels);
+            epmoe_cpu_dequant_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
+                                     w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I,
+                                     s->w2_panels);
         }
         const float gate_scale_2 = w->w13_scale_2[2 * e], up_scale_2 = w->w13_scale_2[2 * e + 1];
         const float down_scale_2 = w->w2_scale_2[e];
@@ -246,11 +263,9 @@ epmoe_status epmoe_layer_weights_cache_experts_cpu(epmoe_layer_weights *w) {
     if (w->w13_panels_cache) return EPMOE_OK;
     const int64_t H = w->hidden_size, I = w->inter_size;
     const size_t per13 = epmoe_cpu_panels_floats(2 * I, H), per2 = epmoe_cpu_panels_floats(H, I);
-    float *row_tmp = malloc((size_t)(2 * I > H ? 2 * I : H) * sizeof(float));
     w->w13_panels_cache = malloc((size_t)w->n_local * per13 * sizeof(float));
     w->w2_panels_cache = malloc((size_t)w->n_local * per2 * sizeof(float));
-    if (!row_tmp || !w->w13_panels_cache || !w->w2_panels_cache) {
-        free(row_tmp);
+    if (!w->w13_panels_cache || !w->w2_panels_cache) {
         free(w->w13_panels_cache);
         free(w->w2_panels_cache);
         w->w13_panels_cache = w->w2_panels_cache = NULL;
@@ -258,14 +273,13 @@ epmoe_status epmoe_layer_weights_cache_experts_cpu(epmoe_layer_weights *w) {
                    (long long)w->layer, (double)epmoe_layer_weights_cache_bytes(w) / (1 << 20));
     }
     for (int64_t e = 0; e < w->n_local; e++) {
-        dequant_into_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
-                            w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16), 2 * I, H,
-                            row_tmp, w->w13_panels_cache + (size_t)e * per13);
-        dequant_into_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
-                            w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I, row_tmp,
-                            w->w2_panels_cache + (size_t)e * per2);
+        epmoe_cpu_dequant_panels(w->w13_codes + (size_t)e * (size_t)(2 * I) * (size_t)(H / 2),
+                                 w->w13_sf + (size_t)e * (size_t)(2 * I) * (size_t)(H / 16),
+                                 2 * I, H, w->w13_panels_cache + (size_t)e * per13);
+        epmoe_cpu_dequant_panels(w->w2_codes + (size_t)e * (size_t)H * (size_t)(I / 2),
+                                 w->w2_sf + (size_t)e * (size_t)H * (size_t)(I / 16), H, I,
+                                 w->w2_panels_cache + (size_t)e * per2);
     }
-    free(row_tmp);
     return EPMOE_OK;
 }
 

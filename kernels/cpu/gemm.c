@@ -6,8 +6,6 @@
 
 #include "kernels/ops.h"
 
-#define ROWS_PER_BLOCK 4
-
 size_t epmoe_cpu_panels_floats(int64_t N, int64_t K) {
     int64_t panels = (N + EPMOE_PANEL_COLS - 1) / EPMOE_PANEL_COLS;
     return (size_t)panels * (size_t)K * EPMOE_PANEL_COLS;
@@ -19,6 +17,63 @@ void epmoe_cpu_pack_panels(const float *B, int64_t N, int64_t K, float *panels) 
         for (int64_t k = 0; k < K; k++) panels[epmoe_cpu_panel_index(n, k, K)] = B[n * K + k];
 }
 
+/* The kernels below are inlined into each clone of epmoe_cpu_gemm_panels, so they take its
+ * target. Each row's 16 chains live in a named array of their own: GCC then vectorizes every
+ * fmaf across the 16 columns with one broadcast per row. A 2-D acc[rows][16] was vectorized
+ * across rows instead, with shuffles on every k. */
+#define PANEL_KERNEL static inline __attribute__((always_inline))
+
+/* Rows a0..a3 of A against one panel: 4 x 16 chains in increasing k from +0. */
+PANEL_KERNEL void panel_rows4(const float *a0, const float *a1, const float *a2,
+                              const float *a3, int64_t K, const float *panel, float *c0,
+                              float *c1, float *c2, float *c3, int64_t ncols) {
+    enum { C = EPMOE_PANEL_COLS };
+    float s0[C] = {0}, s1[C] = {0}, s2[C] = {0}, s3[C] = {0};
+    for (int64_t k = 0; k < K; k++) {
+        const float *b = panel + k * C;
+        float v0 = a0[k], v1 = a1[k], v2 = a2[k], v3 = a3[k];
+        for (int j = 0; j < C; j++) {
+            s0[j] = fmaf(v0, b[j], s0[j]);
+            s1[j] = fmaf(v1, b[j], s1[j]);
+            s2[j] = fmaf(v2, b[j], s2[j]);
+            s3[j] = fmaf(v3, b[j], s3[j]);
+        }
+    }
+    memcpy(c0, s0, (size_t)ncols * sizeof(float));
+    memcpy(c1, s1, (size_t)ncols * sizeof(float));
+    memcpy(c2, s2, (size_t)ncols * sizeof(float));
+    memcpy(c3, s3, (size_t)ncols * sizeof(float));
+}
+
+/* One row of A against one panel. */
+PANEL_KERNEL void panel_rows1(const float *a0, int64_t K, const float *panel, float *c0,
+                              int64_t ncols) {
+    enum { C = EPMOE_PANEL_COLS };
+    float s0[C] = {0};
+    for (int64_t k = 0; k < K; k++) {
+        const float *b = panel + k * C;
+        float v0 = a0[k];
+        for (int j = 0; j < C; j++) s0[j] = fmaf(v0, b[j], s0[j]);
+    }
+    memcpy(c0, s0, (size_t)ncols * sizeof(float));
+}
+
+/* The last 2 or 3 rows: the 4-row kernel with the last row repeated, which costs about what 4
+ * rows cost, where one row at a time runs 2 dependent chains and waits on their latency. A
+ * repeated row computes its own chains again, so its outputs keep their bits; the copy's go to
+ * a sink. */
+PANEL_KERNEL void panel_rows_tail(const float *A, int64_t rows, int64_t K, const float *panel,
+                                  float *C, int64_t N, int64_t ncols) {
+    float sink[EPMOE_PANEL_COLS];
+    const float *a[4];
+    float *c[4];
+    for (int64_t i = 0; i < 4; i++) {
+        a[i] = A + (i < rows ? i : rows - 1) * K;
+        c[i] = i < rows ? C + i * N : sink;
+    }
+    panel_rows4(a[0], a[1], a[2], a[3], K, panel, c[0], c[1], c[2], c[3], ncols);
+}
+
 __attribute__((target_clones("arch=x86-64-v3", "default"))) void
 epmoe_cpu_gemm_panels(const float *A, int64_t M, int64_t K, const float *panels, int64_t N,
                       float *C) {
@@ -26,29 +81,16 @@ epmoe_cpu_gemm_panels(const float *A, int64_t M, int64_t K, const float *panels,
         const float *panel = panels + (size_t)(n0 / EPMOE_PANEL_COLS) * (size_t)K * EPMOE_PANEL_COLS;
         int64_t ncols = N - n0 < EPMOE_PANEL_COLS ? N - n0 : EPMOE_PANEL_COLS;
         int64_t r = 0;
-        for (; r + ROWS_PER_BLOCK <= M; r += ROWS_PER_BLOCK) {
-            float acc[ROWS_PER_BLOCK][EPMOE_PANEL_COLS];
-            memset(acc, 0, sizeof acc);
-            for (int64_t k = 0; k < K; k++) {
-                const float *b = panel + k * EPMOE_PANEL_COLS;
-                for (int i = 0; i < ROWS_PER_BLOCK; i++) {
-                    float a = A[(r + i) * K + k];
-                    for (int j = 0; j < EPMOE_PANEL_COLS; j++) acc[i][j] = fmaf(a, b[j], acc[i][j]);
-                }
-            }
-            for (int i = 0; i < ROWS_PER_BLOCK; i++)
-                memcpy(C + (r + i) * N + n0, acc[i], (size_t)ncols * sizeof(float));
+        for (; r + 4 <= M; r += 4) {
+            const float *a = A + r * K;
+            float *c = C + r * N + n0;
+            panel_rows4(a, a + K, a + 2 * K, a + 3 * K, K, panel, c, c + N, c + 2 * N, c + 3 * N,
+                        ncols);
         }
-        for (; r < M; r++) {
-            float acc[EPMOE_PANEL_COLS];
-            memset(acc, 0, sizeof acc);
-            for (int64_t k = 0; k < K; k++) {
-                const float *b = panel + k * EPMOE_PANEL_COLS;
-                float a = A[r * K + k];
-                for (int j = 0; j < EPMOE_PANEL_COLS; j++) acc[j] = fmaf(a, b[j], acc[j]);
-            }
-            memcpy(C + r * N + n0, acc, (size_t)ncols * sizeof(float));
-        }
+        if (M - r == 1)
+            panel_rows1(A + r * K, K, panel, C + r * N + n0, ncols);
+        else if (M - r > 1)
+            panel_rows_tail(A + r * K, M - r, K, panel, C + r * N + n0, N, ncols);
     }
 }
 
