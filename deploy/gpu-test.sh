@@ -8,7 +8,8 @@
 #  2. the engine over 1-3 ranks sharing the GPUs (mpi-staged; nccl where ranks have their own)
 #  3. the product: epmoe-run --backend cuda against --backend cpu (tests/product/gpu_product.sh)
 #  4. the service end to end on the cuda backend (tests/service, EPMOE_BACKEND=cuda)
-# --quick runs 1 without the long GEMM sweep. Logs go to $OUT (default ./out): build.log, one
+# --quick runs 1 without the long GEMM sweep. EPMOE_GPU_TEST_PARTS picks parts by number (e.g.
+# "1 2"; default all four). Logs go to $OUT (default ./out): build.log, one
 # log per suite, summary.txt. Exit status non-zero if the build or any suite failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,8 +39,10 @@ grep -E "^-- epmoe:" "$OUT/build.log" | tee -a "$S"
 echo "build: $(( $(date +%s) - start )) s" | tee -a "$S"
 
 status=0
+PARTS="${EPMOE_GPU_TEST_PARTS:-1 2 3 4}"
+part() { case " $PARTS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
 # 1. the GPU suite
-for src in tests/gpu/test_*.cu; do
+part 1 && for src in tests/gpu/test_*.cu; do
   t=$(basename "$src" .cu)
   t0=$(date +%s)
   if [ "${1:-}" = --quick ] && [ "$t" = test_gemm ]; then continue; fi
@@ -52,7 +55,7 @@ done
 
 # 2. the engine over ranks
 MPIRUN="mpirun --bind-to none -x NCCL_NVLS_ENABLE -x LD_LIBRARY_PATH"
-for preset in tiny gpt-oss-tiny; do
+part 2 && for preset in tiny gpt-oss-tiny; do
   args=""
   [ "$preset" != tiny ] && args="--preset $preset"
   for P in 2 3; do
@@ -68,6 +71,7 @@ for preset in tiny gpt-oss-tiny; do
 done
 
 # 3. the product
+if part 3; then
 t0=$(date +%s)
 timeout 900 bash tests/product/gpu_product.sh "$BUILD" /tmp/epmoe-product >"$OUT/product.log" 2>&1
 rc=$?
@@ -75,9 +79,12 @@ rc=$?
 grep -E "FAIL" "$OUT/product.log" | head -20
 echo "product (tests/product/gpu_product.sh): rc=$rc, $(( $(date +%s) - t0 )) s, \
 $(grep -c ': PASS' "$OUT/product.log") checks passed, $(grep -c 'FAIL' "$OUT/product.log") failed" | tee -a "$S"
+fi
 
 # 4. the service on the cuda backend
-if [ -x "$BUILD/bin/epmoe-serve" ]; then
+if ! part 4; then
+  :
+elif [ -x "$BUILD/bin/epmoe-serve" ]; then
   t0=$(date +%s)
   (cd "$BUILD" && EPMOE_BACKEND=cuda timeout 900 ctest -R 'service\.(checkpoint|units|e2e)' \
      --output-on-failure -V) >"$OUT/service.log" 2>&1
