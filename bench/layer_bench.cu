@@ -102,7 +102,7 @@ int main(int argc, char **argv) {
     epmoe_layer_weights w;
     bench_make_weights(&cfg, 0, E, &w);
     epmoe_gpu_context *ctx = NULL;
-    CHECK_EPMOE(epmoe_gpu_context_create(&cfg, 0, 0, E, max_T * k, NULL, &ctx));
+    CHECK_EPMOE(epmoe_gpu_context_create(&cfg, 0, 0, E, max_T * k, 1, NULL, &ctx));
     epmoe_gpu_layer layer;
     CHECK_EPMOE(epmoe_gpu_layer_upload(ctx, &w, &layer));
     cudaStream_t stream;

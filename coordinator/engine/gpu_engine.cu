@@ -148,8 +148,9 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
 
     /* The arena's expert rows: the worst case received, and at least T*k (its own checks of
      * the local route and shared-expert stages ask for that). */
+    /* no y: the W2 GEMM writes the return buffer */
     EPMOE_TRY(epmoe_gpu_context_create(cfg, e->device, e->expert_start, e->n_local,
-                                       max64(e->ret_send_cap, T * k), log, &e->ctx));
+                                       max64(e->ret_send_cap, T * k), 0, log, &e->ctx));
     e->layers = (epmoe_gpu_layer *)calloc((size_t)e->n_layers, sizeof *e->layers);
     EPMOE_REQUIRE(e->layers, EPMOE_ERR_OOM, "gpu engine: out of host memory");
     if (layers)

@@ -194,7 +194,7 @@ static int single_gpu_create(const epmoe_config *cfg, int64_t max_tokens, single
     memset(s, 0, sizeof *s);
     epmoe_config c = *cfg;
     c.max_tokens_per_rank = max_tokens;
-    if (epmoe_gpu_context_create(&c, g_device, 0, c.n_routed_experts, max_tokens * c.top_k, NULL,
+    if (epmoe_gpu_context_create(&c, g_device, 0, c.n_routed_experts, max_tokens * c.top_k, 1, NULL,
                                  &s->ctx) != EPMOE_OK)
         return 0;
     for (int l = 0; l < N_LAYERS; l++)

@@ -176,8 +176,8 @@ static int make_setup(gpu_setup *s, const epmoe_config *cfg, const epmoe_layer_w
     memset(s, 0, sizeof *s);
     s->cfg = *cfg;
     epmoe_status st = epmoe_gpu_context_create(cfg, 0, 0, cfg->n_routed_experts,
-                                               cfg->max_tokens_per_rank * cfg->top_k, stdout,
-                                               &s->ctx);
+                                               cfg->max_tokens_per_rank * cfg->top_k, 1,
+                                               stdout, &s->ctx);
     GT_CHECK(st == EPMOE_OK, "context: %s", epmoe_last_error());
     if (st != EPMOE_OK) return 0;
     for (int l = 0; l < n_layers; l++) {

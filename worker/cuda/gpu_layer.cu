@@ -46,7 +46,8 @@ static void carve_assign(const carve_plan *p, void *base) {
 
 /* ---- context and arena ------------------------------------------------------------------- */
 
-static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a, carve_plan *p) {
+static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a, int with_y,
+                               carve_plan *p) {
     const epmoe_config *c = &ctx->cfg;
     const int64_t T = a->max_tokens, k = c->top_k, E = c->n_routed_experts;
     const int64_t H = c->hidden_size, I = c->moe_inter_size, Is = ctx->shared_inter;
@@ -73,7 +74,7 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     const int want_bf16_a = !nvfp4 || major == 9;
     carve_add(p, "a_bf16 [cap,max(Hp,Ip)] bf16", &a->a_bf16, want_bf16_a ? (size_t)(cap * K_max) * 2 : 0);
     carve_add(p, "h [cap,2I] f32", &a->h, (size_t)(cap * 2 * I) * 4);
-    carve_add(p, "y [cap,H] f32", &a->y, (size_t)(cap * H) * 4);
+    carve_add(p, "y [cap,H] f32", &a->y, with_y ? (size_t)(cap * H) * 4 : 0);
     /* the shared expert runs in whole chunks of EPMOE_SHARED_CHUNK_ROWS (batch invariance) */
     const int64_t Ts = epmoe_round_up(T, EPMOE_SHARED_CHUNK_ROWS);
     carve_add(p, "shared_x [Ts,H] bf16", &a->shared_x_bf16, (size_t)(Ts * H) * 2 * (Is > 0));
@@ -88,8 +89,8 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
 }
 
 epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64_t expert_start,
-                                      int64_t n_local, int64_t max_expert_rows, FILE *log,
-                                      epmoe_gpu_context **out) {
+                                      int64_t n_local, int64_t max_expert_rows, int with_y,
+                                      FILE *log, epmoe_gpu_context **out) {
     *out = NULL;
     EPMOE_TRY(epmoe_config_validate(cfg));
     EPMOE_REQUIRE(n_local > 0 && expert_start >= 0 && expert_start + n_local <= cfg->n_routed_experts,
@@ -129,7 +130,7 @@ epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64
         goto fail;
     }
     carve_plan plan;
-    st = plan_arena(ctx, a, &plan);
+    st = plan_arena(ctx, a, with_y, &plan);
     if (st != EPMOE_OK) goto fail;
     a->bytes = carve_total(&plan);
     err = cudaMalloc(&a->base, a->bytes);
@@ -522,6 +523,8 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     g.w_scale_split = H;
     EPMOE_REQUIRE(!rows->out == !rows->out_row, EPMOE_ERR_INVALID_ARG,
                   "experts: an output buffer needs its row map, and a row map its buffer");
+    EPMOE_REQUIRE(rows->out || a->y, EPMOE_ERR_INVALID_ARG,
+                  "experts: this arena holds no y (made with with_y = 0): name an output");
     g.out = rows->out ? rows->out : a->y;
     g.out_bias = layer->w2_bias;
     g.out_row = rows->out_row;

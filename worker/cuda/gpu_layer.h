@@ -120,11 +120,13 @@ typedef struct {
 
 /* Makes the arena for cfg on `device` for the slice [expert_start, expert_start + n_local),
  * with max_expert_rows = the (token, expert) rows the expert side may receive (single GPU:
- * max_tokens_per_rank * top_k). Prints every buffer's size and the total to `log` (NULL:
- * silent). */
+ * max_tokens_per_rank * top_k). with_y: the arena holds the experts' output y [cap_rows, H]
+ * for the combine stage (the single-GPU layer); 0 when every experts call names its own output
+ * (epmoe_gpu_rows.out: the multi-GPU engine, which saves those cap_rows x H x 4 bytes). Prints
+ * every buffer's size and the total to `log` (NULL: silent). */
 epmoe_status epmoe_gpu_context_create(const epmoe_config *cfg, int device, int64_t expert_start,
-                                      int64_t n_local, int64_t max_expert_rows, FILE *log,
-                                      epmoe_gpu_context **out);
+                                      int64_t n_local, int64_t max_expert_rows, int with_y,
+                                      FILE *log, epmoe_gpu_context **out);
 void epmoe_gpu_context_free(epmoe_gpu_context *ctx);
 
 /* Uploads a layer's host weights (worker/expert_weights.h); shapes are checked against the
