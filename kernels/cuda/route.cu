@@ -46,9 +46,14 @@ epmoe_status epmoe_cuda_flags_status(uint32_t flags, const char *where) {
  *    reads at one h fall in different banks), read as float4: TM + TN vector loads per
  *    4 * TM * TN fmafs. A thread's tokens and experts are strided (pt + PT*i, pe + PE*j) so
  *    that neighbouring lanes read neighbouring rows.
- *  - Past T, E or H the copies write zeros (src-size 0, nothing read). Zero padding is exact:
- *    a partial starts at +0 and an fp32 sum is -0 only when both operands are, so no partial
- *    or running sum is ever -0, and adding fmaf(0, 0, .) or a zero partial leaves it unchanged. */
+ *  - Past T, E or H the copies write zeros (src-size 0, nothing read). Zero padding is exact,
+ *    though not quite because nothing is -0: a partial can be -0 (fmaf(-1e-30f, 1e-20f, +0):
+ *    a negative product below half the smallest subnormal rounds to -0), and a padded step
+ *    fmaf(0, 0, -0) = +0 then flips it where the CPU, with no padded steps, keeps -0. Padding
+ *    only ever follows the last real h of the last chunk, so only that partial's sign of zero
+ *    can differ, and the running sum absorbs it: it starts at +0 and an fp32 sum is -0 only
+ *    when both operands are, so it is never -0, and s + (+0) = s + (-0) for every such s. Any
+ *    nonzero, Inf or NaN partial passes fmaf(0, 0, .) unchanged. */
 template <int G, int PT, int PE, int TM, int TN, int BK, int STAGES> struct GateTile {
     static constexpr int kThreads = G * PT * PE;
     static constexpr int kBT = PT * TM, kBE = PE * TN;
@@ -359,8 +364,16 @@ static __device__ void write_safe_route(int64_t k, int32_t *ids_t, float *weight
     }
 }
 
+/* A key that is out of the running: NaN, which better() never prefers to anything (v > b and
+ * v == b are both false). Not -Inf: a real key can be -Inf (logit + bias overflowing, or a
+ * bias of -Inf), and the argmax takes -Inf keys (ties to the lower id) once nothing larger is
+ * left, so a chosen expert masked with -Inf could be chosen again, or an expert of a dropped
+ * group taken; the CPU (topk_insert) never reconsiders either. */
+static constexpr float kMaskedKey = __builtin_nanf("");
+
 /* One warp per token. The selection keys s + bias live in shared memory ([warps][E]); chosen
- * experts (and experts of dropped groups) are masked with -Inf. k rounds of a warp argmax. */
+ * experts (and experts of dropped groups) are masked with kMaskedKey. k rounds of a warp
+ * argmax. */
 __global__ void route_kernel(epmoe_route_params p, const float *logits, const float *bias,
                              int64_t T, int32_t *ids, float *weights, uint32_t *error_flags) {
     extern __shared__ float route_smem[];
@@ -427,7 +440,7 @@ __global__ void route_kernel(epmoe_route_params p, const float *logits, const fl
             kept |= 1ull << best_g;
         }
         for (int64_t e = lane; e < E; e += 32)
-            if (!((kept >> (e / group_size)) & 1ull)) key[e] = -INFINITY;
+            if (!((kept >> (e / group_size)) & 1ull)) key[e] = kMaskedKey;
         __syncwarp();
     }
 
@@ -442,7 +455,7 @@ __global__ void route_kernel(epmoe_route_params p, const float *logits, const fl
         warp_argmax(&best_v, &best_e);
         if (lane == 0) {
             ids_t[j] = best_e;
-            key[best_e] = -INFINITY;
+            key[best_e] = kMaskedKey;
         }
         __syncwarp();
     }

@@ -302,6 +302,30 @@ static void test_routing_topk_softmax(void) {
     GT_CHECK(worst < 1e-6, "topk_softmax by hand: weights %g %g %g %g, rel err %.3g", w[0], w[1],
              w[2], w[3], worst);
     cudaFree(dl), cudaFree(db), cudaFree(dw), cudaFree(dids), cudaFree(dflags);
+
+    /* Keys of -Inf from finite inputs (logit + bias overflowing): only experts 25 and 20 have
+     * finite keys, so slots 2 and 3 go to -Inf keys, the lowest ids first (0, then 1), as the
+     * CPU's topk_insert takes them. A chosen expert must never come back: the kernel once
+     * masked chosen keys with -Inf, and slot 3 then took expert 0 a second time. */
+    for (int e = 0; e < 32; e++) l[e] = -3e38f, b[e] = -3e38f;
+    l[25] = 2.0f, b[25] = 0.0f;
+    l[20] = 1.0f, b[20] = 0.0f;
+    int32_t want[4];
+    float w_cpu[4];
+    GT_OK(epmoe_cpu_route(&oss20, l, b, 1, want, w_cpu));
+    dl = dev_copy(l, 32), db = dev_copy(b, 32), dw = dev_alloc<float>(4);
+    dids = dev_alloc<int32_t>(4), dflags = dev_alloc<uint32_t>(1);
+    cudaMemset(dflags, 0, 4);
+    GT_OK(epmoe_cuda_route(&oss20, dl, db, 1, dids, dw, dflags, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    to_host(ids, dids, 4);
+    GT_CHECK(want[0] == 25 && want[1] == 20 && want[2] == 0 && want[3] == 1,
+             "topk_softmax -Inf keys: CPU ids %d %d %d %d, want 25 20 0 1", want[0], want[1],
+             want[2], want[3]);
+    GT_CHECK(memcmp(ids, want, sizeof ids) == 0,
+             "topk_softmax -Inf keys: GPU ids %d %d %d %d, CPU %d %d %d %d", ids[0], ids[1],
+             ids[2], ids[3], want[0], want[1], want[2], want[3]);
+    cudaFree(dl), cudaFree(db), cudaFree(dw), cudaFree(dids), cudaFree(dflags);
 }
 
 /* Every chosen logit far below 0 (issue 24, defect 11): the fp32 scores underflow, the weights
