@@ -1,5 +1,6 @@
 /* One MoE layer on one GPU: the arena, the device weights and the staged forward
  * (worker/cuda/gpu_layer.h). */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -296,6 +297,12 @@ static epmoe_status check_layer_weights(const epmoe_gpu_context *ctx,
                   EPMOE_ERR_INVALID_ARG, "layer %lld: act_scale=static needs input_scale tensors",
                   (long long)w->layer);
     const int hash = w->layer < c->n_hash_layers;
+    /* the CPU refuses a non-finite bias on every forward; here it is refused once, at upload,
+     * since the routing kernel does not look at it */
+    for (int64_t e = 0; w->gate_bias && !hash && e < E; e++)
+        EPMOE_REQUIRE(isfinite(w->gate_bias[e]), EPMOE_ERR_NUMERIC,
+                      "layer %lld: gate bias of expert %lld is %g (must be finite)",
+                      (long long)w->layer, (long long)e, (double)w->gate_bias[e]);
     EPMOE_REQUIRE(!hash || (w->tid2eid && w->vocab_size > 0), EPMOE_ERR_INVALID_ARG,
                   "layer %lld is hash-routed (n_hash_layers=%lld) but has no tid2eid table",
                   (long long)w->layer, (long long)c->n_hash_layers);
