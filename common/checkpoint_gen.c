@@ -1061,6 +1061,17 @@ static epmoe_status write_json(json_t *root, const char *dir, const char *file) 
     return EPMOE_OK;
 }
 
+/* config.json with the generator's mark (preset and seed, so a synthetic directory says what it
+ * is), written to dir. */
+static epmoe_status write_config_with_mark(const epmoe_config *c, json_t *root, const char *dir) {
+    char seed[32];
+    snprintf(seed, sizeof seed, "%lld", (long long)c->seed);
+    json_object_set_new(root, "epmoe_synthetic",
+                        json_pack("{s:s, s:s, s:s}", "generator", "epmoe-gen", "preset", c->preset,
+                                  "seed", seed));
+    return write_json(root, dir, "config.json");
+}
+
 /* config.json as gpt-oss's release spells it (docs/checkpoints.md, "gpt-oss"): the MoE keys
  * epmoe reads, and the attention keys of the (never read) small attention tensors. */
 static epmoe_status write_gptoss_config_json(const gen_plan *p, const char *dir) {
@@ -1084,12 +1095,7 @@ static epmoe_status write_gptoss_config_json(const gen_plan *p, const char *dir)
     /* the release has no swiglu_alpha (its code fixes 1.702); newer transformers read one */
     if (c->swiglu_alpha != 1.702)
         json_object_set_new(root, "swiglu_alpha", json_real(c->swiglu_alpha));
-    char seed[32];
-    snprintf(seed, sizeof seed, "%lld", (long long)c->seed);
-    json_object_set_new(root, "epmoe_synthetic",
-                        json_pack("{s:s, s:s, s:s}", "generator", "epmoe-gen", "preset", c->preset,
-                                  "seed", seed));
-    return write_json(root, dir, "config.json");
+    return write_config_with_mark(c, root, dir);
 }
 
 /* config.json as DeepSeek-V4's release spells it (docs/checkpoints.md), plus NVIDIA's mark. */
@@ -1122,12 +1128,7 @@ static epmoe_status write_config_json(const gen_plan *p, const char *dir) {
         json_object_set_new(root, "n_group", json_integer(c->n_groups));
         json_object_set_new(root, "topk_group", json_integer(c->topk_groups));
     }
-    char seed[32];
-    snprintf(seed, sizeof seed, "%lld", (long long)c->seed);
-    json_object_set_new(root, "epmoe_synthetic",
-                        json_pack("{s:s, s:s, s:s}", "generator", "epmoe-gen", "preset", c->preset,
-                                  "seed", seed));
-    return write_json(root, dir, "config.json");
+    return write_config_with_mark(c, root, dir);
 }
 
 static epmoe_status write_index_json(const gen_plan *p, const char *dir) {

@@ -85,6 +85,31 @@ static epmoe_status set_number(epmoe_config *cfg, const model_json *m, const cha
     return EPMOE_OK;
 }
 
+/* Integer keys copied as they are into settings: {config.json key, setting, optional, default}. */
+typedef struct {
+    const char *key, *setting;
+    int def_ok;
+    int64_t def;
+} int_key;
+
+static epmoe_status copy_ints(epmoe_config *cfg, const model_json *m, const int_key *keys,
+                              size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        int64_t v = 0;
+        EPMOE_TRY(get_int(m, keys[i].key, keys[i].def_ok, keys[i].def, &v));
+        EPMOE_TRY(set_int(cfg, m, keys[i].setting, keys[i].key, v));
+    }
+    return EPMOE_OK;
+}
+
+/* A number key (absent -> def) into the setting of the same name. */
+static epmoe_status copy_number(epmoe_config *cfg, const model_json *m, const char *key,
+                                double def) {
+    double x = 0.0;
+    EPMOE_TRY(get_number(m, key, def, &x));
+    return set_number(cfg, m, key, key, x);
+}
+
 /* Hash-routed layers: "num_hash_layers" (the release) or "mlp_layer_types" (transformers:
  * "hash_moe" entries first, then "moe"). */
 static epmoe_status read_hash_layers(const model_json *m, int64_t n_layers, int64_t *out) {
@@ -170,13 +195,13 @@ static epmoe_status read_nvfp4_marks(const model_json *m, const char *dir, json_
  * "mxfp4"). */
 static epmoe_status read_gptoss_settings(const model_json *m, json_t *file_root,
                                          epmoe_config *cfg) {
-    int64_t v = 0, per_token = 0, legacy = -1;
-    EPMOE_TRY(get_int(m, "hidden_size", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "hidden_size", "hidden_size", v));
-    EPMOE_TRY(get_int(m, "intermediate_size", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "moe_inter_size", "intermediate_size", v));
-    EPMOE_TRY(get_int(m, "num_local_experts", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "n_routed_experts", "num_local_experts", v));
+    static const int_key ints[] = {
+        {"hidden_size", "hidden_size", 0, 0},          {"intermediate_size", "moe_inter_size", 0, 0},
+        {"num_local_experts", "n_routed_experts", 0, 0}, {"num_hidden_layers", "n_layers", 0, 0},
+        {"vocab_size", "vocab_size", 0, 0},
+    };
+    EPMOE_TRY(copy_ints(cfg, m, ints, sizeof ints / sizeof ints[0]));
+    int64_t per_token = 0, legacy = -1;
     EPMOE_TRY(get_int(m, "num_experts_per_tok", 0, 0, &per_token));
     /* the release also carries the original code's name for it: the two must agree */
     EPMOE_TRY(get_int(m, "experts_per_token", 1, -1, &legacy));
@@ -184,15 +209,8 @@ static epmoe_status read_gptoss_settings(const model_json *m, json_t *file_root,
                   "%s: \"experts_per_token\" %lld disagrees with \"num_experts_per_tok\" %lld",
                   m->path, (long long)legacy, (long long)per_token);
     EPMOE_TRY(set_int(cfg, m, "top_k", "num_experts_per_tok", per_token));
-    EPMOE_TRY(get_int(m, "num_hidden_layers", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "n_layers", "num_hidden_layers", v));
-    EPMOE_TRY(get_int(m, "vocab_size", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "vocab_size", "vocab_size", v));
-    double x;
-    EPMOE_TRY(get_number(m, "swiglu_limit", 7.0, &x)); /* GptOssConfig's default */
-    EPMOE_TRY(set_number(cfg, m, "swiglu_limit", "swiglu_limit", x));
-    EPMOE_TRY(get_number(m, "swiglu_alpha", 1.702, &x)); /* newer transformers name it */
-    EPMOE_TRY(set_number(cfg, m, "swiglu_alpha", "swiglu_alpha", x));
+    EPMOE_TRY(copy_number(cfg, m, "swiglu_limit", 7.0));   /* GptOssConfig's default */
+    EPMOE_TRY(copy_number(cfg, m, "swiglu_alpha", 1.702)); /* newer transformers name it */
     const char *act = NULL;
     EPMOE_TRY(get_string(m, m->root, "hidden_act", "silu", &act));
     EPMOE_REQUIRE(strcmp(act, "silu") == 0, EPMOE_ERR_UNSUPPORTED,
@@ -233,29 +251,19 @@ static epmoe_status read_settings(const model_json *m, const char *dir, json_t *
                   "(model_type \"deepseek_v4\" or \"gpt_oss\")",
                   m->path, model_type ? model_type : "is missing");
 
-    int64_t v = 0;
-    EPMOE_TRY(get_int(m, "hidden_size", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "hidden_size", "hidden_size", v));
-    EPMOE_TRY(get_int(m, "moe_intermediate_size", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "moe_inter_size", "moe_intermediate_size", v));
-    EPMOE_TRY(get_int(m, "n_routed_experts", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "n_routed_experts", "n_routed_experts", v));
-    EPMOE_TRY(get_int(m, "num_experts_per_tok", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "top_k", "num_experts_per_tok", v));
-    EPMOE_TRY(get_int(m, "n_shared_experts", 1, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "n_shared_experts", "n_shared_experts", v));
-    EPMOE_TRY(get_int(m, "vocab_size", 0, 0, &v));
-    EPMOE_TRY(set_int(cfg, m, "vocab_size", "vocab_size", v));
-    EPMOE_TRY(get_int(m, "n_group", 1, 1, &v));
-    EPMOE_TRY(set_int(cfg, m, "n_groups", "n_group", v));
-    EPMOE_TRY(get_int(m, "topk_group", 1, 1, &v));
-    EPMOE_TRY(set_int(cfg, m, "topk_groups", "topk_group", v));
-
-    double x;
-    EPMOE_TRY(get_number(m, "routed_scaling_factor", 1.0, &x));
-    EPMOE_TRY(set_number(cfg, m, "routed_scaling_factor", "routed_scaling_factor", x));
-    EPMOE_TRY(get_number(m, "swiglu_limit", 0.0, &x)); /* null or absent: no clamp */
-    EPMOE_TRY(set_number(cfg, m, "swiglu_limit", "swiglu_limit", x));
+    static const int_key ints[] = {
+        {"hidden_size", "hidden_size", 0, 0},
+        {"moe_intermediate_size", "moe_inter_size", 0, 0},
+        {"n_routed_experts", "n_routed_experts", 0, 0},
+        {"num_experts_per_tok", "top_k", 0, 0},
+        {"n_shared_experts", "n_shared_experts", 1, 0},
+        {"vocab_size", "vocab_size", 0, 0},
+        {"n_group", "n_groups", 1, 1},
+        {"topk_group", "topk_groups", 1, 1},
+    };
+    EPMOE_TRY(copy_ints(cfg, m, ints, sizeof ints / sizeof ints[0]));
+    EPMOE_TRY(copy_number(cfg, m, "routed_scaling_factor", 1.0));
+    EPMOE_TRY(copy_number(cfg, m, "swiglu_limit", 0.0)); /* null or absent: no clamp */
     EPMOE_TRY(epmoe_config_set(cfg, "swiglu_variant", "dsv4"));
 
     const char *scoring = NULL;

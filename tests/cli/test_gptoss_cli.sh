@@ -11,14 +11,7 @@
 set -uo pipefail
 build=$1 py=$2 work=$3 ref_check=$4
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../../deploy/mpi-env.sh"
-# These suites check the CPU backend at its tolerances, also on a machine with a GPU (where
-# backend=auto would pick cuda); the cuda backend's are tests/product/gpu_product.sh.
-export EPMOE_BACKEND=cpu
-rm -rf "$work" && mkdir -p "$work"
-passed=0 failed=0
-ok()   { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+source "$here/cli_common.sh"
 
 gen() { # NAME ARGS...
   local name=$1; shift

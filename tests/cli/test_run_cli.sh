@@ -7,14 +7,7 @@
 set -uo pipefail
 build=$1 py=$2 work=$3 version=${4:-}
 here=$(cd "$(dirname "$0")" && pwd)
-source "$here/../../deploy/mpi-env.sh"
-# These suites check the CPU backend at its tolerances, also on a machine with a GPU (where
-# backend=auto would pick cuda); the cuda backend's are tests/product/gpu_product.sh.
-export EPMOE_BACKEND=cpu
-rm -rf "$work" && mkdir -p "$work"
-passed=0 failed=0
-ok()   { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+source "$here/cli_common.sh"
 
 "$build/epmoe-gen" --preset tiny --n_layers 2 --out "$work/ckpt" >/dev/null || { echo "gen failed"; exit 1; }
 "$build/epmoe-gen" --preset tiny --input-out "$work/in.safetensors" --tokens 301 --dtype bf16 >/dev/null
