@@ -147,8 +147,8 @@ static epmoe_status create_local(epmoe_gpu_engine *e, const epmoe_config *cfg,
     e->ret_recv_cap = max64(cap.return_rows, dec_ret_recv_total);
 
     /* The arena's expert rows: the worst case received, and at least T*k (its own checks of
-     * the local route and shared-expert stages ask for that). */
-    /* no y: the W2 GEMM writes the return buffer */
+     * the local route and shared-expert stages ask for that); no y, since the W2 GEMM writes
+     * the return buffer. */
     EPMOE_TRY(epmoe_gpu_context_create(cfg, e->device, e->expert_start, e->n_local,
                                        max64(e->ret_send_cap, T * k), 0, log, &e->ctx));
     e->layers = (epmoe_gpu_layer *)calloc((size_t)e->n_layers, sizeof *e->layers);
@@ -437,16 +437,16 @@ epmoe_status epmoe_gpu_engine_forward(epmoe_gpu_engine *e, int64_t layer, const 
 
     EPMOE_TRY(epmoe_cuda_dispatch_bases(e->recv_counts, P, e->recv_row_base, e->ret_send_base, s));
     EPMOE_TRY(alltoallv_rows(e, e->send_records, e->h_send_counts,
-                                           e->h_send_displs, e->recv_records, e->h_recv_counts,
-                                           e->h_recv_displs, (size_t)e->rec.bytes,
-                                           "dispatch (rows)"));
+                             e->h_send_displs, e->recv_records, e->h_recv_counts,
+                             e->h_recv_displs, (size_t)e->rec.bytes,
+                             "dispatch (rows)"));
     EPMOE_TRY(mark(e, 3));
     EPMOE_TRY(worker(e, L, rows_in, e->recv_row_base, e->ret_send_base, pairs_in));
     EPMOE_TRY(mark(e, 4));
     EPMOE_TRY(alltoallv_rows(e, e->ret_send, e->h_ret_send_counts,
-                                           e->h_ret_send_displs, e->ret_recv,
-                                           e->h_ret_recv_counts, e->h_ret_recv_displs,
-                                           (size_t)e->H * 4, "return (expert outputs)"));
+                             e->h_ret_send_displs, e->ret_recv,
+                             e->h_ret_recv_counts, e->h_ret_recv_displs,
+                             (size_t)e->H * 4, "return (expert outputs)"));
     EPMOE_TRY(combine(e, T, out));
     EPMOE_TRY(mark(e, 5));
     e->counters.rows_sent += rows_out;
@@ -465,16 +465,16 @@ epmoe_status epmoe_gpu_engine_forward_decode(epmoe_gpu_engine *e, int64_t layer,
     const int64_t C = e->decode_tokens;
     EPMOE_TRY(coordinator_front(e, L, x, token_ids, T, 1));
     EPMOE_TRY(alltoallv_rows(e, e->send_records, e->h_dec_rows,
-                                           e->h_dec_row_displs, e->recv_records, e->h_dec_rows,
-                                           e->h_dec_row_displs, (size_t)e->rec.bytes,
-                                           "decode dispatch (rows)"));
+                             e->h_dec_row_displs, e->recv_records, e->h_dec_rows,
+                             e->h_dec_row_displs, (size_t)e->rec.bytes,
+                             "decode dispatch (rows)"));
     /* Every peer block is C rows; the real ones are told by recv_counts on the device. */
     EPMOE_TRY(worker(e, L, (int64_t)e->P * C, e->fixed_recv_row_base, e->fixed_ret_send_base,
                      (int64_t)e->P * C * e->k_local));
     EPMOE_TRY(alltoallv_rows(e, e->ret_send, e->h_dec_ret_send_counts,
-                                           e->h_dec_ret_send_displs, e->ret_recv,
-                                           e->h_dec_ret_recv_counts, e->h_dec_ret_recv_displs,
-                                           (size_t)e->H * 4, "decode return (expert outputs)"));
+                             e->h_dec_ret_send_displs, e->ret_recv,
+                             e->h_dec_ret_recv_counts, e->h_dec_ret_recv_displs,
+                             (size_t)e->H * 4, "decode return (expert outputs)"));
     return combine(e, T, out);
 }
 
