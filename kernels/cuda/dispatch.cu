@@ -323,36 +323,3 @@ epmoe_status epmoe_cuda_dispatch_return_rows(const int32_t *ids_recv, const int3
     CUDA_TRY_LAUNCH("dispatch return_rows_kernel");
     return EPMOE_OK;
 }
-
-/* One block per receive row: its expert outputs, in slot order, to the return buffer. */
-__global__ void return_pack_kernel(const float4 *y, int64_t H4, const int32_t *ids_recv,
-                                   const int32_t *row_of_pair, const int32_t *peer_of_row,
-                                   const int64_t *ret_row_offset, int64_t top_k,
-                                   float4 *ret_send) {
-    const int64_t i = blockIdx.x;
-    if (peer_of_row[i] < 0) return;
-    int64_t dst = ret_row_offset[i];
-    for (int64_t j = 0; j < top_k; j++) {
-        if (ids_recv[i * top_k + j] == -1) continue; /* uniform over the block */
-        const int64_t src = row_of_pair ? (int64_t)row_of_pair[i * top_k + j] : i;
-        for (int64_t c = threadIdx.x; c < H4; c += blockDim.x)
-            ret_send[dst * H4 + c] = y[src * H4 + c];
-        dst++;
-    }
-}
-
-epmoe_status epmoe_cuda_dispatch_return_pack(const float *y, int64_t H, const int32_t *ids_recv,
-                                             const int32_t *row_of_pair,
-                                             const int32_t *peer_of_row,
-                                             const int64_t *ret_row_offset, int64_t recv_rows,
-                                             int64_t top_k, float *ret_send, cudaStream_t stream) {
-    EPMOE_REQUIRE(H > 0 && H % 4 == 0 && recv_rows >= 0 && top_k > 0, EPMOE_ERR_INVALID_ARG,
-                  "dispatch return pack: bad shape H=%lld rows=%lld top_k=%lld", (long long)H,
-                  (long long)recv_rows, (long long)top_k);
-    if (recv_rows == 0) return EPMOE_OK;
-    return_pack_kernel<<<(unsigned)recv_rows, 128, 0, stream>>>(
-        (const float4 *)y, H / 4, ids_recv, row_of_pair, peer_of_row, ret_row_offset, top_k,
-        (float4 *)ret_send);
-    CUDA_TRY_LAUNCH("dispatch return_pack_kernel");
-    return EPMOE_OK;
-}

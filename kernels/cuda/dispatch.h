@@ -95,23 +95,13 @@ epmoe_status epmoe_cuda_dispatch_return_offsets(const int32_t *ids_recv, int64_t
 
 /* ret_row_of_padded[row_of_pair[i*k+j]] = ret_row_offset[i] + r for the r-th valid slot j of
  * each real received row i: where the W2 GEMM writes each padded row's output in the return
- * buffer (epmoe_grouped_gemm_args.out_row), the same places epmoe_cuda_dispatch_return_pack
- * copies them to. Rows of padding are not written (the GEMM never stores them). */
+ * buffer (epmoe_grouped_gemm_args.out_row), so the outputs leave in slot order per row with no
+ * gather pass of their own. Rows of padding are not written (the GEMM never stores them). */
 epmoe_status epmoe_cuda_dispatch_return_rows(const int32_t *ids_recv, const int32_t *row_of_pair,
                                              const int32_t *peer_of_row,
                                              const int64_t *ret_row_offset, int64_t recv_rows,
                                              int64_t top_k, int32_t *ret_row_of_padded,
                                              cudaStream_t stream);
-
-/* ret_send[ret_row_offset[i] + r] = y[row_of_pair[i*k+j]] for the r-th valid slot j of each
- * real received row i (the expert outputs, gathered out of the padded layout). row_of_pair
- * NULL: y[i] itself (an identity "expert": the benchmark's echo of the received rows). The
- * engine does not call it: its W2 GEMM writes these rows in place (epmoe_cuda_dispatch_return_rows). */
-epmoe_status epmoe_cuda_dispatch_return_pack(const float *y, int64_t H, const int32_t *ids_recv,
-                                             const int32_t *row_of_pair,
-                                             const int32_t *peer_of_row,
-                                             const int64_t *ret_row_offset, int64_t recv_rows,
-                                             int64_t top_k, float *ret_send, cudaStream_t stream);
 
 #ifdef __cplusplus
 }
