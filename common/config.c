@@ -12,7 +12,7 @@ static const char *const swiglu_names[] = {"dsv4", "step", "gptoss", NULL};
 static const char *const gate_up_order_names[] = {"halves", "interleaved", NULL};
 static const char *const weight_format_names[] = {"nvfp4", "mxfp4", NULL};
 static const char *const layout_names[] = {"epmoe", "deepseek", "nvidia-nvfp4", "gpt-oss", NULL};
-static const char *const act_quant_names[] = {"nvfp4", "high", NULL};
+static const char *const act_quant_names[] = {"nvfp4", "high", "fp8", NULL};
 static const char *const act_scale_names[] = {"per_row", "static", NULL};
 static const char *const backend_names[] = {"auto", "cpu", "cuda", NULL};
 
@@ -73,9 +73,9 @@ static const epmoe_cfg_entry table[] = {
     {"expert_pad_rows", EPMOE_CFG_INT, R, OFF(expert_pad_rows), 1, 1024, "128", NULL,
      "each expert's block in the padded layout starts at a multiple of this many rows"},
     {"act_quant", EPMOE_CFG_ENUM, R, OFF(act_quant), 0, 0, "nvfp4", act_quant_names,
-     "nvfp4 (W4A4) or high (W4A16: activations stay fp32/bf16)"},
+     "nvfp4 (W4A4), high (W4A16: activations stay fp32/bf16) or fp8 (W4A8: E4M3, a power-of-two scale per 128)"},
     {"act_scale", EPMOE_CFG_ENUM, R, OFF(act_scale), 0, 0, "per_row", act_scale_names,
-     "activation tensor scale: per_row amax, or the checkpoint's static input_scale"},
+     "nvfp4 activations' tensor scale: per_row amax, or the checkpoint's static input_scale"},
     {"max_tokens_per_rank", EPMOE_CFG_INT, R, OFF(max_tokens_per_rank), 1, 1 << 20, "4096", NULL,
      "tokens one rank holds at most per forward; sizes the worst-case buffers"},
     {"seed", EPMOE_CFG_INT, R, OFF(seed), 0, 1e15, "1234", NULL,

@@ -51,9 +51,10 @@ typedef enum {
     EPMOE_LAYOUT_GPT_OSS = 3
 } epmoe_checkpoint_layout;
 
-/* Activations before each expert GEMM: NVFP4 (W4A4, the production path) or kept in
- * higher precision (W4A16: fp32 on the CPU, bf16 on GPUs). */
-typedef enum { EPMOE_ACT_NVFP4 = 0, EPMOE_ACT_HIGH = 1 } epmoe_act_quant;
+/* Activations before each expert GEMM: NVFP4 (W4A4, the production path), kept in higher
+ * precision (W4A16: fp32 on the CPU, bf16 on GPUs), or FP8 E4M3 with a power-of-two scale per
+ * 128 along K (W4A8, common/fp8.h: FP8 tensor cores on Hopper for MXFP4 weights). */
+typedef enum { EPMOE_ACT_NVFP4 = 0, EPMOE_ACT_HIGH = 1, EPMOE_ACT_FP8 = 2 } epmoe_act_quant;
 
 /* How the activation tensor scale is chosen: per row from that row's amax (default: results
  * do not depend on which other tokens share the batch or the rank), or the checkpoint's

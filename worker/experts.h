@@ -15,6 +15,8 @@
  *     aq     = dequant(quantize(a, gs_a), 1.0)
  *     y[r]   = (aq . w2q[e][n]) * ((1/gs_a) * w2_scale_2[e])   (+ w2_bias[e][n])
  *   act_quant = high (W4A16): xq = x[r], aq = a, and the 1/gs factors are 1.
+ *   act_quant = fp8 (W4A8): xq = e4m3 * 2^e per 128-block of x[r] (common/fp8.h), exact in
+ *     fp32; aq likewise from a; the 1/gs factors are 1.
  *
  * w13q / w2q are the unscaled e2m1*sf weights (dequant with scale 1.0). The dot products
  * accumulate in fp32 (BLAS on the CPU; tensor cores with fp32 accumulation on GPUs).

@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "common/formats.h"
+#include "common/fp8.h"
 #include "common/nvfp4.h"
 #include "kernels/ops.h"
 
@@ -21,7 +22,7 @@ struct epmoe_expert_scratch {
     float *h;           /* [chunk, 2*max(I, shared_I)] */
     float *a;           /* [chunk, max(I, shared_I)] */
     float *row_inv_gs;  /* [chunk] 1/global_sf per row */
-    uint8_t *codes;     /* [max(H, I)/2] */
+    uint8_t *codes;     /* [max(H, I)] (NVFP4 packs two a byte, FP8 one) */
     uint8_t *block_sf;  /* [max(H, I)/16] */
     size_t bytes;
 };
@@ -43,7 +44,7 @@ epmoe_status epmoe_expert_scratch_create(int64_t H, int64_t I, int64_t shared_in
         (size_t)ROWS_PER_CHUNK * 2 * (size_t)inter * sizeof(float),
         (size_t)ROWS_PER_CHUNK * (size_t)inter * sizeof(float),
         ROWS_PER_CHUNK * sizeof(float),
-        (size_t)wide / 2,
+        (size_t)wide,
         (size_t)wide / 16,
     };
     void **slots[] = {(void **)&s->w13_panels, (void **)&s->w2_panels, (void **)&s->x_q,
@@ -107,8 +108,10 @@ void epmoe_cpu_dequant_panels(const uint8_t *codes, const uint8_t *block_sf, int
     }
 }
 
-/* Activation rows [rows, K] -> x_q (unscaled e2m1*sf) and row_inv_gs (1/global_sf), or a copy
- * with factor 1 in W4A16 mode. Returns saturated element count. */
+/* Activation rows [rows, K] -> x_q (unscaled e2m1*sf) and row_inv_gs (1/global_sf); in W4A8
+ * mode the exact e4m3 * 2^e values with factor 1 (the block scales are powers of two, so they
+ * ride inside the values without a rounding); a copy with factor 1 in W4A16 mode. Returns
+ * saturated element count. */
 static size_t quantize_rows(const epmoe_config *cfg, const float *x, int64_t rows, int64_t K,
                             float static_input_scale, epmoe_expert_scratch *s) {
     size_t saturated = 0;
@@ -117,6 +120,12 @@ static size_t quantize_rows(const epmoe_config *cfg, const float *x, int64_t row
         float *dst = s->x_q + (size_t)r * (size_t)K;
         if (cfg->act_quant == EPMOE_ACT_HIGH) {
             memcpy(dst, row, (size_t)K * sizeof(float));
+            s->row_inv_gs[r] = 1.0f;
+            continue;
+        }
+        if (cfg->act_quant == EPMOE_ACT_FP8) {
+            epmoe_fp8_quantize_row(row, (size_t)K, s->codes, s->block_sf);
+            epmoe_fp8_dequantize_row(s->codes, s->block_sf, (size_t)K, dst);
             s->row_inv_gs[r] = 1.0f;
             continue;
         }

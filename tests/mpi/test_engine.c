@@ -534,6 +534,27 @@ START_TEST(static_scales_and_step_variant) {
 }
 END_TEST
 
+/* W4A8 (act_quant = fp8): FP8 activations with power-of-two block scales, on MXFP4 weights
+ * (the mode's target) and on NVFP4 ones (the same exact products on the CPU), skewed, with the
+ * clamp firing, and on gpt-oss's 160-wide rows (a short last block). */
+START_TEST(fp8_w4a8_mxfp4_skew) {
+    engine_case c = {"fp8mx", "weight_format=mxfp4;act_quant=fp8", 48, 0, 1, 1.0f, 0, 1, NULL};
+    run_case(&c);
+}
+END_TEST
+
+START_TEST(fp8_w4a8_clamp_fires) {
+    engine_case c = {"fp8", "act_quant=fp8", 48, 0, 0, 6.0f, 1, 1, NULL};
+    run_case(&c);
+}
+END_TEST
+
+START_TEST(fp8_w4a8_gptoss_skew_to_one_rank) {
+    engine_case c = {"gptoss", "act_quant=fp8", 40, 0, 2, 3.0f, 0, 1, "gpt-oss-tiny"};
+    run_case(&c);
+}
+END_TEST
+
 /* gpt-oss (topk_softmax routing with the router bias in the weights, expert biases, the gptoss
  * SwiGLU, H 160 and I 96: not multiples of 64), in both of its layouts: the epmoe layout and
  * the released one (stacked, interleaved MXFP4); large inputs so that the clamp fires, and
@@ -602,6 +623,9 @@ static Suite *engine_suite(void) {
     tcase_add_test(tc, gptoss_released_layout);
     tcase_add_test(tc, gptoss_skew_to_one_expert);
     tcase_add_test(tc, gptoss_skew_to_one_rank_w4a16);
+    tcase_add_test(tc, fp8_w4a8_mxfp4_skew);
+    tcase_add_test(tc, fp8_w4a8_clamp_fires);
+    tcase_add_test(tc, fp8_w4a8_gptoss_skew_to_one_rank);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -96,3 +96,20 @@ size_t epmoe_ref_nvfp4_quantize(const float *x, size_t K, float global_sf, uint8
 uint8_t epmoe_ref_nibble(const uint8_t *packed, size_t k) {
     return (uint8_t)(k % 2 == 0 ? packed[k / 2] & 0xf : packed[k / 2] >> 4);
 }
+
+void epmoe_ref_fp8_quantize(const float *x, size_t K, uint8_t *codes, int *exps) {
+    for (size_t b0 = 0, b = 0; b0 < K; b0 += 128, b++) {
+        size_t n = K - b0 < 128 ? K - b0 : 128;
+        double amax = epmoe_ref_amax(x + b0, n);
+        int e = 0;
+        if (amax > 0) {
+            e = -140;
+            while (amax > 448.0 * ldexp(1.0, e)) e++;
+            if (e < -117) e = -117;
+            if (e > 127) e = 127;
+        }
+        exps[b] = e;
+        for (size_t i = 0; i < n; i++)
+            codes[b0 + i] = epmoe_ref_e4m3_encode((float)ldexp((double)x[b0 + i], -e));
+    }
+}

@@ -107,13 +107,23 @@ static double ref_swiglu(double g, double u, double L, int64_t variant, double a
     return silu * u;
 }
 
-/* The activation as the implementation feeds it to a GEMM: NVFP4 codes decided on fp32
- * values (tests/ref/ref_formats.h: the spec's fp32 order, the reference's own rounding), then
+/* The activation as the implementation feeds it to a GEMM: FP8 codes with their power-of-two
+ * block scales, or NVFP4 codes decided on fp32 values (tests/ref/ref_formats.h: the spec's fp32 order, the reference's own rounding), then
  * taken exactly (as doubles) with their scales. */
 static void ref_quantize(const epmoe_config *cfg, const float *v, int64_t K, float static_scale,
                          double *out) {
     if (cfg->act_quant == EPMOE_ACT_HIGH) {
         for (int64_t i = 0; i < K; i++) out[i] = v[i];
+        return;
+    }
+    if (cfg->act_quant == EPMOE_ACT_FP8) {
+        uint8_t *codes = malloc((size_t)K);
+        int *exps = malloc((size_t)(K / 128 + 1) * sizeof(int));
+        epmoe_ref_fp8_quantize(v, (size_t)K, codes, exps);
+        for (int64_t i = 0; i < K; i++)
+            out[i] = epmoe_ref_e4m3_value(codes[i]) * ldexp(1.0, exps[i / 128]);
+        free(codes);
+        free(exps);
         return;
     }
     float gs = cfg->act_scale == EPMOE_ACT_SCALE_STATIC
