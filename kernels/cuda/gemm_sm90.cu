@@ -261,11 +261,11 @@ int sm90_rows_per_chunk(const epmoe_grouped_gemm_args *a) {
     return 128;                                      /* prefill */
 }
 
-/* wgmma needs an sm_90a image, a compute capability 9.0 device, NVFP4 A and the workspace its
- * bf16 copy of A goes to. */
+/* wgmma needs an sm_90a image, a compute capability 9.0 device, NVFP4 or FP8 A and the
+ * workspace its bf16 copy of A goes to. */
 bool wgmma_usable(const epmoe_grouped_gemm_args *a) {
     int device = 0, major = 0, minor = 0;
-    if (a->a_format != EPMOE_GEMM_A_NVFP4 || !a->a_workspace) return false;
+    if (a->a_format == EPMOE_GEMM_A_BF16 || !a->a_workspace) return false;
     if (cudaGetDevice(&device) != cudaSuccess ||
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
         cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) != cudaSuccess) {
@@ -293,7 +293,7 @@ extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_gro
      * (mma.sync MT=32 at 32 rows, the first wgmma kernel at 64 rows and at prefill). Row-major
      * weights keep the older kernels. */
     const int rows = sm90_rows_per_chunk(a);
-    const bool stream = a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace;
+    const bool stream = a->a_format != EPMOE_GEMM_A_BF16 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;
     if (wgmma_ws_usable(a))
         return rows == 32 ? EPMOE_GEMM_SM90_WS_MT32
@@ -361,6 +361,12 @@ extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_a
                       "grouped GEMM: a_codes must be 16-byte aligned and a_sf 2-byte aligned");
         EPMOE_REQUIRE(((uintptr_t)a->a_workspace & 15) == 0, EPMOE_ERR_INVALID_ARG,
                       "grouped GEMM: a_workspace must be 16-byte aligned (or NULL)");
+    } else if (a->a_format == EPMOE_GEMM_A_FP8) {
+        EPMOE_REQUIRE(a->a_codes && a->a_sf && a->a_workspace, EPMOE_ERR_INVALID_ARG,
+                      "grouped GEMM: FP8 A needs a_codes, a_sf and a_workspace");
+        EPMOE_REQUIRE(((uintptr_t)a->a_codes & 15) == 0 && ((uintptr_t)a->a_workspace & 15) == 0,
+                      EPMOE_ERR_INVALID_ARG,
+                      "grouped GEMM: FP8 a_codes and a_workspace must be 16-byte aligned");
     } else if (a->a_format == EPMOE_GEMM_A_BF16) {
         EPMOE_REQUIRE(a->a_bf16 && ((uintptr_t)a->a_bf16 & 15) == 0, EPMOE_ERR_INVALID_ARG,
                       "grouped GEMM: bf16 A needs a 16-byte aligned a_bf16");
@@ -378,6 +384,16 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
 
     const bool fp4 = a->a_format == EPMOE_GEMM_A_NVFP4;
     const epmoe_gemm_sm90_kernel kernel = epmoe_grouped_gemm_sm90_select(a);
+    if (a->a_format == EPMOE_GEMM_A_FP8 && kernel >= EPMOE_GEMM_SM90_MMA_MT32 &&
+        kernel <= EPMOE_GEMM_SM90_MMA_MT128) {
+        /* the mma.sync kernels read FP8 A as its exact bf16, in order, from the workspace */
+        EPMOE_TRY(epmoe_a_rows_to_bf16_launch(p, kOrderPlain, stream));
+        GemmParams q = p;
+        q.a_bf16 = (const __nv_bfloat16 *)a->a_workspace;
+        return kernel == EPMOE_GEMM_SM90_MMA_MT32   ? launch_variant<32, 4, 4, false, 3>(q, stream)
+               : kernel == EPMOE_GEMM_SM90_MMA_MT64 ? launch_variant<64, 4, 4, false, 2>(q, stream)
+                                                    : launch_variant<128, 8, 3, false, 1>(q, stream);
+    }
     switch (kernel) {
     case EPMOE_GEMM_SM90_MMA_MT32:
         return fp4 ? launch_variant<32, 4, 4, true, 3>(p, stream)
@@ -391,7 +407,7 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
     case EPMOE_GEMM_SM90_WGMMA_MT128:
         /* AUTO chose it only after wgmma_usable; a forced choice is checked here */
         EPMOE_REQUIRE(a->sm90_kernel == EPMOE_GEMM_SM90_AUTO || wgmma_usable(a), EPMOE_ERR_UNSUPPORTED,
-                      "grouped GEMM: the wgmma kernel needs NVFP4 A, an a_workspace, a compute capability 9.0 device and a build for the 90a "
+                      "grouped GEMM: the wgmma kernel needs NVFP4 or FP8 A, an a_workspace, a compute capability 9.0 device and a build for the 90a "
                       "architecture");
         return epmoe_gemm_sm90_wgmma_launch(p, stream);
     case EPMOE_GEMM_SM90_WS_MT16:
@@ -399,13 +415,13 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
     case EPMOE_GEMM_SM90_WS_MT64:
     case EPMOE_GEMM_SM90_WS_MT128:
         EPMOE_REQUIRE(a->sm90_kernel == EPMOE_GEMM_SM90_AUTO || wgmma_ws_usable(a), EPMOE_ERR_UNSUPPORTED,
-                      "grouped GEMM: the warp-specialized wgmma kernel needs NVFP4 A, an a_workspace, slab-layout weights, "
+                      "grouped GEMM: the warp-specialized wgmma kernel needs NVFP4 or FP8 A, an a_workspace, slab-layout weights, "
                       "16-byte aligned weight codes, scales and workspace, cap_rows a multiple of 8, a compute capability 9.0 "
                       "device and a build for the 90a architecture");
         return epmoe_gemm_sm90_ws_launch(p, 16 << (kernel - EPMOE_GEMM_SM90_WS_MT16), stream);
     case EPMOE_GEMM_SM90_STREAM_MT16:
-        EPMOE_REQUIRE(a->a_format == EPMOE_GEMM_A_NVFP4 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
-                      "grouped GEMM: the streaming decode kernel needs NVFP4 A and an a_workspace");
+        EPMOE_REQUIRE(a->a_format != EPMOE_GEMM_A_BF16 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
+                      "grouped GEMM: the streaming decode kernel needs NVFP4 or FP8 A and an a_workspace");
         return epmoe_gemm_sm90_stream_launch(p, stream);
     default:
         break;

@@ -40,6 +40,7 @@ struct GemmParams {
     int E, N, K;
     int64_t cap_rows;
     const uint8_t *a_codes, *a_sf;
+    int a_fp8; /* a_codes/a_sf are FP8 (E4M3, UE8M0 per 128), not NVFP4: the pre-pass's input */
     const float *a_scale;
     const __nv_bfloat16 *a_bf16;
     const uint8_t *w_codes, *w_sf;
@@ -527,6 +528,7 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     p.cap_rows = a->cap_rows;
     p.a_codes = a->a_codes;
     p.a_sf = a->a_sf;
+    p.a_fp8 = a->a_format == EPMOE_GEMM_A_FP8;
     p.a_scale = a->a_scale;
     p.a_bf16 = (const __nv_bfloat16 *)a->a_bf16;
     p.w_codes = a->w_codes;
@@ -556,8 +558,14 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
  *                    token tile (a_tile_image_offset): for each step, 8-row groups of 2 KB
  *                    one after another, so any run of 8-aligned rows of one step is one
  *                    contiguous image that a single bulk copy moves. Needs cap_rows % 8 == 0.
+ *   kOrderPlain:     row-major, k in order (FP8 A only): what the mma.sync kernels read as
+ *                    bf16 A, so that they take FP8 A too (Blackwell and any device without
+ *                    wgmma run those).
+ * FP8 A (p.a_fp8) gives the same orders of e4m3 * 2^e * 2^-8, the 2^-8 that the NVFP4 copy
+ * carries too (kDequantFix), and the plain order unscaled, as bf16 A is; exact by the exponent
+ * floor of common/fp8.h.
  * Padding rows are neither read nor written. gemm_sm90_prepass.cu. */
-enum AOrder { kOrderSlices = 0, kOrderFragments = 1, kOrderTileImage = 2 };
+enum AOrder { kOrderSlices = 0, kOrderFragments = 1, kOrderTileImage = 2, kOrderPlain = 3 };
 
 /* kOrderTileImage: byte offset of 16-byte chunk c (slice order, 0..15) of row `row`'s 128-k step
  * `step`. An 8-row group's step is 2 KB: two 1 KB halves (k 0-63, 64-127) of 8 rows x 128 B,
@@ -568,7 +576,7 @@ static __host__ __device__ __forceinline__ int64_t a_tile_image_offset(int64_t r
     return ((int64_t)step * (cap_rows / 8) + row / 8) * 2048 + (c / 8) * 1024 + (row % 8) * 128 +
            (((c % 8) ^ (int)(row % 8)) << 4);
 }
-epmoe_status epmoe_nvfp4_rows_to_bf16_launch(const GemmParams &p, AOrder order, cudaStream_t stream);
+epmoe_status epmoe_a_rows_to_bf16_launch(const GemmParams &p, AOrder order, cudaStream_t stream);
 
 /* The wgmma kernel (gemm_sm90_wgmma.cu), NVFP4 A only: token chunks of 128 rows, 256 weight
  * rows per block; p.a_ws is required. Requires a compute capability 9.0 device; the caller

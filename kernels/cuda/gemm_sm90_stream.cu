@@ -213,7 +213,7 @@ epmoe_status launch_stream(const GemmParams &p, cudaStream_t stream) {
     const int64_t max_items = (p.cap_rows / MT + p.E) * (p.N / 32);
     unsigned grid = 0;
     EPMOE_TRY(persistent_grid(per_sm, (max_items + NWARPS - 1) / NWARPS, &grid));
-    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderFragments, stream));
+    EPMOE_TRY(epmoe_a_rows_to_bf16_launch(p, kOrderFragments, stream));
     return launch_after_prepass(kernel, grid, NWARPS * 32, smem, p, stream);
 }
 

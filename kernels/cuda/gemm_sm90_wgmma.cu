@@ -3,7 +3,7 @@
  *
  * Same operand order as the mma.sync kernel (gemm_sm90.cu): weights are the M side, tokens the
  * N side. Two launches:
- *   1. epmoe_nvfp4_rows_to_bf16_launch (gemm_sm90_prepass.cu): every live NVFP4 A row -> exact
+ *   1. epmoe_a_rows_to_bf16_launch (gemm_sm90_prepass.cu): every live NVFP4 A row -> exact
  *      bf16, in the slice order, into the caller's workspace (once, instead of once per weight
  *      tile that meets the row).
  *   2. grouped_gemm_wgmma_kernel, per work item (one expert, a chunk of up to 128 token rows,
@@ -225,7 +225,7 @@ epmoe_status epmoe_sm90::epmoe_gemm_sm90_wgmma_launch(const GemmParams &p, cudaS
     unsigned grid = 0;
     EPMOE_TRY(persistent_grid(1, (p.cap_rows / kMT + p.E) * n_tiles, &grid));
     /* A operand: NVFP4 -> bf16 into the workspace, then the GEMM */
-    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderSlices, stream));
+    EPMOE_TRY(epmoe_a_rows_to_bf16_launch(p, kOrderSlices, stream));
     kernel<<<grid, kNWG * 128, smem_bytes, stream>>>(p);
     CUDA_TRY_LAUNCH("grouped NVFP4 GEMM (sm_90a wgmma)");
     return EPMOE_OK;

@@ -263,7 +263,7 @@ epmoe_status launch_ws(const GemmParams &p, cudaStream_t stream) {
     EPMOE_TRY(persistent_grid(1, (p.cap_rows / MT + p.E) * n_tiles, &grid));
     /* A operand: NVFP4 -> bf16, already in the shared tile's image, then the GEMM, launched
      * while that runs */
-    EPMOE_TRY(epmoe_nvfp4_rows_to_bf16_launch(p, kOrderTileImage, stream));
+    EPMOE_TRY(epmoe_a_rows_to_bf16_launch(p, kOrderTileImage, stream));
     return launch_after_prepass(kernel, grid, kWsThreads, Plan::kBytes, p, stream);
 }
 } // namespace

@@ -7,6 +7,8 @@
  *
  *   deqA = e2m1(a_codes) * float(ue4m3 a_sf)   (NVFP4 A; exact in bf16)
  *        = a_bf16                              (bf16 A; a_scale may then be NULL = 1.0)
+ *        = e4m3(a_codes) * 2^(a_sf - 127)      (FP8 A, one exponent byte per 128 k; exact in
+ *                                               bf16; a_scale may be NULL = 1.0)
  *   deqW = e2m1(w_codes) * float(ue4m3 w_sf)   (exact in bf16)
  *   group(n) = n < w_scale_split ? 0 : 1
  *
@@ -23,6 +25,8 @@
  *   a_sf      [cap_rows, K/16]       UE4M3, linear layout
  *   a_scale   [cap_rows] fp32        1/gs of the row's activation quantization
  *   a_bf16    [cap_rows, K]          bf16 activations (act_quant = high)
+ *   a_codes   [cap_rows, K]          FP8 A: E4M3 codes, one byte each (act_quant = fp8)
+ *   a_sf      [cap_rows, K/128]      FP8 A: UE8M0 block exponents
  *   w_codes   [E, N, K/2]            packed E2M1
  *   w_sf      [E, N, K/16]           UE4M3, linear layout (the sm_100 path swizzles on its own
  *                                    copy; see w_sf_swizzled)
@@ -36,7 +40,7 @@
  * Choosing a kernel variant (sm_90): cap_rows should be this batch's padded capacity
  * (epmoe_padded_capacity(rows, E, 128), common/layout.h): it bounds the live rows per expert on
  * average, and the class (16, 32, 64 or more) picks the kernel: the streaming decode kernel up to
- * 16; above, on a compute capability 9.0 device with NVFP4 A, the warp-specialized wgmma kernel
+ * 16; above, on a compute capability 9.0 device with NVFP4 or FP8 A, the warp-specialized wgmma kernel
  * with a 32-, 64- or 128-token tile (slab weights) or the first wgmma kernel (row-major), and the
  * mma.sync kernels otherwise. All are correct for any routing and give the same bits
  * (tests/gpu/test_gemm.cu and bench/gemm_bench.cu compare them), so the choice, which depends on
@@ -61,25 +65,27 @@ extern "C" {
 
 typedef enum {
     EPMOE_GEMM_A_NVFP4 = 0, /* a_codes + a_sf + a_scale */
-    EPMOE_GEMM_A_BF16 = 1   /* a_bf16 (+ optional a_scale) */
+    EPMOE_GEMM_A_BF16 = 1,  /* a_bf16 (+ optional a_scale) */
+    EPMOE_GEMM_A_FP8 = 2    /* a_codes (E4M3) + a_sf (UE8M0 per 128) + a_workspace (+ optional
+                               a_scale): act_quant = fp8, common/fp8.h */
 } epmoe_gemm_a_format;
 
 /* The sm_90 path's kernels. AUTO picks from the shapes (below); the others force one, for the
  * tests that compare them and the benchmark. Every kernel is correct for any routing; the
  * forced choice must still fit the device (WGMMA needs compute capability 9.0, an sm_90a
- * build, NVFP4 A and a_workspace; the WS kernels also slab weights; STREAM needs NVFP4 A and
+ * build, NVFP4 or FP8 A and a_workspace; the WS kernels also slab weights; STREAM needs NVFP4 or FP8 A and
  * a_workspace: EPMOE_ERR_UNSUPPORTED otherwise). */
 typedef enum {
     EPMOE_GEMM_SM90_AUTO = 0,
     EPMOE_GEMM_SM90_MMA_MT32 = 1,   /* mma.sync, 32-token chunks x 128 weight rows (decode) */
     EPMOE_GEMM_SM90_MMA_MT64 = 2,   /* mma.sync, 64 x 128 (decode) */
     EPMOE_GEMM_SM90_MMA_MT128 = 3,   /* mma.sync, 128 x 256 (prefill, any sm_80+ device) */
-    EPMOE_GEMM_SM90_WGMMA_MT128 = 4, /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 A) */
+    EPMOE_GEMM_SM90_WGMMA_MT128 = 4, /* wgmma, 128 x 256 (prefill on Hopper, NVFP4 or FP8 A) */
     EPMOE_GEMM_SM90_STREAM_MT16 = 5, /* streaming decode, 16-token chunks x 32 rows per warp,
                                         weights streamed to registers across work items, tokens
-                                        a step ahead in shared memory (NVFP4 A, a_workspace) */
+                                        a step ahead in shared memory (NVFP4 or FP8 A, a_workspace) */
     /* warp-specialized wgmma, MT-token chunks x 256 weight rows, a bulk-copy producer warp
-     * (Hopper: NVFP4 A, a_workspace, slab weights, cap_rows % 8 == 0) */
+     * (Hopper: NVFP4 or FP8 A, a_workspace, slab weights, cap_rows % 8 == 0) */
     EPMOE_GEMM_SM90_WS_MT16 = 6,
     EPMOE_GEMM_SM90_WS_MT32 = 7,
     EPMOE_GEMM_SM90_WS_MT64 = 8,
@@ -101,7 +107,8 @@ typedef struct {
     const void *a_bf16;     /* [cap_rows, K] __nv_bfloat16 (BF16) */
     void *a_workspace;      /* [cap_rows, K] bf16, 16-byte aligned, or NULL (NVFP4): where the
                                wgmma and streaming kernels put the exact bf16 of A (in their own
-                               K order) once per call; without it they are not used */
+                               K order) once per call; without it they are not used. Required
+                               with FP8 A, which every sm_90-path kernel reads from here */
 
     /* Weights */
     const uint8_t *w_codes;     /* [E, N, K/2], or the slab layout when w_slabs */

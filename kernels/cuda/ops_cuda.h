@@ -8,7 +8,8 @@
  *  - gate logits: bit-identical (the blocked order kernels/ops.h defines).
  *  - routing ids: identical; weights to fp32 rounding (expf/log1pf differ by ulps from libm).
  *  - NVFP4 quantization: codes, block scales and global scales bit-identical to
- *    common/nvfp4.h (same fp32 operations in the same order, no contraction).
+ *    common/nvfp4.h (same fp32 operations in the same order, no contraction); FP8 codes and
+ *    block exponents bit-identical to common/fp8.h.
  *  - SwiGLU, combine: fp32, expf from the CUDA math library (ulps from libm).
  *
  * Errors that only the data can reveal (non-finite logits, token ids outside the vocabulary,
@@ -163,6 +164,29 @@ epmoe_status epmoe_cuda_swiglu_nvfp4_quantize(const float *h, int64_t cap_rows, 
                                               uint8_t *block_sf, float *inv_global_sf,
                                               unsigned long long *saturated,
                                               cudaStream_t stream);
+
+/* ---- FP8 activation quantization (quant_fp8.cu) ------------------------------------------- */
+
+/* act_quant = fp8: the real rows of a padded layout as E4M3 codes [cap_rows, K_pad] and one
+ * UE8M0 exponent byte per 128 [cap_rows, K_pad/128], bit-identical to epmoe_fp8_quantize_row
+ * (common/fp8.h). K_pad is a multiple of 128 >= K; [K, K_pad) gets code 0, and blocks wholly
+ * past K exponent 0. Padding rows are not written.
+ *   rows:   padded row r quantizes x[token_of_row[r]] (x 16-byte aligned, x_stride and K
+ *           multiples of 4).
+ *   swiglu: padded row r quantizes the SwiGLU of h[r] (+ its expert's biases), as
+ *           epmoe_cuda_swiglu computes it; I_pad >= I. */
+epmoe_status epmoe_cuda_fp8_quantize_rows(const float *x, int64_t x_stride, int64_t cap_rows,
+                                          int64_t K, int64_t K_pad, const int32_t *token_of_row,
+                                          const int64_t *padded_offsets,
+                                          const int64_t *tokens_per_expert, int64_t n_local,
+                                          uint8_t *codes, uint8_t *block_e8m0,
+                                          cudaStream_t stream);
+epmoe_status epmoe_cuda_swiglu_fp8_quantize(const float *h, int64_t cap_rows, int64_t I,
+                                            int64_t I_pad, const epmoe_cuda_swiglu_act *act,
+                                            const float *bias, const int64_t *padded_offsets,
+                                            const int64_t *tokens_per_expert, int64_t n_local,
+                                            uint8_t *codes, uint8_t *block_e8m0,
+                                            cudaStream_t stream);
 
 /* ---- SwiGLU (swiglu.cu) ------------------------------------------------------------------- */
 

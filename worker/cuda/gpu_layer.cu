@@ -54,7 +54,7 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     const int64_t H = c->hidden_size, I = c->moe_inter_size, Is = ctx->shared_inter;
     const int64_t Hp = ctx->hidden_pad, Ip = ctx->inter_pad;
     const int64_t n = ctx->n_local, cap = a->cap_rows, K_max = Hp > Ip ? Hp : Ip;
-    const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
+    const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4, fp8 = c->act_quant == EPMOE_ACT_FP8;
     memset(p, 0, sizeof *p);
     carve_add(p, "logits [T,E] f32", &a->logits, (size_t)(T * E) * 4);
     carve_add(p, "ids [T,k] i32", &a->ids, (size_t)(T * k) * 4);
@@ -64,11 +64,17 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     carve_add(p, "tokens_per_expert [n_local] i64", &a->tokens_per_expert, (size_t)n * 8);
     carve_add(p, "padded_offsets [n_local+1] i64", &a->padded_offsets, (size_t)(n + 1) * 8);
     carve_add(p, "token_of_row [cap] i32", &a->token_of_row, (size_t)cap * 4);
-    carve_add(p, "a_codes [cap,max(Hp,Ip)/2] e2m1", &a->a_codes, nvfp4 ? (size_t)(cap * K_max / 2) : 0);
-    carve_add(p, "a_sf [cap,max(Hp,Ip)/16] ue4m3", &a->a_sf, nvfp4 ? (size_t)(cap * K_max / 16) : 0);
+    if (fp8) {
+        carve_add(p, "a_codes [cap,max(Hp,Ip)] e4m3", &a->a_codes, (size_t)(cap * K_max));
+        carve_add(p, "a_sf [cap,max(Hp,Ip)/128] ue8m0", &a->a_sf, (size_t)(cap * K_max / 128));
+    } else {
+        carve_add(p, "a_codes [cap,max(Hp,Ip)/2] e2m1", &a->a_codes, nvfp4 ? (size_t)(cap * K_max / 2) : 0);
+        carve_add(p, "a_sf [cap,max(Hp,Ip)/16] ue4m3", &a->a_sf, nvfp4 ? (size_t)(cap * K_max / 16) : 0);
+    }
     carve_add(p, "a_scale [cap] f32", &a->a_scale, nvfp4 ? (size_t)cap * 4 : 0);
-    /* bf16 A: the W4A16 input, or on Hopper the wgmma GEMM's exact bf16 copy of NVFP4 A (it
-     * dequantizes each row once per call instead of once per weight tile) */
+    /* bf16 A: the W4A16 input, or the GEMMs' exact bf16 copy of quantized A: NVFP4 on Hopper
+     * (the wgmma kernels dequantize each row once per call instead of once per weight tile),
+     * FP8 everywhere (every sm_90-path kernel reads it from there) */
     int major = 0;
     CUDA_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, ctx->device),
              "reading the compute capability");
@@ -458,7 +464,7 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     const int64_t H = c->hidden_size, I = c->moe_inter_size, n = ctx->n_local;
     const int64_t Hp = ctx->hidden_pad, Ip = ctx->inter_pad;
     const int64_t cap = pairs_cap_rows(ctx, pairs_bound);
-    const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4;
+    const int nvfp4 = c->act_quant == EPMOE_ACT_NVFP4, fp8 = c->act_quant == EPMOE_ACT_FP8;
     const int static_scale = c->act_scale == EPMOE_ACT_SCALE_STATIC;
 
     /* Gather the source rows into the padded layout (quantizing them on the way, unless the
@@ -476,6 +482,11 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
             rows->x, rows->x_stride, cap, H, Hp, a->token_of_row, a->padded_offsets,
             a->tokens_per_expert, n, static_scale ? layer->w13_input_scale : NULL, a->a_codes,
             a->a_sf, a->a_scale, a->saturated, stream));
+    } else if (fp8) {
+        EPMOE_TRY(epmoe_cuda_fp8_quantize_rows(rows->x, rows->x_stride, cap, H, Hp,
+                                               a->token_of_row, a->padded_offsets,
+                                               a->tokens_per_expert, n, a->a_codes, a->a_sf,
+                                               stream));
     } else {
         EPMOE_TRY(epmoe_cuda_permute_bf16(rows->x, rows->x_stride, H, Hp, a->token_of_row,
                                           a->padded_offsets, a->tokens_per_expert, n, cap,
@@ -486,12 +497,12 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     memset(&g, 0, sizeof g);
     g.n_experts = n;
     g.cap_rows = cap;
-    g.a_format = nvfp4 ? EPMOE_GEMM_A_NVFP4 : EPMOE_GEMM_A_BF16;
+    g.a_format = nvfp4 ? EPMOE_GEMM_A_NVFP4 : fp8 ? EPMOE_GEMM_A_FP8 : EPMOE_GEMM_A_BF16;
     g.a_codes = a->a_codes;
     g.a_sf = a->a_sf;
     g.a_scale = nvfp4 ? a->a_scale : NULL;
     g.a_bf16 = a->a_bf16;
-    g.a_workspace = nvfp4 ? a->a_bf16 : NULL;
+    g.a_workspace = nvfp4 || fp8 ? a->a_bf16 : NULL;
     g.padded_offsets = a->padded_offsets;
     g.tokens_per_expert = a->tokens_per_expert;
 
@@ -515,6 +526,10 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
             a->h, cap, I, Ip, &act, layer->w13_bias, a->padded_offsets, a->tokens_per_expert, n,
             static_scale ? layer->w2_input_scale : NULL, a->a_codes, a->a_sf, a->a_scale,
             a->saturated, stream));
+    } else if (fp8) {
+        EPMOE_TRY(epmoe_cuda_swiglu_fp8_quantize(a->h, cap, I, Ip, &act, layer->w13_bias,
+                                                 a->padded_offsets, a->tokens_per_expert, n,
+                                                 a->a_codes, a->a_sf, stream));
     } else {
         EPMOE_TRY(epmoe_cuda_swiglu(a->h, cap, I, &act, layer->w13_bias, a->padded_offsets,
                                     a->tokens_per_expert, n, Ip, NULL, a->a_bf16, stream));

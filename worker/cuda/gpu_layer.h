@@ -54,11 +54,12 @@ typedef struct {
     int64_t *padded_offsets;     /* [n_local + 1] */
     int32_t *token_of_row;       /* [cap_rows] */
     /* experts: the A operand of both GEMMs (W13 then W2 reuse it) */
-    uint8_t *a_codes;            /* [cap_rows, max(Hp, Ip) / 2] (act_quant = nvfp4) */
-    uint8_t *a_sf;               /* [cap_rows, max(Hp, Ip) / 16] */
+    uint8_t *a_codes;            /* [cap_rows, max(Hp, Ip) / 2] (act_quant = nvfp4), or
+                                    [cap_rows, max(Hp, Ip)] e4m3 (fp8) */
+    uint8_t *a_sf;               /* [cap_rows, max(Hp, Ip) / 16], or / 128 ue8m0 (fp8) */
     float *a_scale;              /* [cap_rows] 1/gs per row */
-    uint16_t *a_bf16;            /* [cap_rows, max(Hp, Ip)] (act_quant = high; on Hopper also
-                                    the wgmma GEMM's workspace for NVFP4 A) */
+    uint16_t *a_bf16;            /* [cap_rows, max(Hp, Ip)] (act_quant = high; the GEMMs'
+                                    workspace for FP8 A, and on Hopper for NVFP4 A) */
     float *h;                    /* [cap_rows, 2I] W13 output */
     float *y;                    /* [cap_rows, H] W2 output */
     /* shared expert */
