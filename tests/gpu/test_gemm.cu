@@ -36,7 +36,7 @@ typedef struct {
     const char *name;
     int64_t E, N, K;
     std::vector<int64_t> counts; /* filled by the case */
-    int a_bf16;
+    int a_format;  /* epmoe_gemm_a_format: 0 NVFP4, 1 bf16, 2 FP8 */
     int groups;    /* 1 (W2) or 2 (W13: split at N/2) */
     int out_bf16;
     int tight_cap; /* cap_rows = padded_offsets[E] (forces the decode variant on skew) */
@@ -64,7 +64,16 @@ static float bf16_round(float x) {
     return __bfloat162float(__float2bfloat16_rn(x));
 }
 
+/* A random E4M3 byte, never NaN (0x7f, 0xff). */
+static uint8_t random_e4m3(epmoe_rng *r) {
+    uint8_t b;
+    do b = (uint8_t)epmoe_rng_below(r, 256);
+    while ((b & 0x7f) == 0x7f);
+    return b;
+}
+
 static void run_case(const gemm_case &c, uint64_t seed) {
+    const bool a_bf16 = c.a_format == EPMOE_GEMM_A_BF16, a_fp8 = c.a_format == EPMOE_GEMM_A_FP8;
     epmoe_rng rng;
     epmoe_rng_seed(&rng, seed);
     const int64_t E = c.E, N = c.N, K = c.K;
@@ -78,13 +87,21 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     if (cap < offs[E]) cap = epmoe_round_up(offs[E], EPMOE_GEMM_PAD_ROWS);
 
     /* host data: every byte random (all 16 codes, incl. -0 and the subnormal 0.5) */
-    std::vector<uint8_t> a_codes(cap * K / 2), a_sf(cap * K / 16);
+    /* FP8 A: E4M3 bytes [cap, K] and exponent bytes [cap, K/128] from the floor 2^-109 to 2^20
+     * (the floor is where the workspace's 2^-8 copy is smallest) */
+    std::vector<uint8_t> a_codes(a_fp8 ? cap * K : cap * K / 2), a_sf(a_fp8 ? cap * K / 128 : cap * K / 16);
     std::vector<float> a_scale(cap), a_f(cap * K);
     std::vector<__nv_bfloat16> a_b(cap * K);
     std::vector<uint8_t> w_codes(E * N * K / 2), w_sf(E * N * K / 16);
     std::vector<float> w_scale(E * c.groups);
-    fill_codes(&rng, a_codes.data(), a_codes.size());
-    for (auto &s : a_sf) s = random_ue4m3(&rng);
+    if (a_fp8) {
+        for (auto &b : a_codes) b = random_e4m3(&rng);
+        for (auto &s : a_sf)
+            s = (uint8_t)(epmoe_rng_below(&rng, 8) == 0 ? 127 - 109 : 107 + epmoe_rng_below(&rng, 41));
+    } else {
+        fill_codes(&rng, a_codes.data(), a_codes.size());
+        for (auto &s : a_sf) s = random_ue4m3(&rng);
+    }
     for (auto &s : a_scale) s = 0.25f + epmoe_rng_uniform(&rng);
     fill_codes(&rng, w_codes.data(), w_codes.size());
     for (auto &s : w_sf) s = random_ue4m3(&rng);
@@ -144,12 +161,12 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     args.N = N;
     args.K = K;
     args.cap_rows = cap;
-    args.a_format = c.a_bf16 ? EPMOE_GEMM_A_BF16 : EPMOE_GEMM_A_NVFP4;
+    args.a_format = (epmoe_gemm_a_format)c.a_format;
     args.a_codes = d_ac;
     args.a_sf = d_asf;
     args.a_scale = d_as;
     args.a_bf16 = d_ab;
-    args.a_workspace = c.a_bf16 ? NULL : d_abuf;
+    args.a_workspace = a_bf16 ? NULL : d_abuf;
     args.w_codes = d_wc;
     args.w_sf = d_wsf;
     args.w_scale = d_ws;
@@ -236,7 +253,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         const bool ws = k >= EPMOE_GEMM_SM90_WS_MT16 && k <= EPMOE_GEMM_SM90_WS_MT128;
         const bool stream = k == EPMOE_GEMM_SM90_STREAM_MT16;
         if (st == EPMOE_ERR_UNSUPPORTED &&
-            (k == EPMOE_GEMM_SM90_WGMMA_MT128 || (ws && (!slabs || c.a_bf16)) || (stream && c.a_bf16)))
+            (k == EPMOE_GEMM_SM90_WGMMA_MT128 || (ws && (!slabs || a_bf16)) || (stream && a_bf16)))
             continue;
         GT_OK(st);
         GT_CUDA(cudaDeviceSynchronize());
@@ -295,8 +312,11 @@ static void run_case(const gemm_case &c, uint64_t seed) {
             }
         for (int64_t r = offs[e]; r < offs[e] + c.counts[e]; r++) {
             for (int64_t k = 0; k < K; k++) {
-                if (c.a_bf16) {
+                if (a_bf16) {
                     deq_a[k] = a_f[r * K + k];
+                } else if (a_fp8) {
+                    deq_a[k] = ldexpf(epmoe_e4m3_to_float(a_codes[r * K + k]),
+                                      (int)a_sf[r * (K / 128) + k / 128] - 127);
                 } else {
                     const uint8_t byte = a_codes[r * (K / 2) + k / 2];
                     const uint8_t code = (k & 1) ? (byte >> 4) : (byte & 15);
@@ -436,6 +456,21 @@ static void test_prefill_many_items(void) {
     run_case(c, 114);
 }
 
+/* FP8 A (act_quant = fp8): every kernel through the exact bf16 workspace (the mma.sync ones in
+ * its plain order), at decode, mid and prefill sizes, one expert holding everything in the last */
+static void test_fp8_a(void) {
+    gemm_case d = {"decode fp8 W13", 8, 256, 512, random_counts(23, 8, 1, 16), 2, 2, 0, 0, 0};
+    d.counts[2] = 0;
+    run_case(d, 116);
+    gemm_case m = {"mid fp8 W2", 6, 384, 640, random_counts(24, 6, 20, 70), 2, 1, 0, 0, 0};
+    run_case(m, 117);
+    gemm_case p = {"prefill fp8 W13 bf16-out", 3, 512, 768, random_counts(25, 3, 130, 400), 2, 2, 1, 0, 0};
+    run_case(p, 118);
+    gemm_case k = {"skew fp8 W2", 8, 256, 384, std::vector<int64_t>(8, 0), 2, 1, 0, 0, 0};
+    k.counts[5] = 600;
+    run_case(k, 119);
+}
+
 static void test_variants_covered(void) {
     /* every kernel that runs on any sm_80+ device ran, forced, on both weight layouts */
     GT_CHECK(kernels_ran[EPMOE_GEMM_SM90_STREAM_MT16], "the streaming kernel never ran");
@@ -514,6 +549,7 @@ int main(void) {
     GT_RUN(test_decode_fp4_tiny);
     GT_RUN(test_decode_fp4_one_step);
     GT_RUN(test_prefill_many_items);
+    GT_RUN(test_fp8_a);
     GT_RUN(test_variants_covered);
     return gt_finish();
 }

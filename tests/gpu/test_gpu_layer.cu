@@ -13,6 +13,9 @@
  *  - with the shared expert: 1e-2. Its weights are bf16 in the checkpoint (exact on the GPU),
  *    but the GPU also rounds its activations (x and the SwiGLU output) to bf16 (2^-9).
  *  - act_quant = high (W4A16): 1e-2, activations in bf16 on the GPU, fp32 on the CPU.
+ *  - act_quant = fp8 (W4A8): as NVFP4 activations (the reference quantizes to the same E4M3
+ *    codes and power-of-two scales, exact in bf16): 1e-3 routed only, 1e-2 with the shared
+ *    expert.
  *  - a captured stack with the shared expert: 2e-2. Deeper layers take the previous layer's
  *    output (heavier tails than the normal inputs) and the bf16 rounding of the shared
  *    expert's activations is the whole error (measured on H100: 4e-3..7e-3 for single layers,
@@ -295,6 +298,15 @@ static void test_layer_skew_and_variants(void) {
                         TOL_W4A16, 0);
         free_setup(&s);
     }
+    cfg = base_cfg;
+    cfg.act_quant = EPMOE_ACT_FP8;
+    if (make_setup(&s, &cfg, host_layers, 2)) {
+        run_and_compare("act_quant fp8 (W4A8) T=200", &s, host_layers, 1, 200, 306,
+                        TOL_WITH_SHARED, 0);
+        run_and_compare("act_quant fp8 (W4A8) T=3", &s, host_layers, 1, 3, 307, TOL_WITH_SHARED,
+                        0);
+        free_setup(&s);
+    }
 }
 
 /* The layer captured once; every replay gets new inputs, new token ids, and (replay 3) a new
@@ -525,6 +537,12 @@ static void test_gptoss_tiny(void) {
     if (make_setup(&s, &cfg, m.layers, 2)) {
         run_and_compare("gpt-oss-tiny act_quant high (W4A16)", &s, m.layers, 1, 200, 405,
                         TOL_W4A16, 0);
+        free_setup(&s);
+    }
+    cfg.act_quant = EPMOE_ACT_FP8; /* rows of 160: one short block, padded to 256 */
+    if (make_setup(&s, &cfg, m.layers, 2)) {
+        run_and_compare("gpt-oss-tiny act_quant fp8 (W4A8)", &s, m.layers, 1, 200, 406,
+                        TOL_ROUTED, 0);
         free_setup(&s);
     }
     stack_graph_replay("gpt-oss-tiny stack (captured)", &m.cfg, m.layers, TOL_ROUTED);

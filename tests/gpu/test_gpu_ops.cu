@@ -15,6 +15,7 @@
 
 extern "C" {
 #include "common/formats.h"
+#include "common/fp8.h"
 #include "common/layout.h"
 #include "common/nvfp4.h"
 #include "common/rng.h"
@@ -766,6 +767,98 @@ static void test_swiglu_nvfp4_fused(void) {
     swiglu_fused_case(96, 128, EPMOE_SWIGLU_GPTOSS, 1);
 }
 
+/* ---- FP8 quantization (act_quant = fp8) -------------------------------------------------- */
+
+/* The real rows of a padded layout (3 experts, one empty) as the CPU quantizes them: codes and
+ * block exponents equal common/fp8.h's, [K, K_pad) code 0 with exponent byte 127 for blocks
+ * wholly past K, padding rows unwritten (poison kept). A row is its row of the GPU output or,
+ * for swiglu, the CPU quantization of the GPU SwiGLU's fp32 output (the fused kernel must
+ * give the same bits as SwiGLU then quantization). */
+static void fp8_case(int64_t K, int64_t Kp, int swiglu, int variant) {
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 53 + (uint64_t)K + 7 * (uint64_t)swiglu);
+    const int64_t n = 3, pad = 128, T = 150;
+    const int64_t counts[n] = {9, 0, 133};
+    int64_t offsets[n + 1];
+    epmoe_padded_offsets_from_counts(counts, n, pad, offsets);
+    const int64_t cap = offsets[n], nb = Kp / EPMOE_FP8_BLOCK;
+    std::vector<int32_t> token_of_row(cap, -1);
+    for (int64_t e = 0; e < n; e++)
+        for (int64_t i = 0; i < counts[e]; i++)
+            token_of_row[offsets[e] + i] = (int32_t)epmoe_rng_below(&rng, T);
+    /* rows over 12 decades, a zero row, a row below the exponent floor, boundaries 448 * 2^e */
+    std::vector<float> x(T * K), h(cap * 2 * K), bias(n * 2 * K);
+    for (int64_t t = 0; t < T; t++) {
+        float *row = &x[t * K];
+        epmoe_fill_normal(&rng, row, K, ldexpf(1.0f, (int)epmoe_rng_below(&rng, 40) - 20));
+        if (t % 7 == 1) memset(row, 0, K * 4);
+        if (t % 7 == 2)
+            for (int64_t i = 0; i < K; i++) row[i] *= 1e-32f;
+        if (t % 7 == 3) row[K - 1] = ldexpf(448.0f, (int)epmoe_rng_below(&rng, 20) - 10);
+    }
+    epmoe_fill_normal(&rng, h.data(), h.size(), 6.0f);
+    epmoe_fill_normal(&rng, bias.data(), bias.size(), 0.5f);
+    const epmoe_cuda_swiglu_act act = {7.0f, variant, 1.702f};
+    int64_t *doff = dev_copy(offsets, n + 1), *dcnt = dev_copy(counts, n);
+    int32_t *dtok = dev_copy(token_of_row.data(), cap);
+    float *dx = dev_copy(x.data(), x.size()), *dh = dev_copy(h.data(), h.size());
+    float *db = dev_copy(bias.data(), bias.size()), *dact = dev_alloc<float>(cap * K);
+    uint8_t *dcodes = dev_alloc<uint8_t>(cap * Kp), *dexp = dev_alloc<uint8_t>(cap * nb);
+    if (swiglu) {
+        GT_OK(epmoe_cuda_swiglu_fp8_quantize(dh, cap, K, Kp, &act, db, doff, dcnt, n, dcodes, dexp, 0));
+        GT_OK(epmoe_cuda_swiglu(dh, cap, K, &act, db, doff, dcnt, n, K, dact, NULL, 0));
+    } else {
+        GT_OK(epmoe_cuda_fp8_quantize_rows(dx, K, cap, K, Kp, dtok, doff, dcnt, n, dcodes, dexp, 0));
+    }
+    GT_CUDA(cudaDeviceSynchronize());
+    std::vector<uint8_t> codes(cap * Kp), exps(cap * nb), want_codes(K), want_exps(nb);
+    std::vector<float> act_rows(swiglu ? cap * K : 0);
+    to_host(codes.data(), dcodes, codes.size());
+    to_host(exps.data(), dexp, exps.size());
+    if (swiglu) to_host(act_rows.data(), dact, act_rows.size());
+    int64_t wrong = 0, pad_wrong = 0, written_padding = 0, real = 0, floor_blocks = 0;
+    for (int64_t e = 0; e < n; e++)
+        for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
+            if (r - offsets[e] >= counts[e]) {
+                for (int64_t i = 0; i < Kp; i++) written_padding += codes[r * Kp + i] != 0xff;
+                for (int64_t b = 0; b < nb; b++) written_padding += exps[r * nb + b] != 0xff;
+                continue;
+            }
+            real++;
+            const float *src = swiglu ? &act_rows[r * K] : &x[token_of_row[r] * K];
+            epmoe_fp8_quantize_row(src, K, want_codes.data(), want_exps.data());
+            wrong += memcmp(&codes[r * Kp], want_codes.data(), K) != 0;
+            const int64_t cpu_blocks = (K + EPMOE_FP8_BLOCK - 1) / EPMOE_FP8_BLOCK;
+            wrong += memcmp(&exps[r * nb], want_exps.data(), cpu_blocks) != 0;
+            for (int64_t b = 0; b < cpu_blocks; b++)
+                floor_blocks += want_exps[b] == EPMOE_FP8_MIN_EXP + 127;
+            for (int64_t i = K; i < Kp; i++) pad_wrong += codes[r * Kp + i] != 0;
+            for (int64_t b = cpu_blocks; b < nb; b++) pad_wrong += exps[r * nb + b] != 127;
+        }
+    GT_CHECK(wrong == 0, "K=%lld %s: %lld fields of %lld real rows differ from the CPU",
+             (long long)K, swiglu ? "swiglu" : "rows", (long long)wrong, (long long)real);
+    GT_CHECK(pad_wrong == 0, "K=%lld K_pad=%lld: %lld bytes of the K padding wrong",
+             (long long)K, (long long)Kp, (long long)pad_wrong);
+    GT_CHECK(written_padding == 0, "K=%lld: %lld bytes of padding rows written", (long long)K,
+             (long long)written_padding);
+    GT_CHECK(swiglu || floor_blocks > 0, "K=%lld: no block reached the exponent floor", (long long)K);
+    printf("   K=%lld K_pad=%lld %s: %lld real rows identical to the CPU (%lld blocks at the floor)\n",
+           (long long)K, (long long)Kp, swiglu ? "swiglu" : "rows", (long long)real,
+           (long long)floor_blocks);
+    cudaFree(doff), cudaFree(dcnt), cudaFree(dtok), cudaFree(dx), cudaFree(dh), cudaFree(db),
+        cudaFree(dact), cudaFree(dcodes), cudaFree(dexp);
+}
+
+static void test_fp8_quantize_bit_identical(void) {
+    fp8_case(256, 256, 0, 0);
+    fp8_case(7168, 7168, 0, 0);
+    fp8_case(2880, 3072, 0, 0);
+    fp8_case(160, 256, 0, 0);
+    fp8_case(2048, 2048, 1, EPMOE_SWIGLU_DSV4);
+    fp8_case(2880, 3072, 1, EPMOE_SWIGLU_GPTOSS);
+    fp8_case(96, 128, 1, EPMOE_SWIGLU_STEP);
+}
+
 /* ---- padded layout --------------------------------------------------------------------- */
 
 static void check_layout_case(const char *what, const int32_t *ids, int64_t T, int64_t k,
@@ -1087,6 +1180,7 @@ int main(void) {
     GT_RUN(test_swiglu_matches_cpu);
     GT_RUN(test_swiglu_bias_padded_matches_cpu);
     GT_RUN(test_swiglu_nvfp4_fused);
+    GT_RUN(test_fp8_quantize_bit_identical);
     GT_RUN(test_combine_bit_identical);
     GT_RUN(test_shared_expert_vs_reference);
     return gt_finish();

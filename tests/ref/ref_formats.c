@@ -105,7 +105,7 @@ void epmoe_ref_fp8_quantize(const float *x, size_t K, uint8_t *codes, int *exps)
         if (amax > 0) {
             e = -140;
             while (amax > 448.0 * ldexp(1.0, e)) e++;
-            if (e < -117) e = -117;
+            if (e < -109) e = -109;
             if (e > 127) e = 127;
         }
         exps[b] = e;

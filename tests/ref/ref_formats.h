@@ -34,7 +34,7 @@ size_t epmoe_ref_nvfp4_quantize(const float *x, size_t K, float global_sf, uint8
                                 uint8_t *sf);
 /* FP8 activation blocks (act_quant = fp8): for each block of 128 (the last one shorter), e is
  * the smallest integer with amax <= 448 * 2^e (found by stepping, in double), clamped to
- * [-117, 127], 0 for a zero block; codes[k] = e4m3(x * 2^-e). exps[b] = e. */
+ * [-109, 127], 0 for a zero block; codes[k] = e4m3(x * 2^-e). exps[b] = e. */
 void epmoe_ref_fp8_quantize(const float *x, size_t K, uint8_t *codes, int *exps);
 /* Code k of a packed row (two a byte, the even element in the low nibble). */
 uint8_t epmoe_ref_nibble(const uint8_t *packed, size_t k);
