@@ -31,10 +31,11 @@ extern "C" {
 #endif
 
 #define EPMOE_FP8_BLOCK 128
-/* Smallest block exponent: e4m3's smallest step 2^-9 times 2^-117 is 2^-126, the smallest
- * normal fp32, so every dequantized value is a normal fp32 and bf16 (blocks with
- * amax < 448 * 2^-118, about 1.7e-33, lose their smallest values to zero). */
-#define EPMOE_FP8_MIN_EXP (-117)
+/* Smallest block exponent: e4m3's smallest step 2^-9 times 2^-109 is 2^-118, so every
+ * dequantized value, and its copy at 2^-8 in the Hopper kernels' bf16 staging of A
+ * (kernels/cuda/gemm_sm90_common.cuh), is a normal fp32 and bf16 (blocks with
+ * amax < 448 * 2^-110, about 3.5e-31, lose their smallest values to zero). */
+#define EPMOE_FP8_MIN_EXP (-109)
 #define EPMOE_FP8_MAX_EXP 127
 
 /* The block exponent e of the rule above for a finite amax >= 0. */

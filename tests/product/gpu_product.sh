@@ -116,6 +116,12 @@ run cpu 1 "$work/nvfp4" "$work/in_bf16.safetensors" "$work/high_cpu.safetensors"
   check $cmp "$work/high_gpu.safetensors" "$work/high_cpu.safetensors" --tol $TOL_LAYER --routing \
     --what "act_quant=high layer 1: cuda vs cpu"
 
+# W4A8 (act_quant = fp8) on MXFP4 weights, over 2 GPU ranks: the same E4M3 codes on both backends
+run cpu 1 "$work/mxfp4" "$work/in_bf16.safetensors" "$work/fp8_cpu.safetensors" --layers 1:2 --act_quant fp8 &&
+  run $GPU 2 "$work/mxfp4" "$work/in_bf16.safetensors" "$work/fp8_gpu.safetensors" --layers 1:2 --act_quant fp8 &&
+  check $cmp "$work/fp8_gpu.safetensors" "$work/fp8_cpu.safetensors" --tol $TOL_LAYER --routing \
+    --what "act_quant=fp8 MXFP4 layer 1: cuda 2 ranks vs cpu"
+
 # skew: tokens pile onto the lowest experts (rank 0's slice)
 run cpu 1 "$work/skew" "$work/in_f32.safetensors" "$work/skew_cpu.safetensors" --layers 0:1 &&
   run $GPU 1 "$work/skew" "$work/in_f32.safetensors" "$work/skew_gpu1.safetensors" --layers 0:1 &&
@@ -183,6 +189,10 @@ run cpu 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_high_cpu.safetensors
   run $GPU 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_high_gpu.safetensors" --layers 1:2 --act_quant high &&
   check $cmp "$work/oss_high_gpu.safetensors" "$work/oss_high_cpu.safetensors" --tol $TOL_LAYER \
     --routing --what "gpt-oss-tiny act_quant=high layer 1: cuda vs cpu"
+run cpu 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_fp8_cpu.safetensors" --layers 1:2 --act_quant fp8 &&
+  run $GPU 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_fp8_gpu.safetensors" --layers 1:2 --act_quant fp8 &&
+  check $cmp "$work/oss_fp8_gpu.safetensors" "$work/oss_fp8_cpu.safetensors" --tol $TOL_ROUTED \
+    --routing --what "gpt-oss-tiny act_quant=fp8 layer 1: cuda vs cpu"
 if [ "$GPU" = cuda ]; then
   run auto 1 "$oss" "$work/oss_in_bf16.safetensors" "$work/oss_auto.safetensors" --layers 0:1 &&
     if grep -q "cpu, not cuda" "$work/oss_auto.safetensors.log"; then
