@@ -2,6 +2,7 @@
  * MPI program: one rank per GPU, coordinator/engine/gpu_engine.h in throughput mode over NCCL.
  *
  *   mpirun -np P ep_layer_bench [--preset dsv4-flash] [--tokens 4096] [--iters 10]
+ *                               [--act-quant nvfp4|fp8|high]
  *
  * Every rank holds its slice of the model's routed experts (random well-formed NVFP4 weights,
  * bench/bench_weights.h), the router and the shared expert, and runs the whole layer on its
@@ -38,17 +39,19 @@ int main(int argc, char **argv) {
     MPI_Init_thread(&argc, &argv, MPI_THREAD_MULTIPLE, &provided);
     MPI_Comm_rank(MPI_COMM_WORLD, &rank);
     MPI_Comm_size(MPI_COMM_WORLD, &P);
-    const char *preset = "dsv4-flash";
+    const char *preset = "dsv4-flash", *act_quant = "nvfp4";
     int64_t tokens = 4096;
     int iters = 10;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--preset")) preset = argv[i + 1];
         else if (!strcmp(argv[i], "--tokens")) tokens = atoll(argv[i + 1]);
         else if (!strcmp(argv[i], "--iters")) iters = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--act-quant")) act_quant = argv[i + 1];
     }
     epmoe_config cfg;
     CHECK_EPMOE(epmoe_config_preset(&cfg, preset));
     CHECK_EPMOE(epmoe_config_set(&cfg, "n_hash_layers", "0"));
+    CHECK_EPMOE(epmoe_config_set(&cfg, "act_quant", act_quant));
     cfg.max_tokens_per_rank = tokens;
     int device = 0, shares = 0;
     CHECK_EPMOE(epmoe_local_gpu(MPI_COMM_WORLD, &device, &shares));

@@ -4,6 +4,8 @@
 #   bash bench/layer-vs-torch.sh [BUILD_DIR] [--preset P]...   (after deploy/gpu-test.sh built
 #                                                               BUILD_DIR)
 #   bash bench/layer-vs-torch.sh build-gpu --preset gpt-oss-120b
+#   ACT_QUANT=fp8 bash bench/layer-vs-torch.sh ...   (epmoe's activation mode; PyTorch stays bf16)
+#   TORCH_FROM=DIR ...   (take PyTorch's figures from an earlier run's DIR on the same GPU)
 # Presets: dsv4-flash, dsv4-pro, gpt-oss-20b, gpt-oss-120b (gpt-oss: its routing, activation
 # and expert biases, no shared expert, on both sides).
 #  - epmoe graph-replayed: bench/layer_bench (each stage and the whole layer as CUDA graphs)
@@ -28,6 +30,7 @@ done
 [ ${#presets[@]} -eq 0 ] && presets=(dsv4-flash dsv4-pro)
 source deploy/gpu-env.sh
 TOKENS="${TOKENS:-128,512,4096,16384}"
+ACT_QUANT="${ACT_QUANT:-nvfp4}"
 python3 bench/torch_layer.py --copy-only --json "$OUT/copy.json" | tee "$OUT/layer_vs_torch.log"
 for preset in "${presets[@]}"; do
   case $preset in # routed experts, top-k
@@ -39,13 +42,17 @@ for preset in "${presets[@]}"; do
   esac
   rows=$(python3 -c "print(','.join(str(max(1, int(t) * $k // $E)) for t in '$TOKENS'.split(',')))")
   timeout 300 "$BUILD/bench/layer_bench" --preset $preset --local-experts $E --rows "$rows" \
-    --reps 10 --json "$OUT/layer_$preset.json" 2>&1 | tee -a "$OUT/layer_vs_torch.log"
+    --reps 10 --act-quant "$ACT_QUANT" --json "$OUT/layer_$preset.json" 2>&1 | tee -a "$OUT/layer_vs_torch.log"
   for T in ${TOKENS//,/ }; do
     timeout 300 mpirun -np 1 "$BUILD/bench/ep_layer_bench" --preset $preset --tokens "$T" \
-      --iters 10 2>&1 | tee -a "$OUT/layer_vs_torch.log" | grep -E "^RESULT" |
+      --iters 10 --act-quant "$ACT_QUANT" 2>&1 | tee -a "$OUT/layer_vs_torch.log" | grep -E "^RESULT" |
       sed "s/^RESULT/RESULT preset=$preset/" >>"$OUT/throughput_$preset.txt"
   done
-  timeout 600 python3 bench/torch_layer.py --preset $preset --tokens "$TOKENS" --reps 10 \
-    --json "$OUT/torch_$preset.json" 2>&1 | tee -a "$OUT/layer_vs_torch.log"
+  if [ -n "${TORCH_FROM:-}" ] && [ -f "$TORCH_FROM/torch_$preset.json" ]; then
+    cp "$TORCH_FROM/torch_$preset.json" "$OUT/" # the same machine's PyTorch run, minutes ago
+  else
+    timeout 600 python3 bench/torch_layer.py --preset $preset --tokens "$TOKENS" --reps 10 \
+      --json "$OUT/torch_$preset.json" 2>&1 | tee -a "$OUT/layer_vs_torch.log"
+  fi
 done
-python3 bench/layer_table.py "$OUT" | tee "$OUT/layer_vs_torch.md"
+{ echo "epmoe act_quant = $ACT_QUANT"; python3 bench/layer_table.py "$OUT"; } | tee "$OUT/layer_vs_torch.md"

@@ -1,7 +1,7 @@
 /* Whole-layer timing on one GPU, graph-replayed (issue 4's harness, the layer half).
  *
  *   layer_bench [--preset dsv4-flash|dsv4-pro|gpt-oss-20b|gpt-oss-120b] [--local-experts N]
- *               [--rows 8,64,768,3072] [--reps N] [--json FILE]
+ *               [--rows 8,64,768,3072] [--reps N] [--json FILE] [--act-quant nvfp4|fp8|high]
  *
  * One rank's slice of experts with every routed expert local (n_routed_experts = N, the
  * preset's top-k), so rows per expert = T * k / N. gpt-oss presets run their own routing
@@ -68,6 +68,7 @@ static double time_graph(cudaStream_t stream, int reps, F capture_body) {
 
 int main(int argc, char **argv) {
     const char *preset = "dsv4-flash", *json = NULL, *rows_arg = "8,32,96,768,3072";
+    const char *act_quant = "nvfp4";
     int64_t local_experts = -1;
     int reps = 20;
     for (int i = 1; i < argc; i++) {
@@ -76,8 +77,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--rows") && i + 1 < argc) rows_arg = argv[++i];
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+        else if (!strcmp(argv[i], "--act-quant") && i + 1 < argc) act_quant = argv[++i];
         else {
-            fprintf(stderr, "usage: layer_bench [--preset P] [--local-experts N] [--rows a,b] [--reps N] [--json F]\n");
+            fprintf(stderr, "usage: layer_bench [--preset P] [--local-experts N] [--rows a,b] [--reps N] [--json F] "
+                            "[--act-quant nvfp4|fp8|high]\n");
             return 2;
         }
     }
@@ -88,6 +91,7 @@ int main(int argc, char **argv) {
     snprintf(buf, sizeof buf, "%lld", (long long)local_experts);
     CHECK_EPMOE(epmoe_config_set(&cfg, "n_routed_experts", buf));
     CHECK_EPMOE(epmoe_config_set(&cfg, "n_hash_layers", "0"));
+    CHECK_EPMOE(epmoe_config_set(&cfg, "act_quant", act_quant));
     std::vector<int64_t> rows;
     for (const char *p = rows_arg; *p;) {
         rows.push_back(atoll(p));
@@ -124,13 +128,13 @@ int main(int argc, char **argv) {
     cudaDeviceProp prop;
     CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("layer_bench on %s: %s slice of %lld local experts (top-%lld), H=%lld I=%lld, "
-           "graph-replayed medians of %d reps (us)\n",
-           prop.name, preset, (long long)E, (long long)k, (long long)H,
+           "act_quant %s, graph-replayed medians of %d reps (us)\n",
+           prop.name, preset, act_quant, (long long)E, (long long)k, (long long)H,
            (long long)cfg.moe_inter_size, reps);
     printf("%8s %7s %9s %9s %9s %9s %9s %10s %11s %12s\n", "rows/exp", "tokens", "route", "plan",
            "experts", "shared", "combine", "layer", "tokens/s", "expert TF/s");
     FILE *jf = json ? fopen(json, "w") : NULL;
-    if (jf) fprintf(jf, "{\"device\": \"%s\", \"preset\": \"%s\", \"local_experts\": %lld, \"rows\": [\n", prop.name, preset, (long long)E);
+    if (jf) fprintf(jf, "{\"device\": \"%s\", \"preset\": \"%s\", \"act_quant\": \"%s\", \"local_experts\": %lld, \"rows\": [\n", prop.name, preset, act_quant, (long long)E);
     for (size_t i = 0; i < rows.size(); i++) {
         const int64_t T = (rows[i] * E + k - 1) / k;
         /* route and plan must run before experts/shared/combine can be captured alone */

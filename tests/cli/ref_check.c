@@ -3,8 +3,11 @@
  * loader), layer after layer as epmoe-run chains them (each layer's input is the previous
  * layer's output rounded to fp32, as the engine passes it on).
  *
- *   ref_check CKPT INPUT OUTPUT [A:B] [TOL]     exit 0 when rel L2 <= TOL (default 1e-4)
- */
+ *   ref_check CKPT INPUT OUTPUT [A:B] [TOL] [ACT]   exit 0 when rel L2 <= TOL (default 1e-4)
+ *
+ * ACT is the reference's act_quant (default nvfp4, what epmoe-run does by default): the run's
+ * own mode to check it, or high (activations unquantized) to measure what a mode's quantization
+ * costs (bench/quant-accuracy.sh). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,7 +35,7 @@ static float *read_f32(const epmoe_st_file *f, const char *name, int64_t rows, i
 
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: ref_check CKPT INPUT OUTPUT [A:B] [TOL]\n");
+        fprintf(stderr, "usage: ref_check CKPT INPUT OUTPUT [A:B] [TOL] [ACT]\n");
         return 2;
     }
     epmoe_st_set *ckpt = NULL;
@@ -46,6 +49,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     double tol = argc > 5 ? atof(argv[5]) : 1e-4;
+    if (argc > 6 && epmoe_config_set(&cfg, "act_quant", argv[6]) != EPMOE_OK) return die(argv[6]);
 
     epmoe_st_file *in = NULL, *out = NULL;
     if (epmoe_st_open(argv[2], &in) != EPMOE_OK) return die(argv[2]);
@@ -91,8 +95,11 @@ int main(int argc, char **argv) {
         den += ref[i] * ref[i];
     }
     double rel = bad ? INFINITY : sqrt(num / (den > 0 ? den : 1));
-    printf("ref_check: %s layers [%lld, %lld), %lld x %lld: rel L2 %.3g (tol %.3g)%s\n", argv[1],
-           begin, end, (long long)T, (long long)H, rel, tol, bad ? ", non-finite outputs" : "");
+    char act[16];
+    epmoe_config_get(&cfg, "act_quant", act, sizeof act);
+    printf("ref_check: %s layers [%lld, %lld), %lld x %lld, reference act_quant %s: rel L2 %.3g "
+           "(tol %.3g)%s\n", argv[1], begin, end, (long long)T, (long long)H, act, rel, tol,
+           bad ? ", non-finite outputs" : "");
     free(x);
     free(y);
     free(ids);
