@@ -129,8 +129,8 @@ int main(int argc, char **argv) {
     CHECK_CUDA(cudaGetDeviceProperties(&prop, 0));
     printf("layer_bench on %s: %s slice of %lld local experts (top-%lld), H=%lld I=%lld, "
            "act_quant %s, graph-replayed medians of %d reps (us)\n",
-           prop.name, preset, act_quant, (long long)E, (long long)k, (long long)H,
-           (long long)cfg.moe_inter_size, reps);
+           prop.name, preset, (long long)E, (long long)k, (long long)H,
+           (long long)cfg.moe_inter_size, act_quant, reps);
     printf("%8s %7s %9s %9s %9s %9s %9s %10s %11s %12s\n", "rows/exp", "tokens", "route", "plan",
            "experts", "shared", "combine", "layer", "tokens/s", "expert TF/s");
     FILE *jf = json ? fopen(json, "w") : NULL;
