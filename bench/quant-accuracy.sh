@@ -19,12 +19,12 @@ for preset in dsv4-flash dsv4-pro; do
     ck="$work/${preset}_$weights"
     # one scored layer (n_hash_layers 0), 32 experts, 64 tokens
     "$build/bin/epmoe-gen" --preset $preset --n_layers 1 --n_hash_layers 0 --n_routed_experts 32 \
-      --weight_format $weights --out "$ck" >/dev/null
+      --weight_format $weights --out "$ck" >/dev/null 2>&1
     "$build/bin/epmoe-gen" --preset $preset --n_layers 1 --n_hash_layers 0 --n_routed_experts 32 \
-      --input-out "$ck.in.safetensors" --tokens 64 >/dev/null
+      --input-out "$ck.in.safetensors" --tokens 64 >/dev/null 2>&1
     for act in nvfp4 fp8 high; do
       mpirun -np 2 "$build/bin/epmoe-run" --checkpoint "$ck" --input "$ck.in.safetensors" \
-        --output "$ck.$act.safetensors" --quiet --act_quant $act
+        --output "$ck.$act.safetensors" --quiet --act_quant $act >"$ck.$act.log" 2>&1
       rel=$("$build/tests/ref_check" "$ck" "$ck.in.safetensors" "$ck.$act.safetensors" 0:1 1 high |
         sed -n 's/.*rel L2 \([^ ]*\).*/\1/p')
       echo "| $preset | $weights | $act | $rel |"

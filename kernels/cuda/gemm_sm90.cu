@@ -283,6 +283,14 @@ bool wgmma_ws_usable(const epmoe_grouped_gemm_args *a) {
            wgmma_usable(a) && epmoe_gemm_sm90_ws_compiled();
 }
 
+/* The FP8 kernel: FP8 A, the weights' FP8 image, its sm_90a image on a 9.0 device, and the
+ * 16-byte alignment its bulk copies of the token exponents need (cap_rows % 128). */
+bool fp8_usable(const epmoe_grouped_gemm_args *a) {
+    return a->a_format == EPMOE_GEMM_A_FP8 && a->w_fp8 && a->w_fp8_exp && a->cap_rows % 128 == 0 &&
+           ((uintptr_t)a->w_fp8 & 15) == 0 && ((uintptr_t)a->w_fp8_exp & 15) == 0 &&
+           wgmma_usable(a) && epmoe_gemm_sm90_fp8_compiled();
+}
+
 } // namespace
 
 extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_grouped_gemm_args *a) {
@@ -295,6 +303,9 @@ extern "C" epmoe_gemm_sm90_kernel epmoe_grouped_gemm_sm90_select(const epmoe_gro
     const int rows = sm90_rows_per_chunk(a);
     const bool stream = a->a_format != EPMOE_GEMM_A_BF16 && a->a_workspace;
     if (rows == 16) return stream ? EPMOE_GEMM_SM90_STREAM_MT16 : EPMOE_GEMM_SM90_MMA_MT32;
+    /* prefill on FP8 weights: FP8 tensor cores (twice bf16's rate); below it the 8-bit weights
+     * would be read where the 4-bit ones are, and reading is what decode is bound by */
+    if (rows == 128 && fp8_usable(a)) return EPMOE_GEMM_SM90_FP8_MT128;
     if (wgmma_ws_usable(a))
         return rows == 32 ? EPMOE_GEMM_SM90_WS_MT32
                           : rows == 64 ? EPMOE_GEMM_SM90_WS_MT64 : EPMOE_GEMM_SM90_WS_MT128;
@@ -315,6 +326,8 @@ extern "C" const char *epmoe_grouped_gemm_sm90_kernel_name(epmoe_gemm_sm90_kerne
     case EPMOE_GEMM_SM90_WS_MT32: return "wgmma-ws MT=32 BN=256";
     case EPMOE_GEMM_SM90_WS_MT64: return "wgmma-ws MT=64 BN=256";
     case EPMOE_GEMM_SM90_WS_MT128: return "wgmma-ws MT=128 BN=256";
+    case EPMOE_GEMM_SM90_FP8_MT64: return "fp8 wgmma MT=64 BN=128";
+    case EPMOE_GEMM_SM90_FP8_MT128: return "fp8 wgmma MT=128 BN=128";
     case EPMOE_GEMM_SM90_KERNEL_COUNT: break;
     }
     return "unknown";
@@ -419,6 +432,13 @@ extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_ar
                       "16-byte aligned weight codes, scales and workspace, cap_rows a multiple of 8, a compute capability 9.0 "
                       "device and a build for the 90a architecture");
         return epmoe_gemm_sm90_ws_launch(p, 16 << (kernel - EPMOE_GEMM_SM90_WS_MT16), stream);
+    case EPMOE_GEMM_SM90_FP8_MT64:
+    case EPMOE_GEMM_SM90_FP8_MT128:
+        EPMOE_REQUIRE(fp8_usable(a), EPMOE_ERR_UNSUPPORTED,
+                      "grouped GEMM: the FP8 kernel needs FP8 A, the weights' FP8 image (w_fp8, "
+                      "w_fp8_exp, 16-byte aligned), cap_rows a multiple of 128, a compute "
+                      "capability 9.0 device and a build for the 90a architecture");
+        return epmoe_gemm_sm90_fp8_launch(p, kernel == EPMOE_GEMM_SM90_FP8_MT64 ? 64 : 128, stream);
     case EPMOE_GEMM_SM90_STREAM_MT16:
         EPMOE_REQUIRE(a->a_format != EPMOE_GEMM_A_BF16 && a->a_workspace, EPMOE_ERR_UNSUPPORTED,
                       "grouped GEMM: the streaming decode kernel needs NVFP4 or FP8 A and an a_workspace");

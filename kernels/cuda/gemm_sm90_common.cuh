@@ -45,6 +45,7 @@ struct GemmParams {
     const __nv_bfloat16 *a_bf16;
     const uint8_t *w_codes, *w_sf;
     int w_slabs; /* codes and scales in the slab layout (grouped_gemm.h) */
+    const uint8_t *w_fp8, *w_fp8_exp; /* the weights' FP8 slab image, or NULL (grouped_gemm.h) */
     const float *w_scale;
     int w_groups, w_split;
     const int64_t *padded_offsets, *tokens_per_expert;
@@ -534,6 +535,8 @@ static inline GemmParams make_params(const epmoe_grouped_gemm_args *a) {
     p.w_codes = a->w_codes;
     p.w_sf = a->w_sf;
     p.w_slabs = a->w_slabs;
+    p.w_fp8 = a->w_fp8;
+    p.w_fp8_exp = a->w_fp8_exp;
     p.w_scale = a->w_scale;
     p.w_groups = (int)a->w_scale_groups;
     p.w_split = (int)a->w_scale_split;
@@ -595,6 +598,12 @@ epmoe_status epmoe_gemm_sm90_ws_launch(const GemmParams &p, int mt, cudaStream_t
 
 /* 1 when this binary carries the sm_90a code of the warp-specialized kernel. */
 int epmoe_gemm_sm90_ws_compiled(void);
+
+/* The FP8 tensor-core kernel (gemm_sm90_fp8.cu): FP8 A and the weights' FP8 slab image
+ * (p.w_fp8, p.w_fp8_exp), token chunks of mt = 64 or 128 rows x 128 weight rows, its own
+ * pre-pass into p.a_ws. Compute capability 9.0, an sm_90a build. */
+epmoe_status epmoe_gemm_sm90_fp8_launch(const GemmParams &p, int mt, cudaStream_t stream);
+int epmoe_gemm_sm90_fp8_compiled(void);
 
 /* The streaming decode kernel (gemm_sm90_stream.cu), NVFP4 A only: token chunks of 16 rows,
  * one 32-row weight slab per warp at a time, weights streamed to registers, tokens copied a

@@ -3,11 +3,11 @@
  * kernels that read the copy instead of converting A once per weight tile (wgmma, streaming
  * decode; with FP8 A every kernel of the sm_90 path). */
 #include <cuda_bf16.h>
-#include <cuda_fp8.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/fp8_math.cuh"
 #include "kernels/cuda/gemm_sm90_common.cuh"
 #include "kernels/cuda/ops_cuda.h"
 
@@ -18,8 +18,7 @@ namespace {
 /* bf16 bits of e4m3 * 2^exp2 (exact: 4 significant bits, a normal bf16 by the exponent floor
  * of common/fp8.h). */
 __device__ __forceinline__ uint32_t fp8_bf16_bits(uint8_t code, int exp2) {
-    const __half_raw h = __nv_cvt_fp8_to_halfraw(code, __NV_E4M3);
-    return __bfloat16_as_ushort(__float2bfloat16_rn(ldexpf(__half2float(__half(h)), exp2)));
+    return __bfloat16_as_ushort(__float2bfloat16_rn(ldexpf(epmoe_e4m3_value_dev(code), exp2)));
 }
 
 /* One 128-k step of a row as bf16 pairs o[span t][word q][pair m]: elements 32t + 8q + m (low

@@ -90,7 +90,12 @@ typedef enum {
     EPMOE_GEMM_SM90_WS_MT32 = 7,
     EPMOE_GEMM_SM90_WS_MT64 = 8,
     EPMOE_GEMM_SM90_WS_MT128 = 9,
-    EPMOE_GEMM_SM90_KERNEL_COUNT = 10 /* one past the last kernel, for loops over them */
+    /* FP8 tensor cores (W4A8): FP8 A on the weights' exact FP8 image (w_fp8), MT tokens x 128
+     * weight rows, per-128-k scaling outside the MMA (Hopper, cap_rows % 128 == 0). Not
+     * bit-identical to the kernels above (another summation order), held to float64. */
+    EPMOE_GEMM_SM90_FP8_MT64 = 10,
+    EPMOE_GEMM_SM90_FP8_MT128 = 11,
+    EPMOE_GEMM_SM90_KERNEL_COUNT = 12 /* one past the last kernel, for loops over them */
 } epmoe_gemm_sm90_kernel;
 
 typedef struct {
@@ -117,6 +122,10 @@ typedef struct {
                                    epmoe_cuda_weights_to_slabs (sm_90 path only) */
     const uint8_t *w_sf_swizzled; /* [E][swizzled(N, K/16)] 128x4 layout for the sm_100 path;
                                      NULL: the sm_100 entry reports EPMOE_ERR_INVALID_ARG */
+    const uint8_t *w_fp8;       /* FP8 A only, or NULL: the same weights as E4M3 in the FP8
+                                   slab image (epmoe_cuda_weights_to_fp8_slabs), which the FP8
+                                   tensor-core kernel reads; exact by construction */
+    const uint8_t *w_fp8_exp;   /* its group exponents */
     const float *w_scale;       /* [E, w_scale_groups] */
     int64_t w_scale_groups;     /* 1 or 2 */
     int64_t w_scale_split;      /* columns n < split use group 0, the rest group 1 */
@@ -165,6 +174,17 @@ typedef struct {
 epmoe_status epmoe_cuda_weights_to_slabs(const uint8_t *codes, const uint8_t *sf, int64_t rows,
                                          int64_t K, uint8_t *slab_codes, uint8_t *slab_sf,
                                          cudaStream_t stream);
+
+/* FP4 weights, row-major codes [rows, K/2] and UE4M3 scales [rows, K/16] (rows a multiple of
+ * 32, K of 128), as E4M3 times a power of two per row and 128-k group (common/fp8.h's rule) in
+ * the FP8 GEMM's slab image: fp8 [rows, K] bytes, fp8_exp [rows, K/128]. Groups whose values do
+ * not come back exactly (NVFP4's non-power-of-two scales, or MXFP4 blocks too far apart) are
+ * added to *inexact_groups (device memory): a caller that finds any must not pass this image
+ * as w_fp8. Enqueues on `stream`. */
+epmoe_status epmoe_cuda_weights_to_fp8_slabs(const uint8_t *codes, const uint8_t *sf,
+                                             int64_t rows, int64_t K, uint8_t *fp8,
+                                             uint8_t *fp8_exp, unsigned long long *inexact_groups,
+                                             cudaStream_t stream);
 
 /* Validates args (shapes, pointers) without touching device memory. */
 epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_args *args);

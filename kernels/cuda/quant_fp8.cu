@@ -2,33 +2,22 @@
  * 128 along K, e = the smallest exponent with amax <= 448 * 2^e (clamped to
  * [EPMOE_FP8_MIN_EXP, 127]; 0 for a zero block), code = e4m3_rn_satfinite(x * 2^-e). The
  * multiplication by 2^-e is exact and the conversion is the hardware's round-to-nearest-even
- * with saturation, as the CPU's; the exponent is integer arithmetic on amax's bits.
+ * with saturation, as the CPU's; the exponent is integer arithmetic on amax's bits
+ * (fp8_math.cuh).
  *
  * One warp per (row, block), four elements a lane. Two sources share the kernel: rows gathered
  * from tokens (the W13 input) and the SwiGLU of the W13 output (the W2 input, the same element
  * math as swiglu.cu). Rows are K_pad wide: the elements [K, K_pad) are zeros, which leave every
  * amax unchanged, so a block straddling K has the CPU's short last block's exponent. */
-#include <cuda_fp8.h>
-
 #include "common/fp8.h"
 #include "kernels/cuda/cuda_check.h"
+#include "kernels/cuda/fp8_math.cuh"
 #include "kernels/cuda/ops_cuda.h"
 #include "kernels/cuda/swiglu_math.cuh"
 
 namespace {
 
 constexpr int kWarpsPerBlock = 8;
-
-/* frexp without the call: amax = 1.M * 2^(E - 127) for a normal amax (E the biased exponent),
- * i.e. m * 2^x with m = 1.M / 2 and x = E - 126; 448 = 0.875 * 2^9, and m <= 0.875 exactly when
- * M <= 0x600000. Subnormal amax lies far below the clamp. */
-__device__ __forceinline__ int fp8_block_exp(float amax) {
-    if (!(amax > 0.0f)) return 0;
-    const uint32_t bits = __float_as_uint(amax);
-    const int E = (int)(bits >> 23), M = (int)(bits & 0x7fffff);
-    int e = E == 0 ? EPMOE_FP8_MIN_EXP : (M <= 0x600000 ? E - 135 : E - 134);
-    return e < EPMOE_FP8_MIN_EXP ? EPMOE_FP8_MIN_EXP : (e > EPMOE_FP8_MAX_EXP ? EPMOE_FP8_MAX_EXP : e);
-}
 
 struct GatherSource { /* x[token_of_row[row]], K wide, rows x_stride floats apart */
     const float *x;
@@ -77,13 +66,9 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
         if (c < K) src.load4(row, expert, c, v);
         float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
         for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const int e = fp8_block_exp(amax);
+        const int e = epmoe_fp8_block_exp_dev(amax);
         uint32_t word = 0;
-        for (int i = 0; i < 4; i++) {
-            const uint32_t code =
-                __nv_cvt_float_to_fp8(ldexpf(v[i], -e), __NV_SATFINITE, __NV_E4M3);
-            word |= code << (8 * i);
-        }
+        for (int i = 0; i < 4; i++) word |= (uint32_t)epmoe_fp8_code_dev(v[i], e) << (8 * i);
         *(uint32_t *)(codes + row * K_pad + c) = word;
         if (lane == 0) block_e8m0[row * blocks_per_row + block] = (uint8_t)(e + 127);
     }

@@ -1,6 +1,7 @@
 /* Hopper's asynchronous machinery for the sm_90a GEMM kernels (gemm_sm90_wgmma.cu,
- * gemm_sm90_ws.cu), as thin wrappers of one PTX instruction each: wgmma with a register A
- * operand, shared-memory matrix descriptors, mbarriers and the bulk copy engine. Only
+ * gemm_sm90_ws.cu, gemm_sm90_fp8.cu), as thin wrappers of one PTX instruction each: wgmma with
+ * a register A operand (bf16) or both in shared memory (bf16, E4M3), shared-memory matrix
+ * descriptors, mbarriers and the bulk copy engine. Only
  * meaningful in the sm_90a compilation pass; include it where EPMOE_WGMMA_DEVICE guards the
  * kernel bodies. */
 #ifndef EPMOE_SM90A_ASYNC_CUH
@@ -115,6 +116,56 @@ static __device__ __forceinline__ void wgmma_tile(float (&d)[kN / 2], const uint
     else if constexpr (kN == 32) wgmma_m64n32k16(d, a, desc_b, scale_d);
     else if constexpr (kN == 64) wgmma_m64n64k16(d, a, desc_b, scale_d);
     else wgmma_m64n128k16(d, a, desc_b, scale_d);
+}
+
+/* D[64 x n] += A[64 x 32] * B[32 x n], both E4M3 in shared memory (K-major, 128-byte swizzle:
+ * one 128-byte row holds a row's 128-k step, the k32 slices 32 bytes apart), fp32
+ * accumulators. FP8 operands take no transpose flags. wgmma_fp8_tile<n> picks the width. */
+static __device__ __forceinline__ void wgmma_fp8_m64n64k32(float (&d)[32], uint64_t desc_a,
+                                                           uint64_t desc_b, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k32.f32.e4m3.e4m3 {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+                 "}, %32, %33, p, 1, 1;\n}\n"
+                 :
+                   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31])
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+static __device__ __forceinline__ void wgmma_fp8_m64n128k32(float (&d)[64], uint64_t desc_a,
+                                                           uint64_t desc_b, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+                 "}, %64, %65, p, 1, 1;\n}\n"
+                 :
+                   "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                   "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                   "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                   "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                   "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                   "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                   "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                   "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                   "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                   "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                   "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+template <int kN>
+static __device__ __forceinline__ void wgmma_fp8_tile(float (&d)[kN / 2], uint64_t desc_a,
+                                                      uint64_t desc_b, int scale_d) {
+    static_assert(kN == 64 || kN == 128, "no FP8 wrapper for this width");
+    if constexpr (kN == 64) wgmma_fp8_m64n64k32(d, desc_a, desc_b, scale_d);
+    else wgmma_fp8_m64n128k32(d, desc_a, desc_b, scale_d);
 }
 
 static __device__ __forceinline__ void wgmma_fence() {

@@ -41,6 +41,7 @@ typedef struct {
     int out_bf16;
     int tight_cap; /* cap_rows = padded_offsets[E] (forces the decode variant on skew) */
     int64_t cap_rows; /* when > 0: this cap (selects a variant; see grouped_gemm.h) */
+    int w_pow2;       /* weight block scales powers of two (MXFP4's): the FP8 kernels run too */
 } gemm_case;
 
 static uint8_t random_ue4m3(epmoe_rng *r) {
@@ -70,6 +71,103 @@ static uint8_t random_e4m3(epmoe_rng *r) {
     do b = (uint8_t)epmoe_rng_below(r, 256);
     while ((b & 0x7f) == 0x7f);
     return b;
+}
+
+/* The FP8 tensor-core kernels on a case with FP8 A: the weights' FP8 image (every group exact
+ * when the block scales are powers of two, and counted otherwise), then each FP8 kernel forced,
+ * against the float64 reference of the real rows (ref, in expert, row, column order), padding
+ * still poisoned, and the two token widths bit-identical to each other. Tolerance: the products
+ * are exact; the tensor cores sum each 128-k step's 128 products with less than fp32's
+ * precision (DeepSeek-V3 measured about 14 bits on H800), and the per-step scaling outside the
+ * MMA keeps that error per step: rel L2 2e-3, and 2^-8 of the sum of |products| per element. */
+static void fp8_kernels(const gemm_case &c, const epmoe_grouped_gemm_args &args, const uint8_t *d_wc,
+                        const uint8_t *d_wsf, void *d_out, const std::vector<uint8_t> &poison_bytes,
+                        const std::vector<double> &ref, const std::vector<char> &is_real,
+                        const std::vector<int64_t> &offs) {
+    const int64_t E = c.E, N = c.N, K = c.K, cap = args.cap_rows;
+    uint8_t *d_w8, *d_w8e;
+    unsigned long long *d_inexact, inexact = 0;
+    GT_CUDA(cudaMalloc(&d_w8, E * N * K));
+    GT_CUDA(cudaMalloc(&d_w8e, E * N * K / 128));
+    GT_CUDA(cudaMalloc(&d_inexact, 8));
+    GT_CUDA(cudaMemset(d_inexact, 0, 8));
+    GT_OK(epmoe_cuda_weights_to_fp8_slabs(d_wc, d_wsf, E * N, K, d_w8, d_w8e, d_inexact, 0));
+    GT_CUDA(cudaDeviceSynchronize());
+    GT_CUDA(cudaMemcpy(&inexact, d_inexact, 8, cudaMemcpyDeviceToHost));
+    const long long groups = (long long)(E * N * K / 128);
+    if (!c.w_pow2) {
+        GT_CHECK(inexact > 0, "%s: NVFP4 weight scales, yet no group of %lld counted inexact",
+                 c.name, groups);
+        printf("   %s: FP8 image of NVFP4 weights: %llu of %lld groups inexact (not used)\n",
+               c.name, inexact, groups);
+    } else {
+        GT_CHECK(inexact == 0, "%s: %llu of %lld groups of power-of-two weights inexact", c.name,
+                 inexact, groups);
+        const size_t out_bytes = poison_bytes.size(), elem = c.out_bf16 ? 2 : 4;
+        std::vector<uint8_t> first, raw(out_bytes);
+        for (int k = EPMOE_GEMM_SM90_FP8_MT64; k <= EPMOE_GEMM_SM90_FP8_MT128; k++) {
+            epmoe_grouped_gemm_args f = args;
+            f.w_fp8 = d_w8;
+            f.w_fp8_exp = d_w8e;
+            f.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
+            GT_CUDA(cudaMemcpy(d_out, poison_bytes.data(), out_bytes, cudaMemcpyHostToDevice));
+            const epmoe_status st = epmoe_cuda_grouped_gemm_sm90(&f, 0);
+            if (st == EPMOE_ERR_UNSUPPORTED) {
+                printf("   %s: %s not run here (%s)\n", c.name,
+                       epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k), epmoe_last_error());
+                continue;
+            }
+            GT_OK(st);
+            GT_CUDA(cudaDeviceSynchronize());
+            kernels_ran[k] = 1;
+            GT_CUDA(cudaMemcpy(raw.data(), d_out, out_bytes, cudaMemcpyDeviceToHost));
+            std::vector<float> got;
+            size_t pad_overwritten = 0, bad = 0;
+            for (int64_t r = 0; r < cap; r++)
+                for (int64_t n = 0; n < N; n++) {
+                    const size_t i = (size_t)(r * N + n) * elem;
+                    if (!is_real[r]) {
+                        pad_overwritten += memcmp(&raw[i], &poison_bytes[i], elem) != 0;
+                        continue;
+                    }
+                }
+            for (int64_t e = 0; e < E; e++)
+                for (int64_t r = offs[e]; r < offs[e] + c.counts[e]; r++)
+                    for (int64_t n = 0; n < N; n++) {
+                        const size_t i = (size_t)(r * N + n) * elem;
+                        float v;
+                        if (c.out_bf16) {
+                            const uint32_t bits = (uint32_t)(raw[i] | raw[i + 1] << 8) << 16;
+                            memcpy(&v, &bits, 4);
+                        } else {
+                            memcpy(&v, &raw[i], 4);
+                        }
+                        bad += !isfinite(v);
+                        got.push_back(v);
+                    }
+            const double rel = ref.empty() ? 0.0 : epmoe_rel_l2_f32_f64(got.data(), ref.data(), ref.size());
+            printf("   %s [%s]: rel L2 %.3g vs float64 (bound 2e-3)\n", c.name,
+                   epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k), rel);
+            GT_CHECK(bad == 0, "%s: FP8 kernel left %zu real outputs unwritten or not finite", c.name, bad);
+            GT_CHECK(pad_overwritten == 0, "%s: FP8 kernel overwrote %zu padding outputs", c.name,
+                     pad_overwritten);
+            GT_CHECK(rel <= 2e-3, "%s: FP8 kernel rel L2 %.3g > 2e-3", c.name, rel);
+            if (first.empty()) {
+                first = raw;
+            } else {
+                size_t differ = 0;
+                for (size_t i = 0; i < out_bytes; i++) differ += first[i] != raw[i];
+                GT_CHECK(differ == 0, "%s: the FP8 kernels' token widths differ in %zu bytes", c.name, differ);
+            }
+        }
+        epmoe_grouped_gemm_args a = args;
+        a.w_fp8 = d_w8;
+        a.w_fp8_exp = d_w8e;
+        kernels_seen[epmoe_grouped_gemm_sm90_select(&a)] = 1;
+    }
+    cudaFree(d_w8);
+    cudaFree(d_w8e);
+    cudaFree(d_inexact);
 }
 
 static void run_case(const gemm_case &c, uint64_t seed) {
@@ -104,7 +202,9 @@ static void run_case(const gemm_case &c, uint64_t seed) {
     }
     for (auto &s : a_scale) s = 0.25f + epmoe_rng_uniform(&rng);
     fill_codes(&rng, w_codes.data(), w_codes.size());
-    for (auto &s : w_sf) s = random_ue4m3(&rng);
+    for (auto &s : w_sf) /* powers of two 2^-3 .. 2^5 (UE4M3 mantissa 0), a few zero blocks */
+        s = c.w_pow2 ? (epmoe_rng_below(&rng, 100) == 0 ? 0 : (uint8_t)((4 + epmoe_rng_below(&rng, 9)) << 3))
+                     : random_ue4m3(&rng);
     for (auto &s : w_scale) s = 0.5f + epmoe_rng_uniform(&rng);
     for (int64_t i = 0; i < cap * K; i++) {
         float v = bf16_round(epmoe_rng_normal(&rng) * 3.0f);
@@ -234,6 +334,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
         const int k = run % EPMOE_GEMM_SM90_KERNEL_COUNT, pass = run / EPMOE_GEMM_SM90_KERNEL_COUNT;
         const int slabs = pass >= 1;
         if (k == EPMOE_GEMM_SM90_AUTO ? !slabs : (k == chosen && !slabs)) continue;
+        if (k >= EPMOE_GEMM_SM90_FP8_MT64) continue; /* another summation order: fp8_kernels */
         epmoe_grouped_gemm_args forced = args;
         forced.sm90_kernel = (epmoe_gemm_sm90_kernel)k;
         forced.serial_launch = pass == 2;
@@ -347,6 +448,7 @@ static void run_case(const gemm_case &c, uint64_t seed) {
             }
         }
     }
+    if (a_fp8) fp8_kernels(c, args, d_wc, d_wsf, d_out, poison_bytes, ref, is_real, offs);
     const double rel = ref.empty() ? 0.0 : epmoe_rel_l2_f32_f64(got.data(), ref.data(), ref.size());
     const double rel_bound = c.out_bf16 ? 4e-3 : 1e-4;
     printf("   %s [%s]: E=%lld N=%lld K=%lld rows=%lld cap=%lld  rel L2 %.3g (bound %.0e)\n", c.name,
@@ -372,79 +474,79 @@ static std::vector<int64_t> random_counts(uint64_t seed, int64_t E, int64_t lo, 
 
 /* decode shapes: 1..60 rows per expert, empty experts first, in the middle; last non-empty */
 static void test_decode_fp4_w13(void) {
-    gemm_case c = {"decode fp4 W13", 8, 256, 512, random_counts(11, 8, 1, 60), 0, 2, 0, 0, 1408};
+    gemm_case c = {"decode fp4 W13", 8, 256, 512, random_counts(11, 8, 1, 60), 0, 2, 0, 0, 1408, 0};
     c.counts[0] = 0;
     c.counts[4] = 0;
     c.counts[7] = 3;
     run_case(c, 101);
 }
 static void test_decode_bf16_w2(void) {
-    gemm_case c = {"decode bf16 W2", 6, 192, 384, random_counts(12, 6, 8, 96), 1, 1, 0, 0, 1200};
+    gemm_case c = {"decode bf16 W2", 6, 192, 384, random_counts(12, 6, 8, 96), 1, 1, 0, 0, 1200, 0};
     c.counts[2] = 0;
     run_case(c, 102);
 }
 static void test_decode_fp4_bf16_out(void) {
-    gemm_case c = {"decode fp4 bf16-out", 5, 128, 256, random_counts(13, 5, 1, 40), 0, 2, 1, 0, 0};
+    gemm_case c = {"decode fp4 bf16-out", 5, 128, 256, random_counts(13, 5, 1, 40), 0, 2, 1, 0, 0, 0};
     run_case(c, 103);
 }
 /* prefill shapes: several 64- and 128-row chunks per expert, ragged last chunk */
 static void test_prefill_fp4_w13(void) {
-    gemm_case c = {"prefill fp4 W13", 4, 512, 1024, random_counts(14, 4, 130, 400), 0, 2, 0, 0, 0};
+    gemm_case c = {"prefill fp4 W13", 4, 512, 1024, random_counts(14, 4, 130, 400), 0, 2, 0, 0, 0, 0};
     c.counts[1] = 0;
     run_case(c, 104);
 }
 static void test_prefill_bf16_w2(void) {
-    gemm_case c = {"prefill bf16 W2", 3, 320, 768, random_counts(15, 3, 200, 333), 1, 1, 0, 0, 0};
+    gemm_case c = {"prefill bf16 W2", 3, 320, 768, random_counts(15, 3, 200, 333), 1, 1, 0, 0, 0, 0};
     run_case(c, 105);
 }
 /* skew: one expert holds everything (prefill variant, then decode variant via a tight cap) */
 static void test_skew_one_expert(void) {
-    gemm_case c = {"skew fp4 (prefill variant)", 8, 256, 512, std::vector<int64_t>(8, 0), 0, 2, 0, 0, 0};
+    gemm_case c = {"skew fp4 (prefill variant)", 8, 256, 512, std::vector<int64_t>(8, 0), 0, 2, 0, 0, 0, 0};
     c.counts[3] = 700;
     run_case(c, 106);
-    gemm_case d = {"skew bf16 (decode variant)", 8, 256, 256, std::vector<int64_t>(8, 0), 1, 1, 0, 1, 0};
+    gemm_case d = {"skew bf16 (decode variant)", 8, 256, 256, std::vector<int64_t>(8, 0), 1, 1, 0, 1, 0, 0};
     d.counts[7] = 333; /* the last expert */
     run_case(d, 107);
 }
 static void test_all_empty(void) {
-    gemm_case c = {"all experts empty", 4, 128, 256, std::vector<int64_t>(4, 0), 0, 1, 0, 0, 0};
+    gemm_case c = {"all experts empty", 4, 128, 256, std::vector<int64_t>(4, 0), 0, 1, 0, 0, 0, 0};
     run_case(c, 108);
 }
 /* a V4-Flash-sized W2 slice at decode size, to cover K = 2048 and wide N */
 static void test_flash_w2_decode(void) {
-    gemm_case c = {"flash W2 decode", 4, 4096, 2048, random_counts(16, 4, 8, 32), 0, 1, 0, 0, 0};
+    gemm_case c = {"flash W2 decode", 4, 4096, 2048, random_counts(16, 4, 8, 32), 0, 1, 0, 0, 0, 0};
     run_case(c, 109);
 }
 
 /* the wgmma kernel's edges: N not a multiple of its 256-row tile (a warpgroup's tiles half or
  * wholly past N), bf16 output, one-chunk experts and a ragged last chunk */
 static void test_prefill_fp4_w2_ragged_n(void) {
-    gemm_case c = {"prefill fp4 W2 N=352", 3, 352, 768, random_counts(17, 3, 100, 333), 0, 1, 0, 0, 0};
+    gemm_case c = {"prefill fp4 W2 N=352", 3, 352, 768, random_counts(17, 3, 100, 333), 0, 1, 0, 0, 0, 0};
     c.counts[2] = 128;
     run_case(c, 110);
 }
 /* a decode batch of at most 16 rows per expert, one expert empty */
 static void test_decode_fp4_tiny(void) {
-    gemm_case c = {"decode fp4 tiny", 8, 320, 768, random_counts(20, 8, 1, 16), 0, 2, 0, 0, 0};
+    gemm_case c = {"decode fp4 tiny", 8, 320, 768, random_counts(20, 8, 1, 16), 0, 2, 0, 0, 0, 0};
     c.counts[5] = 0;
     run_case(c, 113);
 }
 /* K = 128: one step per work item, fewer than the streaming kernel's two weight slots, so its
  * weight loads run two items ahead of the compute; 2 experts empty */
 static void test_decode_fp4_one_step(void) {
-    gemm_case c = {"decode fp4 K=128", 7, 160, 128, random_counts(22, 7, 1, 30), 0, 2, 0, 0, 0};
+    gemm_case c = {"decode fp4 K=128", 7, 160, 128, random_counts(22, 7, 1, 30), 0, 2, 0, 0, 0, 0};
     c.counts[1] = 0;
     c.counts[6] = 0;
     run_case(c, 115);
 }
 /* between decode and prefill: AUTO's wgmma class (33-128 rows per expert on average) */
 static void test_mid_fp4(void) {
-    gemm_case c = {"mid fp4 W13", 6, 384, 640, random_counts(19, 6, 40, 150), 0, 2, 0, 0, 0};
+    gemm_case c = {"mid fp4 W13", 6, 384, 640, random_counts(19, 6, 40, 150), 0, 2, 0, 0, 0, 0};
     c.counts[4] = 0;
     run_case(c, 112);
 }
 static void test_prefill_fp4_bf16_out(void) {
-    gemm_case c = {"prefill fp4 bf16-out", 2, 256, 512, random_counts(18, 2, 129, 300), 0, 2, 1, 0, 0};
+    gemm_case c = {"prefill fp4 bf16-out", 2, 256, 512, random_counts(18, 2, 129, 300), 0, 2, 1, 0, 0, 0};
     run_case(c, 111);
 }
 
@@ -452,23 +554,33 @@ static void test_prefill_fp4_bf16_out(void) {
  * warp-specialized kernel's stage ring and its mbarrier phases) across items; K = 384 is three
  * 128-k steps, fewer than its four stages, so the ring also wraps inside items */
 static void test_prefill_many_items(void) {
-    gemm_case c = {"prefill fp4 many items", 6, 2048, 384, random_counts(21, 6, 200, 520), 0, 2, 0, 0, 0};
+    gemm_case c = {"prefill fp4 many items", 6, 2048, 384, random_counts(21, 6, 200, 520), 0, 2, 0, 0, 0, 0};
     run_case(c, 114);
 }
 
 /* FP8 A (act_quant = fp8): every kernel through the exact bf16 workspace (the mma.sync ones in
  * its plain order), at decode, mid and prefill sizes, one expert holding everything in the last */
 static void test_fp8_a(void) {
-    gemm_case d = {"decode fp8 W13", 8, 256, 512, random_counts(23, 8, 1, 16), 2, 2, 0, 0, 0};
+    gemm_case d = {"decode fp8 W13", 8, 256, 512, random_counts(23, 8, 1, 16), 2, 2, 0, 0, 0, 0};
     d.counts[2] = 0;
     run_case(d, 116);
-    gemm_case m = {"mid fp8 W2", 6, 384, 640, random_counts(24, 6, 20, 70), 2, 1, 0, 0, 0};
+    gemm_case m = {"mid fp8 W2", 6, 384, 640, random_counts(24, 6, 20, 70), 2, 1, 0, 0, 0, 0};
     run_case(m, 117);
-    gemm_case p = {"prefill fp8 W13 bf16-out", 3, 512, 768, random_counts(25, 3, 130, 400), 2, 2, 1, 0, 0};
+    gemm_case p = {"prefill fp8 W13 bf16-out", 3, 512, 768, random_counts(25, 3, 130, 400), 2, 2, 1, 0, 0, 0};
     run_case(p, 118);
-    gemm_case k = {"skew fp8 W2", 8, 256, 384, std::vector<int64_t>(8, 0), 2, 1, 0, 0, 0};
+    gemm_case k = {"skew fp8 W2", 8, 256, 384, std::vector<int64_t>(8, 0), 2, 1, 0, 0, 0, 0};
     k.counts[5] = 600;
     run_case(k, 119);
+    /* power-of-two weight scales: the FP8 tensor-core kernels too (N = 352: a 128-row tile
+     * partly past N; ragged chunks; one expert empty; one skewed) */
+    gemm_case q = {"prefill fp8 MX W13", 4, 512, 1024, random_counts(26, 4, 100, 500), 2, 2, 0, 0, 0, 1};
+    q.counts[2] = 0;
+    run_case(q, 120);
+    gemm_case r = {"prefill fp8 MX W2 N=352", 3, 352, 768, random_counts(27, 3, 60, 333), 2, 1, 0, 0, 0, 1};
+    run_case(r, 121);
+    gemm_case u = {"skew fp8 MX W2 bf16-out", 6, 256, 2048, std::vector<int64_t>(6, 0), 2, 1, 1, 0, 0, 1};
+    u.counts[5] = 900;
+    run_case(u, 122);
 }
 
 static void test_variants_covered(void) {
@@ -494,6 +606,11 @@ static void test_variants_covered(void) {
         GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_WS_MT128],
                  "a Hopper device, but AUTO never chose the warp-specialized wgmma kernel for "
                  "prefill on slab weights");
+        for (int k = EPMOE_GEMM_SM90_FP8_MT64; k <= EPMOE_GEMM_SM90_FP8_MT128; k++)
+            GT_CHECK(kernels_ran[k], "a Hopper device, but the FP8 kernel '%s' never ran",
+                     epmoe_grouped_gemm_sm90_kernel_name((epmoe_gemm_sm90_kernel)k));
+        GT_CHECK(kernels_seen[EPMOE_GEMM_SM90_FP8_MT128],
+                 "a Hopper device, but AUTO never chose the FP8 kernel for FP8 prefill");
     }
 }
 

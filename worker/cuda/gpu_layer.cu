@@ -191,11 +191,13 @@ void epmoe_gpu_context_free(epmoe_gpu_context *ctx) {
 
 /* Host row-major codes [rows, K/2] and scales [rows, K/16] -> the device slab layout with K
  * padded to K_pad: rows of K_pad elements in `staging` (rows*K_pad*9/16 bytes at least), the
- * elements [K, K_pad) code 0 with block scale 0, reordered by epmoe_cuda_weights_to_slabs. All
- * on the default stream, so a later copy into the same staging waits for the reordering. */
+ * elements [K, K_pad) code 0 with block scale 0, reordered by epmoe_cuda_weights_to_slabs, and
+ * (fp8 != NULL) expanded into the FP8 image, inexact groups added to *fp8_inexact. All on the
+ * default stream, so a later copy into the same staging waits for both. */
 static epmoe_status upload_slabs(const uint8_t *codes, const uint8_t *sf, int64_t rows, int64_t K,
                                  int64_t K_pad, uint8_t *staging, uint8_t *slab_codes,
-                                 uint8_t *slab_sf) {
+                                 uint8_t *slab_sf, uint8_t *fp8, uint8_t *fp8_exp,
+                                 unsigned long long *fp8_inexact) {
     const size_t code_bytes = (size_t)(rows * K / 2), sf_bytes = (size_t)(rows * K / 16);
     const size_t pad_code_bytes = (size_t)(rows * K_pad / 2);
     if (K_pad == K) {
@@ -222,8 +224,11 @@ static epmoe_status upload_slabs(const uint8_t *codes, const uint8_t *sf, int64_
                               cudaMemcpyDeviceToDevice),
                  "padding expert block scales to the GEMM's k step");
     }
-    return epmoe_cuda_weights_to_slabs(staging, staging + pad_code_bytes, rows, K_pad, slab_codes,
-                                       slab_sf, 0);
+    EPMOE_TRY(epmoe_cuda_weights_to_slabs(staging, staging + pad_code_bytes, rows, K_pad,
+                                          slab_codes, slab_sf, 0));
+    if (!fp8) return EPMOE_OK;
+    return epmoe_cuda_weights_to_fp8_slabs(staging, staging + pad_code_bytes, rows, K_pad, fp8,
+                                           fp8_exp, fp8_inexact, 0);
 }
 
 typedef struct {
@@ -271,6 +276,12 @@ static void plan_layer(const epmoe_gpu_context *ctx, const epmoe_layer_weights *
     /* bf16 shared weights, converted on the device from an fp32 staging copy */
     carve_add(plan, "shared_w13", &out->shared_w13, (size_t)(2 * Is * H) * 2);
     carve_add(plan, "shared_w2", &out->shared_w2, (size_t)(H * Is) * 2);
+    /* the FP8 image where it can be exact: MXFP4 experts (NVFP4's scales cannot) */
+    const int fp8 = c->act_quant == EPMOE_ACT_FP8 && c->weight_format == EPMOE_WEIGHTS_MXFP4;
+    carve_add(plan, "w13_fp8", &out->w13_fp8, fp8 ? (size_t)(nl * 2 * I * Hp) : 0);
+    carve_add(plan, "w13_fp8_exp", &out->w13_fp8_exp, fp8 ? (size_t)(nl * 2 * I * Hp / 128) : 0);
+    carve_add(plan, "w2_fp8", &out->w2_fp8, fp8 ? (size_t)(nl * H * Ip) : 0);
+    carve_add(plan, "w2_fp8_exp", &out->w2_fp8_exp, fp8 ? (size_t)(nl * H * Ip / 128) : 0);
     if (n_copies) *n_copies = n;
 }
 
@@ -358,17 +369,26 @@ epmoe_status epmoe_gpu_layer_upload(epmoe_gpu_context *ctx, const epmoe_layer_we
     {
         /* one staging buffer for both expert tensors (sized for the larger) */
         uint8_t *staging = NULL;
-        CUDA_TRY(cudaMalloc((void **)&staging, (size_t)epmoe_gpu_layer_staging_bytes(ctx)),
-                 "staging expert weights");
-        epmoe_status st = upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, Hp, staging,
-                                       out->w13_codes, out->w13_sf);
+        unsigned long long *inexact = NULL, host_inexact[2] = {0, 0};
+        const size_t counters = (size_t)epmoe_round_up(epmoe_gpu_layer_staging_bytes(ctx), 16);
+        CUDA_TRY(cudaMalloc((void **)&staging, counters + 16), "staging expert weights");
+        inexact = (unsigned long long *)(staging + counters); /* W13's, W2's */
+        cudaError_t err = cudaMemset(inexact, 0, 16);
+        epmoe_status st = err == cudaSuccess ? EPMOE_OK : EPMOE_ERR_CUDA;
+        if (st == EPMOE_OK)
+            st = upload_slabs(w->w13_codes, w->w13_sf, n * 2 * I, H, Hp, staging, out->w13_codes,
+                              out->w13_sf, out->w13_fp8, out->w13_fp8_exp, inexact);
         if (st == EPMOE_OK)
             st = upload_slabs(w->w2_codes, w->w2_sf, n * H, I, Ip, staging, out->w2_codes,
-                              out->w2_sf);
-        const cudaError_t err = st == EPMOE_OK ? cudaDeviceSynchronize() : cudaSuccess;
+                              out->w2_sf, out->w2_fp8, out->w2_fp8_exp, inexact + 1);
+        if (st == EPMOE_OK) err = cudaMemcpy(host_inexact, inexact, 16, cudaMemcpyDeviceToHost);
         cudaFree(staging);
         EPMOE_TRY(st);
         CUDA_TRY(err, "reordering expert weights into the slab layout");
+        /* a tensor with an inexact group is not used in FP8: its GEMM keeps the bf16 path */
+        if (host_inexact[0]) out->w13_fp8 = out->w13_fp8_exp = NULL;
+        if (host_inexact[1]) out->w2_fp8 = out->w2_fp8_exp = NULL;
+        out->fp8_inexact_groups = (int64_t)(host_inexact[0] + host_inexact[1]);
     }
     if (Is > 0) {
         size_t n13 = (size_t)(2 * Is * H), n2 = (size_t)(H * Is);
@@ -513,6 +533,8 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     g.w_slabs = 1; /* both GEMMs' weights, see epmoe_gpu_layer */
     g.w_codes = layer->w13_codes;
     g.w_sf = layer->w13_sf;
+    g.w_fp8 = fp8 ? layer->w13_fp8 : NULL;
+    g.w_fp8_exp = fp8 ? layer->w13_fp8_exp : NULL;
     g.w_scale = layer->w13_scale_2;
     g.w_scale_groups = 2;
     g.w_scale_split = I;
@@ -540,6 +562,8 @@ epmoe_status epmoe_gpu_experts_rows(epmoe_gpu_context *ctx, const epmoe_gpu_laye
     g.K = Ip;
     g.w_codes = layer->w2_codes;
     g.w_sf = layer->w2_sf;
+    g.w_fp8 = fp8 ? layer->w2_fp8 : NULL;
+    g.w_fp8_exp = fp8 ? layer->w2_fp8_exp : NULL;
     g.w_scale = layer->w2_scale_2;
     g.w_scale_groups = 1;
     g.w_scale_split = H;

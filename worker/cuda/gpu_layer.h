@@ -117,6 +117,13 @@ typedef struct {
     int64_t vocab_size;
     uint16_t *shared_w13;     /* [2 Is, H] bf16, NULL without a shared expert */
     uint16_t *shared_w2;      /* [H, Is] bf16 */
+    /* act_quant = fp8 on MXFP4 experts: the same weights as E4M3 with a power-of-two scale per
+     * row and 128-k group, in the FP8 GEMM's slab image (grouped_gemm.h), for the FP8 tensor
+     * cores at prefill sizes; NULL otherwise, and for a tensor with any group that is not
+     * exactly E4M3 (counted in fp8_inexact_groups; that GEMM keeps the exact bf16 path) */
+    uint8_t *w13_fp8, *w13_fp8_exp; /* [n_local * 2I, Hp], [n_local * 2I, Hp/128] */
+    uint8_t *w2_fp8, *w2_fp8_exp;   /* [n_local * H, Ip], [n_local * H, Ip/128] */
+    int64_t fp8_inexact_groups;
 } epmoe_gpu_layer;
 
 /* Makes the arena for cfg on `device` for the slice [expert_start, expert_start + n_local),
