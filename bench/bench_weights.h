@@ -1,5 +1,6 @@
 /* Random but well-formed NVFP4 layer weights for the benchmark programs: any E2M1 code, UE4M3
- * block scales in [2^-3, 2^1], tensor scales 1/64, input scales 1/256, a random fp32 gate and a
+ * block scales in [2^-3, 2^1] (powers of two when weight_format = mxfp4, as an MXFP4
+ * checkpoint's arrive), tensor scales 1/64, input scales 1/256, a random fp32 gate and a
  * bf16-representable shared expert; with expert_bias (gpt-oss) random expert biases. Codes are
  * filled 8 bytes per generator call so that a whole model's slice (GBs) takes seconds. */
 #ifndef EPMOE_BENCH_WEIGHTS_H
@@ -75,6 +76,10 @@ static void bench_make_weights(const epmoe_config *cfg, int64_t expert_start, in
     bench_fill_bytes(&r, w->w2_codes, n2 / 2, 0, 255);
     bench_fill_bytes(&r, w->w13_sf, n13 / 16, 0x20, 0x40);
     bench_fill_bytes(&r, w->w2_sf, n2 / 16, 0x20, 0x40);
+    if (cfg->weight_format == EPMOE_WEIGHTS_MXFP4) { /* as MXFP4 loads: power-of-two scales */
+        for (size_t i = 0; i < (size_t)(n13 / 16); i++) w->w13_sf[i] &= 0xf8;
+        for (size_t i = 0; i < (size_t)(n2 / 16); i++) w->w2_sf[i] &= 0xf8;
+    }
     for (int64_t e = 0; e < n; e++) {
         w->w13_scale_2[2 * e] = w->w13_scale_2[2 * e + 1] = 1.0f / 64;
         w->w2_scale_2[e] = 1.0f / 64;
