@@ -5,7 +5,7 @@
  * with saturation, as the CPU's; the exponent is integer arithmetic on amax's bits
  * (fp8_math.cuh).
  *
- * One warp per (row, block), four elements a lane. Two sources share the kernel: rows gathered
+ * One warp per row, its blocks in turn, four elements a lane. Two sources share the kernel: rows gathered
  * from tokens (the W13 input) and the SwiGLU of the W13 output (the W2 input, the same element
  * math as swiglu.cu). Rows are K_pad wide: the elements [K, K_pad) are zeros, which leave every
  * amax unchanged, so a block straddling K has the CPU's short last block's exponent. */
@@ -53,24 +53,25 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
                         int64_t n_local, uint8_t *codes, uint8_t *block_e8m0) {
     const int lane = threadIdx.x % 32;
     const int64_t blocks_per_row = K_pad / EPMOE_FP8_BLOCK;
-    const int64_t items = cap_rows * blocks_per_row;
     const int64_t warps = (int64_t)gridDim.x * kWarpsPerBlock;
-    for (int64_t item = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; item < items;
-         item += warps) {
-        const int64_t row = item / blocks_per_row, block = item % blocks_per_row;
+    for (int64_t row = (int64_t)blockIdx.x * kWarpsPerBlock + threadIdx.x / 32; row < cap_rows;
+         row += warps) {
         const int64_t expert =
             epmoe_cuda_expert_of_real_row(padded_offsets, tokens_per_expert, n_local, row);
         if (expert < 0) continue; /* padding rows are not written (the whole warp skips) */
-        const int64_t c = block * EPMOE_FP8_BLOCK + 4 * lane;
-        float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        if (c < K) src.load4(row, expert, c, v);
-        float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
-        for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-        const int e = epmoe_fp8_block_exp_dev(amax);
-        uint32_t word = 0;
-        for (int i = 0; i < 4; i++) word |= (uint32_t)epmoe_fp8_code_dev(v[i], e) << (8 * i);
-        *(uint32_t *)(codes + row * K_pad + c) = word;
-        if (lane == 0) block_e8m0[row * blocks_per_row + block] = (uint8_t)(e + 127);
+        for (int64_t block = 0; block < blocks_per_row; block++) {
+            const int64_t c = block * EPMOE_FP8_BLOCK + 4 * lane;
+            float v[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+            if (c < K) src.load4(row, expert, c, v);
+            float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+            for (int off = 16; off > 0; off >>= 1)
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+            const int e = epmoe_fp8_block_exp_dev(amax);
+            uint32_t word = 0;
+            for (int i = 0; i < 4; i++) word |= (uint32_t)epmoe_fp8_code_dev(v[i], e) << (8 * i);
+            *(uint32_t *)(codes + row * K_pad + c) = word;
+            if (lane == 0) block_e8m0[row * blocks_per_row + block] = (uint8_t)(e + 127);
+        }
     }
 }
 
@@ -87,8 +88,9 @@ epmoe_status launch(const Source &src, int64_t cap_rows, int64_t K, int64_t K_pa
                   EPMOE_ERR_INVALID_ARG,
                   "%s: needs the padded layout, n_local > 0 and 4-byte aligned codes", who);
     if (cap_rows == 0) return EPMOE_OK;
-    const int64_t warps = cap_rows * (K_pad / EPMOE_FP8_BLOCK);
-    const int64_t blocks = (warps + kWarpsPerBlock - 1) / kWarpsPerBlock;
+    /* a warp per row: whether a row is padding is decided once per row, not once per block
+     * (at decode most of the worst-case capacity is padding) */
+    const int64_t blocks = (cap_rows + kWarpsPerBlock - 1) / kWarpsPerBlock;
     const unsigned grid = (unsigned)(blocks < 65536 ? blocks : 65536); /* grid-stride beyond */
     fp8_quantize_kernel<Source><<<grid, kWarpsPerBlock * 32, 0, stream>>>(
         src, cap_rows, K, K_pad, padded_offsets, tokens_per_expert, n_local, codes, block_e8m0);
