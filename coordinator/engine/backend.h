@@ -52,6 +52,8 @@ typedef struct {
     int64_t weight_bytes;     /* this rank's weights of the loaded layers, where they are used */
     int64_t buffer_bytes;     /* worst-case activation buffers (on the device for cuda) */
     int64_t decode_tokens;    /* cuda: per-rank capacity of the captured decode graph; 0: none */
+    char note[200];           /* what a run should know about how it computes (W4A8's GEMMs),
+                                 or "" */
 } epmoe_backend_info;
 
 typedef struct {

@@ -392,6 +392,20 @@ static epmoe_status create_local(epmoe_backend *b, cuda_backend *c, const epmoe_
     b->info.weight_bytes = (int64_t)(free_before - free_after);
     b->info.buffer_bytes = epmoe_gpu_engine_device_bytes(c->engine) + (int64_t)(3 * rows * 4);
     b->info.decode_tokens = decode_capable(c) ? c->decode_tokens : 0;
+    if (c->cfg.act_quant == EPMOE_ACT_FP8) {
+        int64_t with_fp8 = 0, tensors = 0, inexact = 0;
+        epmoe_gpu_engine_fp8_tensors(c->engine, &with_fp8, &tensors, &inexact);
+        if (c->cfg.weight_format != EPMOE_WEIGHTS_MXFP4)
+            snprintf(b->info.note, sizeof b->info.note,
+                     "act_quant fp8 on NVFP4 experts: their block scales do not fold into E4M3 "
+                     "exactly, so every GEMM runs the exact bf16 path (FP8 tensor cores need "
+                     "MXFP4 experts)");
+        else
+            snprintf(b->info.note, sizeof b->info.note,
+                     "act_quant fp8: FP8 tensor cores at prefill for %lld of %lld expert tensors "
+                     "(%lld weight groups not exactly E4M3 keep the others on the bf16 path)",
+                     (long long)with_fp8, (long long)tensors, (long long)inexact);
+    }
     return EPMOE_OK;
 }
 

@@ -207,6 +207,7 @@ epmoe_status epmoe_driver_create(const epmoe_config *cfg, const char *checkpoint
             (long long)d->backend->layer_begin, (long long)d->backend->layer_end,
             (double)bi->weight_bytes / (1 << 20), (double)bi->buffer_bytes / (1 << 20),
             (long long)T);
+    if (bi->note[0] && d->rank == 0) fprintf(stderr, "epmoe: %s\n", bi->note);
 
     epmoe_driver_info *info = &d->info;
     snprintf(info->preset, sizeof info->preset, "%s", d->cfg.preset);

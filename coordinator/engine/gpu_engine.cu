@@ -511,6 +511,18 @@ epmoe_status epmoe_gpu_engine_set_layer(epmoe_gpu_engine *e, int64_t index,
     return epmoe_gpu_layer_upload(e->ctx, w, &e->layers[index]);
 }
 
+void epmoe_gpu_engine_fp8_tensors(const epmoe_gpu_engine *e, int64_t *with_fp8, int64_t *tensors,
+                                  int64_t *inexact_groups) {
+    *with_fp8 = *tensors = *inexact_groups = 0;
+    for (int64_t l = 0; l < e->n_layers; l++) {
+        const epmoe_gpu_layer *g = &e->layers[l];
+        if (!g->base) continue; /* not loaded on this rank */
+        *tensors += 2;
+        *with_fp8 += (g->w13_fp8 != NULL) + (g->w2_fp8 != NULL);
+        *inexact_groups += g->fp8_inexact_groups;
+    }
+}
+
 int64_t epmoe_gpu_engine_layer_bytes(const epmoe_gpu_engine *e, const epmoe_layer_weights *w) {
     return epmoe_gpu_layer_bytes(e->ctx, w);
 }

@@ -109,6 +109,12 @@ int64_t epmoe_gpu_engine_staging_bytes(const epmoe_gpu_engine *e);
 #define EPMOE_GPU_STAGE_EVENTS 6
 void epmoe_gpu_engine_set_stage_events(epmoe_gpu_engine *e, cudaEvent_t *events);
 
+/* W4A8 (act_quant = fp8): how many of the loaded layers' expert tensors (W13 and W2 of each)
+ * carry the exact FP8 image the FP8 tensor-core GEMM reads, of how many, and the groups that
+ * kept the others on the bf16 path (worker/cuda/gpu_layer.h). */
+void epmoe_gpu_engine_fp8_tensors(const epmoe_gpu_engine *e, int64_t *with_fp8, int64_t *tensors,
+                                  int64_t *inexact_groups);
+
 #ifdef __cplusplus
 }
 #endif
