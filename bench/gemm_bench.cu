@@ -4,7 +4,12 @@
  * [K, N] product). Writes one JSON record per measurement.
  *
  *   gemm_bench --json out.json [--reps 20] [--rows 8,16,...] [--kernels 4,6,9] [--no-row-major]
- *              [--warm-ms 200]
+ *              [--warm-ms 200] [--a-fp8]
+ *
+ * --a-fp8: W4A8 (act_quant = fp8): FP8 A (random E4M3, power-of-two scales per 128), weights
+ * with power-of-two block scales (as MXFP4 loads) and their FP8 image, so AUTO runs the FP8
+ * tensor-core kernel at prefill; forced kernels are compared bit for bit only within their
+ * family (FP8 tensor cores or bf16), the two sum in different orders.
  *
  * Beside AUTO's choice, every sm_90 kernel of --kernels (epmoe_gemm_sm90_kernel values; default
  * all) is forced and timed on the slab-layout weights and, unless --no-row-major, on the
@@ -46,7 +51,11 @@ __global__ void fill_bytes(uint8_t *p, size_t n, uint32_t seed, int kind) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
         const uint32_t h = hash32(i, seed);
-        p[i] = kind == 0 ? (uint8_t)h : (uint8_t)(0x20 + h % 0x30); /* codes | UE4M3 2^-3..2^3 */
+        p[i] = kind == 0   ? (uint8_t)h                          /* codes */
+               : kind == 1 ? (uint8_t)(0x20 + h % 0x30)          /* UE4M3 2^-3..2^3 */
+               : kind == 2 ? (uint8_t)((h % 0x7e) | (h & 0x80))  /* E4M3, never NaN */
+               : kind == 3 ? (uint8_t)(120 + h % 8)              /* UE8M0 2^-7..2^0 */
+                           : (uint8_t)((4 + h % 5) << 3);        /* UE4M3 powers of two 2^-3..2^1 */
     }
 }
 __global__ void fill_f32(float *p, size_t n, uint32_t seed) {
@@ -233,6 +242,7 @@ int main(int argc, char **argv) {
     std::vector<int> kernel_list; /* sm_90 kernels timed beside AUTO (default: all) */
     for (int k = 1; k < EPMOE_GEMM_SM90_KERNEL_COUNT; k++) kernel_list.push_back(k);
     bool row_major_too = true;    /* each also on the row-major weights */
+    bool a_fp8 = false;
     bool serial_too = false;      /* each also launched only after its pre-pass */
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--json") && i + 1 < argc) json_path = argv[++i];
@@ -244,6 +254,7 @@ int main(int argc, char **argv) {
                 kernel_list.push_back(atoi(tok));
         } else if (!strcmp(argv[i], "--no-row-major")) row_major_too = false;
         else if (!strcmp(argv[i], "--serial-too")) serial_too = true;
+        else if (!strcmp(argv[i], "--a-fp8")) a_fp8 = true;
         else if (!strcmp(argv[i], "--rows") && i + 1 < argc) {
             rows_list.clear();
             for (char *tok = strtok(argv[++i], ","); tok; tok = strtok(NULL, ","))
@@ -311,8 +322,15 @@ int main(int argc, char **argv) {
     float *a_scale, *w_scale, *out;
     __nv_bfloat16 *cb_a, *cb_w, *cb_out;
     int64_t *d_offs, *d_counts;
-    CHECK_CUDA(cudaMalloc(&a_codes, max_ak / 2));
+    CHECK_CUDA(cudaMalloc(&a_codes, max_ak)); /* FP8 A takes a byte per element */
     CHECK_CUDA(cudaMalloc(&a_sf, max_ak / 16));
+    uint8_t *w_fp8 = NULL, *w_fp8_exp = NULL; /* --a-fp8: the weights' FP8 image */
+    unsigned long long *d_inexact = NULL;
+    if (a_fp8) {
+        CHECK_CUDA(cudaMalloc(&w_fp8, max_nk_e));
+        CHECK_CUDA(cudaMalloc(&w_fp8_exp, max_nk_e / 128));
+        CHECK_CUDA(cudaMalloc(&d_inexact, 8));
+    }
     CHECK_CUDA(cudaMalloc(&a_scale, max_cap * 4));
     CHECK_CUDA(cudaMalloc(&w_codes, max_nk_e / 2));
     CHECK_CUDA(cudaMalloc(&w_sf, max_nk_e / 16));
@@ -330,10 +348,10 @@ int main(int argc, char **argv) {
     CHECK_CUDA(cudaMalloc(&cb_out, max_out * 2));
     CHECK_CUDA(cudaMalloc(&d_offs, 65 * 8));
     CHECK_CUDA(cudaMalloc(&d_counts, 64 * 8));
-    fill_bytes<<<2048, 256>>>(a_codes, max_ak / 2, 2, 0);
-    fill_bytes<<<2048, 256>>>(a_sf, max_ak / 16, 3, 1);
+    fill_bytes<<<2048, 256>>>(a_codes, a_fp8 ? max_ak : max_ak / 2, 2, a_fp8 ? 2 : 0);
+    fill_bytes<<<2048, 256>>>(a_sf, a_fp8 ? max_ak / 128 : max_ak / 16, 3, a_fp8 ? 3 : 1);
     fill_bytes<<<2048, 256>>>(w_codes, max_nk_e / 2, 4, 0);
-    fill_bytes<<<2048, 256>>>(w_sf, max_nk_e / 16, 5, 1);
+    fill_bytes<<<2048, 256>>>(w_sf, max_nk_e / 16, 5, a_fp8 ? 4 : 1);
     fill_f32<<<64, 256>>>(a_scale, max_cap, 6);
     fill_f32<<<1, 128>>>(w_scale, 128, 7);
     fill_bf16<<<2048, 256>>>(cb_a, max_ak, 8);
@@ -395,6 +413,18 @@ int main(int argc, char **argv) {
             const char *gname = which == 0 ? "W13" : "W2";
             const int64_t N = which == 0 ? 2 * m.I : m.H, K = which == 0 ? m.H : m.I;
             CHECK_EPMOE(epmoe_cuda_weights_to_slabs(w_codes, w_sf, m.E * N, K, w_codes_slab, w_sf_slab, g_stream));
+            if (a_fp8) {
+                unsigned long long inexact = 0;
+                CHECK_CUDA(cudaMemsetAsync(d_inexact, 0, 8, g_stream));
+                CHECK_EPMOE(epmoe_cuda_weights_to_fp8_slabs(w_codes, w_sf, m.E * N, K, w_fp8,
+                                                            w_fp8_exp, d_inexact, g_stream));
+                CHECK_CUDA(cudaMemcpyAsync(&inexact, d_inexact, 8, cudaMemcpyDeviceToHost, g_stream));
+                CHECK_CUDA(cudaStreamSynchronize(g_stream));
+                if (inexact) {
+                    fprintf(stderr, "FAIL: %llu weight groups not exactly E4M3\n", inexact);
+                    return 3;
+                }
+            }
             CHECK_CUDA(cudaStreamSynchronize(g_stream));
             for (int64_t rows : rows_list) {
                 std::vector<int64_t> counts(m.E, rows), offs(m.E + 1);
@@ -409,10 +439,12 @@ int main(int argc, char **argv) {
                 a.N = N;
                 a.K = K;
                 a.cap_rows = cap;
-                a.a_format = EPMOE_GEMM_A_NVFP4;
+                a.a_format = a_fp8 ? EPMOE_GEMM_A_FP8 : EPMOE_GEMM_A_NVFP4;
                 a.a_codes = a_codes;
                 a.a_sf = a_sf;
                 a.a_scale = a_scale;
+                a.w_fp8 = w_fp8;
+                a.w_fp8_exp = w_fp8_exp;
                 a.a_workspace = a_ws;
                 a.w_slabs = 1;
                 a.w_codes = w_codes_slab;
@@ -456,6 +488,14 @@ int main(int argc, char **argv) {
                     }
                     const double kms = median_ms([&] { CHECK_EPMOE(epmoe_cuda_grouped_gemm_sm90(&f, g_stream)); }, reps);
                     unsigned long long diff = 0;
+                    const bool fp8_kernel = k >= EPMOE_GEMM_SM90_FP8_MT64;
+                    const bool auto_fp8 = epmoe_grouped_gemm_sm90_select(&a) >= EPMOE_GEMM_SM90_FP8_MT64;
+                    if (fp8_kernel != auto_fp8) { /* another summation order: not compared */
+                        kpos += snprintf(kernel_ms + kpos, sizeof kernel_ms - kpos, "%s\"%s\": %.5f",
+                                         kpos ? ", " : "", kname, kms);
+                        printf("    %-34s %9.1f us  (other family than auto)\n", kname, kms * 1e3);
+                        continue;
+                    }
                     CHECK_CUDA(cudaMemsetAsync(d_diff, 0, sizeof diff, g_stream));
                     count_diff_kernel<<<1024, 256, 0, g_stream>>>((const uint32_t *)out, (const uint32_t *)out_auto, out_words, d_diff);
                     CHECK_CUDA(cudaMemcpyAsync(&diff, d_diff, sizeof diff, cudaMemcpyDeviceToHost, g_stream));
@@ -485,13 +525,13 @@ int main(int argc, char **argv) {
                 printf("%-9s %-4s %5lld | %9.1f %8.1f %7.1f | %9.1f %7.1f\n", m.name, gname,
                        (long long)rows, ms * 1e3, gbs, tf, cms * 1e3, ctf);
                 fflush(stdout);
-                RECORD("\"kind\": \"gemm\", \"model\": \"%s\", \"gemm\": \"%s\", \"experts\": %lld, "
+                RECORD("\"kind\": \"gemm\", \"a\": \"%s\", \"model\": \"%s\", \"gemm\": \"%s\", \"experts\": %lld, "
                        "\"rows_per_expert\": %lld, \"N\": %lld, \"K\": %lld, \"cap_rows\": %lld, "
                        "\"ours_ms\": %.5f, \"ours_eager_ms\": %.5f, \"ours_weight_gbs\": %.2f, \"ours_tflops\": %.2f, "
                        "\"weight_bytes_nvfp4\": %.0f, \"cublas_bf16_ms\": %.5f, "
                        "\"cublas_bf16_tflops\": %.2f, \"variant\": \"%s\", \"kernel_ms\": {%s}, "
                        "\"max_words_differing_from_auto\": %lld",
-                       m.name, gname, (long long)m.E, (long long)rows, (long long)N, (long long)K,
+                       a_fp8 ? "fp8" : "nvfp4", m.name, gname, (long long)m.E, (long long)rows, (long long)N, (long long)K,
                        (long long)cap, ms, eager_ms, gbs, tf, wbytes, cms, ctf,
                        epmoe_grouped_gemm_sm90_variant(&a), kernel_ms, worst_diff);
             }
