@@ -4,7 +4,7 @@
 # step cut short still leaves its logs):
 #   bash deploy/gpu-session.sh [SECONDS]          (default 570; repository root)
 # Steps, in order: the GPU suite and the engine over 1-3 ranks (deploy/gpu-test.sh parts 1-2),
-# the V4-Flash layer vs PyTorch (NVFP4 activations, then FP8), its kernels at 16384 tokens, the service on the cuda backend, the product checks, the batch
+# the V4-Flash layer vs PyTorch (NVFP4 activations, then FP8), the FP8 GEMM vs torch, its kernels at 16384 tokens, the service on the cuda backend, the product checks, the batch
 # job and service end to end, the V4-Pro and gpt-oss-120b layers, the long GEMM sweep.
 # Output: $OUT/session.txt (one line a step) and one folder of logs a step.
 set -uo pipefail
@@ -34,6 +34,9 @@ step() { # name, most seconds, command...
 step tests 220 env EPMOE_GPU_TEST_PARTS="1 2" bash deploy/gpu-test.sh --quick
 step layer-flash 170 bash bench/layer-vs-torch.sh build-gpu --preset dsv4-flash
 step layer-flash-fp8 120 env ACT_QUANT=fp8 TORCH_FROM="$OUT/layer-flash" bash bench/layer-vs-torch.sh build-gpu --preset dsv4-flash
+step gemm-fp8 150 bash -c 'build-gpu/bench/gemm_bench --json "$OUT/gemm_fp8.json" --reps 10 \
+  --rows 32,96,768,1536,3072 --kernels 9,11 --no-row-major --a-fp8 &&
+  python3 bench/torch_grouped_mm.py --json "$OUT/torch.json" --reps 10 --rows 32,96,768,1536,3072'
 step profile 100 bash bench/profile-layer.sh build-gpu dsv4-flash 16384
 step service 150 env EPMOE_GPU_TEST_PARTS=4 bash deploy/gpu-test.sh --quick
 step product 200 env EPMOE_GPU_TEST_PARTS=3 bash deploy/gpu-test.sh --quick
