@@ -96,7 +96,7 @@ expect "integer setting junk"    2 2 "setting max_tokens_per_rank: '12abc'" "${c
 expect "integer setting spaced"  2 2 "setting seed: ' 5'"      "${ck[@]}" "${io[@]}" --seed " 5"
 expect "number setting junk"     2 2 "setting collective_timeout_s: '5s'" "${ck[@]}" "${io[@]}" --collective_timeout_s 5s
 expect "setting out of bounds"   2 2 "max_tokens_per_rank: 0 outside [1, 1048576]" "${ck[@]}" "${io[@]}" --max_tokens_per_rank=0
-expect "enum setting"            2 2 "setting act_quant: 'fp8' is not one of nvfp4|high" "${ck[@]}" "${io[@]}" --act-quant fp8
+expect "enum setting"            2 2 "setting act_quant: 'int8' is not one of nvfp4|high|fp8" "${ck[@]}" "${io[@]}" --act-quant int8
 expect "model setting"           2 2 "'top_k' is a model setting" "${ck[@]}" "${io[@]}" --top_k 4
 expect "model setting, = form"   2 2 "'hidden_size' is a model setting" "${ck[@]}" "${io[@]}" --hidden-size=512
 expect "preset"                  2 2 "'preset' is a model setting" "${ck[@]}" "${io[@]}" --preset dsv3
