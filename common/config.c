@@ -76,6 +76,9 @@ static const epmoe_cfg_entry table[] = {
      "nvfp4 (W4A4), high (W4A16: activations stay fp32/bf16) or fp8 (W4A8: E4M3, a power-of-two scale per 128)"},
     {"act_scale", EPMOE_CFG_ENUM, R, OFF(act_scale), 0, 0, "per_row", act_scale_names,
      "nvfp4 activations' tensor scale: per_row amax, or the checkpoint's static input_scale"},
+    {"fp8_tensor_cores", EPMOE_CFG_INT, R, OFF(fp8_tensor_cores), 0, 1, "0", NULL,
+     "act_quant=fp8 on MXFP4 experts, cuda: 1 runs prefill on FP8 tensor cores (experimental: "
+     "timed, its check against float64 not yet run on a GPU), 0 the exact bf16 path"},
     {"max_tokens_per_rank", EPMOE_CFG_INT, R, OFF(max_tokens_per_rank), 1, 1 << 20, "4096", NULL,
      "tokens one rank holds at most per forward; sizes the worst-case buffers"},
     {"seed", EPMOE_CFG_INT, R, OFF(seed), 0, 1e15, "1234", NULL,

@@ -92,6 +92,7 @@ typedef struct {
     int64_t expert_pad_rows;   /* each expert's block in the padded layout is a multiple */
     int64_t act_quant;         /* epmoe_act_quant */
     int64_t act_scale;         /* epmoe_act_scale */
+    int64_t fp8_tensor_cores;  /* act_quant = fp8 on MXFP4 experts, cuda: 1 = FP8 MMAs at prefill */
     int64_t max_tokens_per_rank; /* sizes the worst-case buffers (dropless) */
     int64_t seed;
     int64_t cpu_weight_cache_mib; /* dequantized expert weights kept per rank (CPU path) */

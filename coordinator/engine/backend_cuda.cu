@@ -400,6 +400,10 @@ static epmoe_status create_local(epmoe_backend *b, cuda_backend *c, const epmoe_
                      "act_quant fp8 on NVFP4 experts: their block scales do not fold into E4M3 "
                      "exactly, so every GEMM runs the exact bf16 path (FP8 tensor cores need "
                      "MXFP4 experts)");
+        else if (!c->cfg.fp8_tensor_cores)
+            snprintf(b->info.note, sizeof b->info.note,
+                     "act_quant fp8: every GEMM on the exact bf16 path (fp8_tensor_cores 1: FP8 "
+                     "tensor cores at prefill, experimental)");
         else
             snprintf(b->info.note, sizeof b->info.note,
                      "act_quant fp8: FP8 tensor cores at prefill for %lld of %lld expert tensors "

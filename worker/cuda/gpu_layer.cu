@@ -276,8 +276,9 @@ static void plan_layer(const epmoe_gpu_context *ctx, const epmoe_layer_weights *
     /* bf16 shared weights, converted on the device from an fp32 staging copy */
     carve_add(plan, "shared_w13", &out->shared_w13, (size_t)(2 * Is * H) * 2);
     carve_add(plan, "shared_w2", &out->shared_w2, (size_t)(H * Is) * 2);
-    /* the FP8 image where it can be exact: MXFP4 experts (NVFP4's scales cannot) */
-    const int fp8 = c->act_quant == EPMOE_ACT_FP8 && c->weight_format == EPMOE_WEIGHTS_MXFP4;
+    /* the FP8 image where it can be exact: MXFP4 experts (NVFP4's scales cannot), when asked */
+    const int fp8 = c->act_quant == EPMOE_ACT_FP8 && c->weight_format == EPMOE_WEIGHTS_MXFP4 &&
+                    c->fp8_tensor_cores;
     carve_add(plan, "w13_fp8", &out->w13_fp8, fp8 ? (size_t)(nl * 2 * I * Hp) : 0);
     carve_add(plan, "w13_fp8_exp", &out->w13_fp8_exp, fp8 ? (size_t)(nl * 2 * I * Hp / 128) : 0);
     carve_add(plan, "w2_fp8", &out->w2_fp8, fp8 ? (size_t)(nl * H * Ip) : 0);

@@ -117,7 +117,7 @@ typedef struct {
     int64_t vocab_size;
     uint16_t *shared_w13;     /* [2 Is, H] bf16, NULL without a shared expert */
     uint16_t *shared_w2;      /* [H, Is] bf16 */
-    /* act_quant = fp8 on MXFP4 experts: the same weights as E4M3 with a power-of-two scale per
+    /* act_quant = fp8 on MXFP4 experts with fp8_tensor_cores = 1: the same weights as E4M3 with a power-of-two scale per
      * row and 128-k group, in the FP8 GEMM's slab image (grouped_gemm.h), for the FP8 tensor
      * cores at prefill sizes; NULL otherwise, and for a tensor with any group that is not
      * exactly E4M3 (counted in fp8_inexact_groups; that GEMM keeps the exact bf16 path) */
