@@ -47,4 +47,6 @@ step test-gemm 300 build-gpu/tests/gpu/test_gemm
 echo "== summaries"
 cat "$OUT"/*/summary.txt 2>/dev/null | grep -vE "^--|^$" | head -40
 for f in "$OUT"/*/layer_vs_torch.md "$OUT"/profile/profile_*.txt "$OUT"/e2e/e2e.md; do [ -f "$f" ] && cat "$f"; done
+echo "== failing checks (the logs may not all come back from the device)"
+grep -h -E "^FAIL|FAIL:|: FAILED" "$OUT"/*/*.log 2>/dev/null | cut -c1-300 | head -40
 cat "$T"
