@@ -4,8 +4,9 @@
 # step cut short still leaves its logs):
 #   bash deploy/gpu-session.sh [SECONDS]          (default 570; repository root)
 # Steps, in order: the GPU suite and the engine over 1-3 ranks (deploy/gpu-test.sh parts 1-2),
-# the V4-Flash layer vs PyTorch (NVFP4 activations, then FP8), the FP8 GEMM vs torch, its kernels at 16384 tokens, the service on the cuda backend, the product checks, the batch
-# job and service end to end, the V4-Pro and gpt-oss-120b layers, the long GEMM sweep.
+# the FP8 GEMM's check and its figures against torch, the V4-Pro, gpt-oss-120b and V4-Flash
+# layers vs PyTorch (Flash also in W4A8), the product checks, the service on the cuda backend,
+# the batch job and service end to end, the kernels at 16384 tokens, the long GEMM sweep.
 # Output: $OUT/session.txt (one line a step) and one folder of logs a step.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,21 +32,26 @@ step() { # name, most seconds, command...
   echo "$name: rc=$rc$([ $rc = 124 ] && echo ' (cut at the time limit)'), $(( $(date +%s) - t0 )) s" |
     tee -a "$T"
 }
+# what was least recently measured comes first (2026-12-07: the Flash layer, the product, the
+# service and the batch job were measured; the FP8 GEMM's check, Pro and gpt-oss were not)
 step tests 220 env EPMOE_GPU_TEST_PARTS="1 2" bash deploy/gpu-test.sh --quick
-step layer-flash 170 bash bench/layer-vs-torch.sh build-gpu --preset dsv4-flash
-step layer-flash-fp8 120 env ACT_QUANT=fp8 TORCH_FROM="$OUT/layer-flash" bash bench/layer-vs-torch.sh build-gpu --preset dsv4-flash
+step test-gemm-fp8 90 env EPMOE_GT_ONLY=fp8 build-gpu/tests/gpu/test_gemm
 step gemm-fp8 150 bash -c 'build-gpu/bench/gemm_bench --json "$OUT/gemm_fp8.json" --reps 10 \
   --rows 32,96,768,1536,3072 --kernels 9,11 --no-row-major --a-fp8 &&
   python3 bench/torch_grouped_mm.py --json "$OUT/torch.json" --reps 10 --rows 32,96,768,1536,3072'
-step profile 100 bash bench/profile-layer.sh build-gpu dsv4-flash 16384
-step service 150 env EPMOE_GPU_TEST_PARTS=4 bash deploy/gpu-test.sh --quick
-step product 200 env EPMOE_GPU_TEST_PARTS=3 bash deploy/gpu-test.sh --quick
-step e2e 240 bash bench/e2e-vs-torch.sh build-gpu
 step layer-pro 200 bash bench/layer-vs-torch.sh build-gpu --preset dsv4-pro
 step layer-gptoss 200 bash bench/layer-vs-torch.sh build-gpu --preset gpt-oss-120b
+step layer-flash 170 bash bench/layer-vs-torch.sh build-gpu --preset dsv4-flash
+step layer-flash-fp8 120 env ACT_QUANT=fp8 TORCH_FROM="$OUT/layer-flash" bash bench/layer-vs-torch.sh build-gpu --preset dsv4-flash
+step product 200 env EPMOE_GPU_TEST_PARTS=3 bash deploy/gpu-test.sh --quick
+step service 150 env EPMOE_GPU_TEST_PARTS=4 bash deploy/gpu-test.sh --quick
+step e2e 240 bash bench/e2e-vs-torch.sh build-gpu
+step profile 100 bash bench/profile-layer.sh build-gpu dsv4-flash 16384
 step test-gemm 300 build-gpu/tests/gpu/test_gemm
 echo "== summaries"
 cat "$OUT"/*/summary.txt 2>/dev/null | grep -vE "^--|^$" | head -40
+grep -hE "rel L2|not run here|inexact" "$OUT"/test-gemm-fp8/stdout.log 2>/dev/null | head -20
+grep -hE "^V4|^  *(V4|Flash|Pro)" "$OUT"/gemm-fp8/stdout.log 2>/dev/null | cut -c1-120 | head -30
 for f in "$OUT"/*/layer_vs_torch.md "$OUT"/profile/profile_*.txt "$OUT"/e2e/e2e.md; do [ -f "$f" ] && cat "$f"; done
 echo "== failing checks (the logs may not all come back from the device)"
 grep -h -E "^FAIL|FAIL:|: FAILED" "$OUT"/*/*.log 2>/dev/null | cut -c1-300 | head -40
