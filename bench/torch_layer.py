@@ -48,19 +48,24 @@ def permutation(ids, E):
     return order, order // ids.shape[1], flat[order], torch.cumsum(counts, 0, dtype=torch.int32)
 
 
+def routed_weights(E, H, I, dev, g):
+    """The router (fp32 weight and bias) and the experts' W13 and W2 in bf16, as the [E, K, N]
+    views of [E, N, K] tensors that torch._grouped_mm takes."""
+    bf = torch.bfloat16
+    gate_w = torch.randn(E, H, device=dev, generator=g) * H ** -0.5
+    gate_b = torch.randn(E, device=dev, generator=g) * 0.1
+    w13t = torch.randn(E, 2 * I, H, device=dev, generator=g, dtype=bf) * H ** -0.5
+    w2t = torch.randn(E, H, I, device=dev, generator=g, dtype=bf) * I ** -0.5
+    return gate_w, gate_b, w13t.transpose(1, 2), w2t.transpose(1, 2)
+
+
 class TorchMoE:
     def __init__(self, preset, dev, seed=1234):
         H, I, E, k, scale, limit = PRESETS[preset]
         g = torch.Generator(device=dev).manual_seed(seed)
         bf = torch.bfloat16
         self.H, self.I, self.E, self.k, self.scale, self.limit = H, I, E, k, scale, limit
-        self.gate_w = torch.randn(E, H, device=dev, generator=g) * H ** -0.5
-        self.gate_b = torch.randn(E, device=dev, generator=g) * 0.1
-        # [E, K, N] views of [E, N, K] weights: what torch._grouped_mm wants
-        self.w13t = (torch.randn(E, 2 * I, H, device=dev, generator=g, dtype=bf) * H ** -0.5
-                     ).transpose(1, 2)
-        self.w2t = (torch.randn(E, H, I, device=dev, generator=g, dtype=bf) * I ** -0.5
-                    ).transpose(1, 2)
+        self.gate_w, self.gate_b, self.w13t, self.w2t = routed_weights(E, H, I, dev, g)
         self.sw13 = torch.randn(2 * I, H, device=dev, generator=g, dtype=bf) * H ** -0.5
         self.sw2 = torch.randn(H, I, device=dev, generator=g, dtype=bf) * I ** -0.5
 
@@ -95,14 +100,9 @@ class TorchGptOss:
         g = torch.Generator(device=dev).manual_seed(seed)
         bf = torch.bfloat16
         self.H, self.I, self.E, self.k, self.limit, self.alpha = H, I, E, k, limit, alpha
-        self.gate_w = torch.randn(E, H, device=dev, generator=g) * H ** -0.5
-        self.gate_b = torch.randn(E, device=dev, generator=g) * 0.1
-        # [E, K, N] views of [E, N, K] weights; W13's 2I rows interleave gate and up
-        self.w13t = (torch.randn(E, 2 * I, H, device=dev, generator=g, dtype=bf) * H ** -0.5
-                     ).transpose(1, 2)
+        # W13's 2I rows interleave gate and up
+        self.gate_w, self.gate_b, self.w13t, self.w2t = routed_weights(E, H, I, dev, g)
         self.b13 = torch.randn(E, 2 * I, device=dev, generator=g, dtype=bf) * 0.5
-        self.w2t = (torch.randn(E, H, I, device=dev, generator=g, dtype=bf) * I ** -0.5
-                    ).transpose(1, 2)
         self.b2 = torch.randn(E, H, device=dev, generator=g, dtype=bf) * 0.05
 
     def swiglu(self, h):
