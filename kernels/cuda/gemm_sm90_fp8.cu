@@ -71,20 +71,13 @@ __global__ void __launch_bounds__(kF8Threads, 1) grouped_gemm_fp8_kernel(const G
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
     __shared__ __align__(8) uint64_t full_bar[kStages], empty_bar[kStages];
-    const uint32_t raw_u32 = smem_u32(smem_raw);
-    uint8_t *smem = smem_raw + ((1024u - (raw_u32 & 1023u)) & 1023u);
+    uint8_t *smem = smem_align_1024(smem_raw);
 
     const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const int E = p.E, N = p.N, K = p.K;
     const int steps = K / kStepK;
 
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < kStages; ++s) {
-            mbar_init(&full_bar[s], 1);                 /* the producer's expect_tx arrival */
-            mbar_init(&empty_bar[s], kF8ConsumerWarps); /* lane 0 of every consumer warp */
-        }
-        mbar_init_fence();
-    }
+    if (threadIdx.x == 0) ring_init(full_bar, empty_bar, kStages, kF8ConsumerWarps);
     build_chunk_list<MT>(p, chunk_start); /* its block barriers also publish the barriers */
     const int n_tiles = (N + kF8BN - 1) / kF8BN;
     const int total = chunk_start[E] * n_tiles;

@@ -76,11 +76,8 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
 
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     __shared__ int chunk_start[kMaxExperts + 1];
-    /* 1024-align by offsetting the shared array itself (not through an integer cast), so the
-     * compiler keeps shared-memory loads and stores (LDS/STS, not generic LD/ST) */
-    const uint32_t raw_u32 = (uint32_t)__cvta_generic_to_shared(smem_raw);
-    uint8_t *smem = smem_raw + ((1024u - (raw_u32 & 1023u)) & 1023u);
-    const uint32_t smem_u32 = (uint32_t)__cvta_generic_to_shared(smem);
+    uint8_t *smem = smem_align_1024(smem_raw);
+    const uint32_t smem_base = smem_u32(smem);
 
     const int wg = threadIdx.x / 128, wi = (threadIdx.x / 32) % 4, lane = threadIdx.x % 32;
     const int g = lane / 4, t = lane % 4;
@@ -161,7 +158,7 @@ __global__ void __launch_bounds__(NWG * 128, 1) grouped_gemm_wgmma_kernel(const 
             __syncthreads();
             issue_stage(step + Plan::kAhead);
             const uint8_t *wst = smem + (step % kStages) * Plan::kStage + Plan::kTile;
-            const uint32_t tile = smem_u32 + (step % kStages) * Plan::kStage;
+            const uint32_t tile = smem_base + (step % kStages) * Plan::kStage;
             uint4 wq[kRows];
             uint32_t S[kRows][2];
 #pragma unroll

@@ -257,6 +257,25 @@ static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
     while (!mbar_try_wait(addr, parity))
         if (global_timer_ns() - start > kMbarTimeoutNs) __trap();
 }
+/* A stage ring's barriers, set up by one thread: "full" completes on the producer's one
+ * expect_tx arrival and the bytes it announced, "empty" on one arrival per consumer warp. */
+static __device__ __forceinline__ void ring_init(uint64_t *full, uint64_t *empty, int stages,
+                                                 uint32_t consumer_warps) {
+    for (int s = 0; s < stages; ++s) {
+        mbar_init(&full[s], 1);
+        mbar_init(&empty[s], consumer_warps);
+    }
+    mbar_init_fence();
+}
+
+/* The first 1024-aligned byte of a dynamic shared array (the 128-byte swizzle's pattern repeats
+ * every 1 KB). The offset goes to the array itself, not through an integer cast, so the compiler
+ * keeps shared-memory loads and stores (LDS/STS, not generic LD/ST). */
+static __device__ __forceinline__ uint8_t *smem_align_1024(uint8_t *raw) {
+    const uint32_t addr = smem_u32(raw);
+    return raw + ((1024u - (addr & 1023u)) & 1023u);
+}
+
 /* global -> shared, `bytes` (a multiple of 16, both ends 16-byte aligned), completing as
  * transaction bytes on `bar`. */
 static __device__ __forceinline__ void bulk_copy_g2s(void *smem_dst, const void *gmem_src,
