@@ -2,17 +2,14 @@
 #include "common/fp8.h"
 
 #include <math.h>
+#include <string.h>
 
 #include "common/formats.h"
 
 int epmoe_fp8_block_exp(float amax) {
-    if (!(amax > 0.0f)) return 0;
-    int x = 0;
-    float m = frexpf(amax, &x); /* amax = m * 2^x, m in [0.5, 1); 448 = 0.875 * 2^9 */
-    int e = m <= 0.875f ? x - 9 : x - 8;
-    if (e < EPMOE_FP8_MIN_EXP) e = EPMOE_FP8_MIN_EXP;
-    if (e > EPMOE_FP8_MAX_EXP) e = EPMOE_FP8_MAX_EXP;
-    return e;
+    uint32_t bits;
+    memcpy(&bits, &amax, sizeof bits);
+    return epmoe_fp8_block_exp_of_bits(bits);
 }
 
 void epmoe_fp8_quantize_row(const float *x, size_t K, uint8_t *codes, uint8_t *block_e8m0) {

@@ -38,8 +38,23 @@ extern "C" {
 #define EPMOE_FP8_MIN_EXP (-109)
 #define EPMOE_FP8_MAX_EXP 127
 
-/* The block exponent e of the rule above for a finite amax >= 0. */
-int epmoe_fp8_block_exp(float amax);
+/* The block exponent e of the rule above, from a finite amax >= 0's bits, one definition for
+ * both backends (kernels/cuda/fp8_math.cuh calls it on the device). amax = 1.M * 2^(E - 127)
+ * for a normal amax (E the biased exponent) is m * 2^x with m = 1.M / 2 and x = E - 126; 448 =
+ * 0.875 * 2^9, and m <= 0.875 exactly when M <= 0x600000. A subnormal amax lies far below the
+ * clamp. Zero (and anything not > 0) gives 0. */
+#ifdef __CUDACC__
+#define EPMOE_FP8_HD __host__ __device__
+#else
+#define EPMOE_FP8_HD
+#endif
+static inline EPMOE_FP8_HD int epmoe_fp8_block_exp_of_bits(uint32_t amax_bits) {
+    const int E = (int)((amax_bits >> 23) & 0xff), M = (int)(amax_bits & 0x7fffff);
+    if ((amax_bits >> 31) || amax_bits == 0 || (E == 0xff && M)) return 0;
+    const int e = E == 0 ? EPMOE_FP8_MIN_EXP : (M <= 0x600000 ? E - 135 : E - 134);
+    return e < EPMOE_FP8_MIN_EXP ? EPMOE_FP8_MIN_EXP : (e > EPMOE_FP8_MAX_EXP ? EPMOE_FP8_MAX_EXP : e);
+}
+int epmoe_fp8_block_exp(float amax); /* the same from the float */
 
 /* One row of K floats (finite; callers validate): codes[K] E4M3, block_e8m0[ceil(K/128)]
  * (e + 127). */

@@ -10,16 +10,8 @@
 
 #include "common/fp8.h"
 
-/* The block exponent of a finite amax >= 0: frexp without the call. amax = 1.M * 2^(E - 127)
- * for a normal amax (E the biased exponent), i.e. m * 2^x with m = 1.M / 2 and x = E - 126;
- * 448 = 0.875 * 2^9, and m <= 0.875 exactly when M <= 0x600000. Subnormal amax lies far below
- * the clamp. */
 static __device__ __forceinline__ int epmoe_fp8_block_exp_dev(float amax) {
-    if (!(amax > 0.0f)) return 0;
-    const uint32_t bits = __float_as_uint(amax);
-    const int E = (int)(bits >> 23), M = (int)(bits & 0x7fffff);
-    const int e = E == 0 ? EPMOE_FP8_MIN_EXP : (M <= 0x600000 ? E - 135 : E - 134);
-    return e < EPMOE_FP8_MIN_EXP ? EPMOE_FP8_MIN_EXP : (e > EPMOE_FP8_MAX_EXP ? EPMOE_FP8_MAX_EXP : e);
+    return epmoe_fp8_block_exp_of_bits(__float_as_uint(amax)); /* common/fp8.h's rule */
 }
 
 /* e4m3_rn_satfinite(x * 2^-e): the multiplication is exact, the conversion the hardware's
