@@ -16,6 +16,16 @@
 #include "common/rng.h"
 #include "worker/expert_weights.h"
 
+/* The benchmarks' --act-quant. W4A8 (fp8) is for MXFP4 experts as released: it also makes the
+ * weights MXFP4-like (power-of-two block scales, bench_make_weights) and lets the GPU layer
+ * run its FP8 tensor-core GEMM. */
+static epmoe_status bench_set_act_quant(epmoe_config *cfg, const char *act_quant) {
+    EPMOE_TRY(epmoe_config_set(cfg, "act_quant", act_quant));
+    if (strcmp(act_quant, "fp8") != 0) return EPMOE_OK;
+    EPMOE_TRY(epmoe_config_set(cfg, "weight_format", "mxfp4"));
+    return epmoe_config_set(cfg, "fp8_tensor_cores", "1");
+}
+
 static void bench_fill_bytes(epmoe_rng *r, uint8_t *p, size_t n, uint8_t lo, uint8_t hi) {
     if (lo == 0 && hi == 255) {
         size_t i = 0;

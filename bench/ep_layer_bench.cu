@@ -51,12 +51,7 @@ int main(int argc, char **argv) {
     epmoe_config cfg;
     CHECK_EPMOE(epmoe_config_preset(&cfg, preset));
     CHECK_EPMOE(epmoe_config_set(&cfg, "n_hash_layers", "0"));
-    CHECK_EPMOE(epmoe_config_set(&cfg, "act_quant", act_quant));
-    /* W4A8 is for MXFP4 experts (as released): power-of-two block scales, the FP8 image */
-    if (!strcmp(act_quant, "fp8")) {
-        CHECK_EPMOE(epmoe_config_set(&cfg, "weight_format", "mxfp4"));
-        CHECK_EPMOE(epmoe_config_set(&cfg, "fp8_tensor_cores", "1"));
-    }
+    CHECK_EPMOE(bench_set_act_quant(&cfg, act_quant));
     cfg.max_tokens_per_rank = tokens;
     int device = 0, shares = 0;
     CHECK_EPMOE(epmoe_local_gpu(MPI_COMM_WORLD, &device, &shares));

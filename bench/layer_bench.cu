@@ -91,12 +91,7 @@ int main(int argc, char **argv) {
     snprintf(buf, sizeof buf, "%lld", (long long)local_experts);
     CHECK_EPMOE(epmoe_config_set(&cfg, "n_routed_experts", buf));
     CHECK_EPMOE(epmoe_config_set(&cfg, "n_hash_layers", "0"));
-    CHECK_EPMOE(epmoe_config_set(&cfg, "act_quant", act_quant));
-    /* W4A8 is for MXFP4 experts (as released): power-of-two block scales, the FP8 image */
-    if (!strcmp(act_quant, "fp8")) {
-        CHECK_EPMOE(epmoe_config_set(&cfg, "weight_format", "mxfp4"));
-        CHECK_EPMOE(epmoe_config_set(&cfg, "fp8_tensor_cores", "1"));
-    }
+    CHECK_EPMOE(bench_set_act_quant(&cfg, act_quant));
     std::vector<int64_t> rows;
     for (const char *p = rows_arg; *p;) {
         rows.push_back(atoll(p));
