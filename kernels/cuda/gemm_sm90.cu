@@ -392,20 +392,16 @@ extern "C" epmoe_status epmoe_grouped_gemm_check_args(const epmoe_grouped_gemm_a
 extern "C" epmoe_status epmoe_cuda_grouped_gemm_sm90(const epmoe_grouped_gemm_args *a,
                                                      cudaStream_t stream) {
     EPMOE_TRY(epmoe_grouped_gemm_check_args(a));
-    const GemmParams p = make_params(a);
+    GemmParams p = make_params(a);
     if (a->cap_rows == 0) return EPMOE_OK;
 
     const bool fp4 = a->a_format == EPMOE_GEMM_A_NVFP4;
     const epmoe_gemm_sm90_kernel kernel = epmoe_grouped_gemm_sm90_select(a);
     if (a->a_format == EPMOE_GEMM_A_FP8 && kernel >= EPMOE_GEMM_SM90_MMA_MT32 &&
         kernel <= EPMOE_GEMM_SM90_MMA_MT128) {
-        /* the mma.sync kernels read FP8 A as its exact bf16, in order, from the workspace */
+        /* the mma.sync kernels take FP8 A as bf16 A: its exact bf16, in order, in the workspace */
         EPMOE_TRY(epmoe_a_rows_to_bf16_launch(p, kOrderPlain, stream));
-        GemmParams q = p;
-        q.a_bf16 = (const __nv_bfloat16 *)a->a_workspace;
-        return kernel == EPMOE_GEMM_SM90_MMA_MT32   ? launch_variant<32, 4, 4, false, 3>(q, stream)
-               : kernel == EPMOE_GEMM_SM90_MMA_MT64 ? launch_variant<64, 4, 4, false, 2>(q, stream)
-                                                    : launch_variant<128, 8, 3, false, 1>(q, stream);
+        p.a_bf16 = (const __nv_bfloat16 *)a->a_workspace;
     }
     switch (kernel) {
     case EPMOE_GEMM_SM90_MMA_MT32:
