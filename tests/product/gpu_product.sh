@@ -20,7 +20,9 @@
 #    topk_softmax, the gptoss SwiGLU, no shared expert): gpt-oss-tiny (H 160) and the real width
 #    (H = I = 2880, not a multiple of the GEMMs' 128-wide k step), each layer cuda vs cpu within
 #    TOL_ROUTED with the same routing, a chain equal to its layers one at a time, 1/2/3 ranks
-#    bit-identical, skew, W4A16, and backend=auto choosing cuda.
+#    bit-identical, skew, W4A16, and backend=auto choosing cuda; gpt-oss-20b and -120b at full
+#    size (one layer each) cuda vs cpu, and the 120b layer through epmoe-serve bit-identical
+#    to epmoe-run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 build=${1:?build dir}
@@ -202,6 +204,46 @@ if [ "$GPU" = cuda ]; then
       check $cmp "$work/oss_auto.safetensors" "$work/oss_gpu_l0.safetensors" --identical \
         --what "gpt-oss backend=auto: the cuda backend's output"
     fi
+fi
+
+# gpt-oss at full size, one layer each in the released layout (20b: 32 experts, 120b: 128;
+# H = I = 2880): cuda vs cpu, then the 120b layer served by epmoe-serve on the same backend,
+# its reply bit-identical to the batch job's
+for p in gpt-oss-20b gpt-oss-120b; do
+  d=$work/${p}_full
+  if ! "$bin/epmoe-gen" --preset $p --layout gpt-oss --n-layers 1 --vocab_size 64 --out "$d" >/dev/null ||
+     ! "$bin/epmoe-gen" --preset $p --vocab_size 64 --input-out "$work/${p}_in.safetensors" \
+         --tokens 64 --dtype bf16 --seed 81 >/dev/null; then
+    echo "FAIL: epmoe-gen $p"; fail=1; continue
+  fi
+  run cpu 1 "$d" "$work/${p}_in.safetensors" "$work/${p}_cpu.safetensors" &&
+    run $GPU 1 "$d" "$work/${p}_in.safetensors" "$work/${p}_gpu.safetensors" &&
+    check $cmp "$work/${p}_gpu.safetensors" "$work/${p}_cpu.safetensors" --tol $TOL_ROUTED --routing \
+      --what "$p full size, released layout: cuda vs cpu"
+done
+if [ -x "$bin/epmoe-serve" ] && [ -e "$work/gpt-oss-120b_gpu.safetensors" ]; then
+  ready=$work/oss_ready
+  rm -f "$ready"
+  EPMOE_BACKEND=$GPU mpirun -np 1 "$bin/epmoe-serve" --checkpoint "$work/gpt-oss-120b_full" \
+    --listen 127.0.0.1:0 --ready-file "$ready" >"$work/oss_serve.log" 2>&1 &
+  server=$!
+  trap 'kill $server 2>/dev/null' EXIT
+  for _ in $(seq 1800); do [ -e "$ready" ] || ! kill -0 $server 2>/dev/null && break; sleep 0.1; done
+  if [ -e "$ready" ]; then
+    read -r port _ rank0 <"$ready"
+    if "$bin/epmoe-client" --server "127.0.0.1:$port" --input "$work/gpt-oss-120b_in.safetensors" \
+         --output "$work/oss120_served.safetensors" >"$work/oss_client.log" 2>&1; then
+      check $cmp "$work/oss120_served.safetensors" "$work/gpt-oss-120b_gpu.safetensors" --identical \
+        --no-routing --what "gpt-oss-120b served by epmoe-serve ($GPU) vs epmoe-run"
+    else
+      echo "FAIL: epmoe-client on gpt-oss-120b: $(tail -2 "$work/oss_client.log")"; fail=1
+    fi
+    kill -TERM "$rank0" 2>/dev/null
+  else
+    echo "FAIL: epmoe-serve gpt-oss-120b never ready: $(tail -3 "$work/oss_serve.log")"; fail=1
+  fi
+  wait $server || { echo "FAIL: epmoe-serve gpt-oss-120b exit status $?"; fail=1; }
+  trap - EXIT
 fi
 
 # a NaN in row 123 of a bf16 input: refused, naming the row, on 2 ranks
