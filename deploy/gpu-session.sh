@@ -3,6 +3,7 @@
 # figures (device time is scarce and a call is limited: every step gets what time is left, and a
 # step cut short still leaves its logs):
 #   bash deploy/gpu-session.sh [SECONDS]          (default 570; repository root)
+#   EPMOE_SESSION_STEPS="tests layer-flash" bash deploy/gpu-session.sh   (those steps only)
 # Steps, in order: the GPU suite and the engine over 1-3 ranks (deploy/gpu-test.sh parts 1-2),
 # the FP8 GEMM's check and its figures against torch, the V4-Pro, gpt-oss-120b and V4-Flash
 # layers vs PyTorch (Flash also in W4A8), the product checks, the service on the cuda backend,
@@ -15,9 +16,11 @@ mkdir -p "$OUT"
 deadline=$(( $(date +%s) + ${1:-570} ))
 T="$OUT/session.txt"
 : >"$T"
+STEPS="${EPMOE_SESSION_STEPS:-}" # names of the steps to run (default: all, in the order below)
 step() { # name, most seconds, command...
   local name=$1 most=$2
   shift 2
+  case " ${STEPS:-$name} " in *" $name "*) ;; *) return ;; esac
   local t=$(( deadline - $(date +%s) ))
   [ $t -gt "$most" ] && t=$most
   if [ $t -lt 30 ]; then
@@ -37,8 +40,9 @@ step() { # name, most seconds, command...
 step tests 220 env EPMOE_GPU_TEST_PARTS="1 2" bash deploy/gpu-test.sh --quick
 step test-gemm-fp8 90 env EPMOE_GT_ONLY=fp8 build-gpu/tests/gpu/test_gemm
 step gemm-fp8 150 bash -c 'build-gpu/bench/gemm_bench --json "$OUT/gemm_fp8.json" --reps 10 \
-  --rows 32,96,768,1536,3072 --kernels 9,11 --no-row-major --a-fp8 &&
-  python3 bench/torch_grouped_mm.py --json "$OUT/torch.json" --reps 10 --rows 32,96,768,1536,3072'
+  --rows 8,16,32,96,768,1536,3072 --kernels 9,10,11 --no-row-major --a-fp8 &&
+  python3 bench/torch_grouped_mm.py --json "$OUT/torch.json" --reps 10 --rows 8,16,32,96,768,1536,3072 &&
+  python3 bench/report.py "$OUT/gemm_fp8.json" "$OUT/torch.json" "$OUT/merged.json" >"$OUT/report.txt"'
 step layer-pro 200 bash bench/layer-vs-torch.sh build-gpu --preset dsv4-pro
 step layer-gptoss 200 bash bench/layer-vs-torch.sh build-gpu --preset gpt-oss-120b
 step layer-flash 170 bash bench/layer-vs-torch.sh build-gpu --preset dsv4-flash
@@ -51,7 +55,7 @@ step test-gemm 300 build-gpu/tests/gpu/test_gemm
 echo "== summaries"
 cat "$OUT"/*/summary.txt 2>/dev/null | grep -vE "^--|^$" | head -40
 grep -hE "rel L2|not run here|inexact" "$OUT"/test-gemm-fp8/stdout.log 2>/dev/null | head -20
-grep -hE "^V4|^  *(V4|Flash|Pro)" "$OUT"/gemm-fp8/stdout.log 2>/dev/null | cut -c1-120 | head -30
+cut -c1-150 "$OUT"/gemm-fp8/report.txt 2>/dev/null | head -30
 for f in "$OUT"/*/layer_vs_torch.md "$OUT"/profile/profile_*.txt "$OUT"/e2e/e2e.md; do [ -f "$f" ] && cat "$f"; done
 echo "== failing checks (the logs may not all come back from the device)"
 grep -h -E "^FAIL|FAIL:|: FAILED" "$OUT"/*/*.log 2>/dev/null | cut -c1-300 | head -40
