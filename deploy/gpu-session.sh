@@ -4,6 +4,7 @@
 # step cut short still leaves its logs):
 #   bash deploy/gpu-session.sh [SECONDS]          (default 570; repository root)
 #   EPMOE_SESSION_STEPS="tests layer-flash" bash deploy/gpu-session.sh   (those steps only)
+#   EPMOE_SESSION_PACK=1 ...   (the logs in one tarball, $OUT/session-logs.tgz)
 # Steps, in order: the GPU suite and the engine over 1-3 ranks (deploy/gpu-test.sh parts 1-2),
 # the FP8 GEMM's check and its figures against torch, the V4-Pro, gpt-oss-120b and V4-Flash
 # layers vs PyTorch (Flash also in W4A8), the product checks, the service on the cuda backend,
@@ -60,3 +61,9 @@ for f in "$OUT"/*/layer_vs_torch.md "$OUT"/profile/profile_*.txt "$OUT"/e2e/e2e.
 echo "== failing checks (the logs may not all come back from the device)"
 grep -h -E "^FAIL|FAIL:|: FAILED" "$OUT"/*/*.log 2>/dev/null | cut -c1-300 | head -40
 cat "$T"
+# EPMOE_SESSION_PACK=1: the step folders go into one tarball, $OUT/session-logs.tgz (a device
+# call brings back only a few files from $OUT)
+if [ "${EPMOE_SESSION_PACK:-0}" = 1 ]; then
+  (cd "$OUT" && tar czf session-logs.tgz --exclude=session-logs.tgz -- */ &&
+     find . -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +)
+fi
