@@ -15,6 +15,7 @@ OUT="${OUT:-$PWD/out}"
 mkdir -p "$OUT"
 BUILD="${1:-${EPMOE_GPU_BUILD_DIR:-build-gpu}}"
 source deploy/gpu-env.sh
+source tests/support/serve.sh
 W="${EPMOE_BENCH_WORK:-/tmp/epmoe-e2e}"
 mkdir -p "$W"
 bin=$BUILD/bin
@@ -62,13 +63,9 @@ done
 grep -h "loaded .* GB/s" "$L" | tail -1 | sed 's/^/load: /' | tee -a "$R"
 
 # 3. the service
-rm -f "$W/ready"
-EPMOE_BACKEND=cuda mpirun -np 1 "$bin/epmoe-serve" --checkpoint "$W/flash4" --listen 127.0.0.1:0 \
-  --ready-file "$W/ready" --max-queue 4096 >"$W/serve.log" 2>&1 &
-server=$!
-for _ in $(seq 900); do [ -f "$W/ready" ] && break; sleep 0.2; done
-if [ -f "$W/ready" ]; then
-  read -r port _ rank0 <"$W/ready"
+if serve_start "$W/ready" "$W/serve.log" 180 env EPMOE_BACKEND=cuda mpirun -np 1 "$bin/epmoe-serve" \
+     --checkpoint "$W/flash4" --listen 127.0.0.1:0 --ready-file "$W/ready" --max-queue 4096; then
+  port=$serve_port
   echo -e "\n| request | layers | streams | requests/s | p50 ms | p99 ms |\n|---|---|---:|---:|---:|---:|" >>"$R"
   for layers in 1:2 0:4; do
     for n in 1 8 64; do
@@ -86,10 +83,9 @@ if [ -f "$W/ready" ]; then
   cat "$W/load.txt" >>"$L"
   l2=$(sed -n 2p "$W/load.txt")
   echo "| 1-64 tokens | 0:4 | 16 | $(echo "$l2" | awk '{print $2}') | $(echo "$l2" | awk '{print $7}') | $(echo "$l2" | awk '{print $10}') |" >>"$R"
-  kill -TERM "$rank0" 2>/dev/null
+  serve_stop || echo "epmoe-serve exit status $?: see serve.log" | tee -a "$R"
 else
   echo "epmoe-serve did not start: see serve.log" | tee -a "$R"
 fi
-wait "$server" 2>/dev/null
 cat "$W/serve.log" >>"$L"
 cat "$R"

@@ -8,6 +8,7 @@
 # Env: REQUESTS (per stream, default 50), TOKENS_MAX (request sizes 1..TOKENS_MAX, default 16),
 #      CONCURRENCY (default "1 2 4 8 16 32"), DELAY_US (max queue delay, default 2000).
 set -euo pipefail
+source "$(dirname "$0")/../../tests/support/serve.sh"
 build=${1:-build}
 ranks=${2:-2}
 out=${3:-bench/service/RESULTS-service.md}
@@ -26,15 +27,13 @@ ckpt=$work/tiny
 "$build/bin/epmoe-gen" --preset tiny --out "$ckpt" >/dev/null
 
 start_server() { # $1: extra args
-  rm -f "$work/ready"
   # shellcheck disable=SC2086
-  mpirun -np "$ranks" "$serve" --checkpoint "$ckpt" --listen 127.0.0.1:0 \
-    --ready-file "$work/ready" --max-queue 4096 $1 >"$work/serve.log" 2>&1 &
-  server_pid=$!
-  for _ in $(seq 600); do [ -f "$work/ready" ] && break; sleep 0.1; done
-  read -r port _ rank0 <"$work/ready"
+  serve_start "$work/ready" "$work/serve.log" 120 mpirun -np "$ranks" "$serve" --checkpoint "$ckpt" \
+    --listen 127.0.0.1:0 --ready-file "$work/ready" --max-queue 4096 $1 \
+    || { echo "epmoe-serve did not start: $(tail -3 "$work/serve.log")" >&2; exit 1; }
+  port=$serve_port
 }
-stop_server() { kill -TERM "$rank0"; wait "$server_pid"; }
+stop_server() { serve_stop; }
 
 cpu=$(grep -m1 "model name" /proc/cpuinfo | sed 's/.*: //')
 load=$(cut -d' ' -f1-3 /proc/loadavg)

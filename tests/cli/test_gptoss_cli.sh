@@ -12,6 +12,7 @@ set -uo pipefail
 build=$1 py=$2 work=$3 ref_check=$4
 here=$(cd "$(dirname "$0")" && pwd)
 source "$here/cli_common.sh"
+source "$here/../support/serve.sh"
 
 gen() { # NAME ARGS...
   local name=$1; shift
@@ -129,27 +130,21 @@ if [ -x "$build/epmoe-serve" ] && [ -x "$build/epmoe-client" ]; then
   mpirun -np 1 "$build/epmoe-run" --checkpoint "$work/released" --input "$work/in_bf16.safetensors" \
     --output "$work/batch_bf16.safetensors" --quiet >"$work/batch_bf16.log" 2>&1 \
     || fail "epmoe-run bf16: $(tail -1 "$work/batch_bf16.log")"
-  ready="$work/ready"
-  mpirun -np 2 "$build/epmoe-serve" --checkpoint "$work/released" --listen 127.0.0.1:0 \
-    --ready-file "$ready" >"$work/serve.log" 2>&1 &
-  server=$!
-  for _ in $(seq 600); do [ -e "$ready" ] || ! kill -0 $server 2>/dev/null && break; sleep 0.1; done
-  if [ -e "$ready" ]; then
-    read -r port _ rank0 <"$ready"
-    "$build/epmoe-client" --server "127.0.0.1:$port" --info >"$work/info.log" 2>&1 \
+  if serve_start "$work/ready" "$work/serve.log" 120 \
+       mpirun -np 2 "$build/epmoe-serve" --checkpoint "$work/released" --listen 127.0.0.1:0 \
+       --ready-file "$work/ready"; then
+    "$build/epmoe-client" --server "127.0.0.1:$serve_port" --info >"$work/info.log" 2>&1 \
       && grep -q "^hidden_size 160" "$work/info.log" && grep -q "^n_layers 3" "$work/info.log" \
       && ok "service Info: the gpt-oss-tiny model (hidden_size 160, 3 layers)" \
       || fail "service Info: $(cat "$work/info.log")"
-    if "$build/epmoe-client" --server "127.0.0.1:$port" --input "$work/in_bf16.safetensors" \
+    if "$build/epmoe-client" --server "127.0.0.1:$serve_port" --input "$work/in_bf16.safetensors" \
          --output "$work/served.safetensors" >"$work/client.log" 2>&1 \
        && same_bf16_rows "$work/served.safetensors" "$work/batch_bf16.safetensors"
     then ok "service: the reply is bit-identical to epmoe-run (37 rows, bf16)"
     else fail "service forward: $(tail -2 "$work/client.log")"; fi
-    kill -TERM "$rank0" 2>/dev/null
-  fi
-  wait $server; rc=$?
-  [ -e "$ready" ] && [ $rc -eq 0 ] && ok "service drained on SIGTERM, exit 0" \
-    || fail "service: rc=$rc, $(tail -3 "$work/serve.log")"
+    serve_stop && ok "service drained on SIGTERM, exit 0" \
+      || fail "service: exit status $?, $(tail -3 "$work/serve.log")"
+  else fail "service never ready: $(tail -3 "$work/serve.log")"; fi
 else echo "skip service: this build has no epmoe-serve (EPMOE_SERVICE=OFF)"; fi
 
 # broken directories: refused on 2 ranks, naming the file and the tensor, no output

@@ -28,6 +28,7 @@ cd "$(dirname "$0")/../.."
 build=${1:?build dir}
 work=${2:?work dir}
 bin=$build/bin
+source tests/support/serve.sh
 cmp="python3 tests/product/compare_outputs.py"
 TOL_LAYER=1e-2
 TOL_ROUTED=1e-3 # no shared expert: the routed NVFP4 path alone (fp32 accumulation order)
@@ -222,28 +223,22 @@ for p in gpt-oss-20b gpt-oss-120b; do
       --what "$p full size, released layout: cuda vs cpu"
 done
 if [ -x "$bin/epmoe-serve" ] && [ -e "$work/gpt-oss-120b_gpu.safetensors" ]; then
-  ready=$work/oss_ready
-  rm -f "$ready"
-  EPMOE_BACKEND=$GPU mpirun -np 1 "$bin/epmoe-serve" --checkpoint "$work/gpt-oss-120b_full" \
-    --listen 127.0.0.1:0 --ready-file "$ready" >"$work/oss_serve.log" 2>&1 &
-  server=$!
-  trap 'kill $server 2>/dev/null' EXIT
-  for _ in $(seq 1800); do [ -e "$ready" ] || ! kill -0 $server 2>/dev/null && break; sleep 0.1; done
-  if [ -e "$ready" ]; then
-    read -r port _ rank0 <"$ready"
-    if "$bin/epmoe-client" --server "127.0.0.1:$port" --input "$work/gpt-oss-120b_in.safetensors" \
+  if serve_start "$work/oss_ready" "$work/oss_serve.log" 180 \
+       env EPMOE_BACKEND=$GPU mpirun -np 1 "$bin/epmoe-serve" --checkpoint "$work/gpt-oss-120b_full" \
+       --listen 127.0.0.1:0 --ready-file "$work/oss_ready"; then
+    trap 'kill $serve_pid 2>/dev/null' EXIT
+    if "$bin/epmoe-client" --server "127.0.0.1:$serve_port" --input "$work/gpt-oss-120b_in.safetensors" \
          --output "$work/oss120_served.safetensors" >"$work/oss_client.log" 2>&1; then
       check $cmp "$work/oss120_served.safetensors" "$work/gpt-oss-120b_gpu.safetensors" --identical \
         --no-routing --what "gpt-oss-120b served by epmoe-serve ($GPU) vs epmoe-run"
     else
       echo "FAIL: epmoe-client on gpt-oss-120b: $(tail -2 "$work/oss_client.log")"; fail=1
     fi
-    kill -TERM "$rank0" 2>/dev/null
+    serve_stop || { echo "FAIL: epmoe-serve gpt-oss-120b exit status $?"; fail=1; }
+    trap - EXIT
   else
     echo "FAIL: epmoe-serve gpt-oss-120b never ready: $(tail -3 "$work/oss_serve.log")"; fail=1
   fi
-  wait $server || { echo "FAIL: epmoe-serve gpt-oss-120b exit status $?"; fail=1; }
-  trap - EXIT
 fi
 
 # a NaN in row 123 of a bf16 input: refused, naming the row, on 2 ranks
