@@ -65,20 +65,19 @@ grep -h "loaded .* GB/s" "$L" | tail -1 | sed 's/^/load: /' | tee -a "$R"
 # 3. the service
 if serve_start "$W/ready" "$W/serve.log" 180 env EPMOE_BACKEND=cuda mpirun -np 1 "$bin/epmoe-serve" \
      --checkpoint "$W/flash4" --listen 127.0.0.1:0 --ready-file "$W/ready" --max-queue 4096; then
-  port=$serve_port
   echo -e "\n| request | layers | streams | requests/s | p50 ms | p99 ms |\n|---|---|---:|---:|---:|---:|" >>"$R"
   for layers in 1:2 0:4; do
     for n in 1 8 64; do
-      "$bin/epmoe-client" --server "127.0.0.1:$port" --load --streams 1 --requests 20 \
+      "$bin/epmoe-client" --server "127.0.0.1:$serve_port" --load --streams 1 --requests 20 \
         --tokens-min $n --tokens-max $n --layers $layers --dtype bf16 >/dev/null 2>&1 # warm-up
-      "$bin/epmoe-client" --server "127.0.0.1:$port" --load --streams 1 --requests 200 \
+      "$bin/epmoe-client" --server "127.0.0.1:$serve_port" --load --streams 1 --requests 200 \
         --tokens-min $n --tokens-max $n --layers $layers --dtype bf16 >"$W/load.txt" 2>&1
       cat "$W/load.txt" >>"$L"
       l2=$(sed -n 2p "$W/load.txt")
       echo "| $n tokens | $layers | 1 | $(echo "$l2" | awk '{print $2}') | $(echo "$l2" | awk '{print $7}') | $(echo "$l2" | awk '{print $10}') |" >>"$R"
     done
   done
-  "$bin/epmoe-client" --server "127.0.0.1:$port" --load --streams 16 --requests 100 \
+  "$bin/epmoe-client" --server "127.0.0.1:$serve_port" --load --streams 16 --requests 100 \
     --tokens-min 1 --tokens-max 64 --layers 0:4 --dtype bf16 >"$W/load.txt" 2>&1
   cat "$W/load.txt" >>"$L"
   l2=$(sed -n 2p "$W/load.txt")

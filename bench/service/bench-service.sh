@@ -31,9 +31,7 @@ start_server() { # $1: extra args
   serve_start "$work/ready" "$work/serve.log" 120 mpirun -np "$ranks" "$serve" --checkpoint "$ckpt" \
     --listen 127.0.0.1:0 --ready-file "$work/ready" --max-queue 4096 $1 \
     || { echo "epmoe-serve did not start: $(tail -3 "$work/serve.log")" >&2; exit 1; }
-  port=$serve_port
 }
-stop_server() { serve_stop; }
 
 cpu=$(grep -m1 "model name" /proc/cpuinfo | sed 's/.*: //')
 load=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -51,7 +49,7 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 } >"$out"
 run_load() { # $1 streams, $2 tokens-min, $3 tokens-max, $4 requests
-  "$client" --server "127.0.0.1:$port" --load --streams "$1" --requests "$4" \
+  "$client" --server "127.0.0.1:$serve_port" --load --streams "$1" --requests "$4" \
     --tokens-min "$2" --tokens-max "$3" >"$work/load.txt"
   l2=$(sed -n 2p "$work/load.txt"); l3=$(sed -n 3p "$work/load.txt")
   rps=$(echo "$l2" | awk '{print $2}'); tps=$(echo "$l2" | awk '{print $4}')
@@ -67,7 +65,7 @@ for c in $concurrency; do
   run_load "$c" 1 "$tokens_max" "$requests"
   echo "| $c | $rps | $tps | $p50 | $p99 | $q | $f | $g50 | $g99 |" >>"$out"
 done
-stop_server
+serve_stop
 
 # Fixed-size requests, one stream, no batching delay: the gRPC path against the engine time.
 {
@@ -82,5 +80,5 @@ for t in 1 16 256; do
   run_load 1 "$t" "$t" 30
   echo "| $t | $p50 | $f | $g50 | $g99 |" >>"$out"
 done
-stop_server
+serve_stop
 cat "$out"

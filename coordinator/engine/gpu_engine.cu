@@ -552,9 +552,9 @@ epmoe_status epmoe_gpu_engine_poison(epmoe_gpu_engine *e) {
         {e->ret_send, (size_t)e->ret_send_cap * H * 4}, {e->ret_recv, (size_t)e->ret_recv_cap * H * 4},
         {a->h, cap * 2 * I * 4}, {a->y, cap * H * 4},
         {a->a_scale, a->a_scale ? cap * 4 : 0}, {a->weights, (size_t)(a->max_tokens * e->k) * 4},
-        /* GEMM inputs: 0xff bytes are codes of -6 with a huge block scale, 0xffff a bf16 NaN,
-         * so K padding left unwritten would reach the outputs */
-        {a->a_codes, a->a_codes ? cap * K_max / 2 : 0}, {a->a_sf, a->a_sf ? cap * K_max / 16 : 0},
+        /* GEMM inputs: 0xff bytes are NVFP4 codes of -6 with a huge block scale, E4M3 and
+         * UE8M0 NaNs, 0xffff a bf16 NaN, so K padding left unwritten would reach the outputs */
+        {a->a_codes, a->a_codes_bytes}, {a->a_sf, a->a_sf_bytes},
         {a->a_bf16, a->a_bf16 ? cap * K_max * 2 : 0},
     };
     for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++)

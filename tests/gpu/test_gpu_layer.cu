@@ -106,12 +106,11 @@ static void poison_arena(epmoe_gpu_context *ctx) {
     epmoe_gpu_arena *a = &ctx->arena;
     const int64_t H = ctx->cfg.hidden_size, I = ctx->cfg.moe_inter_size, cap = a->cap_rows;
     const int64_t K_max = ctx->hidden_pad > ctx->inter_pad ? ctx->hidden_pad : ctx->inter_pad;
-    const int fp8 = ctx->cfg.act_quant == EPMOE_ACT_FP8; /* a byte a code, a scale per 128 */
     cudaMemset(a->h, 0xff, cap * 2 * I * 4);
     cudaMemset(a->y, 0xff, cap * H * 4);
     if (a->a_scale) cudaMemset(a->a_scale, 0xff, cap * 4);
-    if (a->a_codes) cudaMemset(a->a_codes, 0xff, fp8 ? cap * K_max : cap * K_max / 2);
-    if (a->a_sf) cudaMemset(a->a_sf, 0xff, fp8 ? cap * K_max / 128 : cap * K_max / 16);
+    if (a->a_codes) cudaMemset(a->a_codes, 0xff, a->a_codes_bytes);
+    if (a->a_sf) cudaMemset(a->a_sf, 0xff, a->a_sf_bytes);
     if (a->a_bf16) cudaMemset(a->a_bf16, 0xff, cap * K_max * 2);
     cudaMemset(a->weights, 0xff, a->max_tokens * ctx->cfg.top_k * 4);
 }

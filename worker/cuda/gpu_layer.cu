@@ -64,13 +64,12 @@ static epmoe_status plan_arena(const epmoe_gpu_context *ctx, epmoe_gpu_arena *a,
     carve_add(p, "tokens_per_expert [n_local] i64", &a->tokens_per_expert, (size_t)n * 8);
     carve_add(p, "padded_offsets [n_local+1] i64", &a->padded_offsets, (size_t)(n + 1) * 8);
     carve_add(p, "token_of_row [cap] i32", &a->token_of_row, (size_t)cap * 4);
-    if (fp8) {
-        carve_add(p, "a_codes [cap,max(Hp,Ip)] e4m3", &a->a_codes, (size_t)(cap * K_max));
-        carve_add(p, "a_sf [cap,max(Hp,Ip)/128] ue8m0", &a->a_sf, (size_t)(cap * K_max / 128));
-    } else {
-        carve_add(p, "a_codes [cap,max(Hp,Ip)/2] e2m1", &a->a_codes, nvfp4 ? (size_t)(cap * K_max / 2) : 0);
-        carve_add(p, "a_sf [cap,max(Hp,Ip)/16] ue4m3", &a->a_sf, nvfp4 ? (size_t)(cap * K_max / 16) : 0);
-    }
+    a->a_codes_bytes = fp8 ? (size_t)(cap * K_max) : nvfp4 ? (size_t)(cap * K_max / 2) : 0;
+    a->a_sf_bytes = fp8 ? (size_t)(cap * K_max / 128) : nvfp4 ? (size_t)(cap * K_max / 16) : 0;
+    carve_add(p, fp8 ? "a_codes [cap,max(Hp,Ip)] e4m3" : "a_codes [cap,max(Hp,Ip)/2] e2m1",
+              &a->a_codes, a->a_codes_bytes);
+    carve_add(p, fp8 ? "a_sf [cap,max(Hp,Ip)/128] ue8m0" : "a_sf [cap,max(Hp,Ip)/16] ue4m3",
+              &a->a_sf, a->a_sf_bytes);
     carve_add(p, "a_scale [cap] f32", &a->a_scale, nvfp4 ? (size_t)cap * 4 : 0);
     /* bf16 A: the W4A16 input, or the GEMMs' exact bf16 copy of quantized A: NVFP4 on Hopper
      * (the wgmma kernels dequantize each row once per call instead of once per weight tile),

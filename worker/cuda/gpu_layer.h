@@ -57,6 +57,7 @@ typedef struct {
     uint8_t *a_codes;            /* [cap_rows, max(Hp, Ip) / 2] (act_quant = nvfp4), or
                                     [cap_rows, max(Hp, Ip)] e4m3 (fp8) */
     uint8_t *a_sf;               /* [cap_rows, max(Hp, Ip) / 16], or / 128 ue8m0 (fp8) */
+    size_t a_codes_bytes, a_sf_bytes; /* their sizes in this arena's act_quant (0: none) */
     float *a_scale;              /* [cap_rows] 1/gs per row */
     uint16_t *a_bf16;            /* [cap_rows, max(Hp, Ip)] (act_quant = high; the GEMMs'
                                     workspace for FP8 A, and on Hopper for NVFP4 A) */
