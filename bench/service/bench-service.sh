@@ -6,7 +6,8 @@
 #   bench/service/bench-service.sh [BUILD_DIR] [RANKS] [OUT.md]
 #
 # Env: REQUESTS (per stream, default 50), TOKENS_MAX (request sizes 1..TOKENS_MAX, default 16),
-#      CONCURRENCY (default "1 2 4 8 16 32"), DELAY_US (max queue delay, default 2000).
+#      CONCURRENCY (default "1 2 4 8 16 32"), DELAY_US (max queue delay, default 2000),
+#      POLICY_CONCURRENCY (streams for the batching-policy table, default "1 16").
 set -euo pipefail
 source "$(dirname "$0")/../../tests/support/serve.sh"
 build=${1:-build}
@@ -41,7 +42,8 @@ load=$(cut -d' ' -f1-3 /proc/loadavg)
   echo "tiny preset (hidden 256, 256 experts, top-6, 4 layers, NVFP4 CPU path), $ranks ranks on"
   echo "\`$cpu\` ($(nproc) cores, load average $load when it started), loopback."
   echo "\`bench/service/bench-service.sh $build $ranks\`: each stream sends $requests requests of"
-  echo "1..$tokens_max tokens (fp32) back to back; max queue delay ${delay_us} us."
+  echo "1..$tokens_max tokens (fp32) back to back; max queue delay ${delay_us} us, paid only while"
+  echo "the service is busy (the default policy; see the policy table below)."
   echo "gRPC path = client latency - server queue time - engine forward (epmoe_driver_forward, what"
   echo "a direct batch run spends on the same batch): protobuf, conversions, HTTP/2 on loopback."
   echo
@@ -81,4 +83,24 @@ for t in 1 16 256; do
   echo "| $t | $p50 | $f | $g50 | $g99 |" >>"$out"
 done
 serve_stop
+
+# The batching policy, side by side on the same load: the default (the delay only while busy),
+# the delay always (--wait-when-idle 1), no delay at all.
+{
+  echo
+  echo "Batching policy (${delay_us} us delay), $requests requests of 1..$tokens_max tokens per stream:"
+  echo
+  echo "| policy | streams | requests/s | p50 ms | p99 ms | mean queue ms | mean forward ms |"
+  echo "|---|---:|---:|---:|---:|---:|---:|"
+} >>"$out"
+for policy in "busy only|--max-queue-delay-us $delay_us" \
+              "always|--max-queue-delay-us $delay_us --wait-when-idle 1" \
+              "none|--max-queue-delay-us 0"; do
+  start_server "${policy#*|}"
+  for c in ${POLICY_CONCURRENCY:-1 16}; do
+    run_load "$c" 1 "$tokens_max" "$requests"
+    echo "| ${policy%%|*} | $c | $rps | $p50 | $p99 | $q | $f |" >>"$out"
+  done
+  serve_stop
+done
 cat "$out"

@@ -29,6 +29,10 @@ struct epmoe_batcher {
     int batch_has_ids;
     int64_t batch_begin, batch_end, batch_tokens, batch_requests;
     double batch_start;
+    /* how busy the service is (batcher thread only): bit i set when the batch i batches ago
+     * held several requests; when the last batch was answered */
+    unsigned several_requests_history;
+    double last_batch_end;
 };
 
 void epmoe_serve_request_free(epmoe_serve_request *r) {
@@ -51,6 +55,22 @@ static void abs_time_after(double seconds_from_now, struct timespec *until) {
     if (until->tv_nsec >= 1000000000L) until->tv_nsec = 999999999L;
 }
 
+/* Until when the oldest request waits for batch mates (the budget filling ends it sooner).
+ * While the service is busy (one of the last BUSY_BATCHES batches held several requests), the
+ * clients the last batch answered are coming back: the batch waits max_queue_delay from the
+ * later of the head's arrival and that answer, so they ride together with the requests that
+ * queued during the forward. Counting from the head's arrival alone, a head that queued during
+ * a forward has waited long enough already, and the two groups alternate for good, each
+ * waiting a whole forward. A request that finds the service idle runs at once (a lone client
+ * pays no delay) unless wait_when_idle is set: then the service always counts as busy. */
+#define BUSY_BATCHES 4
+static double wait_until(const epmoe_batcher *b) {
+    int busy = b->opt.wait_when_idle ||
+               (b->several_requests_history & ((1u << BUSY_BATCHES) - 1)) != 0;
+    if (!busy) return b->head->enqueue_time;
+    return fmax(b->head->enqueue_time, b->last_batch_end) + b->opt.max_queue_delay;
+}
+
 /* Waits (lock held) until the oldest request's batch is worth running, then unlinks it from
  * the queue into b->batch. Returns the number taken; 0 means stop. */
 static int64_t take_batch(epmoe_batcher *b) {
@@ -61,7 +81,7 @@ static int64_t take_batch(epmoe_batcher *b) {
         for (epmoe_serve_request *r = b->head; r; r = r->next)
             if (same_range(r, b->head)) tokens += r->n_tokens;
         if (tokens >= b->opt.max_batch_tokens || b->stopping || b->broken) break;
-        double wait = b->head->enqueue_time + b->opt.max_queue_delay - epmoe_seconds_now();
+        double wait = wait_until(b) - epmoe_seconds_now();
         if (wait <= 0) break;
         struct timespec until;
         abs_time_after(wait, &until);
@@ -316,6 +336,8 @@ static void *batcher_thread(void *arg) {
         pthread_mutex_unlock(&b->mu);
         run_batch(b, n);
         pthread_mutex_lock(&b->mu);
+        b->several_requests_history = b->several_requests_history << 1 | (n > 1);
+        b->last_batch_end = epmoe_seconds_now();
     }
     pthread_mutex_unlock(&b->mu);
     return NULL;

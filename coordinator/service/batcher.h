@@ -2,9 +2,9 @@
  *
  * Request threads push validated requests (fp32 rows) into a bounded FIFO; when it is full the
  * push fails and the caller answers RESOURCE_EXHAUSTED. One batcher thread (the only caller of
- * the engine: the driver is not thread-safe) takes the oldest request, waits until requests
- * with the same layer range fill the token budget or the oldest has waited max_queue_delay,
- * drops the expired and cancelled ones, concatenates the rest, runs one forward and hands each
+ * the engine: the driver is not thread-safe) takes the oldest request and, while the service
+ * is busy, waits until requests with the same layer range fill the token budget or the oldest
+ * has waited max_queue_delay (a request that finds the service idle runs at once), drops the expired and cancelled ones, concatenates the rest, runs one forward and hands each
  * request back its own rows. Results are batch-invariant, so batching changes no output.
  *
  * One request's bad rows never fail another request (DESIGN §9). When a forward fails with a
@@ -69,6 +69,7 @@ typedef struct {
     int64_t n_routed_experts;
     int64_t max_batch_tokens;    /* token budget of one forward */
     double max_queue_delay;      /* seconds the oldest request may wait for batch mates */
+    int wait_when_idle;          /* 1: it waits even when the previous batch held one request */
     int64_t max_queue;           /* requests waiting at most */
     epmoe_forward_fn forward;
     void *forward_ctx;

@@ -20,6 +20,7 @@ typedef struct {
     int64_t max_batch_tokens;
     int64_t max_request_tokens;
     int64_t max_queue_delay_us;
+    int64_t wait_when_idle;    /* 1: wait for batch mates even when idle */
     int64_t max_queue;
     int64_t max_message_bytes;
     int64_t rpc_memory_bytes;  /* gRPC buffers at most; 0: 4 x max_message_bytes, >= 64 MiB */

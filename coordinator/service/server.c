@@ -335,6 +335,7 @@ epmoe_status epmoe_service_start(const epmoe_service_options *opt, epmoe_service
         .n_routed_experts = info->n_routed_experts,
         .max_batch_tokens = s->max_batch_tokens,
         .max_queue_delay = (double)c->max_queue_delay_us * 1e-6,
+        .wait_when_idle = (int)c->wait_when_idle,
         .max_queue = c->max_queue,
         .forward = opt->forward,
         .forward_ctx = opt->forward_ctx,

@@ -61,11 +61,12 @@ START_TEST(test_bad_request_fails_alone) {
     const test_pool *p = test_pool_get();
     test_server srv;
     /* The batch fires when its token budget is full, i.e. once all seven have arrived (the
-     * queue delay is far longer): the seven ride in one forward, deterministically. */
+     * queue delay is far longer, and the first waits too: wait_when_idle): the seven ride in
+     * one forward, deterministically. */
     char budget[16];
     snprintf(budget, sizeof budget, "%d", N_REQ * ROWS);
     const char *extra[] = {"--max-batch-tokens", budget, "--max-queue-delay-us", "10000000",
-                           "--log-level", "2", NULL};
+                           "--wait-when-idle", "1", "--log-level", "2", NULL};
     test_server_start(&srv, 2, p->checkpoint, extra, 300);
     epmoe_rpc_channel *ch = NULL;
     ck_assert_int_eq(epmoe_rpc_channel_open(srv.target, 64 << 20, &ch), EPMOE_OK);

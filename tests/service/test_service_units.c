@@ -113,6 +113,8 @@ START_TEST(test_serve_config) {
     ck_assert_str_eq(c.listen, "127.0.0.1:50051");
     ck_assert_int_eq(c.max_batch_tokens, 1024);
     ck_assert_int_eq(c.max_queue, 256);
+    ck_assert_int_eq(c.wait_when_idle, 0);
+    ck_assert_int_eq(epmoe_serve_config_set(&c, "wait_when_idle", "2"), EPMOE_ERR_INVALID_ARG);
     ck_assert_int_eq(epmoe_serve_config_set(&c, "max_queue", "0"), EPMOE_ERR_INVALID_ARG);
     ck_assert_ptr_nonnull(strstr(epmoe_last_error(), "max_queue"));
     ck_assert_int_eq(epmoe_serve_config_set(&c, "max_queue", "x"), EPMOE_ERR_INVALID_ARG);
@@ -605,6 +607,85 @@ START_TEST(test_batcher_lost_rank_is_fatal) {
 }
 END_TEST
 
+/* Waits up to `seconds` for `n` answers in all; returns the count reached. */
+static int64_t answered_within(int64_t n, double seconds) {
+    double until = epmoe_seconds_now() + seconds;
+    for (;;) {
+        pthread_mutex_lock(&blog.mu);
+        int64_t answered = blog.answered;
+        pthread_mutex_unlock(&blog.mu);
+        if (answered >= n || epmoe_seconds_now() > until) return answered;
+        usleep(1000);
+    }
+}
+
+static int64_t engine_calls(void) {
+    pthread_mutex_lock(&engine.mu);
+    int64_t calls = engine.calls;
+    pthread_mutex_unlock(&engine.mu);
+    return calls;
+}
+
+/* The queue delay is paid only while the service is busy: a request that finds it idle runs at
+ * once; after a batch of several requests the next ones wait for mates until the budget fills,
+ * until four batches in a row held one request each.
+ * The delay (an hour) is one no run reaches, so "ran" means "ran without waiting"; "did not run
+ * within 0.2 s" can only miss a fault on a loaded machine, never fail a correct batcher. */
+START_TEST(test_batcher_waits_for_mates_only_when_busy) {
+    pthread_mutex_init(&blog.mu, NULL);
+    blog_reset();
+    engine_reset();
+    epmoe_batcher_options o = batcher_options(8, 16, 3600.0);
+    epmoe_batcher *b = NULL;
+    ck_assert_int_eq(epmoe_batcher_start(&o, &b), EPMOE_OK);
+    epmoe_rng rng;
+    epmoe_rng_seed(&rng, 15);
+    /* idle: runs at once */
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    ck_assert_int_eq(answered_within(1, 60.0), 1);
+    /* two queued behind a held forward: after a one-request batch they run at once, together */
+    engine_gate(1);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    engine_wait_inside();
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 2, 0, 4, 1)), EPMOE_OK);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 2, 0, 4, 1)), EPMOE_OK);
+    engine_gate(0);
+    ck_assert_int_eq(answered_within(4, 60.0), 4);
+    ck_assert_int_eq(engine_calls(), 3);
+    /* busy (the last batch held two): the next request waits for mates ... */
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    ck_assert_int_eq(answered_within(5, 0.2), 4);
+    ck_assert_int_eq(engine_calls(), 3);
+    /* ... until they fill the token budget: both in one forward */
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 7, 0, 4, 1)), EPMOE_OK);
+    ck_assert_int_eq(answered_within(6, 60.0), 6);
+    ck_assert_int_eq(engine_calls(), 4);
+    /* four one-request batches (each fills the budget) later the service counts as idle again */
+    for (int i = 0; i < 4; i++) {
+        ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 8, 0, 4, 1)), EPMOE_OK);
+        ck_assert_int_eq(answered_within(7 + i, 60.0), 7 + i);
+    }
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    ck_assert_int_eq(answered_within(11, 60.0), 11);
+    ck_assert_int_eq(engine_calls(), 9);
+    epmoe_batcher_stop(b);
+
+    /* wait_when_idle: even the first request of an idle service waits for the budget */
+    blog_reset();
+    engine_reset();
+    o.wait_when_idle = 1;
+    ck_assert_int_eq(epmoe_batcher_start(&o, &b), EPMOE_OK);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 3, 0, 4, 1)), EPMOE_OK);
+    ck_assert_int_eq(answered_within(1, 0.2), 0);
+    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 5, 0, 4, 1)), EPMOE_OK);
+    ck_assert_int_eq(answered_within(2, 60.0), 2);
+    ck_assert_int_eq(engine_calls(), 1);
+    epmoe_batcher_stop(b);
+    ck_assert_int_eq(blog.ok, 2);
+    ck_assert_int_eq(blog.wrong, 0);
+}
+END_TEST
+
 /* ---- the whole gRPC path -------------------------------------------------------------------*/
 
 static epmoe_service *start_service_with(int64_t max_queue, int64_t delay_us, int metrics,
@@ -1023,6 +1104,7 @@ static Suite *service_suite(void) {
     tcase_add_test(tc, test_batcher_queue_full_and_deadline);
     tcase_add_test(tc, test_batcher_isolates_a_bad_request);
     tcase_add_test(tc, test_batcher_lost_rank_is_fatal);
+    tcase_add_test(tc, test_batcher_waits_for_mates_only_when_busy);
     tcase_add_test(tc, test_grpc_info_health_forward);
     tcase_add_test(tc, test_grpc_max_message_size);
     tcase_add_test(tc, test_grpc_queue_full_deadline_and_drain);
