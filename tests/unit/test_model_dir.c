@@ -614,6 +614,21 @@ static const broken_case catalogue[] = {
      "not found"},
 };
 
+/* Breaks the scratch copy `dir` as case c says and checks the load is refused with c's status
+ * and a message naming `file`, the tensor and the detail. */
+static void expect_refused(const broken_case *c, const char *dir, const char *file) {
+    c->breaks(dir);
+    epmoe_clear_error();
+    epmoe_status st = load_dir(dir, NULL);
+    const char *msg = epmoe_last_error();
+    ck_assert_msg(st == c->expect, "%s: expected %s, got %s: %s", c->what,
+                  epmoe_status_name(c->expect), epmoe_status_name(st), msg);
+    ck_assert_msg(strstr(msg, file), "%s: the message does not name %s: %s", c->what, file, msg);
+    ck_assert_msg(strstr(msg, c->tensor), "%s: the message does not name %s: %s", c->what,
+                  c->tensor, msg);
+    ck_assert_msg(strstr(msg, c->detail), "%s: no '%s' in: %s", c->what, c->detail, msg);
+}
+
 START_TEST(test_broken_directories) {
     for (size_t i = 0; i < sizeof catalogue / sizeof catalogue[0]; i++) {
         const broken_case *c = &catalogue[i];
@@ -621,17 +636,7 @@ START_TEST(test_broken_directories) {
         char file[256];
         const char *shard_tensor = !c->file ? c->tensor : strncmp(c->file, "layers.", 7) == 0 ? c->file : NULL;
         snprintf(file, sizeof file, "%s", shard_tensor ? shard_of(dir, shard_tensor) : c->file);
-        c->breaks(dir);
-        epmoe_clear_error();
-        epmoe_status st = load_dir(dir, NULL);
-        const char *msg = epmoe_last_error();
-        ck_assert_msg(st == c->expect, "%s: expected %s, got %s: %s", c->what,
-                      epmoe_status_name(c->expect), epmoe_status_name(st), msg);
-        ck_assert_msg(strstr(msg, file), "%s: the message does not name %s: %s", c->what, file,
-                      msg);
-        ck_assert_msg(strstr(msg, c->tensor), "%s: the message does not name %s: %s", c->what,
-                      c->tensor, msg);
-        ck_assert_msg(strstr(msg, c->detail), "%s: no '%s' in: %s", c->what, c->detail, msg);
+        expect_refused(c, dir, file);
     }
     remove_dir(scratch_dir);
 }
@@ -1230,17 +1235,7 @@ START_TEST(test_gptoss_broken_directories) {
             *strchrnul(tensor, ' ') = '\0';
             snprintf(file, sizeof file, "%s", shard_of(dir, tensor));
         }
-        c->breaks(dir);
-        epmoe_clear_error();
-        epmoe_status st = load_dir(dir, NULL);
-        const char *msg = epmoe_last_error();
-        ck_assert_msg(st == c->expect, "%s: expected %s, got %s: %s", c->what,
-                      epmoe_status_name(c->expect), epmoe_status_name(st), msg);
-        ck_assert_msg(strstr(msg, file), "%s: the message does not name %s: %s", c->what, file,
-                      msg);
-        ck_assert_msg(strstr(msg, c->tensor), "%s: the message does not name %s: %s", c->what,
-                      c->tensor, msg);
-        ck_assert_msg(strstr(msg, c->detail), "%s: no '%s' in: %s", c->what, c->detail, msg);
+        expect_refused(c, dir, file);
     }
     remove_dir(scratch_dir);
 }
