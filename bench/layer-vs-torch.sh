@@ -29,25 +29,22 @@ while [ $# -gt 0 ]; do
 done
 [ ${#presets[@]} -eq 0 ] && presets=(dsv4-flash dsv4-pro)
 source deploy/gpu-env.sh
-TOKENS="${TOKENS:-128,512,4096,16384}"
+TOKENS="${TOKENS:-1,8,32,128,512,4096,16384}"
 ACT_QUANT="${ACT_QUANT:-nvfp4}"
 python3 bench/torch_layer.py --copy-only --json "$OUT/copy.json" | tee "$OUT/layer_vs_torch.log"
 for preset in "${presets[@]}"; do
-  case $preset in # routed experts, top-k
-    dsv4-flash) E=256 k=6 ;;
-    dsv4-pro) E=384 k=6 ;;
-    gpt-oss-20b) E=32 k=4 ;;
-    gpt-oss-120b) E=128 k=4 ;;
+  case $preset in # routed experts
+    dsv4-flash) E=256 ;;
+    dsv4-pro) E=384 ;;
+    gpt-oss-20b) E=32 ;;
+    gpt-oss-120b) E=128 ;;
     *) echo "unknown preset $preset" >&2; exit 2 ;;
   esac
-  rows=$(python3 -c "print(','.join(str(max(1, int(t) * $k // $E)) for t in '$TOKENS'.split(',')))")
-  timeout 300 "$BUILD/bench/layer_bench" --preset $preset --local-experts $E --rows "$rows" \
+  timeout 300 "$BUILD/bench/layer_bench" --preset $preset --local-experts $E --tokens "$TOKENS" \
     --reps 10 --act-quant "$ACT_QUANT" --json "$OUT/layer_$preset.json" 2>&1 | tee -a "$OUT/layer_vs_torch.log"
-  for T in ${TOKENS//,/ }; do
-    timeout 300 mpirun -np 1 "$BUILD/bench/ep_layer_bench" --preset $preset --tokens "$T" \
-      --iters 10 --act-quant "$ACT_QUANT" 2>&1 | tee -a "$OUT/layer_vs_torch.log" | grep -E "^RESULT" |
-      sed "s/^RESULT/RESULT preset=$preset/" >>"$OUT/throughput_$preset.txt"
-  done
+  timeout 300 mpirun -np 1 "$BUILD/bench/ep_layer_bench" --preset $preset --tokens "$TOKENS" \
+    --iters 10 --act-quant "$ACT_QUANT" 2>&1 | tee -a "$OUT/layer_vs_torch.log" | grep -E "^RESULT" |
+    sed "s/^RESULT/RESULT preset=$preset/" >>"$OUT/throughput_$preset.txt"
   if [ -n "${TORCH_FROM:-}" ] && [ -f "$TORCH_FROM/torch_$preset.json" ]; then
     cp "$TORCH_FROM/torch_$preset.json" "$OUT/" # the same machine's PyTorch run, minutes ago
   else
