@@ -29,3 +29,9 @@ if command -v nvcc >/dev/null && [ ! -e "$(dirname "$(command -v nvcc)")/../incl
 fi
 [ -n "$EPMOE_NCCL_ROOT" ] && export LD_LIBRARY_PATH="$EPMOE_NCCL_ROOT/lib:$LD_LIBRARY_PATH"
 export EPMOE_NCCL_ROOT
+# The build needs jansson (and Check, protobuf-c, gRPC for the suites and the service): say so
+# now, not after a cmake error, when neither the machine nor .carry/debs brings it.
+if ! pkg-config --exists jansson 2>/dev/null; then
+  echo "gpu-env: jansson not found and no .carry/debs here: run 'bash deploy/gpu-deps.sh' on a" \
+       "machine with apt and bring .carry along with the tree" >&2
+fi
