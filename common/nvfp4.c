@@ -165,6 +165,14 @@ typedef struct {
     int up, down; /* its codes stay E2M1 values when multiplied by 2^t, -down <= t <= up */
 } mx_block;
 
+/* Whether 16-element block i holds only zero magnitudes (its 16 codes are one 8-byte word). */
+static int block_is_zero(const uint8_t *codes, size_t i) {
+    uint64_t word;
+    _Static_assert(EPMOE_NVFP4_BLOCK / 2 == sizeof word, "a 16-element block is 8 bytes");
+    memcpy(&word, codes + i * sizeof word, sizeof word);
+    return (word & 0x7777777777777777ull) == 0;
+}
+
 static mx_block describe_block(const uint8_t *codes, size_t first, uint8_t e8m0) {
     mx_block b = {(int)e8m0 - 127, 1, E2M1_SHIFT_MAX, E2M1_SHIFT_MAX};
     const uint8_t *bytes = codes + first / 2; /* first is a multiple of 16 */
@@ -188,22 +196,17 @@ epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *codes, const uint8_t *block_e8m
                   EPMOE_ERR_INVALID_ARG, "mxfp4_to_nvfp4: NULL argument");
     epmoe_mxfp4_conversion stats = {0, 0};
     const size_t per_row = K / EPMOE_NVFP4_BLOCK, n_blocks = rows * per_row;
-    /* Pass 1: each nonzero block b allows tensor scales 2^A with
-     *   exp_b - 8 - up_b <= A <= exp_b + 9 + down_b
-     * (its UE4M3 power q = exp_b - A - t in [-9, 8] for a code shift t in [-down_b, up_b]);
-     * 2^A itself must be a normal fp32. */
-    int lo = FP32_NORMAL_MIN_EXP, hi = FP32_MAX_EXP, e_top = INT32_MIN;
-    size_t at_lo = n_blocks, at_hi = n_blocks;
+    /* Pass 0: the scales are numbers, and the exponent range of the nonzero blocks. */
+    int e_top = INT32_MIN, e_min = INT32_MAX;
     for (size_t i = 0; i < n_blocks; i++) {
         uint8_t e8m0 = block_e8m0[i / 2]; /* one 32-block is two 16-blocks */
         EPMOE_REQUIRE(e8m0 != 0xff, EPMOE_ERR_NUMERIC,
                       "MXFP4 scale [%zu, %zu] is 0xff, the UE8M0 NaN", i / per_row,
                       (i % per_row) / 2);
-        mx_block b = describe_block(codes, i * EPMOE_NVFP4_BLOCK, e8m0);
-        if (b.zero) continue;
-        if (b.exp > e_top) e_top = b.exp;
-        if (b.exp - UE4M3_POW2_MAX - b.up > lo) lo = b.exp - UE4M3_POW2_MAX - b.up, at_lo = i;
-        if (b.exp - UE4M3_POW2_MIN + b.down < hi) hi = b.exp - UE4M3_POW2_MIN + b.down, at_hi = i;
+        if (block_is_zero(codes, i)) continue;
+        const int exp = (int)e8m0 - 127;
+        if (exp > e_top) e_top = exp;
+        if (exp < e_min) e_min = exp;
     }
     if (e_top == INT32_MIN) { /* every block zero: any scale will do */
         memset(block_sf, 0, n_blocks);
@@ -212,49 +215,64 @@ epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *codes, const uint8_t *block_e8m
         if (info) *info = (epmoe_mxfp4_conversion){n_blocks, 0};
         return EPMOE_OK;
     }
-    if (lo > hi) {
-        char why_lo[96], why_hi[96];
-        if (at_lo < n_blocks)
-            snprintf(why_lo, sizeof why_lo, "block [%zu, %zu] (scale 2^%d) needs >= 2^%d",
-                     at_lo / per_row, (at_lo % per_row) * EPMOE_NVFP4_BLOCK,
-                     (int)block_e8m0[at_lo / 2] - 127, lo);
-        else
-            snprintf(why_lo, sizeof why_lo, "a normal fp32 needs >= 2^%d", lo);
-        if (at_hi < n_blocks)
-            snprintf(why_hi, sizeof why_hi, "block [%zu, %zu] (scale 2^%d) needs <= 2^%d",
-                     at_hi / per_row, (at_hi % per_row) * EPMOE_NVFP4_BLOCK,
-                     (int)block_e8m0[at_hi / 2] - 127, hi);
-        else
-            snprintf(why_hi, sizeof why_hi, "a finite fp32 needs <= 2^%d", hi);
-        EPMOE_FAIL(EPMOE_ERR_UNSUPPORTED,
-                   "MXFP4 tensor cannot be converted to NVFP4 exactly: no tensor scale fits every "
-                   "block (%s; %s; UE4M3 powers of two span 2^-9..2^8, and a block's codes can "
-                   "be rescaled only while they stay E2M1 values)",
-                   why_lo, why_hi);
-    }
-    /* The tensor scale the plain conversion uses (the largest block at 2^8, no code moved),
-     * unless some block needs it moved. */
+    /* The tensor scale of the plain conversion: the largest block at 2^8, no code moved. When
+     * every nonzero block lies within the 17 binades below it (the usual tensor) and 2^A is a
+     * normal fp32, it is what pass 1 would choose, so pass 1 is skipped. */
     int A = e_top - UE4M3_POW2_MAX;
-    if (A < lo) A = lo;
-    if (A > hi) A = hi;
+    if (e_top - e_min > UE4M3_POW2_MAX - UE4M3_POW2_MIN || A < FP32_NORMAL_MIN_EXP) {
+        /* Pass 1: each nonzero block b allows tensor scales 2^A with
+         *   exp_b - 8 - up_b <= A <= exp_b + 9 + down_b
+         * (its UE4M3 power q = exp_b - A - t in [-9, 8] for a code shift t in
+         * [-down_b, up_b]); 2^A itself must be a normal fp32. */
+        int lo = FP32_NORMAL_MIN_EXP, hi = FP32_MAX_EXP;
+        size_t at_lo = n_blocks, at_hi = n_blocks;
+        for (size_t i = 0; i < n_blocks; i++) {
+            mx_block b = describe_block(codes, i * EPMOE_NVFP4_BLOCK, block_e8m0[i / 2]);
+            if (b.zero) continue;
+            if (b.exp - UE4M3_POW2_MAX - b.up > lo) lo = b.exp - UE4M3_POW2_MAX - b.up, at_lo = i;
+            if (b.exp - UE4M3_POW2_MIN + b.down < hi)
+                hi = b.exp - UE4M3_POW2_MIN + b.down, at_hi = i;
+        }
+        if (lo > hi) {
+            char why_lo[96], why_hi[96];
+            if (at_lo < n_blocks)
+                snprintf(why_lo, sizeof why_lo, "block [%zu, %zu] (scale 2^%d) needs >= 2^%d",
+                         at_lo / per_row, (at_lo % per_row) * EPMOE_NVFP4_BLOCK,
+                         (int)block_e8m0[at_lo / 2] - 127, lo);
+            else
+                snprintf(why_lo, sizeof why_lo, "a normal fp32 needs >= 2^%d", lo);
+            if (at_hi < n_blocks)
+                snprintf(why_hi, sizeof why_hi, "block [%zu, %zu] (scale 2^%d) needs <= 2^%d",
+                         at_hi / per_row, (at_hi % per_row) * EPMOE_NVFP4_BLOCK,
+                         (int)block_e8m0[at_hi / 2] - 127, hi);
+            else
+                snprintf(why_hi, sizeof why_hi, "a finite fp32 needs <= 2^%d", hi);
+            EPMOE_FAIL(EPMOE_ERR_UNSUPPORTED,
+                       "MXFP4 tensor cannot be converted to NVFP4 exactly: no tensor scale fits "
+                       "every block (%s; %s; UE4M3 powers of two span 2^-9..2^8, and a block's "
+                       "codes can be rescaled only while they stay E2M1 values)",
+                       why_lo, why_hi);
+        }
+        if (A < lo) A = lo;
+        if (A > hi) A = hi;
+    }
 
     /* Pass 2: each block's UE4M3 power, and its codes moved by t where the power alone
      * cannot reach. */
     if (codes_out != codes) memcpy(codes_out, codes, rows * K / 2);
     for (size_t i = 0; i < n_blocks; i++) {
-        const size_t first = i * EPMOE_NVFP4_BLOCK;
-        mx_block b = describe_block(codes, first, block_e8m0[i / 2]);
-        if (b.zero) {
+        if (block_is_zero(codes_out, i)) { /* codes_out holds block i's codes unchanged yet */
             block_sf[i] = 0;
             stats.zero_blocks++;
             continue;
         }
-        int q = b.exp - A, t = 0;
+        int q = (int)block_e8m0[i / 2] - 127 - A, t = 0;
         if (q > UE4M3_POW2_MAX) t = q - UE4M3_POW2_MAX, q = UE4M3_POW2_MAX;
         if (q < UE4M3_POW2_MIN) t = q - UE4M3_POW2_MIN, q = UE4M3_POW2_MIN;
         block_sf[i] = ue4m3_pow2_code(q);
         if (t == 0) continue;
         stats.shifted_blocks++;
+        const size_t first = i * EPMOE_NVFP4_BLOCK;
         for (size_t k = first; k < first + EPMOE_NVFP4_BLOCK; k++) {
             uint8_t c = get_nibble(codes_out, k);
             int m = e2m1_magnitude_shifted(c & 7, t); /* >= 0: pass 1 checked the range */

@@ -411,6 +411,7 @@ START_TEST(mxfp4_to_nvfp4_is_exact) {
     check_conversion(&rng, 130, 5);
     check_conversion(&rng, 254, 17); /* largest scales */
     check_conversion(&rng, 9, 9);    /* smallest tensor scale that is a normal fp32: 2^-126 */
+    check_conversion(&rng, 5, 5);    /* 2^(e_top - 8) subnormal: the tensor scale is raised */
     check_conversion(&rng, 100, 0);  /* one exponent everywhere */
 }
 END_TEST
