@@ -30,9 +30,10 @@ struct epmoe_batcher {
     int64_t batch_begin, batch_end, batch_tokens, batch_requests;
     double batch_start;
     /* how busy the service is (batcher thread only): bit i set when the batch i batches ago
-     * held several requests; when the last batch was answered */
+     * held several requests; when the last batch was answered, and its layer range */
     unsigned several_requests_history;
     double last_batch_end;
+    int64_t last_batch_begin_layer, last_batch_end_layer;
 };
 
 void epmoe_serve_request_free(epmoe_serve_request *r) {
@@ -55,20 +56,25 @@ static void abs_time_after(double seconds_from_now, struct timespec *until) {
     if (until->tv_nsec >= 1000000000L) until->tv_nsec = 999999999L;
 }
 
-/* Until when the oldest request waits for batch mates (the budget filling ends it sooner).
- * While the service is busy (one of the last BUSY_BATCHES batches held several requests), the
- * clients the last batch answered are coming back: the batch waits max_queue_delay from the
- * later of the head's arrival and that answer, so they ride together with the requests that
- * queued during the forward. Counting from the head's arrival alone, a head that queued during
- * a forward has waited long enough already, and the two groups alternate for good, each
- * waiting a whole forward. A request that finds the service idle runs at once (a lone client
- * pays no delay) unless wait_when_idle is set: then the service always counts as busy. */
+/* Until when the oldest request waits for batch mates (the budget filling ends it sooner, and
+ * so does a mate's deadline: see take_batch). While the service is busy (one of the last
+ * BUSY_BATCHES batches held several requests), the clients the last batch answered are coming
+ * back: a batch of the same layer range waits max_queue_delay from the later of the head's
+ * arrival and that answer, so they ride together with the requests that queued during the
+ * forward. Counting from the head's arrival alone, a head that queued during a forward has
+ * waited long enough already, and the two groups alternate for good, each waiting a whole
+ * forward. A request that finds the service idle runs at once (a lone client pays no delay)
+ * unless wait_when_idle is set: then the service always counts as busy. */
 #define BUSY_BATCHES 4
 static double wait_until(const epmoe_batcher *b) {
+    const epmoe_serve_request *head = b->head;
     int busy = b->opt.wait_when_idle ||
                (b->several_requests_history & ((1u << BUSY_BATCHES) - 1)) != 0;
-    if (!busy) return b->head->enqueue_time;
-    return fmax(b->head->enqueue_time, b->last_batch_end) + b->opt.max_queue_delay;
+    if (!busy) return head->enqueue_time;
+    double since = head->enqueue_time;
+    if (head->layer_begin == b->last_batch_begin_layer && head->layer_end == b->last_batch_end_layer)
+        since = fmax(since, b->last_batch_end);
+    return since + b->opt.max_queue_delay;
 }
 
 /* Waits (lock held) until the oldest request's batch is worth running, then unlinks it from
@@ -78,18 +84,25 @@ static int64_t take_batch(epmoe_batcher *b) {
     if (!b->head) return 0;
     for (;;) {
         int64_t tokens = 0;
-        for (epmoe_serve_request *r = b->head; r; r = r->next)
-            if (same_range(r, b->head)) tokens += r->n_tokens;
+        double until = wait_until(b);
+        for (epmoe_serve_request *r = b->head; r; r = r->next) {
+            if (!same_range(r, b->head)) continue;
+            tokens += r->n_tokens;
+            /* never wait a batch mate past its deadline (less the slack gRPC keeps) */
+            until = fmin(until, r->deadline - EPMOE_RPC_DEADLINE_SLACK);
+        }
         if (tokens >= b->opt.max_batch_tokens || b->stopping || b->broken) break;
-        double wait = wait_until(b) - epmoe_seconds_now();
+        double wait = until - epmoe_seconds_now();
         if (wait <= 0) break;
-        struct timespec until;
-        abs_time_after(wait, &until);
-        pthread_cond_timedwait(&b->cv, &b->mu, &until);
+        struct timespec wake;
+        abs_time_after(wait, &wake);
+        pthread_cond_timedwait(&b->cv, &b->mu, &wake);
     }
     /* Oldest first; a request that would overflow the budget waits for the next batch (it
      * becomes the head eventually, and the head is always taken). */
     const epmoe_serve_request key = *b->head;
+    b->last_batch_begin_layer = key.layer_begin;
+    b->last_batch_end_layer = key.layer_end;
     int64_t n = 0, tokens = 0;
     epmoe_serve_request **link = &b->head, *prev = NULL;
     while (*link) {

@@ -2,10 +2,15 @@
  *
  * Request threads push validated requests (fp32 rows) into a bounded FIFO; when it is full the
  * push fails and the caller answers RESOURCE_EXHAUSTED. One batcher thread (the only caller of
- * the engine: the driver is not thread-safe) takes the oldest request and, while the service
- * is busy, waits until requests with the same layer range fill the token budget or the oldest
- * has waited max_queue_delay (a request that finds the service idle runs at once), drops the expired and cancelled ones, concatenates the rest, runs one forward and hands each
- * request back its own rows. Results are batch-invariant, so batching changes no output.
+ * the engine: the driver is not thread-safe) takes the oldest request and gathers the requests
+ * with the same layer range up to the token budget, drops the expired and cancelled ones,
+ * concatenates the rest, runs one forward and hands each request back its own rows. Results
+ * are batch-invariant, so batching changes no output.
+ *
+ * When it waits for batch mates: only while the service is busy (one of the last four batches
+ * held several requests), max_queue_delay from the later of the oldest request's arrival and
+ * the previous batch's answer (when that batch had the same layer range), and never past a
+ * mate's deadline less the gRPC slack; a request that finds the service idle runs at once.
  *
  * One request's bad rows never fail another request (DESIGN §9). When a forward fails with a
  * data error (EPMOE_ERR_NUMERIC, RANGE or INVALID_ARG: the engine refused some rows' values),
@@ -68,8 +73,8 @@ typedef struct {
     int64_t n_layers;
     int64_t n_routed_experts;
     int64_t max_batch_tokens;    /* token budget of one forward */
-    double max_queue_delay;      /* seconds the oldest request may wait for batch mates */
-    int wait_when_idle;          /* 1: it waits even when the previous batch held one request */
+    double max_queue_delay;      /* seconds a busy service waits for batch mates (above) */
+    int wait_when_idle;          /* 1: the service always counts as busy */
     int64_t max_queue;           /* requests waiting at most */
     epmoe_forward_fn forward;
     void *forward_ctx;

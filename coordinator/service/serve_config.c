@@ -23,11 +23,13 @@ static const epmoe_cfg_entry table[] = {
     {"max_request_tokens", INT(max_request_tokens, 0, 1 << 24), "0", NULL,
      "largest request in tokens (0: max_batch_tokens)"},
     {"max_queue_delay_us", INT(max_queue_delay_us, 0, 10000000), "2000", NULL,
-     "how long the oldest queued request waits for batch mates while the service is busy (the "
-     "previous batch held several requests); a request that finds it idle runs at once"},
+     "how long a batch waits for mates while the service is busy (one of the last four batches "
+     "held several requests), from the later of its oldest request's arrival and the last "
+     "answer; a request that finds the service idle runs at once"},
     {"wait_when_idle", INT(wait_when_idle, 0, 1), "0", NULL,
-     "1: a request that finds the service idle also waits max_queue_delay_us for batch mates "
-     "(fuller batches from the first, a lone client pays the delay)"},
+     "1: the service always counts as busy, so a request that finds it idle also waits "
+     "max_queue_delay_us for batch mates (fuller batches from the first; a lone client pays "
+     "the delay)"},
     {"max_queue", INT(max_queue, 1, 1 << 20), "256", NULL,
      "requests waiting at most; more get RESOURCE_EXHAUSTED"},
     {"max_message_bytes", INT(max_message_bytes, 1024, 2147483647), "67108864", NULL,

@@ -626,9 +626,24 @@ static int64_t engine_calls(void) {
     return calls;
 }
 
+/* Pushes a request of T tokens on layers [lb, le) whose arrival lies `age` seconds back. */
+static void push_aged(epmoe_batcher *b, epmoe_rng *rng, int64_t T, int64_t lb, int64_t le,
+                      double age) {
+    epmoe_serve_request *r = make_request(rng, T, lb, le, lb == 0);
+    r->enqueue_time -= age;
+    ck_assert_int_eq(epmoe_batcher_push(b, r), EPMOE_OK);
+}
+
+/* Pushes one request that fills the budget alone (a batch of one request), waits for it. */
+static void one_request_batch(epmoe_batcher *b, epmoe_rng *rng, int64_t answered_after) {
+    push_aged(b, rng, 8, 0, 4, 0.0);
+    ck_assert_int_eq(answered_within(answered_after, 60.0), answered_after);
+}
+
 /* The queue delay is paid only while the service is busy: a request that finds it idle runs at
- * once; after a batch of several requests the next ones wait for mates until the budget fills,
- * until four batches in a row held one request each.
+ * once; after a batch of several requests the next batches of the same layer range wait for
+ * mates, counted from the later of their arrival and the last answer, until the budget fills,
+ * and so until four batches in a row held one request each.
  * The delay (an hour) is one no run reaches, so "ran" means "ran without waiting"; "did not run
  * within 0.2 s" can only miss a fault on a loaded machine, never fail a correct batcher. */
 START_TEST(test_batcher_waits_for_mates_only_when_busy) {
@@ -641,33 +656,58 @@ START_TEST(test_batcher_waits_for_mates_only_when_busy) {
     epmoe_rng rng;
     epmoe_rng_seed(&rng, 15);
     /* idle: runs at once */
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    push_aged(b, &rng, 1, 0, 4, 0.0);
     ck_assert_int_eq(answered_within(1, 60.0), 1);
     /* two queued behind a held forward: after a one-request batch they run at once, together */
     engine_gate(1);
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    push_aged(b, &rng, 1, 0, 4, 0.0);
     engine_wait_inside();
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 2, 0, 4, 1)), EPMOE_OK);
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 2, 0, 4, 1)), EPMOE_OK);
+    push_aged(b, &rng, 2, 0, 4, 0.0);
+    push_aged(b, &rng, 2, 0, 4, 0.0);
     engine_gate(0);
     ck_assert_int_eq(answered_within(4, 60.0), 4);
     ck_assert_int_eq(engine_calls(), 3);
-    /* busy (the last batch held two): the next request waits for mates ... */
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    /* busy (the last batch held two): the next request waits for mates, counted from the last
+     * answer although it arrived two hours "ago", until they fill the budget */
+    push_aged(b, &rng, 1, 0, 4, 7200.0);
     ck_assert_int_eq(answered_within(5, 0.2), 4);
     ck_assert_int_eq(engine_calls(), 3);
-    /* ... until they fill the token budget: both in one forward */
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 7, 0, 4, 1)), EPMOE_OK);
+    push_aged(b, &rng, 7, 0, 4, 0.0);
     ck_assert_int_eq(answered_within(6, 60.0), 6);
     ck_assert_int_eq(engine_calls(), 4);
-    /* four one-request batches (each fills the budget) later the service counts as idle again */
-    for (int i = 0; i < 4; i++) {
-        ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 8, 0, 4, 1)), EPMOE_OK);
-        ck_assert_int_eq(answered_within(7 + i, 60.0), 7 + i);
-    }
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 1, 0, 4, 1)), EPMOE_OK);
+    /* three one-request batches later, still busy: a request waits again */
+    for (int i = 0; i < 3; i++) one_request_batch(b, &rng, 7 + i);
+    push_aged(b, &rng, 1, 0, 4, 0.0);
+    ck_assert_int_eq(answered_within(10, 0.2), 9);
+    push_aged(b, &rng, 7, 0, 4, 0.0);
     ck_assert_int_eq(answered_within(11, 60.0), 11);
-    ck_assert_int_eq(engine_calls(), 9);
+    ck_assert_int_eq(engine_calls(), 8);
+    /* another layer range: its wait counts from its own arrival (two hours back), not from the
+     * last answer, whose clients cannot join it */
+    push_aged(b, &rng, 1, 1, 3, 7200.0);
+    ck_assert_int_eq(answered_within(12, 60.0), 12);
+    /* four one-request batches in a row: idle again, a lone request runs at once */
+    for (int i = 0; i < 3; i++) one_request_batch(b, &rng, 13 + i);
+    push_aged(b, &rng, 1, 0, 4, 0.0);
+    ck_assert_int_eq(answered_within(16, 60.0), 16);
+    ck_assert_int_eq(engine_calls(), 13);
+    ck_assert_int_eq(blog.ok, 16);
+    ck_assert_int_eq(blog.wrong, 0);
+    /* busy again (two requests behind a held forward), then a request with a deadline: the
+     * deadline, less the slack, ends its wait for mates (answered at all is the point: on a
+     * loaded machine it may come back DEADLINE_EXCEEDED) */
+    engine_gate(1);
+    push_aged(b, &rng, 1, 0, 4, 0.0);
+    engine_wait_inside();
+    push_aged(b, &rng, 2, 0, 4, 0.0);
+    push_aged(b, &rng, 2, 0, 4, 0.0);
+    engine_gate(0);
+    ck_assert_int_eq(answered_within(19, 60.0), 19);
+    ck_assert_int_eq(engine_calls(), 15);
+    epmoe_serve_request *r = make_request(&rng, 1, 0, 4, 1);
+    r->deadline = epmoe_seconds_now() + EPMOE_RPC_DEADLINE_SLACK + 0.05;
+    ck_assert_int_eq(epmoe_batcher_push(b, r), EPMOE_OK);
+    ck_assert_int_eq(answered_within(20, 60.0), 20);
     epmoe_batcher_stop(b);
 
     /* wait_when_idle: even the first request of an idle service waits for the budget */
@@ -675,9 +715,9 @@ START_TEST(test_batcher_waits_for_mates_only_when_busy) {
     engine_reset();
     o.wait_when_idle = 1;
     ck_assert_int_eq(epmoe_batcher_start(&o, &b), EPMOE_OK);
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 3, 0, 4, 1)), EPMOE_OK);
+    push_aged(b, &rng, 3, 0, 4, 0.0);
     ck_assert_int_eq(answered_within(1, 0.2), 0);
-    ck_assert_int_eq(epmoe_batcher_push(b, make_request(&rng, 5, 0, 4, 1)), EPMOE_OK);
+    push_aged(b, &rng, 5, 0, 4, 0.0);
     ck_assert_int_eq(answered_within(2, 60.0), 2);
     ck_assert_int_eq(engine_calls(), 1);
     epmoe_batcher_stop(b);
