@@ -98,15 +98,18 @@ static int load_layers(const epmoe_expert_slice *slice, epmoe_layer_weights *out
         fprintf(stderr, "rank %d: load: %s\n", g_rank, epmoe_last_error());
         return 0;
     }
-    /* The skew layer: layer 1's weights, its gate bias raised by 1e3 on the last rank's experts
-     * (the bias steers selection only, so the weights stay those of the scores). */
+    /* The skew layer: layer 1's weights, its gate bias lowered by 1e3 on every expert but the
+     * last rank's (the bias steers selection only, so the weights stay those of the scores).
+     * The last rank's experts keep their own keys, which fp32 and the float64 reference rank
+     * alike; raising them by 1e3 instead made keys 6e-5 apart (an fp32 ulp at 1000) tie in fp32
+     * and not in float64: at P = 2 one token of the full batches then took another expert. */
     const int64_t E = base_cfg.n_routed_experts;
     epmoe_expert_slice last;
     if (epmoe_slice_of_rank(E, g_ranks, g_ranks - 1, &last) != EPMOE_OK) return 0;
     *bias = (float *)malloc(E * 4);
     for (int64_t e = 0; e < E; e++)
-        (*bias)[e] = (out[1].gate_bias ? out[1].gate_bias[e] : 0.0f) +
-                     (e >= last.start && e < last.end ? 1e3f : 0.0f);
+        (*bias)[e] = (out[1].gate_bias ? out[1].gate_bias[e] : 0.0f) -
+                     (e >= last.start && e < last.end ? 0.0f : 1e3f);
     out[SKEW_LAYER] = out[1];
     out[SKEW_LAYER].gate_bias = *bias;
     return 1;

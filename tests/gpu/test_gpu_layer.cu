@@ -255,22 +255,24 @@ static void test_layer_routed_only(void) {
 }
 
 /* Skew: a gate bias that sends every token to the same top_k experts (the last ones), so
- * each of those experts holds all T rows, the worst case of the padded layout. The boost's
- * fp32 rounding (an ulp of 6e-5 at 1000) decides the order of keys closer than that, where the
- * float64 reference may order them the other way: gpt-oss-tiny gets 400, still past its
- * outlier tokens' logits (below 100), with half that ulp. */
-static void skew_bias(epmoe_layer_weights *w, int64_t k, float boost) {
+ * each of those experts holds all T rows, the worst case of the padded layout. Every OTHER
+ * expert's bias sinks by SKEW_DROP, far past any key (outlier tokens' logits stay below 100):
+ * the chosen experts keep their own keys, which fp32 and the float64 reference order alike.
+ * Raising the chosen ones instead would put their keys near 1000, where an fp32 ulp is 6e-5
+ * and the order of keys closer than that is fp32 rounding's, not the reference's. */
+#define SKEW_DROP 1000.0f
+static void skew_bias(epmoe_layer_weights *w, int64_t k) {
     const int64_t E = w->n_experts;
     float *bias = (float *)malloc(E * 4);
     memcpy(bias, w->gate_bias, E * 4);
-    for (int64_t e = E - k; e < E; e++) bias[e] += boost;
+    for (int64_t e = 0; e < E - k; e++) bias[e] -= SKEW_DROP;
     w->gate_bias = bias;
 }
 
 static void test_layer_skew_and_variants(void) {
     epmoe_layer_weights w[N_LAYERS];
     memcpy(w, host_layers, sizeof w);
-    skew_bias(&w[1], base_cfg.top_k, 1000.0f);
+    skew_bias(&w[1], base_cfg.top_k);
     gpu_setup s;
     if (make_setup(&s, &base_cfg, w, 2)) {
         run_and_compare("skew: all tokens on the last top_k experts", &s, w, 1, 256, 301,
@@ -334,7 +336,7 @@ static void test_layer_graph_replay(void) {
         printf("   layer %d captured: %zu graph nodes\n", layer, n_nodes);
 
         epmoe_layer_weights skewed = host_layers[layer];
-        if (layer == 1) skew_bias(&skewed, base_cfg.top_k, 1000.0f);
+        if (layer == 1) skew_bias(&skewed, base_cfg.top_k);
         float *x = (float *)malloc(T * H * 4);
         int32_t *tok = (int32_t *)malloc(T * 4);
         for (int replay = 0; replay < 3; replay++) {
@@ -526,7 +528,7 @@ static void test_gptoss_tiny(void) {
     }
     epmoe_layer_weights w[N_LAYERS];
     memcpy(w, m.layers, sizeof w);
-    skew_bias(&w[1], m.cfg.top_k, 400.0f); /* it enters the weights too: the reference knows */
+    skew_bias(&w[1], m.cfg.top_k); /* the chosen logits, so the weights, stay as they were */
     if (make_setup(&s, &m.cfg, w, 2)) {
         run_and_compare("gpt-oss-tiny skew: all tokens on the last top_k experts", &s, w, 1, 256,
                         404, TOL_ROUTED, 1);
