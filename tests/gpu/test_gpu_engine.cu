@@ -47,6 +47,7 @@ extern "C" {
 #include "common/layout.h"
 #include "common/rng.h"
 #include "common/safetensors.h"
+#include "kernels/ops.h"
 #include "tests/ref/ref_layer.h"
 #include "tests/support/test_support.h"
 #include "worker/expert_weights.h"
@@ -231,6 +232,31 @@ static int single_gpu_forward(single_gpu *s, int layer, const float *x, const in
     return ok;
 }
 
+/* Tokens whose routing (the CPU's routing ops, bit-identical to the GPU's: test_gpu_ops) picks
+ * other experts than the float64 reference's ref_ids; *first gets the first such token. A
+ * routing flip is what a lone rel L2 failure would otherwise leave to guesswork. */
+static int64_t routing_differences(const epmoe_config *cfg, const epmoe_layer_weights *w,
+                                   const float *x, const int32_t *token_ids, int64_t T,
+                                   const int32_t *ref_ids, int64_t *first) {
+    const int64_t E = cfg->n_routed_experts, k = cfg->top_k;
+    float *logits = (float *)malloc(T * E * 4), *weights = (float *)malloc(T * k * 4);
+    int32_t *ids = (int32_t *)malloc(T * k * 4);
+    const epmoe_route_params rp = epmoe_route_params_from_config(cfg);
+    epmoe_cpu_gate_logits(x, w->gate_weight, T, cfg->hidden_size, E, logits);
+    epmoe_status st = w->tid2eid ? epmoe_cpu_route_hash(&rp, logits, w->tid2eid, w->vocab_size,
+                                                         token_ids, T, ids, weights)
+                                 : epmoe_cpu_route(&rp, logits, w->gate_bias, T, ids, weights);
+    int64_t differ = st == EPMOE_OK ? 0 : T;
+    *first = st == EPMOE_OK ? -1 : 0;
+    for (int64_t t = 0; t < T && st == EPMOE_OK; t++)
+        if (memcmp(ids + t * k, ref_ids + t * k, k * 4) != 0) {
+            if (*first < 0) *first = t;
+            differ++;
+        }
+    free(logits), free(weights), free(ids);
+    return differ;
+}
+
 static int64_t bit_mismatches(const float *a, const float *b, int64_t n, int64_t *first) {
     int64_t bad = 0;
     *first = -1;
@@ -337,15 +363,21 @@ static void check_outputs(const char *what, const epmoe_config *cfg, single_gpu 
                bad == 0 ? "yes" : "NO");
     }
     double *ref = (double *)malloc(total * H * 8);
+    int32_t *ref_ids = (int32_t *)malloc(total * cfg->top_k * 4);
     epmoe_status st = epmoe_ref_layer_forward(cfg, &all_layers[layer], x_all, ids_all, total, ref,
-                                              NULL, NULL);
+                                              ref_ids, NULL);
     GT_CHECK(st == EPMOE_OK, "%s: float64 reference: %s", what, epmoe_last_error());
     if (st == EPMOE_OK) {
+        int64_t first = -1, flips = routing_differences(cfg, &all_layers[layer], x_all, ids_all,
+                                                        total, ref_ids, &first);
+        GT_CHECK(flips == 0, "%s: %lld of %lld tokens routed to other experts than the float64 "
+                 "reference's (first: token %lld)", what, (long long)flips, (long long)total,
+                 (long long)first);
         double err = epmoe_rel_l2_f32_f64(out_all, ref, total * H);
         GT_CHECK(err <= tol, "%s: rel L2 error %.3e > %.1e", what, err, tol);
         printf("   %s: rel L2 vs float64 reference %.3e (tolerance %.0e)\n", what, err, tol);
     }
-    free(ref);
+    free(ref), free(ref_ids);
     free(single);
 }
 
