@@ -237,16 +237,21 @@ static void test_layer_eager(void) {
     free_setup(&s);
 }
 
-/* No shared expert: only the routed NVFP4 path is measured, under the tight tolerance. */
-static void test_layer_routed_only(void) {
-    epmoe_config cfg = base_cfg;
+/* The checkpoint's layers and settings without the shared expert: only the routed path is
+ * measured, under the tight tolerance. */
+static epmoe_config routed_only(epmoe_config cfg, epmoe_layer_weights w[N_LAYERS]) {
     cfg.n_shared_experts = 0;
-    epmoe_layer_weights w[N_LAYERS];
     for (int l = 0; l < N_LAYERS; l++) {
         w[l] = host_layers[l];
         w[l].shared_inter = 0;
         w[l].shared_w13 = w[l].shared_w2 = NULL;
     }
+    return cfg;
+}
+
+static void test_layer_routed_only(void) {
+    epmoe_layer_weights w[N_LAYERS];
+    const epmoe_config cfg = routed_only(base_cfg, w);
     gpu_setup s;
     if (!make_setup(&s, &cfg, w, 2)) return;
     run_and_compare("routed only, layer 0 (hash)", &s, w, 0, 256, 201, TOL_ROUTED, 1);
@@ -306,8 +311,17 @@ static void test_layer_skew_and_variants(void) {
     if (make_setup(&s, &cfg, host_layers, 2)) {
         run_and_compare("act_quant fp8 (W4A8) T=200", &s, host_layers, 1, 200, 306,
                         TOL_WITH_SHARED, 0);
-        run_and_compare("act_quant fp8 (W4A8) T=3", &s, host_layers, 1, 3, 307, TOL_WITH_SHARED,
-                        0);
+        free_setup(&s);
+    }
+    /* A decode batch, routed only: with 3 tokens one outlier token's shared expert, rounded to
+     * bf16, is the whole error against float64 (1.03e-2 for seed 307 in a CPU emulation of the
+     * GPU's roundings, over TOL_WITH_SHARED), which says nothing about W4A8. */
+    epmoe_layer_weights routed[N_LAYERS];
+    cfg = routed_only(base_cfg, routed);
+    cfg.act_quant = EPMOE_ACT_FP8;
+    if (make_setup(&s, &cfg, routed, 2)) {
+        run_and_compare("act_quant fp8 (W4A8) T=3, routed only", &s, routed, 1, 3, 307,
+                        TOL_ROUTED, 0);
         free_setup(&s);
     }
 }
@@ -431,14 +445,8 @@ static void stack_graph_replay(const char *name, const epmoe_config *cfg,
 
 static void test_stack_graph_replay(void) {
     stack_graph_replay("stack with shared expert", &base_cfg, host_layers, TOL_STACK_WITH_SHARED);
-    epmoe_config cfg = base_cfg;
-    cfg.n_shared_experts = 0;
     epmoe_layer_weights w[N_LAYERS];
-    for (int l = 0; l < N_LAYERS; l++) {
-        w[l] = host_layers[l];
-        w[l].shared_inter = 0;
-        w[l].shared_w13 = w[l].shared_w2 = NULL;
-    }
+    const epmoe_config cfg = routed_only(base_cfg, w);
     stack_graph_replay("stack routed only", &cfg, w, TOL_ROUTED);
 }
 
