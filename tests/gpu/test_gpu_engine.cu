@@ -58,7 +58,10 @@ extern "C" {
 
 #define TOL_ROUTED 1e-3
 #define TOL_WITH_SHARED 1e-2
-#define TOL_W4A16 1e-2
+/* W4A16 (act_quant = high): the GPU rounds each row to bf16 before the experts; with the x30
+ * outlier tokens that alone reaches 1.03e-2 against float64 (gpt-oss-tiny, P = 1, the skew
+ * case, in a CPU emulation of the GPU's roundings; 0.83e-2..0.99e-2 in six other cases) */
+#define TOL_W4A16 2e-2
 #define MAX_TOKENS 64    /* per rank */
 #define DECODE_TOKENS 16 /* decode capacity per peer */
 #define N_CKPT_LAYERS 2  /* layer 0 hash-routed, layer 1 scored */

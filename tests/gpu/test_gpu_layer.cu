@@ -12,7 +12,10 @@
  *    missing clamp costs > 1e-1.
  *  - with the shared expert: 1e-2. Its weights are bf16 in the checkpoint (exact on the GPU),
  *    but the GPU also rounds its activations (x and the SwiGLU output) to bf16 (2^-9).
- *  - act_quant = high (W4A16): 1e-2, activations in bf16 on the GPU, fp32 on the CPU.
+ *  - act_quant = high (W4A16): 2e-2, activations in bf16 on the GPU, fp32 in the reference.
+ *    Rounding the x30 outlier tokens' rows to bf16 is nearly all of it: 4.8e-3..6.1e-3 here,
+ *    up to 1.03e-2 on the engine suite's gpt-oss inputs, in a CPU emulation of the GPU's
+ *    roundings (routing and products otherwise exact, fp32 sums).
  *  - act_quant = fp8 (W4A8): as NVFP4 activations (the reference quantizes to the same E4M3
  *    codes and power-of-two scales, exact in bf16): 1e-3 routed only, 1e-2 with the shared
  *    expert.
@@ -47,7 +50,7 @@ extern "C" {
 
 #define TOL_ROUTED 1e-3
 #define TOL_WITH_SHARED 1e-2
-#define TOL_W4A16 1e-2
+#define TOL_W4A16 2e-2 /* see the header */
 #define TOL_STACK_WITH_SHARED 2e-2
 #define N_LAYERS 3
 #define MAX_TOKENS 256
