@@ -84,8 +84,9 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
         else if (!strcmp(argv[i], "--act-quant") && i + 1 < argc) act_quant = argv[++i];
         else {
-            fprintf(stderr, "usage: layer_bench [--preset P] [--local-experts N] [--rows a,b | --tokens a,b] "
-                            "[--reps N] [--json F] [--act-quant nvfp4|fp8|high]\n");
+            fprintf(stderr, "usage: layer_bench [--preset P] [--local-experts N] "
+                            "[--rows a,b | --tokens a,b] [--reps N] [--json F] "
+                            "[--act-quant nvfp4|fp8|high]\n");
             return 2;
         }
     }
@@ -102,7 +103,8 @@ int main(int argc, char **argv) {
     for (const char *p = tokens_arg ? tokens_arg : rows_arg; *p;) {
         const int64_t v = atoll(p);
         if (v < 1) {
-            fprintf(stderr, "layer_bench: %s must be positive integers\n", tokens_arg ? "--tokens" : "--rows");
+            fprintf(stderr, "layer_bench: %s must be positive integers\n",
+                    tokens_arg ? "--tokens" : "--rows");
             return 2;
         }
         tokens.push_back(tokens_arg ? v : (v * E + k - 1) / k);

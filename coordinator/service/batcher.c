@@ -72,8 +72,9 @@ static double wait_until(const epmoe_batcher *b) {
                (b->several_requests_history & ((1u << BUSY_BATCHES) - 1)) != 0;
     if (!busy) return head->enqueue_time;
     double since = head->enqueue_time;
-    if (head->layer_begin == b->last_batch_begin_layer && head->layer_end == b->last_batch_end_layer)
-        since = fmax(since, b->last_batch_end);
+    const int same_range_as_last = head->layer_begin == b->last_batch_begin_layer &&
+                                   head->layer_end == b->last_batch_end_layer;
+    if (same_range_as_last) since = fmax(since, b->last_batch_end);
     return since + b->opt.max_queue_delay;
 }
 
