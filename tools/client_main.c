@@ -21,7 +21,7 @@
 #include "common/safetensors.h"
 #include "common/tensor.h"
 #include "coordinator/service/client.h"
-#include "coordinator/service/user_message.h"
+#include "common/user_message.h"
 #include "coordinator/service/grpc_adapter.h"
 
 typedef struct {
@@ -251,7 +251,7 @@ static void *load_thread(void *arg) {
         s->st = epmoe_client_forward(s->ch, &fa, &r);
         s->latencies[i] = epmoe_seconds_now() - t0;
         if (s->st != EPMOE_OK) {
-            epmoe_user_message(s->error, sizeof s->error, epmoe_last_error());
+            snprintf(s->error, sizeof s->error, "%s", epmoe_last_error_for_user());
             break;
         }
         s->codes[r.code >= 0 && r.code < EPMOE_RPC_CODE_COUNT ? r.code : EPMOE_RPC_UNKNOWN]++;
@@ -351,7 +351,7 @@ int main(int argc, char **argv) {
     client_args a;
     epmoe_status st = parse_args(argc, argv, &a);
     if (st != EPMOE_OK) {
-        print_error(epmoe_last_error());
+        print_error(epmoe_last_error_for_user());
         usage(stderr);
         return 2;
     }
@@ -388,7 +388,7 @@ int main(int argc, char **argv) {
     if (st == EPMOE_OK && a.load) st = run_load(ch, &a, &info);
     epmoe_rpc_channel_close(ch);
     if (st != EPMOE_OK) {
-        print_error(epmoe_last_error());
+        print_error(epmoe_last_error_for_user());
         return 1;
     }
     return 0;

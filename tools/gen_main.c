@@ -15,6 +15,7 @@
 
 #include "common/clock.h"
 #include "common/cli.h"
+#include "common/user_message.h"
 #include "common/checkpoint.h"
 #include "common/config.h"
 #include "common/paths.h"
@@ -76,7 +77,7 @@ static void print_progress(void *ctx, uint64_t done, uint64_t total) {
 }
 
 static int fail(const char *what) {
-    fprintf(stderr, "epmoe-gen: %s%s%s\n", what ? what : "", what ? ": " : "", epmoe_last_error());
+    fprintf(stderr, "epmoe-gen: %s%s%s\n", what ? what : "", what ? ": " : "", epmoe_last_error_for_user());
     return 1;
 }
 

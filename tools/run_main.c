@@ -32,6 +32,7 @@
 #include "common/cli.h"
 #include "common/config.h"
 #include "common/paths.h"
+#include "common/user_message.h"
 #include "common/safetensors.h"
 #include "coordinator/engine/driver.h"
 #include "worker/expert_weights.h"
@@ -412,7 +413,7 @@ static void report_silent_ranks(int rank, int n_ranks) {
 /* Followers (and a root that lost a peer): say what was lost, then end the whole job: the other
  * ranks may be waiting for the lost one and cannot be released. */
 static void end_job_after(epmoe_status st, int rank, int n_ranks) {
-    fprintf(stderr, "epmoe-run: rank %d: %s: %s\n", rank, epmoe_status_name(st), epmoe_last_error());
+    fprintf(stderr, "epmoe-run: rank %d: %s: %s\n", rank, epmoe_status_name(st), epmoe_last_error_for_user());
     fflush(stderr);
     if (st == EPMOE_ERR_PEER_LOST) report_silent_ranks(rank, n_ranks);
     MPI_Abort(MPI_COMM_WORLD, 1);
@@ -445,7 +446,7 @@ int main(int argc, char **argv) {
                        "metadata replaces them\n");
             epmoe_config_print(&cfg, stdout);
         }
-        if (rank == 0 && st != EPMOE_OK) fprintf(stderr, "epmoe-run: %s\n", epmoe_last_error());
+        if (rank == 0 && st != EPMOE_OK) fprintf(stderr, "epmoe-run: %s\n", epmoe_last_error_for_user());
         MPI_Finalize();
         return st == EPMOE_OK ? 0 : 2;
     }
@@ -454,7 +455,7 @@ int main(int argc, char **argv) {
     MPI_Bcast(&ok, 1, MPI_INT, 0, MPI_COMM_WORLD);
     if (!ok) {
         if (rank == 0) {
-            fprintf(stderr, "epmoe-run: %s\n", epmoe_last_error());
+            fprintf(stderr, "epmoe-run: %s\n", epmoe_last_error_for_user());
             fprintf(stderr, "(epmoe-run --help for usage)\n");
         }
         MPI_Finalize();
@@ -470,7 +471,7 @@ int main(int argc, char **argv) {
     double t_load = MPI_Wtime();
     st = epmoe_driver_create(&cfg, a.checkpoint, MPI_COMM_WORLD, a.layer_begin, a.layer_end, &d);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-run: rank %d: %s\n", rank, epmoe_last_error());
+        fprintf(stderr, "epmoe-run: rank %d: %s\n", rank, epmoe_last_error_for_user());
         liveness_stop();
         MPI_Finalize();
         return 1;
@@ -525,7 +526,7 @@ int main(int argc, char **argv) {
     int exit_code = 0;
     if (st == EPMOE_OK) st = write_output(a.output, &in, y, H, counts, end - begin, E);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-run: %s: %s\n", epmoe_status_name(st), epmoe_last_error());
+        fprintf(stderr, "epmoe-run: %s: %s\n", epmoe_status_name(st), epmoe_last_error_for_user());
         exit_code = 1;
     } else {
         int64_t hit = 0, max_load = 0;
@@ -547,7 +548,7 @@ int main(int argc, char **argv) {
     }
     epmoe_status st2 = epmoe_driver_shutdown(d);
     if (st2 != EPMOE_OK && exit_code == 0) {
-        fprintf(stderr, "epmoe-run: %s\n", epmoe_last_error());
+        fprintf(stderr, "epmoe-run: %s\n", epmoe_last_error_for_user());
         exit_code = 1;
     }
     epmoe_driver_destroy(d);

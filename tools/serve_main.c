@@ -28,6 +28,7 @@
 
 #include "common/cli.h"
 #include "common/config.h"
+#include "common/user_message.h"
 #include "coordinator/engine/driver.h"
 #include "coordinator/service/serve_config.h"
 #include "coordinator/service/server.h"
@@ -94,7 +95,7 @@ static void on_fatal(void *ctx, epmoe_status st, const char *message) {
 static int follower_lost(int rank, double timeout_s) {
     fprintf(stderr,
             "epmoe-serve: rank %d: %s; ending the job in %.0f s unless rank 0 does first\n",
-            rank, epmoe_last_error(), timeout_s + 5);
+            rank, epmoe_last_error_for_user(), timeout_s + 5);
     fflush(stderr);
     struct timespec t = {(time_t)(timeout_s + 5), 0};
     while (nanosleep(&t, &t) != 0) {
@@ -139,7 +140,7 @@ int main(int argc, char **argv) {
                              provided);
     if (st != EPMOE_OK || help) {
         if (rank == 0) {
-            if (st != EPMOE_OK) fprintf(stderr, "epmoe-serve: %s\n", epmoe_last_error());
+            if (st != EPMOE_OK) fprintf(stderr, "epmoe-serve: %s\n", epmoe_last_error_for_user());
             usage(st != EPMOE_OK ? stderr : stdout);
         }
         MPI_Finalize();
@@ -149,7 +150,7 @@ int main(int argc, char **argv) {
     epmoe_driver *d = NULL;
     st = epmoe_driver_create(&cfg, checkpoint, MPI_COMM_WORLD, 0, -1, &d);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-serve: rank %d: %s\n", rank, epmoe_last_error());
+        fprintf(stderr, "epmoe-serve: rank %d: %s\n", rank, epmoe_last_error_for_user());
         MPI_Finalize();
         return 1;
     }
@@ -165,7 +166,7 @@ int main(int argc, char **argv) {
         st = epmoe_driver_follow(d);
         if (st == EPMOE_ERR_PEER_LOST || st == EPMOE_ERR_MPI || st == EPMOE_ERR_NCCL)
             return follower_lost(rank, epmoe_driver_config(d)->collective_timeout_s);
-        if (st != EPMOE_OK) fprintf(stderr, "epmoe-serve: rank %d: %s\n", rank, epmoe_last_error());
+        if (st != EPMOE_OK) fprintf(stderr, "epmoe-serve: rank %d: %s\n", rank, epmoe_last_error_for_user());
         epmoe_driver_destroy(d);
         MPI_Finalize();
         return st == EPMOE_OK ? 0 : 1;
@@ -191,7 +192,7 @@ int main(int argc, char **argv) {
                               epmoe_service_metrics_port(svc), pids, n_ranks);
     free(pids);
     if (st != EPMOE_OK) {
-        fprintf(stderr, "epmoe-serve: %s\n", epmoe_last_error());
+        fprintf(stderr, "epmoe-serve: %s\n", epmoe_last_error_for_user());
         if (svc) epmoe_service_drain(svc);
         epmoe_driver_shutdown(d);
         epmoe_driver_destroy(d);
@@ -226,7 +227,7 @@ int main(int argc, char **argv) {
     fflush(stdout);
     epmoe_service_drain(svc);
     st = epmoe_driver_shutdown(d);
-    if (st != EPMOE_OK) fprintf(stderr, "epmoe-serve: shutdown: %s\n", epmoe_last_error());
+    if (st != EPMOE_OK) fprintf(stderr, "epmoe-serve: shutdown: %s\n", epmoe_last_error_for_user());
     epmoe_driver_destroy(d);
     printf("epmoe-serve: stopped\n");
     fflush(stdout);

@@ -3,6 +3,7 @@
 #include <math.h>
 #include <stdlib.h>
 
+#include "common/user_message.h"
 #include "coordinator/transport/agree.h"
 
 #ifndef EPMOE_HAVE_CUDA
@@ -35,7 +36,7 @@ epmoe_status epmoe_backend_create(const epmoe_config *cfg, MPI_Comm comm,
             int rank = 0;
             MPI_Comm_rank(comm, &rank);
             if (log && rank == 0)
-                fprintf(log, "epmoe: backend=auto: cpu, not cuda: %s\n", epmoe_last_error());
+                fprintf(log, "epmoe: backend=auto: cpu, not cuda: %s\n", epmoe_last_error_for_user());
             kind = EPMOE_BACKEND_CPU;
         }
     }

@@ -7,6 +7,7 @@
 
 #include "common/layout.h"
 #include "common/safetensors.h"
+#include "common/user_message.h"
 #include "coordinator/transport/agree.h"
 #include "worker/expert_weights.h"
 
@@ -354,7 +355,7 @@ epmoe_status epmoe_driver_follow(epmoe_driver *d) {
         if (st == EPMOE_ERR_PEER_LOST || st == EPMOE_ERR_MPI || st == EPMOE_ERR_NCCL) return st;
         if (st != EPMOE_OK)
             fprintf(stderr, "epmoe: rank %d: forward failed (%s): %s\n", d->rank,
-                    epmoe_status_name(st), epmoe_last_error());
+                    epmoe_status_name(st), epmoe_last_error_for_user());
     }
 }
 

@@ -10,7 +10,7 @@
 
 #include "coordinator/service/grpc_adapter.h"
 #include "coordinator/service/metrics.h"
-#include "coordinator/service/user_message.h"
+#include "common/user_message.h"
 #include "coordinator/service/wire.h"
 #include "epmoe.pb-c.h"
 #include "grpc/health/v1/health.pb-c.h"

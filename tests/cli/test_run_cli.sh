@@ -69,17 +69,24 @@ out=$(mpirun -np 2 "$build/epmoe-run" --print-config --checkpoint "$work/ckpt" \
   || fail "--print-config --checkpoint: rc=$rc: $(head -c 300 <<<"$out")"
 
 # ---- the bad-input catalogue -------------------------------------------------------------------
-# expect NAME NP CODE PATTERN ARGS...: exit code CODE and PATTERN in the output. An exit code 2
-# is an error found by rank 0 before loading: no rank may have loaded a layer.
+# expect NAME NP CODE PATTERN ARGS...: exit code CODE and PATTERN in the output, and no source
+# location ("run_main.c:136: ": those are for developers, EPMOE_ERROR_LOCATIONS=1). An exit
+# code 2 is an error found by rank 0 before loading: no rank may have loaded a layer.
+source_location='[A-Za-z0-9_]+\.(c|cu|h):[0-9]+: '
 expect() {
   local name=$1 np=$2 code=$3 pattern=$4; shift 4
   local out rc
   out=$(mpirun -np "$np" "$build/epmoe-run" "$@" 2>&1); rc=$?
   if [ $rc -ne "$code" ]; then fail "$name: exit $rc, expected $code: $(head -c 400 <<<"$out")"
   elif ! grep -qF -- "$pattern" <<<"$out"; then fail "$name: no '$pattern' in: $(head -c 400 <<<"$out")"
+  elif grep -qE -- "$source_location" <<<"$out"; then fail "$name: a source location in: $(head -c 400 <<<"$out")"
   elif [ "$code" -eq 2 ] && grep -q "loaded layer" <<<"$out"; then fail "$name: weights loaded before the error"
   else ok "$name: exit $code, names '$pattern'"; fi
 }
+out=$(EPMOE_ERROR_LOCATIONS=1 mpirun -np 1 -x EPMOE_ERROR_LOCATIONS "$build/epmoe-run" 2>&1)
+grep -qE -- "$source_location--checkpoint, --input and --output are required" <<<"$out" \
+  && ok "EPMOE_ERROR_LOCATIONS=1: the message keeps its source location" \
+  || fail "EPMOE_ERROR_LOCATIONS=1: no source location in: $(head -c 300 <<<"$out")"
 ck=(--checkpoint "$work/ckpt")
 io=(--input "$work/good.safetensors" --output "$work/bad_out.safetensors")
 c=("${ck[@]}" --output "$work/bad_out.safetensors")

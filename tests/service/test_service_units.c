@@ -22,7 +22,7 @@
 #include "coordinator/service/metrics.h"
 #include "coordinator/service/serve_config.h"
 #include "coordinator/service/server.h"
-#include "coordinator/service/user_message.h"
+#include "common/user_message.h"
 #include "coordinator/service/wire.h"
 #include "epmoe.pb-c.h"
 #include "service_test_util.h"

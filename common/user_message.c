@@ -1,6 +1,9 @@
-#include "coordinator/service/user_message.h"
+#include "common/user_message.h"
 
+#include <stdlib.h>
 #include <string.h>
+
+#include "common/status.h"
 
 /* Is p[0..] "name.c:123: " (a source location from epmoe_set_error)? Returns its length. */
 static size_t location_at(const char *p) {
@@ -36,4 +39,13 @@ void epmoe_user_message(char *out, size_t cap, const char *message) {
         out[o++] = message[i++];
     }
     out[o] = '\0';
+}
+
+const char *epmoe_last_error_for_user(void) {
+    static _Thread_local char plain[1024];
+    const char *raw = epmoe_last_error();
+    const char *keep = getenv("EPMOE_ERROR_LOCATIONS");
+    if (keep && strcmp(keep, "1") == 0) return raw;
+    epmoe_user_message(plain, sizeof plain, raw);
+    return plain;
 }
