@@ -158,10 +158,9 @@ static int e2m1_magnitude_shifted(int m, int t) {
 static const int8_t shift_up[8] = {E2M1_SHIFT_MAX, 3, 2, 2, 1, 1, 0, 0};
 static const int8_t shift_down[8] = {E2M1_SHIFT_MAX, 0, 1, 0, 2, 1, 3, 2};
 
-/* One 16-element block of an MXFP4 tensor, as the conversion sees it. */
+/* One nonzero 16-element block of an MXFP4 tensor, as the conversion's pass 1 sees it. */
 typedef struct {
     int exp;      /* block scale 2^exp (the UE8M0 code minus 127) */
-    int zero;     /* every code has magnitude 0: the block carries no information */
     int up, down; /* its codes stay E2M1 values when multiplied by 2^t, -down <= t <= up */
 } mx_block;
 
@@ -173,12 +172,11 @@ static int block_is_zero(const uint8_t *codes, size_t i) {
     return (word & 0x7777777777777777ull) == 0;
 }
 
-static mx_block describe_block(const uint8_t *codes, size_t first, uint8_t e8m0) {
-    mx_block b = {(int)e8m0 - 127, 1, E2M1_SHIFT_MAX, E2M1_SHIFT_MAX};
-    const uint8_t *bytes = codes + first / 2; /* first is a multiple of 16 */
+static mx_block describe_block(const uint8_t *codes, size_t i, uint8_t e8m0) {
+    mx_block b = {(int)e8m0 - 127, E2M1_SHIFT_MAX, E2M1_SHIFT_MAX};
+    const uint8_t *bytes = codes + i * (EPMOE_NVFP4_BLOCK / 2);
     for (size_t i = 0; i < EPMOE_NVFP4_BLOCK / 2; i++) {
         int lo_m = bytes[i] & 7, hi_m = (bytes[i] >> 4) & 7;
-        if (lo_m | hi_m) b.zero = 0;
         if (shift_up[lo_m] < b.up) b.up = shift_up[lo_m];
         if (shift_up[hi_m] < b.up) b.up = shift_up[hi_m];
         if (shift_down[lo_m] < b.down) b.down = shift_down[lo_m];
@@ -227,8 +225,8 @@ epmoe_status epmoe_mxfp4_to_nvfp4(const uint8_t *codes, const uint8_t *block_e8m
         int lo = FP32_NORMAL_MIN_EXP, hi = FP32_MAX_EXP;
         size_t at_lo = n_blocks, at_hi = n_blocks;
         for (size_t i = 0; i < n_blocks; i++) {
-            mx_block b = describe_block(codes, i * EPMOE_NVFP4_BLOCK, block_e8m0[i / 2]);
-            if (b.zero) continue;
+            if (block_is_zero(codes, i)) continue;
+            mx_block b = describe_block(codes, i, block_e8m0[i / 2]);
             if (b.exp - UE4M3_POW2_MAX - b.up > lo) lo = b.exp - UE4M3_POW2_MAX - b.up, at_lo = i;
             if (b.exp - UE4M3_POW2_MIN + b.down < hi)
                 hi = b.exp - UE4M3_POW2_MIN + b.down, at_hi = i;

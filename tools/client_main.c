@@ -339,19 +339,15 @@ static epmoe_status run_load(epmoe_rpc_channel *ch, const client_args *a,
     return st;
 }
 
-/* Errors without the library's source locations: this is a user's program. */
-static void print_error(const char *message) {
-    char clean[1024];
-    epmoe_user_message(clean, sizeof clean, message);
-    fprintf(stderr, "epmoe-client: %s\n", clean);
-}
+/* The last error without the library's source locations: this is a user's program. */
+static void print_error(void) { fprintf(stderr, "epmoe-client: %s\n", epmoe_last_error_for_user()); }
 
 int main(int argc, char **argv) {
     if (epmoe_cli_help_or_version(argc, argv, "epmoe-client", EPMOE_VERSION, usage)) return 0;
     client_args a;
     epmoe_status st = parse_args(argc, argv, &a);
     if (st != EPMOE_OK) {
-        print_error(epmoe_last_error_for_user());
+        print_error();
         usage(stderr);
         return 2;
     }
@@ -388,7 +384,7 @@ int main(int argc, char **argv) {
     if (st == EPMOE_OK && a.load) st = run_load(ch, &a, &info);
     epmoe_rpc_channel_close(ch);
     if (st != EPMOE_OK) {
-        print_error(epmoe_last_error_for_user());
+        print_error();
         return 1;
     }
     return 0;
